@@ -1,0 +1,3 @@
+from zramd.cli import main
+
+main()
