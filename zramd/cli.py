@@ -1,0 +1,5 @@
+"""Placeholder; replaced by the click CLI."""
+
+
+def main() -> None:
+    raise SystemExit("not yet")
