@@ -1,0 +1,200 @@
+"""OS integration: sd_notify, swap safety (mlockall, PR_SET_IO_FLUSHER, oom_score_adj), RAM size.
+
+Theory of operation
+-------------------
+This module owns every direct call into the kernel that is not I/O: the systemd
+notification datagram, locking the address space, marking the process as an I/O
+flusher, protecting it from the OOM killer, and reading the machine's RAM size.
+
+Invariants:
+- Nothing here raises on a missing privilege except ``apply_swap_safety("require")``;
+  every other call reports failure by its return value so the daemon can go on.
+- No dependency beyond the standard library (``ctypes`` for libc).
+- It knows nothing of NBD, exports or the event loop.
+
+Why swap safety matters: when an export is used as swap on the same machine, the
+server is on the page-out path. If its own pages are swapped out, or it blocks in
+reclaim, or the OOM killer picks it, the machine deadlocks. mlockall keeps its pages
+resident, PR_SET_IO_FLUSHER lets its allocations avoid recursing into I/O reclaim,
+and oom_score_adj -1000 keeps the OOM killer away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import socket
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+# mlockall flags (<sys/mman.h>)
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+# prctl option (<linux/prctl.h>, Linux 5.6+)
+PR_SET_IO_FLUSHER = 57
+PR_GET_IO_FLUSHER = 58
+# oom_score_adj range; -1000 disables OOM killing of the process
+OOM_SCORE_ADJ_MIN = -1000
+OOM_SCORE_ADJ_PATH = "/proc/self/oom_score_adj"
+# Largest datagram we send to NOTIFY_SOCKET
+SD_NOTIFY_MAX = 4096
+
+SwapMode = Literal["off", "on", "require"]
+SWAP_MODES: tuple[str, ...] = ("off", "on", "require")
+
+
+class SwapSafetyError(RuntimeError):
+    """Raised by apply_swap_safety('require') when a protection cannot be applied."""
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _get_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c") or "libc.so.6"
+        _libc = ctypes.CDLL(name, use_errno=True)
+    return _libc
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to systemd's NOTIFY_SOCKET.
+
+    Returns True if a datagram was sent, False if there is no NOTIFY_SOCKET or the
+    send failed. An address starting with ``@`` is in the abstract namespace.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] not in "/@":
+        return False
+    target = "\0" + addr[1:] if addr[0] == "@" else addr
+    data = state.encode()
+    if len(data) > SD_NOTIFY_MAX:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall(data)
+    except OSError as exc:
+        log.debug("sd_notify(%r) failed: %s", state, exc)
+        return False
+    return True
+
+
+def _errno_msg(err: int) -> str:
+    return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
+
+
+def mlockall(current: bool = True, future: bool = True) -> int:
+    """Lock the address space in RAM. Returns 0 on success, else the errno."""
+    flags = (MCL_CURRENT if current else 0) | (MCL_FUTURE if future else 0)
+    if flags == 0:
+        return 0
+    libc = _get_libc()
+    if libc.mlockall(ctypes.c_int(flags)) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def munlockall() -> int:
+    """Undo mlockall. Returns 0 on success, else the errno."""
+    libc = _get_libc()
+    if libc.munlockall() != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def set_io_flusher(enable: bool = True) -> int:
+    """prctl(PR_SET_IO_FLUSHER): our allocations will not recurse into I/O reclaim.
+
+    Returns 0 on success, else the errno (EPERM without CAP_SYS_RESOURCE, EINVAL on
+    kernels before 5.6).
+    """
+    libc = _get_libc()
+    zero = ctypes.c_ulong(0)
+    rc = libc.prctl(
+        ctypes.c_int(PR_SET_IO_FLUSHER), ctypes.c_ulong(1 if enable else 0), zero, zero, zero
+    )
+    if rc != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def get_io_flusher() -> int:
+    """Return 1/0 for the PR_GET_IO_FLUSHER state, or -errno if it cannot be read."""
+    libc = _get_libc()
+    zero = ctypes.c_ulong(0)
+    rc = libc.prctl(ctypes.c_int(PR_GET_IO_FLUSHER), zero, zero, zero, zero)
+    if rc < 0:
+        return -ctypes.get_errno()
+    return int(rc)
+
+
+def set_oom_score_adj(value: int = OOM_SCORE_ADJ_MIN, path: str = OOM_SCORE_ADJ_PATH) -> int:
+    """Write ``value`` to /proc/self/oom_score_adj. Returns 0 or the errno."""
+    try:
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
+def get_oom_score_adj(path: str = OOM_SCORE_ADJ_PATH) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def total_ram() -> int:
+    """Total RAM in bytes (MemTotal from /proc/meminfo, sysconf as a fallback)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    parts = line.split()
+                    return int(parts[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def apply_swap_safety(mode: str) -> list[str]:
+    """Apply the protections a swap-serving daemon needs.
+
+    ``mode``: ``"off"`` does nothing; ``"on"`` tries each protection and returns a
+    warning line per failure, naming the missing capability; ``"require"`` raises
+    SwapSafetyError listing the failures instead.
+    """
+    if mode not in SWAP_MODES:
+        raise ValueError(f"swap mode must be one of {', '.join(SWAP_MODES)}, got {mode!r}")
+    if mode == "off":
+        return []
+    problems: list[str] = []
+    err = mlockall(current=True, future=True)
+    if err:
+        hint = " (needs CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity)"
+        problems.append(f"mlockall(MCL_CURRENT|MCL_FUTURE) failed: {_errno_msg(err)}{hint}")
+    err = set_io_flusher(True)
+    if err:
+        if err == errno.EINVAL:
+            hint = " (kernel older than 5.6 has no PR_SET_IO_FLUSHER)"
+        else:
+            hint = " (needs CAP_SYS_RESOURCE)"
+        problems.append(f"prctl(PR_SET_IO_FLUSHER) failed: {_errno_msg(err)}{hint}")
+    err = set_oom_score_adj(OOM_SCORE_ADJ_MIN)
+    if err:
+        problems.append(
+            f"setting oom_score_adj to {OOM_SCORE_ADJ_MIN} failed: {_errno_msg(err)}"
+            " (needs CAP_SYS_RESOURCE)"
+        )
+    if problems and mode == "require":
+        raise SwapSafetyError("swap safety required but: " + "; ".join(problems))
+    for p in problems:
+        log.warning("swap safety: %s", p)
+    return problems
