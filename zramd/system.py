@@ -151,6 +151,22 @@ def get_oom_score_adj(path: str = OOM_SCORE_ADJ_PATH) -> int:
         return int(f.read().strip())
 
 
+CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """True if ``cap`` (a CAP_* number) is in this process's effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def total_ram() -> int:
     """Total RAM in bytes (MemTotal from /proc/meminfo, sysconf as a fallback)."""
     try:
