@@ -1,0 +1,121 @@
+"""The per-page table: flat numpy arrays, one entry per 4 KiB page, no Python object per page.
+
+Theory of operation
+-------------------
+Entry ``i`` describes device page ``i`` with four parallel arrays (12 bytes per page):
+
+* ``state`` (uint8): EMPTY (never written or discarded: reads as zeros, holds nothing), SAME
+  (one repeated 8-byte word, kept in ``handle``), STORED (compressed object in the pool) or HUGE
+  (raw 4096-byte object in the pool);
+* ``handle`` (uint64): the pool handle for STORED/HUGE, the fill word for SAME, 0 for EMPTY;
+* ``size`` (uint16): the stored object's size in bytes (0 for EMPTY/SAME);
+* ``codec`` (uint8): index of the codec a STORED page was compressed with (the device keeps the
+  list), so the algorithm can change while old pages stay readable.
+
+The arrays come from ``np.zeros``, which the kernel commits lazily: an empty 64 GiB table costs
+no RSS until pages are written. Bulk helpers therefore never write over whole ranges, only over
+the entries that are not already EMPTY. Scalar access on the hot path goes through memoryviews of
+the arrays (``*_mv``), which return Python ints ~3x faster than numpy scalar indexing.
+
+The table knows nothing about pools or codecs: it stores numbers. Only the device mutates it, on
+the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+EMPTY = 0
+SAME = 1
+STORED = 2
+HUGE = 3
+STATE_NAMES = ("empty", "same", "stored", "huge")
+
+#: bytes of table per device page (the four arrays)
+ENTRY_BYTES = 8 + 2 + 1 + 1
+#: the codec column is uint8
+MAX_CODECS = 256
+
+
+class PageTable:
+    """Flat arrays describing every page of one device."""
+
+    __slots__ = (
+        "npages",
+        "state",
+        "handle",
+        "size",
+        "codec",
+        "state_mv",
+        "handle_mv",
+        "size_mv",
+        "codec_mv",
+    )
+
+    def __init__(self, npages: int) -> None:
+        assert npages >= 0
+        self.npages = npages
+        self.state: npt.NDArray[np.uint8] = np.zeros(npages, dtype=np.uint8)
+        self.handle: npt.NDArray[np.uint64] = np.zeros(npages, dtype=np.uint64)
+        self.size: npt.NDArray[np.uint16] = np.zeros(npages, dtype=np.uint16)
+        self.codec: npt.NDArray[np.uint8] = np.zeros(npages, dtype=np.uint8)
+        # memoryviews for fast scalar get/set (Python ints in and out)
+        self.state_mv = self.state.data.cast("B")
+        self.handle_mv = self.handle.data.cast("B").cast("Q")
+        self.size_mv = self.size.data.cast("B").cast("H")
+        self.codec_mv = self.codec.data.cast("B")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of address space the table spans (committed lazily)."""
+        return self.npages * ENTRY_BYTES
+
+    def release(self) -> None:
+        """Drop the views so the arrays can be freed."""
+        for mv in (self.state_mv, self.handle_mv, self.size_mv, self.codec_mv):
+            mv.release()
+
+    # --- bulk helpers (vectorised) ------------------------------------------------------------
+
+    def occupied(self, start: int, end: int) -> npt.NDArray[np.intp]:
+        """Absolute indices of the non-EMPTY pages in ``[start, end)``."""
+        return np.flatnonzero(self.state[start:end]) + start
+
+    def clear(self, idx: npt.NDArray[np.intp]) -> None:
+        """Set the entries ``idx`` to EMPTY (only those: untouched zeros stay uncommitted)."""
+        self.state[idx] = EMPTY
+        self.handle[idx] = 0
+        self.size[idx] = 0
+        self.codec[idx] = 0
+
+    def counts(self, idx: npt.NDArray[np.intp]) -> tuple[int, int, int, int]:
+        """For entries ``idx``: (#SAME, #HUGE, total size of STORED+HUGE, handles-bearing count)."""
+        st = self.state[idx]
+        same = int(np.count_nonzero(st == SAME))
+        huge = int(np.count_nonzero(st == HUGE))
+        pooled = st >= STORED
+        return same, huge, int(self.size[idx][pooled].sum(dtype=np.int64)), int(pooled.sum())
+
+    def pooled_handles(self, idx: npt.NDArray[np.intp]) -> list[int]:
+        """Pool handles (Python ints) of the STORED/HUGE entries among ``idx``."""
+        return self.handle[idx][self.state[idx] >= STORED].tolist()
+
+    def classify(self, start: int, end: int) -> npt.NDArray[np.uint8]:
+        """Per page in ``[start, end)``: 3 (hole|zero) for EMPTY, 2 (zero) for SAME-zero, else 0.
+
+        The values are exactly the NBD base:allocation flags (STATE_HOLE=1 | STATE_ZERO=2).
+        """
+        st = self.state[start:end]
+        out = np.zeros(end - start, dtype=np.uint8)
+        out[st == EMPTY] = 3
+        out[(st == SAME) & (self.handle[start:end] == 0)] = 2
+        return out
+
+    def state_counts(self) -> dict[str, int]:
+        """Number of pages in each state (a full scan; for stats/debugging)."""
+        bc = np.bincount(self.state, minlength=4)
+        return {STATE_NAMES[i]: int(bc[i]) for i in range(4)}
