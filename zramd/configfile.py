@@ -1,0 +1,363 @@
+"""The TOML configuration file (``/etc/zramd/zramd.toml``): parsing and validation.
+
+Theory of operation
+-------------------
+The file is read with the stdlib ``tomllib`` and turned into the same typed objects
+the command line builds (:class:`zramd.config.ServerConfig` with its
+:class:`~zramd.config.ExportConfig` list), plus the operator settings that are not
+part of the NBD server proper (control socket, swap safety, metrics), kept in
+:class:`FileConfig`. Command-line flags are applied on top by ``cli.py``.
+
+Layout (documented in ``systemd/zramd.toml.example``)::
+
+    bind = "127.0.0.1"          # "" for no TCP listener
+    port = 10809
+    unix = "/run/zramd/nbd.sock"
+    unix-mode = "0660"
+    control = "/run/zramd/control.sock"
+    swap = "on"                 # "off" | "on" | "require" (or true/false)
+    max-connections = 100
+    ...
+    [export.zram0]
+    size = "min(ram / 2, 4096)"   # zram-generator expression in MiB, or "4G"
+    compression-algorithm = "zstd(level=3)"
+    mem-limit = "1G"
+    read-only = false
+    description = "swap"
+
+Sizes: a TOML integer or a plain expression is MiB (zram-generator's unit, with
+``ram`` = MemTotal in MiB); a string with a unit suffix (``"4G"``, ``"512MiB"``) is
+bytes. Results are rounded down to whole 4 KiB pages. A size of 0 disables the
+export, as in zram-generator. Every error is a :class:`ConfigFileError` whose message
+names the file, the key and what was expected. This module never exits or prints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from zramd.config import (
+    EXPORT_SIZE_ALIGN,
+    ConfigError,
+    ExportConfig,
+    ServerConfig,
+    parse_size,
+)
+from zramd.sizeexpr import SizeExprError, evaluate_mib
+from zramd.system import SWAP_MODES, total_ram
+
+DEFAULT_CONFIG_PATH = "/etc/zramd/zramd.toml"
+DEFAULT_CONTROL_PATH = "/run/zramd/control.sock"
+#: Refuse config files larger than this (they are a few lines).
+MAX_CONFIG_FILE = 1 << 20
+MIB = 1 << 20
+
+_SUFFIXED_SIZE = re.compile(r"^\s*\d+(?:\.\d+)?\s*[kmgtpb](?:i?b)?\s*$", re.IGNORECASE)
+_ALGO_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:\((.*)\))?\s*$")
+
+
+class ConfigFileError(ConfigError):
+    """A bad configuration file; the message is ``FILE: key: problem``."""
+
+
+@dataclass
+class FileConfig:
+    """What one configuration file says."""
+
+    path: str
+    server: ServerConfig
+    control: str | None = None
+    swap: str | None = None
+    metrics: str | None = None
+    #: exports disabled by a size of 0 (zram-generator semantics)
+    disabled: list[str] = field(default_factory=list)
+
+
+def ram_mib() -> float:
+    return total_ram() / MIB
+
+
+def parse_size_value(value: Any, *, ram: float | None = None, what: str = "size") -> int:
+    """Bytes from a config size: int (MiB), expression (MiB), or suffixed string (bytes).
+
+    Raises ConfigError with a message describing what was expected."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a size, got {value!r}")
+    if isinstance(value, int | float):
+        mib = float(value)
+    elif isinstance(value, str):
+        if _SUFFIXED_SIZE.match(value):
+            return _round_pages(parse_size(value, what=what))
+        try:
+            mib = evaluate_mib(value, ram_mib() if ram is None else ram)
+        except SizeExprError as e:
+            raise ConfigError(
+                f"expected a size like \"4G\" or an expression in ram (MiB) like "
+                f"\"min(ram / 2, 4096)\": {e}"
+            ) from None
+    else:
+        raise ConfigError(f"expected a size (number or string), got {type(value).__name__}")
+    if mib < 0:
+        raise ConfigError(f"size {value!r} is negative ({mib:g} MiB)")
+    return _round_pages(int(mib * MIB))
+
+
+def _round_pages(n: int) -> int:
+    return n - n % EXPORT_SIZE_ALIGN
+
+
+def parse_algorithm(text: str) -> tuple[str, int | None]:
+    """``"zstd(level=3)"`` -> ("zstd", 3); ``"lz4"`` -> ("lz4", None)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"expected a string like \"zstd(level=3)\", got {text!r}")
+    head = text.split("(")[0].strip()
+    if len(head.split()) > 1 or re.search(r"\)\s*\S", text):
+        raise ConfigError(
+            f"{text!r}: one algorithm expected (recompression algorithms are not supported)"
+        )
+    m = _ALGO_RE.match(text)
+    if m is None:
+        raise ConfigError(f"expected ALGORITHM or ALGORITHM(level=N), got {text!r}")
+    name, params = m.group(1).lower(), m.group(2)
+    level: int | None = None
+    if params is not None and params.strip():
+        for item in params.split(","):
+            k, eq, v = item.partition("=")
+            k = k.strip().lower()
+            if k != "level" or not eq:
+                raise ConfigError(
+                    f"{text!r}: unknown parameter {item.strip()!r} (supported: level=N)"
+                )
+            try:
+                level = int(v.strip())
+            except ValueError:
+                raise ConfigError(f"{text!r}: level {v.strip()!r} is not an integer") from None
+    return name, level
+
+
+def _octal_mode(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ConfigError(f"expected an octal mode like \"0600\", got {value!r}") from None
+    else:
+        raise ConfigError(f"expected an octal mode like \"0600\", got {value!r}")
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"mode {value!r} out of range 0..0777")
+    return mode
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], expected: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"expected {expected}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"expected {expected}, got {value!r}")
+    return value
+
+
+def _swap_mode(value: Any) -> str:
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value.lower() in SWAP_MODES:
+        return value.lower()
+    raise ConfigError(f"expected one of {', '.join(SWAP_MODES)} (or true/false), got {value!r}")
+
+
+# key -> (parser, ServerConfig attribute or FileConfig attribute)
+def _positive_int(value: Any) -> int:
+    v = _typed(value, int, "a positive integer")
+    if v < 1:
+        raise ConfigError(f"expected a positive integer, got {value!r}")
+    return int(v)
+
+
+def _seconds(value: Any) -> float:
+    v = _typed(value, (int, float), "a number of seconds")
+    if not v > 0:
+        raise ConfigError(f"expected a positive number of seconds, got {value!r}")
+    return float(v)
+
+
+def _bytes(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_size(value)
+    return parse_size(_typed(value, str, "a size like \"64M\""))
+
+
+def _opt_str(value: Any) -> str | None:
+    v = _typed(value, str, "a string")
+    return v or None
+
+
+_SERVER_KEYS: dict[str, tuple[Any, str]] = {
+    "bind": (_opt_str, "bind"),
+    "port": (lambda v: _typed(v, int, "a TCP port number 0..65535"), "port"),
+    "unix": (_opt_str, "unix"),
+    "unix-mode": (_octal_mode, "unix_mode"),
+    "default-export": (lambda v: _typed(v, str, "an export name"), "default_export"),
+    "max-connections": (_positive_int, "max_connections"),
+    "handshake-timeout": (_seconds, "handshake_timeout"),
+    "max-payload": (_bytes, "max_payload"),
+    "max-in-flight": (_positive_int, "max_in_flight"),
+    "mem-limit": (_bytes, "global_mem_limit"),
+}
+_FILE_KEYS: dict[str, Any] = {
+    "control": _opt_str,
+    "swap": _swap_mode,
+    "metrics": _opt_str,
+}
+_EXPORT_KEYS = (
+    "size",
+    "compression-algorithm",
+    "mem-limit",
+    "read-only",
+    "description",
+    "backend",
+)
+#: zram-generator spellings accepted as aliases
+_EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
+
+
+def parse_config_text(text: str, path: str = "<string>", *, ram: float | None = None) -> FileConfig:
+    """Parse the TOML ``text`` of file ``path``; ``ram`` (MiB) overrides MemTotal for tests."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path}: not valid TOML: {e}") from None
+    server = ServerConfig()
+    fc = FileConfig(path=path, server=server)
+    exports_table: Any = {}
+    for key, value in data.items():
+        if key == "export":
+            exports_table = value
+            continue
+        try:
+            if key in _SERVER_KEYS:
+                parser, attr = _SERVER_KEYS[key]
+                setattr(server, attr, parser(value))
+            elif key in _FILE_KEYS:
+                setattr(fc, key, _FILE_KEYS[key](value))
+            elif isinstance(value, dict):
+                raise ConfigError(f"unknown table [{key}] (exports go in [export.{key}])")
+            else:
+                known = ", ".join(sorted([*_SERVER_KEYS, *_FILE_KEYS]))
+                raise ConfigError(f"unknown key (known: {known}, and [export.NAME] tables)")
+        except ConfigError as e:
+            raise ConfigFileError(f"{path}: {key}: {e}") from None
+    if server.bind is None:
+        server.port = None
+    if not isinstance(exports_table, dict):
+        raise ConfigFileError(f"{path}: export: expected tables like [export.zram0]")
+    for name, table in exports_table.items():
+        if not isinstance(table, dict):
+            raise ConfigFileError(f"{path}: export.{name}: expected a table [export.{name}]")
+        exp = _parse_export(path, name, table, ram)
+        if exp is None:
+            fc.disabled.append(name)
+        else:
+            server.exports.append(exp)
+    return fc
+
+
+def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None) -> (
+    ExportConfig | None
+):
+    where = f"{path}: export.{name}"
+    seen: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = _EXPORT_ALIASES.get(raw_key, raw_key)
+        if key not in _EXPORT_KEYS:
+            raise ConfigFileError(
+                f"{where}: {raw_key}: unknown key (known: {', '.join(_EXPORT_KEYS)})"
+            )
+        if key in seen:
+            raise ConfigFileError(f"{where}: {raw_key}: same as {seen[key]!r}, given twice")
+        seen[key] = raw_key
+        values[key] = value
+    if "size" not in values:
+        raise ConfigFileError(
+            f"{where}: size: missing (expected e.g. size = \"min(ram / 2, 4096)\" or \"4G\")"
+        )
+    try:
+        size = parse_size_value(values["size"], ram=ram, what=f"size of export {name!r}")
+    except ConfigError as e:
+        raise ConfigFileError(f"{where}: {seen['size']}: {e}") from None
+    if size == 0:
+        return None
+    exp = ExportConfig(name=name, size=size)
+    try:
+        if "compression-algorithm" in values:
+            key = "compression-algorithm"
+            exp.algorithm, exp.level = parse_algorithm(values[key])
+        if "mem-limit" in values:
+            key = seen["mem-limit"]
+            exp.mem_limit = parse_size_value(values["mem-limit"], ram=ram, what="mem-limit")
+        if "read-only" in values:
+            key = "read-only"
+            exp.read_only = bool(_typed(values[key], bool, "true or false"))
+        if "description" in values:
+            key = "description"
+            exp.description = _typed(values[key], str, "a string")
+        if "backend" in values:
+            key = "backend"
+            exp.backend = _typed(values[key], str, "a backend name").lower()
+    except ConfigError as e:
+        raise ConfigFileError(f"{where}: {key}: {e}") from None
+    try:
+        exp.validate()
+    except ConfigError as e:
+        raise ConfigFileError(f"{where}: {_blame(str(e), seen)}: {e}") from None
+    return exp
+
+
+def _blame(message: str, seen: dict[str, str]) -> str:
+    """The key a validation message is about (ExportConfig.validate names it in prose)."""
+    for word, key in (
+        ("algorithm", "compression-algorithm"),
+        ("level", "compression-algorithm"),
+        ("codec", "compression-algorithm"),
+        ("mem-limit", "mem-limit"),
+        ("description", "description"),
+        ("backend", "backend"),
+        ("name", "name"),
+    ):
+        if word in message:
+            return seen.get(key, key)
+    return seen.get("size", "size")
+
+
+def load_file(path: str | os.PathLike[str], *, ram: float | None = None) -> FileConfig:
+    """Read and parse a configuration file; errors name the file."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_FILE + 1)
+    except OSError as e:
+        raise ConfigFileError(f"{p}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_FILE:
+        raise ConfigFileError(f"{p}: larger than {MAX_CONFIG_FILE} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"{p}: not UTF-8: {e}") from None
+    return parse_config_text(text, p, ram=ram)
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """The ServerConfig a file describes (without the operator-only keys)."""
+    return load_file(path).server
+
+
+def default_config_path() -> str | None:
+    """``/etc/zramd/zramd.toml`` when it exists, else None."""
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
