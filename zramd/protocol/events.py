@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-This module is the contract between ``protocol/`` (bytes in, events out) and ``server/`` (sockets,
-tasks, devices). The protocol core never calls a device: during the handshake it learns about exports
-only through an :class:`ExportCatalog` the server passes in, and in transmission it yields
-:class:`Request` events that the server validates (``server/dispatch.py``) and answers through the
-connection's reply encoders. Nothing here does I/O.
+This module is the contract between ``protocol/`` (bytes in, events out) and ``server/``
+(sockets, tasks, devices). The protocol core never calls a device: during the handshake it learns
+about exports only through an :class:`ExportCatalog` the server passes in, and in transmission it
+yields :class:`Request` events that the server validates (``server/dispatch.py``) and answers
+through the connection's reply encoders. Nothing here does I/O.
 
 Driving a connection (see ``protocol/connection.py``)::
 

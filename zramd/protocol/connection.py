@@ -1,0 +1,215 @@
+"""The object the server drives: one NBD connection, sans I/O.
+
+Theory of operation
+-------------------
+:class:`ServerConnection` glues the input buffer (``transmission.RequestReader``), the handshake
+state machine (``handshake.Handshake``) and the reply encoders together. Bytes go in through
+:meth:`receive_data`, events come out of :meth:`next_event` (``HandshakeComplete``, ``Request``,
+``ConnectionClosed`` or ``NEED_DATA``), handshake replies come out of :meth:`data_to_send`, and
+transmission replies are built with the ``reply_*`` methods (lists of buffers for
+``transport.writelines``; payloads are never copied).
+
+Invariants:
+
+* After ``ConnectionClosed`` no further event is produced (``next_event`` returns NEED_DATA) and
+  input is ignored. ``data_to_send()`` may still hold a final handshake reply (e.g. ABORT's ACK).
+* After ``HandshakeComplete`` any bytes the client already pipelined stay buffered and become
+  requests.
+* DISC: ``Request(command=DISC)`` is yielded, then ``ConnectionClosed("client sent DISC")`` on the
+  next call; the server finishes the requests in flight and closes.
+* The core validates framing only; ranges, flags and commands against the export are validated by
+  ``server/dispatch.py``.
+
+This module must not know about asyncio, sockets or devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import transmission as tx
+from . import wire
+from .events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Event,
+    ExportCatalog,
+    ExportInfo,
+    HandshakeComplete,
+    _NeedData,
+)
+from .handshake import Handshake, State, transmission_flags
+from .transmission import Buffers
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every length a peer can push on, named (DESIGN.md "Named limits")."""
+
+    # Export names, descriptions, meta-context queries; the spec says MUST <= 4096 (nbd.md 1.2).
+    # Longer strings in INFO/GO/*_META_CONTEXT get NBD_REP_ERR_TOO_BIG; in EXPORT_NAME: close.
+    max_string: int = wire.SPEC_MAX_STRING
+    # An option's data is buffered up to this size. Longer option data is drained without
+    # buffering and answered NBD_REP_ERR_TOO_BIG; negotiation continues.
+    max_option_length: int = 64 * 1024
+    # Options longer than this are not drained but end the connection (absurd framing).
+    max_option_drain: int = 1024 * 1024
+    # Queries in one LIST/SET_META_CONTEXT; more get NBD_REP_ERR_TOO_BIG.
+    max_meta_queries: int = 128
+    # WRITE payload cap (the server should use it for READ length too). A WRITE above it is drained
+    # and yielded with payload_dropped=True. Keep >= 32 MiB for interoperability (nbd.md 1.9).
+    max_payload: int = 64 * 1024 * 1024
+    # Options per handshake before we hang up (anti-haggling-forever).
+    max_options: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_string <= wire.SPEC_MAX_STRING:
+            raise ValueError(f"max_string must be in 1..{wire.SPEC_MAX_STRING}")
+        if self.max_option_length < 2 * self.max_string + 8:
+            raise ValueError("max_option_length must hold an export name and a query")
+        if self.max_option_drain < self.max_option_length:
+            raise ValueError("max_option_drain must be >= max_option_length")
+        if self.max_meta_queries < 1 or self.max_options < 1:
+            raise ValueError("max_meta_queries and max_options must be >= 1")
+        if not wire.BLOCK_SIZE_PREFERRED <= self.max_payload < 1 << 32:
+            raise ValueError("max_payload must be in 4096..2**32-1")
+
+
+class ServerConnection:
+    """One NBD connection, server side (see module docstring)."""
+
+    def __init__(
+        self,
+        catalog: ExportCatalog,
+        limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
+        *,
+        structured_replies: bool = True,
+    ) -> None:
+        self.limits = limits
+        self._reader = tx.RequestReader(limits.max_payload)
+        self._hs = Handshake(catalog, limits, structured_replies)
+        self._in_tx = False
+        self._closed = False
+        self._structured = False
+        self.export: ExportInfo | None = None
+        self.meta_contexts: dict[int, str] = {}
+
+    # -- input / events ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the client; ``b""`` means EOF. ``bytes`` input is referenced, not copied."""
+        self._reader.feed(data)
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, or NEED_DATA when more input is needed (or the connection is over)."""
+        if self._in_tx:
+            return self._reader.next_request()
+        if self._closed:
+            return NEED_DATA
+        return self._handshake_event()
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes queued so far (greeting, option replies); clears them."""
+        out = self._hs.out
+        if not out:
+            return b""
+        data = bytes(out)
+        out.clear()
+        return data
+
+    @property
+    def in_transmission(self) -> bool:
+        return self._in_tx
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._reader._done
+
+    @property
+    def structured_replies(self) -> bool:
+        """Whether structured replies were negotiated (valid once in transmission)."""
+        return self._structured
+
+    def transmission_flags(self, export: ExportInfo) -> int:
+        """The transmission flags we advertise for ``export`` given what was negotiated."""
+        structured = self._structured if self._in_tx else self._hs.neg.structured
+        return transmission_flags(export, structured)
+
+    def _handshake_event(self) -> Event | _NeedData:
+        hs = self._hs
+        rd = self._reader
+        while True:
+            if hs.skip:
+                hs.skip -= rd.skip(hs.skip)
+                if hs.skip:
+                    return self._starved()
+                ev = hs.drained()
+            else:
+                data = rd.take(hs.need)
+                if data is None:
+                    return self._starved()
+                ev = hs.feed(data)
+            if ev is None:
+                continue
+            if isinstance(ev, HandshakeComplete):
+                self._in_tx = True
+                self._structured = ev.structured_replies
+                self.export = ev.export
+                self.meta_contexts = ev.meta_contexts
+            else:
+                self._closed = True
+            return ev
+
+    def _starved(self) -> ConnectionClosed | _NeedData:
+        rd = self._reader
+        if not rd.eof:
+            return NEED_DATA
+        self._closed = True
+        hs = self._hs
+        if hs.state is State.CLIENT_FLAGS and rd.available == 0:
+            return ConnectionClosed("client closed the connection before the handshake", False)
+        if hs.at_option_boundary and rd.available == 0:
+            return ConnectionClosed("client closed the connection during the handshake", False)
+        return ConnectionClosed(f"EOF in the middle of the handshake ({hs.state.value})", True)
+
+    # -- reply encoders (transmission) -------------------------------------------------------------
+
+    def reply_ok(self, cookie: int) -> Buffers:
+        """Success without payload: a simple reply (allowed for non-READ even when structured)."""
+        return [wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, 0, cookie)]
+
+    def reply_error(self, cookie: int, errno: int, message: str = "") -> Buffers:
+        """An error: structured ERROR chunk (with message, DONE) if negotiated, else simple."""
+        if self._structured:
+            return tx.structured_error(cookie, errno, message)
+        return [wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, errno, cookie)]
+
+    def reply_read(
+        self,
+        cookie: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        zero_extents: Sequence[tuple[int, int]] = (),
+        df: bool = False,
+    ) -> Buffers:
+        """A successful READ of ``len(data)`` bytes at ``offset``.
+
+        Simple: header + data. Structured: OFFSET_DATA chunks for data runs and OFFSET_HOLE chunks
+        for ``zero_extents`` (relative offset, length) of at least 4 KiB; the last chunk carries
+        DONE; with ``df`` exactly one OFFSET_DATA chunk. ``zero_extents`` is only a hint."""
+        if self._structured:
+            return tx.structured_read_reply(cookie, offset, data, zero_extents, df)
+        return [wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, 0, cookie), data]
+
+    def reply_block_status(
+        self,
+        cookie: int,
+        context_id: int,
+        extents: Sequence[tuple[int, int]],
+        *,
+        done: bool = True,
+    ) -> Buffers:
+        """One BLOCK_STATUS chunk of (length, flags) extents; DONE unless ``done=False`` (for
+        several contexts, only the last chunk may carry DONE)."""
+        return tx.block_status_reply(cookie, context_id, extents, done)
