@@ -1,0 +1,179 @@
+"""Raw-socket tests: hostile and out-of-spec peers, speaking bytes the real clients never send.
+
+After every hostile case: the server process is still alive, a sentinel written at module start
+by another client is intact, and a new client can write and read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from . import nbdraw as raw
+from .conftest import MiB, Server
+
+SENTINEL_OFFSET = 32 * MiB
+SENTINEL = os.urandom(256 * 1024)
+SCRATCH = 40 * MiB  # each test below uses its own 1 MiB slot from here on
+
+
+@pytest.fixture(scope="module")
+def srv(server: Server) -> Iterator[Server]:
+    with raw.RawClient(server.addr()).connect_export("zram0") as c:
+        assert c.write(SENTINEL_OFFSET, SENTINEL) == 0
+        assert c.flush() == 0
+        c.disconnect()
+    yield server
+
+
+@pytest.fixture(autouse=True)
+def _still_healthy(srv: Server) -> Iterator[None]:
+    yield
+    assert_healthy(srv)
+
+
+def assert_healthy(srv: Server) -> None:
+    srv.assert_alive()
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        assert c.read(SENTINEL_OFFSET, len(SENTINEL)) == SENTINEL, "another client's data changed"
+        probe = os.urandom(4096)
+        assert c.write(SCRATCH - 4096, probe) == 0
+        assert c.read(SCRATCH - 4096, 4096) == probe
+        c.disconnect()
+
+
+def test_bad_request_magic_disconnects(srv: Server) -> None:
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        c.request(raw.CMD_READ, 0, 4096, cookie=1, magic=0xDEADBEEF)
+        assert c.wait_closed(), "server kept a connection that sent a bad request magic"
+
+
+def test_truncated_header_then_close(srv: Server) -> None:
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        c.send(struct.pack(">IHHQ", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 5)[:13])
+    # And a half header during the handshake.
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send(struct.pack(">Q", raw.IHAVEOPT) + b"\x00\x00")
+
+
+def test_garbage_instead_of_client_flags(srv: Server) -> None:
+    with raw.RawClient(srv.addr()) as c:
+        c.recv_exact(18)
+        c.send(b"\xff\xff\xff\xff" + os.urandom(200))
+        assert c.wait_closed(), "server must close on client flags it did not offer"
+
+
+def test_garbage_instead_of_option(srv: Server) -> None:
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(512))
+        assert c.wait_closed(), "server must close on a bad option magic"
+
+
+def test_oversized_option_length(srv: Server) -> None:
+    rss_before = srv.rss_kib()
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send_option(raw.OPT_GO, b"\x00" * 64, length=0xFFFFFFFF)
+        # The server may answer with an error reply or close; it must not wait for 4 GiB.
+        try:
+            _opt, rtype, _data = c.read_option_reply()
+            assert rtype & 0x80000000, f"oversized option answered with non-error {rtype:#x}"
+        except raw.PeerClosed:
+            pass
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send_option(raw.OPT_LIST, b"", length=0x7FFFFFFF)
+        try:
+            _opt, rtype, _data = c.read_option_reply()
+            assert rtype & 0x80000000
+        except raw.PeerClosed:
+            pass
+    # No allocation sized by the claimed length (allow 64 MiB of noise).
+    assert srv.rss_kib() - rss_before < 64 * 1024
+
+
+def test_unknown_option_then_go(srv: Server) -> None:
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send_option(99, b"some payload that must be drained")
+        opt, rtype, _ = c.read_option_reply()
+        assert (opt, rtype) == (99, raw.REP_ERR_UNSUP)
+        c.go("zram0")
+        assert c.size > 0
+        assert c.read(SENTINEL_OFFSET, 4096) == SENTINEL[:4096]
+        c.disconnect()
+
+
+def test_go_unknown_export_is_an_error(srv: Server) -> None:
+    srv.require_multi_export()
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send_option(raw.OPT_GO, struct.pack(">I", 7) + b"nothere" + struct.pack(">H", 0))
+        opt, rtype, _ = c.read_option_reply()
+        assert opt == raw.OPT_GO and rtype == raw.REP_ERR_UNKNOWN, hex(rtype)
+        c.go("zram0")  # and the haggling goes on
+
+
+def test_unknown_command_einval_connection_kept(srv: Server) -> None:
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        c.request(99, 0, 0, cookie=0x99)
+        assert c.read_simple_reply(0x99) == raw.EINVAL
+        assert c.read(SENTINEL_OFFSET, 4096) == SENTINEL[:4096]
+        c.disconnect()
+
+
+def test_unknown_flag_einval_connection_kept(srv: Server) -> None:
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        c.request(raw.CMD_READ, 0, 4096, cookie=3, flags=0x100)
+        assert c.read_simple_reply(3) == raw.EINVAL
+        # A rejected WRITE still has its payload consumed.
+        c.request(raw.CMD_WRITE, SCRATCH, 4096, cookie=4, flags=0x100, payload=b"\xee" * 4096)
+        assert c.read_simple_reply(4) == raw.EINVAL
+        assert c.read(SCRATCH, 4096) != b"\xee" * 4096
+        assert c.read(SENTINEL_OFFSET, 4096) == SENTINEL[:4096]
+        c.disconnect()
+
+
+def test_client_vanishes_mid_write_payload(srv: Server) -> None:
+    base = SCRATCH + 1 * MiB
+    before = os.urandom(1 * MiB)
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        assert c.write(base, before) == 0
+        c.disconnect()
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        c.request(raw.CMD_WRITE, base, 1 * MiB, cookie=5, payload=b"\xff" * (MiB // 2 + 123))
+    with raw.RawClient(srv.addr()).connect_export("zram0") as c:
+        assert c.read(base, 1 * MiB) == before, "part of an incomplete WRITE was applied"
+        c.disconnect()
+
+
+def test_write_above_cap_errors_and_connection_kept(srv: Server) -> None:
+    """READ/WRITE above 64 MiB: an error reply (payload drained), the connection goes on."""
+    big = 64 * MiB + 4096
+    with raw.RawClient(srv.addr(), timeout=60).connect_export("zram0") as c:
+        c.request(raw.CMD_WRITE, 0, big, cookie=11, payload=b"\xcc" * big)
+        err = c.read_simple_reply(11)
+        assert err != 0, "a WRITE above the 64 MiB cap must fail"
+        assert err in (raw.EINVAL, raw.ENOMEM, raw.EOVERFLOW, raw.ENOSPC), err
+        assert c.read(SENTINEL_OFFSET, len(SENTINEL)) == SENTINEL
+        c.request(raw.CMD_READ, 0, big, cookie=12)
+        err = c.read_simple_reply(12)
+        assert err != 0, "a READ above the 64 MiB cap must fail"
+        assert c.read(SENTINEL_OFFSET, 4096) == SENTINEL[:4096]
+        c.disconnect()
+
+
+def test_many_hostile_connections_at_once(srv: Server) -> None:
+    clients = []
+    for i in range(20):
+        c = raw.RawClient(srv.addr())
+        if i % 2:
+            c.greeting()
+        clients.append(c)
+    for c in clients:
+        c.close()
