@@ -1,0 +1,428 @@
+"""Tests of the zsmalloc-style pool (zramd/allocator): class table, round trips against a dict
+model (hypothesis), density, memory given back to the OS, limits, compaction."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zramd.allocator import FULLNESS_LABELS, MemoryBudget, Pool, PoolFull, build_classes
+from zramd.allocator.classes import NUM_SIZE_CLASSES, chain_size_for, huge_watermark
+
+PAGE = 4096
+
+
+def _payload(rnd: random.Random, n: int) -> bytes:
+    return rnd.randbytes(n)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# --------------------------------------------------------------------------- class table
+
+
+def test_raw_class_count() -> None:
+    assert NUM_SIZE_CLASSES == 255
+
+
+@pytest.mark.parametrize(
+    ("chain", "rule", "count", "watermark"),
+    [
+        (4, "min_waste", 69, 3264),
+        (8, "min_waste", 119, 3632),
+        (16, "min_waste", 192, 3840),
+        # the figures zram.md (and much folklore) quotes: the pre-6.3 used-percentage rule
+        (4, "used_pct", 69, 3264),
+        (8, "used_pct", 123, 3632),
+        (16, "used_pct", 191, 3840),
+    ],
+)
+def test_merged_class_table(chain: int, rule: str, count: int, watermark: int) -> None:
+    classes, index = build_classes(chain, rule)
+    assert len(classes) == count
+    assert huge_watermark(classes) == watermark
+    assert len(index) == NUM_SIZE_CLASSES
+    sizes = [c.size for c in classes]
+    assert sizes == sorted(set(sizes))
+    assert sizes[0] == 32 and sizes[-1] == 4096
+    # every raw class maps to a class at least as large, and merged ones share (pages, objs)
+    for raw, ci in enumerate(index):
+        assert classes[ci].size >= 32 + 16 * raw or classes[ci].size == 4096
+    for c in classes:
+        assert c.objs_per_zspage == c.pages_per_zspage * PAGE // c.size
+        assert 1 <= c.pages_per_zspage <= chain
+    # above the watermark, everything is the huge class: one object per one page
+    assert classes[-1].huge and classes[-2].size == watermark
+
+
+def test_chain_rule_examples_from_zsmalloc_doc() -> None:
+    # zsmalloc.rst: a 1568 B class wastes 960, 352, 1312, 704, 96 B at 1..5 pages -> 5 pages
+    assert chain_size_for(1568, 8) == 5
+    assert chain_size_for(1568, 4) == 2  # chain 4: 352 B at 2 pages is the best there
+    assert chain_size_for(2048, 8) == 1
+    # at chain 4, 1568 B objects pay for 1632 B (classes 95-99 merged into 100)
+    p = Pool(chain_size=4)
+    try:
+        h = p.store(b"x" * 1568)
+        st_ = [c for c in p.class_stats() if c["obj_used"]]
+        assert st_[0]["size"] == 1632 and st_[0]["pages_per_zspage"] == 2
+        p.free(h)
+    finally:
+        p.close()
+
+
+def test_huge_class_size() -> None:
+    with Pool() as p:
+        assert p.huge_watermark == 3632
+        assert p.huge_class_size == 3633
+        h1 = p.store(b"a" * 3632)
+        h2 = p.store(b"b" * 3633)
+        stats = {c["size"]: c for c in p.class_stats()}
+        assert stats[3632]["obj_used"] == 1 and stats[3632]["pages_per_zspage"] == 8
+        assert stats[4096]["obj_used"] == 1 and stats[4096]["pages_used"] == 1
+        assert p.load(h1, 3632) == b"a" * 3632 and p.load(h2, 3633) == b"b" * 3633
+    with Pool(chain_size=4) as p4:
+        assert p4.huge_class_size == 3265
+
+
+def test_huge_objects_one_page_each() -> None:
+    rnd = random.Random(5)
+    with Pool() as p:
+        datas = [_payload(rnd, PAGE) for _ in range(10)]
+        hs = [p.store(d) for d in datas]
+        assert p.total_bytes == 10 * PAGE
+        for h, d in zip(hs, datas, strict=True):
+            assert p.load(h, PAGE) == d
+        for h in hs:
+            p.free(h)
+        assert p.total_bytes == 0
+
+
+# --------------------------------------------------------------------------- model tests
+
+_op = st.one_of(
+    st.tuples(st.just("store"), st.integers(1, 4096), st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("store_small"), st.integers(1, 300), st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("compact"), st.just(0), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_op, max_size=300), chain=st.sampled_from([1, 4, 8, 16]))
+def test_random_ops_match_dict_model(ops: list[tuple[str, int, int]], chain: int) -> None:
+    pool = Pool(chain_size=chain, arena_size=64 * PAGE)
+    model: dict[int, bytes] = {}
+    try:
+        for kind, a, seed in ops:
+            if kind.startswith("store"):
+                data = random.Random(seed).randbytes(a)
+                h = pool.store(data)
+                assert h > 0 and h not in model
+                model[h] = data
+            elif kind == "free" and model:
+                keys = sorted(model)
+                h = keys[a % len(keys)]
+                pool.free(h)
+                del model[h]
+            elif kind == "compact":
+                before = pool.total_bytes
+                freed = pool.compact()
+                assert pool.total_bytes == before - freed * PAGE
+            for h, d in model.items():
+                assert pool.load(h, len(d)) == d
+        pool.check()
+        pool.compact()
+        pool.check()
+        for h, d in model.items():
+            assert pool.load(h, len(d)) == d
+            assert pool.load(h, 1) == d[:1]
+        for h in list(model):
+            pool.free(h)
+        assert pool.total_bytes == 0
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_long_random_churn_with_compaction() -> None:
+    rnd = random.Random(1234)
+    pool = Pool(arena_size=256 * PAGE)
+    model: dict[int, bytes] = {}
+    live: list[int] = []
+    try:
+        for step in range(30_000):
+            if live and rnd.random() < 0.48:
+                i = rnd.randrange(len(live))
+                h = live[i]
+                live[i] = live[-1]
+                live.pop()
+                pool.free(h)
+                del model[h]
+            else:
+                n = rnd.choice([rnd.randint(1, 4096), rnd.randint(500, 2500)])
+                d = _payload(rnd, n)
+                h = pool.store(d)
+                model[h] = d
+                live.append(h)
+            if step % 5000 == 4999:
+                pool.compact()
+                pool.check()
+                for h, d in model.items():
+                    assert pool.load(h, len(d)) == d
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------- handles
+
+
+def test_handles_survive_compaction_and_are_recycled() -> None:
+    rnd = random.Random(7)
+    with Pool(auto_compact=False) as p:
+        datas = {p.store(d): d for d in (_payload(rnd, 1500) for _ in range(2000))}
+        hs = list(datas)
+        rnd.shuffle(hs)
+        for h in hs[:1800]:
+            p.free(h)
+            del datas[h]
+        before = p.total_bytes
+        freed = p.compact()
+        assert freed > 0 and p.pages_compacted == freed
+        assert p.total_bytes == before - freed * PAGE
+        for h, d in datas.items():
+            assert p.load(h, 1500) == d
+        # freed handles come back (LIFO), table does not grow
+        tbl_len = len(p._tbl)
+        new = [p.store(b"z" * 100) for _ in range(1800)]
+        assert len(p._tbl) == tbl_len
+        assert set(new) == set(hs[:1800])
+        p.check()
+
+
+def test_bad_handles_and_sizes() -> None:
+    with Pool() as p:
+        h = p.store(b"abc")
+        for bad in (0, -1, h + 1, 10**9):
+            with pytest.raises((KeyError, IndexError)):
+                p.free(bad)
+            with pytest.raises((KeyError, IndexError)):
+                p.load(bad, 1)
+        p.free(h)
+        with pytest.raises(KeyError):
+            p.free(h)  # double free
+        with pytest.raises(KeyError):
+            p.load(h, 3)
+        for n in (0, 4097):
+            with pytest.raises(ValueError):
+                p.store(b"x" * n)
+        assert p.total_bytes == 0
+
+
+def test_accepts_bytearray_and_memoryview() -> None:
+    with Pool() as p:
+        buf = bytearray(os.urandom(5000))
+        h1 = p.store(memoryview(buf)[100:2100])
+        h2 = p.store(buf[:700])
+        assert p.load(h1, 2000) == bytes(buf[100:2100])
+        assert p.load(h2, 700) == bytes(buf[:700])
+
+
+def test_objects_straddle_pages() -> None:
+    # class 1568 B at chain 8: 13 objects in 5 pages; most straddle a page boundary
+    rnd = random.Random(3)
+    with Pool() as p:
+        datas = [_payload(rnd, 1568) for _ in range(13)]
+        hs = [p.store(d) for d in datas]
+        assert p.total_bytes == 5 * PAGE
+        for h, d in zip(hs, datas, strict=True):
+            assert p.load(h, 1568) == d
+
+
+# --------------------------------------------------------------------------- fullness
+
+
+def test_allocation_fills_fullest_zspage_first() -> None:
+    with Pool(auto_compact=False) as p:
+        # class 1024: 4 objects per 1-page zspage
+        hs = [p.store(b"q" * 1024) for _ in range(12)]  # 3 full zspages
+        assert p.total_bytes == 3 * PAGE
+        # groups are labelled by their upper bound, as in the kernel's debugfs columns
+        p.free(hs[0])  # zspage A: 3/4 = 75% -> group "80%"
+        p.free(hs[4])
+        p.free(hs[5])  # zspage B: 2/4 = 50% -> group "60%"
+        stats = next(c for c in p.class_stats() if c["obj_used"])
+        fl = stats["fullness"]
+        assert isinstance(fl, dict) and list(fl) == list(FULLNESS_LABELS)
+        assert fl["80%"] == 1 and fl["60%"] == 1 and fl["100%"] == 1
+        h = p.store(b"r" * 1024)
+        assert h == hs[5]  # handle recycled; the object must land in zspage A (fullest)
+        assert p._tbl[h] >> 12 == p._tbl[hs[1]] >> 12
+        p.check()
+
+
+# --------------------------------------------------------------------------- density, RSS
+
+
+def test_density_and_memory_returned_to_os() -> None:
+    rnd = random.Random(99)
+    pool = Pool(auto_compact=False, arena_size=8 << 20)
+    try:
+        classes, index = build_classes(8)
+        from zramd.allocator.classes import raw_class_index
+
+        hs: list[int] = []
+        class_bytes = 0
+        sizes = [rnd.randint(500, 2000) for _ in range(20_000)]
+        blob = os.urandom(8192)
+        for n in sizes:
+            off = rnd.randrange(4096)
+            hs.append(pool.store(blob[off : off + n]))
+            class_bytes += classes[index[raw_class_index(n)]].size
+        # zspages are filled in order, so only the tail waste of each zspage and one
+        # partial zspage per class come on top of the class-rounded sizes
+        assert pool.total_bytes <= 1.05 * class_bytes
+        assert pool.total_bytes >= class_bytes
+        payload = sum(sizes)
+        assert pool.total_bytes <= 1.07 * payload  # rounding to 16 B classes costs ~1-2%
+        assert pool.fragmentation() < 0.05
+        assert pool.metadata_bytes < 64 * len(hs)
+
+        rss_full = _rss_kib()
+        full_bytes = pool.total_bytes
+        rnd.shuffle(hs)
+        keep = hs[:2000]
+        for h in hs[2000:]:
+            pool.free(h)
+        mid_bytes = pool.total_bytes
+        assert pool.fragmentation() > 0.3  # 90% freed at random: mostly partial zspages
+        freed = pool.compact()
+        assert freed > 0 and pool.pages_compacted == freed
+        assert pool.total_bytes == mid_bytes - freed * PAGE
+        # after compaction the pool is about 10% of its former size (+ partial zspages)
+        assert pool.total_bytes < 0.13 * full_bytes
+        assert pool.compact() == 0  # nothing left to win
+        rss_after = _rss_kib()
+        returned_kib = (full_bytes - pool.total_bytes) // 1024
+        # RSS really fell by (most of) what the pool gave back
+        assert rss_full - rss_after > 0.8 * returned_kib, (rss_full, rss_after, returned_kib)
+        for h in keep:
+            assert len(pool.load(h, 500)) == 500
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_empty_arena_is_unmapped() -> None:
+    with Pool(arena_size=16 * PAGE) as p:
+        hs = [p.store(b"x" * 4096) for _ in range(40)]  # huge class: 1-page runs, 3 arenas
+        assert len(p._arenas[1]) == 3
+        for h in hs[:16]:
+            p.free(h)
+        assert len(p._arenas[1]) == 2
+        for h in hs[16:]:
+            p.free(h)
+        assert p._arenas[1] == [] and p.total_bytes == 0
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_limit_raises_and_changes_nothing() -> None:
+    rnd = random.Random(11)
+    with Pool(limit=10 * PAGE) as p:
+        model: dict[int, bytes] = {}
+        with pytest.raises(PoolFull):
+            while True:
+                d = _payload(rnd, 3000)
+                model[p.store(d)] = d
+        total, objs, frag = p.total_bytes, p.obj_count, p.fragmentation()
+        tbl = bytes(p._tbl)
+        assert total <= 10 * PAGE
+        p.limit = total  # now even a one-page zspage is too much
+        for n in (4096, 3000, 100):
+            with pytest.raises(PoolFull):
+                p.store(b"h" * n)
+        assert (p.total_bytes, p.obj_count, p.fragmentation()) == (total, objs, frag)
+        assert bytes(p._tbl) == tbl
+        for h, d in model.items():
+            assert p.load(h, len(d)) == d
+        p.check()
+        # raising the limit at runtime lets stores through again
+        p.limit = 0
+        model[p.store(b"h" * 4096)] = b"h" * 4096
+        p.limit = p.total_bytes
+        h_small = next(iter(model))
+        p.free(h_small)
+        del model[h_small]
+        # the freed slot can be reused without a new zspage, even at the limit
+        model[p.store(b"s" * 3000)] = b"s" * 3000
+
+
+def test_shared_budget() -> None:
+    budget = MemoryBudget(limit=6 * PAGE)
+    a = Pool(budget=budget)
+    b = Pool(budget=budget)
+    try:
+        ha = [a.store(b"a" * 4096) for _ in range(4)]
+        hb = [b.store(b"b" * 4096) for _ in range(2)]
+        assert budget.used == 6 * PAGE
+        with pytest.raises(PoolFull):
+            a.store(b"a" * 4096)
+        with pytest.raises(PoolFull):
+            b.store(b"b" * 4096)
+        b.free(hb[0])
+        assert budget.used == 5 * PAGE
+        ha.append(a.store(b"a" * 4096))
+        assert budget.used == 6 * PAGE
+        a.close()
+        assert budget.used == 1 * PAGE
+    finally:
+        a.close()
+        b.close()
+    assert budget.used == 0
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+def test_auto_compaction_triggers_from_free_path() -> None:
+    results = []
+    for auto in (True, False):
+        rnd = random.Random(21)
+        with Pool(auto_compact=auto) as p:
+            hs = [p.store(_payload(rnd, 1200)) for _ in range(20_000)]
+            rnd.shuffle(hs)
+            for h in hs[:15_000]:
+                p.free(h)
+            p.check()
+            results.append((p.pages_compacted, p.total_bytes, p.fragmentation()))
+    (auto_pc, auto_total, auto_frag), (man_pc, man_total, man_frag) = results
+    assert man_pc == 0 and auto_pc > 0
+    assert auto_total < 0.75 * man_total and auto_frag < man_frag - 0.2
+
+
+def test_class_stats_fields() -> None:
+    with Pool() as p:
+        hs = [p.store(b"k" * 1568) for _ in range(20)]
+        st_ = {c["size"]: c for c in p.class_stats()}
+        c = st_[1568]
+        assert c["pages_per_zspage"] == 5 and c["objs_per_zspage"] == 13
+        assert c["zspages"] == 2 and c["obj_allocated"] == 26 and c["obj_used"] == 20
+        assert c["pages_used"] == 10 and p.total_bytes == 10 * PAGE
+        fl = c["fullness"]
+        assert isinstance(fl, dict) and fl["100%"] == 1 and fl["60%"] == 1
+        assert len(p.class_stats()) == 119
+        for h in hs:
+            p.free(h)

@@ -1,0 +1,22 @@
+"""The pool: a zsmalloc-style allocator of opaque byte objects (see ``pool.py``).
+
+Theory of operation
+-------------------
+Stores opaque bytes of 1..4096 B and gives back an integer handle that stays valid while
+compaction moves the object. Knows nothing of pages' meaning, codecs or the device; the device
+layer only uses the names re-exported here.
+"""
+
+from zramd.allocator.classes import PAGE_SIZE, SizeClass, build_classes, huge_watermark
+from zramd.allocator.pool import FULLNESS_LABELS, MemoryBudget, Pool, PoolFull
+
+__all__ = [
+    "FULLNESS_LABELS",
+    "PAGE_SIZE",
+    "MemoryBudget",
+    "Pool",
+    "PoolFull",
+    "SizeClass",
+    "build_classes",
+    "huge_watermark",
+]

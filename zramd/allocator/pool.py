@@ -1,0 +1,646 @@
+"""The zsmalloc-style pool: opaque byte objects of 1..4096 B in size-classed zspages.
+
+Theory of operation
+-------------------
+**Owns** the memory that holds compressed pages, and nothing else: it stores opaque bytes and
+knows nothing of pages, codecs or the device. It is not thread-safe: every call must come from
+one thread (the event loop); ``load`` returns a private ``bytes`` copy, so a caller may hand
+that to a worker thread.
+
+**Classes.** ``classes.py`` builds the kernel's merged class table (32..4096 B, 16 B steps,
+classes with equal (pages, objects) per zspage merged into the larger). ``_class_of[n]`` maps
+an object length straight to its class, so lookup is one list index.
+
+**Memory.** Pages come from a few big anonymous *private* mmap arenas (``arena_size``, 64 MiB
+by default; private so that ``MADV_DONTNEED`` really frees the pages). An arena is cut into
+equal runs of ``k`` pages and only serves zspages of ``k`` pages, so a freed run always fits
+the next zspage of that arena and no run-level fragmentation can build up. Every page of a
+freed zspage is handed back with ``madvise(MADV_DONTNEED)``; an arena with no zspage left is
+unmapped. ``total_bytes`` = pages of live zspages x 4096 (kernel ``mem_used_total``); the
+Python-side bookkeeping is reported apart as ``metadata_bytes``.
+
+**Zspage.** One small ``_Zspage`` object per zspage (never one per stored object). It *is* an
+``array('I')`` subclass holding the out-of-line reverse map (slot -> handle), whose free
+entries double as an in-place free-slot stack (``SLOT_FREE | next``, like the kernel's in-place
+free list), plus a few slots: arena, byte offset, in-use count, free-stack head, group. About
+150 B + 4 B per slot per zspage. Objects may straddle page boundaries: the pages of a zspage
+are contiguous in the arena, so an object is one slice.
+
+**Reverse map choice.** The kernel keeps the handle in an 8-byte header inside the object
+(ZS_HANDLE_SIZE) and looks the class up with ``size + 8``. Here it is out of line: 4 B per
+*slot* in the reverse map versus 8 B per object in the arena plus the class shift it causes, and
+one array store instead of a second slice write. Consequence: an object of up to 3632 B
+(the chain-8 watermark) fits a shared class, so ``huge_class_size`` is 3633 here, where the
+kernel's ``zs_huge_class_size()`` says 3625 (3632 - 7) because of the header.
+
+**Handles** are indexes into one flat ``array('Q')``; entry = ``zspage_id << OBJ_BITS | slot``.
+Compaction rewrites the entry, never the handle. Free entries hold ``FREE_TAG | next`` and form
+an in-table free list of recyclable handles (no Python int per free handle); entry 0 is never
+handed out, so a handle is always > 0. Zspage ids index ``_zspages`` and are recycled too.
+
+**Fullness groups** (kernel 6.x): 0% (only transiently, a new zspage before its first
+object; an emptied zspage is freed at once), 10%, 20% .. 90%, 99%, 100%. Each class keeps one
+``set`` of zspages per non-full group (full zspages are only counted: nothing searches
+them); ``grp_of[inuse]`` is precomputed, so a group change is one list index, one compare
+and, when it changes, a ``remove``/``add``. Allocation takes the fullest non-full zspage; it
+is cached in ``cls.cur`` and stays valid until it fills (it only grows while it is the
+target), drops a group through a free, or compaction runs.
+
+**Compaction** (kernel 6.3+ ``__zs_compact``): classes largest to smallest; the destination is
+the fullest non-full zspage, kept until it is full; the source is the emptiest; objects move
+from source to destination (handle entries rewritten) until the source empties, which is then
+freed. It stops when ``zs_can_compact`` says no whole zspage can be won. ``compact()`` runs it
+on demand; with ``auto_compact`` a counter on the free path checks every
+``AUTO_COMPACT_CHECK_EVERY`` frees whether at least ``AUTO_COMPACT_MIN_FRACTION`` of the pool
+(and ``AUTO_COMPACT_MIN_PAGES``) could be won, which keeps it amortised O(1) per free.
+
+**Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
+only when a store needs a new zspage; a store that would pass either raises ``PoolFull``
+before anything is changed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from array import array
+from collections.abc import Iterable
+
+from zramd.allocator.classes import (
+    DEFAULT_CHAIN_SIZE,
+    MAX_ALLOC_SIZE,
+    PAGE_SIZE,
+    SizeClass,
+    build_classes,
+    huge_watermark,
+    raw_class_index,
+)
+
+#: Bits of a handle-table entry that hold the slot index (at most 16 * 4096 / 32 = 2048 objects
+#: per zspage, so 12 bits are enough).
+OBJ_BITS = 12
+OBJ_MASK = (1 << OBJ_BITS) - 1
+#: Tag of a free handle-table entry; the low bits then hold the next free handle (0 = none).
+FREE_TAG = 1 << 63
+#: Reverse-map entries (``array('I')``): a handle, or SLOT_FREE | next free slot.
+SLOT_FREE = 1 << 31
+MAX_HANDLE = SLOT_FREE - 1
+
+#: Fullness groups (kernel ZS_INUSE_RATIO_*): index 0 = 0%, 1..9 = 10%..90%, 10 = 99%, 11 = 100%.
+NUM_FULLNESS_GROUPS = 12
+GROUP_EMPTY = 0
+GROUP_FULL = 11
+#: Highest group a non-full zspage can be in.
+GROUP_99 = 10
+FULLNESS_LABELS = ("0%", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "99%",
+                   "100%")
+
+DEFAULT_ARENA_SIZE = 64 << 20
+#: Auto-compaction: look every this many frees ...
+AUTO_COMPACT_CHECK_EVERY = 4096
+#: ... and compact when at least this fraction of the pool's pages could be won ...
+AUTO_COMPACT_MIN_FRACTION = 0.125
+#: ... and at least this many pages.
+AUTO_COMPACT_MIN_PAGES = 64
+
+_MMAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_MMAP_PROT = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+class PoolFull(Exception):
+    """The store would need memory beyond the pool's limit or the shared budget. Nothing
+    was changed."""
+
+
+class MemoryBudget:
+    """A byte budget that several pools share (server-wide limit). ``limit`` 0 = unlimited;
+    ``used`` is the sum of the pools' ``total_bytes``."""
+
+    def __init__(self, limit: int = 0) -> None:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        self.limit = limit
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryBudget(limit={self.limit}, used={self.used})"
+
+
+class _Arena:
+    """One anonymous mapping cut into equal runs of ``pages`` pages."""
+
+    __slots__ = ("mm", "pages", "run_bytes", "nruns", "bump", "free_runs", "used")
+
+    def __init__(self, pages: int, arena_size: int) -> None:
+        self.pages = pages
+        self.run_bytes = pages * PAGE_SIZE
+        self.nruns = max(1, arena_size // self.run_bytes)
+        self.mm = mmap.mmap(-1, self.nruns * self.run_bytes, flags=_MMAP_FLAGS, prot=_MMAP_PROT)
+        self.bump = 0  # runs never handed out start here
+        self.free_runs: list[int] = []  # byte offsets of runs given back
+        self.used = 0  # live zspages
+
+    def has_room(self) -> bool:
+        return bool(self.free_runs) or self.bump < self.nruns
+
+    def take(self) -> int:
+        if self.free_runs:
+            off = self.free_runs.pop()
+        else:
+            off = self.bump * self.run_bytes
+            self.bump += 1
+        self.used += 1
+        return off
+
+    def give_back(self, off: int) -> None:
+        self.mm.madvise(mmap.MADV_DONTNEED, off, self.run_bytes)
+        self.free_runs.append(off)
+        self.used -= 1
+
+
+class _Class:
+    """Per merged size class state."""
+
+    __slots__ = ("size", "pages", "objs", "groups", "grp_of", "cur", "used", "nzspages",
+                 "spec", "fresh_revmap")
+
+    def __init__(self, spec: SizeClass) -> None:
+        self.spec = spec
+        self.size = spec.size
+        self.pages = spec.pages_per_zspage
+        self.objs = spec.objs_per_zspage
+        self.groups: list[set[_Zspage]] = [set() for _ in range(NUM_FULLNESS_GROUPS)]
+        objs = self.objs
+        grp = [GROUP_EMPTY]
+        for inuse in range(1, objs):
+            grp.append(100 * inuse // objs // 10 + 1)
+        grp.append(GROUP_FULL)
+        self.grp_of = grp
+        #: a new zspage's reverse map: every slot free, chained 0 -> 1 -> .. -> objs
+        self.fresh_revmap = array("I", [SLOT_FREE | (i + 1) for i in range(objs)]).tobytes()
+        self.cur: _Zspage | None = None  # allocation target (fullest non-full zspage)
+        self.used = 0  # live objects
+        self.nzspages = 0
+
+    def compactable_pages(self) -> int:
+        """Kernel ``zs_can_compact()``: whole zspages' worth of free slots, in pages."""
+        wasted = self.nzspages * self.objs - self.used
+        return wasted // self.objs * self.pages
+
+
+class _Zspage(array):  # type: ignore[type-arg,unused-ignore]
+    """One zspage. The object *is* its reverse map: an ``array('I')`` with one entry per slot,
+    the handle of a used slot or ``SLOT_FREE | next free slot`` (an in-place free stack whose
+    head is ``fhead``; ``objs`` ends it). Hash and equality are by identity (sets of zspages
+    must never compare contents)."""
+
+    __slots__ = ("loc", "cls", "arena", "mm", "base", "inuse", "fhead", "grp")
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = object.__eq__
+
+    loc: int
+    cls: _Class
+    arena: _Arena
+    mm: mmap.mmap
+    base: int
+    inuse: int
+    fhead: int
+    grp: int
+
+
+class Pool:
+    """A zsmalloc-style pool. See the module docstring."""
+
+    PAGE_SIZE = PAGE_SIZE
+
+    def __init__(
+        self,
+        *,
+        chain_size: int = DEFAULT_CHAIN_SIZE,
+        limit: int = 0,
+        budget: MemoryBudget | None = None,
+        arena_size: int = DEFAULT_ARENA_SIZE,
+        auto_compact: bool = True,
+    ) -> None:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        if arena_size < PAGE_SIZE:
+            raise ValueError("arena_size must be at least one page")
+        specs, raw_index = build_classes(chain_size)
+        self.chain_size = chain_size
+        self.limit = limit
+        self.budget = budget
+        self.auto_compact = auto_compact
+        self._arena_size = arena_size
+        self._classes = [_Class(s) for s in specs]
+        self._class_of: list[_Class | None] = [None] + [
+            self._classes[raw_index[raw_class_index(n)]] for n in range(1, MAX_ALLOC_SIZE + 1)
+        ]
+        self._watermark = huge_watermark(specs)
+        self._tbl = array("Q", [FREE_TAG])  # entry 0: never a live handle
+        self._free_head = 0
+        self._zspages: list[_Zspage | None] = [None]  # id 0 unused: live entries are > 0
+        self._free_zids: list[int] = []
+        self._arenas: dict[int, list[_Arena]] = {}  # pages per run -> arenas
+        self._pages = 0
+        self._pages_compacted = 0
+        self._frees_to_check = AUTO_COMPACT_CHECK_EVERY
+        self._closed = False
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def huge_class_size(self) -> int:
+        """Objects of this size or more end up alone in a page (the huge class): zram stores
+        such a page raw. Watermark + 1, as there is no in-object handle header here (the
+        kernel, with its 8 B header, reports watermark - 7: 3625 at chain 8)."""
+        return self._watermark + 1
+
+    @property
+    def huge_watermark(self) -> int:
+        """Size of the largest class that shares zspages between objects (3632 at chain 8)."""
+        return self._watermark
+
+    @property
+    def total_bytes(self) -> int:
+        return self._pages * PAGE_SIZE
+
+    @property
+    def pages_compacted(self) -> int:
+        return self._pages_compacted
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Python-side bookkeeping: the handle table, the per-zspage objects with their
+        reverse maps and free stacks, the zspage table, the class tables."""
+        tbl = self._tbl
+        total = sys.getsizeof(tbl) + sys.getsizeof(self._zspages) + sys.getsizeof(self._class_of)
+        total += sys.getsizeof(self._free_zids)
+        getsize = sys.getsizeof
+        for zs in self._zspages:
+            if zs is not None:
+                total += getsize(zs)
+        for cls in self._classes:
+            total += getsize(cls) + getsize(cls.grp_of)
+            total += sum(getsize(s) for s in cls.groups)
+        return total
+
+    @property
+    def obj_count(self) -> int:
+        return sum(c.used for c in self._classes)
+
+    # ------------------------------------------------------------------ hot path
+
+    def store(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(data)
+        if not 0 < n <= MAX_ALLOC_SIZE:
+            raise ValueError(f"object size {n} not in 1..{MAX_ALLOC_SIZE}")
+        cls = self._class_of[n]
+        assert cls is not None
+        zs = cls.cur
+        if zs is None:
+            zs = self._select(cls)  # may raise PoolFull; nothing changed yet
+        slot = zs.fhead
+        zs.fhead = zs[slot] ^ SLOT_FREE
+        tbl = self._tbl
+        h = self._free_head
+        if h:
+            self._free_head = tbl[h] ^ FREE_TAG
+            tbl[h] = zs.loc | slot
+        else:
+            h = len(tbl)
+            if h > MAX_HANDLE:
+                self._undo_slot(zs, slot)
+                raise PoolFull("handle space exhausted")
+            tbl.append(zs.loc | slot)
+        zs[slot] = h
+        a = zs.base + slot * cls.size
+        zs.mm[a : a + n] = data
+        inuse = zs.inuse + 1
+        zs.inuse = inuse
+        cls.used += 1
+        g = cls.grp_of[inuse]
+        if g != zs.grp:
+            groups = cls.groups
+            groups[zs.grp].remove(zs)
+            if g == GROUP_FULL:  # full zspages are only counted, not kept in a set
+                cls.cur = None
+            else:
+                groups[g].add(zs)
+            zs.grp = g
+        return h
+
+    def load(self, handle: int, size: int) -> bytes:
+        e = self._tbl[handle]
+        if e >= FREE_TAG or handle <= 0:
+            raise KeyError(f"handle {handle} is not live")
+        zs = self._zspages[e >> OBJ_BITS]
+        assert zs is not None
+        a = zs.base + (e & OBJ_MASK) * zs.cls.size
+        return zs.mm[a : a + size]
+
+    def free(self, handle: int) -> None:
+        tbl = self._tbl
+        e = tbl[handle]
+        if e >= FREE_TAG or handle <= 0:
+            raise KeyError(f"handle {handle} is not live")
+        zs = self._zspages[e >> OBJ_BITS]
+        assert zs is not None
+        slot = e & OBJ_MASK
+        tbl[handle] = self._free_head | FREE_TAG
+        self._free_head = handle
+        zs[slot] = zs.fhead | SLOT_FREE
+        zs.fhead = slot
+        inuse = zs.inuse - 1
+        zs.inuse = inuse
+        cls = zs.cls
+        cls.used -= 1
+        g = cls.grp_of[inuse]
+        if g != zs.grp:
+            if cls.cur is zs:
+                cls.cur = None
+            groups = cls.groups
+            if zs.grp != GROUP_FULL:
+                groups[zs.grp].remove(zs)
+            if inuse:
+                groups[g].add(zs)
+                zs.grp = g
+            else:
+                self._release(zs)
+        self._frees_to_check -= 1
+        if self._frees_to_check <= 0:
+            self._frees_to_check = AUTO_COMPACT_CHECK_EVERY
+            if self.auto_compact:
+                self.maybe_compact()
+
+    # ------------------------------------------------------------------ slow paths
+
+    def _select(self, cls: _Class) -> _Zspage:
+        """The fullest non-full zspage of ``cls``, or a new one. Sets ``cls.cur``."""
+        groups = cls.groups
+        for g in range(GROUP_99, GROUP_EMPTY, -1):
+            s = groups[g]
+            if s:
+                zs = next(iter(s))
+                cls.cur = zs
+                return zs
+        zs = self._new_zspage(cls)
+        cls.cur = zs
+        return zs
+
+    def _charge(self, pages: int) -> None:
+        nbytes = pages * PAGE_SIZE
+        if self.limit and (self._pages + pages) * PAGE_SIZE > self.limit:
+            raise PoolFull(f"pool limit {self.limit} B reached")
+        budget = self.budget
+        if budget is not None:
+            if budget.limit and budget.used + nbytes > budget.limit:
+                raise PoolFull(f"memory budget {budget.limit} B reached")
+            budget.used += nbytes
+        self._pages += pages
+
+    def _uncharge(self, pages: int) -> None:
+        self._pages -= pages
+        if self.budget is not None:
+            self.budget.used -= pages * PAGE_SIZE
+
+    def _new_zspage(self, cls: _Class) -> _Zspage:
+        if self._closed:
+            raise ValueError("pool is closed")
+        k = cls.pages
+        self._charge(k)
+        try:
+            arena = self._arena_with_room(k)
+        except OSError as exc:  # mmap failed: treat like the limit
+            self._uncharge(k)
+            raise PoolFull(f"cannot map a new arena: {exc}") from exc
+        base = arena.take()
+        if self._free_zids:
+            zid = self._free_zids.pop()
+        else:
+            zid = len(self._zspages)
+            self._zspages.append(None)
+        zs = _Zspage("I", cls.fresh_revmap)
+        zs.loc = zid << OBJ_BITS
+        zs.cls = cls
+        zs.arena = arena
+        zs.mm = arena.mm
+        zs.base = base
+        zs.inuse = 0
+        zs.fhead = 0
+        zs.grp = GROUP_EMPTY
+        self._zspages[zid] = zs
+        cls.groups[GROUP_EMPTY].add(zs)
+        cls.nzspages += 1
+        return zs
+
+    def _arena_with_room(self, pages: int) -> _Arena:
+        arenas = self._arenas.setdefault(pages, [])
+        best: _Arena | None = None
+        for ar in arenas:  # the fullest one with room: lets the others drain and be unmapped
+            if ar.has_room() and (best is None or ar.used > best.used):
+                best = ar
+        if best is None:
+            best = _Arena(pages, self._arena_size)
+            arenas.append(best)
+        return best
+
+    def _release(self, zs: _Zspage) -> None:
+        """Free an empty zspage (already out of its group set): pages back to the OS."""
+        cls = zs.cls
+        cls.nzspages -= 1
+        arena = zs.arena
+        arena.give_back(zs.base)
+        if arena.used == 0:
+            self._arenas[arena.pages].remove(arena)
+            arena.mm.close()
+        zid = zs.loc >> OBJ_BITS
+        self._zspages[zid] = None
+        self._free_zids.append(zid)
+        self._uncharge(cls.pages)
+
+    def _undo_slot(self, zs: _Zspage, slot: int) -> None:
+        zs[slot] = zs.fhead | SLOT_FREE
+        zs.fhead = slot
+
+    # ------------------------------------------------------------------ compaction
+
+    def compactable_pages(self) -> int:
+        """Pages compaction could win now (kernel shrinker count)."""
+        return sum(c.compactable_pages() for c in self._classes)
+
+    def maybe_compact(self) -> int:
+        """Compact if enough pages could be won (the auto-compaction policy)."""
+        can = self.compactable_pages()
+        if can >= AUTO_COMPACT_MIN_PAGES and can >= AUTO_COMPACT_MIN_FRACTION * self._pages:
+            return self.compact()
+        return 0
+
+    def compact(self) -> int:
+        """Kernel ``zs_compact()``: returns the number of pages freed by this call."""
+        freed = 0
+        for cls in reversed(self._classes):
+            if cls.objs > 1 and cls.compactable_pages() > 0:
+                freed += self._compact_class(cls)
+        self._pages_compacted += freed
+        return freed
+
+    def _compact_class(self, cls: _Class) -> int:
+        groups = cls.groups
+        cls.cur = None
+        freed = 0
+        dst: _Zspage | None = None
+        tbl = self._tbl
+        size = cls.size
+        while cls.compactable_pages() > 0:
+            if dst is None:
+                dst = _pick(groups, range(GROUP_99, GROUP_EMPTY, -1))
+                if dst is None:
+                    break
+                groups[dst.grp].remove(dst)
+            src = _pick(groups, range(GROUP_EMPTY + 1, GROUP_99 + 1))
+            if src is None:
+                break
+            groups[src.grp].remove(src)
+            # migrate_zspage(): move src's objects until src is empty or dst is full
+            smm, dmm = src.mm, dst.mm
+            sbase, dbase = src.base, dst.base
+            dloc = dst.loc
+            room = cls.objs - dst.inuse
+            moved = 0
+            for sslot in range(cls.objs):
+                if moved == room:
+                    break
+                h = src[sslot]
+                if h & SLOT_FREE:
+                    continue
+                dslot = dst.fhead
+                dst.fhead = dst[dslot] ^ SLOT_FREE
+                sa = sbase + sslot * size
+                da = dbase + dslot * size
+                dmm[da : da + size] = smm[sa : sa + size]
+                dst[dslot] = h
+                src[sslot] = src.fhead | SLOT_FREE
+                src.fhead = sslot
+                tbl[h] = dloc | dslot
+                moved += 1
+            dst.inuse += moved
+            src.inuse -= moved
+            if src.inuse == 0:
+                self._release(src)
+                freed += cls.pages
+            else:
+                src.grp = cls.grp_of[src.inuse]
+                groups[src.grp].add(src)
+            if dst.inuse == cls.objs:
+                dst.grp = GROUP_FULL
+                dst = None
+        if dst is not None:
+            dst.grp = cls.grp_of[dst.inuse]
+            groups[dst.grp].add(dst)
+        return freed
+
+    # ------------------------------------------------------------------ stats
+
+    def fragmentation(self) -> float:
+        """Fraction of the pages held that is not covered by live objects' class slots
+        (tail waste of zspages plus free slots). 0 for an empty pool."""
+        if not self._pages:
+            return 0.0
+        used = sum(c.used * c.size for c in self._classes)
+        return 1.0 - used / (self._pages * PAGE_SIZE)
+
+    def class_stats(self) -> list[dict[str, object]]:
+        """Per merged class, smallest first (like debugfs ``zsmalloc/<pool>/classes``)."""
+        out: list[dict[str, object]] = []
+        for c in self._classes:
+            fullness = [len(s) for s in c.groups]
+            fullness[GROUP_FULL] = c.nzspages - sum(fullness)
+            out.append({
+                "size": c.size,
+                "pages_per_zspage": c.pages,
+                "objs_per_zspage": c.objs,
+                "zspages": c.nzspages,
+                "obj_allocated": c.nzspages * c.objs,
+                "obj_used": c.used,
+                "pages_used": c.nzspages * c.pages,
+                "freeable": c.compactable_pages(),
+                "fullness": dict(zip(FULLNESS_LABELS, fullness, strict=True)),
+            })
+        return out
+
+    def close(self) -> None:
+        """Unmap every arena. The pool is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for arenas in self._arenas.values():
+            for ar in arenas:
+                ar.mm.close()
+        self._arenas.clear()
+        if self.budget is not None:
+            self.budget.used -= self._pages * PAGE_SIZE
+        self._pages = 0
+        self._zspages = [None]
+        self._free_zids = []
+        self._tbl = array("Q", [FREE_TAG])
+        self._free_head = 0
+        for c in self._classes:
+            c.groups = [set() for _ in range(NUM_FULLNESS_GROUPS)]
+            c.cur = None
+            c.used = 0
+            c.nzspages = 0
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ debugging
+
+    def check(self) -> None:
+        """Verify every internal invariant (slow; for tests)."""
+        live = 0
+        for zid, zs in enumerate(self._zspages):
+            if zs is None:
+                continue
+            assert zs.loc == zid << OBJ_BITS
+            cls = zs.cls
+            assert len(zs) == cls.objs
+            if zs.grp == GROUP_FULL:
+                assert all(zs not in g for g in cls.groups)
+            else:
+                assert zs in cls.groups[zs.grp], "zspage not in its group"
+            assert zs.grp == cls.grp_of[zs.inuse]
+            used = [s for s in range(cls.objs) if not zs[s] & SLOT_FREE]
+            assert len(used) == zs.inuse > 0
+            for slot in used:
+                assert self._tbl[zs[slot]] == zs.loc | slot
+            chain, slot = [], zs.fhead
+            while slot != cls.objs:
+                chain.append(slot)
+                slot = zs[slot] ^ SLOT_FREE
+                assert len(chain) <= cls.objs
+            assert sorted(chain) == [s for s in range(cls.objs) if zs[s] & SLOT_FREE]
+            live += zs.inuse
+        assert live == self.obj_count
+        for c in self._classes:
+            nfull = sum(1 for z in self._zspages if z is not None and z.cls is c
+                        and z.grp == GROUP_FULL)
+            assert not c.groups[GROUP_FULL]
+            assert sum(len(s) for s in c.groups) + nfull == c.nzspages
+            assert not c.groups[GROUP_EMPTY] or c.cur in c.groups[GROUP_EMPTY]
+            if c.cur is not None:
+                assert self._zspages[c.cur.loc >> OBJ_BITS] is c.cur and c.cur.grp != GROUP_FULL
+        assert self._pages == sum(c.nzspages * c.pages for c in self._classes)
+        arena_used = sum(a.used * a.pages for ars in self._arenas.values() for a in ars)
+        assert arena_used == self._pages
+
+
+def _pick(groups: list[set[_Zspage]], order: Iterable[int]) -> _Zspage | None:
+    for g in order:
+        s = groups[g]
+        if s:
+            return next(iter(s))
+    return None
