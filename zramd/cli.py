@@ -1,5 +1,163 @@
-"""Placeholder; replaced by the click CLI."""
+"""The ``zramd`` command line.
+
+Theory of operation
+-------------------
+A click group :func:`main` with global options (``--version``, ``-v/--verbose``) and one command per
+task. Commands only build a :class:`~zramd.config.ServerConfig` (or call the control client) and
+hand over; no protocol or device logic lives here. Logs go to stderr (stdout carries the NBD stream
+in ``--stdio`` mode). A configuration error is printed as one line (``zramd: error: ...``) and the
+exit status is 2; a start failure (address in use) exits 1; SIGTERM/SIGINT exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from zramd import __version__
+from zramd.config import (
+    DEFAULT_BIND,
+    DEFAULT_PORT,
+    ConfigError,
+    ServerConfig,
+    default_export,
+    parse_export_spec,
+    parse_size,
+)
+
+#: Exit status for a bad command line or configuration.
+EXIT_CONFIG = 2
 
 
-def main() -> None:
-    raise SystemExit("not yet")
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose >= 2 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("zramd: %(message)s"))
+    root = logging.getLogger("zramd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _fail(message: str) -> None:
+    click.echo(f"zramd: error: {message}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="zramd")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """zramd: compressed RAM block devices served over NBD."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--bind", metavar="ADDR", default=None, help=f"TCP address [{DEFAULT_BIND}].")
+@click.option("--port", type=int, default=None, help=f"TCP port [{DEFAULT_PORT}].")
+@click.option("--unix", "unix", metavar="PATH", default=None, help="Unix socket path.")
+@click.option(
+    "--export",
+    "exports",
+    metavar="SPEC",
+    multiple=True,
+    help="NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]"
+    "[,description=TEXT]; repeatable. Default: zram0 of min(RAM/2, 4G), lz4.",
+)
+@click.option("--stdio", is_flag=True, help="Serve one connection on stdin/stdout.")
+@click.option("--max-connections", type=int, default=None, help="Connection cap [100].")
+@click.option(
+    "--handshake-timeout",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Seconds to finish the handshake [10].",
+)
+@click.option(
+    "--max-payload", metavar="SIZE", default=None, help="Largest READ/WRITE accepted [64M]."
+)
+@click.option("--unix-mode", metavar="OCTAL", default=None, help="Unix socket mode [0600].")
+def serve(
+    bind: str | None,
+    port: int | None,
+    unix: str | None,
+    exports: tuple[str, ...],
+    stdio: bool,
+    max_connections: int | None,
+    handshake_timeout: float | None,
+    max_payload: str | None,
+    unix_mode: str | None,
+) -> None:
+    """Serve exports over NBD until SIGTERM."""
+    try:
+        cfg = build_serve_config(
+            bind=bind,
+            port=port,
+            unix=unix,
+            exports=exports,
+            stdio=stdio,
+            max_connections=max_connections,
+            handshake_timeout=handshake_timeout,
+            max_payload=max_payload,
+            unix_mode=unix_mode,
+        )
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    from zramd.server.listener import run
+
+    sys.exit(run(cfg))
+
+
+def build_serve_config(
+    *,
+    bind: str | None = None,
+    port: int | None = None,
+    unix: str | None = None,
+    exports: tuple[str, ...] | list[str] = (),
+    stdio: bool = False,
+    max_connections: int | None = None,
+    handshake_timeout: float | None = None,
+    max_payload: str | None = None,
+    unix_mode: str | None = None,
+) -> ServerConfig:
+    """The ServerConfig for ``zramd serve`` flags. Raises ConfigError."""
+    cfg = ServerConfig()
+    if stdio:
+        if unix or bind or port is not None:
+            raise ConfigError("--stdio cannot be combined with --unix, --bind or --port")
+        cfg.stdio = True
+        cfg.bind = cfg.port = None
+    elif unix:
+        cfg.unix = unix
+        if bind is None and port is None:
+            cfg.bind = cfg.port = None  # only the Unix socket
+        else:
+            cfg.bind = bind or DEFAULT_BIND
+            cfg.port = DEFAULT_PORT if port is None else port
+    else:
+        cfg.bind = bind or DEFAULT_BIND
+        cfg.port = DEFAULT_PORT if port is None else port
+    cfg.exports = [parse_export_spec(s) for s in exports] or [default_export()]
+    if max_connections is not None:
+        cfg.max_connections = max_connections
+    if handshake_timeout is not None:
+        cfg.handshake_timeout = handshake_timeout
+    if max_payload is not None:
+        cfg.max_payload = parse_size(max_payload, what="max-payload")
+    if unix_mode is not None:
+        try:
+            cfg.unix_mode = int(unix_mode, 8)
+        except ValueError:
+            raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
+    cfg.validate()
+    return cfg
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,284 @@
+"""Typed configuration of a zramd server: exports, listeners, limits.
+
+Theory of operation
+-------------------
+Everything the server needs to start is in one :class:`ServerConfig` holding a list of
+:class:`ExportConfig`. They are built from command-line flags (``cli.py``) or, later, from TOML;
+both paths go through the parsers here (:func:`parse_size`, :func:`parse_export_spec`), so the same
+value is accepted or refused with the same message everywhere. Every error is a :class:`ConfigError`
+whose message names the offending value; nothing here prints, exits or knows about click.
+
+Invariants after validation (``ServerConfig.validate``): export names are unique, non-empty,
+UTF-8 strings of at most :data:`MAX_EXPORT_NAME` bytes; sizes are positive multiples of
+:data:`EXPORT_SIZE_ALIGN`; every limit is positive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+#: Export sizes must be whole pages (the device works in 4 KiB pages).
+EXPORT_SIZE_ALIGN = 4096
+#: Export names travel in NBD strings: SHOULD be <= 256 bytes (nbd.md 1.2).
+MAX_EXPORT_NAME = 256
+#: Largest export we accept (the NBD size field is 64-bit; devices are sparse). 2^60 bytes = 1 EiB.
+MAX_EXPORT_SIZE = 1 << 60
+#: Default export when none is given on the command line.
+DEFAULT_EXPORT_NAME = "zram0"
+DEFAULT_EXPORT_MAX_SIZE = 4 << 30
+DEFAULT_ALGORITHM = "lz4"
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_PORT = 10809
+#: Simultaneous client connections, all exports together (qemu-nbd 9.1 uses 100).
+DEFAULT_MAX_CONNECTIONS = 100
+#: Seconds a client may take to reach transmission (qemu-nbd 9.1 and CVE-2024-7409 use 10 s).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Largest READ/WRITE payload served; 32 MiB must always work (nbd.md 1.9), nbdkit allows 64 MiB.
+DEFAULT_MAX_PAYLOAD = 64 << 20
+#: Requests in flight per connection before we stop reading (the kernel queue depth is 128).
+DEFAULT_MAX_IN_FLIGHT = 256
+#: Unix socket permission bits.
+DEFAULT_UNIX_MODE = 0o600
+#: Env var enabling test-only backends (plain, corrupt-read).
+TEST_BACKENDS_ENV = "ZRAMD_TEST_BACKENDS"
+
+BACKEND_ZRAM = "zram"
+BACKEND_PLAIN = "plain"
+BACKEND_CORRUPT_READ = "corrupt-read"
+TEST_BACKENDS = (BACKEND_PLAIN, BACKEND_CORRUPT_READ)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names it."""
+
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """Bytes from ``"4G"``, ``"512M"``, ``"64KiB"``, ``"1.5G"``, ``"4096"``; K = 1024.
+
+    Raises ConfigError naming the bad value."""
+    if isinstance(text, bool):
+        raise ConfigError(f"bad {what} {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"bad {what} {text!r}: must not be negative")
+        return text
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ConfigError(
+            f"bad {what} {text!r}: expected a number with an optional K/M/G/T suffix (e.g. 4G)"
+        )
+    number, unit = m.group(1), m.group(2).lower()
+    value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
+    if value != int(value):
+        raise ConfigError(f"bad {what} {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Short human size: ``4.0G``, ``512M``, ``4096``."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            if unit in ("G", "T") or v != int(v):
+                return f"{v:.1f}{unit}"
+            return f"{int(v)}{unit}"
+    return str(n)
+
+
+def test_backends_enabled() -> bool:
+    return os.environ.get(TEST_BACKENDS_ENV, "") == "1"
+
+
+@dataclass
+class ExportConfig:
+    """One export: a name and the compressed device behind it."""
+
+    name: str
+    size: int
+    algorithm: str = DEFAULT_ALGORITHM
+    level: int | None = None
+    mem_limit: int = 0
+    read_only: bool = False
+    description: str = ""
+    backend: str = BACKEND_ZRAM
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("export name must not be empty")
+        raw = self.name.encode("utf-8", "surrogatepass")
+        if len(raw) > MAX_EXPORT_NAME:
+            raise ConfigError(f"export name {self.name!r} is longer than {MAX_EXPORT_NAME} bytes")
+        if "\0" in self.name or "," in self.name or "=" in self.name:
+            raise ConfigError(f"export name {self.name!r} must not contain NUL, ',' or '='")
+        if self.size <= 0 or self.size % EXPORT_SIZE_ALIGN:
+            raise ConfigError(
+                f"export {self.name!r}: size {self.size} must be a positive multiple of "
+                f"{EXPORT_SIZE_ALIGN}"
+            )
+        if self.size > MAX_EXPORT_SIZE:
+            raise ConfigError(f"export {self.name!r}: size {self.size} is too large")
+        if self.mem_limit < 0:
+            raise ConfigError(f"export {self.name!r}: mem-limit must not be negative")
+        if len(self.description.encode()) > MAX_EXPORT_NAME * 16:
+            raise ConfigError(f"export {self.name!r}: description too long")
+        if self.backend == BACKEND_ZRAM:
+            try:
+                from zramd.compress import get_codec
+
+                get_codec(self.algorithm, level=self.level)
+            except ImportError:  # pragma: no cover - the codec registry is part of the package
+                pass
+            except ValueError as e:
+                raise ConfigError(f"export {self.name!r}: {e}") from None
+        elif self.backend in TEST_BACKENDS:
+            if not test_backends_enabled():
+                raise ConfigError(
+                    f"export {self.name!r}: backend {self.backend!r} needs {TEST_BACKENDS_ENV}=1"
+                )
+        else:
+            raise ConfigError(f"export {self.name!r}: unknown backend {self.backend!r}")
+
+    def summary(self) -> str:
+        """``zram0 4.0G lz4`` (+ ``ro``), for the listening log line."""
+        parts = [self.name, format_size(self.size)]
+        parts.append(self.algorithm if self.backend == BACKEND_ZRAM else self.backend)
+        if self.read_only:
+            parts.append("ro")
+        return " ".join(parts)
+
+
+_SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description", "backend")
+
+
+def parse_export_spec(spec: str) -> ExportConfig:
+    """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only][,description=T]``.
+
+    ``description`` must come last: its text may contain commas. ``backend=plain|corrupt-read`` is
+    accepted only when ``ZRAMD_TEST_BACKENDS=1``."""
+    head, sep, rest = spec.partition(",")
+    name, eq, size_text = head.partition("=")
+    name = name.strip()
+    if not eq or not name or not size_text.strip():
+        raise ConfigError(f"bad export spec {spec!r}: expected NAME=SIZE[,option=value...]")
+    cfg = ExportConfig(name=name, size=parse_size(size_text, what=f"size of export {name!r}"))
+    seen: set[str] = set()
+    while sep:
+        item, sep, tail = rest.partition(",")
+        key, has_value, value = item.partition("=")
+        key = key.strip().lower().replace("_", "-")
+        if key == "description":
+            cfg.description = value + (sep + tail if sep else "")
+            break
+        rest = tail
+        if key not in _SPEC_KEYS:
+            raise ConfigError(
+                f"bad export spec {spec!r}: unknown option {key!r} (known: {', '.join(_SPEC_KEYS)})"
+            )
+        if key in seen:
+            raise ConfigError(f"bad export spec {spec!r}: {key!r} given twice")
+        seen.add(key)
+        if key == "read-only":
+            if has_value and value.strip().lower() not in ("", "1", "true", "yes", "on"):
+                if value.strip().lower() in ("0", "false", "no", "off"):
+                    continue
+                raise ConfigError(f"bad export spec {spec!r}: read-only takes no value")
+            cfg.read_only = True
+            continue
+        if not has_value or not value.strip():
+            raise ConfigError(f"bad export spec {spec!r}: {key} needs a value")
+        value = value.strip()
+        if key == "algorithm":
+            cfg.algorithm = value.lower()
+        elif key == "level":
+            try:
+                cfg.level = int(value)
+            except ValueError:
+                raise ConfigError(
+                    f"bad export spec {spec!r}: level {value!r} is not an integer"
+                ) from None
+        elif key == "mem-limit":
+            cfg.mem_limit = parse_size(value, what=f"mem-limit of export {name!r}")
+        elif key == "backend":
+            cfg.backend = value.lower()
+    cfg.validate()
+    return cfg
+
+
+def default_export_size(ram: int | None = None) -> int:
+    """min(RAM/2, 4 GiB), rounded down to whole pages."""
+    if ram is None:
+        try:
+            from zramd.system import total_ram
+
+            ram = total_ram()
+        except ImportError:  # pragma: no cover
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = min(ram // 2, DEFAULT_EXPORT_MAX_SIZE)
+    return max(EXPORT_SIZE_ALIGN, size - size % EXPORT_SIZE_ALIGN)
+
+
+def default_export() -> ExportConfig:
+    return ExportConfig(name=DEFAULT_EXPORT_NAME, size=default_export_size())
+
+
+@dataclass
+class ServerConfig:
+    """Listeners, limits and exports of one server process.
+
+    ``bind``/``port`` None means "no TCP listener". ``unix`` is a socket path. ``stdio`` serves
+    exactly one connection on stdin/stdout. Socket activation (LISTEN_FDS) is detected at start."""
+
+    bind: str | None = DEFAULT_BIND
+    port: int | None = DEFAULT_PORT
+    unix: str | None = None
+    unix_mode: int = DEFAULT_UNIX_MODE
+    stdio: bool = False
+    exports: list[ExportConfig] = field(default_factory=list)
+    default_export: str | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    global_mem_limit: int = 0
+    use_socket_activation: bool = True
+
+    def validate(self) -> None:
+        if not self.exports:
+            raise ConfigError("no exports configured")
+        names: set[str] = set()
+        for e in self.exports:
+            e.validate()
+            if e.name in names:
+                raise ConfigError(f"export {e.name!r} defined twice")
+            names.add(e.name)
+        if self.default_export is not None and self.default_export not in names:
+            raise ConfigError(f"default export {self.default_export!r} is not defined")
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ConfigError(f"bad port {self.port}: must be 0..65535")
+        if self.max_connections < 1:
+            raise ConfigError(f"bad max-connections {self.max_connections}: must be >= 1")
+        if not self.handshake_timeout > 0:
+            raise ConfigError(f"bad handshake-timeout {self.handshake_timeout}: must be > 0")
+        if self.max_payload < 32 << 20 or self.max_payload > 0xFFFFFFFF:
+            raise ConfigError(
+                f"bad max-payload {self.max_payload}: must be between 32M and 4G-1 "
+                "(32 MiB must always work, nbd.md 1.9)"
+            )
+        if self.max_in_flight < 1:
+            raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
+        if self.global_mem_limit < 0:
+            raise ConfigError("global mem-limit must not be negative")

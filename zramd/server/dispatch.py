@@ -1,0 +1,327 @@
+"""Request dispatch: validate a request against its export, call the device, map errors.
+
+Theory of operation
+-------------------
+This is the one place where a transmission-phase :class:`~zramd.protocol.events.Request` meets an
+export. :func:`validate` checks it and returns ``None`` or an ``(errno, message)`` rejection;
+:meth:`Dispatcher.execute` runs an accepted request on the device and returns a *reply
+description* (:data:`OK`, :class:`ReadReply`, :class:`StatusReply`, :class:`ErrorReply`). The
+session turns that into bytes through the protocol core's encoders: no byte layouts here, and no
+sockets.
+
+Rejections, in the order they are checked (first match wins; nbd.md 1.7 and 1.10):
+
+==========================================================  ==========  ===========================
+situation                                                   errno       why
+==========================================================  ==========  ===========================
+server shutting down                                        ESHUTDOWN   1.10
+unknown command (incl. experimental RESIZE)                 EINVAL      1.10
+flag not valid for the command (FUA is valid on all)         EINVAL      1.5, 1.10
+DF on READ without structured replies                       EINVAL      1.5: DF needs structured
+BLOCK_STATUS without structured replies or a context         EINVAL      1.5
+WRITE / TRIM / WRITE_ZEROES on a read-only export           EPERM       1.7 (checked before range)
+WRITE whose payload exceeded max_payload (core drained it)  EOVERFLOW   see below
+FLUSH with offset or length != 0                            EINVAL      1.5 (as nbdkit)
+zero length (READ/WRITE/TRIM/WRITE_ZEROES/CACHE/BLOCK_STATUS) EINVAL     1.5; as nbdkit
+READ / TRIM / CACHE / BLOCK_STATUS past the end             EINVAL      1.10
+WRITE / WRITE_ZEROES past the end                           ENOSPC      1.10
+READ longer than max_payload                                EOVERFLOW   see below
+==========================================================  ==========  ===========================
+
+Choices where the spec leaves room:
+
+* Length 0: the spec calls a zero-length READ unspecified; nbdkit answers EINVAL for every
+  zero-length data command, and so do we (the connection goes on).
+* Oversized READ: a payload-less request whose reply would exceed our cap gets EOVERFLOW
+  (nbd.md 1.7: "oversized payload-less request"); nbdkit says ENOMEM, which the spec asks servers
+  to avoid. An oversized WRITE (payload drained by the core, connection kept) gets EOVERFLOW too,
+  so "too big" reads the same both ways. TRIM and WRITE_ZEROES have no payload and may be any
+  length inside the export (1.9).
+* FAST_ZERO on WRITE_ZEROES succeeds: zeroing RAM pages is never slower than writing them.
+* FUA is accepted everywhere and needs no action: once a request's coroutine returns, its data is
+  in the store every connection reads (RAM has no volatile cache), so FLUSH is immediate too.
+
+Errors from the device map through :data:`EXCEPTION_ERRNO` (NoSpace -> ENOSPC, DeviceIOError ->
+EIO); anything else is a bug: logged with a traceback and answered EIO, the connection goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from zramd.device.interface import STATE_ZERO, DeviceIOError, NoSpace
+from zramd.protocol import wire
+from zramd.protocol.events import Request
+from zramd.server.exports import Export
+
+log = logging.getLogger("zramd.server")
+
+EPERM = wire.EPERM
+EIO = wire.EIO
+EINVAL = wire.EINVAL
+ENOSPC = wire.ENOSPC
+EOVERFLOW = wire.EOVERFLOW
+ESHUTDOWN = wire.ESHUTDOWN
+
+FUA = wire.CMD_FLAG_FUA
+NO_HOLE = wire.CMD_FLAG_NO_HOLE
+DF = wire.CMD_FLAG_DF
+REQ_ONE = wire.CMD_FLAG_REQ_ONE
+FAST_ZERO = wire.CMD_FLAG_FAST_ZERO
+
+READ = wire.CMD_READ
+WRITE = wire.CMD_WRITE
+DISC = wire.CMD_DISC
+FLUSH = wire.CMD_FLUSH
+TRIM = wire.CMD_TRIM
+CACHE = wire.CMD_CACHE
+WRITE_ZEROES = wire.CMD_WRITE_ZEROES
+BLOCK_STATUS = wire.CMD_BLOCK_STATUS
+
+#: Command flags each command accepts (nbd.md 1.5). FUA is accepted on every command.
+ALLOWED_FLAGS: dict[int, int] = {
+    READ: FUA | DF,
+    WRITE: FUA,
+    DISC: FUA,
+    FLUSH: FUA,
+    TRIM: FUA,
+    CACHE: FUA,
+    WRITE_ZEROES: FUA | NO_HOLE | FAST_ZERO,
+    BLOCK_STATUS: FUA | REQ_ONE,
+}
+#: Commands that modify the export (EPERM on a read-only one).
+WRITING = frozenset({WRITE, TRIM, WRITE_ZEROES})
+#: Commands whose range past the end is ENOSPC (writes), the others are EINVAL.
+RANGE_ENOSPC = frozenset({WRITE, WRITE_ZEROES})
+#: Commands that carry a range (offset, length > 0).
+RANGED = frozenset({READ, WRITE, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS})
+#: Device exceptions -> NBD error values (anything else: EIO and a logged traceback).
+EXCEPTION_ERRNO: dict[type[BaseException], int] = {NoSpace: ENOSPC, DeviceIOError: EIO}
+#: BLOCK_STATUS: at most this many extents in one reply (nbd.md 1.8 SHOULD cap at 2^20).
+MAX_EXTENTS = 1 << 20
+#: The meta context whose extents BLOCK_STATUS reports.
+BASE_ALLOCATION = wire.META_BASE_ALLOCATION
+
+
+class ShutdownFlag:
+    """Shared by every session of a server: set once shutdown begins."""
+
+    __slots__ = ("is_set",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
+# --- reply descriptions ---------------------------------------------------------------------------
+class _Ok:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OK"
+
+
+OK = _Ok()
+
+
+@dataclass(slots=True)
+class ReadReply:
+    data: bytes | bytearray | memoryview
+    #: (offset relative to the request, length) runs that read as zero (structured only)
+    zero_extents: list[tuple[int, int]] = field(default_factory=list)
+    df: bool = False
+
+
+@dataclass(slots=True)
+class StatusReply:
+    context_id: int
+    extents: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class ErrorReply:
+    errno: int
+    message: str = ""
+
+
+Reply = _Ok | ReadReply | StatusReply | ErrorReply
+
+
+def validate(
+    req: Request,
+    export: Export,
+    *,
+    structured: bool,
+    context_id: int | None,
+    max_payload: int,
+    shutting_down: bool = False,
+) -> tuple[int, str] | None:
+    """``None`` if ``req`` may run on ``export``, else ``(errno, message)`` (see the table)."""
+    cmd = req.command
+    if shutting_down:
+        return ESHUTDOWN, "server is shutting down"
+    allowed = ALLOWED_FLAGS.get(cmd)
+    if allowed is None:
+        return EINVAL, f"unknown command {cmd}"
+    if req.flags & ~allowed:
+        return EINVAL, f"flags 0x{req.flags & ~allowed:x} not valid for command {cmd}"
+    if req.flags & DF and not structured:
+        return EINVAL, "DF requires structured replies"
+    if cmd == BLOCK_STATUS:
+        if not structured:
+            return EINVAL, "BLOCK_STATUS requires structured replies"
+        if context_id is None:
+            return EINVAL, "BLOCK_STATUS without a selected meta context"
+    info = export.info
+    if cmd in WRITING and info.read_only:
+        return EPERM, "export is read-only"
+    if req.payload_dropped:
+        return EOVERFLOW, f"payload of {req.length} bytes exceeds the maximum of {max_payload}"
+    if cmd == FLUSH:
+        if req.offset or req.length:
+            return EINVAL, "FLUSH offset and length must be 0"
+        return None
+    if cmd in RANGED:
+        if req.length == 0:
+            return EINVAL, "zero-length request"
+        if req.offset + req.length > info.size:
+            err = ENOSPC if cmd in RANGE_ENOSPC else EINVAL
+            return err, f"request [{req.offset}, +{req.length}) beyond the end ({info.size})"
+        if cmd == READ and req.length > max_payload:
+            return EOVERFLOW, f"read of {req.length} bytes exceeds the maximum of {max_payload}"
+    return None
+
+
+def zero_runs(extents: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """(relative offset, length) runs of STATE_ZERO within ``[0, length)`` from device extents."""
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    for ext_len, flags in extents:
+        if pos >= length:
+            break
+        end = min(pos + ext_len, length)
+        if flags & STATE_ZERO:
+            if runs and runs[-1][0] + runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end - runs[-1][0])
+            else:
+                runs.append((pos, end - pos))
+        pos = end
+    return runs
+
+
+def clip_extents(
+    extents: list[tuple[int, int]], length: int, req_one: bool
+) -> list[tuple[int, int]]:
+    """Extents for a BLOCK_STATUS reply: merged, clipped to ``length`` (the sum never passes it),
+    at most :data:`MAX_EXTENTS`, exactly one with REQ_ONE (nbd.md 1.8)."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for ext_len, flags in extents:
+        if total >= length:
+            break
+        if ext_len <= 0:
+            continue
+        n = min(ext_len, length - total)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + n, flags)
+        else:
+            if len(out) == MAX_EXTENTS:
+                break
+            out.append((n, flags))
+        total += n
+        if req_one and len(out) > 1:
+            break
+    if req_one and out:
+        out = out[:1]
+    if not out:
+        out = [(length, 0)]  # status 0 is always a safe answer (1.8)
+    return out
+
+
+class Dispatcher:
+    """Executes the requests of one connection on its export."""
+
+    __slots__ = ("export", "device", "structured", "context_id", "max_payload", "shutdown")
+
+    def __init__(
+        self,
+        export: Export,
+        *,
+        structured: bool,
+        meta_contexts: dict[int, str] | None = None,
+        max_payload: int,
+        shutdown: ShutdownFlag | None = None,
+    ) -> None:
+        self.export = export
+        self.device = export.device
+        self.structured = structured
+        self.context_id: int | None = None
+        for cid, name in (meta_contexts or {}).items():
+            if name == BASE_ALLOCATION:
+                self.context_id = cid
+        self.max_payload = max_payload
+        self.shutdown = shutdown or ShutdownFlag()
+
+    def check(self, req: Request) -> tuple[int, str] | None:
+        return validate(
+            req,
+            self.export,
+            structured=self.structured,
+            context_id=self.context_id,
+            max_payload=self.max_payload,
+            shutting_down=self.shutdown.is_set,
+        )
+
+    async def execute(self, req: Request) -> Reply:
+        """Validate and run ``req``; never raises (except CancelledError)."""
+        bad = self.check(req)
+        if bad is not None:
+            return ErrorReply(*bad)
+        try:
+            return await self._run(req)
+        except (NoSpace, DeviceIOError) as e:
+            return ErrorReply(_errno_for(e), str(e))
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the connection
+            log.exception("export %s: command %d failed", self.export.name, req.command)
+            return ErrorReply(EIO, f"internal error: {type(e).__name__}")
+
+    async def _run(self, req: Request) -> Reply:
+        cmd = req.command
+        dev = self.device
+        if cmd == READ:
+            if self.structured and not req.flags & DF:
+                runs = zero_runs(dev.block_status(req.offset, req.length), req.length)
+                if runs and runs[0] == (0, req.length):
+                    return ReadReply(bytes(req.length), runs)
+                data = await dev.read(req.offset, req.length)
+                return ReadReply(data, runs)
+            return ReadReply(await dev.read(req.offset, req.length), [], bool(req.flags & DF))
+        if cmd == WRITE:
+            assert req.data is not None
+            await dev.write(req.offset, req.data)
+            return OK
+        if cmd == FLUSH:
+            await dev.flush()
+            return OK
+        if cmd == TRIM:
+            await dev.trim(req.offset, req.length)
+            return OK
+        if cmd == WRITE_ZEROES:
+            await dev.write_zeroes(req.offset, req.length, punch_hole=not req.flags & NO_HOLE)
+            return OK
+        if cmd == CACHE:
+            return OK
+        if cmd == BLOCK_STATUS:
+            assert self.context_id is not None
+            ext = dev.block_status(req.offset, req.length)
+            return StatusReply(
+                self.context_id, clip_extents(ext, req.length, bool(req.flags & REQ_ONE))
+            )
+        return ErrorReply(EINVAL, f"unexpected command {cmd}")  # DISC never reaches here
+
+
+def _errno_for(e: BaseException) -> int:
+    for cls, err in EXCEPTION_ERRNO.items():
+        if isinstance(e, cls):
+            return err
+    return EIO

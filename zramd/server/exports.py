@@ -1,0 +1,179 @@
+"""The export registry: which named exports exist, and the device behind each.
+
+Theory of operation
+-------------------
+:class:`ExportRegistry` owns every :class:`Export` of a server process (config + device + the
+sessions attached to it). It implements the protocol's :class:`~zramd.protocol.events.ExportCatalog`
+(``lookup`` / ``list_exports``), so the handshake learns about exports only through it. The empty
+name is the default export: the one named by ``default`` if set, else the first one added.
+
+All exports of a registry share one codec executor (a small thread pool created by the server),
+handed to each device. Every connection to an export uses the same device object, which is what
+makes CAN_MULTI_CONN honest.
+
+Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
+``remove`` refuses while clients are attached unless ``force``, which closes their sessions first.
+This module knows nothing of sockets or bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from typing import Protocol
+
+from zramd.config import (
+    BACKEND_CORRUPT_READ,
+    BACKEND_PLAIN,
+    BACKEND_ZRAM,
+    ConfigError,
+    ExportConfig,
+)
+from zramd.device.interface import BlockDevice
+from zramd.protocol.events import ExportInfo
+
+log = logging.getLogger("zramd.server")
+
+
+class Attached(Protocol):
+    """What the registry needs from a session attached to an export."""
+
+    def close(self, reason: str) -> None: ...
+
+
+class ExportBusy(Exception):
+    """remove() without force while clients are connected."""
+
+
+def make_device(cfg: ExportConfig, executor: Executor | None = None) -> BlockDevice:
+    """Build the device for ``cfg`` (its ``backend``)."""
+    if cfg.backend == BACKEND_PLAIN:
+        from zramd.device.plain import PlainDevice
+
+        return PlainDevice(cfg.size)
+    if cfg.backend == BACKEND_CORRUPT_READ:
+        from zramd.device.plain import CorruptReadDevice
+
+        return CorruptReadDevice(cfg.size)
+    assert cfg.backend == BACKEND_ZRAM, cfg.backend
+    try:
+        from zramd.device.blockdev import ZramDevice
+    except ImportError:  # the compressed store has not landed: serve a plain device meanwhile
+        from zramd.device.plain import PlainDevice
+
+        log.warning("zramd.device.blockdev unavailable; export %s uses a plain device", cfg.name)
+        return PlainDevice(cfg.size)
+    dev: BlockDevice = ZramDevice(
+        cfg.size,
+        algorithm=cfg.algorithm,
+        level=cfg.level,
+        mem_limit=cfg.mem_limit,
+        executor=executor,
+    )
+    return dev
+
+
+class Export:
+    """One served export: its configuration, its device, and the sessions using it."""
+
+    __slots__ = ("config", "device", "info", "sessions")
+
+    def __init__(self, config: ExportConfig, device: BlockDevice) -> None:
+        self.config = config
+        self.device = device
+        self.info = ExportInfo(
+            name=config.name,
+            size=device.size,
+            read_only=config.read_only,
+            description=config.description,
+        )
+        self.sessions: set[Attached] = set()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def clients(self) -> int:
+        return len(self.sessions)
+
+    def __repr__(self) -> str:
+        return f"<Export {self.config.summary()} clients={self.clients}>"
+
+
+class ExportRegistry:
+    """Named exports; an :class:`~zramd.protocol.events.ExportCatalog`."""
+
+    def __init__(
+        self,
+        executor: Executor | None = None,
+        *,
+        default: str | None = None,
+    ) -> None:
+        self._exports: dict[str, Export] = {}
+        self._executor = executor
+        self.default = default
+
+    # --- ExportCatalog --------------------------------------------------------------------------
+    def lookup(self, name: str) -> ExportInfo | None:
+        exp = self.get(name)
+        return exp.info if exp is not None else None
+
+    def list_exports(self) -> list[ExportInfo]:
+        return [e.info for e in self._exports.values()]
+
+    # --- management -----------------------------------------------------------------------------
+    def get(self, name: str) -> Export | None:
+        """The export called ``name``; ``""`` is the default export."""
+        if name == "":
+            if self.default is not None and self.default in self._exports:
+                return self._exports[self.default]
+            return next(iter(self._exports.values()), None)
+        return self._exports.get(name)
+
+    def add(self, config: ExportConfig, device: BlockDevice | None = None) -> Export:
+        """Create (or adopt ``device`` for) a new export. Raises ConfigError on a duplicate."""
+        config.validate()
+        if config.name in self._exports:
+            raise ConfigError(f"export {config.name!r} already exists")
+        if device is None:
+            device = make_device(config, self._executor)
+        exp = Export(config, device)
+        self._exports[config.name] = exp
+        return exp
+
+    def remove(self, name: str, force: bool = False) -> Export:
+        """Remove and close an export. Refuses (ExportBusy) while clients are attached, unless
+        ``force``: then their sessions are closed first. Raises KeyError if unknown."""
+        exp = self._exports.get(name)
+        if exp is None:
+            raise KeyError(name)
+        if exp.sessions and not force:
+            raise ExportBusy(f"export {name!r} has {exp.clients} client(s) connected")
+        for s in list(exp.sessions):
+            s.close(f"export {name!r} removed")
+        exp.sessions.clear()
+        del self._exports[name]
+        if self.default == name:
+            self.default = None
+        exp.device.close()
+        return exp
+
+    def close(self) -> None:
+        """Close every device (server exit)."""
+        for exp in self._exports.values():
+            try:
+                exp.device.close()
+            except Exception:  # noqa: BLE001 - closing must go on for the others
+                log.exception("closing export %s", exp.name)
+        self._exports.clear()
+
+    def __iter__(self) -> Iterator[Export]:
+        return iter(list(self._exports.values()))
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._exports

@@ -1,0 +1,452 @@
+"""Listeners and the server object: TCP, Unix socket, systemd socket activation, stdio.
+
+Theory of operation
+-------------------
+:class:`Server` owns everything one ``zramd serve`` process runs: the codec thread pool, the
+:class:`~zramd.server.exports.ExportRegistry` (built from the config), the shared
+:class:`~zramd.server.session.ServerContext`, and the listening sockets. ``start()`` binds and logs
+exactly one INFO line (``listening on ... (exports: ...)``); ``serve_forever()`` returns once
+``shutdown()`` has finished (or, in stdio mode, once the single connection has ended).
+
+Listener sources, in order: systemd socket activation (``LISTEN_PID`` == our pid and
+``LISTEN_FDS`` = n: fds 3..3+n-1 are listening sockets; when present they replace the default TCP
+listener), ``--unix PATH`` (a stale socket file nobody answers on is removed; a live one is an
+error; mode 0600 by default), TCP (``--bind``/``--port``, 127.0.0.1:10809 by default). ``--stdio``
+serves one connection on fd 0/1: if stdin is a socket (libnbd ``connect_command`` passes a
+socketpair) it is used directly, otherwise stdin/stdout are driven as a pipe pair.
+
+The connection cap is enforced per accepted connection by the session (accept, log, close).
+
+Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
+get ESHUTDOWN; close sessions still in the handshake; wait (bounded by
+:data:`SHUTDOWN_DRAIN_TIMEOUT`) for requests in flight to finish; close every connection; close the
+devices; remove our Unix socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from zramd.config import ConfigError, ServerConfig
+from zramd.server.exports import ExportRegistry
+from zramd.server.session import ServerContext, Session
+
+log = logging.getLogger("zramd.server")
+
+#: Codec worker threads (lz4/zstd release the GIL; the machine has few cores).
+CODEC_WORKERS = 2
+#: Seconds shutdown waits for requests in flight before closing connections anyway.
+SHUTDOWN_DRAIN_TIMEOUT = 30.0
+#: Seconds shutdown waits for closed connections to be torn down.
+SHUTDOWN_CLOSE_TIMEOUT = 5.0
+#: First inherited fd under systemd socket activation (SD_LISTEN_FDS_START).
+SD_LISTEN_FDS_START = 3
+#: TCP listen backlog.
+LISTEN_BACKLOG = 128
+
+
+class ServerError(Exception):
+    """The server could not start (address in use, bad socket path...)."""
+
+
+def socket_activation_fds(environ: dict[str, str] | None = None) -> list[int]:
+    """File descriptors passed by systemd socket activation (empty if none are for us)."""
+    env = os.environ if environ is None else environ
+    try:
+        pid = int(env.get("LISTEN_PID", ""))
+        n = int(env.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    if pid != os.getpid() or n <= 0:
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n))
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class Server:
+    """A running zramd server."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        registry: ExportRegistry | None = None,
+        structured_replies: bool = True,
+    ) -> None:
+        if registry is None:
+            config.validate()
+        self.config = config
+        self.executor = ThreadPoolExecutor(CODEC_WORKERS, thread_name_prefix="zramd-codec")
+        if registry is None:
+            registry = ExportRegistry(self.executor, default=config.default_export)
+            for e in config.exports:
+                registry.add(e)
+        self.registry = registry
+        from zramd.protocol.connection import Limits
+
+        self.ctx = ServerContext(
+            registry,
+            limits=Limits(max_payload=config.max_payload),
+            max_in_flight=config.max_in_flight,
+            max_payload=config.max_payload,
+            handshake_timeout=config.handshake_timeout,
+            max_connections=config.max_connections,
+            structured_replies=structured_replies,
+        )
+        self.addresses: list[str] = []
+        self.tcp_port: int | None = None
+        self._servers: list[asyncio.AbstractServer | _NullServer] = []
+        self._unix_path: str | None = None
+        self._unix_ino: tuple[int, int] | None = None
+        self._stdio_session: Session | None = None
+        self._stopped: asyncio.Event | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    # --- start ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        cfg = self.config
+        try:
+            if cfg.stdio:
+                await self._start_stdio(loop)
+            else:
+                fds = socket_activation_fds() if cfg.use_socket_activation else []
+                if fds:
+                    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                        os.environ.pop(var, None)
+                    for fd in fds:
+                        await self._start_inherited(loop, fd)
+                else:
+                    if cfg.unix:
+                        await self._start_unix(loop, cfg.unix)
+                    if cfg.port is not None and cfg.bind is not None:
+                        await self._start_tcp(loop, cfg.bind, cfg.port)
+                if not self._servers:
+                    raise ServerError("no listener configured")
+        except BaseException:
+            await self._close_listeners()
+            raise
+        exports = ", ".join(e.config.summary() for e in self.registry)
+        log.info("listening on %s (exports: %s)", ", ".join(self.addresses), exports)
+        try:
+            from zramd.system import sd_notify
+
+            sd_notify("READY=1\nSTATUS=listening on " + ", ".join(self.addresses))
+        except ImportError:
+            pass
+        except Exception:  # noqa: BLE001 - notification is best effort
+            log.debug("sd_notify failed", exc_info=True)
+
+    def _factory(self) -> Session:
+        return Session(self.ctx)
+
+    async def _start_tcp(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        try:
+            srv = await loop.create_server(
+                self._factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
+        except OSError as e:
+            raise ServerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self._servers.append(srv)
+        for s in srv.sockets:
+            addr = s.getsockname()
+            self.tcp_port = addr[1]
+            self.addresses.append(
+                f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+            )
+
+    async def _start_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        _remove_stale_socket(path)
+        try:
+            srv = await loop.create_unix_server(self._factory, path, backlog=LISTEN_BACKLOG)
+        except OSError as e:
+            raise ServerError(f"cannot listen on unix socket {path}: {e.strerror or e}") from None
+        os.chmod(path, self.config.unix_mode)
+        st = os.stat(path)
+        self._unix_path = path
+        self._unix_ino = (st.st_dev, st.st_ino)
+        self._servers.append(srv)
+        self.addresses.append(f"unix:{path}")
+
+    async def _start_inherited(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        if sock.type != socket.SOCK_STREAM:
+            raise ServerError(f"inherited fd {fd} is not a stream socket")
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(self._factory, sock=sock, backlog=LISTEN_BACKLOG)
+            name = sock.getsockname()
+            self.addresses.append(f"unix:{name or '?'} (fd {fd})")
+        else:
+            srv = await loop.create_server(self._factory, sock=sock, backlog=LISTEN_BACKLOG)
+            addr = sock.getsockname()
+            self.addresses.append(f"{addr[0]}:{addr[1]} (fd {fd})")
+        self._servers.append(srv)
+
+    async def _start_stdio(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.addresses.append("stdio")
+        mode = os.fstat(0).st_mode
+        if stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=os.dup(0))
+            sock.setblocking(False)
+            _, proto = await loop.connect_accepted_socket(self._factory, sock=sock)
+            self._stdio_session = proto
+        else:
+            self._stdio_session = await _connect_pipes(loop, self._factory)
+        assert self._stdio_session is not None
+        self._stdio_session.closed.add_done_callback(lambda _f: self.request_shutdown())
+        # a placeholder so "no listener" is not reported
+        self._servers.append(_NullServer())
+
+    # --- run / stop -----------------------------------------------------------------------------
+    async def serve_forever(self) -> None:
+        assert self._stopped is not None, "start() first"
+        await self._stopped.wait()
+
+    def request_shutdown(self) -> None:
+        """Start shutdown from a signal handler or callback (idempotent)."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self.shutdown())
+
+    async def shutdown(self) -> None:
+        if self._shutdown_task is not None and self._shutdown_task is not asyncio.current_task():
+            await asyncio.shield(self._shutdown_task)
+            return
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.current_task()
+        ctx = self.ctx
+        ctx.shutdown.is_set = True
+        await self._close_listeners()
+        sessions = list(ctx.sessions)
+        for s in sessions:
+            if not s.in_transmission:
+                s.close("shutting down")
+        if sessions:
+            log.debug("shutdown: waiting for %d connection(s) to finish", len(sessions))
+        busy = [s.wait_idle() for s in sessions]
+        if busy:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(b) for b in busy], timeout=SHUTDOWN_DRAIN_TIMEOUT
+            )
+            for p in pending:
+                p.cancel()
+        for s in sessions:
+            s.close("shutting down")
+        closing = [s.closed for s in sessions if not s.closed.done()]
+        if closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(asyncio.gather(*closing)), SHUTDOWN_CLOSE_TIMEOUT
+                )
+            for s in sessions:
+                if not s.closed.done():
+                    s.abort()
+        self.registry.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _close_listeners(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        self._servers.clear()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(self._unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_ino:
+                    os.unlink(self._unix_path)
+            self._unix_path = None
+
+
+class _NullServer:
+    """Stands in for a listener in stdio mode."""
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; refuse other existing files."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ServerError(f"unix socket {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"unix socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as e:
+        raise ServerError(f"unix socket {path}: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise ServerError(f"unix socket {path} is in use by another server")
+
+
+class _PipeTransport(asyncio.Transport):
+    """stdin (read) + stdout (write) pipes presented as one transport to a Session."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self.rt: asyncio.ReadTransport | None = None
+        self.wt: asyncio.WriteTransport | None = None
+        self.proto: Session | None = None
+        self._closed = False
+        self._lost_called = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return "stdio" if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.wt is not None and not self._closed:
+            self.wt.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        if self.wt is not None and not self._closed:
+            self.wt.writelines(list_of_data)
+
+    def pause_reading(self) -> None:
+        if self.rt is not None:
+            self.rt.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.rt is not None:
+            self.rt.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self.wt is not None:
+            self.wt.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.wt.get_write_buffer_size() if self.wt is not None else 0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.rt is not None:
+            self.rt.close()
+        if self.wt is not None:
+            self.wt.close()  # flushes, then connection_lost on the writer side
+        else:
+            self._lost(None)
+
+    def abort(self) -> None:
+        self._closed = True
+        if self.rt is not None:
+            self.rt.close()
+        if self.wt is not None:
+            self.wt.abort()
+        self._lost(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if not self._lost_called and self.proto is not None:
+            self._lost_called = True
+            self.proto.connection_lost(exc)
+
+
+class _ReadSide(asyncio.Protocol):
+    def __init__(self, pt: _PipeTransport) -> None:
+        self.pt = pt
+
+    def data_received(self, data: bytes) -> None:
+        if self.pt.proto is not None:
+            self.pt.proto.data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.pt.proto is not None:
+            self.pt.proto.eof_received()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class _WriteSide(asyncio.Protocol):
+    def __init__(self, pt: _PipeTransport) -> None:
+        self.pt = pt
+
+    def pause_writing(self) -> None:
+        if self.pt.proto is not None:
+            self.pt.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.pt.proto is not None:
+            self.pt.proto.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pt._lost(exc)
+
+
+async def _connect_pipes(loop: asyncio.AbstractEventLoop, factory: Any) -> Session:
+    pt = _PipeTransport(loop)
+    rfile = os.fdopen(os.dup(0), "rb", buffering=0)
+    wfile = os.fdopen(os.dup(1), "wb", buffering=0)
+    wt, _ = await loop.connect_write_pipe(lambda: _WriteSide(pt), wfile)
+    pt.wt = wt
+    proto: Session = factory()
+    pt.proto = proto
+    proto.connection_made(pt)
+    rt, _ = await loop.connect_read_pipe(lambda: _ReadSide(pt), rfile)
+    pt.rt = rt
+    return proto
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM/SIGINT (or the stdio connection ends). Returns the exit code."""
+    server = Server(config)
+    try:
+        await server.start()
+    except (ServerError, ConfigError) as e:
+        log.error("%s", e)
+        server.registry.close()
+        server.executor.shutdown(wait=False)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, server.request_shutdown)
+    await server.serve_forever()
+    log.debug("stopped")
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    """Blocking entry point for ``zramd serve``."""
+    install_uvloop()
+    return asyncio.run(serve(config))

@@ -1,0 +1,397 @@
+"""One client connection: socket bytes -> protocol core -> dispatch -> reply bytes.
+
+Theory of operation
+-------------------
+:class:`Session` is an ``asyncio.Protocol``: the transport calls ``data_received`` with whatever
+arrived, the sans-I/O :class:`~zramd.protocol.connection.ServerConnection` buffers and parses it,
+and :meth:`Session._pump` drains its events. Handshake replies come from ``data_to_send()``;
+each transmission :class:`~zramd.protocol.events.Request` becomes one task that awaits
+:meth:`Dispatcher.execute <zramd.server.dispatch.Dispatcher.execute>` and writes the encoded reply
+with one ``writelines``. Replies therefore go out in completion order (allowed: nbd.md 1.4).
+
+Backpressure (every quantity a peer can push on is bounded):
+
+* at most ``max_in_flight`` requests run at once, and at most :data:`IN_FLIGHT_BYTES_HIGH` bytes of
+  request payload plus expected READ reply data are held by running requests;
+* while the transport's write buffer is above its high-water mark (``pause_writing``) we stop
+  taking requests, so a client that stops reading cannot make us buffer replies without bound;
+* when any limit is hit we stop pulling events from the core *and* pause reading the socket; the
+  core then holds at most one partial request (<= max_payload) plus one socket read.
+
+Lifecycle: the handshake must finish within ``handshake_timeout`` or the connection is aborted.
+``ConnectionClosed`` (EOF, DISC, protocol violation, ABORT) stops event intake; the session closes
+once its in-flight requests have finished and their replies are queued. If the peer vanishes,
+running requests still complete (so nothing is half applied) and their replies are dropped; a
+request whose payload never fully arrived was never yielded by the core, so it is never applied.
+Server shutdown: :class:`~zramd.server.dispatch.ShutdownFlag` makes new requests fail with
+ESHUTDOWN; sessions still in the handshake are closed at once.
+
+This module knows no byte layouts (the core encodes) and no device semantics (dispatch does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from zramd.protocol.connection import Limits, ServerConnection
+from zramd.protocol.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    HandshakeComplete,
+    Request,
+)
+from zramd.server.dispatch import (
+    DISC,
+    OK,
+    READ,
+    Dispatcher,
+    ErrorReply,
+    ReadReply,
+    Reply,
+    ShutdownFlag,
+    StatusReply,
+)
+from zramd.server.exports import Export, ExportRegistry
+
+log = logging.getLogger("zramd.server")
+
+#: Bytes of WRITE payload + pending READ data held by running requests before we stop reading.
+IN_FLIGHT_BYTES_HIGH = 64 << 20
+#: Transport write buffer high/low water marks (pause_writing / resume_writing thresholds).
+WRITE_BUFFER_HIGH = 4 << 20
+WRITE_BUFFER_LOW = 1 << 20
+
+
+class ServerContext:
+    """What every session of one server shares."""
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        *,
+        limits: Limits | None = None,
+        max_in_flight: int = 256,
+        max_payload: int = 64 << 20,
+        handshake_timeout: float = 10.0,
+        max_connections: int = 100,
+        structured_replies: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.limits = limits if limits is not None else Limits(max_payload=max_payload)
+        self.max_in_flight = max_in_flight
+        self.max_payload = max_payload
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.structured_replies = structured_replies
+        self.shutdown = ShutdownFlag()
+        self.sessions: set[Session] = set()
+        self.rejected = 0
+        self._next_id = 0
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+
+class Session(asyncio.Protocol):
+    """One NBD connection."""
+
+    def __init__(self, ctx: ServerContext, label: str = "") -> None:
+        self.ctx = ctx
+        self.id = ctx.next_id()
+        self.label = label or f"#{self.id}"
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.export: Export | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.requests = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closing = False  # no more events taken; close once idle
+        self._lost = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.label == f"#{self.id}":
+            self.label = f"#{self.id} {_fmt_peer(transport.get_extra_info('peername'))}"
+        ctx = self.ctx
+        if len(ctx.sessions) >= ctx.max_connections or ctx.shutdown.is_set:
+            ctx.rejected += 1
+            why = (
+                "shutting down"
+                if ctx.shutdown.is_set
+                else (f"connection limit {ctx.max_connections} reached")
+            )
+            log.warning("rejecting connection %s: %s", self.label, why)
+            self._lost = True
+            transport.close()
+            self._resolve_closed()
+            return
+        ctx.sessions.add(self)
+        log.debug("connection %s opened", self.label)
+        try:
+            transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+                high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW
+            )
+        except (AttributeError, NotImplementedError):
+            pass
+        self.conn = ServerConnection(
+            ctx.registry, ctx.limits, structured_replies=ctx.structured_replies
+        )
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            ctx.handshake_timeout, self._on_handshake_timeout
+        )
+        self._write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self.conn is None:
+            return
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if not self._closing and self.conn is not None:
+            self.conn.receive_data(b"")
+            self._pump()
+        return True  # keep the write side open until our replies are out; we close it ourselves
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        if exc is not None:
+            log.debug("connection %s lost: %s", self.label, exc)
+        self._cancel_handshake_timer()
+        self._detach()
+        if self.in_flight == 0:
+            self._resolve_closed()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._maybe_resume()
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def in_transmission(self) -> bool:
+        return self.dispatcher is not None
+
+    def close(self, reason: str = "") -> None:
+        """Stop taking requests; close once the running ones have finished."""
+        if reason:
+            log.debug("closing connection %s: %s", self.label, reason)
+        self._closing = True
+        if self.in_flight == 0:
+            self._finish()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_idle(self) -> None:
+        """Return once no request of this session is running."""
+        if self.in_flight == 0:
+            return
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._idle)
+
+    # --- internals -------------------------------------------------------------------------------
+    def _over_limit(self) -> bool:
+        return (
+            self.in_flight >= self.ctx.max_in_flight
+            or self.in_flight_bytes >= IN_FLIGHT_BYTES_HIGH
+            or self._writing_paused
+        )
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = True
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def _maybe_resume(self) -> None:
+        if not self._reading_paused or self._closing or self._over_limit():
+            return
+        self._pump()  # events the core already buffered come first
+        if not self._over_limit() and not self._closing and self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self._lost:
+                try:
+                    self.transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
+
+    def _pump(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        while not self._closing:
+            if self._over_limit():
+                self._pause_reading()
+                break
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                break
+            if type(ev) is Request:
+                self._start(ev)
+            elif type(ev) is HandshakeComplete:
+                self._write(conn.data_to_send())
+                self._on_handshake(ev)
+            elif type(ev) is ConnectionClosed:
+                self._write(conn.data_to_send())
+                self._on_closed(ev)
+        out = conn.data_to_send()
+        if out:
+            self._write(out)
+        if self._closing and self.in_flight == 0:
+            self._finish()
+
+    def _on_handshake(self, ev: HandshakeComplete) -> None:
+        self._cancel_handshake_timer()
+        export = self.ctx.registry.get(ev.export.name)
+        if export is None or self.ctx.shutdown.is_set:
+            self.close("export gone" if export is None else "shutting down")
+            return
+        self.export = export
+        export.sessions.add(self)
+        self.dispatcher = Dispatcher(
+            export,
+            structured=ev.structured_replies,
+            meta_contexts=ev.meta_contexts,
+            max_payload=self.ctx.max_payload,
+            shutdown=self.ctx.shutdown,
+        )
+        log.debug(
+            "connection %s: export %s (structured=%s contexts=%s)",
+            self.label,
+            export.name,
+            ev.structured_replies,
+            ev.meta_contexts,
+        )
+
+    def _on_closed(self, ev: ConnectionClosed) -> None:
+        self._closing = True
+        self._cancel_handshake_timer()
+        if ev.error:
+            log.info("connection %s: protocol error: %s", self.label, ev.reason)
+        else:
+            log.debug("connection %s: closed (%s)", self.label, ev.reason)
+
+    def _start(self, req: Request) -> None:
+        if req.command == DISC:
+            return  # the core follows with ConnectionClosed; running requests finish first
+        if self.dispatcher is None:  # cannot happen with a correct core
+            self._closing = True
+            return
+        nbytes = len(req.data) if req.data is not None else 0
+        if req.command == READ:
+            nbytes += req.length
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        self.requests += 1
+        task = asyncio.get_running_loop().create_task(self._handle(req, nbytes))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, req: Request, nbytes: int) -> None:
+        try:
+            assert self.dispatcher is not None
+            reply = await self.dispatcher.execute(req)
+            self._reply(req, reply)
+        except Exception:  # noqa: BLE001 - one bad request must not take the server down
+            log.exception("connection %s: request failed", self.label)
+            self.abort()
+        finally:
+            self.in_flight -= 1
+            self.in_flight_bytes -= nbytes
+            self._request_done()
+
+    def _reply(self, req: Request, reply: Reply) -> None:
+        if self._lost:
+            return
+        conn = self.conn
+        assert conn is not None and self.transport is not None
+        if reply is OK:
+            bufs = conn.reply_ok(req.cookie)
+        elif type(reply) is ReadReply:
+            bufs = conn.reply_read(
+                req.cookie, req.offset, reply.data, zero_extents=reply.zero_extents, df=reply.df
+            )
+        elif type(reply) is ErrorReply:
+            bufs = conn.reply_error(req.cookie, reply.errno, reply.message)
+        else:
+            assert type(reply) is StatusReply
+            bufs = conn.reply_block_status(req.cookie, reply.context_id, reply.extents)
+        self.transport.writelines(bufs)
+
+    def _request_done(self) -> None:
+        if self.in_flight == 0:
+            if self._idle is not None:
+                if not self._idle.done():
+                    self._idle.set_result(None)
+                self._idle = None
+            if self._lost:
+                self._resolve_closed()
+                return
+            if self._closing:
+                self._finish()
+                return
+        self._maybe_resume()
+
+    def _finish(self) -> None:
+        self._detach()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _detach(self) -> None:
+        self.ctx.sessions.discard(self)
+        if self.export is not None:
+            self.export.sessions.discard(self)
+
+    def _resolve_closed(self) -> None:
+        self._detach()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if data and t is not None and not self._lost and not t.is_closing():
+            t.write(data)
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.dispatcher is None and not self._lost:
+            log.info(
+                "connection %s: handshake not finished within %.1f s; dropping",
+                self.label,
+                self.ctx.handshake_timeout,
+            )
+            self.abort()
+
+
+def _fmt_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    if peer:
+        return f"unix:{peer}" if isinstance(peer, str) else str(peer)
+    return "local"
