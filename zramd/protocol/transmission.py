@@ -184,7 +184,7 @@ class RequestReader:
         if magic != _REQUEST_MAGIC:
             return self._close(f"bad request magic 0x{magic:08x}", True)
         pos += _HDR_SIZE
-        if command == _CMD_WRITE and length:
+        if command == _CMD_WRITE:
             avail -= _HDR_SIZE
             if length > self._max_payload:
                 k = length if avail >= length else avail
