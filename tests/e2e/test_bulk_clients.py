@@ -68,7 +68,8 @@ def _fio(uri: str, out: Path, *extra: str) -> list[dict]:
     run([
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
         f"--size={FIO_SIZE}", "--iodepth=32", "--verify=crc32c", "--do_verify=1",
-        "--verify_fatal=1", "--output-format=json", f"--output={out}", *extra,
+        "--verify_fatal=1", "--verify_state_save=0", "--output-format=json", f"--output={out}",
+        *extra,
     ], timeout=180)
     jobs: list[dict] = json.loads(out.read_text())["jobs"]
     return jobs
