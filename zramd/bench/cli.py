@@ -1,0 +1,132 @@
+"""Command line of the harness.
+
+Theory of operation
+-------------------
+``python -m zramd.bench [run] [options]`` runs fio workloads, real-data density and the
+microbenchmarks and writes ``results.md``, ``results.json`` and ``chart.png`` to ``--out``
+(default ``docs/benchmarks``); ``micro`` only prints the microbenchmarks; ``report`` re-renders
+the markdown and chart from a saved ``results.json``. Modes: full (default, < 15 min on the
+2-core dev machine) and ``--quick`` (~3 min: smaller device, shorter jobs, fewer workloads).
+Explicit options override the mode's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from zramd.bench import report
+from zramd.bench.fio import WORKLOADS, workload_by_name
+from zramd.bench.runner import MIB, RunConfig, log, run
+from zramd.bench.servers import ALL_SERVERS, server_by_name
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+#: mode -> defaults (size MiB, runtime s, repeat, ext2 MiB, memory MiB, density repeats, workloads)
+MODES: dict[str, dict[str, object]] = {
+    "full": {
+        "size": 256, "runtime": 3.0, "repeat": 3, "ext2": 224, "memory": 144, "drepeat": 3,
+        "workloads": [w.name for w in WORKLOADS],
+    },
+    "quick": {
+        "size": 64, "runtime": 1.0, "repeat": 3, "ext2": 64, "memory": 48, "drepeat": 1,
+        "workloads": [
+            "seq-write", "seq-read", "rand-write-qd32", "rand-read-qd1", "rand-read-qd32",
+            "rand-rw7030-qd16", "zero-seq-write", "zero-rand-read-qd32",
+        ],
+    },
+}  # fmt: skip
+REQUIRED_TOOLS = ("fio", "nbdkit", "qemu-nbd", "nbdcopy", "mke2fs")
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zramd.bench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="full benchmark (default)")
+    r.add_argument("--quick", action="store_true", help="~3 minute run")
+    r.add_argument("--repeat", type=int, help="repetitions per sample (>= 3 for the record)")
+    r.add_argument("--size", type=_size, help="device size for fio jobs, e.g. 256M")
+    r.add_argument("--runtime", type=float, help="seconds per measured fio job")
+    r.add_argument("--servers", help="comma list: " + ",".join(s.name for s in ALL_SERVERS))
+    r.add_argument("--workloads", help="comma list: " + ",".join(w.name for w in WORKLOADS))
+    r.add_argument("--no-fio", action="store_true")
+    r.add_argument("--no-density", action="store_true")
+    r.add_argument("--no-micro", action="store_true")
+    r.add_argument("--density-repeat", type=int)
+    r.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    r.add_argument("--note", default="", help="free text for the report header")
+    m = sub.add_parser("micro", help="microbenchmarks of the hot parts only")
+    m.add_argument("--only", help="comma list of cases: samefill,codec,allocator,table,device")
+    m.add_argument("--json", action="store_true")
+    rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
+    rep.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"):
+        args_list.insert(0, "run")
+    args = _parser().parse_args(args_list)
+    if args.cmd == "micro":
+        from zramd.bench.micro import format_micro, run_micro
+
+        rows = run_micro(args.only.split(",") if args.only else None)
+        print(json.dumps(rows, indent=1) if args.json else format_micro(rows))
+        return 0
+    if args.cmd == "report":
+        raw = json.loads((args.out / "results.json").read_text())
+        raw.pop("summary", None)
+        report.write_report(raw, args.out)
+        print(args.out / "results.md")
+        return 0
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (run scripts/install-deps.sh)", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    d = MODES[mode]
+    wl_names = args.workloads.split(",") if args.workloads else list(d["workloads"])  # type: ignore[call-overload]
+    cfg = RunConfig(
+        servers=[server_by_name(n) for n in args.servers.split(",")]
+        if args.servers
+        else list(ALL_SERVERS),
+        workloads=[] if args.no_fio else [workload_by_name(n) for n in wl_names],
+        size=args.size or int(d["size"]) * MIB,  # type: ignore[call-overload]
+        runtime=args.runtime or float(d["runtime"]),  # type: ignore[arg-type]
+        repeat=args.repeat or int(d["repeat"]),  # type: ignore[call-overload]
+        density=not args.no_density,
+        density_repeat=args.density_repeat or int(d["drepeat"]),  # type: ignore[call-overload]
+        ext2_budget=int(d["ext2"]) * MIB,  # type: ignore[call-overload]
+        memory_budget=int(d["memory"]) * MIB,  # type: ignore[call-overload]
+        micro=not args.no_micro,
+        mode=mode,
+        argv=" ".join(args_list[1:]),
+        note=args.note,
+    )
+    log(
+        f"{mode} run: {len(cfg.servers)} servers x {len(cfg.workloads)} workloads x "
+        f"{cfg.repeat} reps, {cfg.size // MIB} MiB, {cfg.runtime:g}s per job -> {args.out}"
+    )
+    raw = run(cfg)
+    summ = report.write_report(raw, args.out)
+    log(f"wrote {args.out / 'results.md'}")
+    for wl, per in summ["ratios"].items():
+        parts = [
+            f"{z}/{report.REFERENCE} {per[z][report.REFERENCE]:.2f}"
+            for z in per
+            if z.startswith("zramd") and per[z].get(report.REFERENCE)
+        ]
+        if parts:
+            print(f"{wl:22s} " + "  ".join(parts))
+    return 0

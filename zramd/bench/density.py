@@ -1,0 +1,288 @@
+"""Real-data density: images made from real data, copied in and out with nbdcopy.
+
+Theory of operation
+-------------------
+Two images, built once per run in a temp dir:
+
+* ``ext2``: an ext2 file system (``mke2fs -d``) holding real system files (a sorted walk of
+  /usr/share and /usr/lib, copied to a staging dir until the byte budget is reached). Free blocks
+  are zero, as on a real disk.
+* ``memory``: the anonymous memory of real processes the harness starts (python workers that
+  import numpy and json and build dicts, lists, strings and arrays), read from /proc/PID/maps and
+  /proc/PID/mem while they wait, concatenated and padded to whole pages. That is what swap holds.
+
+For each image, :func:`ideal_sizes` computes the per-page compressed size a perfect zram would
+store with each codec (zero and same-filled pages cost 0, a page that does not shrink costs 4096),
+using zramd's own codec classes. :func:`run_density` copies the image into a fresh server with
+nbdcopy, reads it back to a tmpfs file, compares sha256, and records copy rates and the server's
+memory growth (RSS, plus the tmpfs backing file for qemu-nbd) per byte of image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from zramd.bench.servers import TMPFS_DIR, ServerSpec
+
+PAGE = 4096
+MIB = 1 << 20
+#: roots of the ext2 image's files, walked in this order
+EXT2_SOURCES = ("/usr/share", "/usr/lib")
+#: file system overhead allowance on top of the file bytes (inodes, bitmaps, slack)
+EXT2_OVERHEAD = 1.25
+#: files larger than this are skipped (keep the mix varied)
+EXT2_MAX_FILE = 16 * MIB
+#: codecs of the ideal-size column
+IDEAL_CODECS = ("lz4", "zstd")
+#: how long memory workers may take to build their data
+WORKER_TIMEOUT_S = 60.0
+#: RSS settles after a copy: wait this long before sampling
+SETTLE_S = 0.3
+NBDCOPY_TIMEOUT_S = 300.0
+
+
+def build_ext2_image(path: Path, budget: int) -> Path:
+    """An ext2 image of about ``budget`` bytes of files from /usr."""
+    staging = Path(tempfile.mkdtemp(prefix="zbench-ext2-", dir=path.parent))
+    total = 0
+    try:
+        for root in EXT2_SOURCES:
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    src = os.path.join(dirpath, fn)
+                    try:
+                        st = os.lstat(src)
+                    except OSError:
+                        continue
+                    if not os.path.isfile(src) or os.path.islink(src) or st.st_size > EXT2_MAX_FILE:
+                        continue
+                    dst = staging / os.path.relpath(src, "/")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        shutil.copyfile(src, dst)
+                    except OSError:
+                        continue
+                    total += st.st_size
+                    if total >= budget:
+                        break
+                if total >= budget:
+                    break
+            if total >= budget:
+                break
+        size_mib = int(total * EXT2_OVERHEAD / MIB) + 16
+        subprocess.run(
+            ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", str(staging),
+             str(path), f"{size_mib}M"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+#: the program each memory worker runs: build real Python/numpy data, then report and wait
+_WORKER = r"""
+import json, os, random, sys, array
+import numpy as np
+seed, mib = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+dict_path = '/usr/share/dict/words'
+words = open(dict_path).read().split() if os.path.exists(dict_path) else None
+if not words:
+    words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkqjxz") for _ in range(rng.randint(2, 11)))
+             for _ in range(20000)]
+keep = []
+target = mib << 20
+used = 0
+kind = 0
+while used < target:
+    kind = (kind + 1) % 6
+    if kind == 0:   # dict of str -> tuple records
+        d = {f"user:{rng.randrange(10**9)}": (rng.choice(words), rng.random(), rng.randrange(1000))
+             for _ in range(20000)}
+        keep.append(d); used += 20000 * 260
+    elif kind == 1:  # a json document parsed into objects
+        doc = json.dumps([{"id": i, "name": " ".join(rng.choices(words, k=4)),
+                           "tags": rng.choices(words, k=3), "score": rng.random()}
+                          for i in range(8000)])
+        keep.append(json.loads(doc)); keep.append(doc); used += 8000 * 900
+    elif kind == 2:  # numpy: small ints, smooth floats, random floats
+        keep.append(np.arange(500000, dtype=np.int64) % 977)
+        keep.append(np.sin(np.linspace(0, 100, 250000)))
+        keep.append(np.random.default_rng(seed + used).normal(size=125000))
+        used += 5 * 10**6
+    elif kind == 3:  # text
+        keep.append(" ".join(rng.choices(words, k=200000)).encode()); used += 1_700_000
+    elif kind == 4:  # list of ints and floats
+        keep.append([rng.randrange(10**6) for _ in range(100000)]); used += 3_600_000
+    else:           # array of counters
+        keep.append(array.array("l", (rng.randrange(256) for _ in range(200000))))
+        used += 1_600_000
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def _anon_regions(pid: int) -> list[tuple[int, int]]:
+    regions = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            perms = parts[1]
+            path = parts[5] if len(parts) > 5 else ""
+            if "r" not in perms or (path and path != "[heap]"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            regions.append((lo, hi))
+    return regions
+
+
+def build_memory_image(path: Path, budget: int, workers: int = 3) -> Path:
+    """Concatenate the anonymous memory of ``workers`` python processes into ``path``."""
+    per_worker_mib = max(8, budget // MIB // workers)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(seed), str(per_worker_mib)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for seed in range(workers)
+    ]
+    written = 0
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError("memory worker failed to build its data")
+        with open(path, "wb") as out:
+            for p in procs:
+                quota = budget // workers
+                got = 0
+                with open(f"/proc/{p.pid}/mem", "rb", buffering=0) as mem:
+                    for lo, hi in _anon_regions(p.pid):
+                        addr = lo
+                        while addr < hi and got < quota:
+                            n = min(hi - addr, MIB, quota - got)
+                            try:
+                                mem.seek(addr)
+                                chunk = mem.read(n)
+                            except OSError:
+                                break
+                            if not chunk:
+                                break
+                            out.write(chunk)
+                            got += len(chunk)
+                            addr += len(chunk)
+                written += got
+            pad = (-written) % PAGE
+            out.write(b"\0" * pad)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return path
+
+
+def ideal_sizes(path: Path) -> dict[str, Any]:
+    """Per-page stored bytes of a perfect zram for each codec; zero/same-filled pages cost 0."""
+    from zramd.compress import get_codec
+
+    codecs = {name: get_codec(name) for name in IDEAL_CODECS}
+    sizes = dict.fromkeys(IDEAL_CODECS, 0)
+    pages = zero = same = huge_lz4 = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(256 * PAGE)
+            if not block:
+                break
+            for off in range(0, len(block), PAGE):
+                page = block[off : off + PAGE]
+                pages += 1
+                if page[8:] == page[:-8]:
+                    if page.count(0) == PAGE:
+                        zero += 1
+                    else:
+                        same += 1
+                    continue
+                for name, codec in codecs.items():
+                    n = len(codec.compress(page))
+                    if n >= PAGE:
+                        n = PAGE
+                        if name == "lz4":
+                            huge_lz4 += 1
+                    sizes[name] += n
+    data = pages * PAGE
+    return {
+        "bytes": data,
+        "pages": pages,
+        "zero_pages": zero,
+        "same_pages": same,
+        "huge_pages_lz4": huge_lz4,
+        "ideal_bytes": sizes,
+        "ideal_ratio": {k: (data / v if v else None) for k, v in sizes.items()},
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_density(spec: ServerSpec, image: Path, image_sha: str) -> dict[str, Any]:
+    """Copy ``image`` into a fresh ``spec`` server and back; figures for one sample."""
+    size = os.path.getsize(image)
+    dev_size = -(-size // MIB) * MIB
+    srv = spec.start(dev_size)
+    out_fd, out_name = tempfile.mkstemp(prefix="zbench-out-", dir=TMPFS_DIR)
+    os.close(out_fd)
+    out = Path(out_name)
+    try:
+        time.sleep(SETTLE_S)
+        mem0 = srv.memory_bytes()
+        cpu0 = srv.cpu_seconds()
+        t0 = time.monotonic()
+        subprocess.run(
+            ["nbdcopy", str(image), srv.uri], check=True, capture_output=True,
+            timeout=NBDCOPY_TIMEOUT_S,
+        )  # fmt: skip
+        t_in = time.monotonic() - t0
+        cpu_in = srv.cpu_seconds() - cpu0
+        time.sleep(SETTLE_S)
+        mem1 = srv.memory_bytes()
+        out.unlink()
+        t0 = time.monotonic()
+        subprocess.run(
+            ["nbdcopy", srv.uri, str(out)], check=True, capture_output=True,
+            timeout=NBDCOPY_TIMEOUT_S,
+        )  # fmt: skip
+        t_out = time.monotonic() - t0
+        with open(out, "r+b") as f:  # the device is rounded up to MiB: compare the image's bytes
+            f.truncate(size)
+        ok = sha256_file(out) == image_sha
+        growth = mem1 - mem0
+        return {
+            "bytes": size,
+            "copy_in_mbps": size / t_in / 1e6,
+            "copy_out_mbps": size / t_out / 1e6,
+            "cpu_in_s": cpu_in,
+            "mem_growth_bytes": growth,
+            "mem_per_byte": growth / size,
+            "sha256_ok": ok,
+        }
+    finally:
+        out.unlink(missing_ok=True)
+        srv.stop()
