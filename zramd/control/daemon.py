@@ -1,0 +1,113 @@
+"""The operator side of a running daemon: control socket, SIGHUP reload, swap safety, notify.
+
+Theory of operation
+-------------------
+:class:`Operator` is the one object the server's startup code needs from the
+operator surface. It is built with the live export registry and what ``serve`` was
+told (control socket path, configuration file, exports given as flags), and:
+
+- ``await start()`` binds the control socket (refusing if another daemon owns it)
+  and installs the SIGHUP handler that re-reads the configuration file;
+- ``await reload()`` re-reads the file and applies it (see ``reload``); flag exports
+  win over file exports of the same name and are always kept;
+- ``await close()`` removes both.
+
+Errors at start are :class:`~zramd.control.protocol.ControlError` with one line the
+CLI prints. The server calls ``system.sd_notify("READY=1")`` once it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from zramd.config import ConfigError, ExportConfig
+from zramd.control.reload import apply_exports
+from zramd.control.server import ControlServer
+
+log = logging.getLogger("zramd.control")
+
+
+def merge_exports(file_exports: list[ExportConfig], flag_exports: list[ExportConfig]) -> list[
+    ExportConfig
+]:
+    """File exports, with flag exports of the same name replacing them, flags appended."""
+    flag_names = {e.name for e in flag_exports}
+    return [e for e in file_exports if e.name not in flag_names] + list(flag_exports)
+
+
+class Operator:
+    def __init__(
+        self,
+        registry: Any,
+        *,
+        control_path: str | None = None,
+        config_path: str | None = None,
+        flag_exports: list[ExportConfig] | None = None,
+        managed: set[str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.control_path = control_path
+        self.config_path = config_path
+        self.flag_exports = list(flag_exports or [])
+        self.managed: set[str] = set(managed) if managed is not None else {
+            e.name for e in registry
+        }
+        self.control: ControlServer | None = None
+        self._sighup = False
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        if self.control_path:
+            self.control = ControlServer(
+                self.registry, self.control_path, reload=self.reload if self.config_path else None
+            )
+            await self.control.start()
+        if self.config_path:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+                self._sighup = True
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                log.warning("cannot install the SIGHUP handler; reload via the control socket")
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> list[str]:
+        """Re-read the configuration file and apply it; returns what changed."""
+        from zramd.configfile import load_file
+
+        if not self.config_path:
+            return []
+        async with self._reload_lock:
+            try:
+                fc = load_file(self.config_path)
+            except ConfigError as e:
+                msg = f"reload failed, configuration unchanged: {e}"
+                log.error("%s", msg)
+                return [msg]
+            wanted = merge_exports(fc.server.exports, self.flag_exports)
+            self.managed, lines = apply_exports(self.registry, wanted, self.managed)
+            if not lines:
+                lines = ["no change"]
+                log.info("reload: no change")
+            return lines
+
+    async def close(self) -> None:
+        if self._sighup:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
+        for t in list(self._tasks):
+            t.cancel()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None

@@ -1,0 +1,97 @@
+"""Apply a (re-read) list of configured exports to a live registry: the SIGHUP reload.
+
+Theory of operation
+-------------------
+The daemon remembers which export names came from its configuration (``managed``);
+exports created over the control socket are not touched by a reload. Given the new
+wanted list, :func:`apply_exports`:
+
+- adds exports that are new;
+- removes managed exports no longer wanted, if no client is connected; busy ones are
+  kept (and stay managed, so a later reload retries) with a log line;
+- for exports that exist in both, applies what can change live (mem-limit,
+  compression algorithm for new pages) and logs, without touching data, changes that
+  cannot (size, read-only, description): they need ``destroy`` + reload.
+
+It never discards the data of an export still wanted. It returns the log lines it
+emitted, which the control ``reload`` operation passes back to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from zramd.config import ConfigError, ExportConfig
+
+log = logging.getLogger("zramd.reload")
+
+
+def apply_exports(
+    registry: Any, wanted: list[ExportConfig], managed: set[str]
+) -> tuple[set[str], list[str]]:
+    """Make ``registry`` match ``wanted``; returns (new managed set, log lines)."""
+    lines: list[str] = []
+
+    def say(msg: str, level: int = logging.INFO) -> None:
+        log.log(level, "%s", msg)
+        lines.append(msg)
+
+    wanted_names = {c.name for c in wanted}
+    new_managed: set[str] = set()
+    for name in sorted(managed - wanted_names):
+        exp = registry.get(name) if name else None
+        if exp is None:
+            continue
+        if exp.clients:
+            say(
+                f"export {name} removed from the configuration but kept: "
+                f"{exp.clients} client(s) connected",
+                logging.WARNING,
+            )
+            new_managed.add(name)
+            continue
+        registry.remove(name)
+        say(f"export {name} removed")
+    for cfg in wanted:
+        exp = registry.get(cfg.name)
+        if exp is None:
+            try:
+                registry.add(cfg)
+            except ConfigError as e:
+                say(f"export {cfg.name} not added: {e}", logging.ERROR)
+                continue
+            new_managed.add(cfg.name)
+            say(f"export {cfg.summary()} added")
+            continue
+        new_managed.add(cfg.name)
+        _update_live(exp, cfg, say)
+    return new_managed, lines
+
+
+def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
+    old: ExportConfig = exp.config
+    dev = exp.device
+    if cfg.mem_limit != old.mem_limit and hasattr(dev, "mem_limit"):
+        dev.mem_limit = cfg.mem_limit
+        old.mem_limit = cfg.mem_limit
+        say(f"export {cfg.name}: mem-limit set to {cfg.mem_limit}")
+    if (cfg.algorithm, cfg.level) != (old.algorithm, old.level) and hasattr(dev, "set_algorithm"):
+        try:
+            dev.set_algorithm(cfg.algorithm, level=cfg.level)
+        except ValueError as e:
+            say(f"export {cfg.name}: algorithm not changed: {e}", logging.ERROR)
+        else:
+            old.algorithm, old.level = cfg.algorithm, cfg.level
+            say(f"export {cfg.name}: new pages compressed with {cfg.algorithm}")
+    fixed = [
+        k
+        for k in ("size", "read_only", "description", "backend")
+        if getattr(cfg, k) != getattr(old, k)
+    ]
+    if fixed:
+        say(
+            f"export {cfg.name}: {', '.join(k.replace('_', '-') for k in fixed)} changed in "
+            "the configuration; kept as is (destroy the export and reload to apply)",
+            logging.WARNING,
+        )

@@ -1,0 +1,446 @@
+"""The daemon side of the control socket: an asyncio Unix server acting on the registry.
+
+Theory of operation
+-------------------
+:class:`ControlServer` listens on a Unix socket (default ``/run/zramd/control.sock``,
+mode 0600) and answers JSON-line requests (see ``protocol``) by calling the export
+registry's public API (``add``, ``remove``, ``get``, iteration) and the devices'
+management calls (``compact``, ``reset``, ``mem_limit``, ``set_algorithm``,
+``stats``). All of it runs on the event-loop thread, as the registry requires.
+
+Invariants:
+- Only one daemon owns a control socket: :meth:`ControlServer.start` connects to an
+  existing path first and refuses (:class:`ControlSocketBusy`) if something answers;
+  a stale socket file is replaced. On close the file is removed only if it is still
+  ours (same inode).
+- Peers must be root or our own uid (SO_PEERCRED), on top of the 0600 mode.
+- Lines are bounded (``MAX_LINE``), connections are bounded
+  (``MAX_CONTROL_CONNECTIONS``); every failure becomes one ``{"ok": false}`` line.
+- ``destroy`` and ``reset`` are refused while clients are connected (``destroy``
+  unless ``force``), like the kernel refusing to reset an open zram device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat as stat_mod
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from zramd.config import ConfigError, ExportConfig, parse_size
+from zramd.control.client import socket_is_live
+from zramd.control.protocol import (
+    CONTROL_SOCKET_MODE,
+    MAX_CONTROL_CONNECTIONS,
+    MAX_LINE,
+    ControlError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("zramd.control")
+
+_UCRED = struct.Struct("3i")
+#: Fields of mm_stat / io_stat as the kernel orders them.
+MM_STAT_FIELDS = (
+    "orig_data_size",
+    "compr_data_size",
+    "mem_used_total",
+    "mem_limit",
+    "mem_used_max",
+    "same_pages",
+    "pages_compacted",
+    "huge_pages",
+    "huge_pages_since",
+)
+IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+
+
+class ControlSocketBusy(ControlError):
+    """Another daemon answers on the control socket."""
+
+
+class ExportLike(Protocol):
+    config: ExportConfig
+    device: Any
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def clients(self) -> int: ...
+
+
+class RegistryLike(Protocol):
+    def get(self, name: str) -> Any: ...
+
+    def add(self, config: ExportConfig) -> Any: ...
+
+    def remove(self, name: str, force: bool = False) -> Any: ...
+
+    def __iter__(self) -> Any: ...
+
+
+ReloadHook = Callable[[], Awaitable[list[str]]]
+
+
+# --- views of an export ---------------------------------------------------------------------
+
+
+def _stats_dict(device: Any) -> dict[str, int]:
+    st = getattr(device, "stats", None)
+    if st is None:
+        return {f: 0 for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
+    d = st.as_dict() if hasattr(st, "as_dict") else dict(vars(st))
+    out = {f: int(d.get(f, 0)) for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
+    return out
+
+
+def _algorithm(exp: ExportLike) -> str:
+    alg = getattr(exp.device, "algorithm", None)
+    if isinstance(alg, str):
+        return alg
+    cfg = exp.config
+    return cfg.algorithm if cfg.backend == "zram" else cfg.backend
+
+
+def export_row(exp: ExportLike) -> dict[str, Any]:
+    """One line of ``list``: zramctl's columns, in bytes and pages."""
+    s = _stats_dict(exp.device)
+    data = s["orig_data_size"]
+    total = s["mem_used_total"]
+    return {
+        "name": exp.name,
+        "disksize": int(exp.device.size),
+        "data": data,
+        "compr": s["compr_data_size"],
+        "algorithm": _algorithm(exp),
+        "zero_pages": s["same_pages"],
+        "total": total,
+        "mem_limit": s["mem_limit"],
+        "mem_used": s["mem_used_max"],
+        "comp_ratio": round(data / total, 2) if total else 0.0,
+        "clients": exp.clients,
+        "read_only": bool(exp.config.read_only),
+        "description": exp.config.description,
+    }
+
+
+def export_stat(exp: ExportLike) -> dict[str, Any]:
+    s = _stats_dict(exp.device)
+    return {
+        "name": exp.name,
+        "disksize": int(exp.device.size),
+        "algorithm": _algorithm(exp),
+        "clients": exp.clients,
+        "mm_stat": {f: s[f] for f in MM_STAT_FIELDS},
+        "io_stat": {f: s[f] for f in IO_STAT_FIELDS},
+    }
+
+
+# --- argument helpers -----------------------------------------------------------------------
+
+
+def _arg_str(req: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    v = req.get(key)
+    if v is None:
+        if required:
+            raise ControlError(f"missing argument {key!r}")
+        return None
+    if not isinstance(v, str):
+        raise ControlError(f"argument {key!r} must be a string")
+    return v
+
+
+def _arg_size(req: dict[str, Any], key: str) -> int | None:
+    v = req.get(key)
+    if v is None:
+        return None
+    try:
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise ConfigError(f"bad {key} {v!r}")
+        return parse_size(v, what=key.replace("_", "-"))
+    except ConfigError as e:
+        raise ControlError(str(e)) from None
+
+
+def _arg_int(req: dict[str, Any], key: str) -> int | None:
+    v = req.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ControlError(f"argument {key!r} must be an integer")
+    return v
+
+
+class ControlServer:
+    """Serve the control protocol for ``registry`` on the Unix socket ``path``."""
+
+    def __init__(
+        self,
+        registry: RegistryLike,
+        path: str,
+        *,
+        mode: int = CONTROL_SOCKET_MODE,
+        reload: ReloadHook | None = None,
+    ) -> None:
+        self.registry = registry
+        self.path = path
+        self.mode = mode
+        self.reload_hook = reload
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "ping": self._ping,
+            "create": self._create,
+            "destroy": self._destroy,
+            "reset": self._reset,
+            "compact": self._compact,
+            "set": self._set,
+            "list": self._list,
+            "stat": self._stat,
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _prepare_path(self) -> None:
+        parent = os.path.dirname(self.path) or "."
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat_mod.S_ISSOCK(st.st_mode):
+            raise ControlError(f"control socket {self.path} exists and is not a socket")
+        if socket_is_live(self.path):
+            raise ControlSocketBusy(
+                f"another zramd is already running on control socket {self.path}"
+            )
+        log.info("removing stale control socket %s", self.path)
+        os.unlink(self.path)
+
+    async def start(self) -> None:
+        """Bind and listen. Raises ControlSocketBusy if another daemon answers there."""
+        self._prepare_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777 & ~self.mode)
+        try:
+            sock.bind(self.path)
+        except OSError as e:
+            sock.close()
+            if socket_is_live(self.path):
+                raise ControlSocketBusy(
+                    f"another zramd is already running on control socket {self.path}"
+                ) from None
+            raise ControlError(f"cannot bind control socket {self.path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.start_unix_server(
+            self._on_connect, sock=sock, limit=MAX_LINE
+        )
+        log.info("control socket on %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for t in list(self._conns):
+            t.cancel()
+        for t in list(self._conns):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._inode is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+            self._inode = None
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return True
+        _pid, uid, _gid = _UCRED.unpack(raw)
+        return uid in (0, os.geteuid())
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._conns) >= MAX_CONTROL_CONNECTIONS:
+            await self._reply_close(writer, {"ok": False, "error": "too many control connections"})
+            return
+        if not self._peer_allowed(writer):
+            await self._reply_close(writer, {"ok": False, "error": "permission denied"})
+            return
+        self._conns.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _reply_close(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            writer.write(encode(obj))
+            await writer.drain()
+        writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                writer.write(encode({"ok": False, "error": f"request longer than {MAX_LINE}"}))
+                await writer.drain()
+                return
+            except ConnectionError:
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            answer = await self.handle_line(line)
+            writer.write(encode(answer))
+            await writer.drain()
+
+    async def handle_line(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = decode(line)
+            return {"ok": True, "result": await self.handle(req)}
+        except ControlError as e:
+            return {"ok": False, "error": str(e)}
+        except ConfigError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the daemon
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+    async def handle(self, req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        if op == "reload":
+            if self.reload_hook is None:
+                raise ControlError("this daemon has no configuration file to reload")
+            return await self.reload_hook()
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            known = ", ".join([*self._handlers, "reload"])
+            raise ControlError(f"unknown operation {op!r} (known: {known})")
+        return handler(req)
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def _export(self, req: dict[str, Any]) -> Any:
+        name = _arg_str(req, "name")
+        assert name is not None
+        exp = self.registry.get(name) if name else None
+        if exp is None:
+            raise ControlError(f"no export named {name!r}")
+        return exp
+
+    def _ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    def _create(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = _arg_str(req, "name")
+        assert name is not None
+        size = _arg_size(req, "size")
+        if size is None:
+            raise ControlError("missing argument 'size'")
+        cfg = ExportConfig(name=name, size=size)
+        alg = _arg_str(req, "algorithm", required=False)
+        if alg is not None:
+            cfg.algorithm = alg.lower()
+        cfg.level = _arg_int(req, "level")
+        cfg.mem_limit = _arg_size(req, "mem_limit") or 0
+        cfg.read_only = bool(req.get("read_only", False))
+        cfg.description = _arg_str(req, "description", required=False) or ""
+        backend = _arg_str(req, "backend", required=False)
+        if backend is not None:
+            cfg.backend = backend
+        exp = self.registry.add(cfg)
+        log.info("created export %s", cfg.summary())
+        return export_row(exp)
+
+    def _destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        force = bool(req.get("force", False))
+        if exp.clients and not force:
+            raise ControlError(
+                f"export {exp.name!r} has {exp.clients} client(s) connected; "
+                "disconnect them or use --force"
+            )
+        name = exp.name
+        self.registry.remove(name, force=force)
+        log.info("destroyed export %s%s", name, " (forced)" if force else "")
+        return {"name": name}
+
+    def _reset(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        if exp.clients:
+            raise ControlError(
+                f"export {exp.name!r} has {exp.clients} client(s) connected; "
+                "cannot reset a device in use"
+            )
+        reset = getattr(exp.device, "reset", None)
+        if reset is None:
+            raise ControlError(f"export {exp.name!r} cannot be reset")
+        reset()
+        log.info("reset export %s", exp.name)
+        return export_row(exp)
+
+    def _compact(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        name = _arg_str(req, "name", required=False)
+        targets: Iterable[Any] = [self._export(req)] if name else list(self.registry)
+        out = []
+        for exp in targets:
+            fn = getattr(exp.device, "compact", None)
+            freed = int(fn()) if fn is not None else 0
+            out.append({"name": exp.name, "pages_compacted": freed})
+        return out
+
+    def _set(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        mem_limit = _arg_size(req, "mem_limit")
+        alg = _arg_str(req, "algorithm", required=False)
+        level = _arg_int(req, "level")
+        if mem_limit is None and alg is None and level is None:
+            raise ControlError("nothing to set (give mem-limit, algorithm or level)")
+        dev = exp.device
+        if alg is not None or level is not None:
+            if not hasattr(dev, "set_algorithm"):
+                raise ControlError(f"export {exp.name!r} has no compression to set")
+            new_alg = (alg or exp.config.algorithm).lower()
+            try:
+                dev.set_algorithm(new_alg, level=level)
+            except ValueError as e:
+                raise ControlError(f"export {exp.name!r}: {e}") from None
+            exp.config.algorithm = new_alg
+            exp.config.level = level
+        if mem_limit is not None:
+            if not hasattr(dev, "mem_limit"):
+                raise ControlError(f"export {exp.name!r} has no memory limit to set")
+            dev.mem_limit = mem_limit
+            exp.config.mem_limit = mem_limit
+        log.info("set export %s: %s", exp.name, exp.config.summary())
+        return export_row(exp)
+
+    def _list(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return [export_row(e) for e in self.registry]
+
+    def _stat(self, req: dict[str, Any]) -> dict[str, Any]:
+        return export_stat(self._export(req))
