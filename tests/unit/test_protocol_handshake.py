@@ -1,4 +1,4 @@
-"""Handshake transcripts for the sans-I/O NBD core, from hand-written byte tables (nbd.md 1.1-1.2)."""
+"""Handshake transcripts for the sans-I/O NBD core, from hand-written byte tables (nbd.md 1.2)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from zramd.protocol import (
 H = bytes.fromhex
 IHAVEOPT = H("49484156454f5054")
 REPLY_MAGIC = H("0003e889045565a9")
-GREETING = H("4e42444d41474943" "49484156454f5054" "0003")
+GREETING = H("4e42444d41474943 49484156454f50540003")
 
 ACK = 1
 SERVER = 2
@@ -112,7 +112,7 @@ def replies(out: bytes) -> list[tuple[int, int, bytes]]:
 
 def test_greeting_bytes() -> None:
     conn = ServerConnection(Catalog(DISK))
-    assert conn.data_to_send() == H("4e42444d41474943 49484156454f5054 0003".replace(" ", ""))
+    assert conn.data_to_send() == H("4e42444d41474943 49484156454f5054 0003")
     assert conn.data_to_send() == b""
     assert not conn.in_transmission and not conn.closed
 
@@ -135,7 +135,7 @@ def test_export_name_no_zeroes() -> None:
     assert isinstance(ev, HandshakeComplete)
     assert ev.export == DISK and ev.structured_replies is False and ev.meta_contexts == {}
     # size64 = 1 MiB, tflags 0x0d6d (no structured replies: no DF)
-    assert conn.data_to_send() == H("0000000000100000" "0d6d")
+    assert conn.data_to_send() == H("0000000000100000 0d6d")
     assert conn.in_transmission
 
 
@@ -143,7 +143,7 @@ def test_export_name_with_zeroes_and_default_export() -> None:
     conn = new(client_flags=1)
     (ev,) = run(conn, opt(1, b""))
     assert isinstance(ev, HandshakeComplete) and ev.export == DISK
-    assert conn.data_to_send() == H("0000000000100000" "0d6d") + bytes(124)
+    assert conn.data_to_send() == H("0000000000100000 0d6d") + bytes(124)
 
 
 def test_export_name_after_structured_reply_keeps_it() -> None:
@@ -154,7 +154,7 @@ def test_export_name_after_structured_reply_keeps_it() -> None:
     out = conn.data_to_send()
     assert replies(out[:20]) == [(8, ACK, b"")]
     # read-only with structured replies: 0x058f
-    assert out[20:] == H("0000000000012345" "058f")
+    assert out[20:] == H("0000000000012345 058f")
 
 
 def test_export_name_unknown_closes() -> None:
@@ -166,8 +166,8 @@ def test_export_name_unknown_closes() -> None:
 
 # -- GO / INFO -------------------------------------------------------------------------------------
 
-INFO_EXPORT_DISK_SR = H("0000" "0000000000100000" "0ded")
-INFO_BLOCK = H("0003" "00000001" "00001000" "02000000")
+INFO_EXPORT_DISK_SR = H("0000 00000000001000000ded")
+INFO_BLOCK = H("0003 0000000100001000 02000000")
 
 
 def test_go_without_info_requests() -> None:
@@ -189,10 +189,10 @@ def test_go_exact_bytes_read_only_no_description() -> None:
     (ev,) = run(conn, opt(7, go_data(b"ro")))
     assert isinstance(ev, HandshakeComplete) and not ev.structured_replies
     assert conn.data_to_send() == (
-        REPLY_MAGIC + H("00000007 00000003 0000000c".replace(" ", ""))
-        + H("0000" "0000000000012345" "050f")
-        + REPLY_MAGIC + H("00000007 00000003 0000000e".replace(" ", "")) + INFO_BLOCK
-        + REPLY_MAGIC + H("00000007 00000001 00000000".replace(" ", ""))
+        REPLY_MAGIC + H("00000007 00000003 0000000c")
+        + H("0000 0000000000012345 050f")
+        + REPLY_MAGIC + H("00000007 00000003 0000000e") + INFO_BLOCK
+        + REPLY_MAGIC + H("00000007 00000001 00000000")
     )  # fmt: skip
 
 
@@ -202,7 +202,7 @@ def test_go_with_info_requests() -> None:
     (ev,) = run(conn, opt(7, go_data(b"", 1, 2, 3, 77, 1)))
     assert isinstance(ev, HandshakeComplete) and ev.export == DISK
     assert replies(conn.data_to_send()) == [
-        (7, INFO, H("0000" "0000000000100000" "0d6d")),
+        (7, INFO, H("0000 00000000001000000d6d")),
         (7, INFO, H("0001") + b"disk"),
         (7, INFO, H("0002") + b"a disk"),
         (7, INFO, INFO_BLOCK),
@@ -277,9 +277,9 @@ def test_list() -> None:
     conn = new()
     assert run(conn, opt(3)) == []
     assert conn.data_to_send() == (
-        REPLY_MAGIC + H("00000003 00000002 0000000e".replace(" ", "")) + u32(4) + b"disk" + b"a disk"
-        + REPLY_MAGIC + H("00000003 00000002 00000006".replace(" ", "")) + u32(2) + b"ro"
-        + REPLY_MAGIC + H("00000003 00000001 00000000".replace(" ", ""))
+        REPLY_MAGIC + H("00000003 00000002 0000000e") + u32(4) + b"disk" + b"a disk"
+        + REPLY_MAGIC + H("00000003 00000002 00000006") + u32(2) + b"ro"
+        + REPLY_MAGIC + H("00000003 00000001 00000000")
     )  # fmt: skip
 
 
@@ -296,7 +296,7 @@ def test_abort(data: bytes) -> None:
     conn = new()
     (ev,) = run(conn, opt(2, data))
     assert isinstance(ev, ConnectionClosed) and not ev.error
-    assert conn.data_to_send() == REPLY_MAGIC + H("00000002 00000001 00000000".replace(" ", ""))
+    assert conn.data_to_send() == REPLY_MAGIC + H("00000002 00000001 00000000")
     assert conn.closed and run(conn, opt(3)) == []
 
 
@@ -492,7 +492,7 @@ def test_eof_inside_option_is_an_error() -> None:
 
 def test_requests_pipelined_with_go() -> None:
     conn = new()
-    req = H("25609513" "0000" "0000" "0000000000000001" "0000000000000000" "00001000")
+    req = H("25609513 00000000 00000000000000010000000000000000 00001000")
     events = run(conn, opt(7, go_data(b"disk")) + req)
     assert isinstance(events[0], HandshakeComplete)
     assert events[1] == Request(0, 0, 1, 0, 4096)

@@ -48,8 +48,8 @@ def connected(*, structured: bool = False, limits: Limits | None = None) -> Serv
     conn = ServerConnection(Catalog(), limits or Limits())
     hs = H("00000003")
     if structured:
-        hs += IHAVEOPT + H("00000008 00000000".replace(" ", ""))
-    hs += IHAVEOPT + H("00000007 0000000a 00000004".replace(" ", "")) + b"disk" + H("0000")
+        hs += IHAVEOPT + H("00000008 00000000")
+    hs += IHAVEOPT + H("00000007 0000000a 00000004") + b"disk" + H("0000")
     (ev,) = run(conn, hs)
     assert isinstance(ev, HandshakeComplete) and ev.structured_replies == structured
     conn.data_to_send()
@@ -73,7 +73,7 @@ def as_bytes(events: list[Event]) -> list[Event]:
 
 def test_header_exact_bytes() -> None:
     conn = connected()
-    raw = H("25609513" "0005" "0007" "0102030405060708" "0000000123456789" "00010000")
+    raw = H("25609513 00050007 01020304050607080000000123456789 00010000")
     assert run(conn, raw) == [Request(7, 5, COOKIE, 0x123456789, 0x10000)]
 
 
@@ -230,23 +230,23 @@ def joined(bufs: list[bytes | bytearray | memoryview]) -> bytes:
 
 def test_simple_replies_exact_bytes() -> None:
     conn = connected()
-    assert joined(conn.reply_ok(COOKIE)) == H("67446698" "00000000") + C
-    assert joined(conn.reply_error(COOKIE, 22, "ignored")) == H("67446698" "00000016") + C
+    assert joined(conn.reply_ok(COOKIE)) == H("67446698 00000000") + C
+    assert joined(conn.reply_error(COOKIE, 22, "ignored")) == H("67446698 00000016") + C
     data = b"hello"
     out = conn.reply_read(COOKIE, 0, data, [(0, 5)], df=True)
     assert out[1] is data  # payload passed through
-    assert joined(out) == H("67446698" "00000000") + C + b"hello"
+    assert joined(out) == H("67446698 00000000") + C + b"hello"
 
 
 def test_structured_ok_is_simple_and_error_is_chunk() -> None:
     conn = connected(structured=True)
-    assert joined(conn.reply_ok(COOKIE)) == H("67446698" "00000000") + C
+    assert joined(conn.reply_ok(COOKIE)) == H("67446698 00000000") + C
     # ERROR chunk: magic, flags DONE, type 0x8001, cookie, len 6+5, error 22, msglen 5, msg
     assert joined(conn.reply_error(COOKIE, 22, "oops!")) == (
-        H("668e33ef" "0001" "8001") + C + H("0000000b" "00000016" "0005") + b"oops!"
+        H("668e33ef 00018001") + C + H("0000000b 000000160005") + b"oops!"
     )
     assert joined(conn.reply_error(COOKIE, 5)) == (
-        H("668e33ef" "0001" "8001") + C + H("00000006" "00000005" "0000")
+        H("668e33ef 00018001") + C + H("00000006 000000050000")
     )
     long = conn.reply_error(COOKIE, 5, "é" * 3000)  # truncated on a character boundary
     raw = joined(long)
@@ -259,16 +259,12 @@ def test_structured_read_single_chunk() -> None:
     data = b"hello"
     out = conn.reply_read(COOKIE, 0x1000, data)
     assert out[-1] is data
-    assert joined(out) == (
-        H("668e33ef" "0001" "0001") + C + H("0000000d" "0000000000001000") + b"hello"
-    )
+    assert joined(out) == (H("668e33ef 00010001") + C + H("0000000d 0000000000001000") + b"hello")
 
 
 def test_structured_read_zero_length_is_none_done() -> None:
     conn = connected(structured=True)
-    assert joined(conn.reply_read(COOKIE, 0, b"")) == H("668e33ef" "0001" "0000") + C + H(
-        "00000000"
-    )
+    assert joined(conn.reply_read(COOKIE, 0, b"")) == H("668e33ef 00010000") + C + H("00000000")
 
 
 def test_structured_read_holes() -> None:
@@ -276,9 +272,9 @@ def test_structured_read_holes() -> None:
     data = bytes([1]) * 4096 + bytes(8192) + bytes([2]) * 100
     out = conn.reply_read(COOKIE, 0x10000, data, [(4096, 8192)])
     assert joined(out) == (
-        H("668e33ef" "0000" "0001") + C + H("00001008" "0000000000010000") + bytes([1]) * 4096
-        + H("668e33ef" "0000" "0002") + C + H("0000000c" "0000000000011000" "00002000")
-        + H("668e33ef" "0001" "0001") + C + H("0000006c" "0000000000013000") + bytes([2]) * 100
+        H("668e33ef 0000 0001") + C + H("00001008 0000000000010000") + bytes([1]) * 4096
+        + H("668e33ef 0000 0002") + C + H("0000000c 0000000000011000 00002000")
+        + H("668e33ef 0001 0001") + C + H("0000006c 0000000000013000") + bytes([2]) * 100
     )  # fmt: skip
     data_chunks = [b for b in out if isinstance(b, memoryview)]
     assert all(b.obj is data for b in data_chunks)  # slices, not copies
@@ -288,19 +284,19 @@ def test_structured_read_trailing_and_whole_holes() -> None:
     conn = connected(structured=True)
     data = bytes([7]) * 10 + bytes(4096)
     assert joined(conn.reply_read(COOKIE, 0, data, [(10, 4096)])) == (
-        H("668e33ef" "0000" "0001") + C + H("00000012" "0000000000000000") + bytes([7]) * 10
-        + H("668e33ef" "0001" "0002") + C + H("0000000c" "000000000000000a" "00001000")
+        H("668e33ef 0000 0001") + C + H("00000012 0000000000000000") + bytes([7]) * 10
+        + H("668e33ef 0001 0002") + C + H("0000000c 000000000000000a 00001000")
     )  # fmt: skip
     whole = bytes(8192)
     assert joined(conn.reply_read(COOKIE, 512, whole, [(0, 4096), (4096, 4096)])) == (
-        H("668e33ef" "0001" "0002") + C + H("0000000c" "0000000000000200" "00002000")
+        H("668e33ef 00010002") + C + H("0000000c 000000000000020000002000")
     )
 
 
 def test_structured_read_small_holes_and_df_ignored() -> None:
     conn = connected(structured=True)
     data = bytes(8192)
-    single = H("668e33ef" "0001" "0001") + C + H("00002008" "0000000000000000") + data
+    single = H("668e33ef 00010001") + C + H("00002008 0000000000000000") + data
     assert joined(conn.reply_read(COOKIE, 0, data, [(0, 512), (1024, 100)])) == single
     assert joined(conn.reply_read(COOKIE, 0, data, [(0, 8192)], df=True)) == single
     # extents outside the request are clipped away
@@ -311,9 +307,8 @@ def test_block_status_chunk() -> None:
     conn = connected(structured=True)
     out = conn.reply_block_status(COOKIE, 1, [(0x1000, 3), (0x2000, 0)])
     assert joined(out) == (
-        H("668e33ef" "0001" "0005") + C + H("00000014" "00000001")
-        + H("00001000" "00000003" "00002000" "00000000")
+        H("668e33ef 0001 0005") + C + H("00000014 00000001")
+        + H("00001000 00000003 00002000 00000000")
     )  # fmt: skip
     out = conn.reply_block_status(COOKIE, 9, [(512, 2)], done=False)
-    assert joined(out) == H("668e33ef" "0000" "0005") + C + H("0000000c" "00000009" "00000200"
-                                                              "00000002")  # fmt: skip
+    assert joined(out) == H("668e33ef 0000 0005") + C + H("0000000c 00000009 00000200 00000002")
