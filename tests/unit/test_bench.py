@@ -1,0 +1,159 @@
+"""The benchmark harness's pure parts: fio JSON parsing, summaries, report, ideal sizes, /proc."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zramd.bench import density, report
+from zramd.bench.fio import FILL, WORKLOADS, parse_fio, workload_by_name
+from zramd.bench.servers import ALL_SERVERS, proc_cpu_seconds, proc_rss_bytes, server_by_name
+
+PAGE = 4096
+
+
+def _fio_json(read_bw: float, read_iops: float, write_bw: float, write_iops: float) -> dict:
+    def d(bw: float, iops: float, p99: float) -> dict[str, Any]:
+        return {
+            "total_ios": 1 if bw else 0,
+            "bw_bytes": bw,
+            "iops": iops,
+            "clat_ns": {"percentile": {"99.000000": p99}},
+        }
+
+    return {
+        "jobs": [
+            {
+                "error": 0,
+                "job_runtime": 1500,
+                "read": d(read_bw, read_iops, 2_000_000),
+                "write": d(write_bw, write_iops, 5_000_000),
+            }
+        ]
+    }
+
+
+def test_parse_fio_sums_directions_and_takes_worst_p99() -> None:
+    r = parse_fio(_fio_json(70e6, 700, 30e6, 300))
+    assert r["mbps"] == pytest.approx(100.0)
+    assert r["iops"] == pytest.approx(1000)
+    assert r["p99_us"] == pytest.approx(5000.0)
+    assert r["runtime_s"] == pytest.approx(1.5)
+
+
+def test_parse_fio_ignores_idle_direction() -> None:
+    r = parse_fio(_fio_json(0, 0, 30e6, 300))
+    assert r["mbps"] == pytest.approx(30.0)
+    assert r["p99_us_by_dir"] == {"write": 5000.0}
+
+
+def test_parse_fio_raises_on_job_error() -> None:
+    j = _fio_json(1, 1, 1, 1)
+    j["jobs"][0]["error"] = 5
+    with pytest.raises(RuntimeError):
+        parse_fio(j)
+
+
+def test_workload_args() -> None:
+    w = workload_by_name("rand-rw7030-qd16")
+    args = w.fio_args()
+    assert "--rw=randrw" in args and "--rwmixread=70" in args and "--iodepth=16" in args
+    assert "--buffer_compress_percentage=60" in args
+    assert "--zero_buffers" in workload_by_name("zero-seq-read").fio_args()
+    assert len({w.name for w in WORKLOADS}) == len(WORKLOADS)
+
+
+def test_server_commands() -> None:
+    sock = Path("/tmp/x.sock")
+    z = server_by_name("zramd-zstd").command(sock, 1 << 20, None)
+    assert z[-4:] == ["--unix", str(sock), "--export", "bench=1048576,algorithm=zstd"]
+    assert "allocator=zstd" in server_by_name("nbdkit-zstd").command(sock, 1 << 20, None)
+    q = server_by_name("qemu-nbd-tmpfs").command(sock, 1 << 20, Path("/dev/shm/f"))
+    assert q[0] == "qemu-nbd" and q[-1] == "/dev/shm/f"
+    assert {s.name for s in ALL_SERVERS} >= {"zramd-lz4", "nbdkit-zstd"}
+
+
+def test_proc_readers_on_self() -> None:
+    assert proc_rss_bytes(os.getpid()) > 1 << 20
+    assert proc_cpu_seconds(os.getpid()) > 0
+
+
+def test_ideal_sizes(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    text = (b"the quick brown fox jumps over the lazy dog " * 100)[:PAGE]
+    with open(img, "wb") as f:
+        f.write(bytes(PAGE))  # zero
+        f.write(b"\xab\xcd" * (PAGE // 2))  # same-filled
+        f.write(os.urandom(PAGE))  # incompressible: stored raw
+        f.write(text)
+    r = density.ideal_sizes(img)
+    assert r["pages"] == 4 and r["zero_pages"] == 1 and r["same_pages"] == 1
+    for codec in ("lz4", "zstd"):
+        assert PAGE < r["ideal_bytes"][codec] < PAGE + 400
+    assert r["huge_pages_lz4"] == 1
+
+
+def _raw() -> dict[str, Any]:
+    samples = []
+    for rep in range(3):
+        servers = (("zramd-lz4", 300.0 + rep), ("nbdkit-zstd", 100.0), ("qemu-nbd-tmpfs", 150))
+        for srv, mbps in servers:
+            for wl in ("rand-write-qd32", FILL):
+                samples.append(
+                    {
+                        "server": srv,
+                        "workload": wl,
+                        "rep": rep,
+                        "mbps": mbps,
+                        "iops": mbps * 1e6 / PAGE,
+                        "p99_us": 100.0,
+                        "cpu_pct": 50.0,
+                    }
+                )
+    samples.append({"server": "zramd-zstd", "workload": "rand-write-qd32", "rep": 0, "error": "x"})
+    return {
+        "sysinfo": {"date": "d", "machine": {"nproc": 2}, "versions": {"zramd": "abc"}},
+        "config": {"mode": "quick", "size_mib": 64, "runtime": 1, "repeat": 3, "elapsed_s": 60},
+        "fio_samples": samples,
+        "images": {
+            "ext2": {
+                "description": "x",
+                "bytes": 8 * PAGE,
+                "pages": 8,
+                "zero_pages": 2,
+                "same_pages": 0,
+                "ideal_bytes": {"lz4": 4 * PAGE, "zstd": 3 * PAGE},
+            }
+        },
+        "density_samples": [
+            {
+                "server": "zramd-lz4",
+                "image": "ext2",
+                "rep": 0,
+                "copy_in_mbps": 1.0,
+                "copy_out_mbps": 2.0,
+                "mem_per_byte": 0.5,
+                "sha256_ok": True,
+            }
+        ],
+    }
+
+
+def test_summarize_medians_and_ratios() -> None:
+    s = report.summarize(_raw())
+    assert s["medians"]["rand-write-qd32"]["zramd-lz4"]["mbps"] == pytest.approx(301.0)
+    assert s["ratios"]["rand-write-qd32"]["zramd-lz4"]["nbdkit-zstd"] == pytest.approx(3.01)
+    assert "rand-write-qd32/zramd-zstd" in s["errors"]
+    assert s["density"]["ext2"]["zramd-lz4"]["mem_per_byte"] == 0.5
+
+
+def test_write_report(tmp_path: Path) -> None:
+    report.write_report(_raw(), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| rand 4K write QD32 |" in md
+    assert "3.01" in md and "| 3x | yes |" in md
+    assert "ideal lz4" in md
+    assert (tmp_path / "results.json").exists()
