@@ -125,6 +125,8 @@ def test_write_past_end_fails(server: Server) -> None:
 def test_read_only_export_refuses_writes(server: Server) -> None:
     server.require_multi_export()
     uri = server.uri("ro")
-    qemu_io(uri, "read -P 0 0 64k")
-    out = run(["qemu-io", "-f", "raw", "-r", uri, "-c", "read -P 0 0 4k"], timeout=60)
-    assert "read 4096/4096" in out.stdout
+    # Opened read-write, qemu sees the READ_ONLY flag and refuses.
+    text = qemu_io_fails(uri, "write -P 0x1 0 4k")
+    assert "Permission denied" in text or "read-only" in text.lower(), text
+    out = run(["qemu-io", "-f", "raw", "-r", uri, "-c", "read -P 0 0 64k"], timeout=60)
+    assert "read 65536/65536" in out.stdout
