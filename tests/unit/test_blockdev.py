@@ -1,0 +1,407 @@
+"""ZramDevice against the real pool: semantics, failure atomicity, corruption, block_status."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from zramd.compress import get_codec
+from zramd.device import STATE_HOLE, STATE_ZERO, BlockDevice, DeviceIOError, NoSpace
+from zramd.device.blockdev import MAX_EXTENTS, OFFLOAD_MIN_PAGES, ZramDevice
+from zramd.device.table import EMPTY, HUGE, SAME, STORED
+
+PAGE = 4096
+HZ = STATE_HOLE | STATE_ZERO
+
+
+def text_page(seed: int, n: int = PAGE) -> bytes:
+    """Compressible (~2-3:1 with lz4), distinct per seed."""
+    rnd = random.Random(seed)
+    words = [bytes(rnd.getrandbits(8) for _ in range(rnd.randint(3, 9))) for _ in range(40)]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def dev() -> Iterator[ZramDevice]:
+    d = ZramDevice(64 * PAGE)
+    yield d
+    d.close()
+
+
+def test_is_block_device(dev: ZramDevice) -> None:
+    assert isinstance(dev, BlockDevice)
+    assert ZramDevice(5).size == PAGE
+    assert ZramDevice(0).size == 0
+
+
+def test_unwritten_reads_zero(dev: ZramDevice) -> None:
+    assert dev.read_sync(0, dev.size) == bytes(dev.size)
+    assert dev.read_sync(123, 4567) == bytes(4567)
+
+
+def test_page_states_and_round_trip(dev: ZramDevice) -> None:
+    pages = {
+        0: bytes(PAGE),
+        1: b"\x5a" * PAGE,
+        2: text_page(1),
+        3: os.urandom(PAGE),
+    }
+    for i, p in pages.items():
+        dev.write_sync(i * PAGE, p)
+    t = dev.table
+    assert [t.state_mv[i] for i in range(5)] == [SAME, SAME, STORED, HUGE, EMPTY]
+    assert t.handle_mv[1] == int.from_bytes(b"\x5a" * 8, "little")
+    for i, p in pages.items():
+        assert dev.read_sync(i * PAGE, PAGE) == p
+    assert dev.read_sync(0, 5 * PAGE) == b"".join(pages.values()) + bytes(PAGE)
+
+
+def test_unaligned_rmw(dev: ZramDevice) -> None:
+    model = bytearray(dev.size)
+    rnd = random.Random(5)
+    for _ in range(200):
+        off = rnd.randrange(dev.size)
+        n = rnd.randint(1, min(3 * PAGE, dev.size - off))
+        data = text_page(rnd.getrandbits(16), n) if rnd.random() < 0.7 else os.urandom(n)
+        kind = rnd.randrange(3)
+        buf: bytes | bytearray | memoryview = (
+            data if kind == 0 else bytearray(data) if kind == 1 else memoryview(b"xx" + data)[2:]
+        )
+        dev.write_sync(off, buf)
+        model[off : off + n] = data
+    assert dev.read_sync(0, dev.size) == model
+    for _ in range(100):
+        off = rnd.randrange(dev.size)
+        n = rnd.randint(0, dev.size - off)
+        assert dev.read_sync(off, n) == model[off : off + n]
+
+
+def test_trim_whole_pages_only(dev: ZramDevice) -> None:
+    data = text_page(9, 4 * PAGE)
+    dev.write_sync(0, data)
+    dev.trim_sync(100, 3 * PAGE)  # whole page 1 and 2 only ... [100, 12388)
+    got = dev.read_sync(0, 4 * PAGE)
+    assert got[:PAGE] == data[:PAGE]  # partial head left as is
+    assert got[PAGE : 3 * PAGE] == bytes(2 * PAGE)
+    assert got[3 * PAGE :] == data[3 * PAGE :]  # partial tail left
+    assert dev.stats.notify_free == 2
+    assert dev.table.state_mv[1] == EMPTY
+    dev.trim_sync(10, 20)  # no whole page: nothing
+    assert dev.stats.notify_free == 2
+    assert dev.read_sync(0, PAGE) == data[:PAGE]
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_write_zeroes(dev: ZramDevice, punch: bool) -> None:
+    data = text_page(3, 6 * PAGE)
+    dev.write_sync(0, data)
+    dev.write_zeroes_sync(1000, 4 * PAGE, punch_hole=punch)
+    model = bytearray(data)
+    model[1000 : 1000 + 4 * PAGE] = bytes(4 * PAGE)
+    assert dev.read_sync(0, 6 * PAGE) == model
+    whole = [dev.table.state_mv[i] for i in (1, 2, 3)]
+    assert whole == ([EMPTY] * 3 if punch else [SAME] * 3)
+    st = dev.stats
+    assert st.notify_free == (3 if punch else 0)
+    assert st.same_pages == (0 if punch else 3)
+    assert st.pages_stored == 6 - (3 if punch else 0)
+    # small range inside one page
+    dev.write_zeroes_sync(5 * PAGE + 10, 20, punch_hole=punch)
+    model[5 * PAGE + 10 : 5 * PAGE + 30] = bytes(20)
+    assert dev.read_sync(0, 6 * PAGE) == model
+    # both ends partial, crossing one page boundary, no whole page (regression)
+    model.extend(bytes(4 * PAGE))
+    dev.write_sync(8 * PAGE, b"\x09" * 2 * PAGE)
+    dev.write_zeroes_sync(8 * PAGE + 1, PAGE, punch_hole=punch)
+    model[8 * PAGE : 10 * PAGE] = b"\x09" + bytes(PAGE) + b"\x09" * (PAGE - 1)
+    assert dev.read_sync(0, 10 * PAGE) == model
+    # zeroing a whole already-empty range and beyond stays cheap and correct
+    dev.write_zeroes_sync(0, dev.size, punch_hole=punch)
+    assert dev.read_sync(0, dev.size) == bytes(dev.size)
+
+
+def test_huge_threshold_default_and_configurable() -> None:
+    d = ZramDevice(8 * PAGE)
+    assert d.huge_threshold == d.pool.huge_class_size
+    d.write_sync(0, os.urandom(PAGE))
+    assert d.table.state_mv[0] == HUGE
+    d.close()
+    d = ZramDevice(8 * PAGE, huge_threshold=100)
+    d.write_sync(0, text_page(1))  # compresses to > 100 bytes -> stored raw
+    assert d.table.state_mv[0] == HUGE
+    assert d.read_sync(0, PAGE) == text_page(1)
+    d.close()
+    with pytest.raises(ValueError):
+        ZramDevice(PAGE, huge_threshold=0)
+
+
+def test_stats_exact_for_known_workload() -> None:
+    d = ZramDevice(64 * PAGE)
+    codec = get_codec("lz4")
+    comp = [text_page(100 + i) for i in range(5)]
+    rnd_pages = [os.urandom(PAGE) for _ in range(3)]
+    # 4 zero pages, 2 same-fill, 5 compressible, 3 incompressible
+    d.write_sync(0, bytes(4 * PAGE))
+    d.write_sync(4 * PAGE, b"\x01\x02\x03\x04\x05\x06\x07\x08" * 1024)
+    for i, p in enumerate(comp):
+        d.write_sync((6 + i) * PAGE, p)
+    d.write_sync(11 * PAGE, b"".join(rnd_pages))
+    st = d.stats
+    expect_compr = sum(len(codec.compress(p)) for p in comp) + 3 * PAGE
+    assert st.orig_data_size == 14 * PAGE
+    assert st.same_pages == 6
+    assert st.huge_pages == 3 and st.huge_pages_since == 3
+    assert st.compr_data_size == expect_compr
+    assert st.mem_used_total == d.pool.total_bytes >= expect_compr
+    assert st.mem_used_max >= st.mem_used_total
+    # overwrite a huge page with a zero page, trim a compressible one
+    d.write_sync(11 * PAGE, bytes(PAGE))
+    d.trim_sync(6 * PAGE, PAGE)
+    st = d.stats
+    assert st.huge_pages == 2 and st.huge_pages_since == 3
+    assert st.same_pages == 7
+    assert st.orig_data_size == 13 * PAGE
+    assert st.compr_data_size == expect_compr - PAGE - len(codec.compress(comp[0]))
+    assert st.notify_free == 1
+    line = st.mm_stat_line().split()
+    assert len(line) == 9 and int(line[0]) == 13 * PAGE and int(line[5]) == 7
+    assert st.io_stat_line().split() == ["0", "0", "0", "1"]
+    assert st.as_dict()["orig_data_size"] == 13 * PAGE
+    peak = st.mem_used_max
+    d.trim_sync(0, d.size)
+    st = d.stats
+    assert st.orig_data_size == 0 and st.compr_data_size == 0 and st.same_pages == 0
+    assert st.mem_used_max == peak
+    d.reset_mem_used_max()
+    assert d.stats.mem_used_max == d.pool.total_bytes
+    d.close()
+
+
+def _fill_incompressible(d: ZramDevice, npages: int) -> bytes:
+    data = os.urandom(npages * PAGE)
+    d.write_sync(0, data)
+    return data
+
+
+def test_nospace_changes_nothing() -> None:
+    d = ZramDevice(256 * PAGE)
+    before = text_page(7, 8 * PAGE)
+    d.write_sync(0, before)
+    d.mem_limit = d.pool.total_bytes + 16 * PAGE  # room for a few huge pages, not 64
+    st0 = d.stats.copy()
+    with pytest.raises(NoSpace):
+        d.write_sync(0, os.urandom(64 * PAGE))
+    assert d.pool.total_bytes == st0.mem_used_total  # the partial stores were rolled back
+    assert d.read_sync(0, 64 * PAGE) == before + bytes(56 * PAGE)
+    st1 = d.stats
+    assert st1.failed_writes == 1
+    assert (st1.compr_data_size, st1.pages_stored, st1.huge_pages) == (
+        st0.compr_data_size,
+        st0.pages_stored,
+        st0.huge_pages,
+    )
+    # unaligned multi-page write over the old data fails the same way
+    with pytest.raises(NoSpace):
+        d.write_sync(100, os.urandom(40 * PAGE))
+    assert d.read_sync(0, 8 * PAGE) == before
+    # same-fill writes need no memory and still succeed at the limit
+    d.write_sync(100 * PAGE, bytes(50 * PAGE))
+    d.write_sync(0, b"\x07" * PAGE)
+    assert d.read_sync(0, PAGE) == b"\x07" * PAGE
+    d.close()
+
+
+async def test_nospace_async_offloaded() -> None:
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(256 * PAGE, executor=ex)
+        before = text_page(8, 32 * PAGE)
+        await d.write(0, before)
+        d.mem_limit = d.pool.total_bytes + 8 * PAGE
+        with pytest.raises(NoSpace):
+            await d.write(PAGE // 2, os.urandom(2 * OFFLOAD_MIN_PAGES * PAGE))
+        assert await d.read(0, 32 * PAGE) == before
+        assert d.stats.failed_writes == 1
+        assert not d._inflight
+        d.mem_limit = 0
+        new = os.urandom(2 * OFFLOAD_MIN_PAGES * PAGE)
+        await d.write(PAGE // 2, new)
+        assert await d.read(PAGE // 2, len(new)) == new
+        d.close()
+
+
+def _corrupt(d: ZramDevice, idx: int) -> None:
+    """Replace page idx's pool object by garbage of the same size (a real corrupt blob)."""
+    t = d.table
+    assert t.state_mv[idx] == STORED
+    size = t.size_mv[idx]
+    d.pool.free(t.handle_mv[idx])
+    t.handle_mv[idx] = d.pool.store(b"\xff" * size)
+
+
+async def test_corrupt_object_is_eio() -> None:
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(64 * PAGE, executor=ex)
+        data = text_page(11, 32 * PAGE)
+        await d.write(0, data)
+        _corrupt(d, 5)
+        with pytest.raises(DeviceIOError):
+            d.read_sync(5 * PAGE, PAGE)
+        with pytest.raises(DeviceIOError):
+            d.read_sync(5 * PAGE + 100, 10)
+        with pytest.raises(DeviceIOError):
+            await d.read(0, 32 * PAGE)  # offloaded path
+        with pytest.raises(DeviceIOError):
+            await d.write(5 * PAGE + 1, b"x")  # RMW needs the old page
+        assert d.stats.failed_reads == 4
+        # other pages still fine; overwriting the whole page heals it
+        assert d.read_sync(6 * PAGE, PAGE) == data[6 * PAGE : 7 * PAGE]
+        await d.write(5 * PAGE, data[5 * PAGE : 6 * PAGE])
+        assert await d.read(0, 32 * PAGE) == data
+        d.close()
+
+
+def test_block_status_states(dev: ZramDevice) -> None:
+    dev.write_sync(2 * PAGE, bytes(2 * PAGE))  # SAME zero
+    dev.write_sync(4 * PAGE, b"\x01" * PAGE)  # SAME non-zero
+    dev.write_sync(5 * PAGE, text_page(1, 2 * PAGE))
+    assert dev.block_status(0, 8 * PAGE) == [
+        (2 * PAGE, HZ),
+        (2 * PAGE, STATE_ZERO),
+        (3 * PAGE, 0),
+        (PAGE, HZ),
+    ]
+    # unaligned start/end: exact coverage
+    assert dev.block_status(512, 2 * PAGE) == [(2 * PAGE - 512, HZ), (512, STATE_ZERO)]
+    assert dev.block_status(4 * PAGE + 1, 1) == [(1, 0)]
+    full = dev.block_status(0, dev.size)
+    assert sum(n for n, _ in full) == dev.size
+    assert full[-1] == (dev.size - 7 * PAGE, HZ)
+
+
+def test_block_status_vectorised_matches_small_path() -> None:
+    d = ZramDevice(300 * PAGE)
+    rnd = random.Random(2)
+    for i in range(300):
+        r = rnd.random()
+        if r < 0.3:
+            d.write_sync(i * PAGE, bytes(PAGE))
+        elif r < 0.5:
+            d.write_sync(i * PAGE, text_page(i))
+    for _ in range(200):
+        off = rnd.randrange(d.size)
+        n = rnd.randint(1, d.size - off)
+        ext = d.block_status(off, n)
+        assert sum(x for x, _ in ext) == n
+        assert all(ext[k][1] != ext[k + 1][1] for k in range(len(ext) - 1))
+        # compare with a page-by-page expectation
+        pos = off
+        for length, flags in ext:
+            for p in range(pos >> 12, (pos + length - 1 >> 12) + 1):
+                st = d.table.state_mv[p]
+                exp = (
+                    HZ
+                    if st == EMPTY
+                    else STATE_ZERO
+                    if st == SAME and not d.table.handle_mv[p]
+                    else 0
+                )
+                assert exp == flags
+            pos += length
+    d.close()
+
+
+def test_block_status_4gib_fast() -> None:
+    d = ZramDevice(4 << 30)
+    for i in range(0, 1000, 3):
+        d.write_sync(i * 977 * PAGE, text_page(i))
+    t0 = time.perf_counter()
+    ext = d.block_status(0, d.size)
+    elapsed = time.perf_counter() - t0
+    assert sum(n for n, _ in ext) == d.size
+    assert len(ext) == 2 * 334
+    assert elapsed < 0.5, elapsed
+    d.close()
+
+
+def test_block_status_extent_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zramd.device.blockdev as bd
+
+    monkeypatch.setattr(bd, "MAX_EXTENTS", 5)
+    d = ZramDevice(100 * PAGE)
+    for i in range(0, 100, 2):
+        d.write_sync(i * PAGE, text_page(i))
+    ext = d.block_status(0, d.size)
+    assert ext == [(PAGE, 0), (PAGE, HZ)] * 2 + [(PAGE, 0)]
+    assert MAX_EXTENTS >= 1 << 20
+    d.close()
+
+
+def test_algorithm_switch_keeps_old_pages() -> None:
+    d = ZramDevice(16 * PAGE, algorithm="lz4")
+    a = text_page(1)
+    d.write_sync(0, a)
+    d.algorithm = "zstd"
+    assert d.algorithm == "zstd"
+    b = text_page(2)
+    d.write_sync(PAGE, b)
+    d.set_algorithm("deflate", level=9)
+    c = text_page(3)
+    d.write_sync(2 * PAGE, c)
+    assert [d.table.codec_mv[i] for i in range(3)] == [0, 1, 2]
+    d.algorithm = "lz4"
+    assert d.table.codec_mv[0] == 0 and d.codec.name == "lz4"
+    assert d.read_sync(0, 3 * PAGE) == a + b + c
+    with pytest.raises(ValueError, match="choose one of"):
+        d.algorithm = "lzo"
+    d.close()
+
+
+def test_reset_and_compact() -> None:
+    d = ZramDevice(512 * PAGE)
+    rnd = random.Random(4)
+    for i in range(512):
+        d.write_sync(i * PAGE, text_page(rnd.getrandbits(20), rnd.randint(1, PAGE) // 8 * 8))
+    held = d.pool.total_bytes
+    for i in range(0, 512, 2):
+        d.trim_sync(i * PAGE, PAGE)
+    freed = d.compact()
+    assert freed >= 0
+    assert d.pool.total_bytes <= held
+    keep = d.read_sync(0, d.size)
+    d.compact()
+    assert d.read_sync(0, d.size) == keep
+    d.reset()
+    assert d.read_sync(0, d.size) == bytes(d.size)
+    st = d.stats
+    assert st.orig_data_size == 0 and st.notify_free == 0 and st.compr_data_size == 0
+    d.write_sync(0, text_page(1))
+    assert d.read_sync(0, PAGE) == text_page(1)
+    d.close()
+
+
+async def test_async_paths_round_trip() -> None:
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(256 * PAGE, executor=ex, algorithm="zstd")
+        big = text_page(5, 100 * PAGE + 300)
+        await d.write(1000, memoryview(big))
+        assert await d.read(1000, len(big)) == big
+        assert await d.read(0, 1000) == bytes(1000)
+        await d.trim(0, 200 * PAGE)
+        await d.write_zeroes(0, 10, punch_hole=False)
+        await d.flush()
+        assert await d.read(0, 256 * PAGE) == bytes(256 * PAGE)
+        d.close()
+    # default executor (None)
+    d = ZramDevice(64 * PAGE)
+    data = os.urandom(40 * PAGE)
+    await d.write(0, data)
+    assert await d.read(0, 40 * PAGE) == data
+    d.close()

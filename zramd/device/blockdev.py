@@ -1,0 +1,674 @@
+"""ZramDevice: zram block semantics on byte ranges, over a page table, a pool and a codec.
+
+Theory of operation
+-------------------
+The device is an array of 4 KiB pages (:mod:`zramd.device.table`). A write splits its range into
+pages; partial pages are read, patched and rewritten (read-modify-write). Each page is checked for
+a same-fill word first (stored in the table, nothing allocated), else compressed; a page whose
+compressed size reaches the huge threshold (``pool.huge_class_size`` by default, as zram) is
+stored raw. Reads walk back: EMPTY -> zeros, SAME -> the word repeated, STORED -> decompress the
+pool object, HUGE -> the raw object. A decompression failure or a wrong length is DeviceIOError.
+
+Invariants
+~~~~~~~~~~
+* Failure atomicity: a write stores *every* new object in the pool before any table slot is
+  switched; on PoolFull the objects already stored are freed and NoSpace is raised, so nothing
+  changed and the old data stays readable (``failed_writes``++).
+* A slot switches to its new entry only after the new bytes are stored; then the old object is
+  freed. Trim frees only whole pages (partial pages are left as they are, as zram);
+  write_zeroes frees whole pages and zeroes partial ones by read-modify-write.
+* All table/pool/stats mutation happens on the calling thread; for the async API that is the
+  event-loop thread. Worker threads only run pure functions (same-fill + compress, decompress)
+  on bytes copied out on the loop thread, so pool compaction can never race with them.
+* Ordering of overlapping requests: a mutating request that must wait (because it is offloaded
+  to a thread, or overlaps one that is) registers its page range; later mutating requests
+  overlapping a registered range wait for it in arrival order. Requests that run inline (small,
+  no overlap) complete without yielding, so they are atomic with respect to everything else.
+  Reads never wait: they take a snapshot of the table and pool bytes on the loop thread in one
+  go, so they see every page either before or after any write, never torn.
+* ``close()``/``reset()`` must not be called while requests are in flight (the server drains
+  first).
+
+Knows nothing of NBD, sockets or pool internals; uses only the Pool API (store/load/free/...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from zramd.allocator import MemoryBudget, Pool, PoolFull
+from zramd.compress import Codec, CodecError, get_codec
+from zramd.device.interface import DeviceIOError, NoSpace
+from zramd.device.samefill import WORD_SIZE, ZERO_PAGE, fill_page
+from zramd.device.table import (
+    EMPTY,
+    HUGE,
+    MAX_CODECS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    SAME,
+    STORED,
+    PageTable,
+)
+from zramd.stats import DeviceStats
+
+PAGE_MASK = PAGE_SIZE - 1
+#: requests of at least this many pages do their compression / decompression in a worker thread
+#: (a thread hop costs tens of microseconds: not worth it for a few pages)
+OFFLOAD_MIN_PAGES = 16
+#: block_status returns at most this many extents (2^20 pages = 4 GiB, the largest NBD length)
+MAX_EXTENTS = 1 << 20
+#: block_status ranges up to this many pages are classified in plain Python (numpy's fixed cost
+#: dominates below it)
+SMALL_STATUS_PAGES = 16
+#: trim/discard ranges up to this many pages are freed entry by entry rather than vectorised
+SMALL_DISCARD_PAGES = 8
+
+_from_bytes = int.from_bytes
+
+#: a prepared page: (state, fill word or object size, payload to store or None)
+Prepared = tuple[int, int, "bytes | None"]
+
+
+def prepare_page(page: bytes, compress: Callable[[bytes], bytes], threshold: int) -> Prepared:
+    """Pure: classify one full page (bytes) as SAME / STORED / HUGE and produce its payload."""
+    if page[WORD_SIZE:] == page[:-WORD_SIZE]:
+        return (SAME, _from_bytes(page[:WORD_SIZE], "little"), None)
+    comp = compress(page)
+    n = len(comp)
+    if n >= threshold:
+        return (HUGE, PAGE_SIZE, page)
+    return (STORED, n, comp)
+
+
+def _prepare_range(
+    head: bytes | None,
+    mv: memoryview,
+    mid_start: int,
+    mid_end: int,
+    tail: bytes | None,
+    compress: Callable[[bytes], bytes],
+    threshold: int,
+) -> list[Prepared]:
+    """Pure (runs in a worker thread): prepare head page, full middle pages of ``mv``, tail."""
+    out: list[Prepared] = []
+    if head is not None:
+        out.append(prepare_page(head, compress, threshold))
+    for pos in range(mid_start, mid_end, PAGE_SIZE):
+        out.append(prepare_page(bytes(mv[pos : pos + PAGE_SIZE]), compress, threshold))
+    if tail is not None:
+        out.append(prepare_page(tail, compress, threshold))
+    return out
+
+
+def _decompress_snapshot(snap: list[Any]) -> bytes:
+    """Pure (runs in a worker thread): decompress the pending items, join into one buffer."""
+    parts: list[bytes] = []
+    for item in snap:
+        if type(item) is tuple:
+            parts.append(item[0].decompress(item[1], PAGE_SIZE))
+        else:
+            parts.append(item)
+    return b"".join(parts)
+
+
+class _Range:
+    """A registered in-flight mutating request over pages ``[first, last]``."""
+
+    __slots__ = ("first", "last", "done")
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
+        self.done = asyncio.Event()
+
+
+class ZramDevice:
+    """A zram-like compressed RAM block device (implements ``BlockDevice``)."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        algorithm: str = "lz4",
+        level: int | None = None,
+        dictionary: bytes | None = None,
+        mem_limit: int = 0,
+        budget: MemoryBudget | None = None,
+        huge_threshold: int | None = None,
+        chain_size: int = 8,
+        executor: Executor | None = None,
+        pool: Pool | None = None,
+    ) -> None:
+        if size < 0:
+            raise ValueError("device size must be >= 0")
+        if huge_threshold is not None and not 1 <= huge_threshold <= PAGE_SIZE:
+            raise ValueError(f"huge_threshold must be in 1..{PAGE_SIZE}")
+        if mem_limit < 0:
+            raise ValueError("mem_limit must be >= 0")
+        self._size = (size + PAGE_MASK) & ~PAGE_MASK
+        self._npages = self._size >> PAGE_SHIFT
+        self._chain_size = chain_size
+        self._budget = budget
+        self._pool = pool if pool is not None else self._new_pool(mem_limit)
+        if pool is not None and mem_limit:
+            self._pool.limit = mem_limit
+        self._table = PageTable(self._npages)
+        self._codecs: list[Codec] = [get_codec(algorithm, level=level, dictionary=dictionary)]
+        self._codec_id = 0
+        self._huge_threshold_cfg = huge_threshold
+        self._threshold = (
+            huge_threshold if huge_threshold is not None else self._pool.huge_class_size
+        )
+        self._stats = DeviceStats(mem_limit=mem_limit)
+        self._executor = executor
+        self._inflight: list[_Range] = []
+        self._closed = False
+
+    def _new_pool(self, mem_limit: int) -> Pool:
+        return Pool(chain_size=self._chain_size, limit=mem_limit, budget=self._budget)
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def npages(self) -> int:
+        return self._npages
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    @property
+    def table(self) -> PageTable:
+        return self._table
+
+    @property
+    def codec(self) -> Codec:
+        """The codec new pages are compressed with."""
+        return self._codecs[self._codec_id]
+
+    @property
+    def algorithm(self) -> str:
+        return self._codecs[self._codec_id].name
+
+    @algorithm.setter
+    def algorithm(self, name: str) -> None:
+        self.set_algorithm(name)
+
+    def set_algorithm(
+        self, name: str, *, level: int | None = None, dictionary: bytes | None = None
+    ) -> None:
+        """Compress new pages with ``name``; pages already stored keep their codec (per page)."""
+        codec = get_codec(name, level=level, dictionary=dictionary)
+        for i, c in enumerate(self._codecs):
+            if c.name == codec.name and c.params == codec.params:
+                self._codec_id = i
+                return
+        if len(self._codecs) >= MAX_CODECS:
+            raise ValueError(f"at most {MAX_CODECS} distinct codec settings per device")
+        self._codecs.append(codec)
+        self._codec_id = len(self._codecs) - 1
+
+    @property
+    def huge_threshold(self) -> int:
+        """Compressed sizes >= this are stored raw (HUGE)."""
+        return self._threshold
+
+    @property
+    def mem_limit(self) -> int:
+        return int(self._pool.limit)
+
+    @mem_limit.setter
+    def mem_limit(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("mem_limit must be >= 0")
+        self._pool.limit = value
+
+    @property
+    def stats(self) -> DeviceStats:
+        """The live counters, with the pool-derived fields refreshed."""
+        s = self._stats
+        pool = self._pool
+        s.mem_used_total = total = int(pool.total_bytes)
+        if total > s.mem_used_max:
+            s.mem_used_max = total
+        s.pages_compacted = int(pool.pages_compacted)
+        s.mem_limit = int(pool.limit)
+        return s
+
+    def reset_mem_used_max(self) -> None:
+        """Like writing 0 to zram's mem_used_max: restart the peak from the current usage."""
+        self._stats.mem_used_max = int(self._pool.total_bytes)
+
+    # --- entry bookkeeping (loop thread) ------------------------------------------------------
+
+    def _drop(self, idx: int) -> None:
+        """Free the object of entry ``idx`` (if any) and update counters; leaves the entry stale."""
+        t = self._table
+        st = t.state_mv[idx]
+        if st == EMPTY:
+            return
+        s = self._stats
+        s.pages_stored -= 1
+        if st == SAME:
+            s.same_pages -= 1
+            return
+        self._pool.free(t.handle_mv[idx])
+        s.compr_data_size -= t.size_mv[idx]
+        if st == HUGE:
+            s.huge_pages -= 1
+
+    def _commit(self, indices: Sequence[int], prepared: Sequence[Prepared], codec_id: int) -> None:
+        """Store every payload, then switch the slots and free the old objects. All or nothing."""
+        pool = self._pool
+        store = pool.store
+        handles: list[int] = []
+        try:
+            for _st, _v, payload in prepared:
+                handles.append(store(payload) if payload is not None else 0)
+        except PoolFull:
+            for (_st, _v, payload), h in zip(prepared, handles, strict=False):
+                if payload is not None:
+                    pool.free(h)
+            self._stats.failed_writes += 1
+            raise NoSpace("memory limit reached") from None
+        t = self._table
+        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        s = self._stats
+        drop = self._drop
+        for idx, (st, v, _payload), h in zip(indices, prepared, handles, strict=True):
+            drop(idx)
+            state_mv[idx] = st
+            s.pages_stored += 1
+            if st == SAME:
+                handle_mv[idx] = v
+                size_mv[idx] = 0
+                codec_mv[idx] = 0
+                s.same_pages += 1
+            else:
+                handle_mv[idx] = h
+                size_mv[idx] = v
+                codec_mv[idx] = codec_id
+                s.compr_data_size += v
+                if st == HUGE:
+                    s.huge_pages += 1
+                    s.huge_pages_since += 1
+        if handles:
+            total = pool.total_bytes
+            if total > s.mem_used_max:
+                s.mem_used_max = total
+
+    def _discard(self, p0: int, p1: int) -> int:
+        """Free whole pages ``[p0, p1)`` to EMPTY; returns how many held something."""
+        t = self._table
+        if p1 - p0 <= SMALL_DISCARD_PAGES:
+            n = 0
+            state_mv = t.state_mv
+            for idx in range(p0, p1):
+                if state_mv[idx] != EMPTY:
+                    self._drop(idx)
+                    state_mv[idx] = EMPTY
+                    t.handle_mv[idx] = 0
+                    t.size_mv[idx] = 0
+                    t.codec_mv[idx] = 0
+                    n += 1
+            return n
+        idx_arr = t.occupied(p0, p1)
+        n = len(idx_arr)
+        if not n:
+            return 0
+        same, huge, sizes, _pooled = t.counts(idx_arr)
+        free = self._pool.free
+        for h in t.pooled_handles(idx_arr):
+            free(h)
+        t.clear(idx_arr)
+        s = self._stats
+        s.pages_stored -= n
+        s.same_pages -= same
+        s.huge_pages -= huge
+        s.compr_data_size -= sizes
+        return n
+
+    # --- page reads (loop thread) -------------------------------------------------------------
+
+    def _read_page(self, idx: int) -> bytes:
+        t = self._table
+        st = t.state_mv[idx]
+        if st == EMPTY:
+            return ZERO_PAGE
+        if st == SAME:
+            return fill_page(t.handle_mv[idx])
+        if st == STORED:
+            data = self._pool.load(t.handle_mv[idx], t.size_mv[idx])
+            try:
+                return self._codecs[t.codec_mv[idx]].decompress(data, PAGE_SIZE)
+            except CodecError as exc:
+                self._stats.failed_reads += 1
+                raise DeviceIOError(f"page {idx}: {exc}") from None
+        data = self._pool.load(t.handle_mv[idx], PAGE_SIZE)
+        if len(data) != PAGE_SIZE:
+            self._stats.failed_reads += 1
+            raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
+        return data
+
+    def _snapshot(self, first: int, last: int) -> list[Any]:
+        """Per page: finished bytes, or (codec, compressed copy) to decompress off-thread."""
+        t = self._table
+        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        load = self._pool.load
+        codecs = self._codecs
+        out: list[Any] = []
+        for idx in range(first, last + 1):
+            st = state_mv[idx]
+            if st == STORED:
+                out.append((codecs[codec_mv[idx]], bytes(load(handle_mv[idx], size_mv[idx]))))
+            else:
+                out.append(self._read_page(idx))
+        return out
+
+    # --- sync API (tests, and the async methods' inline path) ---------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        assert not self._closed, "device closed"
+        assert 0 <= offset and 0 <= length and offset + length <= self._size, (offset, length)
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset``. Raises DeviceIOError."""
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        skip = offset & PAGE_MASK
+        first = offset >> PAGE_SHIFT
+        if length == PAGE_SIZE and not skip:
+            return self._read_page(first)
+        last = (offset + length - 1) >> PAGE_SHIFT
+        read_page = self._read_page
+        buf = b"".join([read_page(i) for i in range(first, last + 1)])
+        if skip or len(buf) != length:
+            return buf[skip : skip + length]
+        return buf
+
+    def _edges(self, offset: int, mv: memoryview) -> tuple[bytes | None, int, int, bytes | None]:
+        """Loop thread: patched head/tail pages (RMW) and the byte span of full middle pages."""
+        n = len(mv)
+        skip = offset & PAGE_MASK
+        first = offset >> PAGE_SHIFT
+        head: bytes | None = None
+        pos = 0
+        if skip or n < PAGE_SIZE:
+            take = min(PAGE_SIZE - skip, n)
+            page = bytearray(self._read_page(first))
+            page[skip : skip + take] = mv[:take]
+            head = bytes(page)
+            pos = take
+        mid_end = pos + ((n - pos) & ~PAGE_MASK)
+        tail: bytes | None = None
+        if mid_end < n:
+            page = bytearray(self._read_page((offset + mid_end) >> PAGE_SHIFT))
+            page[: n - mid_end] = mv[mid_end:]
+            tail = bytes(page)
+        return head, pos, mid_end, tail
+
+    @staticmethod
+    def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        return mv
+
+    def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset``. Raises NoSpace (nothing changed) or DeviceIOError."""
+        if type(data) is bytes and len(data) == PAGE_SIZE and not offset & PAGE_MASK:
+            # hot path: one aligned page
+            self._check(offset, PAGE_SIZE)
+            cid = self._codec_id
+            prep = prepare_page(data, self._codecs[cid].compress, self._threshold)
+            self._commit((offset >> PAGE_SHIFT,), (prep,), cid)
+            return
+        mv = self._as_bytes_view(data)
+        self._check(offset, len(mv))
+        if not len(mv):
+            return
+        cid = self._codec_id
+        head, mid_start, mid_end, tail = self._edges(offset, mv)
+        prepared = _prepare_range(
+            head, mv, mid_start, mid_end, tail, self._codecs[cid].compress, self._threshold
+        )
+        first = offset >> PAGE_SHIFT
+        self._commit(range(first, first + len(prepared)), prepared, cid)
+
+    def trim_sync(self, offset: int, length: int) -> None:
+        """Free the whole pages inside the range; partial pages are left as they are (zram)."""
+        self._check(offset, length)
+        p0 = (offset + PAGE_MASK) >> PAGE_SHIFT
+        p1 = (offset + length) >> PAGE_SHIFT
+        if p1 > p0:
+            self._discard(p0, p1)
+            self._stats.notify_free += p1 - p0
+
+    def write_zeroes_sync(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
+        """Zero the range: whole pages become EMPTY (or SAME-zero), partial pages are patched."""
+        self._check(offset, length)
+        if not length:
+            return
+        end = offset + length
+        p0 = (offset + PAGE_MASK) >> PAGE_SHIFT
+        p1 = end >> PAGE_SHIFT
+        # partial pages first (they may need storage: NoSpace must leave everything unchanged)
+        parts: list[tuple[int, int]] = []  # (offset, length) within one page each
+        pos = offset
+        if offset & PAGE_MASK:
+            head_end = min(end, (offset & ~PAGE_MASK) + PAGE_SIZE)
+            parts.append((offset, head_end - offset))
+            pos = head_end
+        if end & PAGE_MASK and pos < end:
+            tail_start = max(pos, end & ~PAGE_MASK)
+            parts.append((tail_start, end - tail_start))
+        if parts:
+            cid = self._codec_id
+            compress, threshold = self._codecs[cid].compress, self._threshold
+            indices: list[int] = []
+            prepared: list[Prepared] = []
+            for off, n in parts:
+                idx = off >> PAGE_SHIFT
+                if self._table.state_mv[idx] == EMPTY:
+                    continue  # already reads as zeros
+                page = bytearray(self._read_page(idx))
+                skip = off & PAGE_MASK
+                assert skip + n <= PAGE_SIZE
+                page[skip : skip + n] = bytes(n)
+                indices.append(idx)
+                prepared.append(prepare_page(bytes(page), compress, threshold))
+            if indices:
+                self._commit(indices, prepared, cid)
+        if p1 > p0:
+            self._discard(p0, p1)
+            if punch_hole:
+                self._stats.notify_free += p1 - p0
+            else:
+                t = self._table
+                t.state[p0:p1] = SAME  # handle (the fill word) is already 0 after _discard
+                self._stats.pages_stored += p1 - p0
+                self._stats.same_pages += p1 - p0
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents (length, STATE_HOLE|STATE_ZERO flags) from ``offset``, adjacent equal merged.
+
+        EMPTY pages are hole|zero, SAME-zero pages are zero, everything else 0. The extents
+        cover exactly ``[offset, offset+length)`` unless MAX_EXTENTS cuts the list short.
+        """
+        self._check(offset, length)
+        if not length:
+            return []
+        end = offset + length
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE_MASK) >> PAGE_SHIFT
+        t = self._table
+        if p1 - p0 <= SMALL_STATUS_PAGES:
+            state_mv, handle_mv = t.state_mv, t.handle_mv
+            ext: list[list[int]] = []
+            pos = offset
+            for idx in range(p0, p1):
+                st = state_mv[idx]
+                fl = 3 if st == EMPTY else (2 if st == SAME and handle_mv[idx] == 0 else 0)
+                stop = min((idx + 1) << PAGE_SHIFT, end)
+                if ext and ext[-1][1] == fl:
+                    ext[-1][0] += stop - pos
+                else:
+                    ext.append([stop - pos, fl])
+                pos = stop
+            return [(n, fl) for n, fl in ext]
+        cls = t.classify(p0, p1)
+        starts = np.flatnonzero(cls[1:] != cls[:-1]) + 1  # first page of each later run
+        stop_page = p1 - p0
+        if len(starts) >= MAX_EXTENTS:  # keep MAX_EXTENTS runs
+            stop_page = int(starts[MAX_EXTENTS - 1])
+            starts = starts[: MAX_EXTENTS - 1]
+        run_start = np.concatenate(([0], starts)).astype(np.int64)
+        run_end = np.concatenate((starts, [stop_page])).astype(np.int64)
+        byte_start = np.maximum((run_start + p0) << PAGE_SHIFT, offset)
+        byte_end = np.minimum((run_end + p0) << PAGE_SHIFT, end)
+        lengths = (byte_end - byte_start).tolist()
+        flags = cls[run_start].tolist()
+        return list(zip(lengths, flags, strict=True))
+
+    # --- async API (what the server calls) ----------------------------------------------------
+
+    def _overlapping(self, first: int, last: int) -> list[_Range]:
+        return [r for r in self._inflight if r.first <= last and first <= r.last]
+
+    async def _acquire(self, first: int, last: int) -> _Range:
+        """Register ``[first, last]`` and wait for earlier overlapping requests (arrival order)."""
+        before = self._overlapping(first, last)
+        r = _Range(first, last)
+        self._inflight.append(r)
+        try:
+            for other in before:
+                await other.done.wait()
+        except BaseException:
+            self._release(r)
+            raise
+        return r
+
+    def _release(self, r: _Range) -> None:
+        self._inflight.remove(r)
+        r.done.set()
+
+    def _run_in_executor(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if length < OFFLOAD_MIN_PAGES * PAGE_SIZE:
+            return self.read_sync(offset, length)
+        self._check(offset, length)
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        snap = self._snapshot(first, last)  # atomic: no await in between
+        try:
+            buf: bytes = await self._run_in_executor(_decompress_snapshot, snap)
+        except CodecError as exc:
+            self._stats.failed_reads += 1
+            raise DeviceIOError(str(exc)) from None
+        skip = offset & PAGE_MASK
+        if skip or len(buf) != length:
+            return buf[skip : skip + length]
+        return buf
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
+        if not n:
+            return
+        first = offset >> PAGE_SHIFT
+        last = (offset + n - 1) >> PAGE_SHIFT
+        if last - first + 1 < OFFLOAD_MIN_PAGES:
+            if not self._inflight or not self._overlapping(first, last):
+                self.write_sync(offset, data)
+                return
+            r = await self._acquire(first, last)
+            try:
+                self.write_sync(offset, data)
+            finally:
+                self._release(r)
+            return
+        mv = self._as_bytes_view(data)
+        self._check(offset, n)
+        r = await self._acquire(first, last)
+        try:
+            cid = self._codec_id
+            head, mid_start, mid_end, tail = self._edges(offset, mv)
+            prepared: list[Prepared] = await self._run_in_executor(
+                _prepare_range,
+                head,
+                mv,
+                mid_start,
+                mid_end,
+                tail,
+                self._codecs[cid].compress,
+                self._threshold,
+            )
+            self._commit(range(first, first + len(prepared)), prepared, cid)
+        finally:
+            self._release(r)
+
+    async def _locked(self, offset: int, length: int, fn: Callable[[], None]) -> None:
+        if not length:
+            return
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        if not self._inflight or not self._overlapping(first, last):
+            fn()
+            return
+        r = await self._acquire(first, last)
+        try:
+            fn()
+        finally:
+            self._release(r)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._locked(offset, length, lambda: self.trim_sync(offset, length))
+
+    async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
+        await self._locked(
+            offset,
+            length,
+            lambda: self.write_zeroes_sync(offset, length, punch_hole=punch_hole),
+        )
+
+    async def flush(self) -> None:
+        """RAM: every completed write is already visible."""
+        return None
+
+    # --- management ---------------------------------------------------------------------------
+
+    def compact(self) -> int:
+        """Run pool compaction; returns the pool pages freed."""
+        return int(self._pool.compact())
+
+    def reset(self) -> None:
+        """Free everything (all pages read as zeros again); counters restart, limit kept."""
+        assert not self._inflight, "reset with requests in flight"
+        limit = self.mem_limit
+        self._pool.close()
+        self._pool = self._new_pool(limit)
+        self._table.release()
+        self._table = PageTable(self._npages)
+        if self._huge_threshold_cfg is None:
+            self._threshold = self._pool.huge_class_size
+        self._stats = DeviceStats(mem_limit=limit)
+
+    def close(self) -> None:
+        """Release all memory; the device is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        self._table.release()
