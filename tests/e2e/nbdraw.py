@@ -50,9 +50,10 @@ ENOMEM = 12
 EINVAL = 22
 ENOSPC = 28
 EOVERFLOW = 75
+ESHUTDOWN = 108
 
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
+REQUEST = struct.Struct(">IHHQQI")
+SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPT_HEADER = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 DEFAULT_TIMEOUT_S = 10.0
@@ -155,10 +156,10 @@ class RawClient:
         self, cmd: int, offset: int = 0, length: int = 0, cookie: int = 1, flags: int = 0,
         payload: bytes = b"", magic: int = REQUEST_MAGIC,
     ) -> None:
-        self.send(_REQUEST.pack(magic, flags, cmd, cookie, offset, length) + payload)
+        self.send(REQUEST.pack(magic, flags, cmd, cookie, offset, length) + payload)
 
     def read_simple_reply(self, expect_cookie: int | None = None) -> int:
-        magic, error, cookie = _SIMPLE_REPLY.unpack(self.recv_exact(_SIMPLE_REPLY.size))
+        magic, error, cookie = SIMPLE_REPLY.unpack(self.recv_exact(SIMPLE_REPLY.size))
         assert magic == SIMPLE_REPLY_MAGIC, f"expected a simple reply, got magic {magic:#x}"
         if expect_cookie is not None:
             assert cookie == expect_cookie, (cookie, expect_cookie)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import threading
@@ -159,3 +160,50 @@ def test_bad_export_spec_fails_fast(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert proc.stderr, "an invalid --export must say why"
+
+
+@zramd_only
+def test_sigterm_with_client_connected(tmp_path: Path) -> None:
+    """SIGTERM: in-flight work finishes, new requests get ESHUTDOWN or a close, exit status 0."""
+    srv = start_server(tmp_path / "t", exports=[("zram0", 64 * MiB, "")])
+    c = raw.RawClient(srv.addr()).connect_export("zram0")
+    try:
+        assert c.write(0, b"\x11" * 4096) == 0
+        srv.procs[0].send_signal(signal.SIGTERM)
+        try:
+            c.request(raw.CMD_READ, 0, 4096, cookie=77)
+            err = c.read_simple_reply(77)
+            assert err in (0, raw.ESHUTDOWN), err
+            if err == 0:
+                c.recv_exact(4096)
+        except (raw.PeerClosed, BrokenPipeError, ConnectionResetError):
+            pass
+        assert srv.procs[0].wait(timeout=15) == 0, srv.stderr()
+    finally:
+        c.close()
+        srv.stop()
+
+
+@zramd_only
+@pytest.mark.slow
+def test_stalled_handshake_is_dropped(server: Server) -> None:
+    """A client that never finishes haggling is dropped after the handshake timeout (10 s)."""
+    with raw.RawClient(server.addr(), timeout=30) as c:
+        c.recv_exact(18)  # greeting, then silence
+        assert c.wait_closed(timeout=20), "stalled handshake not dropped within 20 s"
+    server.assert_alive()
+
+
+def test_trim_and_zero_whole_export(server: Server) -> None:
+    """TRIM and WRITE_ZEROES of any length inside the export (here: all 64 MiB of `other`)."""
+    server.require_multi_export()
+    h = nbd.NBD()
+    h.connect_uri(server.uri("other"))
+    size = server.size("other")
+    h.pwrite(b"\xaa" * MiB, 10 * MiB)
+    h.zero(size, 0)
+    assert h.pread(MiB, 10 * MiB) == bytes(MiB)
+    h.pwrite(b"\xab" * MiB, 20 * MiB)
+    h.trim(size, 0)
+    assert h.pread(MiB, 20 * MiB) == bytes(MiB)
+    h.shutdown()
