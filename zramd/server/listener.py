@@ -33,7 +33,7 @@ import signal
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from zramd.config import ConfigError, ServerConfig
 from zramd.server.exports import ExportRegistry
@@ -427,13 +427,31 @@ async def _connect_pipes(loop: asyncio.AbstractEventLoop, factory: Any) -> Sessi
     return proto
 
 
-async def serve(config: ServerConfig) -> int:
+class ServeHooks(Protocol):
+    """Operator surface started next to the listeners (control socket, SIGHUP reload).
+
+    ``start`` runs before the listeners bind (so READY=1 covers it); an exception from it is
+    a start failure (its message logged, exit 1). ``close`` runs once serving has stopped."""
+
+    async def start(self, server: Server) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def serve(config: ServerConfig, *, hooks: ServeHooks | None = None) -> int:
     """Run a server until SIGTERM/SIGINT (or the stdio connection ends). Returns the exit code."""
     server = Server(config)
     try:
+        if hooks is not None:
+            try:
+                await hooks.start(server)
+            except Exception as e:  # noqa: BLE001 - a hook's failure is a start failure
+                raise ServerError(str(e)) from e
         await server.start()
     except (ServerError, ConfigError) as e:
         log.error("%s", e)
+        if hooks is not None:
+            await hooks.close()
         server.registry.close()
         server.executor.shutdown(wait=False)
         return 1
@@ -442,11 +460,13 @@ async def serve(config: ServerConfig) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, server.request_shutdown)
     await server.serve_forever()
+    if hooks is not None:
+        await hooks.close()
     log.debug("stopped")
     return 0
 
 
-def run(config: ServerConfig) -> int:
+def run(config: ServerConfig, *, hooks: ServeHooks | None = None) -> int:
     """Blocking entry point for ``zramd serve``."""
     install_uvloop()
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, hooks=hooks))
