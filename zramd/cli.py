@@ -32,7 +32,7 @@ EXIT_CONFIG = 2
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose >= 2 else logging.INFO
+    level = logging.DEBUG if verbose >= 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("zramd: %(message)s"))
     root = logging.getLogger("zramd")
@@ -48,7 +48,7 @@ def _fail(message: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="zramd")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
     """zramd: compressed RAM block devices served over NBD."""

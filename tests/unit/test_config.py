@@ -1,0 +1,162 @@
+"""config.py: size parsing, export specs, ServerConfig validation, serve flag mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from zramd.cli import build_serve_config
+from zramd.config import (
+    DEFAULT_EXPORT_MAX_SIZE,
+    ConfigError,
+    ExportConfig,
+    ServerConfig,
+    default_export_size,
+    format_size,
+    parse_export_spec,
+    parse_size,
+)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("4096", 4096),
+        ("0", 0),
+        ("4K", 4096),
+        ("4k", 4096),
+        ("4KiB", 4096),
+        ("4KB", 4096),
+        ("64M", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("4G", 4 << 30),
+        ("1T", 1 << 40),
+        ("1.5G", 3 << 29),
+        (" 8M ", 8 << 20),
+        ("512B", 512),
+        (123, 123),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "4X", "-1", "4 G B", "abc", "1.3B", "4GG"])
+def test_parse_size_errors_name_the_value(text: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_size(text)
+    assert repr(text) in str(ei.value)
+
+
+def test_format_size() -> None:
+    assert format_size(4 << 30) == "4.0G"
+    assert format_size(64 << 20) == "64M"
+    assert format_size(1536 << 20) == "1.5G"
+    assert format_size(1000) == "1000"
+
+
+def test_parse_export_spec_full() -> None:
+    e = parse_export_spec(
+        "swap=2G,algorithm=zstd,level=3,mem-limit=512M,read-only,description=fast, small"
+    )
+    assert e == ExportConfig(
+        name="swap",
+        size=2 << 30,
+        algorithm="zstd",
+        level=3,
+        mem_limit=512 << 20,
+        read_only=True,
+        description="fast, small",
+    )
+
+
+def test_parse_export_spec_minimal() -> None:
+    e = parse_export_spec("zram0=64M")
+    assert (e.name, e.size, e.algorithm, e.level, e.read_only, e.backend) == (
+        "zram0",
+        64 << 20,
+        "lz4",
+        None,
+        False,
+        "zram",
+    )
+    assert e.summary() == "zram0 64M lz4"
+
+
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("zram0", "NAME=SIZE"),
+        ("=4G", "NAME=SIZE"),
+        ("a=", "NAME=SIZE"),
+        ("a=4Q", "'4Q'"),
+        ("a=4097", "multiple of 4096"),
+        ("a=0", "multiple of 4096"),
+        ("a=4M,algorithm=brotli", "brotli"),
+        ("a=4M,level=x", "level"),
+        ("a=4M,algorithm=zstd,level=99", "level"),
+        ("a=4M,colour=red", "unknown option 'colour'"),
+        ("a=4M,algorithm", "needs a value"),
+        ("a=4M,level=1,level=2", "twice"),
+        ("a=4M,read-only=maybe", "read-only"),
+        ("a=4M,mem-limit=lots", "'lots'"),
+        ("a=4M,backend=plain", "ZRAMD_TEST_BACKENDS"),
+        ("a=4M,backend=disk", "unknown backend"),
+        ("x" * 300 + "=4M", "longer than"),
+    ],
+)
+def test_parse_export_spec_errors(
+    spec: str, fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZRAMD_TEST_BACKENDS", raising=False)
+    with pytest.raises(ConfigError) as ei:
+        parse_export_spec(spec)
+    assert fragment in str(ei.value)
+
+
+def test_test_backends_need_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZRAMD_TEST_BACKENDS", "1")
+    assert parse_export_spec("t=1M,backend=plain").backend == "plain"
+    assert parse_export_spec("t=1M,backend=corrupt-read").backend == "corrupt-read"
+
+
+def test_read_only_false_value() -> None:
+    assert parse_export_spec("a=4M,read-only=no").read_only is False
+    assert parse_export_spec("a=4M,read-only=yes").read_only is True
+
+
+def test_default_export_size() -> None:
+    assert default_export_size(2 << 30) == 1 << 30
+    assert default_export_size(64 << 30) == DEFAULT_EXPORT_MAX_SIZE
+    assert default_export_size((1 << 30) + 12345) % 4096 == 0
+
+
+def test_server_config_validation() -> None:
+    e = ExportConfig("a", 1 << 20)
+    ServerConfig(exports=[e]).validate()
+    with pytest.raises(ConfigError, match="no exports"):
+        ServerConfig().validate()
+    with pytest.raises(ConfigError, match="twice"):
+        ServerConfig(exports=[e, ExportConfig("a", 1 << 20)]).validate()
+    with pytest.raises(ConfigError, match="max-payload"):
+        ServerConfig(exports=[e], max_payload=1 << 20).validate()
+    with pytest.raises(ConfigError, match="port"):
+        ServerConfig(exports=[e], port=70000).validate()
+    with pytest.raises(ConfigError, match="default export"):
+        ServerConfig(exports=[e], default_export="b").validate()
+
+
+def test_serve_flags_listeners() -> None:
+    c = build_serve_config(exports=["a=1M"])
+    assert (c.bind, c.port, c.unix, c.stdio) == ("127.0.0.1", 10809, None, False)
+    c = build_serve_config(unix="/tmp/x.sock", exports=["a=1M"])
+    assert (c.bind, c.port, c.unix) == (None, None, "/tmp/x.sock")
+    c = build_serve_config(unix="/tmp/x.sock", port=0, exports=["a=1M"])
+    assert (c.bind, c.port, c.unix) == ("127.0.0.1", 0, "/tmp/x.sock")
+    c = build_serve_config(stdio=True, exports=["a=1M"])
+    assert (c.bind, c.port, c.stdio) == (None, None, True)
+    with pytest.raises(ConfigError):
+        build_serve_config(stdio=True, port=1)
+    c = build_serve_config()
+    assert [e.name for e in c.exports] == ["zram0"]
+    c = build_serve_config(exports=["a=1M"], max_payload="48M", unix_mode="660")
+    assert c.max_payload == 48 << 20 and c.unix_mode == 0o660
