@@ -69,8 +69,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     samples = raw.get("fio_samples", [])
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     errors: dict[tuple[str, str], list[str]] = {}
+    suspect: dict[str, list[str]] = {}
     for s in samples:
         key = (s["workload"], s["server"])
+        if s.get("warning"):
+            suspect.setdefault(f"{s['workload']}/{s['server']}", []).append(s["warning"])
+        if s.get("exit_code") not in (None, 0):
+            suspect.setdefault(f"{s['workload']}/{s['server']}", []).append(
+                f"exit code {s['exit_code']} after SIGTERM"
+            )
         if s.get("error"):
             errors.setdefault(key, []).append(s["error"])
         else:
@@ -108,6 +115,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "medians": med,
         "ratios": ratios,
         "errors": {f"{w}/{s}": e for (w, s), e in errors.items()},
+        "suspect": suspect,
         "density": dens,
     }
 
@@ -231,6 +239,11 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any], chart: str | None
         for k, errs in summ["errors"].items():
             out.append(f"- {k}: {len(errs)} failed, e.g. `{errs[0][:300]}`")
         out.append("")
+    if summ.get("suspect"):
+        out.append("## Suspect samples (kept in the medians)\n")
+        for k, notes in summ["suspect"].items():
+            out.append(f"- {k}: {len(notes)} samples, e.g. `{notes[0][:300]}`")
+        out.append("")
     images = raw.get("images", {})
     if images:
         out.append("## Real-data density\n")
@@ -281,6 +294,7 @@ def render_chart(raw: dict[str, Any], summ: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     med = summ["medians"]
@@ -316,6 +330,8 @@ def render_chart(raw: dict[str, Any], summ: dict[str, Any], path: Path) -> bool:
                 ax.plot([j - 0.4, j + 0.4], [t, t], "k--", lw=1)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
         ax.set_xticks(range(len(wls)))
         ax.set_xticklabels([lab.get(w, w) for w in wls], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"throughput / {REFERENCE} (log)")

@@ -25,6 +25,9 @@ from zramd.bench.servers import ServerSpec, ServerStartError
 
 MIB = 1 << 20
 MAX_START_FAILURES = 2
+#: log lines that mark a sample as suspect
+SUSPECT_LOG_MARKERS = ("plain device", "Traceback", "ERROR")
+LOG_TAIL = 20000
 
 
 @dataclass
@@ -47,6 +50,12 @@ class RunConfig:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _log_warnings(text: str) -> str:
+    """Lines of a server log that make its figures suspect (a stand-in device, a crash)."""
+    bad = [ln for ln in text.splitlines() if any(m in ln for m in SUSPECT_LOG_MARKERS)]
+    return " | ".join(bad[:3])
 
 
 def _usable(cfg: RunConfig, spec: ServerSpec) -> bool:
@@ -72,11 +81,19 @@ def run_fio_matrix(cfg: RunConfig) -> list[dict[str, Any]]:
                     continue
                 base = {"server": spec.name, "workload": wl.name, "rep": rep}
                 try:
-                    with spec.start(cfg.size) as srv:
+                    srv = spec.start(cfg.size)
+                    try:
                         res = run_sample(srv, wl, cfg.size, cfg.runtime)
                         alive = srv.alive()
+                        warn = _log_warnings(srv.log_tail(LOG_TAIL))
+                    finally:
+                        rc = srv.stop()
                     if not alive:
                         raise RuntimeError(f"{spec.name} died during the job")
+                    res["exit_code"] = rc
+                    if warn:
+                        res["warning"] = warn
+                        log(f"{spec.name}: {warn}")
                 except ServerStartError as exc:
                     cfg.failures[spec.name] = cfg.failures.get(spec.name, 0) + 1
                     samples.append({**base, "error": f"start: {exc}"})
