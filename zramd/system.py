@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 # mlockall flags (<sys/mman.h>)
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+#: Lock pages only as they are faulted in (Linux 4.4+): sparse arenas and lazily committed
+#: page tables stay uncommitted instead of being populated at mlockall time.
+MCL_ONFAULT = 4
+#: madvise advice that frees locked pages too (Linux 5.18+); plain MADV_DONTNEED fails with
+#: EINVAL on mlocked memory, so a pool in a locked process must use this one.
+MADV_DONTNEED_LOCKED = 24
 # prctl option (<linux/prctl.h>, Linux 5.6+)
 PR_SET_IO_FLUSHER = 57
 PR_GET_IO_FLUSHER = 58
@@ -91,15 +97,33 @@ def _errno_msg(err: int) -> str:
     return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
 
 
-def mlockall(current: bool = True, future: bool = True) -> int:
-    """Lock the address space in RAM. Returns 0 on success, else the errno."""
+def mlockall(current: bool = True, future: bool = True, onfault: bool = True) -> int:
+    """Lock the address space in RAM. Returns 0 on success, else the errno.
+
+    ``onfault`` adds MCL_ONFAULT (falling back without it on kernels that refuse it) so
+    that reserved but untouched memory is not populated by the lock."""
     flags = (MCL_CURRENT if current else 0) | (MCL_FUTURE if future else 0)
     if flags == 0:
         return 0
     libc = _get_libc()
+    if onfault and libc.mlockall(ctypes.c_int(flags | MCL_ONFAULT)) == 0:
+        return 0
     if libc.mlockall(ctypes.c_int(flags)) != 0:
         return ctypes.get_errno()
     return 0
+
+
+def memory_locked() -> bool:
+    """True if this process has called mlockall(MCL_FUTURE) (VmFlags are per mapping; we
+    check the simpler VmLck > 0 of /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) > 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def munlockall() -> int:
@@ -196,6 +220,8 @@ def apply_swap_safety(mode: str) -> list[str]:
     if err:
         hint = " (needs CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity)"
         problems.append(f"mlockall(MCL_CURRENT|MCL_FUTURE) failed: {_errno_msg(err)}{hint}")
+    else:
+        log.info("swap safety: memory locked (mlockall MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)")
     err = set_io_flusher(True)
     if err:
         if err == errno.EINVAL:
