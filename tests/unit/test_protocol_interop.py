@@ -256,12 +256,22 @@ def test_libnbd_option_mode(server: MiniServer) -> None:
     h.set_opt_mode(True)
     h.connect_uri(f"nbd://127.0.0.1:{server.port}/")
     names: list[tuple[str, str]] = []
-    h.opt_list(lambda name, desc: names.append((name, desc)) or 0)
+
+    def on_export(name: str, desc: str) -> int:
+        names.append((name, desc))
+        return 0
+
+    h.opt_list(on_export)
     assert names == [("disk", "test disk"), ("ro", "")]
     ctxs: list[str] = []
     h.set_export_name("disk")
     h.add_meta_context("base:")
-    h.opt_list_meta_context(lambda name: ctxs.append(name) or 0)
+
+    def on_context(name: str) -> int:
+        ctxs.append(name)
+        return 0
+
+    h.opt_list_meta_context(on_context)
     assert ctxs == ["base:allocation"]
     h.set_export_name("missing")
     with pytest.raises(nbd.Error):
