@@ -1,0 +1,323 @@
+"""In-process server tests over a Unix socket with raw NBD bytes (written from the spec).
+
+They exercise the asyncio shell: pipelining, out-of-order replies, backpressure bounds, shutdown
+with ESHUTDOWN, handshake timeout, the connection cap, and isolation between connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from zramd.config import ExportConfig, ServerConfig
+from zramd.device.plain import PlainDevice
+from zramd.server.exports import ExportRegistry
+from zramd.server.listener import Server
+
+SIZE = 64 << 20
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+OPT_GO = 7
+REP_ACK = 1
+REQ = struct.Struct(">IHHQQI")
+REQ_MAGIC = 0x25609513
+SIMPLE = struct.Struct(">IIQ")
+SIMPLE_MAGIC = 0x67446698
+READ, WRITE, DISC, FLUSH = 0, 1, 2, 3
+ESHUTDOWN = 108
+EINVAL = 22
+
+
+class SlowDevice(PlainDevice):
+    """PlainDevice whose reads at offsets in ``slow`` take that long; counts concurrency."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.slow: dict[int, float] = {}
+        self.delay_all = 0.0
+        self.active = 0
+        self.peak = 0
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            delay = self.slow.get(offset, self.delay_all)
+            if delay:
+                await asyncio.sleep(delay)
+            return await super().read(offset, length)
+        finally:
+            self.active -= 1
+
+
+@dataclass
+class Env:
+    server: Server
+    device: SlowDevice
+    path: str
+
+
+async def start(
+    max_in_flight: int = 256,
+    handshake_timeout: float = 10.0,
+    max_connections: int = 100,
+) -> Env:
+    d = tempfile.mkdtemp(prefix="zramd-t")
+    path = os.path.join(d, "s.sock")
+    dev = SlowDevice(SIZE)
+    reg = ExportRegistry()
+    reg.add(ExportConfig("t", SIZE), device=dev)
+    cfg = ServerConfig(
+        bind=None,
+        port=None,
+        unix=path,
+        exports=[ExportConfig("t", SIZE)],
+        max_in_flight=max_in_flight,
+        handshake_timeout=handshake_timeout,
+        max_connections=max_connections,
+    )
+    srv = Server(cfg, registry=reg, structured_replies=False)
+    await srv.start()
+    return Env(srv, dev, path)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    e = await start()
+    yield e
+    await e.server.shutdown()
+    shutil.rmtree(os.path.dirname(e.path), ignore_errors=True)
+
+
+class Client:
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.r, self.w = r, w
+
+    @classmethod
+    async def connect(cls, path: str, name: str = "t", go: bool = True) -> Client:
+        r, w = await asyncio.open_unix_connection(path)
+        c = cls(r, w)
+        magic, opt, _flags = struct.unpack(">QQH", await r.readexactly(18))
+        assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+        w.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+        if go:
+            raw = name.encode()
+            data = struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0)
+            w.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+            while True:
+                m, _o, typ, ln = struct.unpack(">QIII", await r.readexactly(20))
+                assert m == OPT_REPLY_MAGIC
+                await r.readexactly(ln)
+                assert typ < 1 << 31, hex(typ)
+                if typ == REP_ACK:
+                    break
+        return c
+
+    def send(self, cmd: int, cookie: int, offset: int, length: int, data: bytes = b"") -> None:
+        self.w.write(REQ.pack(REQ_MAGIC, 0, cmd, cookie, offset, length) + data)
+
+    async def reply(self, read_lengths: dict[int, int]) -> tuple[int, int, bytes]:
+        magic, err, cookie = SIMPLE.unpack(await self.r.readexactly(SIMPLE.size))
+        assert magic == SIMPLE_MAGIC
+        payload = b""
+        if err == 0 and cookie in read_lengths:
+            payload = await self.r.readexactly(read_lengths[cookie])
+        return cookie, err, payload
+
+    async def close(self) -> None:
+        self.w.close()
+        try:
+            await self.w.wait_closed()
+        except OSError:
+            pass
+
+
+def pattern(i: int, n: int = 4096) -> bytes:
+    return bytes([i % 251 + 1]) * n
+
+
+async def test_pipeline_128_writes_then_reads(env: Env) -> None:
+    c = await Client.connect(env.path)
+    n = 128
+    for i in range(n):
+        c.send(WRITE, i, i * 4096, 4096, pattern(i))
+    got = set()
+    for _ in range(n):
+        cookie, err, _ = await c.reply({})
+        assert err == 0
+        got.add(cookie)
+    assert got == set(range(n))
+    lengths = {1000 + i: 4096 for i in range(n)}
+    for i in range(n):
+        c.send(READ, 1000 + i, i * 4096, 4096)
+    for _ in range(n):
+        cookie, err, data = await c.reply(lengths)
+        assert err == 0 and data == pattern(cookie - 1000)
+    c.send(DISC, 0, 0, 0)
+    assert await c.r.read() == b""  # server closes after DISC
+    await c.close()
+
+
+async def test_out_of_order_replies(env: Env) -> None:
+    env.device.slow[0] = 0.3
+    c = await Client.connect(env.path)
+    c.send(READ, 1, 0, 4096)  # slow
+    c.send(READ, 2, 4096, 4096)  # fast
+    first = await c.reply({1: 4096, 2: 4096})
+    second = await c.reply({1: 4096, 2: 4096})
+    assert [first[0], second[0]] == [2, 1]
+    await c.close()
+
+
+async def test_max_in_flight_bounds_concurrency() -> None:
+    e = await start(max_in_flight=4)
+    try:
+        e.device.delay_all = 0.02
+        c = await Client.connect(e.path)
+        n = 40
+        for i in range(n):
+            c.send(READ, i, i * 4096, 4096)
+        lengths = dict.fromkeys(range(n), 4096)
+        cookies = {(await c.reply(lengths))[0] for _ in range(n)}
+        assert cookies == set(range(n))
+        assert 2 <= e.device.peak <= 4
+        await c.close()
+    finally:
+        await e.server.shutdown()
+
+
+async def test_client_that_stops_reading_is_bounded(env: Env) -> None:
+    c = await Client.connect(env.path)
+    n, size = 400, 1 << 20  # 400 MiB of replies requested, never read
+    for i in range(n):
+        c.send(READ, i, (i % 64) * size, size)
+    await asyncio.sleep(1.0)
+    (sess,) = env.server.ctx.sessions
+    assert sess.transport is not None
+    buffered = sess.transport.get_write_buffer_size() + sess.in_flight_bytes
+    assert buffered < 128 << 20, buffered
+    assert sess.requests < n  # it stopped taking requests
+    # now drain everything: all replies arrive intact
+    lengths = dict.fromkeys(range(n), size)
+    seen = set()
+    for _ in range(n):
+        cookie, err, data = await c.reply(lengths)
+        assert err == 0 and len(data) == size
+        seen.add(cookie)
+    assert seen == set(range(n))
+    await c.close()
+
+
+async def test_shutdown_finishes_in_flight_then_eshutdown() -> None:
+    e = await start()
+    e.device.slow[0] = 0.5
+    c = await Client.connect(e.path)
+    c.send(WRITE, 7, 0, 4096, pattern(7))
+    assert (await c.reply({}))[:2] == (7, 0)
+    c.send(READ, 1, 0, 4096)  # slow: in flight when shutdown begins
+    while not e.server.ctx.sessions or next(iter(e.server.ctx.sessions)).in_flight == 0:
+        await asyncio.sleep(0.01)
+    down = asyncio.create_task(e.server.shutdown())
+    while not e.server.ctx.shutdown.is_set:
+        await asyncio.sleep(0.01)
+    c.send(READ, 2, 4096, 4096)
+    lengths = {1: 4096, 2: 4096}
+    r1 = await c.reply(lengths)
+    assert r1 == (2, ESHUTDOWN, b"")
+    r2 = await c.reply(lengths)
+    assert r2 == (1, 0, pattern(7))
+    assert await c.r.read() == b""  # then the server closes
+    await asyncio.wait_for(down, 5)
+    assert not os.path.exists(e.path)
+    await c.close()
+    # no new connections
+    with pytest.raises(OSError):
+        await asyncio.open_unix_connection(e.path)
+
+
+async def test_handshake_timeout_drops_idle_client() -> None:
+    e = await start(handshake_timeout=0.2)
+    try:
+        r, w = await asyncio.open_unix_connection(e.path)
+        await r.readexactly(18)
+        t0 = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(r.read(), 3) == b""
+        assert asyncio.get_running_loop().time() - t0 < 2
+        w.close()
+        # a client that completes the handshake in time is not dropped later
+        c = await Client.connect(e.path)
+        await asyncio.sleep(0.4)
+        c.send(READ, 1, 0, 512)
+        assert (await c.reply({1: 512}))[:2] == (1, 0)
+        await c.close()
+    finally:
+        await e.server.shutdown()
+
+
+async def test_connection_cap() -> None:
+    e = await start(max_connections=1)
+    try:
+        c1 = await Client.connect(e.path)
+        r, w = await asyncio.open_unix_connection(e.path)
+        assert await asyncio.wait_for(r.read(), 3) == b""  # accepted and closed at once
+        w.close()
+        assert e.server.ctx.rejected == 1
+        c1.send(READ, 1, 0, 512)
+        assert (await c1.reply({1: 512}))[:2] == (1, 0)
+        await c1.close()
+        await asyncio.sleep(0.05)
+        c2 = await Client.connect(e.path)  # the slot is free again
+        await c2.close()
+    finally:
+        await e.server.shutdown()
+
+
+async def test_vanishing_and_hostile_clients_do_not_disturb_others(env: Env) -> None:
+    good = await Client.connect(env.path)
+    good.send(WRITE, 1, 8192, 4096, pattern(3))
+    assert (await good.reply({}))[:2] == (1, 0)
+    # vanishes mid-payload: nothing of that write is applied
+    v = await Client.connect(env.path)
+    v.w.write(REQ.pack(REQ_MAGIC, 0, WRITE, 9, 0, 8192) + b"\xee" * 5000)
+    await v.w.drain()
+    await v.close()
+    # bad request magic: that connection is dropped
+    b = await Client.connect(env.path)
+    b.w.write(struct.pack(">IHHQQI", 0xDEADBEEF, 0, READ, 1, 0, 512))
+    assert await asyncio.wait_for(b.r.read(), 3) == b""
+    await b.close()
+    await asyncio.sleep(0.05)
+    good.send(READ, 2, 0, 4096)
+    good.send(READ, 3, 8192, 4096)
+    replies = {}
+    for _ in range(2):
+        cookie, err, data = await good.reply({2: 4096, 3: 4096})
+        assert err == 0
+        replies[cookie] = data
+    assert replies == {2: bytes(4096), 3: pattern(3)}
+    # semantic errors keep the connection
+    good.send(READ, 4, SIZE, 512)
+    assert (await good.reply({4: 512}))[:2] == (4, EINVAL)
+    good.send(FLUSH, 5, 0, 0)
+    assert (await good.reply({}))[:2] == (5, 0)
+    await good.close()
+
+
+async def test_connections_share_one_store(env: Env) -> None:
+    """CAN_MULTI_CONN: a second connection sees the first one's replied write."""
+    a = await Client.connect(env.path)
+    b = await Client.connect(env.path)
+    a.send(WRITE, 1, 0, 4096, pattern(9))
+    assert (await a.reply({}))[:2] == (1, 0)
+    b.send(READ, 2, 0, 4096)
+    assert await b.reply({2: 4096}) == (2, 0, pattern(9))
+    await a.close()
+    await b.close()
