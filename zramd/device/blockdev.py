@@ -77,7 +77,9 @@ Prepared = tuple[int, int, "bytes | None"]
 
 def prepare_page(page: bytes, compress: Callable[[bytes], bytes], threshold: int) -> Prepared:
     """Pure: classify one full page (bytes) as SAME / STORED / HUGE and produce its payload."""
-    if page[WORD_SIZE:] == page[:-WORD_SIZE]:
+    # first byte vs the last word's first byte: a cheap necessary condition (as zram's
+    # first-vs-last word check) that rejects most pages before the full memcmp
+    if page[0] == page[-WORD_SIZE] and page[WORD_SIZE:] == page[:-WORD_SIZE]:
         return (SAME, _from_bytes(page[:WORD_SIZE], "little"), None)
     comp = compress(page)
     n = len(comp)
@@ -307,6 +309,42 @@ class ZramDevice:
             if total > s.mem_used_max:
                 s.mem_used_max = total
 
+    def _commit_one(self, idx: int, prep: Prepared, codec_id: int) -> None:
+        """``_commit`` for one page, without the list bookkeeping (the 4 KiB hot path)."""
+        st, v, payload = prep
+        s = self._stats
+        t = self._table
+        if payload is not None:
+            pool = self._pool
+            try:
+                h = pool.store(payload)
+            except PoolFull:
+                s.failed_writes += 1
+                raise NoSpace("memory limit reached") from None
+            if t.state_mv[idx] != EMPTY:
+                self._drop(idx)
+            t.state_mv[idx] = st
+            t.handle_mv[idx] = h
+            t.size_mv[idx] = v
+            t.codec_mv[idx] = codec_id
+            s.pages_stored += 1
+            s.compr_data_size += v
+            if st == HUGE:
+                s.huge_pages += 1
+                s.huge_pages_since += 1
+            total = pool.total_bytes
+            if total > s.mem_used_max:
+                s.mem_used_max = total
+            return
+        if t.state_mv[idx] != EMPTY:
+            self._drop(idx)
+        t.state_mv[idx] = SAME
+        t.handle_mv[idx] = v
+        t.size_mv[idx] = 0
+        t.codec_mv[idx] = 0
+        s.pages_stored += 1
+        s.same_pages += 1
+
     def _discard(self, p0: int, p1: int) -> int:
         """Free whole pages ``[p0, p1)`` to EMPTY; returns how many held something."""
         t = self._table
@@ -427,13 +465,15 @@ class ZramDevice:
 
     def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset``. Raises NoSpace (nothing changed) or DeviceIOError."""
-        if type(data) is bytes and len(data) == PAGE_SIZE and not offset & PAGE_MASK:
-            # hot path: one aligned page
-            self._check(offset, PAGE_SIZE)
-            cid = self._codec_id
-            prep = prepare_page(data, self._codecs[cid].compress, self._threshold)
-            self._commit((offset >> PAGE_SHIFT,), (prep,), cid)
-            return
+        if len(data) == PAGE_SIZE and not offset & PAGE_MASK:
+            # hot path: one aligned page (bytes for the fast same-fill memcmp)
+            page = data if type(data) is bytes else bytes(data)
+            if len(page) == PAGE_SIZE:
+                self._check(offset, PAGE_SIZE)
+                cid = self._codec_id
+                prep = prepare_page(page, self._codecs[cid].compress, self._threshold)
+                self._commit_one(offset >> PAGE_SHIFT, prep, cid)
+                return
         mv = self._as_bytes_view(data)
         self._check(offset, len(mv))
         if not len(mv):
