@@ -67,8 +67,8 @@ def run(algo: str = "lz4") -> dict[str, float]:
         def c_compress(i: int, ps: list[bytes] = ps) -> object:
             return codec.compress(ps[i % SLOTS])
 
-        def d_write(i: int, ps: list[bytes] = ps) -> object:
-            return dev.write_sync((i % SLOTS) * PAGE, ps[i % SLOTS])
+        def d_write(i: int, ps: list[bytes] = ps) -> None:
+            dev.write_sync((i % SLOTS) * PAGE, ps[i % SLOTS])
 
         def c_decompress(i: int, blobs: list[bytes] = blobs) -> object:
             return codec.decompress(blobs[i % SLOTS], PAGE)
