@@ -312,3 +312,24 @@ def test_block_status_chunk() -> None:
     )  # fmt: skip
     out = conn.reply_block_status(COOKIE, 9, [(512, 2)], done=False)
     assert joined(out) == H("668e33ef 0000 0005") + C + H("0000000c 00000009 00000200 00000002")
+
+
+def test_bytes_after_an_assembled_payload_stay_zero_copy() -> None:
+    conn = connected()
+    first = req(Command.WRITE, cookie=1, length=8) + b"abcd"
+    second = b"efgh" + req(Command.WRITE, cookie=2, length=4) + b"wxyz" + req(0, cookie=3)[:10]
+    assert run(conn, first) == []
+    w1, w2 = run(conn, second)
+    assert isinstance(w1, Request) and isinstance(w2, Request)
+    assert bytes(w1.data or b"") == b"abcdefgh"
+    assert isinstance(w2.data, memoryview) and w2.data.obj is second and bytes(w2.data) == b"wxyz"
+    (r,) = run(conn, req(0, cookie=3)[10:])  # leftover of a view joined with new bytes
+    assert r == Request(0, 0, 3, 0, 0)
+
+
+def test_input_after_close_is_dropped() -> None:
+    conn = connected()
+    run(conn, H("deadbeef") + bytes(24))
+    assert conn.closed
+    conn.receive_data(b"x" * 100000)
+    assert run(conn) == []

@@ -124,7 +124,7 @@ class ServerConnection:
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._reader._done
+        return self._closed or self._reader.done
 
     @property
     def structured_replies(self) -> bool:
@@ -159,6 +159,7 @@ class ServerConnection:
                 self.meta_contexts = ev.meta_contexts
             else:
                 self._closed = True
+                rd.close()
             return ev
 
     def _starved(self) -> ConnectionClosed | _NeedData:
@@ -167,9 +168,11 @@ class ServerConnection:
             return NEED_DATA
         self._closed = True
         hs = self._hs
-        if hs.state is State.CLIENT_FLAGS and rd.available == 0:
+        avail = rd.available
+        rd.close()
+        if hs.state is State.CLIENT_FLAGS and avail == 0:
             return ConnectionClosed("client closed the connection before the handshake", False)
-        if hs.at_option_boundary and rd.available == 0:
+        if hs.at_option_boundary and avail == 0:
             return ConnectionClosed("client closed the connection during the handshake", False)
         return ConnectionClosed(f"EOF in the middle of the handshake ({hs.state.value})", True)
 

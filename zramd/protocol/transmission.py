@@ -71,7 +71,7 @@ class RequestReader:
     )
 
     def __init__(self, max_payload: int) -> None:
-        self._in: bytes | bytearray = b""
+        self._in: bytes | bytearray | memoryview = b""  # memoryview only over immutable bytes
         self._pos = 0
         self._eof = False
         self._max_payload = max_payload
@@ -92,27 +92,40 @@ class RequestReader:
             return
         if self._done or self._disc:
             return  # nothing after DISC / close matters
+        immutable = type(data) is bytes
         if self._pending is not None:
+            # The rest is ``data`` itself or a memoryview we made of it (immutable if data is).
             data = self._feed_pending(data)
-            if not data:
+            if len(data) == 0:
                 return
         buf = self._in
         pos = self._pos
         if pos >= len(buf):
             # Nothing unconsumed: adopt the chunk (zero copy for immutable bytes).
-            self._in = data if type(data) is bytes else bytes(data)
+            self._in = data if immutable else bytes(data)
             self._pos = 0
-        elif type(buf) is bytes:
+        elif type(buf) is not bytearray:
             nb = bytearray(memoryview(buf)[pos:])
             nb += data
             self._in = nb
             self._pos = 0
         else:
-            assert isinstance(buf, bytearray)
             if pos:
                 del buf[:pos]  # O(1) amortized: CPython moves the bytearray's start
                 self._pos = 0
             buf += data
+
+    def close(self) -> None:
+        """Drop buffered input and ignore any more (the connection is over)."""
+        self._done = True
+        self._in = b""
+        self._pos = 0
+        self._asm = None
+        self._pending = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def _feed_pending(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Route bytes into the WRITE payload being assembled or drained; return the rest."""
@@ -198,7 +211,7 @@ class RequestReader:
             if avail >= length:
                 end = pos + length
                 self._pos = end
-                if type(buf) is bytes:
+                if type(buf) is not bytearray:  # immutable: hand out a view, no copy
                     return Request(command, flags, cookie, offset, length, memoryview(buf)[pos:end])
                 return Request(
                     command, flags, cookie, offset, length, bytes(memoryview(buf)[pos:end])
@@ -237,9 +250,7 @@ class RequestReader:
     def _close(self, reason: str, error: bool) -> ConnectionClosed | _NeedData:
         if self._done:
             return NEED_DATA
-        self._done = True
-        self._in = b""
-        self._pos = 0
+        self.close()
         return ConnectionClosed(reason, error)
 
 
