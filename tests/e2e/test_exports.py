@@ -207,3 +207,19 @@ def test_trim_and_zero_whole_export(server: Server) -> None:
     h.trim(size, 0)
     assert h.pread(MiB, 20 * MiB) == bytes(MiB)
     h.shutdown()
+
+
+@zramd_only
+def test_systemd_socket_activation() -> None:
+    """LISTEN_FDS: libnbd (like systemd) hands zramd a listening socket."""
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(
+        zramd_argv() + ["serve"] + export_args([("zram0", 8 * MiB, "description=activated")])
+    )
+    assert h.get_size() == 8 * MiB
+    h.pwrite(b"sa" * 2048, 8192)
+    assert h.pread(4096, 8192) == b"sa" * 2048
+    h.shutdown()
+    out = run(["nbdinfo", "--size", "--", "[", *zramd_argv(), "serve",
+               *export_args([("zram0", 16 * MiB, "")]), "]"], timeout=30)
+    assert int(out.stdout) == 16 * MiB
