@@ -120,9 +120,15 @@ _op = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(_op, max_size=300), chain=st.sampled_from([1, 4, 8, 16]))
-def test_random_ops_match_dict_model(ops: list[tuple[str, int, int]], chain: int) -> None:
-    pool = Pool(chain_size=chain, arena_size=64 * PAGE)
+@given(
+    ops=st.lists(_op, max_size=300),
+    chain=st.sampled_from([1, 4, 8, 16]),
+    cache=st.sampled_from([0, 0, 12]),
+)
+def test_random_ops_match_dict_model(
+    ops: list[tuple[str, int, int]], chain: int, cache: int
+) -> None:
+    pool = Pool(chain_size=chain, arena_size=64 * PAGE, cache_pages=cache)
     model: dict[int, bytes] = {}
     try:
         for kind, a, seed in ops:
@@ -137,9 +143,10 @@ def test_random_ops_match_dict_model(ops: list[tuple[str, int, int]], chain: int
                 pool.free(h)
                 del model[h]
             elif kind == "compact":
-                before = pool.total_bytes
+                before, cached = pool.total_bytes, pool.cached_bytes
                 freed = pool.compact()
-                assert pool.total_bytes == before - freed * PAGE
+                assert pool.total_bytes == before - cached - freed * PAGE
+                assert pool.cached_bytes == 0
             for h, d in model.items():
                 assert pool.load(h, len(d)) == d
         pool.check()
@@ -150,6 +157,9 @@ def test_random_ops_match_dict_model(ops: list[tuple[str, int, int]], chain: int
             assert pool.load(h, 1) == d[:1]
         for h in list(model):
             pool.free(h)
+        assert pool.total_bytes == pool.cached_bytes <= cache * PAGE
+        pool.check()
+        pool.drop_cache()
         assert pool.total_bytes == 0
         pool.check()
     finally:
@@ -426,3 +436,33 @@ def test_class_stats_fields() -> None:
         assert len(p.class_stats()) == 119
         for h in hs:
             p.free(h)
+
+
+# --------------------------------------------------------------------------- warm cache
+
+
+def test_warm_cache_accounting_and_limits() -> None:
+    budget = MemoryBudget()
+    with Pool(cache_pages=4, budget=budget) as p:
+        hs = [p.store(b"w" * 4096) for _ in range(6)]
+        assert p.total_bytes == 6 * PAGE == budget.used
+        for h in hs:
+            p.free(h)
+        # 4 pages stay warm (held, so counted), 2 went back to the OS
+        assert p.total_bytes == p.cached_bytes == 4 * PAGE == budget.used
+        p.check()
+        # reuse: no new pages
+        h = p.store(b"v" * 4096)
+        assert p.total_bytes == 4 * PAGE and p.cached_bytes == 3 * PAGE
+        assert p.load(h, 4096) == b"v" * 4096
+        # a zspage of another class cannot use the huge class's warm pages: at a limit of
+        # 4 pages a 5-page zspage (class 1568) only fits once the cache is dropped
+        p.limit = 6 * PAGE
+        h2 = p.store(b"k" * 1568)
+        assert p.cached_bytes == 0 and p.total_bytes == 6 * PAGE == budget.used
+        p.check()
+        p.free(h2)
+        p.free(h)
+        assert p.total_bytes == p.cached_bytes == 1 * PAGE  # 5-page zspage too big to keep
+        assert p.compact() == 0 and p.total_bytes == 0 == budget.used
+        p.check()

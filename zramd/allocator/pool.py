@@ -54,6 +54,14 @@ on demand; with ``auto_compact`` a counter on the free path checks every
 ``AUTO_COMPACT_CHECK_EVERY`` frees whether at least ``AUTO_COMPACT_MIN_FRACTION`` of the pool
 (and ``AUTO_COMPACT_MIN_PAGES``) could be won, which keeps it amortised O(1) per free.
 
+**Warm cache** (``cache_pages``, default 0 = off, kernel-like). On this machine a page fault
+on a page given back with MADV_DONTNEED costs ~10 µs (zeroing + trap, in a VM), which dominates
+churn of huge objects (store new + free old = 1 fault + 1 madvise). With ``cache_pages`` > 0,
+up to that many pages of freed zspage runs are kept resident (not madvised) and reused by the
+next zspage of the same class. They are still *held*, so they count in ``total_bytes``
+(reported apart as ``cached_bytes``), against ``limit`` and the budget; a store that would
+pass a limit drops the cache first, and ``compact()``/``drop_cache()`` give it back to the OS.
+
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
 only when a store needs a new zspage; a store that would pass either raises ``PoolFull``
 before anything is changed.
@@ -162,7 +170,7 @@ class _Class:
     """Per merged size class state."""
 
     __slots__ = ("size", "pages", "objs", "groups", "grp_of", "cur", "used", "nzspages",
-                 "spec", "fresh_revmap")
+                 "spec", "fresh_revmap", "warm")
 
     def __init__(self, spec: SizeClass) -> None:
         self.spec = spec
@@ -181,6 +189,7 @@ class _Class:
         self.cur: _Zspage | None = None  # allocation target (fullest non-full zspage)
         self.used = 0  # live objects
         self.nzspages = 0
+        self.warm: list[_Zspage] = []  # freed zspages kept resident (Pool cache_pages)
 
     def compactable_pages(self) -> int:
         """Kernel ``zs_can_compact()``: whole zspages' worth of free slots, in pages."""
@@ -221,6 +230,7 @@ class Pool:
         budget: MemoryBudget | None = None,
         arena_size: int = DEFAULT_ARENA_SIZE,
         auto_compact: bool = True,
+        cache_pages: int = 0,
     ) -> None:
         if limit < 0:
             raise ValueError("limit must be >= 0")
@@ -242,8 +252,12 @@ class Pool:
         self._zspages: list[_Zspage | None] = [None]  # id 0 unused: live entries are > 0
         self._free_zids: list[int] = []
         self._arenas: dict[int, list[_Arena]] = {}  # pages per run -> arenas
-        self._pages = 0
+        self._pages = 0  # pages of live zspages
         self._pages_compacted = 0
+        if cache_pages < 0:
+            raise ValueError("cache_pages must be >= 0")
+        self._cache_max = cache_pages
+        self._cached_pages = 0  # pages of freed zspages kept resident (the warm cache)
         self._frees_to_check = AUTO_COMPACT_CHECK_EVERY
         self._closed = False
 
@@ -263,7 +277,13 @@ class Pool:
 
     @property
     def total_bytes(self) -> int:
-        return self._pages * PAGE_SIZE
+        """Every byte held from the OS: live zspages plus the warm cache (if enabled)."""
+        return (self._pages + self._cached_pages) * PAGE_SIZE
+
+    @property
+    def cached_bytes(self) -> int:
+        """Part of ``total_bytes`` that is warm cache (freed runs kept resident)."""
+        return self._cached_pages * PAGE_SIZE
 
     @property
     def pages_compacted(self) -> int:
@@ -389,13 +409,21 @@ class Pool:
         return zs
 
     def _charge(self, pages: int) -> None:
+        """Account ``pages`` new pages or raise PoolFull (after dropping the warm cache, whose
+        pages count against the limits too)."""
         nbytes = pages * PAGE_SIZE
-        if self.limit and (self._pages + pages) * PAGE_SIZE > self.limit:
-            raise PoolFull(f"pool limit {self.limit} B reached")
+        if self.limit and (self._pages + self._cached_pages + pages) * PAGE_SIZE > self.limit:
+            if self._cached_pages:
+                self.drop_cache()
+            if (self._pages + pages) * PAGE_SIZE > self.limit:
+                raise PoolFull(f"pool limit {self.limit} B reached")
         budget = self.budget
         if budget is not None:
             if budget.limit and budget.used + nbytes > budget.limit:
-                raise PoolFull(f"memory budget {budget.limit} B reached")
+                if self._cached_pages:
+                    self.drop_cache()
+                if budget.used + nbytes > budget.limit:
+                    raise PoolFull(f"memory budget {budget.limit} B reached")
             budget.used += nbytes
         self._pages += pages
 
@@ -408,6 +436,15 @@ class Pool:
         if self._closed:
             raise ValueError("pool is closed")
         k = cls.pages
+        if cls.warm:  # a zspage freed recently, still resident: no page faults, no new pages
+            zs = cls.warm.pop()
+            self._cached_pages -= k
+            self._pages += k
+            zs.grp = GROUP_EMPTY  # its free chain already covers every slot
+            self._zspages[zs.loc >> OBJ_BITS] = zs
+            cls.groups[GROUP_EMPTY].add(zs)
+            cls.nzspages += 1
+            return zs
         self._charge(k)
         try:
             arena = self._arena_with_room(k)
@@ -449,15 +486,36 @@ class Pool:
         """Free an empty zspage (already out of its group set): pages back to the OS."""
         cls = zs.cls
         cls.nzspages -= 1
-        arena = zs.arena
-        arena.give_back(zs.base)
+        k = cls.pages
+        zid = zs.loc >> OBJ_BITS
+        self._zspages[zid] = None
+        if self._cached_pages + k <= self._cache_max:  # keep it warm (still counted as held)
+            cls.warm.append(zs)  # keeps its id, run and (all-free) slot chain
+            self._cached_pages += k
+            self._pages -= k
+            return
+        self._free_zids.append(zid)
+        self._give_back(zs.arena, zs.base)
+        self._uncharge(k)
+
+    def _give_back(self, arena: _Arena, base: int) -> None:
+        arena.give_back(base)
         if arena.used == 0:
             self._arenas[arena.pages].remove(arena)
             arena.mm.close()
-        zid = zs.loc >> OBJ_BITS
-        self._zspages[zid] = None
-        self._free_zids.append(zid)
-        self._uncharge(cls.pages)
+
+    def drop_cache(self) -> int:
+        """Give every warm cached run back to the OS; returns the number of pages."""
+        n = self._cached_pages
+        for cls in self._classes:
+            for zs in cls.warm:
+                self._free_zids.append(zs.loc >> OBJ_BITS)
+                self._give_back(zs.arena, zs.base)
+            cls.warm.clear()
+        self._cached_pages = 0
+        if self.budget is not None:
+            self.budget.used -= n * PAGE_SIZE
+        return n
 
     def _undo_slot(self, zs: _Zspage, slot: int) -> None:
         zs[slot] = zs.fhead | SLOT_FREE
@@ -483,6 +541,7 @@ class Pool:
             if cls.objs > 1 and cls.compactable_pages() > 0:
                 freed += self._compact_class(cls)
         self._pages_compacted += freed
+        self.drop_cache()
         return freed
 
     def _compact_class(self, cls: _Class) -> int:
@@ -579,8 +638,9 @@ class Pool:
                 ar.mm.close()
         self._arenas.clear()
         if self.budget is not None:
-            self.budget.used -= self._pages * PAGE_SIZE
+            self.budget.used -= (self._pages + self._cached_pages) * PAGE_SIZE
         self._pages = 0
+        self._cached_pages = 0
         self._zspages = [None]
         self._free_zids = []
         self._tbl = array("Q", [FREE_TAG])
@@ -590,6 +650,7 @@ class Pool:
             c.cur = None
             c.used = 0
             c.nzspages = 0
+            c.warm = []
 
     def __enter__(self) -> Pool:
         return self
@@ -635,7 +696,9 @@ class Pool:
                 assert self._zspages[c.cur.loc >> OBJ_BITS] is c.cur and c.cur.grp != GROUP_FULL
         assert self._pages == sum(c.nzspages * c.pages for c in self._classes)
         arena_used = sum(a.used * a.pages for ars in self._arenas.values() for a in ars)
-        assert arena_used == self._pages
+        assert arena_used == self._pages + self._cached_pages
+        assert self._cached_pages == sum(c.pages * len(c.warm) for c in self._classes)
+        assert self._cached_pages <= self._cache_max
 
 
 def _pick(groups: list[set[_Zspage]], order: Iterable[int]) -> _Zspage | None:
