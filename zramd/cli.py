@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
 from zramd import __version__
+from zramd.cli_ops import ServeSetup, serve_operator_options
+from zramd.cli_ops import register as register_operator_commands
 from zramd.config import (
     DEFAULT_BIND,
     DEFAULT_PORT,
@@ -82,6 +85,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     "--max-payload", metavar="SIZE", default=None, help="Largest READ/WRITE accepted [64M]."
 )
 @click.option("--unix-mode", metavar="OCTAL", default=None, help="Unix socket mode [0600].")
+@serve_operator_options
 def serve(
     bind: str | None,
     port: int | None,
@@ -92,26 +96,32 @@ def serve(
     handshake_timeout: float | None,
     max_payload: str | None,
     unix_mode: str | None,
+    config_path: str | None = None,
+    swap: str | None = None,
+    control: str | None = None,
 ) -> None:
     """Serve exports over NBD until SIGTERM."""
+    flags: dict[str, Any] = dict(
+        bind=bind,
+        port=port,
+        unix=unix,
+        exports=exports,
+        stdio=stdio,
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+        max_payload=max_payload,
+        unix_mode=unix_mode,
+    )
     try:
-        cfg = build_serve_config(
-            bind=bind,
-            port=port,
-            unix=unix,
-            exports=exports,
-            stdio=stdio,
-            max_connections=max_connections,
-            handshake_timeout=handshake_timeout,
-            max_payload=max_payload,
-            unix_mode=unix_mode,
-        )
+        setup = ServeSetup(config_path, swap, control, stdio=stdio)
+        cfg = setup.server_config(**flags) if setup.file else build_serve_config(**flags)
+        setup.apply_swap_safety()
     except ConfigError as e:
         _fail(str(e))
         return
     from zramd.server.listener import run
 
-    sys.exit(run(cfg))
+    sys.exit(run(cfg, hooks=setup.hooks()))
 
 
 def build_serve_config(
@@ -157,6 +167,9 @@ def build_serve_config(
             raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
     cfg.validate()
     return cfg
+
+
+register_operator_commands(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,3 +111,51 @@ class Operator:
         if self.control is not None:
             await self.control.close()
             self.control = None
+
+
+class OperatorHooks:
+    """``ServeHooks`` for ``zramd.server.listener.serve``: builds and runs an :class:`Operator`
+    on the server's registry before the listeners bind."""
+
+    def __init__(
+        self,
+        *,
+        control_path: str | None,
+        control_required: bool = True,
+        config_path: str | None = None,
+        flag_exports: list[ExportConfig] | None = None,
+    ) -> None:
+        self.control_path = control_path
+        self.control_required = control_required
+        self.config_path = config_path
+        self.flag_exports = flag_exports or []
+        self.operator: Operator | None = None
+
+    async def start(self, server: Any) -> None:
+        from zramd.control.protocol import ControlError
+
+        op = Operator(
+            server.registry,
+            control_path=self.control_path,
+            config_path=self.config_path,
+            flag_exports=self.flag_exports,
+        )
+        try:
+            await op.start()
+        except (ControlError, OSError) as e:
+            if self.control_required:
+                await op.close()
+                raise
+            # the default control socket is optional: run without it, say why
+            log.warning("%s; running without a control socket (use --control PATH)", e)
+            op.control_path = None
+            await op.close()
+            op = Operator(server.registry, config_path=self.config_path,
+                          flag_exports=self.flag_exports)
+            await op.start()
+        self.operator = op
+
+    async def close(self) -> None:
+        if self.operator is not None:
+            await self.operator.close()
+            self.operator = None
