@@ -329,3 +329,16 @@ def test_structured_read_reports_holes(fresh_server: Server) -> None:
         h.shutdown()
     finally:
         close(h)
+
+
+def test_fua_accepted_on_every_command(handle: nbd.NBD) -> None:
+    base = 120 * MiB
+    fua = nbd.CMD_FLAG_FUA
+    handle.pwrite(b"f" * 8192, base, fua)
+    handle.zero(4096, base, fua | nbd.CMD_FLAG_NO_HOLE)
+    handle.zero(4096, base + 4096, fua | nbd.CMD_FLAG_FAST_ZERO)
+    handle.trim(4096, base + 8192, fua)
+    handle.flush(fua)
+    handle.cache(4096, base, fua)
+    assert handle.pread(8192, base, nbd.CMD_FLAG_DF) == bytes(8192)
+    still_works(handle, base)

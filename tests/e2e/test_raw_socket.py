@@ -309,3 +309,43 @@ def test_export_name_option_unknown_export_closes(srv: Server) -> None:
         c.greeting()
         c.send_option(raw.OPT_EXPORT_NAME, b"no-such-export")
         assert c.wait_closed(), "EXPORT_NAME of an unknown export must close the connection"
+
+
+# Transmission flags (nbd.md 1.3) the issue requires on a writable export.
+TF_HAS_FLAGS, TF_READ_ONLY, TF_FLUSH, TF_FUA, TF_ROTATIONAL = 0x1, 0x2, 0x4, 0x8, 0x10
+TF_TRIM, TF_WRITE_ZEROES, TF_DF, TF_MULTI_CONN, TF_CACHE, TF_FAST_ZERO = (
+    0x20, 0x40, 0x80, 0x100, 0x400, 0x800)
+TF_RW_SIMPLE = (TF_HAS_FLAGS | TF_FLUSH | TF_FUA | TF_TRIM | TF_WRITE_ZEROES | TF_MULTI_CONN
+                | TF_CACHE | TF_FAST_ZERO)
+
+
+def test_transmission_flags_exact(srv: Server) -> None:
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.go("zram0")
+        assert c.tflags == TF_RW_SIMPLE, f"{c.tflags:#x} != {TF_RW_SIMPLE:#x} (no DF without SR)"
+        c.disconnect()
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.send_option(raw.OPT_STRUCTURED_REPLY)
+        assert c.read_option_reply()[1] == raw.REP_ACK
+        c.go("zram0")
+        assert c.tflags == TF_RW_SIMPLE | TF_DF, f"{c.tflags:#x}"
+        c.disconnect()
+
+
+def test_read_only_flags(srv: Server) -> None:
+    srv.require_multi_export()
+    with raw.RawClient(srv.addr()) as c:
+        c.greeting()
+        c.go("ro")
+        assert c.tflags & TF_HAS_FLAGS and c.tflags & TF_READ_ONLY
+        assert not c.tflags & TF_ROTATIONAL
+        c.request(raw.CMD_WRITE, 0, 4096, cookie=31, payload=b"\x01" * 4096)
+        assert c.read_simple_reply(31) == raw.EPERM
+        c.request(raw.CMD_TRIM, 0, 4096, cookie=32)
+        assert c.read_simple_reply(32) == raw.EPERM
+        c.request(6, 0, 4096, cookie=33)  # WRITE_ZEROES
+        assert c.read_simple_reply(33) == raw.EPERM
+        assert c.read(0, 4096) == bytes(4096)
+        c.disconnect()
