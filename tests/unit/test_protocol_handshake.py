@@ -506,3 +506,9 @@ def test_transmission_flags(export: ExportInfo, structured: bool, flags: int) ->
     conn = new(structured=structured)
     run(conn, opt(8))
     assert conn.transmission_flags(export) == flags
+
+
+def test_oversize_export_name_closes_before_buffering() -> None:
+    conn = new()
+    (ev,) = run(conn, opt(1, length=4097))  # only the header arrived
+    assert isinstance(ev, ConnectionClosed) and ev.error

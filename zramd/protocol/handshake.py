@@ -197,9 +197,10 @@ class Handshake:
             return self._drain_then(length, self._reply_unsupported)
         if not spec.takes_data:
             return self._drain_then(length, lambda: self._run(spec, b""))
+        if opt == wire.OPT_EXPORT_NAME and length > self.limits.max_string:
+            # EXPORT_NAME cannot be answered with an error (nbd.md 1.2): close before buffering.
+            raise ProtocolError(f"EXPORT_NAME length {length} exceeds {self.limits.max_string}")
         if length > self.limits.max_option_length:
-            if opt == wire.OPT_EXPORT_NAME:
-                raise ProtocolError(f"EXPORT_NAME length {length} too big")
             return self._drain_then(length, self._reply_too_big)
         self.state = State.OPTION_DATA
         self.need = length
