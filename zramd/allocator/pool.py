@@ -111,6 +111,10 @@ AUTO_COMPACT_MIN_FRACTION = 0.125
 #: ... and at least this many pages.
 AUTO_COMPACT_MIN_PAGES = 64
 
+#: A group set is rebuilt when its table is this many times bigger than a fresh one would be.
+SET_SHRINK_SLACK = 4
+EMPTY_SET_BYTES = sys.getsizeof(set())
+
 _MMAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MMAP_PROT = mmap.PROT_READ | mmap.PROT_WRITE
 
@@ -313,11 +317,12 @@ class Pool:
 
     def store(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        if not 0 < n <= MAX_ALLOC_SIZE:
-            raise ValueError(f"object size {n} not in 1..{MAX_ALLOC_SIZE}")
-        cls = self._class_of[n]
+        try:  # _class_of[0] is None, _class_of[4097] does not exist: no range test needed
+            cls = self._class_of[n]
+            zs = cls.cur  # type: ignore[union-attr]
+        except (IndexError, AttributeError):
+            raise ValueError(f"object size {n} not in 1..{MAX_ALLOC_SIZE}") from None
         assert cls is not None
-        zs = cls.cur
         if zs is None:
             zs = self._select(cls)  # may raise PoolFull; nothing changed yet
         slot = zs.fhead
@@ -392,6 +397,8 @@ class Pool:
             self._frees_to_check = AUTO_COMPACT_CHECK_EVERY
             if self.auto_compact:
                 self.maybe_compact()
+            else:
+                self._shrink_sets()
 
     # ------------------------------------------------------------------ slow paths
 
@@ -528,11 +535,21 @@ class Pool:
         return sum(c.compactable_pages() for c in self._classes)
 
     def maybe_compact(self) -> int:
-        """Compact if enough pages could be won (the auto-compaction policy)."""
+        """Compact if enough pages could be won (the auto-compaction policy). Also shrinks
+        group sets left oversized by a burst (Python sets never shrink on removal)."""
+        self._shrink_sets()
         can = self.compactable_pages()
         if can >= AUTO_COMPACT_MIN_PAGES and can >= AUTO_COMPACT_MIN_FRACTION * self._pages:
             return self.compact()
         return 0
+
+    def _shrink_sets(self) -> None:
+        getsize = sys.getsizeof
+        for c in self._classes:
+            groups = c.groups
+            for g, s in enumerate(groups):
+                if getsize(s) > SET_SHRINK_SLACK * (EMPTY_SET_BYTES + 32 * len(s)):
+                    groups[g] = set(s)
 
     def compact(self) -> int:
         """Kernel ``zs_compact()``: returns the number of pages freed by this call."""
@@ -602,8 +619,9 @@ class Pool:
     # ------------------------------------------------------------------ stats
 
     def fragmentation(self) -> float:
-        """Fraction of the pages held that is not covered by live objects' class slots
-        (tail waste of zspages plus free slots). 0 for an empty pool."""
+        """Fraction of the live zspages' bytes not covered by live objects' class slots
+        (tail waste of zspages plus free slots; the warm cache is not counted). 0 when
+        empty."""
         if not self._pages:
             return 0.0
         used = sum(c.used * c.size for c in self._classes)
