@@ -409,3 +409,45 @@ async def test_async_paths_round_trip() -> None:
     await d.write(0, data)
     assert await d.read(0, 40 * PAGE) == data
     d.close()
+
+
+def test_huge_export_is_instant() -> None:
+    t0 = time.perf_counter()
+    d = ZramDevice(64 << 30)
+    assert time.perf_counter() - t0 < 0.5
+    d.write_sync((64 << 30) - PAGE, text_page(1))
+    assert d.read_sync((64 << 30) - PAGE, PAGE) == text_page(1)
+    assert d.block_status(0, 1 << 30) == [(1 << 30, HZ)]
+    d.trim_sync(0, 64 << 30)  # mkfs-style discard of everything
+    assert d.stats.orig_data_size == 0
+    d.close()
+
+
+def test_trim_gives_memory_back() -> None:
+    d = ZramDevice(2048 * PAGE)
+    rnd = random.Random(9)
+    d.write_sync(0, b"".join(text_page(rnd.getrandbits(16)) for _ in range(1024)))
+    held = d.stats.mem_used_total
+    assert held > 100 * PAGE
+    d.trim_sync(0, d.size)
+    st = d.stats
+    assert st.mem_used_total <= held // 10
+    assert st.mem_used_max >= held
+    d.close()
+
+
+def test_shared_budget_and_reset() -> None:
+    from zramd.allocator import MemoryBudget
+
+    budget = MemoryBudget(64 * PAGE)
+    a = ZramDevice(256 * PAGE, budget=budget, pool_cache_pages=0)
+    b = ZramDevice(256 * PAGE, budget=budget, pool_cache_pages=0)
+    a.write_sync(0, os.urandom(60 * PAGE))
+    with pytest.raises(NoSpace):
+        b.write_sync(0, os.urandom(8 * PAGE))
+    assert b.read_sync(0, 8 * PAGE) == bytes(8 * PAGE)
+    assert b.stats.failed_writes == 1
+    a.reset()  # gives its memory back to the shared budget
+    b.write_sync(0, os.urandom(8 * PAGE))
+    a.close()
+    b.close()
