@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from zramd.protocol.connection import Limits, ServerConnection
@@ -113,6 +114,7 @@ class Session(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False  # no more events taken; close once idle
+        self._pumping = False  # inside _pump: nested resumes are left to the outer loop
         self._lost = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -225,7 +227,7 @@ class Session(asyncio.Protocol):
                 pass
 
     def _maybe_resume(self) -> None:
-        if not self._reading_paused or self._closing or self._over_limit():
+        if self._pumping or not self._reading_paused or self._closing or self._over_limit():
             return
         self._pump()  # events the core already buffered come first
         if not self._over_limit() and not self._closing and self._reading_paused:
@@ -239,6 +241,18 @@ class Session(asyncio.Protocol):
     def _pump(self) -> None:
         conn = self.conn
         assert conn is not None
+        self._pumping = True
+        try:
+            self._pump_events(conn)
+        finally:
+            self._pumping = False
+        out = conn.data_to_send()
+        if out:
+            self._write(out)
+        if self._closing and self.in_flight == 0:
+            self._finish()
+
+    def _pump_events(self, conn: ServerConnection) -> None:
         while not self._closing:
             if self._over_limit():
                 self._pause_reading()
@@ -254,11 +268,6 @@ class Session(asyncio.Protocol):
             elif type(ev) is ConnectionClosed:
                 self._write(conn.data_to_send())
                 self._on_closed(ev)
-        out = conn.data_to_send()
-        if out:
-            self._write(out)
-        if self._closing and self.in_flight == 0:
-            self._finish()
 
     def _on_handshake(self, ev: HandshakeComplete) -> None:
         self._cancel_handshake_timer()
@@ -303,7 +312,14 @@ class Session(asyncio.Protocol):
         self.in_flight += 1
         self.in_flight_bytes += nbytes
         self.requests += 1
-        task = asyncio.get_running_loop().create_task(self._handle(req, nbytes))
+        # Run the handler inline until its first real suspension: a request the device completes
+        # without waiting (most single-page ones) costs no Task. Otherwise a Task resumes it.
+        coro = self._handle(req, nbytes)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_resume(coro, yielded))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -386,6 +402,24 @@ class Session(asyncio.Protocol):
                 self.ctx.handshake_timeout,
             )
             self.abort()
+
+
+class _Resume:
+    """Continue a coroutine that was started inline and suspended on ``yielded``."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield self.yielded  # hand the pending future (or None) to the Task, as the coroutine did
+        return (yield from self.coro.__await__())
+
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    await _Resume(coro, yielded)
 
 
 def _fmt_peer(peer: Any) -> str:
