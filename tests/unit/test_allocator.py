@@ -466,3 +466,27 @@ def test_warm_cache_accounting_and_limits() -> None:
         assert p.total_bytes == p.cached_bytes == 1 * PAGE  # 5-page zspage too big to keep
         assert p.compact() == 0 and p.total_bytes == 0 == budget.used
         p.check()
+
+
+def test_compaction_moves_least_used_into_most_used() -> None:
+    with Pool(auto_compact=False) as p:
+        # class 1024: 4 objects per 1-page zspage; 3 zspages A, B, C
+        hs = [p.store(bytes([i]) * 1024) for i in range(12)]
+        zid = {h: p._tbl[h] >> 12 for h in hs}
+        a, b, c = zid[hs[0]], zid[hs[4]], zid[hs[8]]
+        assert len({a, b, c}) == 3
+        for h in (hs[0],):  # A: 3/4
+            p.free(h)
+        for h in hs[4:7]:  # B: 1/4 (hs[7] left)
+            p.free(h)
+        for h in hs[8:10]:  # C: 2/4
+            p.free(h)
+        assert p.compactable_pages() == 1
+        assert p.compact() == 1
+        # B (least used) was emptied into A (most used); C untouched
+        assert p._tbl[hs[7]] >> 12 == a
+        assert p._zspages[b] is None
+        assert [p._tbl[h] >> 12 for h in hs[10:12]] == [c, c]
+        assert p.load(hs[7], 1024) == bytes([7]) * 1024
+        assert p.total_bytes == 2 * PAGE and p.pages_compacted == 1
+        p.check()
