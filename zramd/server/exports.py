@@ -7,9 +7,9 @@ sessions attached to it). It implements the protocol's :class:`~zramd.protocol.e
 (``lookup`` / ``list_exports``), so the handshake learns about exports only through it. The empty
 name is the default export: the one named by ``default`` if set, else the first one added.
 
-All exports of a registry share one codec executor (a small thread pool created by the server),
-handed to each device. Every connection to an export uses the same device object, which is what
-makes CAN_MULTI_CONN honest.
+All exports of a registry share one codec executor (a small thread pool created by the server)
+and, when a global memory limit is set, one memory budget, both handed to each device. Every
+connection to an export uses the same device object, which is what makes CAN_MULTI_CONN honest.
 
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions first.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Any, Protocol
 
 from zramd.config import (
     BACKEND_CORRUPT_READ,
@@ -46,8 +46,11 @@ class ExportBusy(Exception):
     """remove() without force while clients are connected."""
 
 
-def make_device(cfg: ExportConfig, executor: Executor | None = None) -> BlockDevice:
-    """Build the device for ``cfg`` (its ``backend``)."""
+def make_device(
+    cfg: ExportConfig, executor: Executor | None = None, budget: Any = None
+) -> BlockDevice:
+    """Build the device for ``cfg`` (its ``backend``); ``budget`` is the server-wide
+    :class:`~zramd.allocator.MemoryBudget` (or None)."""
     if cfg.backend == BACKEND_PLAIN:
         from zramd.device.plain import PlainDevice
 
@@ -69,6 +72,7 @@ def make_device(cfg: ExportConfig, executor: Executor | None = None) -> BlockDev
         algorithm=cfg.algorithm,
         level=cfg.level,
         mem_limit=cfg.mem_limit,
+        budget=budget,
         executor=executor,
     )
     return dev
@@ -110,9 +114,12 @@ class ExportRegistry:
         executor: Executor | None = None,
         *,
         default: str | None = None,
+        budget: Any = None,
     ) -> None:
         self._exports: dict[str, Export] = {}
         self._executor = executor
+        #: server-wide MemoryBudget shared by every export's pool (None: no global limit)
+        self.budget = budget
         self.default = default
 
     # --- ExportCatalog --------------------------------------------------------------------------
@@ -138,7 +145,7 @@ class ExportRegistry:
         if config.name in self._exports:
             raise ConfigError(f"export {config.name!r} already exists")
         if device is None:
-            device = make_device(config, self._executor)
+            device = make_device(config, self._executor, self.budget)
         exp = Export(config, device)
         self._exports[config.name] = exp
         return exp

@@ -95,7 +95,9 @@ class Server:
         self.config = config
         self.executor = ThreadPoolExecutor(CODEC_WORKERS, thread_name_prefix="zramd-codec")
         if registry is None:
-            registry = ExportRegistry(self.executor, default=config.default_export)
+            registry = ExportRegistry(
+                self.executor, default=config.default_export, budget=_budget(config)
+            )
             for e in config.exports:
                 registry.add(e)
         self.registry = registry
@@ -277,6 +279,17 @@ class Server:
                 if (st.st_dev, st.st_ino) == self._unix_ino:
                     os.unlink(self._unix_path)
             self._unix_path = None
+
+
+def _budget(config: ServerConfig) -> Any:
+    """The server-wide memory budget for ``global_mem_limit`` (None when unlimited)."""
+    if not config.global_mem_limit:
+        return None
+    try:
+        from zramd.allocator import MemoryBudget
+    except ImportError:  # pragma: no cover - the allocator is part of the package
+        return None
+    return MemoryBudget(config.global_mem_limit)
 
 
 class _NullServer:
