@@ -12,16 +12,22 @@ Entry ``i`` describes device page ``i`` with four parallel arrays (12 bytes per 
 * ``codec`` (uint8): index of the codec a STORED page was compressed with (the device keeps the
   list), so the algorithm can change while old pages stay readable.
 
-The arrays come from ``np.zeros``, which the kernel commits lazily: an empty 64 GiB table costs
-no RSS until pages are written. Bulk helpers therefore never write over whole ranges, only over
-the entries that are not already EMPTY. Scalar access on the hot path goes through memoryviews of
-the arrays (``*_mv``), which return Python ints ~3x faster than numpy scalar indexing.
+The arrays live in anonymous ``mmap`` regions, which the kernel commits lazily, 4 KiB at a time:
+an empty 64 GiB table costs no RSS until pages are written. (Not ``np.zeros``: numpy advises
+transparent huge pages for big arrays, so one write would commit 2 MiB of table.) Bulk helpers
+therefore never write over whole ranges, only over the entries that are not already EMPTY.
+Scalar access on the hot path goes through memoryviews of the arrays (``*_mv``), which return
+Python ints ~3x faster than numpy scalar indexing.
 
 The table knows nothing about pools or codecs: it stores numbers. Only the device mutates it, on
 the event-loop thread.
 """
 
 from __future__ import annotations
+
+import contextlib
+import mmap
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -54,20 +60,33 @@ class PageTable:
         "handle_mv",
         "size_mv",
         "codec_mv",
+        "_maps",
     )
 
     def __init__(self, npages: int) -> None:
         assert npages >= 0
         self.npages = npages
-        self.state: npt.NDArray[np.uint8] = np.zeros(npages, dtype=np.uint8)
-        self.handle: npt.NDArray[np.uint64] = np.zeros(npages, dtype=np.uint64)
-        self.size: npt.NDArray[np.uint16] = np.zeros(npages, dtype=np.uint16)
-        self.codec: npt.NDArray[np.uint8] = np.zeros(npages, dtype=np.uint8)
+        self._maps: list[mmap.mmap] = []
+        self.state: npt.NDArray[np.uint8] = self._zeros(npages, np.uint8)
+        self.handle: npt.NDArray[np.uint64] = self._zeros(npages, np.uint64)
+        self.size: npt.NDArray[np.uint16] = self._zeros(npages, np.uint16)
+        self.codec: npt.NDArray[np.uint8] = self._zeros(npages, np.uint8)
         # memoryviews for fast scalar get/set (Python ints in and out)
         self.state_mv = self.state.data.cast("B")
         self.handle_mv = self.handle.data.cast("B").cast("Q")
         self.size_mv = self.size.data.cast("B").cast("H")
         self.codec_mv = self.codec.data.cast("B")
+
+    def _zeros(self, n: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+        """A zero-filled array in its own lazily committed anonymous mapping (no huge pages)."""
+        itemsize = np.dtype(dtype).itemsize
+        m = mmap.mmap(-1, max(n * itemsize, mmap.PAGESIZE))
+        nohuge = getattr(mmap, "MADV_NOHUGEPAGE", None)
+        if nohuge is not None:
+            with contextlib.suppress(OSError):
+                m.madvise(nohuge)
+        self._maps.append(m)
+        return np.frombuffer(m, dtype=dtype, count=n)
 
     @property
     def nbytes(self) -> int:
@@ -75,9 +94,17 @@ class PageTable:
         return self.npages * ENTRY_BYTES
 
     def release(self) -> None:
-        """Drop the views so the arrays can be freed."""
+        """Drop the views and unmap the arrays (the table is unusable afterwards)."""
         for mv in (self.state_mv, self.handle_mv, self.size_mv, self.codec_mv):
             mv.release()
+        empty = np.zeros(0, dtype=np.uint8)
+        self.state = self.codec = empty
+        self.handle = empty.view(np.uint64)
+        self.size = empty.view(np.uint16)
+        for m in self._maps:
+            with contextlib.suppress(BufferError):  # someone still holds a view: GC unmaps it
+                m.close()
+        self._maps = []
 
     # --- bulk helpers (vectorised) ------------------------------------------------------------
 
