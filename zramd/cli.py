@@ -49,7 +49,28 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_CONFIG)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A click group whose usage errors are one line (``zramd: error: ...``, exit 2)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare ``zramd``: show the help
+                click.echo(e.format_message())
+                sys.exit(0)
+            _fail(e.format_message())
+        except click.ClickException as e:
+            click.echo(f"zramd: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("zramd: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="zramd")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.pass_context
