@@ -154,7 +154,7 @@ def format_table(
     rows: list[dict[str, Any]], columns: list[str], *, raw_bytes: bool, headings: bool
 ) -> str:
     table = [[format_cell(r, c, raw_bytes) for c in columns] for r in rows]
-    widths = [len(c) for c in columns]
+    widths = [len(c) if headings else 0 for c in columns]
     for line in table:
         widths = [max(w, len(cell)) for w, cell in zip(widths, line, strict=True)]
     left = {c for c in columns if COLUMNS[c][1] == "str"}

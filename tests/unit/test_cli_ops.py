@@ -1,0 +1,315 @@
+"""Operator CLI: attach/detach command plans, list formatting, serve config merging, and the
+commands through click's CliRunner against a real ControlServer running in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from zramd.cli import main
+from zramd.cli_ops import (
+    ServeSetup,
+    format_table,
+    human_size,
+    merge_serve_config,
+    parse_columns,
+)
+from zramd.config import ConfigError
+from zramd.configfile import load_file
+from zramd.control.attach import AttachError, attach_plan, detach_plan, find_free_nbd
+from zramd.control.server import ControlServer
+from zramd.server.exports import ExportRegistry
+
+MIB = 1 << 20
+
+# --- attach / detach plans ---------------------------------------------------------------------
+
+
+def test_attach_swap_plan() -> None:
+    p = attach_plan("zram0", "/dev/nbd0", swap=True)
+    assert p.commands() == [
+        ["nbd-client", "-N", "zram0", "127.0.0.1", "10809", "/dev/nbd0", "-b", "4096", "-swap"],
+        ["mkswap", "/dev/nbd0"],
+        ["swapon", "--discard", "--priority", "100", "/dev/nbd0"],
+    ]
+    assert p.steps[0].undo == ["nbd-client", "-d", "/dev/nbd0"]
+    assert p.steps[2].undo == ["swapoff", "/dev/nbd0"]
+
+
+def test_attach_options_plan() -> None:
+    p = attach_plan(
+        "data", "/dev/nbd7", unix="/run/zramd/nbd.sock", connections=4, timeout=30,
+        mkfs="ext2", mount="/mnt/z",
+    )
+    assert p.commands() == [
+        ["nbd-client", "-N", "data", "-u", "/run/zramd/nbd.sock", "/dev/nbd7", "-b", "4096",
+         "-C", "4", "-t", "30"],
+        ["mkfs.ext2", "-q", "/dev/nbd7"],
+        ["mkdir", "-p", "/mnt/z"],
+        ["mount", "-o", "discard", "/dev/nbd7", "/mnt/z"],
+    ]
+    p = attach_plan("x", "/dev/nbd1", swap=True, priority=-1, host="::1", port=1234)
+    assert p.commands()[0][3:5] == ["::1", "1234"]
+    assert p.commands()[2] == ["swapon", "--discard", "--priority", "-1", "/dev/nbd1"]
+    p = attach_plan("x", "/dev/nbd1", read_only=True, mount="/m")
+    assert "-readonly" in p.commands()[0] and p.commands()[-1][:3] == ["mount", "-o", "ro"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        ({"device": "/dev/sda"}, "expected /dev/nbdN"),
+        ({"swap": True, "mount": "/m"}, "cannot be combined"),
+        ({"priority": 3}, "--priority needs --swap"),
+        ({"mkfs": "ext2"}, "--mkfs needs --mount"),
+        ({"mkfs": "ntfs", "mount": "/m"}, "unsupported --mkfs"),
+        ({"swap": True, "read_only": True}, "read-only"),
+        ({"connections": 0}, "--connections"),
+        ({"swap": True, "priority": 40000}, "-1..32767"),
+        ({"mount": "rel/dir"}, "absolute"),
+        ({"name": ""}, "must not be empty"),
+    ],
+)
+def test_attach_plan_errors(kwargs: dict[str, Any], msg: str) -> None:
+    args = {"name": "a", "device": "/dev/nbd0", **kwargs}
+    with pytest.raises(AttachError, match=msg):
+        attach_plan(args.pop("name"), args.pop("device"), **args)
+
+
+SWAPS = """Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
+/dev/nbd0                               partition\t1048572\t\t0\t\t100
+/dev/zram0                              partition\t8388604\t\t0\t\t100
+"""
+MOUNTS = """/dev/sda1 / ext4 rw 0 0
+/dev/nbd1 /mnt/a\\040b ext2 rw,discard 0 0
+/dev/nbd1 /srv/bind ext2 rw 0 0
+"""
+
+
+def test_detach_plans() -> None:
+    assert detach_plan("/dev/nbd0", SWAPS, MOUNTS).commands() == [
+        ["swapoff", "/dev/nbd0"],
+        ["nbd-client", "-d", "/dev/nbd0"],
+    ]
+    assert detach_plan("/dev/nbd1", SWAPS, MOUNTS).commands() == [
+        ["umount", "/srv/bind"],
+        ["umount", "/mnt/a b"],
+        ["nbd-client", "-d", "/dev/nbd1"],
+    ]
+    assert detach_plan("/dev/nbd2", SWAPS, MOUNTS).commands() == [["nbd-client", "-d", "/dev/nbd2"]]
+    with pytest.raises(AttachError):
+        detach_plan("/dev/nbd", "", "")
+
+
+def test_find_free_nbd(tmp_path: Path) -> None:
+    with pytest.raises(AttachError, match="modprobe nbd"):
+        find_free_nbd(str(tmp_path))
+    for i, (pid, size) in enumerate([(True, "0"), (False, "2048"), (False, "0")]):
+        d = tmp_path / f"nbd{i}"
+        d.mkdir()
+        (d / "size").write_text(size + "\n")
+        if pid:
+            (d / "pid").write_text("1\n")
+    (tmp_path / "sda").mkdir()
+    assert find_free_nbd(str(tmp_path)) == "/dev/nbd2"
+    (tmp_path / "nbd2" / "pid").write_text("2\n")
+    with pytest.raises(AttachError, match="in use"):
+        find_free_nbd(str(tmp_path))
+
+
+def test_cli_attach_dry_run_and_errors() -> None:
+    r = CliRunner().invoke(
+        main, ["attach", "zram0", "/dev/nbd3", "--swap", "--priority", "5", "--dry-run"]
+    )
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "nbd-client -N zram0 127.0.0.1 10809 /dev/nbd3 -b 4096 -swap",
+        "mkswap /dev/nbd3",
+        "swapon --discard --priority 5 /dev/nbd3",
+    ]
+    r = CliRunner().invoke(main, ["attach", "zram0", "/dev/nbd3", "--swap", "--mount", "/x"])
+    assert r.exit_code == 1
+    assert r.output == "zramd: error: --swap cannot be combined with --mkfs or --mount\n"
+    r = CliRunner().invoke(main, ["detach", "/dev/nbd9", "--dry-run"])
+    assert r.exit_code == 0 and r.output.strip().endswith("nbd-client -d /dev/nbd9")
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0B"), (512, "512B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
+     (4 << 30, "4G"), (int(4.25 * (1 << 20)), "4.2M"), ((1 << 20) - 1, "1M"), (3 << 40, "3T")],
+)
+def test_human_size(n: int, text: str) -> None:
+    assert human_size(n) == text
+
+
+def test_columns() -> None:
+    assert parse_columns(None)[0] == "NAME" and parse_columns(None)[-1] == "CLIENTS"
+    assert parse_columns("name,data") == ["NAME", "DATA"]
+    assert parse_columns("+ro")[-1] == "RO"
+    with pytest.raises(ConfigError, match="unknown column 'BOGUS'"):
+        parse_columns("name,bogus")
+
+
+def test_format_table_alignment() -> None:
+    rows = [
+        {"name": "zram0", "disksize": 4 << 30, "data": 5000, "algorithm": "lz4", "clients": 2},
+        {"name": "x", "disksize": 1 << 20, "data": 0, "algorithm": "zstd", "clients": 0},
+    ]
+    out = format_table(rows, ["NAME", "DISKSIZE", "DATA", "ALGORITHM", "CLIENTS"],
+                       raw_bytes=False, headings=True)
+    assert out.splitlines() == [
+        "NAME  DISKSIZE DATA ALGORITHM CLIENTS",
+        "zram0       4G 4.9K lz4             2",
+        "x           1M   0B zstd            0",
+    ]
+    out = format_table(rows, ["NAME", "DISKSIZE"], raw_bytes=True, headings=False)
+    assert out.splitlines() == ["zram0 4294967296", "x        1048576"]
+
+
+# --- serve configuration ------------------------------------------------------------------------
+
+
+def test_merge_serve_config_flags_override(tmp_path: Path) -> None:
+    p = tmp_path / "z.toml"
+    p.write_text(
+        'bind = "127.0.0.1"\nport = 10999\nmax-connections = 5\n'
+        '[export.a]\nsize = "8M"\n[export.b]\nsize = "8M"\n'
+    )
+    fc = load_file(p)
+    cfg = merge_serve_config(fc.server, port=11000, exports=["b=16M,algorithm=zstd", "c=4M"])
+    assert (cfg.bind, cfg.port, cfg.max_connections) == ("127.0.0.1", 11000, 5)
+    assert [(e.name, e.size, e.algorithm) for e in cfg.exports] == [
+        ("a", 8 * MIB, "lz4"), ("b", 16 * MIB, "zstd"), ("c", 4 * MIB, "lz4"),
+    ]
+    fc = load_file(p)
+    cfg = merge_serve_config(fc.server, unix="/tmp/s", bind="")
+    assert cfg.unix == "/tmp/s" and cfg.bind is None
+    with pytest.raises(ConfigError, match="--stdio cannot"):
+        merge_serve_config(load_file(p).server, stdio=True, port=1)
+
+
+def test_serve_setup_precedence(tmp_path: Path) -> None:
+    p = tmp_path / "z.toml"
+    p.write_text('control = "/tmp/from-file.sock"\nswap = "on"\n[export.a]\nsize = "8M"\n')
+    s = ServeSetup(str(p), None, None)
+    assert s.control == "/tmp/from-file.sock" and s.control_required and s.swap == "on"
+    s = ServeSetup(str(p), "require", "/tmp/flag.sock")
+    assert s.control == "/tmp/flag.sock" and s.swap == "require"
+    s = ServeSetup(str(p), None, "")
+    assert s.control is None
+    s = ServeSetup("", None, None)
+    assert s.file is None and s.swap == "off"
+    assert s.control == "/run/zramd/control.sock" and not s.control_required
+    assert ServeSetup("", None, None, stdio=True).control is None
+    with pytest.raises(ConfigError, match="cannot read"):
+        ServeSetup(str(tmp_path / "missing.toml"), None, None)
+
+
+def test_cli_serve_bad_config_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[export.a]\nsize = \"ram *\"\n")
+    r = CliRunner().invoke(main, ["serve", "--config", str(p), "--control", ""])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"zramd: error: {p}: export.a: size:")
+
+
+# --- commands against a live ControlServer ------------------------------------------------------
+
+
+class LoopThread:
+    def __init__(self, path: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.registry = ExportRegistry()
+        self.server = ControlServer(self.registry, path)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.server.start())
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def stop(self) -> None:
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.registry.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[LoopThread, str]]:
+    path = str(tmp_path / "c.sock")
+    lt = LoopThread(path)
+    yield lt, path
+    lt.stop()
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_commands(daemon: tuple[LoopThread, str]) -> None:
+    lt, path = daemon
+    c = ("--control", path)
+    r = cli("create", "z", "--size", "8M", "-a", "zstd", "--level", "5", "--mem-limit", "4M", *c)
+    assert r.exit_code == 0 and r.stdout == "created z: 8M zstd\n"
+    r = cli("create", "z", "--size", "8M", *c)
+    assert r.exit_code == 1 and r.stderr == "zramd: error: export 'z' already exists\n"
+    r = cli("create", "y", "--size", "8X", *c)
+    assert r.exit_code == 1 and r.stderr.startswith("zramd: error: bad size '8X'")
+    text = b"".join(b"record %08d some repeated text\n" % i for i in range(4096))
+    lt.run(lt.registry.get("z").device.write(0, text[: 64 * 1024]))
+    r = cli("list", *c)
+    assert r.exit_code == 0
+    head, row = r.stdout.splitlines()
+    assert head.split() == [
+        "NAME", "DISKSIZE", "DATA", "COMPR", "ALGORITHM", "ZERO-PAGES", "TOTAL", "MEM-LIMIT",
+        "MEM-USED", "COMP-RATIO", "CLIENTS",
+    ]
+    cells = row.split()
+    assert cells[0] == "z" and cells[1] == "8M" and cells[2] == "64K" and cells[4] == "zstd"
+    assert cells[7] == "4M" and cells[10] == "0"
+    r = cli("list", "--json", *c)
+    (obj,) = json.loads(r.stdout)["exports"]
+    assert obj["data"] == 65536 and obj["disksize"] == 8 * MIB and obj["mem_limit"] == 4 * MIB
+    assert 0 < obj["compr"] < 65536 and obj["comp_ratio"] > 1
+    r = cli("list", "-b", "-n", "-o", "name,disksize", *c)
+    assert r.stdout == f"z {8 * MIB}\n"
+    r = cli("list", "-o", "name,nope", *c)
+    assert r.exit_code == 1 and "unknown column 'NOPE'" in r.stderr
+    r = cli("stat", "z", "--json", *c)
+    st = json.loads(r.stdout)
+    assert st["mm_stat"]["orig_data_size"] == 65536 and st["io_stat"]["failed_writes"] == 0
+    r = cli("stat", "z", *c)
+    assert "mm_stat: 65536 " in r.stdout and "io_stat: 0 0 0 0" in r.stdout
+    r = cli("set", "z", "--mem-limit", "0", "-a", "lz4", *c)
+    assert r.exit_code == 0 and r.stdout == "z: algorithm lz4, mem-limit 0B\n"
+    r = cli("compact", *c)
+    assert r.exit_code == 0 and r.output.startswith("z: ") and "pages compacted" in r.stdout
+    r = cli("reset", "z", *c)
+    assert r.exit_code == 0
+    assert json.loads(cli("list", "--json", *c).stdout)["exports"][0]["data"] == 0
+    r = cli("destroy", "z", *c)
+    assert r.exit_code == 0 and r.stdout == "destroyed z\n"
+    r = cli("stat", "z", *c)
+    assert r.exit_code == 1 and r.stderr == "zramd: error: no export named 'z'\n"
+    r = cli("reload", *c)
+    assert r.exit_code == 1 and "no configuration file" in r.stderr
+
+
+def test_cli_unreachable_daemon(tmp_path: Path) -> None:
+    r = cli("list", "--control", str(tmp_path / "none.sock"))
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and "cannot reach zramd at" in r.stderr
