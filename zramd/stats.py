@@ -55,9 +55,10 @@ class DeviceStats:
     #: pages ever stored raw (cumulative, never decremented).
     huge_pages_since: int = 0
     # --- io_stat -------------------------------------------------------------------------------
-    #: reads that failed (a stored page did not decompress intact -> EIO).
+    #: read requests that failed (a stored page did not decompress intact -> EIO); per request.
     failed_reads: int = 0
-    #: writes that failed (memory limit reached -> ENOSPC); nothing was changed by them.
+    #: write requests that failed (memory limit -> ENOSPC, or the old page of a partial write
+    #: was unreadable -> EIO); nothing was changed by them. Per request, as zram counts per bio.
     failed_writes: int = 0
     #: always 0, as in the kernel (the field once counted invalid I/O; the server validates).
     invalid_io: int = 0

@@ -401,11 +401,9 @@ class ZramDevice:
             try:
                 return self._codecs[t.codec_mv[idx]].decompress(data, PAGE_SIZE)
             except CodecError as exc:
-                self._stats.failed_reads += 1
                 raise DeviceIOError(f"page {idx}: {exc}") from None
         data = self._pool.load(t.handle_mv[idx], PAGE_SIZE)
         if len(data) != PAGE_SIZE:
-            self._stats.failed_reads += 1
             raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
         return data
 
@@ -437,11 +435,15 @@ class ZramDevice:
             return b""
         skip = offset & PAGE_MASK
         first = offset >> PAGE_SHIFT
-        if length == PAGE_SIZE and not skip:
-            return self._read_page(first)
-        last = (offset + length - 1) >> PAGE_SHIFT
-        read_page = self._read_page
-        buf = b"".join([read_page(i) for i in range(first, last + 1)])
+        try:
+            if length == PAGE_SIZE and not skip:
+                return self._read_page(first)
+            last = (offset + length - 1) >> PAGE_SHIFT
+            read_page = self._read_page
+            buf = b"".join([read_page(i) for i in range(first, last + 1)])
+        except DeviceIOError:
+            self._stats.failed_reads += 1  # per request, as zram counts per bio
+            raise
         if skip or len(buf) != length:
             return buf[skip : skip + length]
         return buf
@@ -467,6 +469,16 @@ class ZramDevice:
             tail = bytes(page)
         return head, pos, mid_end, tail
 
+    def _edges_for_write(
+        self, offset: int, mv: memoryview
+    ) -> tuple[bytes | None, int, int, bytes | None]:
+        """``_edges``; an unreadable old page fails the write (failed_writes, as zram)."""
+        try:
+            return self._edges(offset, mv)
+        except DeviceIOError:
+            self._stats.failed_writes += 1
+            raise
+
     @staticmethod
     def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
         mv = memoryview(data)
@@ -490,7 +502,7 @@ class ZramDevice:
         if not len(mv):
             return
         cid = self._codec_id
-        head, mid_start, mid_end, tail = self._edges(offset, mv)
+        head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
         prepared = _prepare_range(
             head, mv, mid_start, mid_end, tail, self._codecs[cid].compress, self._threshold
         )
@@ -533,7 +545,11 @@ class ZramDevice:
                 idx = off >> PAGE_SHIFT
                 if self._table.state_mv[idx] == EMPTY:
                     continue  # already reads as zeros
-                page = bytearray(self._read_page(idx))
+                try:
+                    page = bytearray(self._read_page(idx))
+                except DeviceIOError:
+                    self._stats.failed_writes += 1
+                    raise
                 skip = off & PAGE_MASK
                 assert skip + n <= PAGE_SIZE
                 page[skip : skip + n] = bytes(n)
@@ -623,7 +639,11 @@ class ZramDevice:
         self._check(offset, length)
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
-        snap = self._snapshot(first, last)  # atomic: no await in between
+        try:
+            snap = self._snapshot(first, last)  # atomic: no await in between
+        except DeviceIOError:
+            self._stats.failed_reads += 1
+            raise
         try:
             buf: bytes = await self._run_in_executor(_decompress_snapshot, snap)
         except CodecError as exc:
@@ -655,7 +675,7 @@ class ZramDevice:
         r = await self._acquire(first, last)
         try:
             cid = self._codec_id
-            head, mid_start, mid_end, tail = self._edges(offset, mv)
+            head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
             prepared: list[Prepared] = await self._run_in_executor(
                 _prepare_range,
                 head,
