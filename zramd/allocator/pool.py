@@ -14,10 +14,11 @@ an object length straight to its class, so lookup is one list index.
 **Memory.** Pages come from a few big anonymous *private* mmap arenas (``arena_size``, 64 MiB
 by default; private so that ``MADV_DONTNEED`` really frees the pages). An arena is cut into
 equal runs of ``k`` pages and only serves zspages of ``k`` pages, so a freed run always fits
-the next zspage of that arena and no run-level fragmentation can build up. Every page of a
-freed zspage is handed back with ``madvise(MADV_DONTNEED)``; an arena with no zspage left is
-unmapped. ``total_bytes`` = pages of live zspages x 4096 (kernel ``mem_used_total``); the
-Python-side bookkeeping is reported apart as ``metadata_bytes``.
+the next zspage of that arena and no run-level fragmentation can build up; arenas with a free
+run sit on a per-run-size stack, so finding room is O(1). Every page of a freed zspage is
+handed back with ``madvise(MADV_DONTNEED)``; an arena with no zspage left is unmapped.
+``total_bytes`` = pages of live zspages x 4096 (kernel ``mem_used_total``); the Python-side
+bookkeeping is reported apart as ``metadata_bytes``.
 
 **Zspage.** One small ``_Zspage`` object per zspage (never one per stored object). It *is* an
 ``array('I')`` subclass holding the out-of-line reverse map (slot -> handle), whose free
@@ -141,7 +142,7 @@ class MemoryBudget:
 class _Arena:
     """One anonymous mapping cut into equal runs of ``pages`` pages."""
 
-    __slots__ = ("mm", "pages", "run_bytes", "nruns", "bump", "free_runs", "used")
+    __slots__ = ("mm", "pages", "run_bytes", "nruns", "bump", "free_runs", "used", "in_room")
 
     def __init__(self, pages: int, arena_size: int) -> None:
         self.pages = pages
@@ -149,7 +150,8 @@ class _Arena:
         self.nruns = max(1, arena_size // self.run_bytes)
         self.mm = mmap.mmap(-1, self.nruns * self.run_bytes, flags=_MMAP_FLAGS, prot=_MMAP_PROT)
         self.bump = 0  # runs never handed out start here
-        self.free_runs: list[int] = []  # byte offsets of runs given back
+        self.free_runs = array("Q")  # byte offsets of runs given back (no Python int each)
+        self.in_room = False  # on the pool's stack of arenas with room
         self.used = 0  # live zspages
 
     def has_room(self) -> bool:
@@ -254,8 +256,9 @@ class Pool:
         self._tbl = array("Q", [FREE_TAG])  # entry 0: never a live handle
         self._free_head = 0
         self._zspages: list[_Zspage | None] = [None]  # id 0 unused: live entries are > 0
-        self._free_zids: list[int] = []
-        self._arenas: dict[int, list[_Arena]] = {}  # pages per run -> arenas
+        self._free_zids = array("Q")  # recyclable zspage ids
+        self._arenas: dict[int, list[_Arena]] = {}  # pages per run -> its arenas
+        self._room: dict[int, list[_Arena]] = {}  # pages per run -> stack of arenas with room
         self._pages = 0  # pages of live zspages
         self._pages_compacted = 0
         if cache_pages < 0:
@@ -479,15 +482,19 @@ class Pool:
         return zs
 
     def _arena_with_room(self, pages: int) -> _Arena:
-        arenas = self._arenas.setdefault(pages, [])
-        best: _Arena | None = None
-        for ar in arenas:  # the fullest one with room: lets the others drain and be unmapped
-            if ar.has_room() and (best is None or ar.used > best.used):
-                best = ar
-        if best is None:
-            best = _Arena(pages, self._arena_size)
-            arenas.append(best)
-        return best
+        """O(1): the top of the stack of arenas that had room (full ones are dropped lazily)."""
+        room = self._room.setdefault(pages, [])
+        while room:
+            ar = room[-1]
+            if ar.has_room():
+                return ar
+            room.pop()
+            ar.in_room = False
+        ar = _Arena(pages, self._arena_size)
+        self._arenas.setdefault(pages, []).append(ar)
+        room.append(ar)
+        ar.in_room = True
+        return ar
 
     def _release(self, zs: _Zspage) -> None:
         """Free an empty zspage (already out of its group set): pages back to the OS."""
@@ -507,9 +514,14 @@ class Pool:
 
     def _give_back(self, arena: _Arena, base: int) -> None:
         arena.give_back(base)
-        if arena.used == 0:
+        if arena.used == 0:  # entirely empty: unmap it (rare, so the O(arenas) removes are fine)
             self._arenas[arena.pages].remove(arena)
+            if arena.in_room:
+                self._room[arena.pages].remove(arena)
             arena.mm.close()
+        elif not arena.in_room:
+            self._room[arena.pages].append(arena)
+            arena.in_room = True
 
     def drop_cache(self) -> int:
         """Give every warm cached run back to the OS; returns the number of pages."""
@@ -655,12 +667,13 @@ class Pool:
             for ar in arenas:
                 ar.mm.close()
         self._arenas.clear()
+        self._room.clear()
         if self.budget is not None:
             self.budget.used -= (self._pages + self._cached_pages) * PAGE_SIZE
         self._pages = 0
         self._cached_pages = 0
         self._zspages = [None]
-        self._free_zids = []
+        self._free_zids = array("Q")
         self._tbl = array("Q", [FREE_TAG])
         self._free_head = 0
         for c in self._classes:
@@ -714,6 +727,9 @@ class Pool:
                 assert self._zspages[c.cur.loc >> OBJ_BITS] is c.cur and c.cur.grp != GROUP_FULL
         assert self._pages == sum(c.nzspages * c.pages for c in self._classes)
         arena_used = sum(a.used * a.pages for ars in self._arenas.values() for a in ars)
+        for k, room in self._room.items():
+            assert all(a.in_room for a in room) and len(set(map(id, room))) == len(room)
+            assert all(a in room for a in self._arenas.get(k, []) if a.has_room())
         assert arena_used == self._pages + self._cached_pages
         assert self._cached_pages == sum(c.pages * len(c.warm) for c in self._classes)
         assert self._cached_pages <= self._cache_max
