@@ -27,14 +27,14 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 #: mode -> defaults (size MiB, runtime s, repeat, ext2 MiB, memory MiB, density repeats, workloads)
 MODES: dict[str, dict[str, object]] = {
     "full": {
-        "size": 256, "runtime": 3.0, "repeat": 3, "ext2": 224, "memory": 144, "drepeat": 3,
+        "size": 256, "runtime": 2.0, "repeat": 3, "ext2": 200, "memory": 144, "drepeat": 2,
         "workloads": [w.name for w in WORKLOADS],
     },
     "quick": {
         "size": 64, "runtime": 1.0, "repeat": 3, "ext2": 64, "memory": 48, "drepeat": 1,
         "workloads": [
             "seq-write", "seq-read", "rand-write-qd32", "rand-read-qd1", "rand-read-qd32",
-            "rand-rw7030-qd16", "zero-seq-write", "zero-rand-read-qd32",
+            "rand-rw7030-qd16", "zero-rand-read-qd32",
         ],
     },
 }  # fmt: skip
