@@ -231,3 +231,21 @@ async def test_many_unaligned_overlapping_rmw_writers() -> None:
             expect[off : off + len(data)] = data
         assert await d.read(0, 64 * PAGE) == expect
         d.close()
+
+
+async def test_compaction_and_frees_during_offloaded_read() -> None:
+    """An offloaded read decompresses bytes copied on the loop thread: pages freed, rewritten
+    and compacted while it runs do not change what it returns."""
+    with ThreadPoolExecutor(1) as ex:
+        d = ZramDevice(256 * PAGE, executor=ex)
+        before = b"".join(_writer_page(1, p) for p in range(256))
+        d.write_sync(0, before)
+        for _ in range(5):
+            t_read = asyncio.ensure_future(d.read(0, 256 * PAGE))
+            await asyncio.sleep(0)  # snapshot taken, decompression running in the worker
+            d.trim_sync(0, 128 * PAGE)
+            d.compact()
+            d.write_sync(PAGE, os.urandom(PAGE))
+            assert await t_read == before
+            d.write_sync(0, before)
+        d.close()

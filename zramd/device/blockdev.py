@@ -135,7 +135,17 @@ class _Range:
 
 
 class ZramDevice:
-    """A zram-like compressed RAM block device (implements ``BlockDevice``)."""
+    """A zram-like compressed RAM block device (implements ``BlockDevice``).
+
+    ``size`` is rounded up to 4096. ``algorithm``/``level``/``dictionary`` pick the codec for
+    new pages (see :func:`zramd.compress.get_codec`; ``set_algorithm`` changes it later, old
+    pages keep theirs). ``mem_limit`` caps the pool in bytes (0 = none; settable), ``budget``
+    is a :class:`MemoryBudget` shared with other devices. ``huge_threshold`` (default: the
+    pool's ``huge_class_size``) is the compressed size from which pages are stored raw.
+    ``executor`` runs the compression/decompression of requests of OFFLOAD_MIN_PAGES or more
+    (None: the loop's default executor). ``pool`` injects a ready pool (tests);
+    ``pool_cache_pages`` is the pool's warm cache of freed pages.
+    """
 
     def __init__(
         self,
