@@ -115,7 +115,7 @@ _op = st.one_of(
     st.tuples(st.just("store_small"), st.integers(1, 300), st.integers(0, 2**32 - 1)),
     st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
     st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
-    st.tuples(st.just("compact"), st.just(0), st.just(0)),
+    st.tuples(st.just("compact"), st.integers(0, 3), st.just(0)),  # a = max_pages (0: all)
 )
 
 
@@ -144,8 +144,10 @@ def test_random_ops_match_dict_model(
                 del model[h]
             elif kind == "compact":
                 before, cached = pool.total_bytes, pool.cached_bytes
-                freed = pool.compact()
+                freed = pool.compact(max_pages=a)
                 assert pool.total_bytes == before - cached - freed * PAGE
+                if a:
+                    assert freed < a + 16  # stops after the zspage that reached the bound
                 assert pool.cached_bytes == 0
             for h, d in model.items():
                 assert pool.load(h, len(d)) == d
@@ -489,4 +491,27 @@ def test_compaction_moves_least_used_into_most_used() -> None:
         assert [p._tbl[h] >> 12 for h in hs[10:12]] == [c, c]
         assert p.load(hs[7], 1024) == bytes([7]) * 1024
         assert p.total_bytes == 2 * PAGE and p.pages_compacted == 1
+        p.check()
+
+
+def test_bounded_compaction_continues_where_it_stopped() -> None:
+    rnd = random.Random(8)
+    with Pool(auto_compact=False) as p:
+        datas = (_payload(rnd, rnd.randint(600, 3000)) for _ in range(6000))
+        model = {p.store(d): d for d in datas}
+        for h in rnd.sample(sorted(model), 5000):
+            p.free(h)
+            del model[h]
+        can = p.compactable_pages()
+        assert can > 300
+        total = 0
+        while True:
+            freed = p.compact(max_pages=100)
+            assert freed < 100 + 8
+            total += freed
+            for h, d in model.items():
+                assert p.load(h, len(d)) == d
+            if not freed:
+                break
+        assert p.compactable_pages() == 0 and total >= can
         p.check()
