@@ -321,3 +321,32 @@ async def test_connections_share_one_store(env: Env) -> None:
     assert await b.reply({2: 4096}) == (2, 0, pattern(9))
     await a.close()
     await b.close()
+
+
+async def test_inline_start_then_task_resume_forwards_results_and_cancellation() -> None:
+    from zramd.server.session import _resume
+
+    log: list[str] = []
+
+    async def handler(fut: asyncio.Future[int]) -> None:
+        try:
+            log.append(f"got {await fut}")
+            await asyncio.sleep(0)
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+    coro = handler(fut)
+    yielded = coro.send(None)  # runs inline until it waits on fut
+    task = loop.create_task(_resume(coro, yielded))
+    await asyncio.sleep(0)
+    fut.set_result(5)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["got 5", "cancelled"]

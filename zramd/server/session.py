@@ -119,7 +119,7 @@ class Session(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False  # no more events taken; close once idle
         self._pumping = False  # inside _pump: nested resumes are left to the outer loop
-        self._batch: list[bytes | bytearray | memoryview] | None = None  # output queued during _pump
+        self._batch: list[bytes | bytearray | memoryview] | None = None  # queued in _pump
         self._batch_bytes = 0
         self._lost = False
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -444,8 +444,24 @@ class _Resume:
         self.yielded = yielded
 
     def __await__(self) -> Generator[Any, None, None]:
-        yield self.yielded  # hand the pending future (or None) to the Task, as the coroutine did
-        return (yield from self.coro.__await__())
+        # Step the coroutine exactly as a Task would have: hand each yielded future (or None) to
+        # the Task driving us, then resume the coroutine, forwarding a thrown exception (e.g.
+        # cancellation) to it at its suspension point.
+        coro = self.coro
+        yielded = self.yielded
+        while True:
+            try:
+                yield yielded
+            except BaseException as e:  # noqa: BLE001 - delivered to the coroutine
+                try:
+                    yielded = coro.throw(e)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    return
 
 
 async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
