@@ -515,3 +515,23 @@ def test_bounded_compaction_continues_where_it_stopped() -> None:
                 break
         assert p.compactable_pages() == 0 and total >= can
         p.check()
+
+
+def test_huge_objects_need_no_zspage_object() -> None:
+    rnd = random.Random(17)
+    with Pool() as p:
+        base = p.metadata_bytes
+        huge = (_payload(rnd, rnd.randint(3633, 4096)) for _ in range(3000))
+        datas = {p.store(d): d for d in huge}
+        small = {p.store(d): d for d in (_payload(rnd, 2048) for _ in range(100))}  # 1-page too
+        assert p.total_bytes == (3000 + 50) * PAGE
+        assert all(z is None or z.cls.size == 2048 for z in p._zspages)
+        # ~8 B of handle table per huge object (plus 50 small zspages)
+        assert p.metadata_bytes - base < 12 * 3100 + 50 * 300
+        for h in list(datas)[::2]:
+            p.free(h)
+            del datas[h]
+        for h, d in {**datas, **small}.items():
+            assert p.load(h, len(d)) == d
+        assert p.class_stats()[-1]["obj_used"] == 1500
+        p.check()

@@ -92,6 +92,12 @@ OBJ_BITS = 12
 OBJ_MASK = (1 << OBJ_BITS) - 1
 #: Tag of a free handle-table entry; the low bits then hold the next free handle (0 = none).
 FREE_TAG = 1 << 63
+#: Tag of a handle-table entry for a huge object (alone in one page, no zspage object): the
+#: entry is HUGE_TAG | arena id << AID_SHIFT | page index in the arena.
+HUGE_TAG = 1 << 62
+AID_SHIFT = 36
+AID_MASK = (1 << (62 - AID_SHIFT)) - 1
+PAGE_INDEX_MASK = (1 << AID_SHIFT) - 1
 #: Reverse-map entries (``array('I')``): a handle, or SLOT_FREE | next free slot.
 SLOT_FREE = 1 << 31
 MAX_HANDLE = SLOT_FREE - 1
@@ -146,9 +152,11 @@ class MemoryBudget:
 class _Arena:
     """One anonymous mapping cut into equal runs of ``pages`` pages."""
 
-    __slots__ = ("mm", "pages", "run_bytes", "nruns", "bump", "free_runs", "used", "in_room")
+    __slots__ = ("mm", "pages", "run_bytes", "nruns", "bump", "free_runs", "used", "in_room",
+                 "aid")
 
-    def __init__(self, pages: int, arena_size: int) -> None:
+    def __init__(self, pages: int, arena_size: int, aid: int) -> None:
+        self.aid = aid  # index in Pool._arena_by_id
         self.pages = pages
         self.run_bytes = pages * PAGE_SIZE
         self.nruns = max(1, arena_size // self.run_bytes)
@@ -263,6 +271,10 @@ class Pool:
         self._free_zids = array("Q")  # recyclable zspage ids
         self._arenas: dict[int, list[_Arena]] = {}  # pages per run -> its arenas
         self._room: dict[int, list[_Arena]] = {}  # pages per run -> stack of arenas with room
+        self._arena_by_id: list[_Arena | None] = []  # ids are not reused (few arenas ever)
+        self._huge = self._classes[-1]  # 4096 B: one object per one page
+        assert self._huge.spec.huge
+        self._huge_warm: list[tuple[_Arena, int]] = []  # warm cache of huge pages
         self._pages = 0  # pages of live zspages
         self._pages_compacted = 0
         if cache_pages < 0:
@@ -331,6 +343,8 @@ class Pool:
             raise ValueError(f"object size {n} not in 1..{MAX_ALLOC_SIZE}") from None
         assert cls is not None
         if zs is None:
+            if cls is self._huge:
+                return self._store_huge(data, n)
             zs = self._select(cls)  # may raise PoolFull; nothing changed yet
         slot = zs.fhead
         zs.fhead = zs[slot] ^ SLOT_FREE
@@ -364,8 +378,13 @@ class Pool:
 
     def load(self, handle: int, size: int) -> bytes:
         e = self._tbl[handle]
-        if e >= FREE_TAG or handle <= 0:
-            raise KeyError(f"handle {handle} is not live")
+        if e >= HUGE_TAG or handle <= 0:
+            if e >= FREE_TAG or handle <= 0:
+                raise KeyError(f"handle {handle} is not live")
+            ar = self._arena_by_id[(e >> AID_SHIFT) & AID_MASK]
+            assert ar is not None
+            a = (e & PAGE_INDEX_MASK) * PAGE_SIZE
+            return ar.mm[a : a + size]
         zs = self._zspages[e >> OBJ_BITS]
         assert zs is not None
         a = zs.base + (e & OBJ_MASK) * zs.cls.size
@@ -374,8 +393,11 @@ class Pool:
     def free(self, handle: int) -> None:
         tbl = self._tbl
         e = tbl[handle]
-        if e >= FREE_TAG or handle <= 0:
-            raise KeyError(f"handle {handle} is not live")
+        if e >= HUGE_TAG or handle <= 0:
+            if e >= FREE_TAG or handle <= 0:
+                raise KeyError(f"handle {handle} is not live")
+            self._free_huge(handle, e)
+            return
         zs = self._zspages[e >> OBJ_BITS]
         assert zs is not None
         slot = e & OBJ_MASK
@@ -408,6 +430,60 @@ class Pool:
                 self._shrink_sets()
 
     # ------------------------------------------------------------------ slow paths
+
+    def _store_huge(self, data: bytes | bytearray | memoryview, n: int) -> int:
+        """A huge object gets a page of its own and no zspage object: its handle-table entry
+        holds the arena id and page index directly (HUGE_TAG)."""
+        if self._closed:
+            raise ValueError("pool is closed")
+        if self._huge_warm:
+            arena, off = self._huge_warm.pop()
+            self._cached_pages -= 1
+            self._pages += 1
+        else:
+            self._charge(1)
+            try:
+                arena = self._arena_with_room(1)
+            except OSError as exc:
+                self._uncharge(1)
+                raise PoolFull(f"cannot map a new arena: {exc}") from exc
+            off = arena.take()
+        entry = HUGE_TAG | arena.aid << AID_SHIFT | off // PAGE_SIZE
+        tbl = self._tbl
+        h = self._free_head
+        if h:
+            self._free_head = tbl[h] ^ FREE_TAG
+            tbl[h] = entry
+        else:
+            h = len(tbl)
+            if h > MAX_HANDLE:
+                self._drop_huge_page(arena, off)
+                raise PoolFull("handle space exhausted")
+            tbl.append(entry)
+        arena.mm[off : off + n] = data
+        cls = self._huge
+        cls.used += 1
+        cls.nzspages += 1
+        return h
+
+    def _free_huge(self, handle: int, e: int) -> None:
+        self._tbl[handle] = self._free_head | FREE_TAG
+        self._free_head = handle
+        arena = self._arena_by_id[(e >> AID_SHIFT) & AID_MASK]
+        assert arena is not None
+        cls = self._huge
+        cls.used -= 1
+        cls.nzspages -= 1
+        self._drop_huge_page(arena, (e & PAGE_INDEX_MASK) * PAGE_SIZE)
+
+    def _drop_huge_page(self, arena: _Arena, off: int) -> None:
+        if self._cached_pages < self._cache_max:
+            self._huge_warm.append((arena, off))
+            self._cached_pages += 1
+            self._pages -= 1
+            return
+        self._give_back(arena, off)
+        self._uncharge(1)
 
     def _select(self, cls: _Class) -> _Zspage:
         """The fullest non-full zspage of ``cls``, or a new one. Sets ``cls.cur``."""
@@ -494,7 +570,10 @@ class Pool:
                 return ar
             room.pop()
             ar.in_room = False
-        ar = _Arena(pages, self._arena_size)
+        if len(self._arena_by_id) > AID_MASK:
+            raise OSError("too many arenas")
+        ar = _Arena(pages, self._arena_size, len(self._arena_by_id))
+        self._arena_by_id.append(ar)
         self._arenas.setdefault(pages, []).append(ar)
         room.append(ar)
         ar.in_room = True
@@ -522,6 +601,7 @@ class Pool:
             self._arenas[arena.pages].remove(arena)
             if arena.in_room:
                 self._room[arena.pages].remove(arena)
+            self._arena_by_id[arena.aid] = None
             arena.mm.close()
         elif not arena.in_room:
             self._room[arena.pages].append(arena)
@@ -535,6 +615,9 @@ class Pool:
                 self._free_zids.append(zs.loc >> OBJ_BITS)
                 self._give_back(zs.arena, zs.base)
             cls.warm.clear()
+        for arena, off in self._huge_warm:
+            self._give_back(arena, off)
+        self._huge_warm.clear()
         self._cached_pages = 0
         if self.budget is not None:
             self.budget.used -= n * PAGE_SIZE
@@ -675,6 +758,8 @@ class Pool:
                 ar.mm.close()
         self._arenas.clear()
         self._room.clear()
+        self._arena_by_id = []
+        self._huge_warm = []
         if self.budget is not None:
             self.budget.used -= (self._pages + self._cached_pages) * PAGE_SIZE
         self._pages = 0
@@ -723,11 +808,22 @@ class Pool:
                 assert len(chain) <= cls.objs
             assert sorted(chain) == [s for s in range(cls.objs) if zs[s] & SLOT_FREE]
             live += zs.inuse
-        assert live == self.obj_count
+        huge = 0
+        for h in range(1, len(self._tbl)):
+            e = self._tbl[h]
+            if HUGE_TAG <= e < FREE_TAG:
+                ar = self._arena_by_id[(e >> AID_SHIFT) & AID_MASK]
+                assert ar is not None and ar.pages == 1
+                assert (e & PAGE_INDEX_MASK) < ar.nruns
+                huge += 1
+        assert huge == self._huge.used == self._huge.nzspages
+        assert live + huge == self.obj_count
         for c in self._classes:
             nfull = sum(1 for z in self._zspages if z is not None and z.cls is c
                         and z.grp == GROUP_FULL)
             assert not c.groups[GROUP_FULL]
+            if c is self._huge:
+                nfull = huge
             assert sum(len(s) for s in c.groups) + nfull == c.nzspages
             assert not c.groups[GROUP_EMPTY] or c.cur in c.groups[GROUP_EMPTY]
             if c.cur is not None:
@@ -738,7 +834,9 @@ class Pool:
             assert all(a.in_room for a in room) and len(set(map(id, room))) == len(room)
             assert all(a in room for a in self._arenas.get(k, []) if a.has_room())
         assert arena_used == self._pages + self._cached_pages
-        assert self._cached_pages == sum(c.pages * len(c.warm) for c in self._classes)
+        assert self._cached_pages == sum(c.pages * len(c.warm) for c in self._classes) + len(
+            self._huge_warm
+        )
         assert self._cached_pages <= self._cache_max
 
 
