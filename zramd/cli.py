@@ -120,6 +120,7 @@ def serve(
     config_path: str | None = None,
     swap: str | None = None,
     control: str | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Serve exports over NBD until SIGTERM."""
     flags: dict[str, Any] = dict(
@@ -134,7 +135,7 @@ def serve(
         unix_mode=unix_mode,
     )
     try:
-        setup = ServeSetup(config_path, swap, control, stdio=stdio)
+        setup = ServeSetup(config_path, swap, control, stdio=stdio, metrics=metrics)
         cfg = setup.server_config(**flags) if setup.file else build_serve_config(**flags)
         setup.apply_swap_safety()
     except ConfigError as e:

@@ -507,6 +507,7 @@ class ServeSetup:
         control: str | None,
         *,
         stdio: bool = False,
+        metrics: str | None = None,
     ) -> None:
         from zramd.configfile import FileConfig, default_config_path, load_file
 
@@ -529,6 +530,12 @@ class ServeSetup:
             self.control = DEFAULT_CONTROL_PATH
             self.control_required = False
         self.flag_exports: list[Any] = []
+        file_metrics = self.file.metrics if self.file else None
+        self.metrics = metrics if metrics is not None else file_metrics
+        if self.metrics:
+            from zramd.control.metrics import parse_address
+
+            parse_address(self.metrics)  # a bad address is a configuration error
 
     def server_config(self, **flags: Any) -> ServerConfig:
         """The file's configuration with ``flags`` (the serve options) on top."""
@@ -547,18 +554,27 @@ class ServeSetup:
     def hooks(self) -> Any:
         from zramd.control.daemon import OperatorHooks
 
-        if self.control is None and self.config_path is None:
+        if self.control is None and self.config_path is None and not self.metrics:
             return None
         return OperatorHooks(
             control_path=self.control,
             control_required=self.control_required,
             config_path=self.config_path,
             flag_exports=self.flag_exports,
+            metrics=self.metrics or None,
         )
 
 
 def serve_operator_options(fn: F) -> F:
-    """The operator options of ``serve``: --config, --swap[=on|require|off], --control."""
+    """The operator options of ``serve``: --config, --swap[=on|require|off], --control,
+    --metrics."""
+    fn = click.option(
+        "--metrics",
+        "metrics",
+        metavar="ADDR:PORT",
+        default=None,
+        help="Serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9109 ('' disables).",
+    )(fn)
     fn = click.option(
         "--control",
         "control",

@@ -297,3 +297,36 @@ def test_serve_swap_safety_messages(workdir: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("zramd: error: swap safety required but:")
     assert "CAP_SYS_RESOURCE" in lines[-1]
+
+
+def test_metrics_scraped_and_parsed(workdir: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    d = Daemon(workdir, ["--export", "m=16M,algorithm=zstd", "--metrics", f"127.0.0.1:{port}"])
+    try:
+        d.wait_ready()
+        h = d.client("m")
+        h.pwrite(compressible(2 * MiB), 0)
+        h.flush()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        samples: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("#"):
+                assert line.split()[1] in ("HELP", "TYPE")
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            samples[name_labels] = int(value)
+        assert samples["zramd_exports"] == 1
+        assert samples['zramd_disksize_bytes{export="m"}'] == 16 * MiB
+        assert samples['zramd_orig_data_size_bytes{export="m"}'] == 2 * MiB
+        assert samples['zramd_clients{export="m"}'] == 1
+        comp = samples['zramd_compr_data_size_bytes{export="m"}']
+        assert 0 < comp < MiB
+        assert samples['zramd_mem_used_total_bytes{export="m"}'] >= comp
+        del h
+    finally:
+        d.stop()

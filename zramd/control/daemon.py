@@ -124,9 +124,12 @@ class OperatorHooks:
         control_required: bool = True,
         config_path: str | None = None,
         flag_exports: list[ExportConfig] | None = None,
+        metrics: str | None = None,
     ) -> None:
         self.control_path = control_path
         self.control_required = control_required
+        self.metrics_address = metrics
+        self.metrics: Any = None
         self.config_path = config_path
         self.flag_exports = flag_exports or []
         self.operator: Operator | None = None
@@ -154,8 +157,21 @@ class OperatorHooks:
                           flag_exports=self.flag_exports)
             await op.start()
         self.operator = op
+        if self.metrics_address:
+            from zramd.control.metrics import MetricsServer
+
+            metrics = MetricsServer(server.registry, self.metrics_address)
+            try:
+                await metrics.start()
+            except Exception:
+                await self.close()
+                raise
+            self.metrics = metrics
 
     async def close(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         if self.operator is not None:
             await self.operator.close()
             self.operator = None

@@ -1,0 +1,177 @@
+"""Prometheus metrics: ``serve --metrics 127.0.0.1:9109`` serves the exports' stats as text.
+
+Theory of operation
+-------------------
+:func:`render` turns the registry's exports into the Prometheus text exposition format
+(version 0.0.4): one family per mm_stat / io_stat field of zram, with zram's meaning,
+plus disk size and connected clients, each sample labelled ``export="NAME"``. Gauges
+are current values; counters (``*_total``) only grow between resets of the export.
+
+:class:`MetricsServer` is a deliberately tiny HTTP/1.0 responder on asyncio: it reads
+one request head (bounded by :data:`MAX_REQUEST_HEAD` bytes and
+:data:`REQUEST_TIMEOUT` seconds), answers ``GET /metrics`` (200) or anything else
+(404/405), and closes. At most :data:`MAX_METRICS_CONNECTIONS` at once. It reads the
+registry on the event-loop thread, so every scrape sees a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from zramd.control.server import export_stat
+
+log = logging.getLogger("zramd.metrics")
+
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT = 5.0
+MAX_METRICS_CONNECTIONS = 16
+DEFAULT_METRICS_HOST = "127.0.0.1"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: (metric name, type, source: "mm_stat"/"io_stat"/"top", field, help)
+FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
+    ("zramd_disksize_bytes", "gauge", "top", "disksize", "Size of the export."),
+    ("zramd_clients", "gauge", "top", "clients", "NBD connections attached to the export."),
+    ("zramd_orig_data_size_bytes", "gauge", "mm_stat", "orig_data_size",
+     "Uncompressed size of the data stored (same-filled pages included)."),
+    ("zramd_compr_data_size_bytes", "gauge", "mm_stat", "compr_data_size",
+     "Compressed size of the data stored."),
+    ("zramd_mem_used_total_bytes", "gauge", "mm_stat", "mem_used_total",
+     "Memory the pool holds from the OS, overhead included."),
+    ("zramd_mem_limit_bytes", "gauge", "mm_stat", "mem_limit",
+     "Memory limit of the export (0 = none)."),
+    ("zramd_mem_used_max_bytes", "gauge", "mm_stat", "mem_used_max",
+     "Peak of mem_used_total."),
+    ("zramd_same_pages", "gauge", "mm_stat", "same_pages",
+     "Pages stored as one repeated word (no memory used)."),
+    ("zramd_pages_compacted_total", "counter", "mm_stat", "pages_compacted",
+     "Pool pages freed by compaction."),
+    ("zramd_huge_pages", "gauge", "mm_stat", "huge_pages",
+     "Pages stored uncompressed (incompressible)."),
+    ("zramd_huge_pages_since_total", "counter", "mm_stat", "huge_pages_since",
+     "Pages ever stored uncompressed."),
+    ("zramd_failed_reads_total", "counter", "io_stat", "failed_reads", "Failed reads."),
+    ("zramd_failed_writes_total", "counter", "io_stat", "failed_writes",
+     "Failed writes (memory limit reached)."),
+    ("zramd_invalid_io_total", "counter", "io_stat", "invalid_io", "Always 0, as in zram."),
+    ("zramd_notify_free_total", "counter", "io_stat", "notify_free",
+     "Pages freed by trim / write-zeroes."),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(registry: Any) -> str:
+    """The Prometheus text for every export of ``registry``."""
+    stats = [export_stat(e) for e in registry]
+    out: list[str] = [
+        "# HELP zramd_exports Exports served.",
+        "# TYPE zramd_exports gauge",
+        f"zramd_exports {len(stats)}",
+    ]
+    for name, kind, source, field, help_ in FAMILIES:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for st in stats:
+            value = st[field] if source == "top" else st[source][field]
+            out.append(f'{name}{{export="{_label(st["name"])}"}} {int(value)}')
+    return "\n".join(out) + "\n"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on 127.0.0.1)."""
+    from zramd.config import ConfigError
+
+    t = text.strip()
+    host, port_text = DEFAULT_METRICS_HOST, t
+    if t.startswith("["):
+        end = t.find("]")
+        if end < 0 or t[end + 1 : end + 2] != ":":
+            raise ConfigError(f"bad metrics address {text!r}: expected [ADDR]:PORT")
+        host, port_text = t[1:end], t[end + 2 :]
+    elif ":" in t:
+        host, _, port_text = t.rpartition(":")
+        host = host or DEFAULT_METRICS_HOST
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad metrics address {text!r}: expected HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad metrics address {text!r}: port out of range")
+    return host, port
+
+
+class MetricsServer:
+    def __init__(self, registry: Any, address: str) -> None:
+        self.registry = registry
+        self.host, self.port = parse_address(address)
+        self._server: asyncio.AbstractServer | None = None
+        self._active = 0
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None
+        socks = getattr(self._server, "sockets", None) or []
+        return int(socks[0].getsockname()[1]) if socks else self.port
+
+    async def start(self) -> None:
+        from zramd.control.protocol import ControlError
+
+        try:
+            self._server = await asyncio.start_server(
+                self._on_connect, self.host, self.port, limit=MAX_REQUEST_HEAD
+            )
+        except OSError as e:
+            raise ControlError(
+                f"cannot serve metrics on {self.host}:{self.port}: {e.strerror or e}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", self.host, self.bound_port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= MAX_METRICS_CONNECTIONS:
+            writer.close()
+            return
+        self._active += 1
+        try:
+            status, body = await asyncio.wait_for(self._answer(reader), REQUEST_TIMEOUT)
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError,
+                asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        if len(parts) < 2:
+            return "400 Bad Request", b"bad request\n"
+        method, target = parts[0], parts[1]
+        path = target.split("?", 1)[0]
+        if path not in ("/metrics", "/"):
+            return "404 Not Found", b"not found: try /metrics\n"
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", b"only GET\n"
+        body = render(self.registry).encode()
+        return "200 OK", b"" if method == "HEAD" else body
