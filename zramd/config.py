@@ -282,3 +282,13 @@ class ServerConfig:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
         if self.global_mem_limit < 0:
             raise ConfigError("global mem-limit must not be negative")
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """The ServerConfig a TOML configuration file describes (see ``zramd.configfile``).
+
+    Raises ConfigError (``configfile.ConfigFileError``) naming the file, the key and what was
+    expected."""
+    from zramd.configfile import load_config as _load
+
+    return _load(path)
