@@ -554,8 +554,6 @@ class ServeSetup:
     def hooks(self) -> Any:
         from zramd.control.daemon import OperatorHooks
 
-        if self.control is None and self.config_path is None and not self.metrics:
-            return None
         return OperatorHooks(
             control_path=self.control,
             control_required=self.control_required,

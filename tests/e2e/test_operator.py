@@ -330,3 +330,14 @@ def test_metrics_scraped_and_parsed(workdir: Path) -> None:
         del h
     finally:
         d.stop()
+
+
+def test_sighup_without_config_file_keeps_serving(daemon: Daemon) -> None:
+    h = daemon.client("a")
+    h.pwrite(b"k" * 4096, 0)
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert daemon.proc.poll() is None
+    assert h.pread(4096, 0) == b"k" * 4096
+    assert "SIGHUP: no configuration file to reload" in daemon.stderr()
+    del h

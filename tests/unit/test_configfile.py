@@ -189,3 +189,9 @@ def test_uses_real_ram_when_not_given(tmp_path: Path) -> None:
     p.write_text("[export.a]\nsize = \"ram / 8\"\n")
     size = load_file(p).server.exports[0].size
     assert abs(size - total_ram() / 8) <= 4096
+
+
+def test_config_module_load_config() -> None:
+    from zramd.config import load_config as from_config_module
+
+    assert from_config_module(EXAMPLE).exports[0].name == "zram0"

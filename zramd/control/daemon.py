@@ -67,15 +67,20 @@ class Operator:
                 self.registry, self.control_path, reload=self.reload if self.config_path else None
             )
             await self.control.start()
-        if self.config_path:
-            loop = asyncio.get_running_loop()
-            try:
-                loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-                self._sighup = True
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        # Always take SIGHUP: its default action would kill the daemon (and lose its data)
+        # when `systemctl reload` is used without a configuration file.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            if self.config_path:
                 log.warning("cannot install the SIGHUP handler; reload via the control socket")
 
     def _on_sighup(self) -> None:
+        if not self.config_path:
+            log.info("SIGHUP: no configuration file to reload (start with --config FILE)")
+            return
         log.info("SIGHUP: reloading %s", self.config_path)
         task = asyncio.get_running_loop().create_task(self.reload())
         self._tasks.add(task)
