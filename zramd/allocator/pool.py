@@ -25,7 +25,9 @@ bookkeeping is reported apart as ``metadata_bytes``.
 entries double as an in-place free-slot stack (``SLOT_FREE | next``, like the kernel's in-place
 free list), plus a few slots: arena, byte offset, in-use count, free-stack head, group. About
 150 B + 4 B per slot per zspage. Objects may straddle page boundaries: the pages of a zspage
-are contiguous in the arena, so an object is one slice.
+are contiguous in the arena, so an object is one slice. Huge objects (the 4096 B class: one
+object per one-page zspage) get no zspage object at all: their handle-table entry holds
+``HUGE_TAG | arena id | page index`` directly, so an incompressible page costs 8 B of metadata.
 
 **Reverse map choice.** The kernel keeps the handle in an 8-byte header inside the object
 (ZS_HANDLE_SIZE) and looks the class up with ``size + 8``. Here it is out of line: 4 B per
@@ -34,7 +36,8 @@ one array store instead of a second slice write. Consequence: an object of up to
 (the chain-8 watermark) fits a shared class, so ``huge_class_size`` is 3633 here, where the
 kernel's ``zs_huge_class_size()`` says 3625 (3632 - 7) because of the header.
 
-**Handles** are indexes into one flat ``array('Q')``; entry = ``zspage_id << OBJ_BITS | slot``.
+**Handles** are indexes into one flat ``array('Q')``; entry = ``zspage_id << OBJ_BITS | slot``
+(or the huge form above).
 Compaction rewrites the entry, never the handle. Free entries hold ``FREE_TAG | next`` and form
 an in-table free list of recyclable handles (no Python int per free handle); entry 0 is never
 handed out, so a handle is always > 0. Zspage ids index ``_zspages`` and are recycled too.
@@ -65,8 +68,9 @@ next zspage of the same class. They are still *held*, so they count in ``total_b
 pass a limit drops the cache first, and ``compact()``/``drop_cache()`` give it back to the OS.
 
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
-only when a store needs a new zspage; a store that would pass either raises ``PoolFull``
-before anything is changed.
+only when a store needs a new zspage (a free slot in an existing zspage is always usable,
+even above a limit lowered at runtime); a store that would pass either raises ``PoolFull``
+before anything is changed (except that the warm cache, if any, has been given back).
 """
 
 from __future__ import annotations
