@@ -350,3 +350,60 @@ async def test_inline_start_then_task_resume_forwards_results_and_cancellation()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert log == ["got 5", "cancelled"]
+
+
+def test_serve_process_logs_one_line_and_exits_0_on_sigterm() -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = tempfile.mkdtemp(prefix="zramd-t")
+    path = os.path.join(d, "s.sock")
+    cmd = [sys.executable, "-m", "zramd", "serve", "--unix", path, "--export", "a=1M"]
+    cmd += ["--control", ""]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        assert re.fullmatch(
+            rf"zramd: listening on unix:{re.escape(path)} \(exports: a 1M lz4\)\n", line
+        ), line
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+        assert p.returncode == 0, err
+        assert out == "" and err == ""
+        assert not os.path.exists(path)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--export", "a=3X"], "'3X'"),
+        (["--port", "x"], "--port"),
+        (["--nope"], "--nope"),
+        (["--stdio", "--port", "1"], "--stdio"),
+    ],
+)
+def test_serve_bad_args_one_line(args: list[str], fragment: str) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "zramd", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 2
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zramd: error: ") and fragment in lines[0]
