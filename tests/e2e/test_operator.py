@@ -128,6 +128,13 @@ def daemon(workdir: Path) -> Iterator[Daemon]:
         d.stop()
 
 
+def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def compressible(n: int) -> bytes:
     line = b"".join(b"%08d the quick brown fox jumps over the lazy dog\n" % i for i in range(4096))
     return (line * (n // len(line) + 1))[:n]
@@ -190,10 +197,7 @@ def test_create_write_list_stat_compact_reset_destroy(daemon: Daemon) -> None:
     assert r.returncode == 1 and "in use" in r.stderr
     h.shutdown()
     del h
-    for _ in range(50):
-        if d.rows()["b"]["clients"] == 0:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: d.rows()["b"]["clients"] == 0)
     d.cli("reset", "b")
     assert d.rows()["b"]["data"] == 0 and d.rows()["b"]["total"] == 0
     h = d.client("b")
@@ -244,10 +248,7 @@ def test_sighup_reload(workdir: Path) -> None:
             'compression-algorithm = "zstd(level=1)"\n'
         )
         d.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "two" in d.rows():
-                break
-            time.sleep(0.05)
+        wait_for(lambda: "two" in d.rows())
         rows = d.rows()
         assert set(rows) == {"one", "keep", "two"}  # one is busy: kept
         assert rows["two"]["disksize"] == 4 * MiB and rows["two"]["algorithm"] == "zstd"
@@ -255,7 +256,7 @@ def test_sighup_reload(workdir: Path) -> None:
         assert h.pread(4096, 0) == b"x" * 4096
         h.shutdown()
         del h
-        time.sleep(0.2)
+        wait_for(lambda: d.rows()["one"]["clients"] == 0)
         lines = d.cli("reload").stdout  # same as SIGHUP, through the control socket
         assert "export one removed" in lines
         assert set(d.rows()) == {"keep", "two"}
@@ -336,7 +337,7 @@ def test_sighup_without_config_file_keeps_serving(daemon: Daemon) -> None:
     h = daemon.client("a")
     h.pwrite(b"k" * 4096, 0)
     daemon.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.3)
+    wait_for(lambda: "SIGHUP: no configuration file" in daemon.stderr())
     assert daemon.proc.poll() is None
     assert h.pread(4096, 0) == b"k" * 4096
     assert "SIGHUP: no configuration file to reload" in daemon.stderr()
