@@ -407,3 +407,23 @@ def test_serve_bad_args_one_line(args: list[str], fragment: str) -> None:
     assert p.stdout == ""
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("zramd: error: ") and fragment in lines[0]
+
+
+async def test_remove_export_busy_and_forced(env: Env) -> None:
+    from zramd.server.exports import ExportBusy
+
+    env.device.slow[0] = 0.3
+    c = await Client.connect(env.path)
+    c.send(READ, 1, 0, 4096)
+    while not env.device.active:
+        await asyncio.sleep(0.01)
+    with pytest.raises(ExportBusy):
+        env.server.registry.remove("t")
+    env.server.registry.remove("t", force=True)
+    assert not env.device.closed  # a request is still running on it
+    assert await c.reply({1: 4096}) == (1, 0, bytes(4096))  # it completes and is answered
+    assert await asyncio.wait_for(c.r.read(), 3) == b""  # then the session closes
+    await asyncio.sleep(0.05)
+    assert env.device.closed
+    assert env.server.registry.lookup("t") is None
+    await c.close()

@@ -12,12 +12,14 @@ and, when a global memory limit is set, one memory budget, both handed to each d
 connection to an export uses the same device object, which is what makes CAN_MULTI_CONN honest.
 
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
-``remove`` refuses while clients are attached unless ``force``, which closes their sessions first.
+``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
+their running requests) and closes the device once no request is running on it.
 This module knows nothing of sockets or bytes on the wire.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -40,6 +42,15 @@ class Attached(Protocol):
     """What the registry needs from a session attached to an export."""
 
     def close(self, reason: str) -> None: ...
+
+    async def wait_idle(self) -> None: ...
+
+
+async def _close_when_idle(exp: Export, sessions: list[Attached]) -> None:
+    try:
+        await asyncio.gather(*(s.wait_idle() for s in sessions))
+    finally:
+        exp.device.close()
 
 
 class ExportBusy(Exception):
@@ -118,6 +129,7 @@ class ExportRegistry:
     ) -> None:
         self._exports: dict[str, Export] = {}
         self._executor = executor
+        self._pending: set[asyncio.Task[None]] = set()
         #: server-wide MemoryBudget shared by every export's pool (None: no global limit)
         self.budget = budget
         self.default = default
@@ -158,13 +170,20 @@ class ExportRegistry:
             raise KeyError(name)
         if exp.sessions and not force:
             raise ExportBusy(f"export {name!r} has {exp.clients} client(s) connected")
+        busy = [s for s in exp.sessions if getattr(s, "in_flight", 0)]
         for s in list(exp.sessions):
             s.close(f"export {name!r} removed")
         exp.sessions.clear()
         del self._exports[name]
         if self.default == name:
             self.default = None
-        exp.device.close()
+        if busy:
+            # requests still running on the device: close it once they are done
+            task = asyncio.get_running_loop().create_task(_close_when_idle(exp, busy))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            exp.device.close()
         return exp
 
     def close(self) -> None:
