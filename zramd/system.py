@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import socket
 from typing import Literal
@@ -124,6 +125,20 @@ def memory_locked() -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def release_pages(mm: mmap.mmap, offset: int, length: int) -> None:
+    """Give the pages of a private anonymous mapping back to the OS (they read as zeros).
+
+    MADV_DONTNEED fails with EINVAL on memory locked by mlockall (``serve --swap``); then
+    MADV_DONTNEED_LOCKED (Linux 5.18+) is used, which frees locked pages too and keeps the
+    range locked on fault. Other errors propagate."""
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, offset, length)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        mm.madvise(MADV_DONTNEED_LOCKED, offset, length)
 
 
 def munlockall() -> int:

@@ -342,3 +342,35 @@ def test_sighup_without_config_file_keeps_serving(daemon: Daemon) -> None:
     assert h.pread(4096, 0) == b"k" * 4096
     assert "SIGHUP: no configuration file to reload" in daemon.stderr()
     del h
+
+
+def _pool_releases_locked_pages() -> bool:
+    src = (REPO / "zramd" / "allocator" / "pool.py").read_text()
+    return "release_pages" in src or "DONTNEED_LOCKED" in src
+
+
+@pytest.mark.xfail(
+    not _pool_releases_locked_pages(),
+    reason="pool frees with plain MADV_DONTNEED, which fails with EINVAL under mlockall; "
+    "it should call zramd.system.release_pages",
+    strict=True,
+)
+def test_trim_and_compact_under_swap_mode(workdir: Path) -> None:
+    """swapon --discard sends TRIMs: with --swap (mlockall) they must work and free memory."""
+    if not system.has_capability(system.CAP_IPC_LOCK):
+        pytest.skip("mlockall needs CAP_IPC_LOCK")
+    d = Daemon(workdir, ["--swap", "--export", "s=32M"])
+    try:
+        d.wait_ready()
+        h = d.client("s")
+        h.pwrite(os.urandom(MiB) * 8, 0)
+        h.flush()
+        before = d.rows()["s"]["total"]
+        h.trim(8 * MiB, 0)
+        h.flush()
+        d.cli("compact", "s")
+        assert d.rows()["s"]["total"] < before // 4
+        assert h.pread(4096, 0) == bytes(4096)
+        del h
+    finally:
+        d.stop()

@@ -6,6 +6,7 @@ in memory or made unkillable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -76,6 +77,7 @@ def test_swap_mode_validation() -> None:
 def test_swap_safety_in_subprocess() -> None:
     """Whatever we hold, each protection is either applied or reported naming its capability."""
     code = """
+import errno
 import json
 from zramd import system
 warnings = system.apply_swap_safety("on")
@@ -106,6 +108,7 @@ print(json.dumps({"warnings": warnings, "oom": system.get_oom_score_adj(),
 
 def test_require_raises_or_applies() -> None:
     code = """
+import errno
 import json
 from zramd import system
 try:
@@ -182,3 +185,34 @@ def test_require_raises_when_unprivileged() -> None:
     assert "CAP_SYS_RESOURCE" in text
     assert "swap safety required" in res["require"]
     assert "CAP_IPC_LOCK" in res["require"]
+
+
+def test_release_pages_works_under_mlockall() -> None:
+    """Plain MADV_DONTNEED fails on locked memory; release_pages must still free it."""
+    code = """
+import errno, json, mmap
+from zramd import system
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+n = 64 << 20
+locked = system.mlockall() == 0
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m[:] = b"x" * n
+before = rss()
+plain = 0
+try:
+    m.madvise(mmap.MADV_DONTNEED, 0, 4096)
+except OSError as e:
+    plain = e.errno
+m[:4096] = b"x" * 4096
+system.release_pages(m, 0, n)
+print(json.dumps({"locked": locked, "plain": plain, "freed_kib": before - rss(),
+                  "zero": m[:8] == bytes(8) and m[n - 8:] == bytes(8)}))
+"""
+    res = _run(code)
+    assert res["zero"] is True
+    assert res["freed_kib"] > 48 * 1024
+    if res["locked"]:
+        assert res["plain"] == errno.EINVAL  # why release_pages exists
