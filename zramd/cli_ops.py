@@ -378,6 +378,7 @@ def reload(control: str) -> None:
 @click.option("--mount", default=None, metavar="DIR", help="Mount it on DIR (-o discard).")
 @click.option("--read-only", is_flag=True, help="Attach read-only.")
 @click.option("--dry-run", is_flag=True, help="Print the commands instead of running them.")
+@control_option
 @errors_one_line
 def attach(
     name: str,
@@ -393,8 +394,10 @@ def attach(
     mount: str | None,
     read_only: bool,
     dry_run: bool,
+    control: str,
 ) -> None:
     """Attach export NAME to a kernel NBD device (default: the first free /dev/nbdN)."""
+    check_export_for_attach(control, name, writable=swap or bool(mkfs) or not read_only)
     if device is None:
         device = "/dev/nbd0" if dry_run else find_free_nbd()
     plan = attach_plan(
@@ -411,6 +414,27 @@ def attach(
     run_plan(plan)
     what = "swap" if swap else (f"mounted on {mount}" if mount else "block device")
     click.echo(f"{name} attached to {device} ({what})")
+
+
+def check_export_for_attach(control: str, name: str, *, writable: bool) -> None:
+    """If the daemon's control socket answers, make sure the export exists (and is writable
+    when it will be written). An unreachable daemon is not an error here: the NBD server
+    may be another zramd, or reachable only over the network; nbd-client will tell."""
+    if not os.path.exists(control):
+        return
+    try:
+        with ControlClient(control, timeout=10) as c:
+            rows: list[dict[str, Any]] = c.call("list")
+    except ControlError as e:
+        if str(e).startswith("cannot reach"):
+            return
+        raise
+    row = next((r for r in rows if r["name"] == name), None)
+    if row is None:
+        known = ", ".join(r["name"] for r in rows) or "none"
+        raise ControlError(f"no export named {name!r} (exports: {known})")
+    if writable and row.get("read_only"):
+        raise AttachError(f"export {name!r} is read-only: use --read-only (not swap or mkfs)")
 
 
 @click.command()

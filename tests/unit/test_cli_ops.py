@@ -124,7 +124,8 @@ def test_find_free_nbd(tmp_path: Path) -> None:
         find_free_nbd(str(tmp_path))
 
 
-def test_cli_attach_dry_run_and_errors() -> None:
+def test_cli_attach_dry_run_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZRAMD_CONTROL", str(tmp_path / "no-daemon.sock"))
     r = CliRunner().invoke(
         main, ["attach", "zram0", "/dev/nbd3", "--swap", "--priority", "5", "--dry-run"]
     )
@@ -307,6 +308,14 @@ def test_cli_commands(daemon: tuple[LoopThread, str]) -> None:
     assert r.exit_code == 1 and r.stderr == "zramd: error: no export named 'z'\n"
     r = cli("reload", *c)
     assert r.exit_code == 1 and "no configuration file" in r.stderr
+    # attach checks the export with the daemon before running nbd-client
+    cli("create", "ro", "--size", "1M", "--read-only", *c)
+    r = cli("attach", "nope", "/dev/nbd0", "--swap", "--dry-run", *c)
+    assert r.exit_code == 1 and r.stderr == "zramd: error: no export named 'nope' (exports: ro)\n"
+    r = cli("attach", "ro", "/dev/nbd0", "--swap", "--dry-run", *c)
+    assert r.exit_code == 1 and "is read-only" in r.stderr
+    r = cli("attach", "ro", "/dev/nbd0", "--read-only", "--dry-run", *c)
+    assert r.exit_code == 0 and "-readonly" in r.stdout
 
 
 def test_cli_unreachable_daemon(tmp_path: Path) -> None:
