@@ -260,3 +260,41 @@ async def test_operator_reload_via_control(tmp_path: Path, registry: Any) -> Non
         assert [e.name for e in registry] == ["two"]
     finally:
         await op.close()
+
+
+async def test_hooks_optional_control_socket(tmp_path: Path, registry: Any) -> None:
+    """The default control socket is optional: busy -> warn and serve without it; an explicit
+    one is required: busy -> start fails."""
+    from zramd.control.daemon import OperatorHooks
+
+    class FakeServer:
+        def __init__(self, reg: Any) -> None:
+            self.registry = reg
+
+    path = sock_path(tmp_path)
+    first = ControlServer(registry, path)
+    await first.start()
+    try:
+        import logging
+
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: records.append(rec.getMessage())  # type: ignore[method-assign]
+        logger = logging.getLogger("zramd.control")
+        logger.addHandler(handler)
+        try:
+            optional = OperatorHooks(control_path=path, control_required=False)
+            await optional.start(FakeServer(registry))
+        finally:
+            logger.removeHandler(handler)
+        assert any("running without a control socket" in r for r in records), records
+        assert optional.operator is not None and optional.operator.control is None
+        await optional.close()
+        assert socket_is_live(path)  # the other daemon's socket is untouched
+        required = OperatorHooks(control_path=path, control_required=True)
+        with pytest.raises(ControlSocketBusy):
+            await required.start(FakeServer(registry))
+        await required.close()
+        assert socket_is_live(path)
+    finally:
+        await first.close()
