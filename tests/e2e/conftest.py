@@ -23,6 +23,7 @@ report of any failing test that used it (see tests/conftest.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -163,6 +164,22 @@ def zramd_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "zramd"]
 
 
+@functools.cache
+def _serve_help() -> str:
+    return subprocess.run(
+        zramd_argv() + ["serve", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+def private_args(workdir: Path) -> list[str]:
+    """Options that keep a test server from touching machine-wide paths (its control socket
+    defaults to /run/zramd/control.sock, which parallel servers would fight over)."""
+    if "--control" in _serve_help():
+        workdir.mkdir(parents=True, exist_ok=True)
+        return ["--control", str(workdir / "control.sock")]
+    return []
+
+
 def export_args(exports: list[tuple[str, int, str]]) -> list[str]:
     args: list[str] = []
     for name, size, opts in exports:
@@ -170,10 +187,12 @@ def export_args(exports: list[tuple[str, int, str]]) -> list[str]:
     return args
 
 
-def _zramd_command(port: int, sock: str, exports: list[tuple[str, int, str]]) -> list[str]:
+def _zramd_command(
+    port: int, sock: str, exports: list[tuple[str, int, str]], workdir: Path
+) -> list[str]:
     return zramd_argv() + [
         "serve", "--bind", "127.0.0.1", "--port", str(port), "--unix", sock,
-    ] + export_args(exports)
+    ] + private_args(workdir) + export_args(exports)
 
 
 def start_server(
@@ -191,7 +210,7 @@ def start_server(
         workdir=workdir,
     )
     if SERVER_KIND == "zramd":
-        commands = [_zramd_command(port, sock, exports)]
+        commands = [_zramd_command(port, sock, exports, workdir)]
     elif SERVER_KIND == "nbdkit":
         if shutil.which("nbdkit") is None:
             pytest.skip("nbdkit not installed")

@@ -54,6 +54,10 @@ ESHUTDOWN = 108
 
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
+CHUNK = struct.Struct(">IHHQI")
+REPLY_FLAG_DONE = 1
+CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE, CHUNK_BLOCK_STATUS = 0, 1, 2, 5
+CHUNK_ERROR, CHUNK_ERROR_OFFSET = 32769, 32770
 _OPT_HEADER = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 DEFAULT_TIMEOUT_S = 10.0
@@ -164,6 +168,38 @@ class RawClient:
         if expect_cookie is not None:
             assert cookie == expect_cookie, (cookie, expect_cookie)
         return int(error)
+
+    def read_chunks(self, cookie: int) -> list[tuple[int, int, bytes]]:
+        """Structured reply chunks (flags, type, payload) of one request, up to DONE."""
+        chunks = []
+        while True:
+            magic, flags, ctype, rcookie, length = CHUNK.unpack(self.recv_exact(CHUNK.size))
+            assert magic == STRUCTURED_REPLY_MAGIC, f"expected a chunk, got magic {magic:#x}"
+            assert rcookie == cookie, (rcookie, cookie)
+            chunks.append((flags, ctype, self.recv_exact(length)))
+            if flags & REPLY_FLAG_DONE:
+                return chunks
+
+    def read_simple_or_chunk_error(self, cookie: int) -> int:
+        """The error of a non-READ reply, simple or structured (0 = success)."""
+        magic = struct.unpack(">I", self.recv_exact(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:
+            error, rcookie = struct.unpack(">IQ", self.recv_exact(12))
+            assert rcookie == cookie
+            return int(error)
+        assert magic == STRUCTURED_REPLY_MAGIC, hex(magic)
+        err = 0
+        rest = self.recv_exact(CHUNK.size - 4)
+        while True:
+            flags, ctype, rcookie, length = struct.unpack(">HHQI", rest)
+            assert rcookie == cookie
+            payload = self.recv_exact(length)
+            if ctype in (CHUNK_ERROR, CHUNK_ERROR_OFFSET):
+                err = err or struct.unpack(">I", payload[:4])[0]
+            if flags & REPLY_FLAG_DONE:
+                return int(err)
+            magic, flags2, ctype2, rcookie2, length2 = CHUNK.unpack(self.recv_exact(CHUNK.size))
+            rest = struct.pack(">HHQI", flags2, ctype2, rcookie2, length2)
 
     def read(self, offset: int, length: int, cookie: int = 7) -> bytes:
         self.request(CMD_READ, offset, length, cookie)

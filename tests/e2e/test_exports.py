@@ -19,6 +19,7 @@ from .conftest import (
     MiB,
     Server,
     export_args,
+    private_args,
     run,
     start_server,
     zramd_argv,
@@ -144,8 +145,9 @@ def test_size_suffixes_and_options(
 
 
 @zramd_only
-def test_stdio_mode() -> None:
-    cmd = zramd_argv() + ["serve", "--stdio"] + export_args([("zram0", 8 * MiB, "")])
+def test_stdio_mode(tmp_path: Path) -> None:
+    cmd = zramd_argv() + ["serve", "--stdio", *private_args(tmp_path)]
+    cmd += export_args([("zram0", 8 * MiB, "")])
     h = nbd.NBD()
     h.connect_command(cmd)
     assert h.get_size() == 8 * MiB
@@ -156,7 +158,8 @@ def test_stdio_mode() -> None:
 
 @zramd_only
 def test_bad_export_spec_fails_fast(tmp_path: Path) -> None:
-    cmd = zramd_argv() + ["serve", "--unix", str(tmp_path / "s.sock"), "--export", "bad=12Q"]
+    cmd = zramd_argv() + ["serve", "--unix", str(tmp_path / "s.sock"), *private_args(tmp_path)]
+    cmd += ["--export", "bad=12Q"]
     proc = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert proc.stderr, "an invalid --export must say why"
@@ -210,16 +213,18 @@ def test_trim_and_zero_whole_export(server: Server) -> None:
 
 
 @zramd_only
-def test_systemd_socket_activation() -> None:
+def test_systemd_socket_activation(tmp_path: Path) -> None:
     """LISTEN_FDS: libnbd (like systemd) hands zramd a listening socket."""
     h = nbd.NBD()
     h.connect_systemd_socket_activation(
-        zramd_argv() + ["serve"] + export_args([("zram0", 8 * MiB, "description=activated")])
+        zramd_argv() + ["serve", *private_args(tmp_path / "a")]
+        + export_args([("zram0", 8 * MiB, "description=activated")])
     )
     assert h.get_size() == 8 * MiB
     h.pwrite(b"sa" * 2048, 8192)
     assert h.pread(4096, 8192) == b"sa" * 2048
     h.shutdown()
     out = run(["nbdinfo", "--size", "--", "[", *zramd_argv(), "serve",
-               *export_args([("zram0", 16 * MiB, "")]), "]"], timeout=30)
+               *private_args(tmp_path / "b"), *export_args([("zram0", 16 * MiB, "")]), "]"],
+              timeout=30)
     assert int(out.stdout) == 16 * MiB

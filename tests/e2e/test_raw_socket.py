@@ -349,3 +349,56 @@ def test_read_only_flags(srv: Server) -> None:
         assert c.read_simple_reply(33) == raw.EPERM
         assert c.read(0, 4096) == bytes(4096)
         c.disconnect()
+
+
+def _sr_client(srv: Server) -> raw.RawClient:
+    c = raw.RawClient(srv.addr())
+    c.greeting()
+    c.send_option(raw.OPT_STRUCTURED_REPLY)
+    assert c.read_option_reply()[1] == raw.REP_ACK
+    c.go("zram0")
+    return c
+
+
+def test_structured_read_chunks_on_the_wire(srv: Server) -> None:
+    base = SCRATCH + 6 * MiB
+    data = os.urandom(4096)
+    with _sr_client(srv) as c:
+        c.request(raw.CMD_TRIM, base, 1 * MiB, cookie=40)
+        assert c.read_simple_or_chunk_error(40) == 0
+        c.request(raw.CMD_WRITE, base + 64 * 1024, 4096, cookie=41, payload=data)
+        assert c.read_simple_or_chunk_error(41) == 0
+        c.request(raw.CMD_READ, base, 256 * 1024, cookie=42)
+        chunks = c.read_chunks(42)
+        got = bytearray(256 * 1024)
+        covered = 0
+        for _flags, ctype, payload in chunks:
+            assert ctype in (raw.CHUNK_OFFSET_DATA, raw.CHUNK_OFFSET_HOLE, raw.CHUNK_NONE), ctype
+            if ctype == raw.CHUNK_OFFSET_DATA:
+                (off,) = struct.unpack(">Q", payload[:8])
+                rel = off - base
+                assert 0 <= rel and rel + len(payload) - 8 <= len(got)
+                got[rel : rel + len(payload) - 8] = payload[8:]
+                covered += len(payload) - 8
+            elif ctype == raw.CHUNK_OFFSET_HOLE:
+                off, hole = struct.unpack(">QI", payload)
+                rel = off - base
+                assert 0 <= rel and rel + hole <= len(got)
+                covered += hole
+        assert covered == len(got), "content chunks must cover the read exactly"
+        assert bytes(got[64 * 1024 : 64 * 1024 + 4096]) == data
+        assert bytes(got[: 64 * 1024]) == bytes(64 * 1024)
+        if not srv.is_nbdkit:
+            assert any(t == raw.CHUNK_OFFSET_HOLE for _, t, _ in chunks), "no OFFSET_HOLE chunk"
+        # An errored READ answers with an ERROR chunk and the stream goes on.
+        c.request(raw.CMD_READ, srv.size("zram0") - 512, 4096, cookie=43)
+        chunks = c.read_chunks(43)
+        errs = [p for _, t, p in chunks if t in (raw.CHUNK_ERROR, raw.CHUNK_ERROR_OFFSET)]
+        assert errs and struct.unpack(">I", errs[0][:4])[0] == raw.EINVAL, chunks
+        # BLOCK_STATUS with no meta context selected: EINVAL, connection kept.
+        c.request(7, base, 4096, cookie=44)
+        assert c.read_simple_or_chunk_error(44) == raw.EINVAL
+        c.request(raw.CMD_READ, base + 64 * 1024, 4096, cookie=45)
+        chunks = c.read_chunks(45)
+        assert b"".join(p[8:] for _, t, p in chunks if t == raw.CHUNK_OFFSET_DATA) == data
+        c.disconnect()
