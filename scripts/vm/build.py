@@ -65,8 +65,8 @@ def log(msg: str) -> None:
     print(f"[vm-build] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], **kw: object) -> str:
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout  # type: ignore[call-overload,no-any-return]
+def run(cmd: list[str], cwd: Path | None = None) -> str:
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, cwd=cwd).stdout
 
 
 def resolve_kernel_package() -> str:
@@ -96,7 +96,8 @@ def fetch_debs(cache: Path, refresh: bool) -> dict[str, Path]:
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     files: dict[str, str] = {}
     for name in names:
-        cands = sorted(f for f in os.listdir(debs) if f.startswith(name + "_") and f.endswith(".deb"))
+        cands = sorted(f for f in os.listdir(debs)
+                       if f.startswith(name + "_") and f.endswith(".deb"))
         fresh = [f for f in cands if f not in before] or cands
         if not fresh:
             raise RuntimeError(f"apt-get download gave no .deb for {name}")
@@ -229,13 +230,13 @@ def build(cache: Path = DEFAULT_CACHE, refresh: bool = False) -> tuple[Path, Pat
         path = x[pkg] / src
         shutil.copy2(path, root / dest)
         libs.update(shared_libs(path))
-    for dest, target in SYMLINKS.items():
-        (root / dest).symlink_to(target)
+    for link, target in SYMLINKS.items():
+        (root / link).symlink_to(target)
     for lib in sorted(libs):
         real = lib.resolve()
-        target = root / lib.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(real, target)
+        lib_dest = root / lib.relative_to("/")
+        lib_dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, lib_dest)
 
     # kernel and modules
     kx = x["kernel"]
@@ -250,7 +251,8 @@ def build(cache: Path = DEFAULT_CACHE, refresh: bool = False) -> tuple[Path, Pat
     (root / "lib" / "modules" / "load-order").write_text("".join(f"{ko.name}\n" for ko in order))
 
     # memhog and init
-    run(["gcc", "-static", "-O2", "-Wall", "-o", str(root / "bin" / "memhog"), str(HERE / "memhog.c")])
+    memhog = root / "bin" / "memhog"
+    run(["gcc", "-static", "-O2", "-Wall", "-o", str(memhog), str(HERE / "memhog.c")])
     shutil.copy2(HERE / "init.sh", root / "init")
     (root / "init").chmod(0o755)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")

@@ -27,6 +27,16 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=96m tmp /tmp
 exec </dev/console >/dev/console 2>&1
 
+# This busybox runs its own applets before searching PATH (mkswap, swapon, fstrim, blkdiscard,
+# mkfs.ext2, nbd-client are applets too): the real tools are called by their full paths.
+nbd_client() { /sbin/nbd-client "$@"; }
+mkfs_ext2() { /sbin/mke2fs -t ext2 "$@"; }
+e2fsck() { /sbin/e2fsck "$@"; }
+mkswap() { /sbin/mkswap "$@"; }
+swapon() { /sbin/swapon "$@"; }
+swapoff() { /sbin/swapoff "$@"; }
+fstrim() { /sbin/fstrim "$@"; }
+blkdiscard() { /sbin/blkdiscard "$@"; }
 SERVER=10.0.2.100
 PORT=10809
 DEV=/dev/nbd0
@@ -78,7 +88,7 @@ nbd_size() { cat /sys/block/nbd0/size 2>/dev/null || echo 0; }
 connect() {
 	_exp="$1"
 	shift
-	if ! nbd-client "$SERVER" "$PORT" "$DEV" -N "$_exp" -t "$TIMEOUT" "$@" >/tmp/nbd.out 2>&1; then
+	if ! nbd_client "$SERVER" "$PORT" "$DEV" -N "$_exp" -t "$TIMEOUT" "$@" >/tmp/nbd.out 2>&1; then
 		cat /tmp/nbd.out
 		fail "nbd-client $_exp $* failed: $(tail -n 1 /tmp/nbd.out)"
 		return 1
@@ -91,7 +101,7 @@ connect() {
 	done
 }
 disconnect() {
-	nbd-client -d "$DEV" >/dev/null 2>&1
+	nbd_client -d "$DEV" >/dev/null 2>&1
 	_i=0
 	while [ "$(nbd_size)" != 0 ]; do
 		_i=$((_i + 1))
@@ -169,7 +179,7 @@ filesystem() {
 	connect "$_exp" -b 4096 "$@" || return 1
 	_conns=$(ls /sys/block/nbd0/mq | wc -l)
 	FIG="$FIG conns=$_conns"
-	mkfs.ext2 -q -F -b 4096 "$DEV" >/tmp/mkfs.out 2>&1 || { cat /tmp/mkfs.out; fail "mkfs.ext2 failed"; return 1; }
+	mkfs_ext2 -q -F -b 4096 "$DEV" >/tmp/mkfs.out 2>&1 || { cat /tmp/mkfs.out; fail "mkfs.ext2 failed"; return 1; }
 	mount -t ext2 "$DEV" /mnt || { fail "mount after mkfs failed"; return 1; }
 	_t=$(now)
 	make_files /mnt "$FILES" 1 "/tmp/sums.$_exp" || { fail "writing files failed"; return 1; }

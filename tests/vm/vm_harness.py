@@ -341,7 +341,8 @@ def run_boot(group: Group, kernel: Path, initrd: Path, accel: str, port: int, ap
                 proc.kill()
                 proc.wait()
         if relay_log.exists():
-            log.write("# relay log:\n" + relay_log.read_text())
+            log.write("# relay log (one line per guest connection):\n" + relay_log.read_text())
+            relay_log.unlink()
     return results, done, "\n".join(lines[-25:])
 
 
@@ -385,8 +386,10 @@ class HostChecks:
         orig, total, same = (int(st.get("orig_data_size", 0)), int(st["mem_used_total"]),
                              int(st.get("same_pages", 0)))
         ratio = orig / total if total else 0.0
-        figs = f"orig_data_size={orig / 2**20:.1f}MiB mem_used_total={total / 2**20:.1f}MiB " \
-               f"ratio={ratio:.2f} same_pages={same}"
+        figs = (f"orig_data_size={orig / 2**20:.1f}MiB "
+                f"compr_data_size={int(st.get('compr_data_size', 0)) / 2**20:.1f}MiB "
+                f"mem_used_total={total / 2**20:.1f}MiB ratio={ratio:.2f} same_pages={same} "
+                f"huge_pages={st.get('huge_pages', '?')}")
         ok = same > 0 and ratio > 1.0
         return Outcome("swap-host-stats", "PASS" if ok else "FAIL", figures=figs,
                        reason="" if ok else "expected same_pages > 0 and ratio > 1")
@@ -399,7 +402,7 @@ class HostChecks:
 def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
               files: int | None = None, scenarios: list[str] | None = None) -> BootReport:
     sys.path.insert(0, str(VM_SCRIPTS))
-    import build  # type: ignore[import-not-found]
+    import build
 
     group = GROUPS[name]
     if scenarios:  # development: a subset, in the given order
