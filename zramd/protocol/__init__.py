@@ -19,6 +19,7 @@ from .events import (
     ExportInfo,
     HandshakeComplete,
     Request,
+    StartTLS,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "ProtocolError",
     "Request",
     "ServerConnection",
+    "StartTLS",
 ]

@@ -17,6 +17,10 @@ Invariants:
   requests.
 * DISC: ``Request(command=DISC)`` is yielded, then ``ConnectionClosed("client sent DISC")`` on the
   next call; the server finishes the requests in flight and closes.
+* STARTTLS (``tls`` mode ``on``/``require``): ``StartTLS`` is yielded after the ACK is queued;
+  if the client already sent bytes behind STARTTLS (before any TLS handshake could happen) they
+  would be plaintext injected into the TLS session, so the connection is closed instead
+  (``ConnectionClosed(error=True)``). The driver feeds only decrypted bytes after ``StartTLS``.
 * The core validates framing only; ranges, flags and commands against the export are validated by
   ``server/dispatch.py``.
 
@@ -37,6 +41,7 @@ from .events import (
     ExportCatalog,
     ExportInfo,
     HandshakeComplete,
+    StartTLS,
     _NeedData,
 )
 from .handshake import Handshake, State, transmission_flags
@@ -85,10 +90,11 @@ class ServerConnection:
         limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
         *,
         structured_replies: bool = True,
+        tls: str = wire.TLS_OFF,
     ) -> None:
         self.limits = limits
         self._reader = tx.RequestReader(limits.max_payload)
-        self._hs = Handshake(catalog, limits, structured_replies)
+        self._hs = Handshake(catalog, limits, structured_replies, tls)
         self._in_tx = False
         self._closed = False
         self._structured = False
@@ -127,6 +133,11 @@ class ServerConnection:
         return self._closed or self._reader.done
 
     @property
+    def tls_active(self) -> bool:
+        """True once STARTTLS was accepted (the driver runs the TLS handshake at ``StartTLS``)."""
+        return self._hs.tls_active
+
+    @property
     def structured_replies(self) -> bool:
         """Whether structured replies were negotiated (valid once in transmission)."""
         return self._structured
@@ -152,6 +163,18 @@ class ServerConnection:
                 ev = hs.feed(data)
             if ev is None:
                 continue
+            if type(ev) is StartTLS:
+                extra = rd.available
+                if extra or rd.eof:
+                    self._closed = True
+                    rd.close()
+                    if not extra:
+                        return ConnectionClosed("client closed the connection after STARTTLS")
+                    return ConnectionClosed(
+                        f"{extra} plaintext byte(s) after STARTTLS before the TLS handshake",
+                        True,
+                    )
+                return ev
             if isinstance(ev, HandshakeComplete):
                 self._in_tx = True
                 self._structured = ev.structured_replies

@@ -112,6 +112,17 @@ class Request(Event):
 
 
 @dataclass(slots=True)
+class StartTLS(Event):
+    """The client asked for STARTTLS and it was accepted: the ACK is in ``data_to_send()``.
+
+    The driver must send that ACK in plaintext, then run the TLS handshake (server side) on the
+    same connection and feed the decrypted bytes to the same ``ServerConnection``. It must not
+    feed any plaintext received after this event: the core has already checked that nothing was
+    pipelined behind STARTTLS (that would be an injection, CVE-2021-3716 / CVE-2011-0411 style)
+    and everything negotiated before STARTTLS has been forgotten."""
+
+
+@dataclass(slots=True)
 class ConnectionClosed(Event):
     """The connection is over. ``reason`` is human readable (EOF, ABORT, bad magic, DISC, ...).
 

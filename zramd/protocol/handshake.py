@@ -27,8 +27,13 @@ Invariants:
   honest client produces (bad option magic, options longer than ``max_option_drain``, more than
   ``max_options`` options, unknown client flags) ends the connection.
 * Everything negotiated that a later STARTTLS must forget lives in :class:`Negotiated`, which has
-  one ``reset()`` (CVE-2021-3716: plaintext STRUCTURED_REPLY surviving STARTTLS). TLS is not
-  implemented: STARTTLS answers ``ERR_UNSUP`` (NOTLS mode, nbd.md 5).
+  one ``reset()`` (CVE-2021-3716: plaintext STRUCTURED_REPLY surviving STARTTLS).
+* TLS (nbd.md 5) follows the ``tls`` mode: ``off`` (NOTLS) answers STARTTLS ``ERR_UNSUP`` and never
+  says ``ERR_TLS_REQD``; ``on`` makes STARTTLS optional; ``require`` (FORCEDTLS) answers every
+  option but STARTTLS and ABORT with ``ERR_TLS_REQD`` until TLS is up (its data drained unseen),
+  and closes on EXPORT_NAME (which cannot carry an error). An accepted STARTTLS replies ACK, resets
+  :class:`Negotiated` and yields :class:`~zramd.protocol.events.StartTLS`; the TLS handshake itself
+  is the driver's. STARTTLS with data, or once TLS is up, gets ``ERR_INVALID``.
 * Meta-context selections remember the export they were made for; they are only handed over if the
   client then selects that same export.
 """
@@ -43,7 +48,14 @@ from typing import TYPE_CHECKING
 
 from . import wire
 from .errors import OptionError, ProtocolError
-from .events import ConnectionClosed, Event, ExportCatalog, ExportInfo, HandshakeComplete
+from .events import (
+    ConnectionClosed,
+    Event,
+    ExportCatalog,
+    ExportInfo,
+    HandshakeComplete,
+    StartTLS,
+)
 
 if TYPE_CHECKING:
     from .connection import Limits
@@ -126,9 +138,17 @@ class Handshake:
     """The negotiation phase of one connection (see module docstring)."""
 
     def __init__(
-        self, catalog: ExportCatalog, limits: Limits, structured_replies: bool = True
+        self,
+        catalog: ExportCatalog,
+        limits: Limits,
+        structured_replies: bool = True,
+        tls: str = wire.TLS_OFF,
     ) -> None:
+        if tls not in wire.TLS_MODES:
+            raise ValueError(f"tls mode must be one of {', '.join(wire.TLS_MODES)}, not {tls!r}")
         self.catalog = catalog
+        self.tls_mode = tls
+        self.tls_active = False
         self.limits = limits
         self.structured_allowed = structured_replies
         self.out = bytearray()
@@ -192,6 +212,15 @@ class Handshake:
             raise ProtocolError(f"option {opt} length {length} is absurd")
         self._opt = opt
         self._opt_len = length
+        if (
+            self.tls_mode == wire.TLS_REQUIRE
+            and not self.tls_active
+            and opt not in _ALLOWED_BEFORE_TLS
+        ):
+            if opt == wire.OPT_EXPORT_NAME:
+                # Cannot be answered with an error (nbd.md 1.2, 5): close without reading the name.
+                raise ProtocolError("EXPORT_NAME before STARTTLS while TLS is required")
+            return self._drain_then(length, self._reply_tls_required)
         spec = _OPTION_TABLE.get(opt)
         if spec is None:
             return self._drain_then(length, self._reply_unsupported)
@@ -251,6 +280,11 @@ class Handshake:
 
     def _reply_unsupported(self) -> Event | None:
         self._reply(wire.REP_ERR_UNSUP, f"option {self._opt} is not supported".encode())
+        self._expect_option()
+        return None
+
+    def _reply_tls_required(self) -> Event | None:
+        self._reply(wire.REP_ERR_TLS_REQD, b"TLS is required: send STARTTLS first")
         self._expect_option()
         return None
 
@@ -354,9 +388,20 @@ class Handshake:
         return None
 
     def _opt_starttls(self, data: bytes, length: int) -> Event | None:
-        # NOTLS mode (nbd.md 5). A TLS mode would: reject data with ERR_INVALID, reply ACK, call
-        # self.neg.reset() (CVE-2021-3716), hand the socket to TLS, and only then read on.
-        raise OptionError(wire.REP_ERR_UNSUP, "TLS is not configured on this server")
+        if self.tls_mode == wire.TLS_OFF:
+            # NOTLS (nbd.md 5): ERR_UNSUP, never ERR_TLS_REQD.
+            raise OptionError(wire.REP_ERR_UNSUP, "TLS is not configured on this server")
+        if length:
+            raise OptionError(wire.REP_ERR_INVALID, "STARTTLS takes no data")
+        if self.tls_active:
+            raise OptionError(wire.REP_ERR_INVALID, "TLS is already active")
+        self._reply(wire.REP_ACK)
+        # Forget everything negotiated in plaintext (CVE-2021-3716); option ids restart too.
+        self.neg.reset()
+        self._next_context_id = 1
+        self.tls_active = True
+        self._expect_option()
+        return StartTLS()
 
     def _opt_structured_reply(self, data: bytes, length: int) -> Event | None:
         if length:
@@ -440,6 +485,9 @@ _STATE_TABLE: dict[State, Callable[[Handshake, bytes], Event | None]] = {
     State.DONE: Handshake._on_finished,
     State.CLOSED: Handshake._on_finished,
 }
+
+#: Options answered normally in ``require`` mode before TLS is up (nbd.md 5, FORCEDTLS).
+_ALLOWED_BEFORE_TLS = frozenset({wire.OPT_STARTTLS, wire.OPT_ABORT})
 
 _OPTION_TABLE: dict[int, OptionSpec] = {
     wire.OPT_EXPORT_NAME: OptionSpec("EXPORT_NAME", True, Handshake._opt_export_name),

@@ -44,6 +44,12 @@ OPT_LIST_META_CONTEXT: Final = 9
 OPT_SET_META_CONTEXT: Final = 10
 OPT_EXTENDED_HEADERS: Final = 11  # experimental branch; we answer ERR_UNSUP
 
+# --- TLS modes of the server (nbd.md 5): NOTLS, opportunistic, FORCEDTLS ----------------------
+TLS_OFF: Final = "off"  # STARTTLS answered ERR_UNSUP, never ERR_TLS_REQD
+TLS_ON: Final = "on"  # STARTTLS optional
+TLS_REQUIRE: Final = "require"  # every option but STARTTLS/ABORT: ERR_TLS_REQD; EXPORT_NAME closes
+TLS_MODES: Final = (TLS_OFF, TLS_ON, TLS_REQUIRE)
+
 # --- Option reply types (nbd.md 1.2) -----------------------------------------------------------
 REP_ACK: Final = 1
 REP_SERVER: Final = 2
