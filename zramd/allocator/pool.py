@@ -89,6 +89,7 @@ from zramd.allocator.classes import (
     huge_watermark,
     raw_class_index,
 )
+from zramd.system import release_pages
 
 #: Bits of a handle-table entry that hold the slot index (at most 16 * 4096 / 32 = 2048 objects
 #: per zspage, so 12 bits are enough).
@@ -183,7 +184,8 @@ class _Arena:
         return off
 
     def give_back(self, off: int) -> None:
-        self.mm.madvise(mmap.MADV_DONTNEED, off, self.run_bytes)
+        # release_pages falls back to MADV_DONTNEED_LOCKED under mlockall (serve --swap).
+        release_pages(self.mm, off, self.run_bytes)
         self.free_runs.append(off)
         self.used -= 1
 
