@@ -344,17 +344,6 @@ def test_sighup_without_config_file_keeps_serving(daemon: Daemon) -> None:
     del h
 
 
-def _pool_releases_locked_pages() -> bool:
-    src = (REPO / "zramd" / "allocator" / "pool.py").read_text()
-    return "release_pages" in src or "DONTNEED_LOCKED" in src
-
-
-@pytest.mark.xfail(
-    not _pool_releases_locked_pages(),
-    reason="pool frees with plain MADV_DONTNEED, which fails with EINVAL under mlockall; "
-    "it should call zramd.system.release_pages",
-    strict=True,
-)
 def test_trim_and_compact_under_swap_mode(workdir: Path) -> None:
     """swapon --discard sends TRIMs: with --swap (mlockall) they must work and free memory."""
     if not system.has_capability(system.CAP_IPC_LOCK):
