@@ -17,9 +17,11 @@ Buffering (the hot path: a 28-byte header + 4 KiB payload per request):
   ``memoryview`` slices of it) or a private ``bytearray`` that accumulates fragments. Consumed bytes
   are dropped from the front of the bytearray with ``del``, which CPython does in O(1) (it moves the
   start pointer), so many small ``feed`` calls cost O(total bytes), not O(n^2).
-* A WRITE payload that is not complete when its header is parsed is copied, as it arrives, into one
-  ``bytearray`` of exactly its length (the *assembly* buffer), so every payload byte is copied at
-  most once, and no payload is ever held twice.
+* A WRITE payload that is not complete when its header is parsed is appended, as it arrives, to one
+  ``bytearray`` (the *assembly* buffer), so every payload byte is copied once (plus amortized
+  growth), and no payload is ever held twice. The buffer grows with the bytes that actually arrive:
+  it is never sized from the declared length, so a 28-byte header declaring a 64 MiB WRITE costs
+  28 bytes, not 64 MiB (found by tests/fuzz).
 * A WRITE whose declared length exceeds ``max_payload`` is *drained*: its bytes are counted and
   discarded as they arrive, then ``Request(payload_dropped=True, data=None)`` is yielded.
 * Only ``bytes`` input is referenced without copying (it is immutable). ``bytearray``/``memoryview``
@@ -63,7 +65,7 @@ class RequestReader:
         "_eof",
         "_max_payload",
         "_asm",
-        "_asm_fill",
+        "_asm_len",
         "_drain",
         "_pending",
         "_disc",
@@ -75,8 +77,8 @@ class RequestReader:
         self._pos = 0
         self._eof = False
         self._max_payload = max_payload
-        self._asm: bytearray | None = None  # WRITE payload being assembled
-        self._asm_fill = 0
+        self._asm: bytearray | None = None  # WRITE payload being assembled (grows as it arrives)
+        self._asm_len = 0  # its declared length
         self._drain = 0  # oversize WRITE payload bytes still to discard
         self._pending: Request | None = None  # WRITE waiting for its payload (assembly or drain)
         self._disc = False
@@ -131,16 +133,12 @@ class RequestReader:
         """Route bytes into the WRITE payload being assembled or drained; return the rest."""
         asm = self._asm
         if asm is not None:
-            fill = self._asm_fill
-            want = len(asm) - fill
-            n = len(data)
-            if n <= want:
-                asm[fill : fill + n] = data
-                self._asm_fill = fill + n
+            want = self._asm_len - len(asm)
+            if len(data) <= want:
+                asm += data
                 return b""
             mv = memoryview(data)
-            asm[fill:] = mv[:want]
-            self._asm_fill = len(asm)
+            asm += mv[:want]
             return mv[want:]
         drain = self._drain
         if drain:
@@ -216,11 +214,10 @@ class RequestReader:
                 return Request(
                     command, flags, cookie, offset, length, bytes(memoryview(buf)[pos:end])
                 )
-            # Incomplete: move what we have into an exact-size assembly buffer; feed() fills it.
-            asm = bytearray(length)
-            asm[:avail] = memoryview(buf)[pos:]
-            self._asm = asm
-            self._asm_fill = avail
+            # Incomplete: move what we have into the assembly buffer; feed() appends the rest.
+            # Never preallocate `length`: a peer must not make us allocate bytes it never sends.
+            self._asm = bytearray(memoryview(buf)[pos:])
+            self._asm_len = length
             self._pos = len(buf)
             self._pending = Request(command, flags, cookie, offset, length, None)
             return self._finish_pending()
@@ -234,7 +231,7 @@ class RequestReader:
         assert req is not None
         asm = self._asm
         if asm is not None:
-            if self._asm_fill < len(asm):
+            if len(asm) < self._asm_len:
                 if self._eof:
                     return self._close("EOF inside a WRITE payload", True)
                 return NEED_DATA
