@@ -106,6 +106,34 @@ def main(ctx: click.Context, verbose: int) -> None:
     "--max-payload", metavar="SIZE", default=None, help="Largest READ/WRITE accepted [64M]."
 )
 @click.option("--unix-mode", metavar="OCTAL", default=None, help="Unix socket mode [0600].")
+@click.option(
+    "--tls",
+    "tls",
+    type=click.Choice(["off", "on", "require"]),
+    default=None,
+    help="STARTTLS: off, on (optional) or require (every option but STARTTLS refused) [off].",
+)
+@click.option(
+    "--tls-certificates",
+    "tls_certificates",
+    metavar="DIR",
+    default=None,
+    help="Directory with ca-cert.pem, server-cert.pem, server-key.pem (nbdkit layout).",
+)
+@click.option(
+    "--tls-verify-peer",
+    "tls_verify_peer",
+    is_flag=True,
+    default=None,
+    help="Require client certificates signed by ca-cert.pem.",
+)
+@click.option(
+    "--allow",
+    "allow",
+    metavar="ADDR[/PREFIX]",
+    multiple=True,
+    help="Serve only TCP clients from these networks; repeatable [everyone].",
+)
 @serve_operator_options
 def serve(
     bind: str | None,
@@ -117,6 +145,10 @@ def serve(
     handshake_timeout: float | None,
     max_payload: str | None,
     unix_mode: str | None,
+    tls: str | None = None,
+    tls_certificates: str | None = None,
+    tls_verify_peer: bool | None = None,
+    allow: tuple[str, ...] = (),
     config_path: str | None = None,
     swap: str | None = None,
     control: str | None = None,
@@ -137,6 +169,13 @@ def serve(
     try:
         setup = ServeSetup(config_path, swap, control, stdio=stdio, metrics=metrics)
         cfg = setup.server_config(**flags) if setup.file else build_serve_config(**flags)
+        apply_access_flags(
+            cfg,
+            tls=tls,
+            tls_certificates=tls_certificates,
+            tls_verify_peer=tls_verify_peer,
+            allow=allow,
+        )
         setup.apply_swap_safety()
     except ConfigError as e:
         _fail(str(e))
@@ -188,6 +227,28 @@ def build_serve_config(
         except ValueError:
             raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
     cfg.validate()
+    return cfg
+
+
+def apply_access_flags(
+    cfg: ServerConfig,
+    *,
+    tls: str | None = None,
+    tls_certificates: str | None = None,
+    tls_verify_peer: bool | None = None,
+    allow: tuple[str, ...] | list[str] = (),
+) -> ServerConfig:
+    """``--tls``, ``--tls-certificates``, ``--tls-verify-peer`` and ``--allow`` on top of ``cfg``
+    (flags win over the config file; ``--allow`` replaces the file's list). Raises ConfigError."""
+    if tls_certificates is not None:
+        cfg.tls_certificates = tls_certificates or None
+    if tls is not None:
+        cfg.tls = tls
+    if tls_verify_peer:  # a flag: absent leaves the config file's value
+        cfg.tls_verify_peer = True
+    if allow:
+        cfg.allow = list(allow)
+    cfg.validate_access()
     return cfg
 
 

@@ -41,6 +41,9 @@ DEFAULT_MAX_PAYLOAD = 64 << 20
 DEFAULT_MAX_IN_FLIGHT = 256
 #: Unix socket permission bits.
 DEFAULT_UNIX_MODE = 0o600
+#: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
+TLS_MODES = ("off", "on", "require")
+DEFAULT_TLS = "off"
 #: Env var enabling test-only backends (plain, corrupt-read).
 TEST_BACKENDS_ENV = "ZRAMD_TEST_BACKENDS"
 
@@ -255,6 +258,12 @@ class ServerConfig:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     global_mem_limit: int = 0
     use_socket_activation: bool = True
+    #: STARTTLS: "off" | "on" | "require"; certificates in nbdkit's layout (zramd/server/tls.py).
+    tls: str = DEFAULT_TLS
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    #: TCP client allow-list (IP or CIDR strings); empty = everyone (zramd/server/access.py).
+    allow: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.exports:
@@ -282,6 +291,22 @@ class ServerConfig:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
         if self.global_mem_limit < 0:
             raise ConfigError("global mem-limit must not be negative")
+        self.validate_access()
+
+    def validate_access(self) -> None:
+        """TLS and allow-list settings (cheap: files are opened by ``server/tls.py``)."""
+        if self.tls not in TLS_MODES:
+            raise ConfigError(f"bad tls mode {self.tls!r}: expected one of {', '.join(TLS_MODES)}")
+        if self.tls != "off" and not self.tls_certificates:
+            raise ConfigError(f"tls {self.tls!r} needs tls-certificates DIR")
+        if self.tls_verify_peer and self.tls == "off":
+            raise ConfigError("tls-verify-peer needs tls on or require")
+        try:
+            from zramd.server.access import AllowList
+
+            AllowList(self.allow)
+        except ImportError:  # pragma: no cover - part of the package
+            pass
 
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:

@@ -17,6 +17,10 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     control = "/run/zramd/control.sock"
     swap = "on"                 # "off" | "on" | "require" (or true/false)
     max-connections = 100
+    tls = "require"             # "off" | "on" | "require"
+    tls-certificates = "/etc/zramd/tls"   # ca-cert.pem, server-cert.pem, server-key.pem
+    tls-verify-peer = false
+    allow = ["127.0.0.1/32", "10.0.0.0/8"]   # TCP clients; absent = everyone
     ...
     [export.zram0]
     size = "min(ram / 2, 4096)"   # zram-generator expression in MiB, or "4G"
@@ -42,6 +46,7 @@ from typing import Any
 
 from zramd.config import (
     EXPORT_SIZE_ALIGN,
+    TLS_MODES,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -198,6 +203,27 @@ def _opt_str(value: Any) -> str | None:
     return v or None
 
 
+def _tls_mode(value: Any) -> str:
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value.lower() in TLS_MODES:
+        return value.lower()
+    raise ConfigError(f"expected one of {', '.join(TLS_MODES)} (or true/false), got {value!r}")
+
+
+def _allow_list(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"expected a list of addresses like [\"127.0.0.1/32\"], got {value!r}")
+    from zramd.server.access import parse_network
+
+    for v in items:
+        parse_network(v)
+    return list(items)
+
+
 _SERVER_KEYS: dict[str, tuple[Any, str]] = {
     "bind": (_opt_str, "bind"),
     "port": (lambda v: _typed(v, int, "a TCP port number 0..65535"), "port"),
@@ -209,6 +235,10 @@ _SERVER_KEYS: dict[str, tuple[Any, str]] = {
     "max-payload": (_bytes, "max_payload"),
     "max-in-flight": (_positive_int, "max_in_flight"),
     "mem-limit": (_bytes, "global_mem_limit"),
+    "tls": (_tls_mode, "tls"),
+    "tls-certificates": (_opt_str, "tls_certificates"),
+    "tls-verify-peer": (lambda v: _typed(v, bool, "true or false"), "tls_verify_peer"),
+    "allow": (_allow_list, "allow"),
 }
 _FILE_KEYS: dict[str, Any] = {
     "control": _opt_str,

@@ -15,7 +15,12 @@ error; mode 0600 by default), TCP (``--bind``/``--port``, 127.0.0.1:10809 by def
 serves one connection on fd 0/1: if stdin is a socket (libnbd ``connect_command`` passes a
 socketpair) it is used directly, otherwise stdin/stdout are driven as a pipe pair.
 
-The connection cap is enforced per accepted connection by the session (accept, log, close).
+The connection cap and the TCP allow-list (``--allow``) are enforced per accepted connection by
+the session (accept, log, close). STARTTLS (``--tls on|require``) uses one ``ssl.SSLContext``
+built at ``start()`` from ``--tls-certificates`` (``server/tls.py``); a bad certificates directory
+is a start failure. TLS works on TCP, Unix, inherited and stdio-socket connections; on stdio
+pipes ``start_tls`` is impossible and a STARTTLS there ends the connection.
+The Unix socket is created under a umask matching its mode (no window with looser permissions).
 
 Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
 get ESHUTDOWN; close sessions still in the handshake; wait (bounded by
@@ -36,8 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from zramd.config import ConfigError, ServerConfig
+from zramd.server.access import AllowList
 from zramd.server.exports import ExportRegistry
 from zramd.server.session import ServerContext, Session
+from zramd.server.tls import server_context
 
 log = logging.getLogger("zramd.server")
 
@@ -111,6 +118,8 @@ class Server:
             handshake_timeout=config.handshake_timeout,
             max_connections=config.max_connections,
             structured_replies=structured_replies,
+            tls=config.tls,
+            allow=AllowList(config.allow) if config.allow else None,
         )
         self.addresses: list[str] = []
         self.tcp_port: int | None = None
@@ -127,6 +136,11 @@ class Server:
         self._stopped = asyncio.Event()
         cfg = self.config
         try:
+            if cfg.tls != "off" and self.ctx.ssl_context is None:
+                assert cfg.tls_certificates is not None  # validate() checked it
+                self.ctx.ssl_context = server_context(
+                    cfg.tls_certificates, verify_peer=cfg.tls_verify_peer
+                )
             if cfg.stdio:
                 await self._start_stdio(loop)
             else:
@@ -178,7 +192,11 @@ class Server:
     async def _start_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
         _remove_stale_socket(path)
         try:
-            srv = await loop.create_unix_server(self._factory, path, backlog=LISTEN_BACKLOG)
+            old_umask = os.umask(0o777 & ~self.config.unix_mode)
+            try:
+                srv = await loop.create_unix_server(self._factory, path, backlog=LISTEN_BACKLOG)
+            finally:
+                os.umask(old_umask)
         except OSError as e:
             raise ServerError(f"cannot listen on unix socket {path}: {e.strerror or e}") from None
         os.chmod(path, self.config.unix_mode)

@@ -28,6 +28,16 @@ request whose payload never fully arrived was never yielded by the core, so it i
 Server shutdown: :class:`~zramd.server.dispatch.ShutdownFlag` makes new requests fail with
 ESHUTDOWN; sessions still in the handshake are closed at once.
 
+STARTTLS (``ServerContext.tls`` on/require): when the core yields ``StartTLS`` its ACK is written
+in plaintext, reading pauses, and a task runs ``loop.start_tls(transport, self, ...)``; the
+decrypted stream then feeds the same ``ServerConnection`` and ``self.transport`` becomes the TLS
+transport. Plaintext pipelined behind STARTTLS is caught by the core (close); any plaintext
+delivered while the TLS handshake is pending is a protocol violation (abort). A failed TLS
+handshake (bad/missing client certificate with verify-peer, garbage) closes the connection.
+
+Access: a TCP client whose address is not in ``ServerContext.allow`` is closed right after
+accept, with a log line, before the greeting.
+
 This module knows no byte layouts (the core encodes) and no device semantics (dispatch does).
 """
 
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -44,7 +55,9 @@ from zramd.protocol.events import (
     ConnectionClosed,
     HandshakeComplete,
     Request,
+    StartTLS,
 )
+from zramd.server.access import AllowList
 from zramd.server.dispatch import (
     DISC,
     OK,
@@ -82,8 +95,17 @@ class ServerContext:
         handshake_timeout: float = 10.0,
         max_connections: int = 100,
         structured_replies: bool = True,
+        tls: str = "off",
+        ssl_context: ssl.SSLContext | None = None,
+        allow: AllowList | None = None,
     ) -> None:
         self.registry = registry
+        #: STARTTLS mode (off|on|require) and the context TLS handshakes use (set before serving).
+        self.tls = tls
+        self.ssl_context = ssl_context
+        #: TCP clients outside these networks are closed at accept (None/empty: everyone).
+        self.allow = allow
+        self.refused = 0
         self.limits = limits if limits is not None else Limits(max_payload=max_payload)
         self.max_in_flight = max_in_flight
         self.max_payload = max_payload
@@ -122,6 +144,8 @@ class Session(asyncio.Protocol):
         self._batch: list[bytes | bytearray | memoryview] | None = None  # queued in _pump
         self._batch_bytes = 0
         self._lost = False
+        self._tls_pending = False  # STARTTLS acknowledged, TLS handshake not finished
+        self._tls = False  # self.transport is the TLS transport
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -144,6 +168,13 @@ class Session(asyncio.Protocol):
             transport.close()
             self._resolve_closed()
             return
+        if ctx.allow and not ctx.allow.allows(transport.get_extra_info("peername")):
+            ctx.refused += 1
+            log.warning("refusing connection %s: address not in the allow list", self.label)
+            self._lost = True
+            transport.close()
+            self._resolve_closed()
+            return
         ctx.sessions.add(self)
         log.debug("connection %s opened", self.label)
         try:
@@ -153,7 +184,7 @@ class Session(asyncio.Protocol):
         except (AttributeError, NotImplementedError):
             pass
         self.conn = ServerConnection(
-            ctx.registry, ctx.limits, structured_replies=ctx.structured_replies
+            ctx.registry, ctx.limits, structured_replies=ctx.structured_replies, tls=ctx.tls
         )
         self._handshake_timer = asyncio.get_running_loop().call_later(
             ctx.handshake_timeout, self._on_handshake_timeout
@@ -163,6 +194,10 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self.conn is None:
             return
+        if self._tls_pending:  # plaintext between our STARTTLS ACK and the TLS layer: injection
+            log.info("connection %s: protocol error: plaintext after STARTTLS", self.label)
+            self.abort()
+            return
         self.conn.receive_data(data)
         self._pump()
 
@@ -170,7 +205,9 @@ class Session(asyncio.Protocol):
         if not self._closing and self.conn is not None:
             self.conn.receive_data(b"")
             self._pump()
-        return True  # keep the write side open until our replies are out; we close it ourselves
+        # Keep the write side open until our replies are out; we close it ourselves. (TLS cannot
+        # half-close: the SSL layer shuts down after flushing.)
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -277,6 +314,67 @@ class Session(asyncio.Protocol):
             elif type(ev) is ConnectionClosed:
                 self._write(conn.data_to_send())
                 self._on_closed(ev)
+            elif type(ev) is StartTLS:
+                self._write(conn.data_to_send())  # the ACK, in plaintext, before TLS starts
+                self._begin_tls()
+                break
+
+    def _begin_tls(self) -> None:
+        """Pause reading and start the TLS handshake once the queued ACK has been written."""
+        sslctx = self.ctx.ssl_context
+        transport = self.transport
+        if sslctx is None or transport is None:  # a tls mode without a context: config bug
+            log.error("connection %s: STARTTLS accepted but no TLS context", self.label)
+            self._closing = True
+            return
+        self._tls_pending = True
+        try:
+            transport.pause_reading()
+        except (RuntimeError, AttributeError):
+            pass
+        task = asyncio.get_running_loop().create_task(self._start_tls(transport, sslctx))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_tls(self, raw: asyncio.Transport, sslctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._lost or raw.is_closing():
+                raise ConnectionError("connection closed before the TLS handshake")
+            tls = await loop.start_tls(
+                raw,
+                self,
+                sslctx,
+                server_side=True,
+                ssl_handshake_timeout=self.ctx.handshake_timeout,
+            )
+        except Exception as e:  # noqa: BLE001 - any TLS failure ends this connection only
+            self._tls_pending = False
+            if not self._lost:
+                log.info("connection %s: TLS handshake failed: %s", self.label, e)
+            self._closing = True
+            if not raw.is_closing():
+                raw.abort()
+            if not self._lost:  # the TLS layer does not report connection_lost before success
+                self.connection_lost(None)
+            return
+        self._tls_pending = False
+        if tls is None or self._lost:
+            return
+        self.transport = tls
+        self._tls = True
+        try:
+            tls.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        except (AttributeError, NotImplementedError):
+            pass
+        if log.isEnabledFor(logging.DEBUG):
+            from zramd.server.tls import peer_summary
+
+            log.debug(
+                "connection %s: TLS up (%s)",
+                self.label,
+                peer_summary(tls.get_extra_info("ssl_object")),
+            )
 
     def _on_handshake(self, ev: HandshakeComplete) -> None:
         self._cancel_handshake_timer()
