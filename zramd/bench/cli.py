@@ -27,7 +27,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 #: mode -> defaults (size MiB, runtime s, repeat, ext2 MiB, memory MiB, density repeats, workloads)
 MODES: dict[str, dict[str, object]] = {
     "full": {
-        "size": 256, "runtime": 2.0, "repeat": 3, "ext2": 200, "memory": 144, "drepeat": 2,
+        "size": 256, "runtime": 2.0, "repeat": 3, "ext2": 224, "memory": 144, "drepeat": 2,
         "workloads": [w.name for w in WORKLOADS],
     },
     "quick": {

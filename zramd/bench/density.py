@@ -36,8 +36,12 @@ PAGE = 4096
 MIB = 1 << 20
 #: roots of the ext2 image's files, walked in this order
 EXT2_SOURCES = ("/usr/share", "/usr/lib")
-#: file system overhead allowance on top of the file bytes (inodes, bitmaps, slack)
-EXT2_OVERHEAD = 1.25
+#: file system allowance on top of the files' whole blocks (bitmaps, indirect blocks, slack)
+EXT2_OVERHEAD = 1.10
+#: fixed extra room for metadata (inode tables, journal-less ext2 group descriptors)
+EXT2_EXTRA = 24 * MIB
+#: spare inodes on top of the files and directories copied
+EXT2_SPARE_INODES = 1024
 #: files larger than this are skipped (keep the mix varied)
 EXT2_MAX_FILE = 16 * MIB
 #: codecs of the ideal-size column
@@ -50,9 +54,11 @@ NBDCOPY_TIMEOUT_S = 300.0
 
 
 def build_ext2_image(path: Path, budget: int) -> Path:
-    """An ext2 image of about ``budget`` bytes of files from /usr."""
+    """An ext2 image holding about ``budget`` bytes (in whole 4 KiB blocks) of files from /usr."""
     staging = Path(tempfile.mkdtemp(prefix="zbench-ext2-", dir=path.parent))
     total = 0
+    inodes = 0
+    dirs: set[Path] = set()
     try:
         for root in EXT2_SOURCES:
             for dirpath, dirnames, filenames in os.walk(root):
@@ -66,24 +72,31 @@ def build_ext2_image(path: Path, budget: int) -> Path:
                     if not os.path.isfile(src) or os.path.islink(src) or st.st_size > EXT2_MAX_FILE:
                         continue
                     dst = staging / os.path.relpath(src, "/")
-                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if dst.parent not in dirs:
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        dirs.add(dst.parent)
                     try:
                         shutil.copyfile(src, dst)
                     except OSError:
                         continue
-                    total += st.st_size
+                    total += -(-st.st_size // PAGE) * PAGE
+                    inodes += 1
                     if total >= budget:
                         break
                 if total >= budget:
                     break
             if total >= budget:
                 break
-        size_mib = int(total * EXT2_OVERHEAD / MIB) + 16
-        subprocess.run(
-            ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", str(staging),
-             str(path), f"{size_mib}M"],
-            check=True, capture_output=True,
+        nparents = len({p for d in dirs for p in d.parents})
+        inodes += len(dirs) + nparents + EXT2_SPARE_INODES
+        blocks = (int(total * EXT2_OVERHEAD) + len(dirs) * PAGE + EXT2_EXTRA) // PAGE
+        proc = subprocess.run(
+            ["mke2fs", "-q", "-F", "-t", "ext2", "-b", str(PAGE), "-N", str(inodes),
+             "-d", str(staging), str(path), str(blocks)],
+            capture_output=True, text=True,
         )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"mke2fs failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

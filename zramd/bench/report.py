@@ -245,6 +245,8 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any], chart: str | None
             out.append(f"- {k}: {len(notes)} samples, e.g. `{notes[0][:300]}`")
         out.append("")
     images = raw.get("images", {})
+    for img, err in raw.get("image_errors", {}).items():
+        out.append(f"**The {img} image could not be built:** `{err[:500]}`\n")
     if images:
         out.append("## Real-data density\n")
         out.append(

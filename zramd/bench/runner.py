@@ -115,15 +115,19 @@ def run_fio_matrix(cfg: RunConfig) -> list[dict[str, Any]]:
     return samples
 
 
-def run_density_all(cfg: RunConfig, workdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_density_all(
+    cfg: RunConfig, workdir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     images: dict[str, Any] = {}
     paths: dict[str, Path] = {}
+    errors: dict[str, str] = {}
     t0 = time.monotonic()
     try:
         p = density.build_ext2_image(workdir / "ext2.img", cfg.ext2_budget)
         paths["ext2"] = p
         images["ext2"] = {"description": "ext2 file system of files from /usr/share, /usr/lib"}
     except Exception as exc:
+        errors["ext2"] = f"{type(exc).__name__}: {exc}"
         log(f"ext2 image failed: {exc}")
     try:
         p = density.build_memory_image(workdir / "memory.img", cfg.memory_budget)
@@ -132,6 +136,7 @@ def run_density_all(cfg: RunConfig, workdir: Path) -> tuple[dict[str, Any], list
             "description": "anonymous memory of 3 python processes (numpy, json, dicts, text)"
         }
     except Exception as exc:
+        errors["memory"] = f"{type(exc).__name__}: {exc}"
         log(f"memory image failed: {exc}")
     for name, p in paths.items():
         images[name].update(density.ideal_sizes(p))
@@ -157,7 +162,7 @@ def run_density_all(cfg: RunConfig, workdir: Path) -> tuple[dict[str, Any], list
                     f"out {res['copy_out_mbps']:7.1f} MB/s mem/byte {res['mem_per_byte']:.3f} "
                     f"sha {'ok' if res['sha256_ok'] else 'MISMATCH'}"
                 )
-    return images, samples
+    return images, samples, errors
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -168,7 +173,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raw["fio_samples"] = run_fio_matrix(cfg)
         if cfg.density:
             with tempfile.TemporaryDirectory(prefix="zbench-img-") as d:
-                raw["images"], raw["density_samples"] = run_density_all(cfg, Path(d))
+                raw["images"], raw["density_samples"], raw["image_errors"] = run_density_all(
+                    cfg, Path(d)
+                )
         if cfg.micro:
             from zramd.bench.micro import run_micro
 
