@@ -54,8 +54,15 @@ def _ca(d: Path, name: str) -> tuple[Path, Path]:
     key, cert, tmpl = d / f"{name}-key.pem", d / f"{name}-cert.pem", d / f"{name}.info"
     tmpl.write_text(_CA_TEMPLATE)
     _key(key)
-    _certtool("--generate-self-signed", "--load-privkey", str(key), "--template", str(tmpl),
-              "--outfile", str(cert))
+    _certtool(
+        "--generate-self-signed",
+        "--load-privkey",
+        str(key),
+        "--template",
+        str(tmpl),
+        "--outfile",
+        str(cert),
+    )
     return cert, key
 
 
@@ -63,9 +70,19 @@ def _signed(d: Path, name: str, template: str, ca: tuple[Path, Path]) -> tuple[P
     key, cert, tmpl = d / f"{name}-key.pem", d / f"{name}-cert.pem", d / f"{name}.info"
     tmpl.write_text(template)
     _key(key)
-    _certtool("--generate-certificate", "--load-privkey", str(key), "--load-ca-certificate",
-              str(ca[0]), "--load-ca-privkey", str(ca[1]), "--template", str(tmpl),
-              "--outfile", str(cert))
+    _certtool(
+        "--generate-certificate",
+        "--load-privkey",
+        str(key),
+        "--load-ca-certificate",
+        str(ca[0]),
+        "--load-ca-privkey",
+        str(ca[1]),
+        "--template",
+        str(tmpl),
+        "--outfile",
+        str(cert),
+    )
     return cert, key
 
 
@@ -74,8 +91,8 @@ def _dir(root: Path, name: str, files: dict[str, Path]) -> Path:
     d.mkdir()
     for dest, src in files.items():
         shutil.copy(src, d / dest)
-    (d / "server-key.pem").exists() and (d / "server-key.pem").chmod(0o600)
-    (d / "client-key.pem").exists() and (d / "client-key.pem").chmod(0o600)
+    for key in d.glob("*-key.pem"):
+        key.chmod(0o600)
     return d
 
 
@@ -91,14 +108,32 @@ def make_pki(root: Path) -> Pki:
     rogue = _signed(work, "rogue", _CLIENT_TEMPLATE, rogue_ca)
     return Pki(
         root=root,
-        server=_dir(root, "server", {
-            "ca-cert.pem": ca[0], "server-cert.pem": server[0], "server-key.pem": server[1],
-        }),
-        client=_dir(root, "client", {
-            "ca-cert.pem": ca[0], "client-cert.pem": client[0], "client-key.pem": client[1],
-        }),
+        server=_dir(
+            root,
+            "server",
+            {
+                "ca-cert.pem": ca[0],
+                "server-cert.pem": server[0],
+                "server-key.pem": server[1],
+            },
+        ),
+        client=_dir(
+            root,
+            "client",
+            {
+                "ca-cert.pem": ca[0],
+                "client-cert.pem": client[0],
+                "client-key.pem": client[1],
+            },
+        ),
         anon=_dir(root, "anon", {"ca-cert.pem": ca[0]}),
-        rogue=_dir(root, "rogue", {
-            "ca-cert.pem": ca[0], "client-cert.pem": rogue[0], "client-key.pem": rogue[1],
-        }),
+        rogue=_dir(
+            root,
+            "rogue",
+            {
+                "ca-cert.pem": ca[0],
+                "client-cert.pem": rogue[0],
+                "client-key.pem": rogue[1],
+            },
+        ),
     )

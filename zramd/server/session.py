@@ -144,8 +144,12 @@ class Session(asyncio.Protocol):
         self._batch: list[bytes | bytearray | memoryview] | None = None  # queued in _pump
         self._batch_bytes = 0
         self._lost = False
-        self._tls_pending = False  # STARTTLS acknowledged, TLS handshake not finished
-        self._tls = False  # self.transport is the TLS transport
+        # STARTTLS: _tls_plain_gate from the ACK until the TLS layer owns the socket (any plaintext
+        # then is injection); _tls_handshaking while start_tls runs (decrypted bytes that arrive
+        # before it returns are buffered, not pumped: replies need the TLS transport); _tls after.
+        self._tls_plain_gate = False
+        self._tls_handshaking = False
+        self._tls = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -194,9 +198,12 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self.conn is None:
             return
-        if self._tls_pending:  # plaintext between our STARTTLS ACK and the TLS layer: injection
+        if self._tls_plain_gate:  # plaintext between our STARTTLS ACK and the TLS layer
             log.info("connection %s: protocol error: plaintext after STARTTLS", self.label)
             self.abort()
+            return
+        if self._tls_handshaking:  # decrypted, but start_tls has not returned the transport yet
+            self.conn.receive_data(data)
             return
         self.conn.receive_data(data)
         self._pump()
@@ -204,7 +211,8 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         if not self._closing and self.conn is not None:
             self.conn.receive_data(b"")
-            self._pump()
+            if not self._tls_handshaking and not self._tls_plain_gate:
+                self._pump()
         # Keep the write side open until our replies are out; we close it ourselves. (TLS cannot
         # half-close: the SSL layer shuts down after flushing.)
         return not self._tls
@@ -327,7 +335,7 @@ class Session(asyncio.Protocol):
             log.error("connection %s: STARTTLS accepted but no TLS context", self.label)
             self._closing = True
             return
-        self._tls_pending = True
+        self._tls_plain_gate = True
         try:
             transport.pause_reading()
         except (RuntimeError, AttributeError):
@@ -341,6 +349,10 @@ class Session(asyncio.Protocol):
         try:
             if self._lost or raw.is_closing():
                 raise ConnectionError("connection closed before the TLS handshake")
+            # start_tls hands the socket to the TLS layer before its first suspension, so from
+            # here on data_received only ever sees decrypted bytes.
+            self._tls_plain_gate = False
+            self._tls_handshaking = True
             tls = await loop.start_tls(
                 raw,
                 self,
@@ -348,8 +360,11 @@ class Session(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.ctx.handshake_timeout,
             )
+            if tls is None or tls.is_closing() or raw.is_closing():
+                # asyncio resolves start_tls without error when the socket dies mid-handshake
+                raise ConnectionError("connection lost during the TLS handshake")
         except Exception as e:  # noqa: BLE001 - any TLS failure ends this connection only
-            self._tls_pending = False
+            self._tls_plain_gate = self._tls_handshaking = False
             if not self._lost:
                 log.info("connection %s: TLS handshake failed: %s", self.label, e)
             self._closing = True
@@ -358,8 +373,8 @@ class Session(asyncio.Protocol):
             if not self._lost:  # the TLS layer does not report connection_lost before success
                 self.connection_lost(None)
             return
-        self._tls_pending = False
-        if tls is None or self._lost:
+        self._tls_handshaking = False
+        if self._lost:
             return
         self.transport = tls
         self._tls = True
@@ -375,6 +390,8 @@ class Session(asyncio.Protocol):
                 self.label,
                 peer_summary(tls.get_extra_info("ssl_object")),
             )
+        if not self._closing:
+            self._pump()  # options that arrived while start_tls was returning
 
     def _on_handshake(self, ev: HandshakeComplete) -> None:
         self._cancel_handshake_timer()
