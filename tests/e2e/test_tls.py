@@ -301,3 +301,63 @@ def test_bad_certificates_dir_is_a_start_failure(tmp_path: Path, pki: Pki) -> No
         timeout=30,
     )
     assert proc.returncode == 2 and "needs tls-certificates" in proc.stderr, proc.stderr
+
+
+# -- stdio ----------------------------------------------------------------------------------------
+
+
+def test_stdio_socket_mode_over_tls(pki: Pki, tmp_path: Path) -> None:
+    """libnbd connect_command hands zramd a socketpair as stdin: STARTTLS works there too."""
+    nbd = pytest.importorskip("nbd")
+    from .conftest import zramd_argv
+
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(pki.client))
+    h.set_export_name("zram0")
+    h.connect_command(
+        zramd_argv()
+        + [
+            "serve",
+            "--stdio",
+            "--control",
+            "",
+            "--export",
+            "zram0=16M",
+            "--tls",
+            "require",
+            "--tls-certificates",
+            str(pki.server),
+        ]
+    )
+    try:
+        assert h.get_tls_negotiated()
+        assert h.get_size() == 16 * MiB
+        data = os.urandom(64 * 1024)
+        h.pwrite(data, 4096)
+        assert h.pread(len(data), 4096) == data
+    finally:
+        h.shutdown()
+
+
+def test_stdio_pipes_with_tls_is_a_start_failure(pki: Pki) -> None:
+    from .conftest import zramd_argv
+
+    proc = run(
+        zramd_argv()
+        + [
+            "serve",
+            "--stdio",
+            "--control",
+            "",
+            "--export",
+            "zram0=4M",
+            "--tls",
+            "on",
+            "--tls-certificates",
+            str(pki.server),
+        ],
+        check=False,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and "needs stdin to be a socket" in proc.stderr, proc.stderr

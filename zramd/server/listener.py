@@ -19,7 +19,7 @@ The connection cap and the TCP allow-list (``--allow``) are enforced per accepte
 the session (accept, log, close). STARTTLS (``--tls on|require``) uses one ``ssl.SSLContext``
 built at ``start()`` from ``--tls-certificates`` (``server/tls.py``); a bad certificates directory
 is a start failure. TLS works on TCP, Unix, inherited and stdio-socket connections; on stdio
-pipes ``start_tls`` is impossible and a STARTTLS there ends the connection.
+pipes ``start_tls`` is impossible, so ``--tls`` with pipes is a start failure.
 The Unix socket is created under a umask matching its mode (no window with looser permissions).
 
 Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
@@ -230,6 +230,11 @@ class Server:
             _, proto = await loop.connect_accepted_socket(self._factory, sock=sock)
             self._stdio_session = proto
         else:
+            if self.config.tls != "off":
+                raise ServerError(
+                    "--tls with --stdio needs stdin to be a socket (as libnbd connect_command "
+                    "passes); TLS cannot run over pipes"
+                )
             self._stdio_session = await _connect_pipes(loop, self._factory)
         assert self._stdio_session is not None
         self._stdio_session.closed.add_done_callback(lambda _f: self.request_shutdown())
