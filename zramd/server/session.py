@@ -74,7 +74,7 @@ from zramd.server.exports import Export, ExportRegistry
 log = logging.getLogger("zramd.server")
 
 #: Bytes of WRITE payload + pending READ data held by running requests before we stop reading.
-IN_FLIGHT_BYTES_HIGH = 64 << 20
+IN_FLIGHT_BYTES_HIGH = 16 << 20
 #: Transport write buffer high/low water marks (pause_writing / resume_writing thresholds).
 WRITE_BUFFER_HIGH = 4 << 20
 WRITE_BUFFER_LOW = 1 << 20
@@ -202,17 +202,13 @@ class Session(asyncio.Protocol):
             log.info("connection %s: protocol error: plaintext after STARTTLS", self.label)
             self.abort()
             return
-        if self._tls_handshaking:  # decrypted, but start_tls has not returned the transport yet
-            self.conn.receive_data(data)
-            return
-        self.conn.receive_data(data)
+        self.conn.receive_data(data)  # while _tls_handshaking: decrypted, buffered until TLS is up
         self._pump()
 
     def eof_received(self) -> bool:
         if not self._closing and self.conn is not None:
             self.conn.receive_data(b"")
-            if not self._tls_handshaking and not self._tls_plain_gate:
-                self._pump()
+            self._pump()
         # Keep the write side open until our replies are out; we close it ourselves. (TLS cannot
         # half-close: the SSL layer shuts down after flushing.)
         return not self._tls
@@ -290,6 +286,8 @@ class Session(asyncio.Protocol):
                     pass
 
     def _pump(self) -> None:
+        if self._tls_plain_gate or self._tls_handshaking:
+            return  # replies must wait for the TLS transport (_start_tls pumps once it is up)
         conn = self.conn
         assert conn is not None
         self._pumping = True
