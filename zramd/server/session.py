@@ -74,6 +74,10 @@ from zramd.server.exports import Export, ExportRegistry
 log = logging.getLogger("zramd.server")
 
 #: Bytes of WRITE payload + pending READ data held by running requests before we stop reading.
+#: Requests running when a slow reader stops reading still land their replies in the write
+#: buffer, so a connection can cost about twice this: 64 MiB let one client that never reads its
+#: READ replies grow the server by ~130 MiB, 16 MiB by ~34 MiB (tests/e2e/test_load.py). One
+#: request larger than this (up to max_payload) is still admitted when nothing else runs.
 IN_FLIGHT_BYTES_HIGH = 16 << 20
 #: Transport write buffer high/low water marks (pause_writing / resume_writing thresholds).
 WRITE_BUFFER_HIGH = 4 << 20
