@@ -58,6 +58,8 @@ SHUTDOWN_CLOSE_TIMEOUT = 5.0
 SD_LISTEN_FDS_START = 3
 #: TCP listen backlog.
 LISTEN_BACKLOG = 128
+#: File descriptors kept beside the connection cap (listeners, control socket, logs, pipes).
+NOFILE_RESERVE = 256
 
 
 class ServerError(Exception):
@@ -135,6 +137,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         cfg = self.config
+        raise_nofile_limit(cfg.max_connections + NOFILE_RESERVE)
         try:
             if cfg.tls != "off" and self.ctx.ssl_context is None:
                 assert cfg.tls_certificates is not None  # validate() checked it
@@ -302,6 +305,24 @@ class Server:
                 if (st.st_dev, st.st_ino) == self._unix_ino:
                     os.unlink(self._unix_path)
             self._unix_path = None
+
+
+def raise_nofile_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``needed`` (at most the hard limit): the usual soft
+    default of 1024 is below a few hundred connections' worth of sockets. Returns the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        if soft < needed:
+            log.warning(
+                "open file limit %d is below the %d the connection cap needs", soft, needed
+            )
+    return int(soft)
 
 
 def _budget(config: ServerConfig) -> Any:
