@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import random
+import time
 from collections.abc import Callable, Iterator
 
 import nbd
@@ -342,3 +344,39 @@ def test_fua_accepted_on_every_command(handle: nbd.NBD) -> None:
     handle.cache(4096, base, fua)
     assert handle.pread(8192, base, nbd.CMD_FLAG_DF) == bytes(8192)
     still_works(handle, base)
+
+
+def drain(h: nbd.NBD, cookies: list[int]) -> None:
+    """Run the handle until nothing is in flight; each command must have succeeded."""
+    deadline = time.monotonic() + 60
+    while h.aio_in_flight() > 0:
+        assert time.monotonic() < deadline, "requests still in flight after 60 s"
+        h.poll(1000)
+    for c in cookies:
+        assert h.aio_command_completed(c), f"command {c} not completed"
+
+
+def test_aio_many_in_flight(server: Server) -> None:
+    """256 writes of assorted sizes and alignments in flight on one connection, then reads."""
+    h = connect(server.uri("zram0"))
+    try:
+        rng = random.Random(1234)
+        base = 112 * MiB
+        pieces: list[tuple[int, bytes]] = []
+        pos = base
+        for _ in range(256):
+            pos += rng.randrange(0, 3000)
+            length = rng.choice([1, 511, 4096, 4097, 12000, 65536])
+            pieces.append((pos, rng.randbytes(length)))
+            pos += length
+        assert pos < server.size("zram0")
+        cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), off)
+                   for off, d in pieces]
+        drain(h, cookies)
+        bufs = [(nbd.Buffer(len(d)), off, d) for off, d in pieces]
+        rcookies = [h.aio_pread(b, off) for b, off, _ in bufs]
+        drain(h, rcookies)
+        for b, off, d in bufs:
+            assert b.to_bytearray() == d, f"wrong data at {off}"
+    finally:
+        close(h)
