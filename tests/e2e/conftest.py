@@ -26,6 +26,7 @@ report of any failing test that used it (see tests/conftest.py).
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import shutil
@@ -33,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVER_KIND = os.environ.get("ZRAMD_E2E_SERVER", "zramd")
 START_TIMEOUT_S = 15.0
+# A test that runs longer than this is hung (a client blocked on a server that never answers):
+# the watchdog kills every live server so that the blocked client sees EOF and the test fails.
+TEST_TIMEOUT_S = float(os.environ.get("ZRAMD_E2E_TEST_TIMEOUT", "150"))
+_LIVE: list[Server] = []
 STOP_TIMEOUT_S = 15.0
 MiB = 1024 * 1024
 
@@ -134,6 +140,8 @@ class Server:
 
     def stop_quietly(self) -> None:
         """Kill without judging: used when start-up already failed."""
+        if self in _LIVE:
+            _LIVE.remove(self)
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
@@ -141,6 +149,8 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM every process, wait, and assert each exited 0."""
+        if self in _LIVE:
+            _LIVE.remove(self)
         codes: list[int | None] = []
         for p in self.procs:
             if p.poll() is None:
@@ -251,6 +261,7 @@ def start_server(
                     cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, cwd=REPO_ROOT, env=env
                 )
             )
+    _LIVE.append(server)
     deadline = time.monotonic() + START_TIMEOUT_S
     pending: list[tuple[str, int] | str] = [("127.0.0.1", port), sock]
     while pending:
@@ -269,6 +280,28 @@ def start_server(
         if pending:
             time.sleep(0.05)
     return server
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Unhang a hung test: after TEST_TIMEOUT_S dump every thread's stack, kill the servers."""
+
+    def fire() -> None:
+        sys.stderr.write(f"\n*** {request.node.nodeid}: still running after {TEST_TIMEOUT_S}s; "
+                         "killing the servers under test\n")
+        faulthandler.dump_traceback(all_threads=True)
+        for srv in list(_LIVE):
+            for p in srv.procs:
+                if p.poll() is None:
+                    p.kill()
+
+    timer = threading.Timer(TEST_TIMEOUT_S, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="module")
