@@ -36,6 +36,16 @@ TARGETS: dict[str, float] = {
 }
 TARGET_SERVER = "zramd-lz4"
 METRICS = ("mbps", "iops", "p99_us", "cpu_pct")
+#: one colour per series, the same in every panel
+COLORS = {
+    "zramd-lz4": "tab:blue",
+    "zramd-zstd": "tab:orange",
+    "nbdkit-zstd": "tab:green",
+    "nbdkit-sparse": "tab:red",
+    "qemu-nbd-tmpfs": "tab:purple",
+    "ideal lz4": "lightsteelblue",
+    "ideal zstd": "navajowhite",
+}
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -325,7 +335,7 @@ def render_chart(raw: dict[str, Any], summ: dict[str, Any], path: Path) -> bool:
                 if v:
                     xs.append(j + (i - (len(srvs) - 1) / 2) * width)
                     ys.append(v)
-            ax.bar(xs, ys, width, label=s)
+            ax.bar(xs, ys, width, label=s, color=COLORS.get(s))
         for j, wl in enumerate(wls):
             t = TARGETS.get(wl)
             if t:
@@ -356,7 +366,8 @@ def render_chart(raw: dict[str, Any], summ: dict[str, Any], path: Path) -> bool:
                     v = (dens.get(img, {}).get(c) or {}).get("mem_per_byte")
                 ys.append(v if v is not None else 0.0)
             xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(names))]
-            ax.bar(xs, ys, width, label=c, hatch="//" if c.startswith("ideal") else None)
+            hatch = "//" if c.startswith("ideal") else None
+            ax.bar(xs, ys, width, label=c, hatch=hatch, color=COLORS.get(c))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
         ax.set_ylabel("memory per byte of data")
