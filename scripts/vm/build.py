@@ -200,6 +200,17 @@ def write_cpio(root: Path, out: Path) -> None:
         gz.write(header(0, "TRAILER!!!", 0, 0, 0, 0))
 
 
+OUTPUTS_KEPT = 3
+
+
+def prune_outputs(outdir: Path, keep: Path) -> None:
+    """Remove all but the newest OUTPUTS_KEPT guest builds (always keeping ``keep``)."""
+    builds = sorted(outdir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[OUTPUTS_KEPT:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build(cache: Path = DEFAULT_CACHE, refresh: bool = False) -> tuple[Path, Path]:
     """Return (vmlinuz, initrd.gz), building them if their inputs changed."""
     debs = fetch_debs(cache, refresh)
@@ -263,6 +274,7 @@ def build(cache: Path = DEFAULT_CACHE, refresh: bool = False) -> tuple[Path, Pat
     os.replace(tmp / "initrd.gz", initrd_out)
     os.replace(tmp / "vmlinuz", kernel_out)
     shutil.rmtree(tmp)
+    prune_outputs(cache / "out", keep=out)
     log(f"guest ready: {out} ({initrd_out.stat().st_size // 1024} KiB initrd, "
         f"modules: {' '.join(k.name for k in order)})")
     return kernel_out, initrd_out

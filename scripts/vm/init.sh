@@ -345,10 +345,13 @@ scenario_swap() {
 	connect swap -b 4096 || return 1
 	mkswap "$DEV" >/dev/null 2>&1 || { fail "mkswap failed"; return 1; }
 	swapon --discard "$DEV" || { fail "swapon failed"; return 1; }
+	info "zswap enabled=$(cat /sys/module/zswap/parameters/enabled 2>/dev/null) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
 	_t=$(now)
 	memhog hog "$HOG_MIB" 12345 sync
 	_rc=$?
+	grep -E '^(SwapTotal|SwapFree|Zswap|Zswapped|AnonHugePages)' /proc/meminfo | tr -s ' ' | while read -r l; do info "$l"; done
+	info "vmstat: $(grep -E '^(thp_swpout|thp_swpout_fallback|swap_ra|zswpout|zswpin) ' /proc/vmstat | tr '\n' ' ')"
 	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
 	FIG="$FIG hog_mib=$HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$(since "$_t") pswpout=$_out pswpin=$_in oom_kills=$_oom"
 	swapoff "$DEV" || { fail "swapoff failed"; return 1; }

@@ -74,7 +74,7 @@ static int hog(long mib, uint64_t seed, int sync) {
 	long pages_per_chunk = (long)CHUNK_MIB * 1024 * 1024 / PAGE;
 	uint64_t **mem = calloc((size_t)chunks, sizeof(*mem));
 	uint64_t ref[WORDS];
-	long mismatches = 0, pages = chunks * pages_per_chunk;
+	long mismatches = 0, pages = chunks * pages_per_chunk, kinds[8] = {0};
 	double t0 = now();
 	if (!mem) return 3;
 	for (long c = 0; c < chunks; c++) {
@@ -83,11 +83,16 @@ static int hog(long mib, uint64_t seed, int sync) {
 			printf("memhog: malloc failed at chunk %ld\n", c);
 			return 3;
 		}
-		for (long p = 0; p < pages_per_chunk; p++)
-			fill_page(mem[c] + p * WORDS, (uint64_t)(c * pages_per_chunk + p), seed);
+		for (long p = 0; p < pages_per_chunk; p++) {
+			uint64_t idx = (uint64_t)(c * pages_per_chunk + p);
+			fill_page(mem[c] + p * WORDS, idx, seed);
+			kinds[page_kind(idx, seed)]++;
+		}
 	}
 	double t1 = now();
-	printf("memhog: wrote %ld MiB (%ld pages) in %.1fs\n", chunks * CHUNK_MIB, pages, t1 - t0);
+	printf("memhog: wrote %ld MiB (%ld pages) in %.1fs: zero=%ld same=%ld compressible=%ld "
+	       "random=%ld\n", chunks * CHUNK_MIB, pages, t1 - t0, kinds[0], kinds[1],
+	       kinds[2] + kinds[3] + kinds[4] + kinds[5], kinds[6] + kinds[7]);
 	fflush(stdout);
 	if (sync) {
 		char line[64];
