@@ -105,7 +105,7 @@ def run_fio(uri: str, size: int, args: list[str], runtime: float | None) -> dict
         ]  # fmt: skip
         timeout = FIO_TIMEOUT_SLACK_S
         if runtime is not None:
-            cmd += ["--time_based", f"--runtime={runtime:g}s"]
+            cmd += ["--time_based", f"--runtime={int(runtime * 1000)}ms"]
             timeout += runtime
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
         text = Path(out.name).read_text()
