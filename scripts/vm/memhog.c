@@ -6,7 +6,7 @@
  * Two jobs, both deterministic from a seed so that nothing has to be stored to check it later:
  *
  *   memhog hog MIB SEED [sync]
- *       Allocate MIB MiB in chunks, fill every 4 KiB page with a pattern derived from
+ *       Allocate MIB MiB in page-aligned chunks (mmap), fill every 4 KiB page with a pattern derived from
  *       (page index, seed), then read every page back and compare with the regenerated pattern.
  *       With "sync", print "@@SYNC swap-mid" after the write pass and wait for one line on stdin
  *       (the host reads the server's stats at that point, while the pages sit in swap).
@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -78,9 +79,13 @@ static int hog(long mib, uint64_t seed, int sync) {
 	double t0 = now();
 	if (!mem) return 3;
 	for (long c = 0; c < chunks; c++) {
-		mem[c] = malloc((size_t)pages_per_chunk * PAGE);
+		/* mmap, not malloc: malloc's 16-byte chunk header would make every "page" of the
+		 * pattern straddle two real pages, and no real page would be same-filled */
+		void *p = mmap(NULL, (size_t)pages_per_chunk * PAGE, PROT_READ | PROT_WRITE,
+		               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		mem[c] = p == MAP_FAILED ? NULL : p;
 		if (!mem[c]) {
-			printf("memhog: malloc failed at chunk %ld\n", c);
+			printf("memhog: mmap failed at chunk %ld\n", c);
 			return 3;
 		}
 		for (long p = 0; p < pages_per_chunk; p++) {
