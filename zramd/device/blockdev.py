@@ -72,6 +72,10 @@ SMALL_STATUS_PAGES = 16
 POOL_CACHE_PAGES = 16
 #: trim/discard ranges up to this many pages are freed entry by entry rather than vectorised
 SMALL_DISCARD_PAGES = 8
+#: offloaded requests of at least this many pages are split into this many parts, one per codec
+#: worker, so one large request keeps both cores busy (the device's executor has 2 workers)
+SPLIT_PARTS = 2
+SPLIT_MIN_PAGES = 2 * OFFLOAD_MIN_PAGES
 
 _from_bytes = int.from_bytes
 
@@ -112,15 +116,52 @@ def _prepare_range(
     return out
 
 
-def _decompress_snapshot(snap: list[Any]) -> bytes:
-    """Pure (runs in a worker thread): decompress the pending items, join into one buffer."""
+def _prepare_part(
+    start: int,
+    stop: int,
+    head: bytes | None,
+    mv: memoryview,
+    mid_start: int,
+    tail: bytes | None,
+    npages: int,
+    compress: Callable[[bytes], bytes],
+    threshold: int,
+) -> list[Prepared]:
+    """Pure (runs in a worker thread): prepare pages ``[start, stop)`` of a write of ``npages``
+    pages (page 0 is ``head`` if given, the last is ``tail`` if given, the rest full pages of
+    ``mv`` from ``mid_start``), so the pages of one request can be split between workers."""
+    out: list[Prepared] = []
+    skew = mid_start - (PAGE_SIZE if head is not None else 0)
+    for i in range(start, stop):
+        if i == 0 and head is not None:
+            page = head
+        elif i == npages - 1 and tail is not None:
+            page = tail
+        else:
+            pos = skew + (i << PAGE_SHIFT)
+            page = bytes(mv[pos : pos + PAGE_SIZE])
+        out.append(prepare_page(page, compress, threshold))
+    return out
+
+
+def _decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
+    """Pure (runs in a worker thread): decompress items ``[start, stop)`` of ``snap`` and join
+    them into one buffer, so the pages of one read can be split between workers."""
     parts: list[bytes] = []
-    for item in snap:
+    for i in range(start, stop):
+        item = snap[i]
         if type(item) is tuple:
             parts.append(item[0].decompress(item[1], PAGE_SIZE))
         else:
             parts.append(item)
     return b"".join(parts)
+
+
+def _is_zero(mv: memoryview) -> bool:
+    """Whether ``mv`` (a multiple of 8 bytes) is all zero: first/last word first, then one
+    vectorised pass (memoryview ``==`` compares item by item; numpy does not)."""
+    words = np.frombuffer(mv, dtype=np.uint64)
+    return bool(words[0] == 0 and words[-1] == 0 and not words.any())
 
 
 class _Range:
@@ -568,14 +609,18 @@ class ZramDevice:
             if indices:
                 self._commit(indices, prepared, cid)
         if p1 > p0:
-            self._discard(p0, p1)
             if punch_hole:
+                self._discard(p0, p1)
                 self._stats.notify_free += p1 - p0
             else:
-                t = self._table
-                t.state[p0:p1] = SAME  # handle (the fill word) is already 0 after _discard
-                self._stats.pages_stored += p1 - p0
-                self._stats.same_pages += p1 - p0
+                self._fill_zero(p0, p1)
+
+    def _fill_zero(self, p0: int, p1: int) -> None:
+        """Whole pages ``[p0, p1)`` become SAME with fill word 0 (vectorised)."""
+        self._discard(p0, p1)
+        self._table.state[p0:p1] = SAME  # handle (the fill word) is already 0 after _discard
+        self._stats.pages_stored += p1 - p0
+        self._stats.same_pages += p1 - p0
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents (length, STATE_HOLE|STATE_ZERO flags) from ``offset``, adjacent equal merged.
@@ -618,6 +663,43 @@ class ZramDevice:
         flags = cls[run_start].tolist()
         return list(zip(lengths, flags, strict=True))
 
+    # --- synchronous fast path (the server's inline requests) -----------------------------------
+
+    def read_now(self, offset: int, length: int) -> tuple[bytes, bool] | None:
+        """A small read done at once: ``(data, reads_as_zero)``, or None if ``read`` must be
+        awaited (the request is large enough to be offloaded). ``reads_as_zero`` is only ever
+        True for one aligned page that is EMPTY or zero-filled (then ``data`` is ZERO_PAGE)."""
+        if length >= OFFLOAD_MIN_PAGES * PAGE_SIZE:
+            return None
+        if length == PAGE_SIZE and not offset & PAGE_MASK:
+            self._check(offset, length)
+            idx = offset >> PAGE_SHIFT
+            t = self._table
+            st = t.state_mv[idx]
+            if st == EMPTY or (st == SAME and t.handle_mv[idx] == 0):
+                return ZERO_PAGE, True
+            try:
+                return self._read_page(idx), False
+            except DeviceIOError:
+                self._stats.failed_reads += 1
+                raise
+        return self.read_sync(offset, length), False
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Do a small write at once if ``write`` would not wait (fewer than OFFLOAD_MIN_PAGES
+        pages, no overlapping request in flight); False: nothing done, await ``write``."""
+        n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
+        if n >= OFFLOAD_MIN_PAGES * PAGE_SIZE:
+            return False
+        if (
+            self._inflight
+            and n
+            and self._overlapping(offset >> PAGE_SHIFT, (offset + n - 1) >> PAGE_SHIFT)
+        ):
+            return False
+        self.write_sync(offset, data)
+        return True
+
     # --- async API (what the server calls) ----------------------------------------------------
 
     def _overlapping(self, first: int, last: int) -> list[_Range]:
@@ -655,14 +737,33 @@ class ZramDevice:
             self._stats.failed_reads += 1
             raise
         try:
-            buf: bytes = await self._run_in_executor(_decompress_snapshot, snap)
+            parts: list[bytes] = await self._in_parts(_decompress_part, len(snap), snap)
         except CodecError as exc:
             self._stats.failed_reads += 1
             raise DeviceIOError(str(exc)) from None
+        # joining >= 1 MiB releases the GIL for the copy
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = offset & PAGE_MASK
         if skip or len(buf) != length:
             return buf[skip : skip + length]
         return buf
+
+    async def _in_parts(self, fn: Callable[..., Any], npages: int, *args: Any) -> list[Any]:
+        """Run ``fn(start, stop, *args)`` over the pages ``[0, npages)`` in the executor: one call
+        below SPLIT_MIN_PAGES, else SPLIT_PARTS calls at once (both cores busy on one large
+        request). Waits for every part even if one fails, then raises the first failure. Returns
+        the parts' results in page order."""
+        if npages < SPLIT_MIN_PAGES:
+            return [await self._run_in_executor(fn, 0, npages, *args)]
+        cuts = [npages * k // SPLIT_PARTS for k in range(SPLIT_PARTS + 1)]
+        results = await asyncio.gather(
+            *[self._run_in_executor(fn, a, b, *args) for a, b in zip(cuts, cuts[1:], strict=False)],
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
@@ -682,21 +783,29 @@ class ZramDevice:
             return
         mv = self._as_bytes_view(data)
         self._check(offset, n)
+        if not (offset | n) & PAGE_MASK and _is_zero(mv):
+            # all-zero whole pages (e.g. a zero-filled 1 MiB write): same-fill in one vectorised
+            # step on the loop thread, no compression and no thread hop
+            await self._locked(offset, n, lambda: self._fill_zero(first, last + 1))
+            return
         r = await self._acquire(first, last)
         try:
             cid = self._codec_id
-            head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
-            prepared: list[Prepared] = await self._run_in_executor(
-                _prepare_range,
+            head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
+            npages = last - first + 1
+            parts = await self._in_parts(
+                _prepare_part,
+                npages,
                 head,
                 mv,
                 mid_start,
-                mid_end,
                 tail,
+                npages,
                 self._codecs[cid].compress,
                 self._threshold,
             )
-            self._commit(range(first, first + len(prepared)), prepared, cid)
+            prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
+            self._commit(range(first, first + npages), prepared, cid)
         finally:
             self._release(r)
 

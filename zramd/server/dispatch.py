@@ -48,6 +48,7 @@ EIO); anything else is a bug: logged with a traceback and answered EIO, the conn
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zramd.device.interface import STATE_ZERO, DeviceIOError, NoSpace
@@ -100,6 +101,9 @@ RANGED = frozenset({READ, WRITE, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS})
 EXCEPTION_ERRNO: dict[type[BaseException], int] = {NoSpace: ENOSPC, DeviceIOError: EIO}
 #: BLOCK_STATUS: at most this many extents in one reply (nbd.md 1.8 SHOULD cap at 2^20).
 MAX_EXTENTS = 1 << 20
+#: The page size the READ fast path answers for in one step (run_now).
+PAGE_SIZE = 4096
+PAGE_MASK = PAGE_SIZE - 1
 #: The meta context whose extents BLOCK_STATUS reports.
 BASE_ALLOCATION = wire.META_BASE_ALLOCATION
 
@@ -241,7 +245,16 @@ def clip_extents(
 class Dispatcher:
     """Executes the requests of one connection on its export."""
 
-    __slots__ = ("export", "device", "structured", "context_id", "max_payload", "shutdown")
+    __slots__ = (
+        "export",
+        "device",
+        "structured",
+        "context_id",
+        "max_payload",
+        "shutdown",
+        "_read_now",
+        "_write_now",
+    )
 
     def __init__(
         self,
@@ -261,6 +274,13 @@ class Dispatcher:
                 self.context_id = cid
         self.max_payload = max_payload
         self.shutdown = shutdown or ShutdownFlag()
+        # optional synchronous fast path of the device (ZramDevice has it; see run_now)
+        self._read_now: Callable[[int, int], tuple[bytes, bool] | None] | None = getattr(
+            self.device, "read_now", None
+        )
+        self._write_now: Callable[[int, bytes | bytearray | memoryview], bool] | None = getattr(
+            self.device, "write_now", None
+        )
 
     def check(self, req: Request) -> tuple[int, str] | None:
         return validate(
@@ -271,6 +291,53 @@ class Dispatcher:
             max_payload=self.max_payload,
             shutting_down=self.shutdown.is_set,
         )
+
+    def run_now(self, req: Request) -> Reply | None:
+        """The synchronous fast path: the reply of a small READ/WRITE the device can complete
+        without waiting, or None (then ``execute`` must run it). Never raises."""
+        cmd = req.command
+        read_now = self._read_now
+        write_now = self._write_now
+        if cmd == READ:
+            if read_now is None:
+                return None
+        elif cmd != WRITE or write_now is None:
+            return None
+        offset = req.offset
+        length = req.length
+        info = self.export.info
+        if (
+            req.flags & ~FUA  # DF and invalid flags: the full check
+            or self.shutdown.is_set
+            or not 0 < length <= self.max_payload
+            or offset + length > info.size
+            or req.payload_dropped
+            or (cmd == WRITE and info.read_only)
+        ):
+            bad = self.check(req)
+            if bad is not None:
+                return ErrorReply(*bad)
+        try:
+            if cmd == WRITE:
+                assert req.data is not None and write_now is not None
+                return OK if write_now(offset, req.data) else None
+            assert read_now is not None
+            if self.structured:
+                if length != PAGE_SIZE or offset & PAGE_MASK or req.flags & DF:
+                    return None  # zero runs over several pages / DF: the general path
+                got = read_now(offset, length)
+                if got is None:
+                    return None
+                return ReadReply(got[0], [(0, length)] if got[1] else [])
+            got = read_now(offset, length)
+            if got is None:
+                return None
+            return ReadReply(got[0], [], False)
+        except (NoSpace, DeviceIOError) as e:
+            return ErrorReply(_errno_for(e), str(e))
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the connection
+            log.exception("export %s: command %d failed", self.export.name, req.command)
+            return ErrorReply(EIO, f"internal error: {type(e).__name__}")
 
     async def execute(self, req: Request) -> Reply:
         """Validate and run ``req``; never raises (except CancelledError)."""

@@ -429,8 +429,19 @@ class Session(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         if req.command == DISC:
             return  # the core follows with ConnectionClosed; running requests finish first
-        if self.dispatcher is None:  # cannot happen with a correct core
+        dispatcher = self.dispatcher
+        if dispatcher is None:  # cannot happen with a correct core
             self._closing = True
+            return
+        # Fast path: a small READ/WRITE the device completes at once costs no coroutine at all.
+        reply = dispatcher.run_now(req)
+        if reply is not None:
+            self.requests += 1
+            try:
+                self._reply(req, reply)
+            except Exception:  # noqa: BLE001 - as in _handle
+                log.exception("connection %s: request failed", self.label)
+                self.abort()
             return
         nbytes = len(req.data) if req.data is not None else 0
         if req.command == READ:
