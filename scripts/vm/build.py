@@ -70,7 +70,12 @@ def run(cmd: list[str], cwd: Path | None = None) -> str:
 
 
 def resolve_kernel_package() -> str:
-    out = run(["apt-cache", "depends", KERNEL_META])
+    try:
+        out = run(["apt-cache", "depends", KERNEL_META])
+    except subprocess.CalledProcessError:  # a fresh machine may have no package lists yet
+        log("apt-cache knows no kernel package: apt-get update")
+        run(["apt-get", "update", "-q"])
+        out = run(["apt-cache", "depends", KERNEL_META])
     m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", out)
     if not m:
         raise RuntimeError(f"cannot resolve the kernel package behind {KERNEL_META}:\n{out}")
