@@ -92,6 +92,7 @@ class Stats:
     handshakes: int = 0
     errors: int = 0
     closed_by_error: bool = False
+    structured: bool = False
     peak_bytes: int = 0
     commands: set[int] = field(default_factory=set)
     #: (export, offset, length) of every request that could modify an export, clipped
@@ -177,6 +178,7 @@ class CoreHarness:
                     raise Finding(f"{stats.events} events from {len(data)} bytes: livelock")
                 if isinstance(ev, HandshakeComplete):
                     stats.handshakes += 1
+                    stats.structured = ev.structured_replies
                     if stats.handshakes > 1 or dispatcher is not None:
                         raise Finding("second HandshakeComplete")
                     export = self.registry.get(ev.export.name)

@@ -62,8 +62,10 @@ def test_corpus_replays_clean() -> None:
     commands = set().union(*(r.commands for r in results.values()))
     assert {0, 1, 2, 3, 4, 6, 7} <= commands  # READ WRITE DISC FLUSH TRIM WRITE_ZEROES BLOCK_STATUS
     assert not any(r.closed_by_error for r in results.values())
-    # the kernel-like transcript negotiated no structured replies: only simple replies
+    # the kernel-like transcript negotiated no structured replies; qemu-io and nbdinfo did
     assert results["kernel-0.bin"].requests >= 7
+    assert not results["kernel-0.bin"].structured
+    assert results["qemu-io-0.bin"].structured and results["nbdinfo-map-0.bin"].structured
 
 
 def test_declared_write_length_is_not_allocated() -> None:
