@@ -8,7 +8,9 @@ memory check on. Used to reproduce a finding (``replay.py crash-...``) and, unde
 to measure the line coverage the fuzzed corpus reaches (``scripts/fuzz`` does this). Prints
 ``replayed N inputs`` and exits non-zero on the first finding.
 
-    .venv/bin/python tests/fuzz/replay.py FILE_OR_DIR...
+    .venv/bin/python tests/fuzz/replay.py [--session] FILE_OR_DIR...
+
+``--session`` replays through :class:`session_harness.SessionHarness` (the asyncio shell) instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -32,8 +35,16 @@ def inputs(paths: list[str]) -> list[Path]:
 
 
 def main() -> int:
-    h = harness.CoreHarness(check_memory=True)
-    files = inputs(sys.argv[1:])
+    args = sys.argv[1:]
+    h: Any
+    if args and args[0] == "--session":
+        import session_harness
+
+        args = args[1:]
+        h = session_harness.SessionHarness()
+    else:
+        h = harness.CoreHarness(check_memory=True)
+    files = inputs(args)
     for f in files:
         try:
             h.run(f.read_bytes())
