@@ -8,8 +8,9 @@ is fed to a :class:`~zramd.protocol.connection.ServerConnection` in chunks whose
 PRNG seeded by the input's CRC (so splits vary but a crash replays exactly), then EOF. Events are
 handled like the session does: ``HandshakeComplete`` builds a
 :class:`~zramd.server.dispatch.Dispatcher` on a real small :class:`ZramDevice`, each ``Request``
-runs to completion and its reply is *encoded* by the core and *parsed back* here with an
-independent decoder.
+runs to completion (alternately through ``run_now``, the synchronous fast path, falling back to
+``execute``, and through ``execute`` alone) and its reply is *encoded* by the core and *parsed
+back* here with an independent decoder.
 
 Oracles (a violation raises :class:`Finding`, which the fuzzer reports as a crash):
 
@@ -218,7 +219,11 @@ class CoreHarness:
             stats.touched.append((name, req.offset, min(req.length, len(model) - req.offset)))
         if req.command == wire.CMD_TRIM and req.offset + req.length <= len(model):
             before = bytes(model[req.offset : req.offset + req.length])
-        reply = await dispatcher.execute(req)
+        # Like the session: the synchronous fast path first (when it declines, the general path);
+        # every other request takes the general path only, so both are held to the model.
+        reply = dispatcher.run_now(req) if stats.requests % 2 else None
+        if reply is None:
+            reply = await dispatcher.execute(req)
         cmd = req.command
         if isinstance(reply, ErrorReply):
             stats.errors += 1
