@@ -226,7 +226,7 @@ def build(cache: Path = DEFAULT_CACHE, refresh: bool = False) -> tuple[Path, Pat
         return kernel_out, initrd_out
     log(f"building guest {key}")
     x = {name: extract(cache, deb) for name, deb in debs.items()}
-    tmp = cache / "tmp" / key
+    tmp = cache / "tmp" / f"{key}-{os.getpid()}"  # concurrent builders do not collide
     if tmp.exists():
         shutil.rmtree(tmp)
     root = tmp / "root"

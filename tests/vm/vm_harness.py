@@ -416,7 +416,7 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
     kernel, initrd = build.build()
     accel = choose_accel(kernel, initrd)
     LOGS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     log_path = LOGS / f"{stamp}-{name}.console.log"
     server = HostServer(server_kind, group.exports, LOGS / f"{stamp}-{name}.server.log", group.env)
     extra = []
