@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from zramd.config import ExportConfig
-from zramd.device.blockdev import OFFLOAD_MIN_PAGES, SPLIT_MIN_PAGES, ZramDevice
+from zramd.device.blockdev import (
+    OFFLOAD_MIN_PAGES,
+    SERVER_OFFLOAD_MIN_PAGES,
+    SPLIT_MIN_PAGES,
+    ZramDevice,
+)
 from zramd.device.samefill import ZERO_PAGE
 from zramd.protocol.events import Request
 from zramd.server.dispatch import (
@@ -215,3 +220,42 @@ def test_run_now_write_then_execute_read() -> None:
     assert d.run_now(Request(WRITE, 0, 1, 0, PAGE, memoryview(_page(9)))) is OK
     reply = _drive(d.execute(Request(READ, 0, 2, 0, PAGE)))
     assert type(reply) is ReadReply and bytes(reply.data) == _page(9)
+
+
+def test_offload_min_pages_option() -> None:
+    """Server devices run requests below SERVER_OFFLOAD_MIN_PAGES inline (no await), larger ones
+    in the workers; both give the same bytes and counters, zero-filled ones included."""
+
+    async def main() -> None:
+        ex = ThreadPoolExecutor(2)
+        n = SERVER_OFFLOAD_MIN_PAGES
+        devs = [
+            ZramDevice(4 * n * PAGE, executor=ex, offload_min_pages=n),
+            ZramDevice(4 * n * PAGE, executor=ex),
+        ]
+        payload = b"".join(_page(i) for i in range(n // 4))  # a quarter: inline on devs[0]
+        big = b"".join(_page(i) for i in range(n + 3))[: (n + 2) * PAGE + 5]  # offloaded on both
+        for d in devs:
+            assert d.write_now(PAGE, payload) is (d is devs[0])
+            await d.write(PAGE, payload)
+            await d.write(n * PAGE + 77, big)
+            await d.write(3 * n * PAGE, bytes(n // 2 * PAGE))  # zero, inline on devs[0]
+            got = d.read_now(0, n // 4 * PAGE)
+            assert (got is None) is (d is devs[1])
+        a, b = devs
+        assert await a.read(0, 4 * n * PAGE) == await b.read(0, 4 * n * PAGE)
+        assert a.read_sync(PAGE, len(payload)) == payload
+        sa, sb = a.stats, b.stats
+        assert (sa.pages_stored, sa.same_pages, sa.compr_data_size) == (
+            sb.pages_stored,
+            sb.same_pages,
+            sb.compr_data_size,
+        )
+        assert sa.same_pages >= n // 2
+        with pytest.raises(ValueError):
+            ZramDevice(PAGE, offload_min_pages=0)
+        for d in devs:
+            d.close()
+        ex.shutdown()
+
+    asyncio.run(main())

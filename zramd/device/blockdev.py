@@ -61,6 +61,13 @@ PAGE_MASK = PAGE_SIZE - 1
 #: requests of at least this many pages do their compression / decompression in a worker thread
 #: (a thread hop costs tens of microseconds: not worth it for a few pages)
 OFFLOAD_MIN_PAGES = 16
+#: what the server's devices use instead (``offload_min_pages``): measured on the 2-core machine
+#: (docs/performance.md), a worker thread *loses* to the loop thread on 1 MiB requests, because
+#: the workers need the GIL for their per-page Python (slicing, same-fill test, appends) and
+#: contend with the loop thread for it: in-process 1 MiB reads 1.0-1.5 GB/s offloaded (split or
+#: not) vs 1.5-3.2 GB/s inline. So requests up to 4 MiB run inline (a loop stall of at most a few
+#: ms); only larger ones go to the workers.
+SERVER_OFFLOAD_MIN_PAGES = 1024
 #: block_status returns at most this many extents (2^20 pages = 4 GiB, the largest NBD length)
 MAX_EXTENTS = 1 << 20
 #: block_status ranges up to this many pages are classified in plain Python (numpy's fixed cost
@@ -183,7 +190,8 @@ class ZramDevice:
     pages keep theirs). ``mem_limit`` caps the pool in bytes (0 = none; settable), ``budget``
     is a :class:`MemoryBudget` shared with other devices. ``huge_threshold`` (default: the
     pool's ``huge_class_size``) is the compressed size from which pages are stored raw.
-    ``executor`` runs the compression/decompression of requests of OFFLOAD_MIN_PAGES or more
+    ``executor`` runs the compression/decompression of requests of ``offload_min_pages``
+    (default OFFLOAD_MIN_PAGES; the server uses SERVER_OFFLOAD_MIN_PAGES) or more
     (None: the loop's default executor). ``pool`` injects a ready pool (tests);
     ``pool_cache_pages`` is the pool's warm cache of freed pages.
     """
@@ -202,6 +210,7 @@ class ZramDevice:
         executor: Executor | None = None,
         pool: Pool | None = None,
         pool_cache_pages: int = POOL_CACHE_PAGES,
+        offload_min_pages: int = OFFLOAD_MIN_PAGES,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -209,6 +218,10 @@ class ZramDevice:
             raise ValueError(f"huge_threshold must be in 1..{PAGE_SIZE}")
         if mem_limit < 0:
             raise ValueError("mem_limit must be >= 0")
+        if offload_min_pages < 1:
+            raise ValueError("offload_min_pages must be >= 1")
+        self._offload_pages = offload_min_pages
+        self._offload_bytes = offload_min_pages * PAGE_SIZE
         self._size = (size + PAGE_MASK) & ~PAGE_MASK
         self._npages = self._size >> PAGE_SHIFT
         self._chain_size = chain_size
@@ -549,8 +562,13 @@ class ZramDevice:
                 self._commit_one(offset >> PAGE_SHIFT, prep, cid)
                 return
         mv = self._as_bytes_view(data)
-        self._check(offset, len(mv))
-        if not len(mv):
+        n = len(mv)
+        self._check(offset, n)
+        if not n:
+            return
+        if n > PAGE_SIZE and not (offset | n) & PAGE_MASK and _is_zero(mv):
+            # all-zero whole pages: same-fill them in one vectorised step, nothing compressed
+            self._fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
             return
         cid = self._codec_id
         head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
@@ -669,7 +687,7 @@ class ZramDevice:
         """A small read done at once: ``(data, reads_as_zero)``, or None if ``read`` must be
         awaited (the request is large enough to be offloaded). ``reads_as_zero`` is only ever
         True for one aligned page that is EMPTY or zero-filled (then ``data`` is ZERO_PAGE)."""
-        if length >= OFFLOAD_MIN_PAGES * PAGE_SIZE:
+        if length >= self._offload_bytes:
             return None
         if length == PAGE_SIZE and not offset & PAGE_MASK:
             self._check(offset, length)
@@ -686,10 +704,10 @@ class ZramDevice:
         return self.read_sync(offset, length), False
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Do a small write at once if ``write`` would not wait (fewer than OFFLOAD_MIN_PAGES
+        """Do a small write at once if ``write`` would not wait (fewer than ``offload_min_pages``
         pages, no overlapping request in flight); False: nothing done, await ``write``."""
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
-        if n >= OFFLOAD_MIN_PAGES * PAGE_SIZE:
+        if n >= self._offload_bytes:
             return False
         if (
             self._inflight
@@ -726,7 +744,7 @@ class ZramDevice:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        if length < OFFLOAD_MIN_PAGES * PAGE_SIZE:
+        if length < self._offload_bytes:
             return self.read_sync(offset, length)
         self._check(offset, length)
         first = offset >> PAGE_SHIFT
@@ -771,7 +789,7 @@ class ZramDevice:
             return
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < OFFLOAD_MIN_PAGES:
+        if last - first + 1 < self._offload_pages:
             if not self._inflight or not self._overlapping(first, last):
                 self.write_sync(offset, data)
                 return

@@ -72,7 +72,7 @@ def make_device(
         return CorruptReadDevice(cfg.size)
     assert cfg.backend == BACKEND_ZRAM, cfg.backend
     try:
-        from zramd.device.blockdev import ZramDevice
+        from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
     except ImportError:  # the compressed store has not landed: serve a plain device meanwhile
         from zramd.device.plain import PlainDevice
 
@@ -85,6 +85,7 @@ def make_device(
         mem_limit=cfg.mem_limit,
         budget=budget,
         executor=executor,
+        offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
     )
     return dev
 
