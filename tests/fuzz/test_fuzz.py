@@ -112,7 +112,7 @@ def _atheris(target: str, seconds: int, tmp_path: Path) -> tuple[Path, int, int]
     proc = subprocess.run(
         [
             sys.executable, str(HERE / target),
-            f"-max_total_time={seconds}", "-timeout=20", "-rss_limit_mb=1024",
+            f"-max_total_time={seconds}", "-timeout=20", "-rss_limit_mb=2048",
             "-print_final_stats=1", f"-artifact_prefix={tmp_path}/",
             str(work), str(HERE / "corpus"),
         ],
