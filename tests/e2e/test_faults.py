@@ -53,7 +53,7 @@ PENDING_PER_CLIENT = 64
 LIMIT_WRITERS = 8
 LIMIT_WRITE = 64 * KiB
 #: The slow in-flight WRITE at SIGTERM.
-SLOW_WRITE = 32 * MiB
+SLOW_WRITE = 64 * MiB  # = the default max_payload
 
 
 @pytest.mark.parametrize("size", [4 * KiB, 1 * MiB])
@@ -175,7 +175,7 @@ async def test_sigterm_with_requests_in_flight(
                 counts["eshutdown"] += 1
 
     sender = asyncio.create_task(keep_sending())
-    await asyncio.sleep(0.3)  # the slow WRITE is received and compressing
+    await asyncio.sleep(0.2)  # the slow WRITE is received and compressing
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     ck, err = await asyncio.wait_for(slow.reply(), 60)
