@@ -2,15 +2,16 @@
 
 Theory of operation
 -------------------
-An export is backed by one object satisfying :class:`BlockDevice`. The server (``server/dispatch.py``)
-has already validated every request against the export (range, read-only, flags) before calling, so
-implementations may *assert* ranges rather than re-check them. Offsets and lengths are in bytes and
-need not be page aligned (any alignment is legal; the kernel client uses 512 or 4096).
+An export is backed by one object satisfying :class:`BlockDevice`. The server
+(``server/dispatch.py``) has already validated every request against the export (range,
+read-only, flags) before calling, so implementations may *assert* ranges rather than re-check
+them. Offsets and lengths are in bytes and need not be page aligned (any alignment is legal;
+the kernel client uses 512 or 4096).
 
-The async methods are the ones the server uses. They are safe under concurrency: overlapping requests
-in flight never produce a torn page, and a request's effects are complete (every page installed) when
-its coroutine returns. State is only mutated on the event-loop thread; implementations may offload
-pure computation (compression) to threads.
+The async methods are the ones the server uses. They are safe under concurrency: overlapping
+requests in flight never produce a torn page, and a request's effects are complete (every page
+installed) when its coroutine returns. State is only mutated on the event-loop thread;
+implementations may offload pure computation (compression) to threads.
 
 Errors: :class:`NoSpace` (memory limit reached; ENOSPC, nothing changed) and :class:`DeviceIOError`
 (a stored page failed to decompress; EIO, never garbage). Anything else is a bug.
@@ -53,7 +54,7 @@ class BlockDevice(Protocol):
         ...
 
     async def trim(self, offset: int, length: int) -> None:
-        """Discard: whole pages inside the range are freed; partial pages may be left as they are."""
+        """Discard: whole pages inside the range are freed; partial pages may be left as is."""
         ...
 
     async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
