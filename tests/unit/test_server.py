@@ -234,6 +234,10 @@ async def test_shutdown_finishes_in_flight_then_eshutdown() -> None:
     assert r1 == (2, ESHUTDOWN, b"")
     r2 = await c.reply(lengths)
     assert r2 == (1, 0, pattern(7))
+    # nothing is in flight now; a request sent during the grace period still gets ESHUTDOWN
+    await asyncio.sleep(0.3)
+    c.send(READ, 3, 0, 4096)
+    assert await c.reply({3: 4096}) == (3, ESHUTDOWN, b"")
     assert await c.r.read() == b""  # then the server closes
     await asyncio.wait_for(down, 5)
     assert not os.path.exists(e.path)

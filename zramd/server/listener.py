@@ -24,8 +24,10 @@ The Unix socket is created under a umask matching its mode (no window with loose
 
 Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
 get ESHUTDOWN; close sessions still in the handshake; wait (bounded by
-:data:`SHUTDOWN_DRAIN_TIMEOUT`) for requests in flight to finish; close every connection; close the
-devices; remove our Unix socket file.
+:data:`SHUTDOWN_DRAIN_TIMEOUT`) for requests in flight to finish; then give clients up to
+:data:`SHUTDOWN_GRACE` to soft-disconnect (the spec's answer to ESHUTDOWN), still answering every
+request they send with ESHUTDOWN; close every connection; close the devices; remove our Unix
+socket file.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ CODEC_WORKERS = 2
 SHUTDOWN_DRAIN_TIMEOUT = 30.0
 #: Seconds shutdown waits for closed connections to be torn down.
 SHUTDOWN_CLOSE_TIMEOUT = 5.0
+#: After in-flight requests finished: how long clients may keep sending (each request answered
+#: ESHUTDOWN) before we close; a conforming client disconnects as soon as it sees ESHUTDOWN.
+SHUTDOWN_GRACE = 1.0
 #: First inherited fd under systemd socket activation (SD_LISTEN_FDS_START).
 SD_LISTEN_FDS_START = 3
 #: TCP listen backlog.
@@ -276,6 +281,9 @@ class Server:
             )
             for p in pending:
                 p.cancel()
+        still_open = [s.closed for s in sessions if not s.closed.done()]
+        if still_open:
+            await asyncio.wait(still_open, timeout=SHUTDOWN_GRACE)
         for s in sessions:
             s.close("shutting down")
         closing = [s.closed for s in sessions if not s.closed.done()]
