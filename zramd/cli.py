@@ -25,9 +25,9 @@ from zramd.config import (
     DEFAULT_PORT,
     ConfigError,
     ServerConfig,
+    apply_limit_flags,
     default_export,
     parse_export_spec,
-    parse_size,
 )
 
 #: Exit status for a bad command line or configuration.
@@ -215,19 +215,13 @@ def build_serve_config(
         cfg.bind = bind or DEFAULT_BIND
         cfg.port = DEFAULT_PORT if port is None else port
     cfg.exports = [parse_export_spec(s) for s in exports] or [default_export()]
-    if max_connections is not None:
-        cfg.max_connections = max_connections
-    if handshake_timeout is not None:
-        cfg.handshake_timeout = handshake_timeout
-    if max_payload is not None:
-        cfg.max_payload = parse_size(max_payload, what="max-payload")
-    if unix_mode is not None:
-        try:
-            cfg.unix_mode = int(unix_mode, 8)
-        except ValueError:
-            raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
-    cfg.validate()
-    return cfg
+    return apply_limit_flags(
+        cfg,
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+        max_payload=max_payload,
+        unix_mode=unix_mode,
+    )
 
 
 def apply_access_flags(

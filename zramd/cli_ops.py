@@ -24,7 +24,14 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from zramd.config import ConfigError, ServerConfig, default_export, parse_export_spec, parse_size
+from zramd.config import (
+    ConfigError,
+    ServerConfig,
+    apply_limit_flags,
+    default_export,
+    parse_export_spec,
+    parse_size,
+)
 from zramd.control.attach import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -500,19 +507,13 @@ def merge_serve_config(
             cfg.bind = DEFAULT_HOST
     flag_exports = [parse_export_spec(s) for s in exports]
     cfg.exports = merge_exports(cfg.exports, flag_exports) or [default_export()]
-    if max_connections is not None:
-        cfg.max_connections = max_connections
-    if handshake_timeout is not None:
-        cfg.handshake_timeout = handshake_timeout
-    if max_payload is not None:
-        cfg.max_payload = parse_size(max_payload, what="max-payload")
-    if unix_mode is not None:
-        try:
-            cfg.unix_mode = int(unix_mode, 8)
-        except ValueError:
-            raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
-    cfg.validate()
-    return cfg
+    return apply_limit_flags(
+        cfg,
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+        max_payload=max_payload,
+        unix_mode=unix_mode,
+    )
 
 
 class ServeSetup:

@@ -317,3 +317,27 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     from zramd.configfile import load_config as _load
 
     return _load(path)
+
+
+def apply_limit_flags(
+    cfg: ServerConfig,
+    *,
+    max_connections: int | None,
+    handshake_timeout: float | None,
+    max_payload: str | None,
+    unix_mode: str | None,
+) -> ServerConfig:
+    """The serve flags for limits and the socket mode, on top of ``cfg``; then validate it."""
+    if max_connections is not None:
+        cfg.max_connections = max_connections
+    if handshake_timeout is not None:
+        cfg.handshake_timeout = handshake_timeout
+    if max_payload is not None:
+        cfg.max_payload = parse_size(max_payload, what="max-payload")
+    if unix_mode is not None:
+        try:
+            cfg.unix_mode = int(unix_mode, 8)
+        except ValueError:
+            raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
+    cfg.validate()
+    return cfg

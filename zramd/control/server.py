@@ -42,23 +42,11 @@ from zramd.control.protocol import (
     decode,
     encode,
 )
+from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS
 
 log = logging.getLogger("zramd.control")
 
 _UCRED = struct.Struct("3i")
-#: Fields of mm_stat / io_stat as the kernel orders them.
-MM_STAT_FIELDS = (
-    "orig_data_size",
-    "compr_data_size",
-    "mem_used_total",
-    "mem_limit",
-    "mem_used_max",
-    "same_pages",
-    "pages_compacted",
-    "huge_pages",
-    "huge_pages_since",
-)
-IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
 
 
 class ControlSocketBusy(ControlError):
