@@ -41,12 +41,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    if not any(a.startswith("-max_len=") for a in argv):
-        argv.append(f"-max_len={harness.MAX_INPUT}")
-    if not any(a.startswith("-dict=") for a in argv):
-        argv.append(f"-dict={os.path.join(HERE, 'nbd.dict')}")
-    atheris.Setup(argv, test_one_input)
+    atheris.Setup(harness.libfuzzer_argv(sys.argv), test_one_input)
     atheris.Fuzz()
 
 

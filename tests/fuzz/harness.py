@@ -33,6 +33,7 @@ see :data:`EXPORTS`. This module knows nothing of atheris; ``fuzz_core.py`` wrap
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import struct
 import tracemalloc
@@ -378,3 +379,14 @@ def _decode_read(raw: bytes, cookie: int, offset: int, length: int, structured: 
     if covered != length:
         raise Finding(f"READ chunks cover {covered} of {length} bytes")
     return bytes(out)
+
+
+def libfuzzer_argv(argv: list[str]) -> list[str]:
+    """``argv`` plus the defaults every atheris target wants, unless given: inputs capped at
+    :data:`MAX_INPUT` bytes and the NBD token dictionary next to this file."""
+    out = list(argv)
+    if not any(a.startswith("-max_len=") for a in out):
+        out.append(f"-max_len={MAX_INPUT}")
+    if not any(a.startswith("-dict=") for a in out):
+        out.append(f"-dict={os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nbd.dict')}")
+    return out
