@@ -167,14 +167,19 @@ def _typed(value: Any, kind: type | tuple[type, ...], expected: str) -> Any:
     return value
 
 
-def _swap_mode(value: Any) -> str:
+def _on_off_mode(value: Any, modes: tuple[str, ...]) -> str:
+    """A mode key: true/false mean "on"/"off", else one of ``modes`` (any case)."""
     if value is True:
         return "on"
     if value is False:
         return "off"
-    if isinstance(value, str) and value.lower() in SWAP_MODES:
+    if isinstance(value, str) and value.lower() in modes:
         return value.lower()
-    raise ConfigError(f"expected one of {', '.join(SWAP_MODES)} (or true/false), got {value!r}")
+    raise ConfigError(f"expected one of {', '.join(modes)} (or true/false), got {value!r}")
+
+
+def _swap_mode(value: Any) -> str:
+    return _on_off_mode(value, SWAP_MODES)
 
 
 # key -> (parser, ServerConfig attribute or FileConfig attribute)
@@ -204,13 +209,7 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _tls_mode(value: Any) -> str:
-    if value is True:
-        return "on"
-    if value is False:
-        return "off"
-    if isinstance(value, str) and value.lower() in TLS_MODES:
-        return value.lower()
-    raise ConfigError(f"expected one of {', '.join(TLS_MODES)} (or true/false), got {value!r}")
+    return _on_off_mode(value, TLS_MODES)
 
 
 def _allow_list(value: Any) -> list[str]:
