@@ -157,3 +157,11 @@ def test_write_report(tmp_path: Path) -> None:
     assert "3.01" in md and "| 3x | yes |" in md
     assert "ideal lz4" in md
     assert (tmp_path / "results.json").exists()
+
+
+def test_micro_protocol_case_runs() -> None:
+    from zramd.bench.micro import run_micro
+
+    rows = run_micro(["protocol"])
+    assert [r["case"].split()[1] for r in rows] == ["READ", "READ", "WRITE", "WRITE"]
+    assert all(r["ns_per_op"] and r["ns_per_op"] > 0 for r in rows), rows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from zramd.device.table import EMPTY, ENTRY_BYTES, HUGE, SAME, STORED, PageTable
@@ -21,11 +19,8 @@ def test_huge_empty_table_is_free() -> None:
     assert ENTRY_BYTES <= 16
     npages = (64 << 30) >> 12
     before = _rss_kib()
-    t0 = time.perf_counter()
     t = PageTable(npages)
-    elapsed = time.perf_counter() - t0
     grown = _rss_kib() - before
-    assert elapsed < 0.5
     assert grown < 1024, f"RSS grew {grown} KiB"
     # touching sparse entries commits only their 4 KiB pages (no transparent huge pages)
     for i in range(0, npages, npages // 16):

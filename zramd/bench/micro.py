@@ -7,7 +7,8 @@ neighbour on a shared machine inflates figures less) and reports ns per operatio
 page-sized operations, MB/s. zramd's modules are imported lazily, one case at a time; a case whose
 module is missing or whose API differs is reported as skipped with the reason, so the harness
 works at every stage of the project. A regression in the fio figures can then be located here:
-same-fill check, codec per page, allocator store/free, page-table update, device write/read.
+same-fill check, codec per page, allocator store/free, page-table update, device write/read,
+protocol parse + reply per request.
 
 Pages: ``comp`` pages are 40% random bytes and 60% zeros (about 2.5:1, like fio's
 ``buffer_compress_percentage=60``), ``zero`` pages are zero, ``rand`` pages are incompressible.
@@ -186,12 +187,72 @@ def _bench_one_device(dev: Any, algo: str, offsets: list[int]) -> list[dict[str,
     return rows
 
 
+def bench_protocol() -> list[dict[str, Any]]:
+    """The sans-I/O core per request: parse a header (and payload), encode the reply."""
+    import struct
+
+    from zramd.protocol import NEED_DATA, ExportInfo, HandshakeComplete, ServerConnection
+
+    disk = ExportInfo("disk", 1 << 30)
+
+    class Catalog:
+        def lookup(self, name: str) -> ExportInfo | None:
+            return disk
+
+        def list_exports(self) -> list[ExportInfo]:
+            return [disk]
+
+    page = bytes(PAGE)
+
+    def connected(structured: bool) -> ServerConnection:
+        conn = ServerConnection(Catalog())
+        hs = struct.pack(">I", 3)
+        if structured:
+            hs += b"IHAVEOPT" + struct.pack(">II", 8, 0)
+        hs += b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0)
+        conn.receive_data(hs)
+        assert isinstance(conn.next_event(), HandshakeComplete)
+        conn.data_to_send()
+        return conn
+
+    def hdr(cmd: int, i: int) -> bytes:
+        return struct.pack(">IHHQQI", 0x25609513, 0, cmd, i, i * PAGE, PAGE)
+
+    def case(
+        name: str, structured: bool, chunks: list[bytes], per_req: int, read: bool
+    ) -> dict[str, Any]:
+        conn = connected(structured)
+        rd, ne = conn.receive_data, conn.next_event
+
+        def feed(ch: bytes) -> None:
+            rd(ch)
+            while (ev := ne()) is not NEED_DATA:
+                if read:
+                    conn.reply_read(ev.cookie, ev.offset, page)  # type: ignore[union-attr]
+                else:
+                    conn.reply_ok(ev.cookie)  # type: ignore[union-attr]
+            conn.data_to_send()
+
+        return _row(name, time_loop(feed, chunks) * per_req, note="zramd.protocol.ServerConnection")
+
+    reads = [hdr(0, i) for i in range(NPAGES)]
+    writes = [hdr(1, i) + page for i in range(NPAGES)]
+    split = [x for i in range(NPAGES) for x in (hdr(1, i), page)]
+    return [
+        case("protocol READ 4K + simple reply", False, reads, 1, True),
+        case("protocol READ 4K + structured reply", True, reads, 1, True),
+        case("protocol WRITE 4K one chunk + ok", False, writes, 1, False),
+        case("protocol WRITE 4K header/payload split + ok", False, split, 2, False),
+    ]
+
+
 CASES: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
     ("samefill", bench_samefill),
     ("codec", bench_codecs),
     ("allocator", bench_allocator),
     ("table", bench_table),
     ("device", bench_device),
+    ("protocol", bench_protocol),
 ]
 
 
