@@ -27,3 +27,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[dev]'
+"$VENV/bin/python" -c "import zramd._native" 2>/dev/null ||
+  echo "install-deps: zramd._native (C accelerator) not built: zramd uses its Python page loops" >&2

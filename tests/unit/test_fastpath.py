@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from zramd.compress import native
 from zramd.config import ExportConfig
 from zramd.device.blockdev import (
     OFFLOAD_MIN_PAGES,
@@ -222,9 +223,11 @@ def test_run_now_write_then_execute_read() -> None:
     assert type(reply) is ReadReply and bytes(reply.data) == _page(9)
 
 
-def test_offload_min_pages_option() -> None:
+def test_offload_min_pages_option(monkeypatch: pytest.MonkeyPatch) -> None:
     """Server devices run requests below SERVER_OFFLOAD_MIN_PAGES inline (no await), larger ones
-    in the workers; both give the same bytes and counters, zero-filled ones included."""
+    in the workers; both give the same bytes and counters, zero-filled ones included. (With the
+    native extension, large requests go to the workers anyway: tests/unit/test_native.py.)"""
+    monkeypatch.setattr(native, "enabled", False)
 
     async def main() -> None:
         ex = ThreadPoolExecutor(2)

@@ -46,6 +46,9 @@ class Lz4Codec:
     """lz4 block format, mode ``fast``; ``level`` is the acceleration (higher = faster, worse)."""
 
     name = "lz4"
+    #: kinds for zramd.compress.native (1 = lz4 block, 3 = lz4hc); ``level`` goes with them
+    native_decode: int | None = 1
+    native_encode: int | None = 1
 
     def __init__(self, level: int | None = None) -> None:
         self.level = _check_level(
@@ -78,6 +81,7 @@ class Lz4HcCodec(Lz4Codec):
     """lz4 block format, mode ``high_compression`` (same decoder as lz4)."""
 
     name = "lz4hc"
+    native_encode = 3
 
     def __init__(self, level: int | None = None) -> None:
         self.level = _check_level(
@@ -112,6 +116,8 @@ class ZstdCodec:
             ZSTD_LEVEL_MAX,
         )
         self.dictionary = dictionary
+        #: zstd frames decode natively (kind 2) unless they need the dictionary
+        self.native_decode: int | None = 2 if dictionary is None else None
         self._dict: zstandard.ZstdCompressionDict | None = None
         if dictionary is not None:
             if not dictionary:

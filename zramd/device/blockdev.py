@@ -26,6 +26,10 @@ Invariants
   no overlap) complete without yielding, so they are atomic with respect to everything else.
   Reads never wait: they take a snapshot of the table and pool bytes on the loop thread in one
   go, so they see every page either before or after any write, never torn.
+* Native batches (:mod:`zramd.compress.native`, when built): requests of at least
+  ``native_min_pages`` pages whose codec has a native form run their codec loop in C with the
+  GIL released, split over the two workers, on the same copied-out bytes; the table and pool
+  are still touched only on the calling thread. They produce the same pages as the Python loops.
 * ``close()``/``reset()`` must not be called while requests are in flight (the server drains
   first).
 
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool, PoolFull
-from zramd.compress import Codec, CodecError, get_codec
+from zramd.compress import Codec, CodecError, get_codec, native
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.samefill import WORD_SIZE, ZERO_PAGE, fill_page
 from zramd.device.table import (
@@ -79,6 +83,10 @@ SMALL_STATUS_PAGES = 16
 POOL_CACHE_PAGES = 16
 #: trim/discard ranges up to this many pages are freed entry by entry rather than vectorised
 SMALL_DISCARD_PAGES = 8
+#: with the native extension, requests of at least this many pages run their codec loop in C in
+#: the workers, whatever ``offload_min_pages`` says (the loop thread only copies bytes out and
+#: commits); below it a thread hop costs more than the codec work it moves
+NATIVE_MIN_PAGES = 32
 #: offloaded requests of at least this many pages are split into this many parts, one per codec
 #: worker, so one large request keeps both cores busy (the device's executor has 2 workers)
 SPLIT_PARTS = 2
@@ -164,6 +172,51 @@ def _decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
     return b"".join(parts)
 
 
+def _native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
+    """Pure (runs in a worker thread): decode items ``[start, stop)`` of a native snapshot into
+    their pages of ``out``. Items are page bytes, a shorter blob of ``kind``, ``(kind, blob)``
+    for the C loop, or ``(codec, blob)`` for a codec without a native form (decoded here)."""
+    items = snap[start:stop]
+    for i, item in enumerate(items):
+        if type(item) is tuple and type(item[0]) is not int:
+            items[i] = item[0].decompress(item[1], PAGE_SIZE)
+    view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
+    bad = native.module().decompress_pages(view, items, kind)
+    if bad >= 0:
+        raise CodecError(f"page {start + bad} of the request does not decode")
+
+
+def _native_prepare_part(
+    start: int,
+    stop: int,
+    head: bytes | None,
+    mv: memoryview,
+    mid_start: int,
+    tail: bytes | None,
+    npages: int,
+    kind: int,
+    level: int,
+    threshold: int,
+) -> list[Prepared]:
+    """Pure (runs in a worker thread): :func:`_prepare_part` with the C loop."""
+    prep = native.module().prepare_pages
+    args = (kind, level, threshold, SAME, STORED, HUGE)
+    out: list[Prepared] = []
+    lo, hi = start, stop
+    if lo == 0 and head is not None:
+        out += prep(head, *args)
+        lo = 1
+    tail_here = tail is not None and hi == npages
+    if tail_here:
+        hi -= 1
+    if hi > lo:
+        skew = mid_start - (PAGE_SIZE if head is not None else 0)
+        out += prep(mv[skew + (lo << PAGE_SHIFT) : skew + (hi << PAGE_SHIFT)], *args)
+    if tail_here:
+        out += prep(tail, *args)
+    return out
+
+
 def _is_zero(mv: memoryview) -> bool:
     """Whether ``mv`` (a multiple of 8 bytes) is all zero: first/last word first, then one
     vectorised pass (memoryview ``==`` compares item by item; numpy does not)."""
@@ -211,6 +264,7 @@ class ZramDevice:
         pool: Pool | None = None,
         pool_cache_pages: int = POOL_CACHE_PAGES,
         offload_min_pages: int = OFFLOAD_MIN_PAGES,
+        native_min_pages: int = NATIVE_MIN_PAGES,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -222,6 +276,7 @@ class ZramDevice:
             raise ValueError("offload_min_pages must be >= 1")
         self._offload_pages = offload_min_pages
         self._offload_bytes = offload_min_pages * PAGE_SIZE
+        self._native_pages = max(1, native_min_pages)
         self._size = (size + PAGE_MASK) & ~PAGE_MASK
         self._npages = self._size >> PAGE_SHIFT
         self._chain_size = chain_size
@@ -486,6 +541,52 @@ class ZramDevice:
                 out.append(self._read_page(idx))
         return out
 
+    def _snapshot_native(self, first: int, last: int) -> tuple[list[Any], int]:
+        """``(items, kind)``; per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or
+        ``(codec, blob)`` (see :func:`_native_decode_part`)."""
+        t = self._table
+        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        codecs = self._codecs
+        tags: list[Any] = []
+        for c in codecs:
+            k = native.decode_kind(c)
+            tags.append(c if k is None else k)
+        n = last - first + 1
+        cids = bytes(codec_mv[first : last + 1])  # bytes: == is a memcmp (memoryview: per item)
+        tag = tags[cids[0]]
+        if (
+            type(tag) is int
+            and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
+            and cids == bytes((cids[0],)) * n
+        ):
+            # the common case, every page compressed with one native codec: one pool call
+            stop = last + 1
+            return self._pool.load_many(
+                handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
+            ), tag
+        load = self._pool.load
+        read_page = self._read_page
+        out: list[Any] = []
+        append = out.append
+        for idx in range(first, last + 1):
+            st = state_mv[idx]
+            if st == STORED:
+                append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
+            elif st == EMPTY:
+                append(ZERO_PAGE)
+            else:
+                append(read_page(idx))
+        return out, 0
+
+    def _native_batch(self, npages: int) -> bool:
+        """Whether a request of ``npages`` pages runs its codec loop natively in the workers."""
+        return npages >= self._native_pages and native.enabled
+
+    def _native_write(self, npages: int) -> bool:
+        return self._native_batch(npages) and (
+            native.encode_kind(self._codecs[self._codec_id]) is not None
+        )
+
     # --- sync API (tests, and the async methods' inline path) ---------------------------------
 
     def _check(self, offset: int, length: int) -> None:
@@ -687,7 +788,7 @@ class ZramDevice:
         """A small read done at once: ``(data, reads_as_zero)``, or None if ``read`` must be
         awaited (the request is large enough to be offloaded). ``reads_as_zero`` is only ever
         True for one aligned page that is EMPTY or zero-filled (then ``data`` is ZERO_PAGE)."""
-        if length >= self._offload_bytes:
+        if length >= self._offload_bytes or self._native_batch(length >> PAGE_SHIFT):
             return None
         if length == PAGE_SIZE and not offset & PAGE_MASK:
             self._check(offset, length)
@@ -707,7 +808,7 @@ class ZramDevice:
         """Do a small write at once if ``write`` would not wait (fewer than ``offload_min_pages``
         pages, no overlapping request in flight); False: nothing done, await ``write``."""
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
-        if n >= self._offload_bytes:
+        if n >= self._offload_bytes or self._native_write(n >> PAGE_SHIFT):
             return False
         if (
             self._inflight
@@ -744,11 +845,13 @@ class ZramDevice:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        if length and self._native_batch(last - first + 1):
+            return await self._read_native(offset, length, first, last)
         if length < self._offload_bytes:
             return self.read_sync(offset, length)
         self._check(offset, length)
-        first = offset >> PAGE_SHIFT
-        last = (offset + length - 1) >> PAGE_SHIFT
         try:
             snap = self._snapshot(first, last)  # atomic: no await in between
         except DeviceIOError:
@@ -761,6 +864,26 @@ class ZramDevice:
             raise DeviceIOError(str(exc)) from None
         # joining >= 1 MiB releases the GIL for the copy
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        skip = offset & PAGE_MASK
+        if skip or len(buf) != length:
+            return buf[skip : skip + length]
+        return buf
+
+    async def _read_native(
+        self, offset: int, length: int, first: int, last: int
+    ) -> bytes | bytearray:
+        self._check(offset, length)
+        try:
+            snap, kind = self._snapshot_native(first, last)  # atomic: no await in between
+        except DeviceIOError:
+            self._stats.failed_reads += 1
+            raise
+        buf = native.module().new_buffer(len(snap) << PAGE_SHIFT)  # not zeroed: all overwritten
+        try:
+            await self._in_parts(_native_decode_part, len(snap), snap, kind, memoryview(buf))
+        except CodecError as exc:
+            self._stats.failed_reads += 1
+            raise DeviceIOError(str(exc)) from None
         skip = offset & PAGE_MASK
         if skip or len(buf) != length:
             return buf[skip : skip + length]
@@ -789,7 +912,7 @@ class ZramDevice:
             return
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < self._offload_pages:
+        if last - first + 1 < self._offload_pages and not self._native_write(last - first + 1):
             if not self._inflight or not self._overlapping(first, last):
                 self.write_sync(offset, data)
                 return
@@ -808,20 +931,37 @@ class ZramDevice:
             return
         r = await self._acquire(first, last)
         try:
-            cid = self._codec_id
+            cid = self._codec_id  # after the wait: the algorithm may have changed meanwhile
+            codec = self._codecs[cid]
             head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
             npages = last - first + 1
-            parts = await self._in_parts(
-                _prepare_part,
-                npages,
-                head,
-                mv,
-                mid_start,
-                tail,
-                npages,
-                self._codecs[cid].compress,
-                self._threshold,
-            )
+            kind = native.encode_kind(codec) if self._native_batch(npages) else None
+            if kind is not None:
+                level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
+                parts = await self._in_parts(
+                    _native_prepare_part,
+                    npages,
+                    head,
+                    mv,
+                    mid_start,
+                    tail,
+                    npages,
+                    kind,
+                    level,
+                    self._threshold,
+                )
+            else:
+                parts = await self._in_parts(
+                    _prepare_part,
+                    npages,
+                    head,
+                    mv,
+                    mid_start,
+                    tail,
+                    npages,
+                    self._codecs[cid].compress,
+                    self._threshold,
+                )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
             self._commit(range(first, first + npages), prepared, cid)
         finally:

@@ -1,0 +1,194 @@
+"""zramd._native (batch page codecs in C) against the Python codecs, and the device on both paths.
+
+CI builds the extension (scripts/test sets ZRAMD_REQUIRE_NATIVE=1), so there a missing build is a
+failure, not a skip: the fast path must not silently fall back.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from zramd.compress import get_codec, native
+from zramd.device import DeviceIOError
+from zramd.device.blockdev import ZramDevice, prepare_page
+from zramd.device.table import HUGE, SAME, STORED
+
+PAGE = 4096
+
+if not native.BUILT:
+    if os.environ.get("ZRAMD_REQUIRE_NATIVE") == "1":
+        pytest.fail("zramd._native is not built (pip install -e . needs gcc and python3-dev)")
+    pytest.skip("zramd._native is not built", allow_module_level=True)
+
+N = native.module()
+
+
+def pages(seed: int, n: int) -> list[bytes]:
+    """A mix: compressible text-like, half-zero (fio's 60%), random, zero, same-filled."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = i % 5
+        if k == 0:
+            words = [rnd.randbytes(rnd.randint(3, 9)) for _ in range(30)]
+            p = b" ".join(rnd.choice(words) for _ in range(700))[:PAGE]
+            out.append(p.ljust(PAGE, b"."))
+        elif k == 1:
+            out.append(rnd.randbytes(1638) + bytes(PAGE - 1638))
+        elif k == 2:
+            out.append(rnd.randbytes(PAGE))
+        elif k == 3:
+            out.append(bytes(PAGE))
+        else:
+            out.append(rnd.randbytes(8) * (PAGE // 8))
+    return out
+
+
+@pytest.mark.parametrize("algo", ["lz4", "lz4hc", "zstd"])
+def test_decompress_pages_matches_the_codec(algo: str) -> None:
+    codec = get_codec(algo)
+    kind = native.decode_kind(codec)
+    assert kind is not None
+    src = pages(1, 40)
+    items: list[bytes | tuple[int, bytes]] = []
+    for i, p in enumerate(src):
+        blob = codec.compress(p)
+        # every item form: (kind, blob), a bare short blob (default kind), a raw page
+        items.append((kind, blob) if i % 3 == 0 else blob if len(blob) < PAGE else p)
+    dst = N.new_buffer(len(src) * PAGE + 7)
+    assert N.decompress_pages(dst, items, kind) == -1
+    assert bytes(dst[: len(src) * PAGE]) == b"".join(src)
+
+
+def test_decompress_pages_reports_the_first_bad_page() -> None:
+    codec = get_codec("lz4")
+    good = [codec.compress(p) for p in pages(2, 6)]
+    dst = bytearray(6 * PAGE)
+    cases: list[tuple[int, bytes | tuple[int, bytes]]] = [
+        (3, b"\xff" * 100),  # garbage
+        (2, good[2][:-5]),  # truncated
+        (4, codec.compress(bytes(range(256)) * 8)),  # decodes, but to 2 KiB, not a page
+        (1, (2, good[1])),  # an lz4 blob decoded as zstd
+    ]
+    for idx, bad in cases:
+        items: list[bytes | tuple[int, bytes]] = list(good)
+        items[idx] = bad
+        assert N.decompress_pages(dst, items, 1) == idx
+    # without a default kind a short bare blob is an error too
+    assert N.decompress_pages(dst, [bytes(PAGE), good[1]]) == 1
+    # a page of raw bytes must be exactly a page
+    assert N.decompress_pages(dst, [(0, bytes(PAGE + 1))]) == 0
+
+
+def test_decompress_pages_rejects_bad_arguments() -> None:
+    blob = get_codec("lz4").compress(pages(3, 1)[0])
+    with pytest.raises(ValueError, match="shorter"):
+        N.decompress_pages(bytearray(PAGE), [blob, blob], 1)
+    with pytest.raises(ValueError, match="kind"):
+        N.decompress_pages(bytearray(PAGE), [(9, blob)])
+    with pytest.raises(ValueError, match="kind"):
+        N.decompress_pages(bytearray(PAGE), [blob], 7)
+    with pytest.raises(TypeError):
+        N.decompress_pages(bytearray(PAGE), [(1, "text")])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        N.decompress_pages(bytes(PAGE), [blob], 1)  # read-only destination
+    with pytest.raises(ValueError):
+        N.new_buffer(-1)
+
+
+@pytest.mark.parametrize(("algo", "level"), [("lz4", None), ("lz4", 9), ("lz4hc", 4)])
+@pytest.mark.parametrize("threshold", [1, 1000, 3633, PAGE])
+def test_prepare_pages_matches_prepare_page(algo: str, level: int | None, threshold: int) -> None:
+    codec = get_codec(algo, level=level)
+    kind = native.encode_kind(codec)
+    assert kind is not None
+    src = pages(4, 30)
+    level_arg: int = getattr(codec, "level")  # noqa: B009
+    got = N.prepare_pages(b"".join(src), kind, level_arg, threshold, SAME, STORED, HUGE)
+    assert len(got) == len(src)
+    for page, (st, v, payload) in zip(src, got, strict=True):
+        want = prepare_page(page, codec.compress, threshold)
+        assert st == want[0]
+        if st == SAME:
+            assert (v, payload) == (want[1], None)
+        elif st == HUGE:
+            assert (v, payload) == (PAGE, page)
+        else:
+            assert payload is not None and v == len(payload) < threshold
+            assert codec.decompress(payload, PAGE) == page
+
+
+def test_prepare_pages_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        N.prepare_pages(bytes(PAGE + 1), 1, 1, 3633, SAME, STORED, HUGE)
+    with pytest.raises(ValueError, match="kind"):
+        N.prepare_pages(bytes(PAGE), 2, 1, 3633, SAME, STORED, HUGE)
+    with pytest.raises(ValueError, match="threshold"):
+        N.prepare_pages(bytes(PAGE), 1, 1, 0, SAME, STORED, HUGE)
+    assert N.prepare_pages(b"", 1, 1, 3633, SAME, STORED, HUGE) == []
+
+
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def use_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    monkeypatch.setattr(native, "enabled", request.param)
+    yield request.param
+
+
+async def test_device_large_requests_match_a_model(use_native: bool) -> None:
+    """Large unaligned writes and reads (the batched path), mixed codecs, against a bytearray."""
+    rnd = random.Random(5)
+    npages = 512
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(npages * PAGE, executor=ex, offload_min_pages=1024)
+        model = bytearray(npages * PAGE)
+        src = b"".join(pages(6, 300))
+        algos = [("lz4", None), ("zstd", None), ("deflate", None), ("lz4hc", 3)]
+        for step in range(60):
+            if step % 15 == 0:
+                algo, level = algos[(step // 15) % len(algos)]
+                d.set_algorithm(algo, level=level)
+            off = rnd.randrange(0, npages - 1) * PAGE + rnd.choice([0, 0, 512, 3584])
+            n = min(rnd.randrange(32, 200) * PAGE + rnd.choice([0, 512, 1536]), len(model) - off)
+            data = src[(step * 7) % 60 * PAGE :][:n]
+            n = len(data)
+            await d.write(off, data)
+            model[off : off + n] = data
+            roff = rnd.randrange(0, npages * PAGE - 64 * PAGE) & ~511
+            rlen = rnd.randrange(32, 64) * PAGE + rnd.choice([0, 512])
+            assert await d.read(roff, rlen) == model[roff : roff + rlen]
+        assert await d.read(0, npages * PAGE) == model
+        s = d.stats
+        assert s.same_pages > 0 and s.huge_pages > 0 and s.compr_data_size > 0
+        d.close()
+
+
+async def test_device_corrupt_page_in_a_large_read_is_eio(use_native: bool) -> None:
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(128 * PAGE, executor=ex, offload_min_pages=1024)
+        data = b"".join(pages(7, 100))
+        await d.write(0, data)
+        t = d.table
+        idx = next(i for i in range(60, 100) if t.state_mv[i] == STORED)
+        size = t.size_mv[idx]
+        d.pool.free(t.handle_mv[idx])
+        t.handle_mv[idx] = d.pool.store(b"\xff" * size)
+        with pytest.raises(DeviceIOError):
+            await d.read(0, 100 * PAGE)
+        assert d.stats.failed_reads == 1
+        assert await d.read(0, idx * PAGE) == data[: idx * PAGE]
+        d.close()
+
+
+def test_native_paths_are_what_the_server_uses() -> None:
+    """1 MiB requests take the batched path when the extension is on (else all is inline)."""
+    d = ZramDevice(512 * PAGE, offload_min_pages=1024)
+    assert native.enabled
+    assert d.read_now(0, 256 * PAGE) is None  # must be awaited: it goes to the workers
+    assert not d.write_now(0, bytes(256 * PAGE))
+    assert d.read_now(0, 8 * PAGE) is not None  # small requests stay inline
+    d.close()

@@ -1,0 +1,275 @@
+/* zramd._native: batch page codec loops with the GIL released.
+ *
+ * Theory of operation
+ * -------------------
+ * The device's per-page work on large requests is a loop of small C calls (lz4/zstd on one 4 KiB
+ * page each) glued by Python. Called one page at a time from worker threads, every call drops and
+ * retakes the GIL, and the hand-offs cost more than the work; so large requests ran on the loop
+ * thread alone. These two functions take a whole batch, check every argument and pin every
+ * buffer while holding the GIL, run the codec loop with the GIL released (so two workers keep
+ * both cores busy while the loop thread serves other requests), then build their results with
+ * the GIL again. They never write outside the buffers they were given:
+ *
+ * decompress_pages(dst, items, kind=0) -> int
+ *     items[i] is a bytes object of exactly PAGE bytes (copied as is), a shorter bytes object
+ *     (a blob of ``kind``), or a tuple (kind, src); kinds: 1 = lz4 block, 2 = zstd frame (0:
+ *     none, a short item is then an error). Page i is decoded into
+ *     dst[i*PAGE:(i+1)*PAGE]. A page decodes only if it yields exactly PAGE bytes. Returns -1
+ *     when every page decoded, else the index of the first page that did not (the pages
+ *     before it are written, the rest of dst is unspecified).
+ *
+ * prepare_pages(src, kind, level, threshold, same, stored, huge) -> list
+ *     src is a whole number of pages. Per page, as zram's write path: a page that is one 8-byte
+ *     word repeated gives (same, word, None); else it is compressed (kind 1 = lz4 fast with
+ *     acceleration ``level``, 3 = lz4hc at ``level``), and a result of at least ``threshold``
+ *     bytes (or one that does not fit below it) gives (huge, PAGE, page bytes), a smaller one
+ *     (stored, size, compressed bytes).
+ *
+ * new_buffer(n) -> bytearray
+ *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
+ *
+ * The libraries are the system's liblz4 and libzstd (declared here, so no -dev package is
+ * needed to build). The module is optional: zramd falls back to its Python loops without it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE 4096
+
+int LZ4_decompress_safe(const char *src, char *dst, int compressedSize, int dstCapacity);
+int LZ4_compress_fast(const char *src, char *dst, int srcSize, int dstCapacity, int acceleration);
+int LZ4_compress_HC(const char *src, char *dst, int srcSize, int dstCapacity, int compressionLevel);
+size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t compressedSize);
+unsigned ZSTD_isError(size_t code);
+
+enum { K_COPY = 0, K_LZ4 = 1, K_ZSTD = 2, K_LZ4HC = 3 };
+
+typedef struct {
+    int kind;
+    const char *src;
+    Py_ssize_t len;
+} job_t;
+
+static PyObject *
+decompress_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer dst;
+    PyObject *items;
+    int dflt = K_COPY;
+    if (!PyArg_ParseTuple(args, "w*O!|i:decompress_pages", &dst, &PyList_Type, &items, &dflt))
+        return NULL;
+    if (dflt != K_COPY && dflt != K_LZ4 && dflt != K_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "unknown kind %d", dflt);
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    /* pin the list's items: another thread must not free a source while the GIL is released */
+    PyObject *pinned = PySequence_Tuple(items);
+    if (pinned == NULL) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(pinned);
+    job_t *jobs = NULL;
+    PyObject *result = NULL;
+    if (dst.len < n * (Py_ssize_t)PAGE) {
+        PyErr_SetString(PyExc_ValueError, "decompress_pages: dst is shorter than the pages");
+        goto out;
+    }
+    jobs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(job_t));
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyTuple_GET_ITEM(pinned, i);
+        PyObject *src = it;
+        long kind = K_COPY;
+        if (PyTuple_Check(it)) {
+            if (PyTuple_GET_SIZE(it) != 2) {
+                PyErr_Format(PyExc_TypeError, "item %zd: expected (kind, bytes)", i);
+                goto out;
+            }
+            kind = PyLong_AsLong(PyTuple_GET_ITEM(it, 0));
+            if (kind == -1 && PyErr_Occurred())
+                goto out;
+            src = PyTuple_GET_ITEM(it, 1);
+        }
+        if (!PyBytes_Check(src)) {
+            PyErr_Format(PyExc_TypeError, "item %zd: source must be bytes", i);
+            goto out;
+        }
+        if (src == it && PyBytes_GET_SIZE(src) != PAGE)
+            kind = dflt; /* a short bare blob: the default kind (K_COPY then fails the page) */
+        if (kind != K_COPY && kind != K_LZ4 && kind != K_ZSTD) {
+            PyErr_Format(PyExc_ValueError, "item %zd: unknown kind %ld", i, kind);
+            goto out;
+        }
+        if (PyBytes_GET_SIZE(src) > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "item %zd: source too large", i);
+            goto out;
+        }
+        jobs[i].kind = (int)kind;
+        jobs[i].src = PyBytes_AS_STRING(src);
+        jobs[i].len = PyBytes_GET_SIZE(src);
+    }
+    Py_ssize_t bad = -1;
+    char *base = dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *out = base + i * PAGE;
+        const job_t *j = &jobs[i];
+        int ok;
+        if (j->kind == K_COPY) {
+            ok = j->len == PAGE;
+            if (ok)
+                memcpy(out, j->src, PAGE);
+        } else if (j->kind == K_LZ4) {
+            ok = LZ4_decompress_safe(j->src, out, (int)j->len, PAGE) == PAGE;
+        } else {
+            size_t r = ZSTD_decompress(out, PAGE, j->src, (size_t)j->len);
+            ok = !ZSTD_isError(r) && r == PAGE;
+        }
+        if (!ok) {
+            bad = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+out:
+    PyMem_Free(jobs);
+    Py_DECREF(pinned);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyObject *
+prepare_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer src;
+    int kind, level, threshold;
+    PyObject *c_same, *c_stored, *c_huge;
+    if (!PyArg_ParseTuple(args, "y*iiiOOO:prepare_pages", &src, &kind, &level, &threshold,
+                          &c_same, &c_stored, &c_huge))
+        return NULL;
+    PyObject *result = NULL;
+    char *scratch = NULL;
+    int *sizes = NULL;
+    uint64_t *words = NULL;
+    Py_ssize_t n = src.len / PAGE;
+    if (src.len % PAGE) {
+        PyErr_SetString(PyExc_ValueError, "prepare_pages: src is not a whole number of pages");
+        goto out;
+    }
+    if (kind != K_LZ4 && kind != K_LZ4HC) {
+        PyErr_Format(PyExc_ValueError, "prepare_pages: unknown kind %d", kind);
+        goto out;
+    }
+    if (threshold < 1 || threshold > PAGE + 1) {
+        PyErr_SetString(PyExc_ValueError, "prepare_pages: threshold out of range");
+        goto out;
+    }
+    /* a compressed page is kept only below threshold: compress into threshold - 1 bytes */
+    int cap = threshold - 1;
+    size_t slots = (size_t)(n ? n : 1);
+    scratch = PyMem_Malloc(slots * (size_t)(cap ? cap : 1));
+    sizes = PyMem_Malloc(slots * sizeof(int));
+    words = PyMem_Malloc(slots * sizeof(uint64_t));
+    if (scratch == NULL || sizes == NULL || words == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    const char *in = src.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *page = in + i * PAGE;
+        if (memcmp(page, page + 8, PAGE - 8) == 0) {
+            memcpy(&words[i], page, 8);
+            sizes[i] = -1; /* same-filled */
+            continue;
+        }
+        char *out = scratch + (size_t)i * (size_t)cap;
+        int r = 0;
+        if (cap > 0)
+            r = kind == K_LZ4 ? LZ4_compress_fast(page, out, PAGE, cap, level)
+                              : LZ4_compress_HC(page, out, PAGE, cap, level);
+        sizes[i] = r; /* 0: did not fit below threshold: huge */
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t;
+        if (sizes[i] < 0) {
+            /* the word read little-endian, as int.from_bytes(page[:8], "little") */
+            unsigned char *b = (unsigned char *)&words[i];
+            uint64_t w = 0;
+            for (int k = 7; k >= 0; k--)
+                w = (w << 8) | b[k];
+            t = Py_BuildValue("(OKO)", c_same, (unsigned long long)w, Py_None);
+        } else if (sizes[i] == 0) {
+            t = Py_BuildValue("(Oiy#)", c_huge, PAGE, in + i * PAGE, (Py_ssize_t)PAGE);
+        } else {
+            t = Py_BuildValue("(Oiy#)", c_stored, sizes[i], scratch + (size_t)i * (size_t)cap,
+                              (Py_ssize_t)sizes[i]);
+        }
+        if (t == NULL) {
+            Py_CLEAR(result);
+            goto out;
+        }
+        PyList_SET_ITEM(result, i, t);
+    }
+out:
+    PyMem_Free(scratch);
+    PyMem_Free(sizes);
+    PyMem_Free(words);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+static PyObject *
+new_buffer(PyObject *self, PyObject *args)
+{
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "n:new_buffer", &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "new_buffer: negative size");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
+static PyMethodDef methods[] = {
+    {"new_buffer", new_buffer, METH_VARARGS, "new_buffer(n) -> bytearray of n bytes, not zeroed"},
+    {"decompress_pages", decompress_pages, METH_VARARGS,
+     "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},
+    {"prepare_pages", prepare_pages, METH_VARARGS,
+     "prepare_pages(src, kind, level, threshold, same, stored, huge) -> list of prepared pages"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "zramd._native", "Batch page codec loops without the GIL.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "PAGE", PAGE) < 0 || PyModule_AddIntConstant(m, "LZ4", K_LZ4) < 0 ||
+        PyModule_AddIntConstant(m, "ZSTD", K_ZSTD) < 0 ||
+        PyModule_AddIntConstant(m, "LZ4HC", K_LZ4HC) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

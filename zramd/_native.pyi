@@ -1,0 +1,14 @@
+Buffer = bytes | bytearray | memoryview
+
+PAGE: int
+LZ4: int
+ZSTD: int
+LZ4HC: int
+
+def decompress_pages(
+    dst: Buffer, items: list[bytes | tuple[int, bytes]], kind: int = 0, /
+) -> int: ...
+def new_buffer(n: int, /) -> bytearray: ...
+def prepare_pages(
+    src: Buffer, kind: int, level: int, threshold: int, same: int, stored: int, huge: int, /
+) -> list[tuple[int, int, bytes | None]]: ...

@@ -1,0 +1,52 @@
+"""Batch page codecs in C (``zramd._native``), when the optional extension is built.
+
+Theory of operation
+-------------------
+A codec may name a native *kind* for its format: ``native_decode`` (lz4 and lz4hc blocks, zstd
+frames without a dictionary) and ``native_encode`` (lz4 fast, lz4hc), with ``native_level`` the
+acceleration or level. :func:`decode_kind` / :func:`encode_kind` return that kind, or None when
+the extension is missing, disabled (``ZRAMD_NATIVE=0``) or the codec has no native form; callers
+then use the codec's own per-page methods, which produce the same pages. The C loops run with the
+GIL released, so two worker threads decode or encode one large request on both cores.
+
+Invariants: a native batch decodes a page only into exactly ``PAGE_SIZE`` bytes (else the index
+of the failing page is reported and the caller raises CodecError); an encoded page is stored
+compressed only below the huge threshold, exactly as :func:`zramd.device.blockdev.prepare_page`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from zramd.compress.base import Codec
+
+_native: ModuleType | None
+try:
+    from zramd import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+#: the extension is importable (built at install time with the system's liblz4/libzstd)
+BUILT = _native is not None
+#: whether zramd uses it (``ZRAMD_NATIVE=0`` turns it off, e.g. to compare)
+enabled = BUILT and os.environ.get("ZRAMD_NATIVE", "1") != "0"
+
+
+def module() -> ModuleType:
+    assert _native is not None, "zramd._native is not built"
+    return _native
+
+
+def decode_kind(codec: Codec) -> int | None:
+    if not enabled:
+        return None
+    kind: int | None = getattr(codec, "native_decode", None)
+    return kind
+
+
+def encode_kind(codec: Codec) -> int | None:
+    if not enabled:
+        return None
+    kind: int | None = getattr(codec, "native_encode", None)
+    return kind
