@@ -107,6 +107,14 @@ def main(ctx: click.Context, verbose: int) -> None:
 )
 @click.option("--unix-mode", metavar="OCTAL", default=None, help="Unix socket mode [0600].")
 @click.option(
+    "--poll-us",
+    type=int,
+    default=None,
+    metavar="US",
+    help="Busy-poll a lone connection this long for its next request (lower QD1 latency, "
+    "some CPU); 0 disables [50].",
+)
+@click.option(
     "--tls",
     "tls",
     type=click.Choice(["off", "on", "require"]),
@@ -145,6 +153,7 @@ def serve(
     handshake_timeout: float | None,
     max_payload: str | None,
     unix_mode: str | None,
+    poll_us: int | None = None,
     tls: str | None = None,
     tls_certificates: str | None = None,
     tls_verify_peer: bool | None = None,
@@ -176,6 +185,9 @@ def serve(
             tls_verify_peer=tls_verify_peer,
             allow=allow,
         )
+        if poll_us is not None:
+            cfg.poll_us = poll_us
+            cfg.validate()
         setup.apply_swap_safety()
     except ConfigError as e:
         _fail(str(e))

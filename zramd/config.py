@@ -41,6 +41,9 @@ DEFAULT_MAX_PAYLOAD = 64 << 20
 DEFAULT_MAX_IN_FLIGHT = 256
 #: Unix socket permission bits.
 DEFAULT_UNIX_MODE = 0o600
+#: busy-poll window after a reply, in microseconds (zramd/server/session.py "Busy polling")
+DEFAULT_POLL_US = 50
+MAX_POLL_US = 1000
 #: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
 TLS_MODES = ("off", "on", "require")
 DEFAULT_TLS = "off"
@@ -264,6 +267,8 @@ class ServerConfig:
     tls_verify_peer: bool = False
     #: TCP client allow-list (IP or CIDR strings); empty = everyone (zramd/server/access.py).
     allow: list[str] = field(default_factory=list)
+    #: busy-poll window (µs) for the next request of a lone connection; 0 = never poll.
+    poll_us: int = DEFAULT_POLL_US
 
     def validate(self) -> None:
         if not self.exports:
@@ -291,6 +296,8 @@ class ServerConfig:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
         if self.global_mem_limit < 0:
             raise ConfigError("global mem-limit must not be negative")
+        if not 0 <= self.poll_us <= MAX_POLL_US:
+            raise ConfigError(f"bad poll-us {self.poll_us}: must be 0..{MAX_POLL_US} microseconds")
         self.validate_access()
 
     def validate_access(self) -> None:

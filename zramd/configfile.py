@@ -167,6 +167,14 @@ def _typed(value: Any, kind: type | tuple[type, ...], expected: str) -> Any:
     return value
 
 
+def _poll_us(value: Any) -> int:
+    expected = "microseconds 0..1000 (0: no busy polling)"
+    v: int = _typed(value, int, expected)
+    if not 0 <= v <= 1000:
+        raise ConfigError(f"expected {expected}, got {value!r}")
+    return v
+
+
 def _on_off_mode(value: Any, modes: tuple[str, ...]) -> str:
     """A mode key: true/false mean "on"/"off", else one of ``modes`` (any case)."""
     if value is True:
@@ -238,6 +246,7 @@ _SERVER_KEYS: dict[str, tuple[Any, str]] = {
     "tls-certificates": (_opt_str, "tls_certificates"),
     "tls-verify-peer": (lambda v: _typed(v, bool, "true or false"), "tls_verify_peer"),
     "allow": (_allow_list, "allow"),
+    "poll-us": (_poll_us, "poll_us"),
 }
 _FILE_KEYS: dict[str, Any] = {
     "control": _opt_str,

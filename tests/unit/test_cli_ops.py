@@ -226,6 +226,13 @@ def test_cli_serve_bad_config_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"zramd: error: {p}: export.a: size:")
 
 
+
+def test_cli_serve_bad_poll_us_one_line() -> None:
+    r = CliRunner().invoke(main, ["serve", "--poll-us", "-1", "--control", "", "--unix", "/x"])
+    assert r.exit_code == 2
+    assert r.output.strip() == "zramd: error: bad poll-us -1: must be 0..1000 microseconds"
+
+
 # --- commands against a live ControlServer ------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ max-payload = "32M"
 max-in-flight = 9
 mem-limit = "1G"
 default-export = "b"
+poll-us = 0
 
 [export.a]
 zram-size = "ram / 4"
@@ -73,6 +74,7 @@ size = 0
     )
     assert s.global_mem_limit == 1 << 30
     assert s.default_export == "b"
+    assert s.poll_us == 0
     a, b = s.exports
     assert a.size == 4000 * MIB and a.algorithm == "zstd" and a.level == 3
     assert a.mem_limit == 100 * MIB and a.read_only and a.description == "hello, world"
@@ -133,6 +135,8 @@ def test_algorithm() -> None:
         ("max-connections = 0", "F.toml: max-connections: expected a positive integer"),
         ("handshake-timeout = -1", "F.toml: handshake-timeout: expected a positive number"),
         ("colour = 1", "F.toml: colour: unknown key"),
+        ("poll-us = 5000", "F.toml: poll-us: expected microseconds 0..1000"),
+        ("poll-us = \"50\"", "F.toml: poll-us: expected microseconds 0..1000"),
         (
             "[zram0]\nsize = 1",
             r"F.toml: zram0: unknown table \[zram0\] \(exports go in \[export.zram0\]\)",
