@@ -42,7 +42,11 @@
 int LZ4_decompress_safe(const char *src, char *dst, int compressedSize, int dstCapacity);
 int LZ4_compress_fast(const char *src, char *dst, int srcSize, int dstCapacity, int acceleration);
 int LZ4_compress_HC(const char *src, char *dst, int srcSize, int dstCapacity, int compressionLevel);
-size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t compressedSize);
+typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+ZSTD_DCtx *ZSTD_createDCtx(void);
+size_t ZSTD_freeDCtx(ZSTD_DCtx *dctx);
+size_t ZSTD_decompressDCtx(ZSTD_DCtx *dctx, void *dst, size_t dstCapacity, const void *src,
+                           size_t srcSize);
 unsigned ZSTD_isError(size_t code);
 
 enum { K_COPY = 0, K_LZ4 = 1, K_ZSTD = 2, K_LZ4HC = 3 };
@@ -118,6 +122,18 @@ decompress_pages(PyObject *self, PyObject *args)
     }
     Py_ssize_t bad = -1;
     char *base = dst.buf;
+    /* one zstd context per batch (ZSTD_decompress would allocate ~100 KiB per page) */
+    ZSTD_DCtx *dctx = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (jobs[i].kind == K_ZSTD) {
+            dctx = ZSTD_createDCtx();
+            if (dctx == NULL) {
+                PyErr_NoMemory();
+                goto out;
+            }
+            break;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         char *out = base + i * PAGE;
@@ -130,7 +146,7 @@ decompress_pages(PyObject *self, PyObject *args)
         } else if (j->kind == K_LZ4) {
             ok = LZ4_decompress_safe(j->src, out, (int)j->len, PAGE) == PAGE;
         } else {
-            size_t r = ZSTD_decompress(out, PAGE, j->src, (size_t)j->len);
+            size_t r = ZSTD_decompressDCtx(dctx, out, PAGE, j->src, (size_t)j->len);
             ok = !ZSTD_isError(r) && r == PAGE;
         }
         if (!ok) {
@@ -139,6 +155,8 @@ decompress_pages(PyObject *self, PyObject *args)
         }
     }
     Py_END_ALLOW_THREADS
+    if (dctx != NULL)
+        ZSTD_freeDCtx(dctx);
     result = PyLong_FromSsize_t(bad);
 out:
     PyMem_Free(jobs);

@@ -107,6 +107,31 @@ def bench_codecs() -> list[dict[str, Any]]:
             return decompress(b, PAGE)
 
         rows.append(_row(f"{name} decompress, comp page", time_loop(dec, blobs), note=note))
+    rows += _bench_native_batches(pages)
+    return rows
+
+
+def _bench_native_batches(pages: list[bytes]) -> list[dict[str, Any]]:
+    """The C batch loops (zramd._native) per page, on a whole working set per call."""
+    from zramd.compress import get_codec, native
+
+    if not native.BUILT:
+        return [{"case": "native batches", "ns_per_op": None, "mbps": None,
+                 "note": "skipped: zramd._native is not built"}]  # fmt: skip
+    mod = native.module()
+    n = len(pages)
+    src = b"".join(pages)
+    dst = mod.new_buffer(n * PAGE)
+    rows = []
+    for name in ("lz4", "zstd"):
+        codec = get_codec(name)
+        kind = native.decode_kind(codec)
+        assert kind is not None
+        blobs = [codec.compress(p) for p in pages]
+        ns = time_loop(lambda b, k=kind: mod.decompress_pages(dst, b, k), [blobs]) / n
+        rows.append(_row(f"native {name} decompress_pages, comp page", ns, note=f"{n} per call"))
+    ns = time_loop(lambda s: mod.prepare_pages(s, 1, 1, 3633, 1, 2, 3), [src]) / n
+    rows.append(_row("native lz4 prepare_pages, comp page", ns, note=f"{n} per call"))
     return rows
 
 
