@@ -128,7 +128,11 @@ def _bench_native_batches(pages: list[bytes]) -> list[dict[str, Any]]:
         kind = native.decode_kind(codec)
         assert kind is not None
         blobs = [codec.compress(p) for p in pages]
-        ns = time_loop(lambda b, k=kind: mod.decompress_pages(dst, b, k), [blobs]) / n
+
+        def decode(b: list[bytes], k: int = kind) -> int:
+            return mod.decompress_pages(dst, b, k)
+
+        ns = time_loop(decode, [blobs]) / n
         rows.append(_row(f"native {name} decompress_pages, comp page", ns, note=f"{n} per call"))
     ns = time_loop(lambda s: mod.prepare_pages(s, 1, 1, 3633, 1, 2, 3), [src]) / n
     rows.append(_row("native lz4 prepare_pages, comp page", ns, note=f"{n} per call"))
