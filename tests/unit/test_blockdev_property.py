@@ -159,7 +159,7 @@ async def test_concurrent_overlapping_writes_no_torn_pages() -> None:
             first = rnd.randrange(npages - 30)
             got = await d.read(first * PAGE, 30 * PAGE)
             for i in range(30):
-                page = got[i * PAGE : (i + 1) * PAGE]
+                page = bytes(got[i * PAGE : (i + 1) * PAGE])
                 p = first + i
                 valid = {bytes(PAGE)} | {
                     _writer_page(w, p) for w, (f, n) in enumerate(writers) if f <= p < f + n
@@ -171,7 +171,7 @@ async def test_concurrent_overlapping_writes_no_torn_pages() -> None:
         await asyncio.gather(*tasks)
         final = d.read_sync(0, npages * PAGE)
         for p in range(npages):
-            page = final[p * PAGE : (p + 1) * PAGE]
+            page = bytes(final[p * PAGE : (p + 1) * PAGE])
             covering = [w for w, (f, n) in enumerate(writers) if f <= p < f + n]
             valid = {_writer_page(w, p) for w in covering} or {bytes(PAGE)}
             assert page in valid, f"page {p} is no writer's content"

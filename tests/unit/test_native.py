@@ -169,7 +169,7 @@ async def test_device_large_requests_match_a_model(use_native: bool) -> None:
 
 async def test_device_corrupt_page_in_a_large_read_is_eio(use_native: bool) -> None:
     with ThreadPoolExecutor(2) as ex:
-        d = ZramDevice(128 * PAGE, executor=ex, offload_min_pages=1024)
+        d = ZramDevice(512 * PAGE, executor=ex, offload_min_pages=1024)
         data = b"".join(pages(7, 100))
         await d.write(0, data)
         t = d.table
@@ -178,17 +178,35 @@ async def test_device_corrupt_page_in_a_large_read_is_eio(use_native: bool) -> N
         d.pool.free(t.handle_mv[idx])
         t.handle_mv[idx] = d.pool.store(b"\xff" * size)
         with pytest.raises(DeviceIOError):
-            await d.read(0, 100 * PAGE)
-        assert d.stats.failed_reads == 1
+            await d.read(0, 100 * PAGE)  # inline batch
+        with pytest.raises(DeviceIOError):
+            await d.read(0, 300 * PAGE)  # in the workers
+        assert d.stats.failed_reads == 2
         assert await d.read(0, idx * PAGE) == data[: idx * PAGE]
         d.close()
 
 
-def test_native_paths_are_what_the_server_uses() -> None:
-    """1 MiB requests take the batched path when the extension is on (else all is inline)."""
+def test_native_paths_are_what_the_server_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the server's devices are configured: reads of 1 MiB go to the workers, smaller
+    multi-page reads and writes run their C batch inline."""
+    calls = {"prepare": 0, "decompress": 0}
+    mod = native.module()
+    for name in calls:
+        real = getattr(mod, f"{name}_pages")
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(mod, f"{name}_pages", counted)
     d = ZramDevice(512 * PAGE, offload_min_pages=1024)
     assert native.enabled
+    data = b"".join(pages(8, 256))
+    assert d.write_now(0, data)  # inline
+    assert calls["prepare"] == 1
+    got = d.read_now(0, 64 * PAGE)
+    assert got is not None and got[0] == data[: 64 * PAGE]
+    assert calls["decompress"] == 1
     assert d.read_now(0, 256 * PAGE) is None  # must be awaited: it goes to the workers
-    assert not d.write_now(0, bytes(256 * PAGE))
-    assert d.read_now(0, 8 * PAGE) is not None  # small requests stay inline
+    assert d.read_now(0, 4 * PAGE) is not None and calls["decompress"] == 1  # few pages: Python
     d.close()

@@ -27,9 +27,11 @@ Invariants
   Reads never wait: they take a snapshot of the table and pool bytes on the loop thread in one
   go, so they see every page either before or after any write, never torn.
 * Native batches (:mod:`zramd.compress.native`, when built): requests of at least
-  ``native_min_pages`` pages whose codec has a native form run their codec loop in C with the
-  GIL released, split over the two workers, on the same copied-out bytes; the table and pool
-  are still touched only on the calling thread. They produce the same pages as the Python loops.
+  ``native_min_pages`` pages whose codec has a native form run their codec loop as one C call
+  instead of a Python loop per page; reads of at least ``native_offload_min_pages`` run it in
+  the two workers with the GIL released, on bytes copied out on the loop thread. The table and
+  pool are still touched only on the calling thread, and the pages are the same as the Python
+  loops produce.
 * ``close()``/``reset()`` must not be called while requests are in flight (the server drains
   first).
 
@@ -84,10 +86,16 @@ SMALL_STATUS_PAGES = 16
 POOL_CACHE_PAGES = 256
 #: trim/discard ranges up to this many pages are freed entry by entry rather than vectorised
 SMALL_DISCARD_PAGES = 8
-#: with the native extension, requests of at least this many pages run their codec loop in C in
-#: the workers, whatever ``offload_min_pages`` says (the loop thread only copies bytes out and
-#: commits); below it a thread hop costs more than the codec work it moves
-NATIVE_MIN_PAGES = 32
+#: with the native extension, requests of at least this many pages run their codec loop as one C
+#: batch (on the calling thread below ``native_offload_min_pages``, else in the workers)
+NATIVE_MIN_PAGES = 8
+#: reads of at least this many pages run their C batch in the workers, split in two, whatever
+#: ``offload_min_pages`` says. Measured with fio 1 MiB reads QD4 (docs/performance.md): inline C
+#: 1040 MiB/s, in the workers 1500 MiB/s (the loop thread serves the socket meanwhile). Writes
+#: stay inline below ``offload_min_pages``: their commit (pool stores) needs the loop thread
+#: anyway, and inline they measured faster (1 MiB overwrite 930 vs 725 MiB/s) and keep their
+#: short-lived buffers out of the workers' malloc arenas (+25% RSS in an nbdcopy copy-in).
+NATIVE_OFFLOAD_MIN_PAGES = 256
 #: writes of at least this many pages switch their table entries with vectorised operations
 BATCH_COMMIT_PAGES = 16
 #: offloaded requests of at least this many pages are split into this many parts, one per codec
@@ -268,6 +276,7 @@ class ZramDevice:
         pool_cache_pages: int = POOL_CACHE_PAGES,
         offload_min_pages: int = OFFLOAD_MIN_PAGES,
         native_min_pages: int = NATIVE_MIN_PAGES,
+        native_offload_min_pages: int = NATIVE_OFFLOAD_MIN_PAGES,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -280,6 +289,7 @@ class ZramDevice:
         self._offload_pages = offload_min_pages
         self._offload_bytes = offload_min_pages * PAGE_SIZE
         self._native_pages = max(1, native_min_pages)
+        self._native_offload_pages = max(1, native_offload_min_pages)
         self._size = (size + PAGE_MASK) & ~PAGE_MASK
         self._npages = self._size >> PAGE_SHIFT
         self._chain_size = chain_size
@@ -619,14 +629,19 @@ class ZramDevice:
                 append(read_page(idx))
         return out, 0
 
-    def _native_batch(self, npages: int) -> bool:
-        """Whether a request of ``npages`` pages runs its codec loop natively in the workers."""
-        return npages >= self._native_pages and native.enabled
+    def _native_read_offload(self, npages: int) -> bool:
+        """Whether a read of ``npages`` pages runs its C batch in the workers."""
+        return npages >= self._native_offload_pages and native.enabled
 
-    def _native_write(self, npages: int) -> bool:
-        return self._native_batch(npages) and (
-            native.encode_kind(self._codecs[self._codec_id]) is not None
-        )
+    def _read_native_sync(self, first: int, last: int) -> bytearray:
+        """The pages ``[first, last]`` with one C batch on this thread. Raises DeviceIOError."""
+        snap, kind = self._snapshot_native(first, last)
+        buf = native.module().new_buffer(len(snap) << PAGE_SHIFT)  # not zeroed: all overwritten
+        try:
+            _native_decode_part(0, len(snap), snap, kind, memoryview(buf))
+        except CodecError as exc:
+            raise DeviceIOError(str(exc)) from None
+        return buf
 
     # --- sync API (tests, and the async methods' inline path) ---------------------------------
 
@@ -634,7 +649,7 @@ class ZramDevice:
         assert not self._closed, "device closed"
         assert 0 <= offset and 0 <= length and offset + length <= self._size, (offset, length)
 
-    def read_sync(self, offset: int, length: int) -> bytes:
+    def read_sync(self, offset: int, length: int) -> bytes | bytearray:
         """Return ``length`` bytes at ``offset``. Raises DeviceIOError."""
         self._check(offset, length)
         if length == 0:
@@ -645,6 +660,11 @@ class ZramDevice:
             if length == PAGE_SIZE and not skip:
                 return self._read_page(first)
             last = (offset + length - 1) >> PAGE_SHIFT
+            if last - first >= self._native_pages and native.enabled:
+                nbuf = self._read_native_sync(first, last)
+                if skip or len(nbuf) != length:
+                    return bytes(nbuf[skip : skip + length])
+                return nbuf
             read_page = self._read_page
             buf = b"".join([read_page(i) for i in range(first, last + 1)])
         except DeviceIOError:
@@ -713,10 +733,19 @@ class ZramDevice:
             self._fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
             return
         cid = self._codec_id
+        codec = self._codecs[cid]
         head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
-        prepared = _prepare_range(
-            head, mv, mid_start, mid_end, tail, self._codecs[cid].compress, self._threshold
-        )
+        npages = ((offset + n - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
+        kind = native.encode_kind(codec) if npages >= self._native_pages else None
+        if kind is not None:
+            level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
+            prepared = _native_prepare_part(
+                0, npages, head, mv, mid_start, tail, npages, kind, level, self._threshold
+            )
+        else:
+            prepared = _prepare_range(
+                head, mv, mid_start, mid_end, tail, codec.compress, self._threshold
+            )
         first = offset >> PAGE_SHIFT
         self._commit(range(first, first + len(prepared)), prepared, cid)
 
@@ -828,11 +857,11 @@ class ZramDevice:
 
     # --- synchronous fast path (the server's inline requests) -----------------------------------
 
-    def read_now(self, offset: int, length: int) -> tuple[bytes, bool] | None:
+    def read_now(self, offset: int, length: int) -> tuple[bytes | bytearray, bool] | None:
         """A small read done at once: ``(data, reads_as_zero)``, or None if ``read`` must be
         awaited (the request is large enough to be offloaded). ``reads_as_zero`` is only ever
         True for one aligned page that is EMPTY or zero-filled (then ``data`` is ZERO_PAGE)."""
-        if length >= self._offload_bytes or self._native_batch(length >> PAGE_SHIFT):
+        if length >= self._offload_bytes or self._native_read_offload(length >> PAGE_SHIFT):
             return None
         if length == PAGE_SIZE and not offset & PAGE_MASK:
             self._check(offset, length)
@@ -852,7 +881,7 @@ class ZramDevice:
         """Do a small write at once if ``write`` would not wait (fewer than ``offload_min_pages``
         pages, no overlapping request in flight); False: nothing done, await ``write``."""
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
-        if n >= self._offload_bytes or self._native_write(n >> PAGE_SHIFT):
+        if n >= self._offload_bytes:
             return False
         if (
             self._inflight
@@ -891,7 +920,7 @@ class ZramDevice:
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
-        if length and self._native_batch(last - first + 1):
+        if length and self._native_read_offload(last - first + 1):
             return await self._read_native(offset, length, first, last)
         if length < self._offload_bytes:
             return self.read_sync(offset, length)
@@ -956,7 +985,7 @@ class ZramDevice:
             return
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < self._offload_pages and not self._native_write(last - first + 1):
+        if last - first + 1 < self._offload_pages:
             if not self._inflight or not self._overlapping(first, last):
                 self.write_sync(offset, data)
                 return
@@ -979,7 +1008,7 @@ class ZramDevice:
             codec = self._codecs[cid]
             head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
             npages = last - first + 1
-            kind = native.encode_kind(codec) if self._native_batch(npages) else None
+            kind = native.encode_kind(codec)
             if kind is not None:
                 level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
                 parts = await self._in_parts(
