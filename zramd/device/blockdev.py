@@ -188,9 +188,10 @@ def _native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: 
     their pages of ``out``. Items are page bytes, a shorter blob of ``kind``, ``(kind, blob)``
     for the C loop, or ``(codec, blob)`` for a codec without a native form (decoded here)."""
     items = snap[start:stop]
-    for i, item in enumerate(items):
-        if type(item) is tuple and type(item[0]) is not int:
-            items[i] = item[0].decompress(item[1], PAGE_SIZE)
+    if not kind:  # the general snapshot (kind 0) may hold (codec, blob) items: decode them here
+        for i, item in enumerate(items):
+            if type(item) is tuple and type(item[0]) is not int:
+                items[i] = item[0].decompress(item[1], PAGE_SIZE)
     view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
     bad = native.module().decompress_pages(view, items, kind)
     if bad >= 0:
