@@ -487,3 +487,21 @@ def test_vectorised_commit_matches_per_page_commit(monkeypatch: pytest.MonkeyPat
     assert same and [ta.handle_mv[i] for i in same] == [tb.handle_mv[i] for i in same]
     for d in devs:
         d.close()
+
+
+def test_zero_overwrite_of_filled_pages() -> None:
+    """A zero-filled multi-page write over pages that are already zero-filled changes nothing;
+    over pages filled with another word, or partly so, it re-fills them with zero."""
+    d = ZramDevice(64 * PAGE)
+    d.write_sync(0, bytes(40 * PAGE))
+    before = d.stats
+    d.write_sync(0, bytes(40 * PAGE))
+    assert d.stats == before and d.stats.same_pages == 40
+    d.write_sync(8 * PAGE, b"\x01" * 16 * PAGE)  # same-filled, word != 0
+    d.write_sync(30 * PAGE, text_page(3))
+    d.write_sync(0, bytes(40 * PAGE))
+    assert d.read_sync(0, 40 * PAGE) == bytes(40 * PAGE)
+    st = d.stats
+    assert (st.same_pages, st.pages_stored, st.compr_data_size) == (40, 40, 0)
+    assert d.block_status(0, 40 * PAGE) == [(40 * PAGE, STATE_ZERO)]
+    d.close()
