@@ -194,6 +194,40 @@ async def test_max_in_flight_bounds_concurrency() -> None:
         await e.server.shutdown()
 
 
+async def test_server_wide_in_flight_bound() -> None:
+    """Four clients pipelining 1 MiB reads on a slow device: the bytes held by running requests,
+    summed over the server, stay within the server-wide bound (plus the one request each session
+    may take over it), and every reply arrives intact."""
+    e = await start()
+    try:
+        ctx = e.server.ctx
+        ctx.total_in_flight_high = 6 << 20  # per session the bound is 16 MiB: this one binds
+        e.device.delay_all = 0.01
+        size, n = 1 << 20, 24
+        clients = [await Client.connect(e.path) for _ in range(4)]
+        for k, c in enumerate(clients):
+            c.send(WRITE, 999, k * size, size, bytes([k + 1]) * size)
+            assert (await c.reply({}))[:2] == (999, 0)
+        for k, c in enumerate(clients):
+            for i in range(n):
+                c.send(READ, i, k * size, size)
+
+        async def drain(k: int, c: Client) -> None:
+            lengths = dict.fromkeys(range(n), size)
+            for _ in range(n):
+                _cookie, err, data = await c.reply(lengths)
+                assert err == 0 and data == bytes([k + 1]) * size
+
+        await asyncio.wait_for(asyncio.gather(*(drain(k, c) for k, c in enumerate(clients))), 30)
+        assert ctx.total_in_flight_peak <= ctx.total_in_flight_high + 4 * size
+        assert 2 <= e.device.peak  # still concurrent
+        assert ctx.total_in_flight_bytes == 0 and not ctx.waiting_for_memory
+        for c in clients:
+            await c.close()
+    finally:
+        await e.server.shutdown()
+
+
 async def test_client_that_stops_reading_is_bounded(env: Env) -> None:
     c = await Client.connect(env.path)
     n, size = 400, 1 << 20  # 400 MiB of replies requested, never read

@@ -15,6 +15,12 @@ Backpressure (every quantity a peer can push on is bounded):
 
 * at most ``max_in_flight`` requests run at once, and at most :data:`IN_FLIGHT_BYTES_HIGH` bytes of
   request payload plus expected READ reply data are held by running requests;
+* across all sessions, at most ``ServerContext.total_in_flight_high`` bytes (default
+  :data:`TOTAL_IN_FLIGHT_HIGH`) are held by running requests: a session that finds the server
+  over it stops taking requests and pauses reading, and is resumed when a finishing request
+  brings the total below :data:`TOTAL_IN_FLIGHT_LOW_FRACTION` of it (each session may go over by
+  the one request it took last; a session with nothing running may always take one request, so
+  they can never all wait for each other);
 * while the transport's write buffer is above its high-water mark (``pause_writing``) we stop
   taking requests, so a client that stops reading cannot make us buffer replies without bound;
 * when any limit is hit we stop pulling events from the core *and* pause reading the socket; the
@@ -92,6 +98,10 @@ log = logging.getLogger("zramd.server")
 #: READ replies grow the server by ~130 MiB, 16 MiB by ~34 MiB (tests/e2e/test_load.py). One
 #: request larger than this (up to max_payload) is still admitted when nothing else runs.
 IN_FLIGHT_BYTES_HIGH = 16 << 20
+#: the same, summed over every session of the server (100 connections x 16 MiB would be 1.6 GB)
+TOTAL_IN_FLIGHT_HIGH = 256 << 20
+#: sessions paused by the server-wide bound resume below this fraction of it
+TOTAL_IN_FLIGHT_LOW_FRACTION = 0.75
 #: Transport write buffer high/low water marks (pause_writing / resume_writing thresholds).
 WRITE_BUFFER_HIGH = 4 << 20
 WRITE_BUFFER_LOW = 1 << 20
@@ -112,6 +122,7 @@ class ServerContext:
         *,
         limits: Limits | None = None,
         max_in_flight: int = 256,
+        total_in_flight_high: int = TOTAL_IN_FLIGHT_HIGH,
         poll_us: int = 0,
         max_payload: int = 64 << 20,
         handshake_timeout: float = 10.0,
@@ -130,6 +141,12 @@ class ServerContext:
         self.refused = 0
         self.limits = limits if limits is not None else Limits(max_payload=max_payload)
         self.max_in_flight = max_in_flight
+        #: server-wide bound on bytes held by running requests (module docstring, Backpressure)
+        self.total_in_flight_high = total_in_flight_high
+        self.total_in_flight_bytes = 0
+        self.total_in_flight_peak = 0
+        #: sessions that paused because of the server-wide bound
+        self.waiting_for_memory: set[Session] = set()
         self.poll_s = poll_us / 1e6
         #: sessions past the handshake (busy polling only serves a lone one)
         self.transmitting: set[Session] = set()
@@ -143,6 +160,10 @@ class ServerContext:
         self.sessions: set[Session] = set()
         self.rejected = 0
         self._next_id = 0
+
+    @property
+    def total_in_flight_low(self) -> int:
+        return int(self.total_in_flight_high * TOTAL_IN_FLIGHT_LOW_FRACTION)
 
     def next_id(self) -> int:
         self._next_id += 1
@@ -327,8 +348,12 @@ class Session(asyncio.Protocol):
                 return
 
     def _over_limit(self) -> bool:
+        ctx = self.ctx
+        if ctx.total_in_flight_bytes >= ctx.total_in_flight_high and self.in_flight:
+            ctx.waiting_for_memory.add(self)
+            return True
         return (
-            self.in_flight >= self.ctx.max_in_flight
+            self.in_flight >= ctx.max_in_flight
             or self.in_flight_bytes >= IN_FLIGHT_BYTES_HIGH
             or self._writing_paused
         )
@@ -519,6 +544,10 @@ class Session(asyncio.Protocol):
             nbytes += req.length
         self.in_flight += 1
         self.in_flight_bytes += nbytes
+        ctx = self.ctx
+        ctx.total_in_flight_bytes += nbytes
+        if ctx.total_in_flight_bytes > ctx.total_in_flight_peak:
+            ctx.total_in_flight_peak = ctx.total_in_flight_bytes
         self.requests += 1
         # Run the handler inline until its first real suspension: a request the device completes
         # without waiting (most single-page ones) costs no Task. Otherwise a Task resumes it.
@@ -542,6 +571,7 @@ class Session(asyncio.Protocol):
         finally:
             self.in_flight -= 1
             self.in_flight_bytes -= nbytes
+            self.ctx.total_in_flight_bytes -= nbytes
             self._request_done()
 
     def _reply(self, req: Request, reply: Reply) -> None:
@@ -579,6 +609,13 @@ class Session(asyncio.Protocol):
                 t.writelines(batch)
 
     def _request_done(self) -> None:
+        ctx = self.ctx
+        if ctx.waiting_for_memory and ctx.total_in_flight_bytes < ctx.total_in_flight_low:
+            waiting = list(ctx.waiting_for_memory)
+            ctx.waiting_for_memory.clear()
+            for s in waiting:
+                if s is not self:
+                    s._maybe_resume()
         if self.in_flight == 0:
             if self._idle is not None:
                 if not self._idle.done():
@@ -600,6 +637,7 @@ class Session(asyncio.Protocol):
 
     def _detach(self) -> None:
         self.ctx.sessions.discard(self)
+        self.ctx.waiting_for_memory.discard(self)
         self.ctx.transmitting.discard(self)
         self._poll_fd = -1
         if self.export is not None:
