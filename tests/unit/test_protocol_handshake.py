@@ -512,3 +512,30 @@ def test_oversize_export_name_closes_before_buffering() -> None:
     conn = new()
     (ev,) = run(conn, opt(1, length=4097))  # only the header arrived
     assert isinstance(ev, ConnectionClosed) and ev.error
+
+
+# -- server shutdown during negotiation ------------------------------------------------------------
+
+ERR_SHUTDOWN = 0x80000007
+
+
+def test_shutdown_answers_options_err_shutdown_and_abort_still_works() -> None:
+    conn = new()
+    assert run(conn, opt(8)) == []  # STRUCTURED_REPLY before the shutdown: accepted
+    assert replies(conn.data_to_send()) == [(8, ACK, b"")]
+    conn.begin_shutdown()
+    assert run(conn, opt(7, go_data(b"disk")) + opt(3) + opt(99, b"xyz")) == []
+    got = replies(conn.data_to_send())
+    assert [(o, t) for o, t, _ in got] == [(7, ERR_SHUTDOWN), (3, ERR_SHUTDOWN), (99, ERR_SHUTDOWN)]
+    assert not conn.in_transmission
+    (ev,) = run(conn, opt(2))  # ABORT: acknowledged, then closed
+    assert isinstance(ev, ConnectionClosed) and not ev.error
+    assert replies(conn.data_to_send()) == [(2, ACK, b"")]
+
+
+def test_shutdown_closes_on_export_name() -> None:
+    conn = new()
+    conn.begin_shutdown()
+    (ev,) = run(conn, opt(1, b"disk"))
+    assert isinstance(ev, ConnectionClosed) and ev.error
+    assert conn.data_to_send() == b"" and not conn.in_transmission

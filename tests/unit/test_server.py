@@ -465,3 +465,21 @@ async def test_remove_export_busy_and_forced(env: Env) -> None:
     assert env.device.closed
     assert env.server.registry.lookup("t") is None
     await c.close()
+
+
+async def test_shutdown_during_negotiation_answers_err_shutdown() -> None:
+    e = await start()
+    c = await Client.connect(e.path, go=False)  # greeting and client flags only
+    while not e.server.ctx.sessions:
+        await asyncio.sleep(0.01)
+    down = asyncio.create_task(e.server.shutdown())
+    while not e.server.ctx.shutdown.is_set:
+        await asyncio.sleep(0.01)
+    data = struct.pack(">I", 1) + b"t" + struct.pack(">H", 0)
+    c.w.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+    magic, opt, typ, ln = struct.unpack(">QIII", await c.r.readexactly(20))
+    assert (magic, opt, typ) == (OPT_REPLY_MAGIC, OPT_GO, 0x80000007)  # NBD_REP_ERR_SHUTDOWN
+    await c.r.readexactly(ln)
+    assert await asyncio.wait_for(c.r.read(), 5) == b""  # closed after the grace period
+    await asyncio.wait_for(down, 5)
+    await c.close()

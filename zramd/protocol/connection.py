@@ -128,6 +128,10 @@ class ServerConnection:
     def in_transmission(self) -> bool:
         return self._in_tx
 
+    def begin_shutdown(self) -> None:
+        """The server is shutting down: options from now on get ERR_SHUTDOWN (nbd.md)."""
+        self._hs.shutting_down = True
+
     @property
     def closed(self) -> bool:
         return self._closed or self._reader.done

@@ -34,6 +34,8 @@ Invariants:
   and closes on EXPORT_NAME (which cannot carry an error). An accepted STARTTLS replies ACK, resets
   :class:`Negotiated` and yields :class:`~zramd.protocol.events.StartTLS`; the TLS handshake itself
   is the driver's. STARTTLS with data, or once TLS is up, gets ``ERR_INVALID``.
+* Once the driver calls ``begin_shutdown`` (server shutting down), every option but ABORT has its
+  data drained and gets ``ERR_SHUTDOWN``; EXPORT_NAME (which cannot carry an error) closes.
 * Meta-context selections remember the export they were made for; they are only handed over if the
   client then selects that same export.
 """
@@ -162,6 +164,8 @@ class Handshake:
         self._opt = 0
         self._opt_len = 0
         self._after_drain: Callable[[], Event | None] | None = None
+        #: the server is shutting down: options get ERR_SHUTDOWN (nbd.md: "during negotiation")
+        self.shutting_down = False
         self.out += wire.GREETING.pack(wire.NBDMAGIC, wire.IHAVEOPT, OFFERED_HANDSHAKE_FLAGS)
 
     # -- driver interface -------------------------------------------------------------------------
@@ -212,6 +216,10 @@ class Handshake:
             raise ProtocolError(f"option {opt} length {length} is absurd")
         self._opt = opt
         self._opt_len = length
+        if self.shutting_down and opt != wire.OPT_ABORT:
+            if opt == wire.OPT_EXPORT_NAME:
+                raise ProtocolError("EXPORT_NAME while the server is shutting down")
+            return self._drain_then(length, self._reply_shutdown)
         if (
             self.tls_mode == wire.TLS_REQUIRE
             and not self.tls_active
@@ -280,6 +288,11 @@ class Handshake:
 
     def _reply_unsupported(self) -> Event | None:
         self._reply(wire.REP_ERR_UNSUP, f"option {self._opt} is not supported".encode())
+        self._expect_option()
+        return None
+
+    def _reply_shutdown(self) -> Event | None:
+        self._reply(wire.REP_ERR_SHUTDOWN, b"the server is shutting down")
         self._expect_option()
         return None
 

@@ -23,7 +23,7 @@ pipes ``start_tls`` is impossible, so ``--tls`` with pipes is a start failure.
 The Unix socket is created under a umask matching its mode (no window with looser permissions).
 
 Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
-get ESHUTDOWN; close sessions still in the handshake; wait (bounded by
+get ESHUTDOWN and options of sessions still negotiating get ERR_SHUTDOWN; wait (bounded by
 :data:`SHUTDOWN_DRAIN_TIMEOUT`) for requests in flight to finish; then give clients up to
 :data:`SHUTDOWN_GRACE` to soft-disconnect (the spec's answer to ESHUTDOWN), still answering every
 request they send with ESHUTDOWN; close every connection; close the devices; remove our Unix
@@ -271,8 +271,7 @@ class Server:
         await self._close_listeners()
         sessions = list(ctx.sessions)
         for s in sessions:
-            if not s.in_transmission:
-                s.close("shutting down")
+            s.begin_shutdown()
         if sessions:
             log.debug("shutdown: waiting for %d connection(s) to finish", len(sessions))
         busy = [s.wait_idle() for s in sessions]

@@ -32,7 +32,8 @@ once its in-flight requests have finished and their replies are queued. If the p
 running requests still complete (so nothing is half applied) and their replies are dropped; a
 request whose payload never fully arrived was never yielded by the core, so it is never applied.
 Server shutdown: :class:`~zramd.server.dispatch.ShutdownFlag` makes new requests fail with
-ESHUTDOWN; sessions still in the handshake are closed at once.
+ESHUTDOWN; sessions still in the handshake answer options with ERR_SHUTDOWN (``begin_shutdown``)
+until the listener closes them with the others after the grace period.
 
 STARTTLS (``ServerContext.tls`` on/require): when the core yields ``StartTLS`` its ACK is written
 in plaintext, reading pauses, and a task runs ``loop.start_tls(transport, self, ...)``; the
@@ -294,6 +295,12 @@ class Session(asyncio.Protocol):
         self._closing = True
         if self.in_flight == 0:
             self._finish()
+
+    def begin_shutdown(self) -> None:
+        """Server shutdown: a session still negotiating answers options ERR_SHUTDOWN until the
+        listener closes it after the grace period (transmission uses the ShutdownFlag)."""
+        if self.conn is not None and not self.in_transmission:
+            self.conn.begin_shutdown()
 
     def abort(self) -> None:
         self._closing = True
