@@ -661,7 +661,7 @@ class ZramDevice:
             if length == PAGE_SIZE and not skip:
                 return self._read_page(first)
             last = (offset + length - 1) >> PAGE_SHIFT
-            if last - first >= self._native_pages and native.enabled:
+            if last - first + 1 >= self._native_pages and native.enabled:
                 nbuf = self._read_native_sync(first, last)
                 if skip or len(nbuf) != length:
                     return bytes(nbuf[skip : skip + length])
