@@ -122,24 +122,30 @@ def prepare_page(page: bytes, compress: Callable[[bytes], bytes], threshold: int
     return (STORED, n, comp)
 
 
-def _prepare_range(
-    head: bytes | None,
-    mv: memoryview,
-    mid_start: int,
-    mid_end: int,
-    tail: bytes | None,
-    compress: Callable[[bytes], bytes],
-    threshold: int,
-) -> list[Prepared]:
-    """Pure (runs in a worker thread): prepare head page, full middle pages of ``mv``, tail."""
-    out: list[Prepared] = []
-    if head is not None:
-        out.append(prepare_page(head, compress, threshold))
-    for pos in range(mid_start, mid_end, PAGE_SIZE):
-        out.append(prepare_page(bytes(mv[pos : pos + PAGE_SIZE]), compress, threshold))
-    if tail is not None:
-        out.append(prepare_page(tail, compress, threshold))
-    return out
+#: prepares the whole pages of a buffer (a multiple of PAGE_SIZE bytes), in order
+PrepareMany = Callable[["bytes | memoryview"], list[Prepared]]
+
+
+def python_preparer(compress: Callable[[bytes], bytes], threshold: int) -> PrepareMany:
+    """:func:`prepare_page` over every page of a buffer (the per-page Python loop)."""
+
+    def prepare_many(buf: bytes | memoryview) -> list[Prepared]:
+        return [
+            prepare_page(bytes(buf[pos : pos + PAGE_SIZE]), compress, threshold)
+            for pos in range(0, len(buf), PAGE_SIZE)
+        ]
+
+    return prepare_many
+
+
+def native_preparer(kind: int, level: int, threshold: int) -> PrepareMany:
+    """The same with the C batch (``zramd._native.prepare_pages``, GIL released)."""
+    prepare_pages = native.module().prepare_pages
+
+    def prepare_many(buf: bytes | memoryview) -> list[Prepared]:
+        return prepare_pages(buf, kind, level, threshold, SAME, STORED, HUGE)
+
+    return prepare_many
 
 
 def _prepare_part(
@@ -150,23 +156,26 @@ def _prepare_part(
     mid_start: int,
     tail: bytes | None,
     npages: int,
-    compress: Callable[[bytes], bytes],
-    threshold: int,
+    prepare_many: PrepareMany,
 ) -> list[Prepared]:
-    """Pure (runs in a worker thread): prepare pages ``[start, stop)`` of a write of ``npages``
-    pages (page 0 is ``head`` if given, the last is ``tail`` if given, the rest full pages of
-    ``mv`` from ``mid_start``), so the pages of one request can be split between workers."""
+    """Pure (may run in a worker thread): prepare pages ``[start, stop)`` of a write of
+    ``npages`` pages (page 0 is ``head`` if given, the last is ``tail`` if given, the rest full
+    pages of ``mv`` from ``mid_start``), so the pages of one request can be split between
+    workers. The full pages in between go to ``prepare_many`` in one call."""
     out: list[Prepared] = []
-    skew = mid_start - (PAGE_SIZE if head is not None else 0)
-    for i in range(start, stop):
-        if i == 0 and head is not None:
-            page = head
-        elif i == npages - 1 and tail is not None:
-            page = tail
-        else:
-            pos = skew + (i << PAGE_SHIFT)
-            page = bytes(mv[pos : pos + PAGE_SIZE])
-        out.append(prepare_page(page, compress, threshold))
+    lo, hi = start, stop
+    if lo == 0 and head is not None:
+        out += prepare_many(head)
+        lo = 1
+    tail_here = tail is not None and hi == npages
+    if tail_here:
+        hi -= 1
+    if hi > lo:
+        skew = mid_start - (PAGE_SIZE if head is not None else 0)
+        out += prepare_many(mv[skew + (lo << PAGE_SHIFT) : skew + (hi << PAGE_SHIFT)])
+    if tail_here:
+        assert tail is not None
+        out += prepare_many(tail)
     return out
 
 
@@ -196,37 +205,6 @@ def _native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: 
     bad = native.module().decompress_pages(view, items, kind)
     if bad >= 0:
         raise CodecError(f"page {start + bad} of the request does not decode")
-
-
-def _native_prepare_part(
-    start: int,
-    stop: int,
-    head: bytes | None,
-    mv: memoryview,
-    mid_start: int,
-    tail: bytes | None,
-    npages: int,
-    kind: int,
-    level: int,
-    threshold: int,
-) -> list[Prepared]:
-    """Pure (runs in a worker thread): :func:`_prepare_part` with the C loop."""
-    prep = native.module().prepare_pages
-    args = (kind, level, threshold, SAME, STORED, HUGE)
-    out: list[Prepared] = []
-    lo, hi = start, stop
-    if lo == 0 and head is not None:
-        out += prep(head, *args)
-        lo = 1
-    tail_here = tail is not None and hi == npages
-    if tail_here:
-        hi -= 1
-    if hi > lo:
-        skew = mid_start - (PAGE_SIZE if head is not None else 0)
-        out += prep(mv[skew + (lo << PAGE_SHIFT) : skew + (hi << PAGE_SHIFT)], *args)
-    if tail_here:
-        out += prep(tail, *args)
-    return out
 
 
 def _is_zero(mv: memoryview) -> bool:
@@ -630,6 +608,16 @@ class ZramDevice:
                 append(read_page(idx))
         return out, 0
 
+    def _preparer(self, codec_id: int, *, native_ok: bool) -> PrepareMany:
+        """How pages are prepared for codec ``codec_id``: the C batch when allowed and the codec
+        has a native form, else the Python loop."""
+        codec = self._codecs[codec_id]
+        kind = native.encode_kind(codec) if native_ok else None
+        if kind is not None:
+            level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
+            return native_preparer(kind, level, self._threshold)
+        return python_preparer(codec.compress, self._threshold)
+
     def _native_read_offload(self, npages: int) -> bool:
         """Whether a read of ``npages`` pages runs its C batch in the workers."""
         return npages >= self._native_offload_pages and native.enabled
@@ -734,19 +722,10 @@ class ZramDevice:
             self._fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
             return
         cid = self._codec_id
-        codec = self._codecs[cid]
-        head, mid_start, mid_end, tail = self._edges_for_write(offset, mv)
+        head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
         npages = ((offset + n - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
-        kind = native.encode_kind(codec) if npages >= self._native_pages else None
-        if kind is not None:
-            level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
-            prepared = _native_prepare_part(
-                0, npages, head, mv, mid_start, tail, npages, kind, level, self._threshold
-            )
-        else:
-            prepared = _prepare_range(
-                head, mv, mid_start, mid_end, tail, codec.compress, self._threshold
-            )
+        prepare_many = self._preparer(cid, native_ok=npages >= self._native_pages)
+        prepared = _prepare_part(0, npages, head, mv, mid_start, tail, npages, prepare_many)
         first = offset >> PAGE_SHIFT
         self._commit(range(first, first + len(prepared)), prepared, cid)
 
@@ -1010,36 +989,18 @@ class ZramDevice:
         r = await self._acquire(first, last)
         try:
             cid = self._codec_id  # after the wait: the algorithm may have changed meanwhile
-            codec = self._codecs[cid]
             head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
             npages = last - first + 1
-            kind = native.encode_kind(codec)
-            if kind is not None:
-                level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
-                parts = await self._in_parts(
-                    _native_prepare_part,
-                    npages,
-                    head,
-                    mv,
-                    mid_start,
-                    tail,
-                    npages,
-                    kind,
-                    level,
-                    self._threshold,
-                )
-            else:
-                parts = await self._in_parts(
-                    _prepare_part,
-                    npages,
-                    head,
-                    mv,
-                    mid_start,
-                    tail,
-                    npages,
-                    self._codecs[cid].compress,
-                    self._threshold,
-                )
+            parts = await self._in_parts(
+                _prepare_part,
+                npages,
+                head,
+                mv,
+                mid_start,
+                tail,
+                npages,
+                self._preparer(cid, native_ok=True),
+            )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
             self._commit(range(first, first + npages), prepared, cid)
         finally:
