@@ -200,7 +200,7 @@ def test_split_requests_roundtrip(skew: int) -> None:
     aligned or not (head/tail pages read-modify-written)."""
 
     async def main() -> None:
-        dev = ZramDevice(4 * SIZE, executor=ThreadPoolExecutor(2))
+        dev = ZramDevice(4 * SPLIT_MIN_PAGES * PAGE, executor=ThreadPoolExecutor(2))
         base = bytearray(b"".join(_page(1000 + i) for i in range(3 * SPLIT_MIN_PAGES)))
         await dev.write(0, bytes(base))
         n = 2 * SPLIT_MIN_PAGES * PAGE + 123
