@@ -39,6 +39,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PAYLOAD = 64 << 20
 #: Requests in flight per connection before we stop reading (the kernel queue depth is 128).
 DEFAULT_MAX_IN_FLIGHT = 256
+#: bytes held by running requests, all connections together (zramd/server/session.py)
+DEFAULT_MAX_IN_FLIGHT_BYTES = 256 << 20
 #: Unix socket permission bits.
 DEFAULT_UNIX_MODE = 0o600
 #: busy-poll window after a reply, in microseconds (zramd/server/session.py "Busy polling")
@@ -259,6 +261,7 @@ class ServerConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_payload: int = DEFAULT_MAX_PAYLOAD
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     global_mem_limit: int = 0
     use_socket_activation: bool = True
     #: STARTTLS: "off" | "on" | "require"; certificates in nbdkit's layout (zramd/server/tls.py).
@@ -294,6 +297,10 @@ class ServerConfig:
             )
         if self.max_in_flight < 1:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
+        if self.max_in_flight_bytes < 1 << 20:
+            raise ConfigError(
+                f"bad max-in-flight-bytes {self.max_in_flight_bytes}: must be at least 1M"
+            )
         if self.global_mem_limit < 0:
             raise ConfigError("global mem-limit must not be negative")
         if not 0 <= self.poll_us <= MAX_POLL_US:

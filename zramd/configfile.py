@@ -211,6 +211,13 @@ def _bytes(value: Any) -> int:
     return parse_size(_typed(value, str, "a size like \"64M\""))
 
 
+def _in_flight_bytes(value: Any) -> int:
+    n = _bytes(value)
+    if n < 1 << 20:
+        raise ConfigError(f"expected a size of at least \"1M\", got {value!r}")
+    return n
+
+
 def _opt_str(value: Any) -> str | None:
     v = _typed(value, str, "a string")
     return v or None
@@ -241,6 +248,7 @@ _SERVER_KEYS: dict[str, tuple[Any, str]] = {
     "handshake-timeout": (_seconds, "handshake_timeout"),
     "max-payload": (_bytes, "max_payload"),
     "max-in-flight": (_positive_int, "max_in_flight"),
+    "max-in-flight-bytes": (_in_flight_bytes, "max_in_flight_bytes"),
     "mem-limit": (_bytes, "global_mem_limit"),
     "tls": (_tls_mode, "tls"),
     "tls-certificates": (_opt_str, "tls_certificates"),

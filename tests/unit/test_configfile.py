@@ -49,6 +49,7 @@ max-in-flight = 9
 mem-limit = "1G"
 default-export = "b"
 poll-us = 0
+max-in-flight-bytes = "64M"
 
 [export.a]
 zram-size = "ram / 4"
@@ -75,6 +76,7 @@ size = 0
     assert s.global_mem_limit == 1 << 30
     assert s.default_export == "b"
     assert s.poll_us == 0
+    assert s.max_in_flight_bytes == 64 * MIB
     a, b = s.exports
     assert a.size == 4000 * MIB and a.algorithm == "zstd" and a.level == 3
     assert a.mem_limit == 100 * MIB and a.read_only and a.description == "hello, world"
@@ -136,6 +138,7 @@ def test_algorithm() -> None:
         ("handshake-timeout = -1", "F.toml: handshake-timeout: expected a positive number"),
         ("colour = 1", "F.toml: colour: unknown key"),
         ("poll-us = 5000", "F.toml: poll-us: expected microseconds 0..1000"),
+        ("max-in-flight-bytes = 7", "F.toml: max-in-flight-bytes: expected a size of at least"),
         ("poll-us = \"50\"", "F.toml: poll-us: expected microseconds 0..1000"),
         (
             "[zram0]\nsize = 1",

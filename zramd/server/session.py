@@ -15,12 +15,12 @@ Backpressure (every quantity a peer can push on is bounded):
 
 * at most ``max_in_flight`` requests run at once, and at most :data:`IN_FLIGHT_BYTES_HIGH` bytes of
   request payload plus expected READ reply data are held by running requests;
-* across all sessions, at most ``ServerContext.total_in_flight_high`` bytes (default
-  :data:`TOTAL_IN_FLIGHT_HIGH`) are held by running requests: a session that finds the server
-  over it stops taking requests and pauses reading, and is resumed when a finishing request
-  brings the total below :data:`TOTAL_IN_FLIGHT_LOW_FRACTION` of it (each session may go over by
-  the one request it took last; a session with nothing running may always take one request, so
-  they can never all wait for each other);
+* across all sessions, at most ``ServerContext.total_in_flight_high`` bytes (config
+  ``max-in-flight-bytes``, default :data:`TOTAL_IN_FLIGHT_HIGH`) are held by running requests:
+  a session that finds the server over it stops taking requests and pauses reading, and is
+  resumed when a finishing request brings the total below :data:`TOTAL_IN_FLIGHT_LOW_FRACTION`
+  of it (each session may go over by the one request it took last; a session with nothing
+  running may always take one request, so they can never all wait for each other);
 * while the transport's write buffer is above its high-water mark (``pause_writing``) we stop
   taking requests, so a client that stops reading cannot make us buffer replies without bound;
 * when any limit is hit we stop pulling events from the core *and* pause reading the socket; the
