@@ -93,8 +93,8 @@ NATIVE_MIN_PAGES = 8
 #: ``offload_min_pages`` says. Measured with fio 1 MiB reads QD4 (docs/performance.md): inline C
 #: 1040 MiB/s, in the workers 1500 MiB/s (the loop thread serves the socket meanwhile). Writes
 #: stay inline below ``offload_min_pages``: their commit (pool stores) needs the loop thread
-#: anyway, and inline they measured faster (1 MiB overwrite 930 vs 725 MiB/s) and keep their
-#: short-lived buffers out of the workers' malloc arenas (+25% RSS in an nbdcopy copy-in).
+#: anyway, they gained nothing in the workers, and inline their short-lived buffers stay out of
+#: the workers' malloc arenas (in the workers: +25% RSS in an nbdcopy copy-in).
 NATIVE_OFFLOAD_MIN_PAGES = 256
 #: writes of at least this many pages switch their table entries with vectorised operations
 BATCH_COMMIT_PAGES = 16
