@@ -396,22 +396,6 @@ class Pool:
         a = zs.base + (e & OBJ_MASK) * zs.cls.size
         return zs.mm[a : a + size]
 
-    def load_many(self, handles: list[int], sizes: list[int]) -> list[bytes]:
-        """``[load(h, n) for h, n in zip(handles, sizes)]`` in one call (large reads)."""
-        tbl, zspages, load = self._tbl, self._zspages, self.load
-        out: list[bytes] = []
-        append = out.append
-        for h, n in zip(handles, sizes, strict=True):
-            e = tbl[h]
-            if e >= HUGE_TAG or h <= 0:
-                append(load(h, n))
-                continue
-            zs = zspages[e >> OBJ_BITS]
-            assert zs is not None
-            a = zs.base + (e & OBJ_MASK) * zs.cls.size
-            append(zs.mm[a : a + n])
-        return out
-
     def free(self, handle: int) -> None:
         tbl = self._tbl
         e = tbl[handle]

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A codec may name a native *kind* for its format: ``native_decode`` (lz4 and lz4hc blocks, zstd
-frames without a dictionary) and ``native_encode`` (lz4 fast, lz4hc), with ``native_level`` the
-acceleration or level. :func:`decode_kind` / :func:`encode_kind` return that kind, or None when
+frames without a dictionary) and ``native_encode`` (lz4 fast, lz4hc, with the codec's ``level``
+as acceleration or level). :func:`decode_kind` / :func:`encode_kind` return that kind, or None when
 the extension is missing, disabled (``ZRAMD_NATIVE=0``) or the codec has no native form; callers
 then use the codec's own per-page methods, which produce the same pages. The C loops run with the
 GIL released, so two worker threads decode or encode one large request on both cores.

@@ -558,19 +558,23 @@ class ZramDevice:
             raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
         return data
 
-    def _snapshot(self, first: int, last: int) -> list[Any]:
-        """Per page: finished bytes, or (codec, compressed copy) to decompress off-thread."""
+    def _snapshot(self, first: int, last: int, tags: Sequence[Any] | None = None) -> list[Any]:
+        """Per page: finished bytes, or ``(tag, compressed copy)`` to decode off-thread, where
+        the tag is the page's codec (or ``tags[codec id]``, e.g. its native kind)."""
         t = self._table
         state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
         load = self._pool.load
-        codecs = self._codecs
+        if tags is None:
+            tags = self._codecs
+        read_page = self._read_page
         out: list[Any] = []
+        append = out.append
         for idx in range(first, last + 1):
             st = state_mv[idx]
             if st == STORED:
-                out.append((codecs[codec_mv[idx]], bytes(load(handle_mv[idx], size_mv[idx]))))
+                append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
             else:
-                out.append(self._read_page(idx))
+                append(read_page(idx))
         return out
 
     def _snapshot_native(self, first: int, last: int) -> tuple[list[Any], int]:
@@ -591,24 +595,11 @@ class ZramDevice:
             and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
             and cids == bytes((cids[0],)) * n
         ):
-            # the common case, every page compressed with one native codec: one pool call
-            stop = last + 1
-            return self._pool.load_many(
-                handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
-            ), tag
-        load = self._pool.load
-        read_page = self._read_page
-        out: list[Any] = []
-        append = out.append
-        for idx in range(first, last + 1):
-            st = state_mv[idx]
-            if st == STORED:
-                append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
-            elif st == EMPTY:
-                append(ZERO_PAGE)
-            else:
-                append(read_page(idx))
-        return out, 0
+            # the common case, every page compressed with one native codec: bare blobs of ``tag``
+            load, stop = self._pool.load, last + 1
+            handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
+            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag
+        return self._snapshot(first, last, tags), 0
 
     def _preparer(self, codec_id: int, *, native_ok: bool) -> PrepareMany:
         """How pages are prepared for codec ``codec_id``: the C batch when allowed and the codec
