@@ -41,6 +41,7 @@ DEFAULT_MAX_PAYLOAD = 64 << 20
 DEFAULT_MAX_IN_FLIGHT = 256
 #: bytes held by running requests, all connections together (zramd/server/session.py)
 DEFAULT_MAX_IN_FLIGHT_BYTES = 256 << 20
+MIN_IN_FLIGHT_BYTES = 1 << 20
 #: Unix socket permission bits.
 DEFAULT_UNIX_MODE = 0o600
 #: busy-poll window after a reply, in microseconds (zramd/server/session.py "Busy polling")
@@ -297,7 +298,7 @@ class ServerConfig:
             )
         if self.max_in_flight < 1:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
-        if self.max_in_flight_bytes < 1 << 20:
+        if self.max_in_flight_bytes < MIN_IN_FLIGHT_BYTES:
             raise ConfigError(
                 f"bad max-in-flight-bytes {self.max_in_flight_bytes}: must be at least 1M"
             )

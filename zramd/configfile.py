@@ -46,6 +46,8 @@ from typing import Any
 
 from zramd.config import (
     EXPORT_SIZE_ALIGN,
+    MAX_POLL_US,
+    MIN_IN_FLIGHT_BYTES,
     TLS_MODES,
     ConfigError,
     ExportConfig,
@@ -168,9 +170,9 @@ def _typed(value: Any, kind: type | tuple[type, ...], expected: str) -> Any:
 
 
 def _poll_us(value: Any) -> int:
-    expected = "microseconds 0..1000 (0: no busy polling)"
+    expected = f"microseconds 0..{MAX_POLL_US} (0: no busy polling)"
     v: int = _typed(value, int, expected)
-    if not 0 <= v <= 1000:
+    if not 0 <= v <= MAX_POLL_US:
         raise ConfigError(f"expected {expected}, got {value!r}")
     return v
 
@@ -213,7 +215,7 @@ def _bytes(value: Any) -> int:
 
 def _in_flight_bytes(value: Any) -> int:
     n = _bytes(value)
-    if n < 1 << 20:
+    if n < MIN_IN_FLIGHT_BYTES:
         raise ConfigError(f"expected a size of at least \"1M\", got {value!r}")
     return n
 
