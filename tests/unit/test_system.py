@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -173,12 +175,22 @@ def test_require_raises_when_unprivileged() -> None:
         "except system.SwapSafetyError as e:\n    r = str(e)\n"
         "print(json.dumps({'warnings': w, 'require': r}))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    out = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-         "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=30, env=env, check=True,
-    )
+    # nobody may not reach the checkout or its venv (a clone under a 0700 mktemp directory):
+    # run the stdlib-only zramd.system from a copy it can read, with the base interpreter
+    pkg = Path(__file__).resolve().parents[2] / "zramd"
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        (Path(tmp) / "zramd").mkdir(mode=0o755)
+        for name in ("__init__.py", "system.py"):
+            shutil.copy(pkg / name, Path(tmp) / "zramd" / name)
+            os.chmod(Path(tmp) / "zramd" / name, 0o644)
+        python = getattr(sys, "_base_executable", sys.executable)
+        env = dict(os.environ, PYTHONPATH=tmp)
+        out = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+             "--inh-caps=-all", "--bounding-set=-all", python, "-c", code],
+            capture_output=True, text=True, timeout=30, env=env, check=True, cwd=tmp,
+        )  # fmt: skip
     res = json.loads(out.stdout.strip().splitlines()[-1])
     text = " ".join(res["warnings"])
     assert "CAP_IPC_LOCK" in text
