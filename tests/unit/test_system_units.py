@@ -3,6 +3,11 @@
 verify insists that ExecStart binaries exist, so the units are verified from a copy in
 which /usr/bin/zramd is replaced by this checkout's venv entry point (or python -m zramd).
 The template is verified through an instance symlink, as systemd loads it.
+
+verify also starts a job for each unit it is given, in a transaction with everything that
+job pulls in, the system's own units included; a target that wants what a boot wants
+(local-fs.target, swap.target, multi-user.target, zramd and zramd-attach@swap) shows the
+ordering cycles a boot would hit.
 """
 
 from __future__ import annotations
@@ -69,6 +74,46 @@ def test_verify_can_fail(tmp_path: Path) -> None:
     assert r.returncode != 0 and "not executable" in r.stderr
 
 
+BOOT_TARGET = """[Unit]
+Description=What a boot with zramd-attach@swap enabled pulls in
+Wants=sysinit.target local-fs.target swap.target multi-user.target
+Wants=zramd.socket zramd.service zramd-attach@swap.service zramd-attach@scratch.service
+"""
+
+# A mount instance, as docs/install.md configures one: ordered after the file system that
+# holds its mount point and before local-fs.target.
+MOUNT_DROPIN = """[Unit]
+RequiresMountsFor=/var/cache
+Before=local-fs.target
+"""
+
+
+def _verify_boot(tmp_path: Path, *, edit: dict[str, tuple[str, str]] | None = None) -> str:
+    _copy_units(tmp_path, edit=edit)
+    dropins = tmp_path / "zramd-attach@scratch.service.d"
+    dropins.mkdir()
+    (dropins / "mount.conf").write_text(MOUNT_DROPIN)
+    (tmp_path / "zramd-boot.target").write_text(BOOT_TARGET)
+    r = _verify([str(tmp_path / "zramd-boot.target")])
+    return r.stderr + r.stdout
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+def test_boot_transaction_has_no_ordering_cycle(tmp_path: Path) -> None:
+    out = _verify_boot(tmp_path)
+    assert "ordering cycle" not in out, out
+    assert "deleted" not in out, out
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+def test_boot_transaction_check_can_fail(tmp_path: Path) -> None:
+    """The check is real: zramd.service ordered after local-fs.target is the issue-14 cycle."""
+    edit = {"zramd.service": ("[Service]", "[Unit]\nAfter=local-fs.target\n[Service]")}
+    out = _verify_boot(tmp_path, edit=edit)
+    assert "Found ordering cycle" in out, out
+    assert "deleted to break ordering cycle" in out, out
+
+
 def _parse(name: str) -> configparser.RawConfigParser:
     cp = configparser.RawConfigParser(strict=False, delimiters=("=",))
     cp.optionxform = str  # type: ignore[assignment,method-assign]
@@ -84,8 +129,12 @@ def test_service_contract() -> None:
     assert s["Type"] == "notify"
     assert s["LimitMEMLOCK"] == "infinity"
     assert s["OOMScoreAdjust"] == "-1000"
-    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateDevices"):
         assert s[key] == "yes"
+    # PrivateTmp= orders the service after systemd-tmpfiles-setup.service, itself after
+    # local-fs.target: too late for swap
+    assert "PrivateTmp" not in s
+    assert "local-fs.target" not in svc["Unit"]["After"]
     assert s["ProtectSystem"] == "strict"
     assert s["RuntimeDirectory"] == "zramd"
     assert "CAP_IPC_LOCK" in s["CapabilityBoundingSet"]
@@ -97,7 +146,7 @@ def test_service_contract() -> None:
 def test_attach_ordering() -> None:
     text = (UNITS_DIR / "zramd-attach@.service").read_text()
     assert "After=zramd.service" in text
-    assert "Before=swap.target" in text
+    assert "Before=swap.target\n" in text
     assert "Requires=zramd.service" in text
     assert "ExecStop=/usr/bin/zramd detach" in text
     assert "RemainAfterExit=yes" in text
