@@ -505,3 +505,41 @@ def test_zero_overwrite_of_filled_pages() -> None:
     assert (st.same_pages, st.pages_stored, st.compr_data_size) == (40, 40, 0)
     assert d.block_status(0, 40 * PAGE) == [(40 * PAGE, STATE_ZERO)]
     d.close()
+
+
+def _one_page_at_the_limit() -> tuple[ZramDevice, bytes]:
+    """A device whose pool is exactly full, page 3 a compressed object sharing its zspage with
+    pages 0-7 (freeing it first would not make room for a new huge page)."""
+    d = ZramDevice(64 * PAGE, pool_cache_pages=0)
+    old = text_page(30, 8 * PAGE)
+    d.write_sync(0, old)
+    assert d.table.state_mv[3] == STORED
+    d.mem_limit = d.pool.total_bytes
+    return d, old
+
+
+def _assert_unchanged(d: ZramDevice, old: bytes, st0: object) -> None:
+    d.pool.check()
+    assert d.read_sync(0, 8 * PAGE) == old
+    st = d.stats
+    assert st.failed_writes == 1
+    st.failed_writes = 0
+    assert st == st0
+
+
+@pytest.mark.parametrize("api", ["write_sync", "write_now", "write"])
+async def test_one_page_nospace_changes_nothing(api: str) -> None:
+    """A one-page write at the limit (the 1-page commit path) raises NoSpace and leaves the old
+    page, the counters and the pool as they were."""
+    d, old = _one_page_at_the_limit()
+    st0 = d.stats.copy()
+    new = os.urandom(PAGE)  # huge: needs a fresh pool page
+    with pytest.raises(NoSpace):
+        if api == "write_sync":
+            d.write_sync(3 * PAGE, new)
+        elif api == "write_now":
+            d.write_now(3 * PAGE, new)
+        else:
+            await d.write(3 * PAGE, new)
+    _assert_unchanged(d, old, st0)
+    d.close()

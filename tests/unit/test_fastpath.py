@@ -262,3 +262,26 @@ def test_offload_min_pages_option(monkeypatch: pytest.MonkeyPatch) -> None:
         ex.shutdown()
 
     asyncio.run(main())
+
+
+def test_run_now_maps_device_errors() -> None:
+    """The fast path maps device errors as execute does: ENOSPC for a one-page write at the
+    memory limit, EIO for a read of a corrupted page (both answered inline)."""
+    from zramd.device.table import STORED
+    from zramd.server.dispatch import EIO, ENOSPC
+
+    dev = ZramDevice(SIZE, pool_cache_pages=0)
+    d = _dispatcher(dev)
+    for i in range(8):
+        dev.write_sync(i * PAGE, _page(i))
+    dev.mem_limit = dev.pool.total_bytes
+    full = d.run_now(Request(WRITE, 0, 1, 20 * PAGE, PAGE, random.Random(1).randbytes(PAGE)))
+    assert type(full) is ErrorReply and full.errno == ENOSPC
+    t = dev.table
+    assert t.state_mv[3] == STORED
+    dev.pool.free(t.handle_mv[3])
+    t.handle_mv[3] = dev.pool.store(b"\xff" * t.size_mv[3])
+    bad = d.run_now(Request(READ, 0, 2, 3 * PAGE, PAGE))
+    assert type(bad) is ErrorReply and bad.errno == EIO
+    assert dev.stats.failed_writes == 1 and dev.stats.failed_reads == 1
+    dev.close()

@@ -29,11 +29,12 @@ N = native.module()
 
 
 def pages(seed: int, n: int) -> list[bytes]:
-    """A mix: compressible text-like, half-zero (fio's 60%), random, zero, same-filled."""
+    """A mix: compressible text-like, half-zero (fio's 60%), random, zero, same-filled, and
+    almost same-filled (one word repeated, the last word differing)."""
     rnd = random.Random(seed)
     out = []
     for i in range(n):
-        k = i % 5
+        k = i % 6
         if k == 0:
             words = [rnd.randbytes(rnd.randint(3, 9)) for _ in range(30)]
             p = b" ".join(rnd.choice(words) for _ in range(700))[:PAGE]
@@ -44,8 +45,11 @@ def pages(seed: int, n: int) -> list[bytes]:
             out.append(rnd.randbytes(PAGE))
         elif k == 3:
             out.append(bytes(PAGE))
-        else:
+        elif k == 4:
             out.append(rnd.randbytes(8) * (PAGE // 8))
+        else:
+            word = rnd.randbytes(8)
+            out.append(word * (PAGE // 8 - 1) + bytes(b ^ 1 for b in word))
     return out
 
 
@@ -210,3 +214,49 @@ def test_native_paths_are_what_the_server_uses(monkeypatch: pytest.MonkeyPatch) 
     assert d.read_now(0, 256 * PAGE) is None  # must be awaited: it goes to the workers
     assert d.read_now(0, 4 * PAGE) is not None and calls["decompress"] == 1  # few pages: Python
     d.close()
+
+
+@pytest.mark.parametrize(("algo", "level"), [("lz4", None), ("lz4hc", 4)])
+def test_prepare_pages_at_a_pages_own_compressed_size(algo: str, level: int | None) -> None:
+    """The threshold is the first compressed size stored raw: a page whose compressed length L
+    equals it is HUGE, with the threshold at L + 1 it is STORED, in C as in Python (each with its
+    own L: the C batch links the system's liblz4, whose output may differ from python-lz4's)."""
+    codec = get_codec(algo, level=level)
+    kind = native.encode_kind(codec)
+    assert kind is not None
+    level_arg: int = getattr(codec, "level")  # noqa: B009
+    checked = 0
+    for page in pages(9, 24):
+        st, size, _payload = N.prepare_pages(page, kind, level_arg, PAGE + 1, SAME, STORED, HUGE)[0]
+        if st != STORED:
+            continue
+        assert N.prepare_pages(page, kind, level_arg, size, SAME, STORED, HUGE)[0][0] == HUGE
+        got = N.prepare_pages(page, kind, level_arg, size + 1, SAME, STORED, HUGE)[0]
+        assert got[:2] == (STORED, size)
+        assert codec.decompress(got[2], PAGE) == page
+        py_size = len(codec.compress(page))
+        assert prepare_page(page, codec.compress, py_size)[0] == HUGE
+        assert prepare_page(page, codec.compress, py_size + 1)[:2] == (STORED, py_size)
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("n", [16, 512], ids=["inline", "workers"])
+async def test_native_read_of_pages_from_two_codecs(use_native: bool, n: int) -> None:
+    """A read whose pages are all compressed, but half with lz4 and half with zstd, decodes each
+    page with its own codec: inline (16 pages) and in the workers (256+ pages)."""
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(1024 * PAGE, executor=ex, offload_min_pages=1024)
+        lz4 = get_codec("lz4")
+        src = [p for p in pages(10, 60) if p[8:] != p[:-8] and len(lz4.compress(p)) < 3000]
+        data = b"".join((src * (n // len(src) + 1))[:n])
+        half = n // 2 * PAGE
+        await d.write(0, data[:half])
+        d.set_algorithm("zstd")
+        await d.write(half, data[half:])
+        t = d.table
+        assert all(t.state_mv[i] == STORED for i in range(n))
+        assert (t.codec_mv[0], t.codec_mv[n - 1]) == (0, 1)
+        assert d.read_sync(0, n * PAGE) == data
+        assert await d.read(0, n * PAGE) == data
+        d.close()
