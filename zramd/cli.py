@@ -18,17 +18,12 @@ from typing import Any
 import click
 
 from zramd import __version__
-from zramd.cli_ops import ServeSetup, serve_operator_options
+from zramd.cli_ops import apply_swap_safety, operator_hooks, serve_operator_options
 from zramd.cli_ops import register as register_operator_commands
-from zramd.config import (
-    DEFAULT_BIND,
-    DEFAULT_PORT,
-    ConfigError,
-    ServerConfig,
-    apply_limit_flags,
-    default_export,
-    parse_export_spec,
-)
+from zramd.config import DEFAULT_BIND, DEFAULT_PORT, ConfigError, ServeFlags, serve_config
+from zramd.configfile import load_serve_file
+
+log = logging.getLogger("zramd")
 
 #: Exit status for a bad command line or configuration.
 EXIT_CONFIG = 2
@@ -84,7 +79,13 @@ def main(ctx: click.Context, verbose: int) -> None:
 @main.command()
 @click.option("--bind", metavar="ADDR", default=None, help=f"TCP address [{DEFAULT_BIND}].")
 @click.option("--port", type=int, default=None, help=f"TCP port [{DEFAULT_PORT}].")
-@click.option("--unix", "unix", metavar="PATH", default=None, help="Unix socket path.")
+@click.option(
+    "--unix",
+    "unix",
+    metavar="PATH",
+    default=None,
+    help="Unix socket path; alone, the only listener (add --bind/--port for TCP).",
+)
 @click.option(
     "--export",
     "exports",
@@ -163,99 +164,42 @@ def serve(
     control: str | None = None,
     metrics: str | None = None,
 ) -> None:
-    """Serve exports over NBD until SIGTERM."""
-    flags: dict[str, Any] = dict(
+    """Serve exports over NBD until SIGTERM.
+
+    Listeners: --unix PATH alone (or the file's unix key) serves only that socket; TCP is
+    added when --bind or --port (or the file's bind or port) asks for it. With no listener
+    given anywhere: TCP on 127.0.0.1:10809. --bind '' turns TCP off."""
+    flags = ServeFlags(
         bind=bind,
         port=port,
         unix=unix,
-        exports=exports,
+        unix_mode=unix_mode,
         stdio=stdio,
+        exports=exports,
         max_connections=max_connections,
         handshake_timeout=handshake_timeout,
         max_payload=max_payload,
-        unix_mode=unix_mode,
+        poll_us=poll_us,
+        tls=tls,
+        tls_certificates=tls_certificates,
+        tls_verify_peer=tls_verify_peer,
+        allow=allow,
+        swap=swap,
+        control=control,
+        metrics=metrics,
     )
     try:
-        setup = ServeSetup(config_path, swap, control, stdio=stdio, metrics=metrics)
-        cfg = setup.server_config(**flags) if setup.file else build_serve_config(**flags)
-        apply_access_flags(
-            cfg,
-            tls=tls,
-            tls_certificates=tls_certificates,
-            tls_verify_peer=tls_verify_peer,
-            allow=allow,
-        )
-        if poll_us is not None:
-            cfg.poll_us = poll_us
-            cfg.validate()
-        setup.apply_swap_safety()
+        cfg = serve_config(flags, load_serve_file(config_path))
+        apply_swap_safety(cfg.swap)
     except ConfigError as e:
         _fail(str(e))
         return
+    if cfg.file is not None:
+        for name in cfg.file.disabled:
+            log.info("export %s disabled in %s (size 0)", name, cfg.file.path)
     from zramd.server.listener import run
 
-    sys.exit(run(cfg, hooks=setup.hooks()))
-
-
-def build_serve_config(
-    *,
-    bind: str | None = None,
-    port: int | None = None,
-    unix: str | None = None,
-    exports: tuple[str, ...] | list[str] = (),
-    stdio: bool = False,
-    max_connections: int | None = None,
-    handshake_timeout: float | None = None,
-    max_payload: str | None = None,
-    unix_mode: str | None = None,
-) -> ServerConfig:
-    """The ServerConfig for ``zramd serve`` flags. Raises ConfigError."""
-    cfg = ServerConfig()
-    if stdio:
-        if unix or bind or port is not None:
-            raise ConfigError("--stdio cannot be combined with --unix, --bind or --port")
-        cfg.stdio = True
-        cfg.bind = cfg.port = None
-    elif unix:
-        cfg.unix = unix
-        if bind is None and port is None:
-            cfg.bind = cfg.port = None  # only the Unix socket
-        else:
-            cfg.bind = bind or DEFAULT_BIND
-            cfg.port = DEFAULT_PORT if port is None else port
-    else:
-        cfg.bind = bind or DEFAULT_BIND
-        cfg.port = DEFAULT_PORT if port is None else port
-    cfg.exports = [parse_export_spec(s) for s in exports] or [default_export()]
-    return apply_limit_flags(
-        cfg,
-        max_connections=max_connections,
-        handshake_timeout=handshake_timeout,
-        max_payload=max_payload,
-        unix_mode=unix_mode,
-    )
-
-
-def apply_access_flags(
-    cfg: ServerConfig,
-    *,
-    tls: str | None = None,
-    tls_certificates: str | None = None,
-    tls_verify_peer: bool | None = None,
-    allow: tuple[str, ...] | list[str] = (),
-) -> ServerConfig:
-    """``--tls``, ``--tls-certificates``, ``--tls-verify-peer`` and ``--allow`` on top of ``cfg``
-    (flags win over the config file; ``--allow`` replaces the file's list). Raises ConfigError."""
-    if tls_certificates is not None:
-        cfg.tls_certificates = tls_certificates or None
-    if tls is not None:
-        cfg.tls = tls
-    if tls_verify_peer:  # a flag: absent leaves the config file's value
-        cfg.tls_verify_peer = True
-    if allow:
-        cfg.allow = list(allow)
-    cfg.validate_access()
-    return cfg
+    sys.exit(run(cfg.server, hooks=operator_hooks(cfg)))
 
 
 register_operator_commands(main)

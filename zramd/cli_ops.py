@@ -24,14 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from zramd.config import (
-    ConfigError,
-    ServerConfig,
-    apply_limit_flags,
-    default_export,
-    parse_export_spec,
-    parse_size,
-)
+from zramd.config import CONTROL_ENV, DEFAULT_CONTROL_PATH, ConfigError, ServeConfig, parse_size
 from zramd.control.attach import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -44,13 +37,13 @@ from zramd.control.attach import (
     run_plan,
 )
 from zramd.control.client import ControlClient
-from zramd.control.protocol import DEFAULT_CONTROL_PATH, ControlError
+from zramd.control.daemon import OperatorHooks
+from zramd.control.protocol import ControlError
 
 log = logging.getLogger("zramd")
 
 #: Exit status of a failed operation (click uses 2 for usage errors).
 EXIT_FAILURE = 1
-CONTROL_ENV = "ZRAMD_CONTROL"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -471,121 +464,26 @@ def register(group: click.Group) -> None:
 # --- serve: configuration file, swap safety, control socket -----------------------------------
 
 
-def merge_serve_config(
-    base: ServerConfig | None,
-    *,
-    bind: str | None = None,
-    port: int | None = None,
-    unix: str | None = None,
-    exports: tuple[str, ...] | list[str] = (),
-    stdio: bool = False,
-    max_connections: int | None = None,
-    handshake_timeout: float | None = None,
-    max_payload: str | None = None,
-    unix_mode: str | None = None,
-) -> ServerConfig:
-    """``base`` (from the config file) with the flags given on the command line on top."""
-    from zramd.control.daemon import merge_exports
+def apply_swap_safety(mode: str) -> None:
+    """``--swap``: mlockall, PR_SET_IO_FLUSHER, oom_score_adj. Raises ConfigError (require)."""
+    from zramd.system import SwapSafetyError
+    from zramd.system import apply_swap_safety as apply
 
-    cfg = base if base is not None else ServerConfig()
-    if stdio:
-        if unix or bind or port is not None:
-            raise ConfigError("--stdio cannot be combined with --unix, --bind or --port")
-        cfg.stdio = True
-        cfg.bind = cfg.port = None
-        cfg.unix = None
-    else:
-        if unix:
-            cfg.unix = unix
-        if bind is not None:
-            cfg.bind = bind or None
-        if port is not None:
-            cfg.port = port
-        if cfg.bind is not None and cfg.port is None:
-            cfg.port = DEFAULT_PORT
-        if cfg.bind is None and cfg.port is not None and bind is None and port is not None:
-            cfg.bind = DEFAULT_HOST
-    flag_exports = [parse_export_spec(s) for s in exports]
-    cfg.exports = merge_exports(cfg.exports, flag_exports) or [default_export()]
-    return apply_limit_flags(
-        cfg,
-        max_connections=max_connections,
-        handshake_timeout=handshake_timeout,
-        max_payload=max_payload,
-        unix_mode=unix_mode,
+    try:
+        apply(mode)
+    except SwapSafetyError as e:
+        raise ConfigError(str(e)) from None
+
+
+def operator_hooks(cfg: ServeConfig) -> OperatorHooks:
+    """The control socket, SIGHUP reload and metrics the daemon runs next to its listeners."""
+    return OperatorHooks(
+        control_path=cfg.control,
+        control_required=cfg.control_required,
+        config_path=cfg.config_path,
+        flag_exports=cfg.flag_exports,
+        metrics=cfg.metrics,
     )
-
-
-class ServeSetup:
-    """What ``serve --config/--swap/--control`` adds to the flags-only server configuration.
-
-    Precedence: command-line flags, then the configuration file (``--config FILE``, else
-    ``/etc/zramd/zramd.toml`` when present), then defaults. An explicit control socket
-    (flag, ``ZRAMD_CONTROL`` or the file) must be available; the default one
-    (``/run/zramd/control.sock``) is skipped with a warning when it cannot be had.
-    ``--control ''`` disables the control socket."""
-
-    def __init__(
-        self,
-        config_path: str | None,
-        swap: str | None,
-        control: str | None,
-        *,
-        stdio: bool = False,
-        metrics: str | None = None,
-    ) -> None:
-        from zramd.configfile import FileConfig, default_config_path, load_file
-
-        self.file: FileConfig | None = None
-        path = config_path if config_path is not None else default_config_path()
-        if path:
-            self.file = load_file(path)
-            for name in self.file.disabled:
-                log.info("export %s disabled in %s (size 0)", name, path)
-        self.config_path = path or None
-        self.swap = swap or (self.file.swap if self.file and self.file.swap else "off")
-        self.control_required = True
-        if control is not None:
-            self.control: str | None = control or None
-        elif self.file is not None and self.file.control is not None:
-            self.control = self.file.control
-        elif stdio:
-            self.control = None
-        else:
-            self.control = DEFAULT_CONTROL_PATH
-            self.control_required = False
-        self.flag_exports: list[Any] = []
-        file_metrics = self.file.metrics if self.file else None
-        self.metrics = metrics if metrics is not None else file_metrics
-        if self.metrics:
-            from zramd.control.metrics import parse_address
-
-            parse_address(self.metrics)  # a bad address is a configuration error
-
-    def server_config(self, **flags: Any) -> ServerConfig:
-        """The file's configuration with ``flags`` (the serve options) on top."""
-        assert self.file is not None
-        self.flag_exports = [parse_export_spec(s) for s in flags.get("exports", ())]
-        return merge_serve_config(self.file.server, **flags)
-
-    def apply_swap_safety(self) -> None:
-        from zramd.system import SwapSafetyError, apply_swap_safety
-
-        try:
-            apply_swap_safety(self.swap)
-        except SwapSafetyError as e:
-            raise ConfigError(str(e)) from None
-
-    def hooks(self) -> Any:
-        from zramd.control.daemon import OperatorHooks
-
-        return OperatorHooks(
-            control_path=self.control,
-            control_required=self.control_required,
-            config_path=self.config_path,
-            flag_exports=self.flag_exports,
-            metrics=self.metrics or None,
-        )
 
 
 def serve_operator_options(fn: F) -> F:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 #: Export sizes must be whole pages (the device works in 4 KiB pages).
 EXPORT_SIZE_ALIGN = 4096
@@ -42,6 +43,13 @@ DEFAULT_MAX_IN_FLIGHT = 256
 #: bytes held by running requests, all connections together (zramd/server/session.py)
 DEFAULT_MAX_IN_FLIGHT_BYTES = 256 << 20
 MIN_IN_FLIGHT_BYTES = 1 << 20
+#: Control socket of the daemon, and the environment variable naming another one.
+DEFAULT_CONTROL_PATH = "/run/zramd/control.sock"
+CONTROL_ENV = "ZRAMD_CONTROL"
+#: Metrics address: ``PORT`` alone listens on this host.
+DEFAULT_METRICS_HOST = "127.0.0.1"
+#: Swap safety when neither a flag nor the file says (``system.SWAP_MODES``).
+DEFAULT_SWAP = "off"
 #: Unix socket permission bits.
 DEFAULT_UNIX_MODE = 0o600
 #: busy-poll window after a reply, in microseconds (zramd/server/session.py "Busy polling")
@@ -324,35 +332,168 @@ class ServerConfig:
             pass
 
 
-def load_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """The ServerConfig a TOML configuration file describes (see ``zramd.configfile``).
-
-    Raises ConfigError (``configfile.ConfigFileError``) naming the file, the key and what was
-    expected."""
-    from zramd.configfile import load_config as _load
-
-    return _load(path)
 
 
-def apply_limit_flags(
-    cfg: ServerConfig,
-    *,
-    max_connections: int | None,
-    handshake_timeout: float | None,
-    max_payload: str | None,
-    unix_mode: str | None,
-) -> ServerConfig:
-    """The serve flags for limits and the socket mode, on top of ``cfg``; then validate it."""
-    if max_connections is not None:
-        cfg.max_connections = max_connections
-    if handshake_timeout is not None:
-        cfg.handshake_timeout = handshake_timeout
-    if max_payload is not None:
-        cfg.max_payload = parse_size(max_payload, what="max-payload")
-    if unix_mode is not None:
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on :data:`DEFAULT_METRICS_HOST`)."""
+    t = text.strip()
+    host, port_text = DEFAULT_METRICS_HOST, t
+    if t.startswith("["):
+        end = t.find("]")
+        if end < 0 or t[end + 1 : end + 2] != ":":
+            raise ConfigError(f"bad metrics address {text!r}: expected [ADDR]:PORT")
+        host, port_text = t[1:end], t[end + 2 :]
+    elif ":" in t:
+        host, _, port_text = t.rpartition(":")
+        host = host or DEFAULT_METRICS_HOST
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad metrics address {text!r}: expected HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad metrics address {text!r}: port out of range")
+    return host, port
+
+
+@dataclass
+class FileConfig:
+    """What one configuration file says (``configfile.py`` builds it)."""
+
+    path: str
+    server: ServerConfig
+    control: str | None = None
+    swap: str | None = None
+    metrics: str | None = None
+    #: exports disabled by a size of 0 (zram-generator semantics)
+    disabled: list[str] = field(default_factory=list)
+    #: the top-level keys the file sets (a key left out keeps its default)
+    keys: set[str] = field(default_factory=set)
+
+
+def merge_exports(
+    file_exports: list[ExportConfig], flag_exports: list[ExportConfig]
+) -> list[ExportConfig]:
+    """File exports, with flag exports of the same name replacing them, flags appended."""
+    flag_names = {e.name for e in flag_exports}
+    return [e for e in file_exports if e.name not in flag_names] + list(flag_exports)
+
+
+@dataclass
+class ServeFlags:
+    """The options given to ``zramd serve``; None (or empty) = not given."""
+
+    bind: str | None = None
+    port: int | None = None
+    unix: str | None = None
+    unix_mode: str | None = None
+    stdio: bool = False
+    exports: Sequence[str] = ()
+    max_connections: int | None = None
+    handshake_timeout: float | None = None
+    max_payload: str | None = None
+    poll_us: int | None = None
+    tls: str | None = None
+    tls_certificates: str | None = None
+    tls_verify_peer: bool | None = None
+    allow: Sequence[str] = ()
+    swap: str | None = None
+    control: str | None = None
+    metrics: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``zramd serve`` runs with: the NBD server and the operator settings."""
+
+    server: ServerConfig
+    #: exports given as flags: a reload keeps them and they win over the file's
+    flag_exports: list[ExportConfig] = field(default_factory=list)
+    #: the configuration file (a SIGHUP re-reads it), or None
+    file: FileConfig | None = None
+    control: str | None = DEFAULT_CONTROL_PATH
+    #: False for the default control socket: the daemon runs without it when it is taken
+    control_required: bool = False
+    swap: str = DEFAULT_SWAP
+    metrics: str | None = None
+
+    @property
+    def config_path(self) -> str | None:
+        return self.file.path if self.file is not None else None
+
+
+def serve_config(flags: ServeFlags, file: FileConfig | None = None) -> ServeConfig:
+    """The configuration of ``zramd serve``: ``flags`` over ``file`` over the defaults.
+
+    Listeners: ``--stdio`` replaces every other listener. Otherwise a Unix socket (``--unix`` or
+    the file's ``unix``) makes a Unix-only server unless TCP is asked for: by ``--bind`` or
+    ``--port``, or by ``bind`` or ``port`` in the file. With no listener configured at all, TCP
+    on 127.0.0.1:10809. ``--bind ''`` (``bind = ""``) turns TCP off. Flag exports replace file
+    exports of the same name; with none at all, :func:`default_export`. Raises ConfigError."""
+    base = file.server if file is not None else ServerConfig()
+    file_keys = file.keys if file is not None else set()
+    flag_exports = [parse_export_spec(s) for s in flags.exports]
+    cfg = replace(
+        base,
+        exports=merge_exports(base.exports, flag_exports) or [default_export()],
+        allow=list(flags.allow) if flags.allow else list(base.allow),
+    )
+    _merge_listeners(cfg, flags, tcp_in_file=bool(file_keys & {"bind", "port"}))
+    if flags.unix_mode is not None:
         try:
-            cfg.unix_mode = int(unix_mode, 8)
+            cfg.unix_mode = int(flags.unix_mode, 8)
         except ValueError:
-            raise ConfigError(f"bad unix-mode {unix_mode!r}: expected octal, e.g. 0600") from None
+            raise ConfigError(
+                f"bad unix-mode {flags.unix_mode!r}: expected octal, e.g. 0600"
+            ) from None
+    if flags.max_connections is not None:
+        cfg.max_connections = flags.max_connections
+    if flags.handshake_timeout is not None:
+        cfg.handshake_timeout = flags.handshake_timeout
+    if flags.max_payload is not None:
+        cfg.max_payload = parse_size(flags.max_payload, what="max-payload")
+    if flags.poll_us is not None:
+        cfg.poll_us = flags.poll_us
+    if flags.tls_certificates is not None:
+        cfg.tls_certificates = flags.tls_certificates or None
+    if flags.tls is not None:
+        cfg.tls = flags.tls
+    if flags.tls_verify_peer:  # a flag: absent leaves the file's value
+        cfg.tls_verify_peer = True
     cfg.validate()
-    return cfg
+    out = ServeConfig(server=cfg, flag_exports=flag_exports, file=file)
+    out.swap = flags.swap or (file.swap if file is not None and file.swap else DEFAULT_SWAP)
+    if flags.control is not None:
+        out.control, out.control_required = flags.control or None, True
+    elif file is not None and file.control is not None:
+        out.control, out.control_required = file.control, True
+    elif flags.stdio:
+        out.control = None
+    out.metrics = (flags.metrics if flags.metrics is not None else (
+        file.metrics if file is not None else None)) or None
+    if out.metrics:
+        parse_metrics_address(out.metrics)
+    return out
+
+
+def _merge_listeners(cfg: ServerConfig, flags: ServeFlags, *, tcp_in_file: bool) -> None:
+    if flags.stdio:
+        if flags.unix or flags.bind or flags.port is not None:
+            raise ConfigError("--stdio cannot be combined with --unix, --bind or --port")
+        cfg.stdio = True
+        cfg.bind = cfg.port = cfg.unix = None
+        return
+    if flags.unix:
+        cfg.unix = flags.unix
+    if flags.bind is not None:
+        cfg.bind = flags.bind or None
+    if flags.port is not None:
+        cfg.port = flags.port
+        if cfg.bind is None and flags.bind is None:
+            cfg.bind = DEFAULT_BIND  # --port over a file without TCP: TCP on the default host
+    tcp_asked = tcp_in_file or flags.bind is not None or flags.port is not None
+    if cfg.unix and not tcp_asked:
+        cfg.bind = None  # a Unix socket and no TCP setting anywhere: Unix only
+    if cfg.bind is None:
+        cfg.port = None
+    elif cfg.port is None:
+        cfg.port = DEFAULT_PORT

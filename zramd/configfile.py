@@ -6,7 +6,8 @@ The file is read with the stdlib ``tomllib`` and turned into the same typed obje
 the command line builds (:class:`zramd.config.ServerConfig` with its
 :class:`~zramd.config.ExportConfig` list), plus the operator settings that are not
 part of the NBD server proper (control socket, swap safety, metrics), kept in
-:class:`FileConfig`. Command-line flags are applied on top by ``cli.py``.
+:class:`~zramd.config.FileConfig` with the set of keys the file gives. Command-line flags
+are applied on top by :func:`zramd.config.serve_config`.
 
 Layout (documented in ``systemd/zramd.toml.example``)::
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from typing import Any
 
 from zramd.config import (
@@ -51,6 +51,7 @@ from zramd.config import (
     TLS_MODES,
     ConfigError,
     ExportConfig,
+    FileConfig,
     ServerConfig,
     parse_size,
 )
@@ -58,7 +59,6 @@ from zramd.sizeexpr import SizeExprError, evaluate_mib
 from zramd.system import SWAP_MODES, total_ram
 
 DEFAULT_CONFIG_PATH = "/etc/zramd/zramd.toml"
-DEFAULT_CONTROL_PATH = "/run/zramd/control.sock"
 #: Refuse config files larger than this (they are a few lines).
 MAX_CONFIG_FILE = 1 << 20
 MIB = 1 << 20
@@ -69,19 +69,6 @@ _ALGO_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:\((.*)\))?\s*$")
 
 class ConfigFileError(ConfigError):
     """A bad configuration file; the message is ``FILE: key: problem``."""
-
-
-@dataclass
-class FileConfig:
-    """What one configuration file says."""
-
-    path: str
-    server: ServerConfig
-    control: str | None = None
-    swap: str | None = None
-    metrics: str | None = None
-    #: exports disabled by a size of 0 (zram-generator semantics)
-    disabled: list[str] = field(default_factory=list)
 
 
 def ram_mib() -> float:
@@ -292,8 +279,10 @@ def parse_config_text(text: str, path: str = "<string>", *, ram: float | None = 
             if key in _SERVER_KEYS:
                 parser, attr = _SERVER_KEYS[key]
                 setattr(server, attr, parser(value))
+                fc.keys.add(key)
             elif key in _FILE_KEYS:
                 setattr(fc, key, _FILE_KEYS[key](value))
+                fc.keys.add(key)
             elif isinstance(value, dict):
                 raise ConfigError(f"unknown table [{key}] (exports go in [export.{key}])")
             else:
@@ -401,11 +390,14 @@ def load_file(path: str | os.PathLike[str], *, ram: float | None = None) -> File
     return parse_config_text(text, p, ram=ram)
 
 
-def load_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """The ServerConfig a file describes (without the operator-only keys)."""
-    return load_file(path).server
-
-
 def default_config_path() -> str | None:
     """``/etc/zramd/zramd.toml`` when it exists, else None."""
     return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
+def load_serve_file(path: str | None) -> FileConfig | None:
+    """The file ``serve --config PATH`` names: None = the default file when it exists,
+    ``""`` = no file."""
+    if path is None:
+        path = default_config_path()
+    return load_file(path) if path else None

@@ -363,3 +363,60 @@ def test_trim_and_compact_under_swap_mode(workdir: Path) -> None:
         del h
     finally:
         d.stop()
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The local addresses (hex, as in /proc/net/tcp) of the TCP sockets ``pid`` listens on."""
+    fds = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fds.iterdir():
+        try:
+            inodes.add(os.readlink(fd))
+        except OSError:
+            continue
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f"socket:[{f[9]}]" in inodes:  # 0A = LISTEN
+                found.append(f[1])
+    return found
+
+
+def listening_line(d: Daemon) -> str:
+    return next(x for x in d.stderr().splitlines() if "listening on" in x)
+
+
+def test_unix_flag_alone_is_unix_only_with_and_without_config_file(workdir: Path) -> None:
+    """`serve --unix PATH` opens only that socket, whether or not a config file is given; TCP
+    comes back only when asked for (here by the file's `port`, on a free ephemeral port)."""
+    files = {
+        "no-file": None,
+        "file": '[export.a]\nsize = "4M"\n',
+        "file-with-tcp": 'bind = "127.0.0.1"\nport = 0\n[export.a]\nsize = "4M"\n',
+    }
+    seen: dict[str, tuple[str, int]] = {}
+    for name, text in files.items():
+        run = workdir / name
+        run.mkdir()
+        args = ["--export", "a=4M"]
+        if text is not None:
+            (run / "zramd.toml").write_text(text)
+            args = ["--config", str(run / "zramd.toml")]
+        d = Daemon(run, args)
+        try:
+            d.wait_ready()
+            h = d.client("a")
+            h.pwrite(b"u" * 4096, 0)
+            assert h.pread(4096, 0) == b"u" * 4096
+            del h
+            line = listening_line(d)
+            seen[name] = (line.split("listening on ", 1)[1].split(" (exports")[0],
+                          len(tcp_listeners(d.proc.pid)))
+        finally:
+            d.stop()
+    assert seen["no-file"] == (f"unix:{workdir / 'no-file' / 'nbd.sock'}", 0)
+    assert seen["file"] == (f"unix:{workdir / 'file' / 'nbd.sock'}", 0)
+    addresses, tcp = seen["file-with-tcp"]
+    assert addresses.startswith(f"unix:{workdir / 'file-with-tcp' / 'nbd.sock'}, 127.0.0.1:")
+    assert tcp == 1

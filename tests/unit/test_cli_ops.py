@@ -15,14 +15,12 @@ from click.testing import CliRunner
 
 from zramd.cli import main
 from zramd.cli_ops import (
-    ServeSetup,
     format_table,
     human_size,
-    merge_serve_config,
     parse_columns,
 )
-from zramd.config import ConfigError
-from zramd.configfile import load_file
+from zramd.config import ConfigError, ServeConfig, ServeFlags, serve_config
+from zramd.configfile import load_file, load_serve_file
 from zramd.control.attach import AttachError, attach_plan, detach_plan, find_free_nbd
 from zramd.control.server import ControlServer
 from zramd.server.exports import ExportRegistry
@@ -181,6 +179,20 @@ def test_format_table_alignment() -> None:
 # --- serve configuration ------------------------------------------------------------------------
 
 
+def merge_serve_config(file: Any, **flags: Any) -> Any:
+    """The served ServerConfig: the file's configuration with ``flags`` on top."""
+    return serve_config(ServeFlags(**flags), file).server
+
+
+def serve_setup(
+    config_path: str, swap: str | None, control: str | None, *, stdio: bool = False
+) -> ServeConfig:
+    """What serve resolves from ``--config``, ``--swap`` and ``--control``."""
+    return serve_config(
+        ServeFlags(swap=swap, control=control, stdio=stdio), load_serve_file(config_path)
+    )
+
+
 def test_merge_serve_config_flags_override(tmp_path: Path) -> None:
     p = tmp_path / "z.toml"
     p.write_text(
@@ -188,33 +200,33 @@ def test_merge_serve_config_flags_override(tmp_path: Path) -> None:
         '[export.a]\nsize = "8M"\n[export.b]\nsize = "8M"\n'
     )
     fc = load_file(p)
-    cfg = merge_serve_config(fc.server, port=11000, exports=["b=16M,algorithm=zstd", "c=4M"])
+    cfg = merge_serve_config(fc, port=11000, exports=["b=16M,algorithm=zstd", "c=4M"])
     assert (cfg.bind, cfg.port, cfg.max_connections) == ("127.0.0.1", 11000, 5)
     assert [(e.name, e.size, e.algorithm) for e in cfg.exports] == [
         ("a", 8 * MIB, "lz4"), ("b", 16 * MIB, "zstd"), ("c", 4 * MIB, "lz4"),
     ]
     fc = load_file(p)
-    cfg = merge_serve_config(fc.server, unix="/tmp/s", bind="")
+    cfg = merge_serve_config(fc, unix="/tmp/s", bind="")
     assert cfg.unix == "/tmp/s" and cfg.bind is None
     with pytest.raises(ConfigError, match="--stdio cannot"):
-        merge_serve_config(load_file(p).server, stdio=True, port=1)
+        merge_serve_config(load_file(p), stdio=True, port=1)
 
 
 def test_serve_setup_precedence(tmp_path: Path) -> None:
     p = tmp_path / "z.toml"
     p.write_text('control = "/tmp/from-file.sock"\nswap = "on"\n[export.a]\nsize = "8M"\n')
-    s = ServeSetup(str(p), None, None)
+    s = serve_setup(str(p), None, None)
     assert s.control == "/tmp/from-file.sock" and s.control_required and s.swap == "on"
-    s = ServeSetup(str(p), "require", "/tmp/flag.sock")
+    s = serve_setup(str(p), "require", "/tmp/flag.sock")
     assert s.control == "/tmp/flag.sock" and s.swap == "require"
-    s = ServeSetup(str(p), None, "")
+    s = serve_setup(str(p), None, "")
     assert s.control is None
-    s = ServeSetup("", None, None)
+    s = serve_setup("", None, None)
     assert s.file is None and s.swap == "off"
     assert s.control == "/run/zramd/control.sock" and not s.control_required
-    assert ServeSetup("", None, None, stdio=True).control is None
+    assert serve_setup("", None, None, stdio=True).control is None
     with pytest.raises(ConfigError, match="cannot read"):
-        ServeSetup(str(tmp_path / "missing.toml"), None, None)
+        serve_setup(str(tmp_path / "missing.toml"), None, None)
 
 
 def test_cli_serve_bad_config_one_line(tmp_path: Path) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from zramd.cli import build_serve_config
 from zramd.config import (
     DEFAULT_EXPORT_MAX_SIZE,
     ConfigError,
     ExportConfig,
+    ServeFlags,
     ServerConfig,
     default_export_size,
     format_size,
     parse_export_spec,
+    parse_metrics_address,
     parse_size,
+    serve_config,
 )
+
+
+def build_serve_config(**flags: Any) -> ServerConfig:
+    """The ServerConfig of ``zramd serve`` with these flags and no configuration file."""
+    return serve_config(ServeFlags(**flags)).server
 
 
 @pytest.mark.parametrize(
@@ -160,3 +169,34 @@ def test_serve_flags_listeners() -> None:
     assert [e.name for e in c.exports] == ["zram0"]
     c = build_serve_config(exports=["a=1M"], max_payload="48M", unix_mode="660")
     assert c.max_payload == 48 << 20 and c.unix_mode == 0o660
+
+
+def test_parse_metrics_address() -> None:
+    assert parse_metrics_address("127.0.0.1:9109") == ("127.0.0.1", 9109)
+    assert parse_metrics_address("9109") == ("127.0.0.1", 9109)
+    assert parse_metrics_address(":0") == ("127.0.0.1", 0)
+    assert parse_metrics_address("[::1]:9") == ("::1", 9)
+    for bad in ("x", "1.2.3.4:http", "[::1]9", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError, match="bad metrics address"):
+            parse_metrics_address(bad)
+
+
+def test_unix_alone_means_unix_only_with_or_without_a_file() -> None:
+    """One rule for --unix: Unix only unless a flag or the file asks for TCP."""
+    from zramd.configfile import parse_config_text
+
+    def listeners(flags: ServeFlags, text: str | None) -> tuple[str | None, int | None, str | None]:
+        file = parse_config_text(text + '[export.a]\nsize = "4M"\n') if text is not None else None
+        c = serve_config(flags, file).server
+        return c.bind, c.port, c.unix
+
+    unix = ServeFlags(unix="/tmp/x.sock", exports=["a=4M"])
+    assert listeners(unix, None) == listeners(unix, "") == (None, None, "/tmp/x.sock")
+    assert listeners(ServeFlags(), 'unix = "/tmp/f.sock"\n') == (None, None, "/tmp/f.sock")
+    assert listeners(unix, "port = 10900\n") == ("127.0.0.1", 10900, "/tmp/x.sock")
+    assert listeners(unix, 'bind = "::1"\n') == ("::1", 10809, "/tmp/x.sock")
+    with_port = ServeFlags(unix="/tmp/x.sock", port=0)
+    assert listeners(with_port, "") == ("127.0.0.1", 0, "/tmp/x.sock")
+    assert listeners(ServeFlags(port=5), 'bind = ""\n') == ("127.0.0.1", 5, None)
+    assert listeners(ServeFlags(bind=""), "") == (None, None, None)
+    assert listeners(ServeFlags(), "") == ("127.0.0.1", 10809, None)

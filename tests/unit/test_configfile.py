@@ -9,7 +9,6 @@ import pytest
 from zramd.config import ConfigError
 from zramd.configfile import (
     ConfigFileError,
-    load_config,
     load_file,
     parse_algorithm,
     parse_config_text,
@@ -83,7 +82,7 @@ size = 0
     assert b.size == 64 * MIB and b.algorithm == "lz4" and not b.read_only
     assert fc.disabled == ["off"]
     s.validate()
-    assert load_config(p).exports[1].name == "b"
+    assert load_file(p).server.exports[1].name == "b"
 
 
 @pytest.mark.parametrize(
@@ -198,7 +197,5 @@ def test_uses_real_ram_when_not_given(tmp_path: Path) -> None:
     assert abs(size - total_ram() / 8) <= 4096
 
 
-def test_config_module_load_config() -> None:
-    from zramd.config import load_config as from_config_module
-
-    assert from_config_module(EXAMPLE).exports[0].name == "zram0"
+def test_one_loader_reads_the_example() -> None:
+    assert load_file(EXAMPLE).server.exports[0].name == "zram0"

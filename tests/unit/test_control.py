@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from zramd.config import ExportConfig
+from zramd.config import ExportConfig, merge_exports
 from zramd.control.client import ControlClient, socket_is_live
-from zramd.control.daemon import Operator, merge_exports
+from zramd.control.daemon import Operator
 from zramd.control.protocol import ControlError
 from zramd.control.reload import apply_exports
 from zramd.control.server import ControlServer, ControlSocketBusy

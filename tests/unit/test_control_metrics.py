@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from zramd.config import ConfigError, ExportConfig
-from zramd.control.metrics import FAMILIES, MetricsServer, parse_address, render
+from zramd.config import ExportConfig
+from zramd.control.metrics import FAMILIES, MetricsServer, render
 from zramd.server.exports import ExportRegistry
 
 SAMPLE = re.compile(r'^([a-z_]+)\{export="((?:[^"\\]|\\.)*)"\} (\d+)$')
@@ -58,16 +58,6 @@ async def test_render(registry: Any) -> None:
     assert samples[("zramd_clients", "a")] == 0
     assert samples[("zramd_disksize_bytes", 'we\\"ird\\\\name')] == 1 << 20
     assert len(samples) == 1 + 2 * len(FAMILIES)
-
-
-def test_parse_address() -> None:
-    assert parse_address("127.0.0.1:9109") == ("127.0.0.1", 9109)
-    assert parse_address("9109") == ("127.0.0.1", 9109)
-    assert parse_address(":0") == ("127.0.0.1", 0)
-    assert parse_address("[::1]:9") == ("::1", 9)
-    for bad in ("x", "1.2.3.4:http", "[::1]9", "127.0.0.1:70000"):
-        with pytest.raises(ConfigError, match="bad metrics address"):
-            parse_address(bad)
 
 
 async def _get(port: int, request: bytes) -> bytes:

@@ -153,7 +153,7 @@ def test_attach_ordering() -> None:
 
 
 def test_socket_paths_match_defaults() -> None:
-    from zramd.control.protocol import DEFAULT_CONTROL_PATH
+    from zramd.config import DEFAULT_CONTROL_PATH
 
     text = (UNITS_DIR / "zramd.socket").read_text()
     assert "ListenStream=/run/zramd/nbd.sock" in text

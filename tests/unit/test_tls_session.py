@@ -17,8 +17,14 @@ from typing import Any
 
 import pytest
 
-from zramd.cli import apply_access_flags
-from zramd.config import ConfigError, ExportConfig, ServerConfig
+from zramd.config import (
+    ConfigError,
+    ExportConfig,
+    FileConfig,
+    ServeFlags,
+    ServerConfig,
+    serve_config,
+)
 from zramd.configfile import ConfigFileError, parse_config_text
 from zramd.device.plain import PlainDevice
 from zramd.server.access import AllowList, parse_network
@@ -232,9 +238,11 @@ def test_config_validation_and_flags() -> None:
     cfg.validate()
     assert cfg.tls == "off" and cfg.allow == [] and cfg.bind == "127.0.0.1"
     with pytest.raises(ConfigError, match="needs tls-certificates"):
-        apply_access_flags(cfg, tls="require")
-    cfg.tls = "off"
-    apply_access_flags(cfg, tls="on", tls_certificates="/x", tls_verify_peer=True, allow=["::1"])
+        serve_config(ServeFlags(tls="require"), FileConfig("<test>", cfg))
+    cfg = serve_config(
+        ServeFlags(tls="on", tls_certificates="/x", tls_verify_peer=True, allow=["::1"]),
+        FileConfig("<test>", cfg),
+    ).server
     assert (cfg.tls, cfg.tls_certificates, cfg.tls_verify_peer, cfg.allow) == (
         "on",
         "/x",

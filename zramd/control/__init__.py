@@ -9,6 +9,7 @@ applies a re-read configuration file to a live registry (SIGHUP). Nothing here
 knows NBD bytes; the server side only calls the registry's and devices' public API.
 """
 
-from zramd.control.protocol import DEFAULT_CONTROL_PATH, ControlError
+from zramd.config import DEFAULT_CONTROL_PATH
+from zramd.control.protocol import ControlError
 
 __all__ = ["DEFAULT_CONTROL_PATH", "ControlError"]

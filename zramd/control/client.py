@@ -16,9 +16,9 @@ import os
 import socket
 from typing import Any
 
+from zramd.config import CONTROL_ENV, DEFAULT_CONTROL_PATH
 from zramd.control.protocol import (
     CLIENT_TIMEOUT,
-    DEFAULT_CONTROL_PATH,
     MAX_LINE,
     ControlError,
     decode,
@@ -42,7 +42,7 @@ def socket_is_live(path: str) -> bool:
 
 class ControlClient:
     def __init__(self, path: str | None = None, timeout: float = CLIENT_TIMEOUT) -> None:
-        self.path = path or os.environ.get("ZRAMD_CONTROL") or DEFAULT_CONTROL_PATH
+        self.path = path or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL_PATH
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buf = b""

@@ -24,19 +24,11 @@ import logging
 import signal
 from typing import Any
 
-from zramd.config import ConfigError, ExportConfig
+from zramd.config import ConfigError, ExportConfig, merge_exports
 from zramd.control.reload import apply_exports
 from zramd.control.server import ControlServer
 
 log = logging.getLogger("zramd.control")
-
-
-def merge_exports(file_exports: list[ExportConfig], flag_exports: list[ExportConfig]) -> list[
-    ExportConfig
-]:
-    """File exports, with flag exports of the same name replacing them, flags appended."""
-    flag_names = {e.name for e in flag_exports}
-    return [e for e in file_exports if e.name not in flag_names] + list(flag_exports)
 
 
 class Operator:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from typing import Any
 
+from zramd.config import parse_metrics_address
 from zramd.control.server import export_stat
 
 log = logging.getLogger("zramd.metrics")
@@ -28,7 +29,6 @@ log = logging.getLogger("zramd.metrics")
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 MAX_METRICS_CONNECTIONS = 16
-DEFAULT_METRICS_HOST = "127.0.0.1"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: (metric name, type, source: "mm_stat"/"io_stat"/"top", field, help)
@@ -83,33 +83,10 @@ def render(registry: Any) -> str:
     return "\n".join(out) + "\n"
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on 127.0.0.1)."""
-    from zramd.config import ConfigError
-
-    t = text.strip()
-    host, port_text = DEFAULT_METRICS_HOST, t
-    if t.startswith("["):
-        end = t.find("]")
-        if end < 0 or t[end + 1 : end + 2] != ":":
-            raise ConfigError(f"bad metrics address {text!r}: expected [ADDR]:PORT")
-        host, port_text = t[1:end], t[end + 2 :]
-    elif ":" in t:
-        host, _, port_text = t.rpartition(":")
-        host = host or DEFAULT_METRICS_HOST
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad metrics address {text!r}: expected HOST:PORT") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"bad metrics address {text!r}: port out of range")
-    return host, port
-
-
 class MetricsServer:
     def __init__(self, registry: Any, address: str) -> None:
         self.registry = registry
-        self.host, self.port = parse_address(address)
+        self.host, self.port = parse_metrics_address(address)
         self._server: asyncio.AbstractServer | None = None
         self._active = 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-DEFAULT_CONTROL_PATH = "/run/zramd/control.sock"
 #: Longest request or reply line, newline included.
 MAX_LINE = 1 << 20
 #: Simultaneous control connections the daemon accepts.
