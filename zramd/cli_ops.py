@@ -24,10 +24,17 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from zramd.config import CONTROL_ENV, DEFAULT_CONTROL_PATH, ConfigError, ServeConfig, parse_size
-from zramd.control.attach import (
-    DEFAULT_HOST,
+from zramd.config import (
+    CONTROL_ENV,
+    DEFAULT_BIND,
+    DEFAULT_CONTROL_PATH,
     DEFAULT_PORT,
+    ConfigError,
+    ServeConfig,
+    format_size,
+    parse_size,
+)
+from zramd.control.attach import (
     MKFS_TYPES,
     AttachError,
     attach_plan,
@@ -109,23 +116,6 @@ COLUMNS: dict[str, tuple[str, str]] = {
 DEFAULT_COLUMNS = list(COLUMNS)[:11]
 
 
-def human_size(n: int) -> str:
-    """util-linux style: 0B, 512B, 4K, 1.5M, 4G (binary units, one decimal when needed)."""
-    if n < 1024:
-        return f"{n}B"
-    value = float(n)
-    for unit in "KMGTPE":
-        value /= 1024
-        if value < 1024 or unit == "E":
-            text = f"{value:.1f}"
-            if text.endswith(".0"):
-                text = text[:-2]
-            if text == "1024":  # rounding reached the next unit
-                continue
-            return f"{text}{unit}"
-    return f"{n}B"  # pragma: no cover
-
-
 def parse_columns(spec: str | None) -> list[str]:
     if not spec:
         return list(DEFAULT_COLUMNS)
@@ -142,7 +132,7 @@ def format_cell(row: dict[str, Any], column: str, raw_bytes: bool) -> str:
     key, kind = COLUMNS[column]
     v = row.get(key)
     if kind == "size":
-        return str(int(v or 0)) if raw_bytes else human_size(int(v or 0))
+        return str(int(v or 0)) if raw_bytes else format_size(int(v or 0))
     if kind == "ratio":
         return f"{float(v or 0):.2f}"
     if kind == "bool":
@@ -210,7 +200,7 @@ def create(
         args["description"] = description
     with ControlClient(control) as c:
         row = c.call("create", **args)
-    click.echo(f"created {row['name']}: {human_size(row['disksize'])} {row['algorithm']}")
+    click.echo(f"created {row['name']}: {format_size(row['disksize'])} {row['algorithm']}")
 
 
 @click.command()
@@ -347,7 +337,7 @@ def set_(
     with ControlClient(control) as c:
         row = c.call("set", **args)
     click.echo(
-        f"{row['name']}: algorithm {row['algorithm']}, mem-limit {human_size(row['mem_limit'])}"
+        f"{row['name']}: algorithm {row['algorithm']}, mem-limit {format_size(row['mem_limit'])}"
     )
 
 
@@ -365,7 +355,7 @@ def reload(control: str) -> None:
 @click.command()
 @click.argument("name")
 @click.argument("device", required=False)
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="zramd TCP address.")
+@click.option("--host", default=DEFAULT_BIND, show_default=True, help="zramd TCP address.")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="zramd TCP port.")
 @click.option("--unix", default=None, metavar="PATH", help="zramd NBD Unix socket instead.")
 @click.option("-C", "--connections", type=int, default=1, show_default=True)

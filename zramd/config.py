@@ -15,10 +15,15 @@ UTF-8 strings of at most :data:`MAX_EXPORT_NAME` bytes; sizes are positive multi
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+from zramd.compress import get_codec
+from zramd.protocol import wire
+from zramd.system import total_ram
 
 #: Export sizes must be whole pages (the device works in 4 KiB pages).
 EXPORT_SIZE_ALIGN = 4096
@@ -36,8 +41,11 @@ DEFAULT_PORT = 10809
 DEFAULT_MAX_CONNECTIONS = 100
 #: Seconds a client may take to reach transmission (qemu-nbd 9.1 and CVE-2024-7409 use 10 s).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-#: Largest READ/WRITE payload served; 32 MiB must always work (nbd.md 1.9), nbdkit allows 64 MiB.
+#: Largest READ/WRITE payload served (nbdkit allows 64 MiB); at least the 32 MiB that must always
+#: work (nbd.md 1.9), at most what the 32-bit length field holds.
 DEFAULT_MAX_PAYLOAD = 64 << 20
+MIN_MAX_PAYLOAD = wire.BLOCK_SIZE_MAX_PAYLOAD
+MAX_MAX_PAYLOAD = 0xFFFFFFFF
 #: Requests in flight per connection before we stop reading (the kernel queue depth is 128).
 DEFAULT_MAX_IN_FLIGHT = 256
 #: bytes held by running requests, all connections together (zramd/server/session.py)
@@ -106,14 +114,33 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
 
 
 def format_size(n: int) -> str:
-    """Short human size: ``4.0G``, ``512M``, ``4096``."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            if unit in ("G", "T") or v != int(v):
-                return f"{v:.1f}{unit}"
-            return f"{int(v)}{unit}"
-    return str(n)
+    """util-linux style: 0B, 512B, 4K, 1.5M, 4G (binary units, one decimal when needed)."""
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for unit in "KMGTPE":
+        value /= 1024
+        if value < 1024 or unit == "E":
+            text = f"{value:.1f}"
+            if text.endswith(".0"):
+                text = text[:-2]
+            if text == "1024":  # rounding reached the next unit
+                continue
+            return f"{text}{unit}"
+    return f"{n}B"  # pragma: no cover
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(text: str) -> Network:
+    """``10.0.0.0/8``, ``127.0.0.1`` (= /32), ``::1``, ``fd00::/8``. Raises ConfigError."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"bad allow entry {text!r}: expected an IP address or ADDR/PREFIX (e.g. 10.0.0.0/8)"
+        ) from None
 
 
 def test_backends_enabled() -> bool:
@@ -154,11 +181,7 @@ class ExportConfig:
             raise ConfigError(f"export {self.name!r}: description too long")
         if self.backend == BACKEND_ZRAM:
             try:
-                from zramd.compress import get_codec
-
                 get_codec(self.algorithm, level=self.level)
-            except ImportError:  # pragma: no cover - the codec registry is part of the package
-                pass
             except ValueError as e:
                 raise ConfigError(f"export {self.name!r}: {e}") from None
         elif self.backend in TEST_BACKENDS:
@@ -238,12 +261,7 @@ def parse_export_spec(spec: str) -> ExportConfig:
 def default_export_size(ram: int | None = None) -> int:
     """min(RAM/2, 4 GiB), rounded down to whole pages."""
     if ram is None:
-        try:
-            from zramd.system import total_ram
-
-            ram = total_ram()
-        except ImportError:  # pragma: no cover
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram = total_ram()
     size = min(ram // 2, DEFAULT_EXPORT_MAX_SIZE)
     return max(EXPORT_SIZE_ALIGN, size - size % EXPORT_SIZE_ALIGN)
 
@@ -272,12 +290,11 @@ class ServerConfig:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     global_mem_limit: int = 0
-    use_socket_activation: bool = True
     #: STARTTLS: "off" | "on" | "require"; certificates in nbdkit's layout (zramd/server/tls.py).
     tls: str = DEFAULT_TLS
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
-    #: TCP client allow-list (IP or CIDR strings); empty = everyone (zramd/server/access.py).
+    #: TCP client allow-list (see parse_network); empty = everyone (zramd/server/access.py).
     allow: list[str] = field(default_factory=list)
     #: busy-poll window (µs) for the next request of a lone connection; 0 = never poll.
     poll_us: int = DEFAULT_POLL_US
@@ -299,37 +316,32 @@ class ServerConfig:
             raise ConfigError(f"bad max-connections {self.max_connections}: must be >= 1")
         if not self.handshake_timeout > 0:
             raise ConfigError(f"bad handshake-timeout {self.handshake_timeout}: must be > 0")
-        if self.max_payload < 32 << 20 or self.max_payload > 0xFFFFFFFF:
+        if not MIN_MAX_PAYLOAD <= self.max_payload <= MAX_MAX_PAYLOAD:
             raise ConfigError(
-                f"bad max-payload {self.max_payload}: must be between 32M and 4G-1 "
-                "(32 MiB must always work, nbd.md 1.9)"
+                f"bad max-payload {self.max_payload}: must be between "
+                f"{format_size(MIN_MAX_PAYLOAD)} and {MAX_MAX_PAYLOAD} "
+                f"({format_size(MIN_MAX_PAYLOAD)} must always work, nbd.md 1.9)"
             )
         if self.max_in_flight < 1:
             raise ConfigError(f"bad max-in-flight {self.max_in_flight}: must be >= 1")
         if self.max_in_flight_bytes < MIN_IN_FLIGHT_BYTES:
             raise ConfigError(
-                f"bad max-in-flight-bytes {self.max_in_flight_bytes}: must be at least 1M"
+                f"bad max-in-flight-bytes {self.max_in_flight_bytes}: must be at least "
+                f"{format_size(MIN_IN_FLIGHT_BYTES)}"
             )
         if self.global_mem_limit < 0:
             raise ConfigError("global mem-limit must not be negative")
         if not 0 <= self.poll_us <= MAX_POLL_US:
             raise ConfigError(f"bad poll-us {self.poll_us}: must be 0..{MAX_POLL_US} microseconds")
-        self.validate_access()
-
-    def validate_access(self) -> None:
-        """TLS and allow-list settings (cheap: files are opened by ``server/tls.py``)."""
+        # TLS: the certificate files are opened by server/tls.py at start
         if self.tls not in TLS_MODES:
             raise ConfigError(f"bad tls mode {self.tls!r}: expected one of {', '.join(TLS_MODES)}")
         if self.tls != "off" and not self.tls_certificates:
             raise ConfigError(f"tls {self.tls!r} needs tls-certificates DIR")
         if self.tls_verify_peer and self.tls == "off":
             raise ConfigError("tls-verify-peer needs tls on or require")
-        try:
-            from zramd.server.access import AllowList
-
-            AllowList(self.allow)
-        except ImportError:  # pragma: no cover - part of the package
-            pass
+        for entry in self.allow:
+            parse_network(entry)
 
 
 

@@ -53,6 +53,8 @@ from zramd.config import (
     ExportConfig,
     FileConfig,
     ServerConfig,
+    format_size,
+    parse_network,
     parse_size,
 )
 from zramd.sizeexpr import SizeExprError, evaluate_mib
@@ -203,7 +205,9 @@ def _bytes(value: Any) -> int:
 def _in_flight_bytes(value: Any) -> int:
     n = _bytes(value)
     if n < MIN_IN_FLIGHT_BYTES:
-        raise ConfigError(f"expected a size of at least \"1M\", got {value!r}")
+        raise ConfigError(
+            f"expected a size of at least \"{format_size(MIN_IN_FLIGHT_BYTES)}\", got {value!r}"
+        )
     return n
 
 
@@ -220,8 +224,6 @@ def _allow_list(value: Any) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ConfigError(f"expected a list of addresses like [\"127.0.0.1/32\"], got {value!r}")
-    from zramd.server.access import parse_network
-
     for v in items:
         parse_network(v)
     return list(items)

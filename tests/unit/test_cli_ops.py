@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from zramd.cli import main
 from zramd.cli_ops import (
     format_table,
-    human_size,
     parse_columns,
 )
 from zramd.config import ConfigError, ServeConfig, ServeFlags, serve_config
@@ -141,15 +140,6 @@ def test_cli_attach_dry_run_and_errors(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 # --- formatting ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("n", "text"),
-    [(0, "0B"), (512, "512B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
-     (4 << 30, "4G"), (int(4.25 * (1 << 20)), "4.2M"), ((1 << 20) - 1, "1M"), (3 << 40, "3T")],
-)
-def test_human_size(n: int, text: str) -> None:
-    assert human_size(n) == text
 
 
 def test_columns() -> None:

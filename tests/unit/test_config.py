@@ -56,11 +56,18 @@ def test_parse_size_errors_name_the_value(text: str) -> None:
     assert repr(text) in str(ei.value)
 
 
-def test_format_size() -> None:
-    assert format_size(4 << 30) == "4.0G"
-    assert format_size(64 << 20) == "64M"
-    assert format_size(1536 << 20) == "1.5G"
-    assert format_size(1000) == "1000"
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0B"), (512, "512B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
+     (4 << 30, "4G"), (int(4.25 * (1 << 20)), "4.2M"), ((1 << 20) - 1, "1M"), (3 << 40, "3T")],
+)
+def test_format_size(n: int, text: str) -> None:
+    assert format_size(n) == text
+
+
+def test_export_summary_uses_the_one_size_format() -> None:
+    assert ExportConfig("a", 4 << 30).summary() == "a 4G lz4"
+    assert ExportConfig("b", 1536 << 20, read_only=True).summary() == "b 1.5G lz4 ro"
 
 
 def test_parse_export_spec_full() -> None:

@@ -23,11 +23,12 @@ from zramd.config import (
     FileConfig,
     ServeFlags,
     ServerConfig,
+    parse_network,
     serve_config,
 )
 from zramd.configfile import ConfigFileError, parse_config_text
 from zramd.device.plain import PlainDevice
-from zramd.server.access import AllowList, parse_network
+from zramd.server.access import AllowList
 from zramd.server.exports import ExportRegistry
 from zramd.server.listener import Server
 from zramd.server.tls import MIN_TLS_VERSION, server_context

@@ -21,10 +21,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from zramd.config import DEFAULT_BIND, DEFAULT_PORT
+
 #: nbd-client -b: the kernel then only sends whole 4 KiB pages
 NBD_BLOCK_SIZE = 4096
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 10809
 #: swap-priority default of zram-generator
 DEFAULT_SWAP_PRIORITY = 100
 SWAP_PRIORITY_RANGE = (-1, 32767)
@@ -56,7 +56,7 @@ def attach_plan(
     name: str,
     device: str,
     *,
-    host: str = DEFAULT_HOST,
+    host: str = DEFAULT_BIND,
     port: int = DEFAULT_PORT,
     unix: str | None = None,
     connections: int = 1,

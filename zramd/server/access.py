@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-An :class:`AllowList` is a set of IPv4/IPv6 networks parsed once at configuration time (a bare
-address means that single host). The session asks :meth:`AllowList.allows` with the peer address
-of every accepted TCP connection and closes refused ones right away, with a log line, before any
-byte is sent. An IPv4-mapped IPv6 peer (``::ffff:10.0.0.1`` on a dual-stack socket) is checked
-as the IPv4 address. Unix-socket and stdio peers are local and always allowed (their access is the
-socket file's mode). An empty list (the default) allows everyone.
+An :class:`AllowList` is a set of IPv4/IPv6 networks parsed once at configuration time by
+:func:`zramd.config.parse_network` (a bare address means that single host). The session asks
+:meth:`AllowList.allows` with the peer address of every accepted TCP connection and closes
+refused ones right away, with a log line, before any byte is sent. An IPv4-mapped IPv6 peer
+(``::ffff:10.0.0.1`` on a dual-stack socket) is checked as the IPv4 address. Unix-socket and
+stdio peers are local and always allowed (their access is the socket file's mode). An empty list
+(the default) allows everyone.
 
 This module knows nothing about NBD, asyncio or sockets beyond the peer address tuple.
 """
@@ -18,19 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from zramd.config import ConfigError
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_network(text: str) -> Network:
-    """``10.0.0.0/8``, ``127.0.0.1`` (= /32), ``::1``, ``fd00::/8``. Raises ConfigError."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise ConfigError(
-            f"bad allow entry {text!r}: expected an IP address or ADDR/PREFIX (e.g. 10.0.0.0/8)"
-        ) from None
+from zramd.config import Network, parse_network
 
 
 class AllowList:

@@ -32,6 +32,7 @@ from zramd.config import (
     ConfigError,
     ExportConfig,
 )
+from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
 from zramd.protocol.events import ExportInfo
 
@@ -71,13 +72,6 @@ def make_device(
 
         return CorruptReadDevice(cfg.size)
     assert cfg.backend == BACKEND_ZRAM, cfg.backend
-    try:
-        from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
-    except ImportError:  # the compressed store has not landed: serve a plain device meanwhile
-        from zramd.device.plain import PlainDevice
-
-        log.warning("zramd.device.blockdev unavailable; export %s uses a plain device", cfg.name)
-        return PlainDevice(cfg.size)
     dev: BlockDevice = ZramDevice(
         cfg.size,
         algorithm=cfg.algorithm,

@@ -154,7 +154,7 @@ class Server:
             if cfg.stdio:
                 await self._start_stdio(loop)
             else:
-                fds = socket_activation_fds() if cfg.use_socket_activation else []
+                fds = socket_activation_fds()
                 if fds:
                     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
                         os.environ.pop(var, None)
