@@ -22,12 +22,12 @@ RAM = 16000.0  # MiB, so tests do not depend on this machine
 
 def test_example_file_loads() -> None:
     fc = load_file(EXAMPLE, ram=RAM)
-    assert [e.name for e in fc.server.exports] == ["zram0"]
+    assert [e.name for e in fc.server.exports] == ["swap"]
     assert fc.server.exports[0].size == 4096 * MIB
     assert fc.server.exports[0].algorithm == "lz4"
     assert fc.server.exports[0].description == "swap"
     assert fc.control == "/run/zramd/control.sock"
-    assert fc.swap == "off"
+    assert fc.swap == "on"
     assert fc.server.bind == "127.0.0.1" and fc.server.port == 10809
     fc.server.validate()
 
@@ -198,4 +198,4 @@ def test_uses_real_ram_when_not_given(tmp_path: Path) -> None:
 
 
 def test_one_loader_reads_the_example() -> None:
-    assert load_file(EXAMPLE).server.exports[0].name == "zram0"
+    assert load_file(EXAMPLE).server.exports[0].name == "swap"
