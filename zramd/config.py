@@ -16,7 +16,6 @@ UTF-8 strings of at most :data:`MAX_EXPORT_NAME` bytes; sizes are positive multi
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -66,13 +65,6 @@ MAX_POLL_US = 1000
 #: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
 TLS_MODES = ("off", "on", "require")
 DEFAULT_TLS = "off"
-#: Env var enabling test-only backends (plain, corrupt-read).
-TEST_BACKENDS_ENV = "ZRAMD_TEST_BACKENDS"
-
-BACKEND_ZRAM = "zram"
-BACKEND_PLAIN = "plain"
-BACKEND_CORRUPT_READ = "corrupt-read"
-TEST_BACKENDS = (BACKEND_PLAIN, BACKEND_CORRUPT_READ)
 
 
 class ConfigError(ValueError):
@@ -143,10 +135,6 @@ def parse_network(text: str) -> Network:
         ) from None
 
 
-def test_backends_enabled() -> bool:
-    return os.environ.get(TEST_BACKENDS_ENV, "") == "1"
-
-
 @dataclass
 class ExportConfig:
     """One export: a name and the compressed device behind it."""
@@ -158,7 +146,6 @@ class ExportConfig:
     mem_limit: int = 0
     read_only: bool = False
     description: str = ""
-    backend: str = BACKEND_ZRAM
 
     def validate(self) -> None:
         if not self.name:
@@ -179,36 +166,26 @@ class ExportConfig:
             raise ConfigError(f"export {self.name!r}: mem-limit must not be negative")
         if len(self.description.encode()) > MAX_EXPORT_NAME * 16:
             raise ConfigError(f"export {self.name!r}: description too long")
-        if self.backend == BACKEND_ZRAM:
-            try:
-                get_codec(self.algorithm, level=self.level)
-            except ValueError as e:
-                raise ConfigError(f"export {self.name!r}: {e}") from None
-        elif self.backend in TEST_BACKENDS:
-            if not test_backends_enabled():
-                raise ConfigError(
-                    f"export {self.name!r}: backend {self.backend!r} needs {TEST_BACKENDS_ENV}=1"
-                )
-        else:
-            raise ConfigError(f"export {self.name!r}: unknown backend {self.backend!r}")
+        try:
+            get_codec(self.algorithm, level=self.level)
+        except ValueError as e:
+            raise ConfigError(f"export {self.name!r}: {e}") from None
 
     def summary(self) -> str:
         """``zram0 4.0G lz4`` (+ ``ro``), for the listening log line."""
-        parts = [self.name, format_size(self.size)]
-        parts.append(self.algorithm if self.backend == BACKEND_ZRAM else self.backend)
+        parts = [self.name, format_size(self.size), self.algorithm]
         if self.read_only:
             parts.append("ro")
         return " ".join(parts)
 
 
-_SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description", "backend")
+_SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description")
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only][,description=T]``.
 
-    ``description`` must come last: its text may contain commas. ``backend=plain|corrupt-read`` is
-    accepted only when ``ZRAMD_TEST_BACKENDS=1``."""
+    ``description`` must come last: its text may contain commas."""
     head, sep, rest = spec.partition(",")
     name, eq, size_text = head.partition("=")
     name = name.strip()
@@ -252,8 +229,6 @@ def parse_export_spec(spec: str) -> ExportConfig:
                 ) from None
         elif key == "mem-limit":
             cfg.mem_limit = parse_size(value, what=f"mem-limit of export {name!r}")
-        elif key == "backend":
-            cfg.backend = value.lower()
     cfg.validate()
     return cfg
 

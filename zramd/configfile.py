@@ -258,7 +258,6 @@ _EXPORT_KEYS = (
     "mem-limit",
     "read-only",
     "description",
-    "backend",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -347,9 +346,6 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "description" in values:
             key = "description"
             exp.description = _typed(values[key], str, "a string")
-        if "backend" in values:
-            key = "backend"
-            exp.backend = _typed(values[key], str, "a backend name").lower()
     except ConfigError as e:
         raise ConfigFileError(f"{where}: {key}: {e}") from None
     try:
@@ -367,7 +363,6 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("codec", "compression-algorithm"),
         ("mem-limit", "mem-limit"),
         ("description", "description"),
-        ("backend", "backend"),
         ("name", "name"),
     ):
         if word in message:

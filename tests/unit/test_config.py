@@ -87,13 +87,12 @@ def test_parse_export_spec_full() -> None:
 
 def test_parse_export_spec_minimal() -> None:
     e = parse_export_spec("zram0=64M")
-    assert (e.name, e.size, e.algorithm, e.level, e.read_only, e.backend) == (
+    assert (e.name, e.size, e.algorithm, e.level, e.read_only) == (
         "zram0",
         64 << 20,
         "lz4",
         None,
         False,
-        "zram",
     )
     assert e.summary() == "zram0 64M lz4"
 
@@ -115,24 +114,26 @@ def test_parse_export_spec_minimal() -> None:
         ("a=4M,level=1,level=2", "twice"),
         ("a=4M,read-only=maybe", "read-only"),
         ("a=4M,mem-limit=lots", "'lots'"),
-        ("a=4M,backend=plain", "ZRAMD_TEST_BACKENDS"),
-        ("a=4M,backend=disk", "unknown backend"),
+        ("a=4M,backend=plain", "unknown option 'backend'"),
+        ("a=4M,backend=disk", "unknown option 'backend'"),
         ("x" * 300 + "=4M", "longer than"),
     ],
 )
-def test_parse_export_spec_errors(
-    spec: str, fragment: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("ZRAMD_TEST_BACKENDS", raising=False)
+def test_parse_export_spec_errors(spec: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_export_spec(spec)
     assert fragment in str(ei.value)
 
 
-def test_test_backends_need_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_test_devices_are_not_reachable_from_zramd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test devices live in tests/support: no spec, file key or environment reaches them."""
+    from zramd.configfile import ConfigFileError, parse_config_text
+
     monkeypatch.setenv("ZRAMD_TEST_BACKENDS", "1")
-    assert parse_export_spec("t=1M,backend=plain").backend == "plain"
-    assert parse_export_spec("t=1M,backend=corrupt-read").backend == "corrupt-read"
+    with pytest.raises(ConfigError, match="unknown option 'backend'"):
+        parse_export_spec("t=1M,backend=corrupt-read")
+    with pytest.raises(ConfigFileError, match="backend: unknown key"):
+        parse_config_text('[export.t]\nsize = "1M"\nbackend = "plain"\n')
 
 
 def test_read_only_false_value() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.devices import CorruptReadDevice, PlainDevice
 from zramd.config import ExportConfig
 from zramd.device.interface import STATE_HOLE, STATE_ZERO, DeviceIOError, NoSpace
-from zramd.device.plain import CorruptReadDevice, PlainDevice
 from zramd.protocol.events import Request
 from zramd.server.dispatch import (
     BLOCK_STATUS,

@@ -130,7 +130,7 @@ def test_run_now_matches_execute(structured: bool, variant: str) -> None:
 
 
 def test_run_now_defers_for_other_devices() -> None:
-    from zramd.device.plain import PlainDevice
+    from tests.support.devices import PlainDevice
 
     d = Dispatcher(
         Export(ExportConfig("t", SIZE), PlainDevice(SIZE)), structured=True, max_payload=1 << 20

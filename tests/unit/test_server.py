@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.devices import PlainDevice
 from zramd.config import ExportConfig, ServerConfig
-from zramd.device.plain import PlainDevice
 from zramd.server.exports import ExportRegistry
 from zramd.server.listener import Server
 

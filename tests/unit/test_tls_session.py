@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.devices import PlainDevice
 from zramd.config import (
     ConfigError,
     ExportConfig,
@@ -27,7 +28,6 @@ from zramd.config import (
     serve_config,
 )
 from zramd.configfile import ConfigFileError, parse_config_text
-from zramd.device.plain import PlainDevice
 from zramd.server.access import AllowList
 from zramd.server.exports import ExportRegistry
 from zramd.server.listener import Server

@@ -75,6 +75,8 @@ class Group:
     mem_mib: int
     expect_fail: set[str] = field(default_factory=set)
     env: dict[str, str] = field(default_factory=dict)
+    #: a tests/support device behind every export: the server is tests.support.serve_device
+    device: str = ""
 
 
 GROUPS: dict[str, Group] = {
@@ -86,8 +88,8 @@ GROUPS: dict[str, Group] = {
     ),
     "swap": Group("swap", ["swap"], ["swap=1G"], SWAP_MEM_MIB),
     "negative": Group(
-        "negative", ["fs"], ["fs=256M,backend=corrupt-read"], STORAGE_MEM_MIB,
-        expect_fail={"fs"}, env={"ZRAMD_TEST_BACKENDS": "1"},
+        "negative", ["fs"], ["fs=256M"], STORAGE_MEM_MIB,
+        expect_fail={"fs"}, device="corrupt-read",
     ),
 }
 
@@ -137,18 +139,26 @@ def zramd_bin() -> str:
 class HostServer:
     """zramd (or ``nbdkit memory`` for development) on a free loopback port; stop() ends it."""
 
-    def __init__(self, kind: str, exports: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, exports: list[str], log_path: Path, env: dict[str, str],
+                 device: str = "") -> None:
         self.kind = kind
         self.exports = exports
         self.port = free_port()
         self.log_path = log_path
         self.control = str(log_path.with_suffix(".control.sock"))
         self.env = {**os.environ, **env, "ZRAMD_CONTROL": self.control}
+        self.device = device
+        if device:
+            self.env["PYTHONPATH"] = str(REPO)  # python -m tests.support.serve_device
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         if self.kind == "nbdkit":  # one memory disk for every export name: development only
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), "memory", "1G"]
+        if self.device:  # zramd's server with a test device (no control socket, no stats)
+            return [sys.executable, "-m", "tests.support.serve_device", "--device", self.device,
+                    "--bind", "127.0.0.1", "--port", str(self.port),
+                    *(a for spec in self.exports for a in ("--export", spec))]
         cmd = [zramd_bin(), "serve", "--bind", "127.0.0.1", "--port", str(self.port)]
         if _serve_accepts("--control"):
             cmd += ["--control", self.control]
@@ -412,13 +422,14 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
     group = GROUPS[name]
     if scenarios:  # development: a subset, in the given order
         group = Group(group.name, scenarios, group.exports, group.mem_mib, group.expect_fail,
-                      group.env)
+                      group.env, group.device)
     kernel, initrd = build.build()
     accel = choose_accel(kernel, initrd)
     LOGS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     log_path = LOGS / f"{stamp}-{name}.console.log"
-    server = HostServer(server_kind, group.exports, LOGS / f"{stamp}-{name}.server.log", group.env)
+    server = HostServer(server_kind, group.exports, LOGS / f"{stamp}-{name}.server.log",
+                        group.env, group.device)
     extra = []
     if "swap" in group.scenarios:
         mib = hog_mib or (SWAP_HOG_MIB_KVM if accel == "kvm" else SWAP_HOG_MIB_TCG)

@@ -86,7 +86,7 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
             say(f"export {cfg.name}: new pages compressed with {cfg.algorithm}")
     fixed = [
         k
-        for k in ("size", "read_only", "description", "backend")
+        for k in ("size", "read_only", "description")
         if getattr(cfg, k) != getattr(old, k)
     ]
     if fixed:

@@ -93,8 +93,7 @@ def _algorithm(exp: ExportLike) -> str:
     alg = getattr(exp.device, "algorithm", None)
     if isinstance(alg, str):
         return alg
-    cfg = exp.config
-    return cfg.algorithm if cfg.backend == "zram" else cfg.backend
+    return exp.config.algorithm
 
 
 def export_row(exp: ExportLike) -> dict[str, Any]:
@@ -357,9 +356,6 @@ class ControlServer:
         cfg.mem_limit = _arg_size(req, "mem_limit") or 0
         cfg.read_only = bool(req.get("read_only", False))
         cfg.description = _arg_str(req, "description", required=False) or ""
-        backend = _arg_str(req, "backend", required=False)
-        if backend is not None:
-            cfg.backend = backend
         exp = self.registry.add(cfg)
         log.info("created export %s", cfg.summary())
         return export_row(exp)

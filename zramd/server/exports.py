@@ -25,13 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from zramd.config import (
-    BACKEND_CORRUPT_READ,
-    BACKEND_PLAIN,
-    BACKEND_ZRAM,
-    ConfigError,
-    ExportConfig,
-)
+from zramd.config import ConfigError, ExportConfig
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
 from zramd.protocol.events import ExportInfo
@@ -61,18 +55,9 @@ class ExportBusy(Exception):
 def make_device(
     cfg: ExportConfig, executor: Executor | None = None, budget: Any = None
 ) -> BlockDevice:
-    """Build the device for ``cfg`` (its ``backend``); ``budget`` is the server-wide
+    """The compressed device for ``cfg``; ``budget`` is the server-wide
     :class:`~zramd.allocator.MemoryBudget` (or None)."""
-    if cfg.backend == BACKEND_PLAIN:
-        from zramd.device.plain import PlainDevice
-
-        return PlainDevice(cfg.size)
-    if cfg.backend == BACKEND_CORRUPT_READ:
-        from zramd.device.plain import CorruptReadDevice
-
-        return CorruptReadDevice(cfg.size)
-    assert cfg.backend == BACKEND_ZRAM, cfg.backend
-    dev: BlockDevice = ZramDevice(
+    return ZramDevice(
         cfg.size,
         algorithm=cfg.algorithm,
         level=cfg.level,
@@ -81,7 +66,6 @@ def make_device(
         executor=executor,
         offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
     )
-    return dev
 
 
 class Export:
@@ -147,7 +131,8 @@ class ExportRegistry:
         return self._exports.get(name)
 
     def add(self, config: ExportConfig, device: BlockDevice | None = None) -> Export:
-        """Create (or adopt ``device`` for) a new export. Raises ConfigError on a duplicate."""
+        """Create a new export on a compressed device, or on ``device`` when given (tests put
+        their own devices behind an export this way). Raises ConfigError on a duplicate."""
         config.validate()
         if config.name in self._exports:
             raise ConfigError(f"export {config.name!r} already exists")

@@ -1,18 +1,19 @@
-"""A plain, uncompressed, bytearray-backed BlockDevice: the reference model.
+"""Test devices: a plain bytearray BlockDevice and one that corrupts its reads.
 
 Theory of operation
 -------------------
 :class:`PlainDevice` stores the export in one ``bytearray`` (sparse in practice: the kernel maps
 untouched zero pages lazily) plus a per-page "allocated" bitmap, so ``block_status`` can answer
-HOLE|ZERO for never-written or trimmed pages, like the compressed store does. It exists as
-
-* the reference a model-based test compares :class:`~zramd.device.blockdev.ZramDevice` against,
-* the backend behind ``--export NAME=SIZE,backend=plain`` (test-only, ``ZRAMD_TEST_BACKENDS=1``),
-* the base of :class:`CorruptReadDevice` (``backend=corrupt-read``), which flips one byte in every
-  read of a non-zero page, so a test (the VM test) can prove its checks can fail.
+HOLE|ZERO for never-written or trimmed pages, like the compressed store does. It is the reference
+model tests compare :class:`~zramd.device.blockdev.ZramDevice` against, and the device of server
+tests that must not depend on compression. :class:`CorruptReadDevice` flips one byte in every
+read of a non-zero page, so a test (the VM test's negative scenario) can prove its checks can
+fail. Tests put them behind an export with ``ExportRegistry.add(config, device=...)``, or in a
+separate server process with ``python -m tests.support.serve_device``; zramd itself cannot reach
+them.
 
 Every method completes without yielding, so requests are atomic with respect to each other.
-It knows nothing of NBD; ranges are asserted, not checked (``server/dispatch.py`` validates).
+They know nothing of NBD; ranges are asserted, not checked (``server/dispatch.py`` validates).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class PlainDevice:
 
 
 class CorruptReadDevice(PlainDevice):
-    """Test-only: every read flips one byte in each non-zero page it returns (negative control)."""
+    """Every read flips one byte in each non-zero page it returns (negative control)."""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._check(offset, length)
@@ -118,3 +119,7 @@ class CorruptReadDevice(PlainDevice):
                 out[pos - offset] ^= 0xFF
             pos = page_end
         return out
+
+
+#: ``--device`` names of ``tests.support.serve_device``
+DEVICES: dict[str, type[PlainDevice]] = {"plain": PlainDevice, "corrupt-read": CorruptReadDevice}
