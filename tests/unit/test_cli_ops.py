@@ -14,10 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from zramd.cli import main
-from zramd.cli_ops import (
-    format_table,
-    parse_columns,
-)
+from zramd.cli.table import format_table, parse_columns
 from zramd.config import ConfigError, ServeConfig, ServeFlags, serve_config
 from zramd.configfile import load_file, load_serve_file
 from zramd.control.attach import AttachError, attach_plan, detach_plan, find_free_nbd

@@ -1,0 +1,220 @@
+"""The control-socket commands: create, destroy, list, stat, reset, compact, set, reload.
+
+Theory of operation
+-------------------
+Each command parses its arguments (sizes with K/M/G/T suffixes, by ``zramd.config``), sends one
+request through :class:`~zramd.control.client.ControlClient` to a running daemon and prints the
+answer; ``list`` formats it with ``cli/table.py``. Errors are one line on stderr and exit 1
+(``cli/options.py``). No protocol, device or server logic here, and no state between commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from zramd.cli.options import control_option, errors_one_line
+from zramd.cli.table import COLUMNS, format_table, json_rows, parse_columns
+from zramd.config import DEFAULT_ALGORITHM, format_size, parse_size
+from zramd.control.client import ControlClient
+from zramd.control.protocol import ControlError
+
+
+def _size(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    return parse_size(text, what=what)
+
+
+@click.command()
+@click.argument("name")
+@click.option("-s", "--size", required=True, metavar="SIZE", help="Disk size, e.g. 4G.")
+@click.option(
+    "-a", "--algorithm", default=None, help=f"Compression algorithm [{DEFAULT_ALGORITHM}]."
+)
+@click.option("--level", type=int, default=None, help="Compression level (zstd, lz4hc...).")
+@click.option("--mem-limit", default=None, metavar="SIZE", help="Memory cap, e.g. 1G (0 = none).")
+@click.option("--read-only", is_flag=True, help="Export read-only.")
+@click.option("--description", default=None, help="Text shown to NBD clients.")
+@control_option
+@errors_one_line
+def create(
+    name: str,
+    size: str,
+    algorithm: str | None,
+    level: int | None,
+    mem_limit: str | None,
+    read_only: bool,
+    description: str | None,
+    control: str,
+) -> None:
+    """Create export NAME on the running daemon."""
+    args: dict[str, Any] = {"name": name, "size": _size(size, "size")}
+    if algorithm is not None:
+        args["algorithm"] = algorithm
+    if level is not None:
+        args["level"] = level
+    if mem_limit is not None:
+        args["mem_limit"] = _size(mem_limit, "mem-limit")
+    if read_only:
+        args["read_only"] = True
+    if description is not None:
+        args["description"] = description
+    with ControlClient(control) as c:
+        row = c.call("create", **args)
+    click.echo(f"created {row['name']}: {format_size(row['disksize'])} {row['algorithm']}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("-f", "--force", is_flag=True, help="Disconnect connected clients first.")
+@control_option
+@errors_one_line
+def destroy(name: str, force: bool, control: str) -> None:
+    """Destroy export NAME (refused while clients are connected unless --force)."""
+    with ControlClient(control) as c:
+        c.call("destroy", name=name, force=force)
+    click.echo(f"destroyed {name}")
+
+
+@click.command(name="list")
+@click.argument("names", nargs=-1)
+@click.option("-J", "--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("-b", "--bytes", "raw_bytes", is_flag=True, help="Sizes in bytes.")
+@click.option(
+    "-o",
+    "--output",
+    "columns",
+    metavar="COLUMNS",
+    default=None,
+    help=f"Columns, comma-separated ('+' to add to the defaults): {', '.join(COLUMNS)}.",
+)
+@click.option("--output-all", is_flag=True, help="All columns.")
+@click.option("-n", "--noheadings", is_flag=True, help="No header line.")
+@control_option
+@errors_one_line
+def list_(
+    names: tuple[str, ...],
+    as_json: bool,
+    raw_bytes: bool,
+    columns: str | None,
+    output_all: bool,
+    noheadings: bool,
+    control: str,
+) -> None:
+    """List exports, zramctl-style."""
+    cols = list(COLUMNS) if output_all else parse_columns(columns)
+    with ControlClient(control) as c:
+        rows: list[dict[str, Any]] = c.call("list")
+    if names:
+        known = {r["name"] for r in rows}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ControlError(f"no export named {missing[0]!r}")
+        rows = [r for r in rows if r["name"] in names]
+    if as_json:
+        click.echo(json.dumps(json_rows(rows, cols), indent=2))
+        return
+    if rows or not noheadings:
+        click.echo(format_table(rows, cols, raw_bytes=raw_bytes, headings=not noheadings))
+
+
+@click.command()
+@click.argument("name")
+@click.option("-J", "--json", "as_json", is_flag=True, help="JSON output.")
+@control_option
+@errors_one_line
+def stat(name: str, as_json: bool, control: str) -> None:
+    """Show mm_stat and io_stat of export NAME (zram's sysfs fields)."""
+    with ControlClient(control) as c:
+        st: dict[str, Any] = c.call("stat", name=name)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(
+        f"{st['name']}: disksize {st['disksize']}, algorithm {st['algorithm']}, "
+        f"clients {st['clients']}"
+    )
+    for section in ("mm_stat", "io_stat"):
+        fields: dict[str, int] = st[section]
+        click.echo(f"{section}: " + " ".join(str(v) for v in fields.values()))
+        width = max(len(k) for k in fields)
+        for k, v in fields.items():
+            click.echo(f"  {k.ljust(width)}  {v}")
+
+
+@click.command()
+@click.argument("name")
+@control_option
+@errors_one_line
+def reset(name: str, control: str) -> None:
+    """Free all data of export NAME (it reads as zeros again)."""
+    with ControlClient(control) as c:
+        c.call("reset", name=name)
+    click.echo(f"reset {name}")
+
+
+@click.command()
+@click.argument("name", required=False)
+@control_option
+@errors_one_line
+def compact(name: str | None, control: str) -> None:
+    """Compact the memory pool of export NAME (all exports without NAME)."""
+    with ControlClient(control) as c:
+        if name:
+            targets = [name]
+        else:
+            targets = [r["name"] for r in c.call("list")]
+        results: list[dict[str, Any]] = []
+        show = len(targets) > 1 and sys.stderr.isatty()
+        with click.progressbar(
+            targets, label="compacting", file=sys.stderr, hidden=not show
+        ) as bar:
+            for t in bar:
+                results.extend(c.call("compact", name=t))
+    for r in results:
+        click.echo(f"{r['name']}: {r['pages_compacted']} pages compacted")
+
+
+@click.command(name="set")
+@click.argument("name")
+@click.option("--mem-limit", default=None, metavar="SIZE", help="New memory cap (0 = none).")
+@click.option("-a", "--algorithm", default=None, help="Algorithm for pages written from now.")
+@click.option("--level", type=int, default=None, help="Compression level.")
+@control_option
+@errors_one_line
+def set_(
+    name: str, mem_limit: str | None, algorithm: str | None, level: int | None, control: str
+) -> None:
+    """Change the memory limit or the algorithm for new pages of export NAME."""
+    args: dict[str, Any] = {"name": name}
+    if mem_limit is not None:
+        args["mem_limit"] = _size(mem_limit, "mem-limit")
+    if algorithm is not None:
+        args["algorithm"] = algorithm
+    if level is not None:
+        args["level"] = level
+    if len(args) == 1:
+        raise ControlError("nothing to set: give --mem-limit, --algorithm or --level")
+    with ControlClient(control) as c:
+        row = c.call("set", **args)
+    click.echo(
+        f"{row['name']}: algorithm {row['algorithm']}, mem-limit {format_size(row['mem_limit'])}"
+    )
+
+
+@click.command()
+@control_option
+@errors_one_line
+def reload(control: str) -> None:
+    """Re-read the daemon's configuration file (like SIGHUP)."""
+    with ControlClient(control) as c:
+        lines: list[str] = c.call("reload")
+    for line in lines:
+        click.echo(line)
+
+
+COMMANDS = (create, destroy, list_, stat, reset, compact, set_, reload)

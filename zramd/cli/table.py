@@ -1,0 +1,81 @@
+"""The ``list`` table: zramctl's columns, human sizes, alignment, and the JSON rows.
+
+Theory of operation
+-------------------
+The daemon sends plain numbers (bytes, counts); this module turns rows into zramctl-style text:
+:data:`COLUMNS` maps a column name to its row key and kind, sizes are shown with
+:func:`zramd.config.format_size` (or in bytes with ``--bytes``), text columns are left-aligned and
+numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched.
+Knows nothing of sockets or the daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zramd.config import ConfigError, format_size
+
+#: column name -> (row key, kind) ; kind: "str", "size", "int", "ratio"
+COLUMNS: dict[str, tuple[str, str]] = {
+    "NAME": ("name", "str"),
+    "DISKSIZE": ("disksize", "size"),
+    "DATA": ("data", "size"),
+    "COMPR": ("compr", "size"),
+    "ALGORITHM": ("algorithm", "str"),
+    "ZERO-PAGES": ("zero_pages", "int"),
+    "TOTAL": ("total", "size"),
+    "MEM-LIMIT": ("mem_limit", "size"),
+    "MEM-USED": ("mem_used", "size"),
+    "COMP-RATIO": ("comp_ratio", "ratio"),
+    "CLIENTS": ("clients", "int"),
+    "RO": ("read_only", "bool"),
+    "DESCRIPTION": ("description", "str"),
+}
+DEFAULT_COLUMNS = list(COLUMNS)[:11]
+
+
+def parse_columns(spec: str | None) -> list[str]:
+    if not spec:
+        return list(DEFAULT_COLUMNS)
+    spec = spec.strip()
+    extend = spec.startswith("+")
+    names = [c.strip().upper() for c in spec.lstrip("+").split(",") if c.strip()]
+    for c in names:
+        if c not in COLUMNS:
+            raise ConfigError(f"unknown column {c!r} (available: {', '.join(COLUMNS)})")
+    return [*DEFAULT_COLUMNS, *names] if extend else names
+
+
+def format_cell(row: dict[str, Any], column: str, raw_bytes: bool) -> str:
+    key, kind = COLUMNS[column]
+    v = row.get(key)
+    if kind == "size":
+        return str(int(v or 0)) if raw_bytes else format_size(int(v or 0))
+    if kind == "ratio":
+        return f"{float(v or 0):.2f}"
+    if kind == "bool":
+        return "1" if v else "0"
+    return str(v if v is not None else "")
+
+
+def format_table(
+    rows: list[dict[str, Any]], columns: list[str], *, raw_bytes: bool, headings: bool
+) -> str:
+    table = [[format_cell(r, c, raw_bytes) for c in columns] for r in rows]
+    widths = [len(c) if headings else 0 for c in columns]
+    for line in table:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, line, strict=True)]
+    left = {c for c in columns if COLUMNS[c][1] == "str"}
+    out = []
+    lines = ([columns] if headings else []) + table
+    for line in lines:
+        cells = []
+        for c, w, cell in zip(columns, widths, line, strict=True):
+            cells.append(cell.ljust(w) if c in left else cell.rjust(w))
+        out.append(" ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    keys = [COLUMNS[c][0] for c in columns]
+    return {"exports": [{k: r.get(k) for k in keys} for r in rows]}
