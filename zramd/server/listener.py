@@ -121,7 +121,7 @@ class Server:
             registry,
             limits=Limits(max_payload=config.max_payload),
             max_in_flight=config.max_in_flight,
-            total_in_flight_high=config.max_in_flight_bytes,
+            max_in_flight_bytes=config.max_in_flight_bytes,
             poll_us=config.poll_us,
             max_payload=config.max_payload,
             handshake_timeout=config.handshake_timeout,

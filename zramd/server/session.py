@@ -5,26 +5,22 @@ Theory of operation
 :class:`Session` is an ``asyncio.Protocol``: the transport calls ``data_received`` with whatever
 arrived, the sans-I/O :class:`~zramd.protocol.connection.ServerConnection` buffers and parses it,
 and :meth:`Session._pump` drains its events. Handshake replies come from ``data_to_send()``;
-each transmission :class:`~zramd.protocol.events.Request` runs
-:meth:`Dispatcher.execute <zramd.server.dispatch.Dispatcher.execute>` inline until it first
-suspends (then a Task finishes it), and the encoded reply is written with ``writelines``; replies
+each transmission :class:`~zramd.protocol.events.Request` is first offered to
+:meth:`Dispatcher.run_now <zramd.server.dispatch.Dispatcher.run_now>` (a small request the device
+completes at once: no coroutine at all); otherwise
+:meth:`Dispatcher.execute <zramd.server.dispatch.Dispatcher.execute>` runs inline until it first
+suspends, then a Task finishes it (``server/inline.py``). The encoded reply is written with
+``writelines``; replies
 completed inline during one pump are batched into one ``writelines`` (one syscall for many small
 replies). Replies go out in completion order (allowed: nbd.md 1.4).
 
-Backpressure (every quantity a peer can push on is bounded):
-
-* at most ``max_in_flight`` requests run at once, and at most :data:`IN_FLIGHT_BYTES_HIGH` bytes of
-  request payload plus expected READ reply data are held by running requests;
-* across all sessions, at most ``ServerContext.total_in_flight_high`` bytes (config
-  ``max-in-flight-bytes``, default :data:`TOTAL_IN_FLIGHT_HIGH`) are held by running requests:
-  a session that finds the server over it stops taking requests and pauses reading, and is
-  resumed when a finishing request brings the total below :data:`TOTAL_IN_FLIGHT_LOW_FRACTION`
-  of it (each session may go over by the one request it took last; a session with nothing
-  running may always take one request, so they can never all wait for each other);
-* while the transport's write buffer is above its high-water mark (``pause_writing``) we stop
-  taking requests, so a client that stops reading cannot make us buffer replies without bound;
-* when any limit is hit we stop pulling events from the core *and* pause reading the socket; the
-  core then holds at most one partial request (<= max_payload) plus one socket read.
+Backpressure (every quantity a peer can push on is bounded): before taking each request from the
+core the session asks its :class:`~zramd.server.flow.Flow` (running requests and the bytes they
+hold, the server-wide total in ``ServerContext.in_flight``, the write buffer's high-water mark;
+the rules are in ``server/flow.py``). While the flow is blocked we stop pulling events from the
+core *and* pause reading the socket; the core then holds at most one partial request
+(<= max_payload) plus one socket read. A finishing request, ``resume_writing`` or the flow's
+``wake`` (the server-wide total fell) takes buffered requests again and resumes reading.
 
 Lifecycle: the handshake must finish within ``handshake_timeout`` or the connection is aborted.
 ``ConnectionClosed`` (EOF, DISC, protocol violation, ABORT) stops event intake; the session closes
@@ -66,9 +62,9 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Generator
 from typing import Any
 
+from zramd.config import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES
 from zramd.protocol.connection import Limits, ServerConnection
 from zramd.protocol.events import (
     NEED_DATA,
@@ -90,19 +86,11 @@ from zramd.server.dispatch import (
     StatusReply,
 )
 from zramd.server.exports import Export, ExportRegistry
+from zramd.server.flow import Flow, InFlight
+from zramd.server.inline import start_inline
 
 log = logging.getLogger("zramd.server")
 
-#: Bytes of WRITE payload + pending READ data held by running requests before we stop reading.
-#: Requests running when a slow reader stops reading still land their replies in the write
-#: buffer, so a connection can cost about twice this: 64 MiB let one client that never reads its
-#: READ replies grow the server by ~130 MiB, 16 MiB by ~34 MiB (tests/e2e/test_load.py). One
-#: request larger than this (up to max_payload) is still admitted when nothing else runs.
-IN_FLIGHT_BYTES_HIGH = 16 << 20
-#: the same, summed over every session of the server (100 connections x 16 MiB would be 1.6 GB)
-TOTAL_IN_FLIGHT_HIGH = 256 << 20
-#: sessions paused by the server-wide bound resume below this fraction of it
-TOTAL_IN_FLIGHT_LOW_FRACTION = 0.75
 #: Transport write buffer high/low water marks (pause_writing / resume_writing thresholds).
 WRITE_BUFFER_HIGH = 4 << 20
 WRITE_BUFFER_LOW = 1 << 20
@@ -122,8 +110,8 @@ class ServerContext:
         registry: ExportRegistry,
         *,
         limits: Limits | None = None,
-        max_in_flight: int = 256,
-        total_in_flight_high: int = TOTAL_IN_FLIGHT_HIGH,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
         poll_us: int = 0,
         max_payload: int = 64 << 20,
         handshake_timeout: float = 10.0,
@@ -141,13 +129,10 @@ class ServerContext:
         self.allow = allow
         self.refused = 0
         self.limits = limits if limits is not None else Limits(max_payload=max_payload)
+        #: running requests per session (each session's Flow)
         self.max_in_flight = max_in_flight
-        #: server-wide bound on bytes held by running requests (module docstring, Backpressure)
-        self.total_in_flight_high = total_in_flight_high
-        self.total_in_flight_bytes = 0
-        self.total_in_flight_peak = 0
-        #: sessions that paused because of the server-wide bound
-        self.waiting_for_memory: set[Session] = set()
+        #: bytes held by running requests, all sessions together (server/flow.py)
+        self.in_flight = InFlight(max_in_flight_bytes)
         self.poll_s = poll_us / 1e6
         #: sessions past the handshake (busy polling only serves a lone one)
         self.transmitting: set[Session] = set()
@@ -161,10 +146,6 @@ class ServerContext:
         self.sessions: set[Session] = set()
         self.rejected = 0
         self._next_id = 0
-
-    @property
-    def total_in_flight_low(self) -> int:
-        return int(self.total_in_flight_high * TOTAL_IN_FLIGHT_LOW_FRACTION)
 
     def next_id(self) -> int:
         self._next_id += 1
@@ -182,12 +163,9 @@ class Session(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
-        self.in_flight = 0
-        self.in_flight_bytes = 0
+        self.flow = Flow(ctx.in_flight, ctx.max_in_flight, self._maybe_resume)
         self.requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reading_paused = False
-        self._writing_paused = False
         self._closing = False  # no more events taken; close once idle
         self._pumping = False  # inside _pump: nested resumes are left to the outer loop
         self._batch: list[bytes | bytearray | memoryview] | None = None  # queued in _pump
@@ -272,15 +250,15 @@ class Session(asyncio.Protocol):
             log.debug("connection %s lost: %s", self.label, exc)
         self._cancel_handshake_timer()
         self._detach()
-        if self.in_flight == 0:
+        if self.flow.requests == 0:
             self._resolve_closed()
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.flow.writing_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self.flow.writing_paused = False
         self._maybe_resume()
 
     # --- public ----------------------------------------------------------------------------------
@@ -288,12 +266,17 @@ class Session(asyncio.Protocol):
     def in_transmission(self) -> bool:
         return self.dispatcher is not None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests of this session running in tasks."""
+        return self.flow.requests
+
     def close(self, reason: str = "") -> None:
         """Stop taking requests; close once the running ones have finished."""
         if reason:
             log.debug("closing connection %s: %s", self.label, reason)
         self._closing = True
-        if self.in_flight == 0:
+        if self.flow.requests == 0:
             self._finish()
 
     def begin_shutdown(self) -> None:
@@ -309,7 +292,7 @@ class Session(asyncio.Protocol):
 
     async def wait_idle(self) -> None:
         """Return once no request of this session is running."""
-        if self.in_flight == 0:
+        if self.flow.requests == 0:
             return
         if self._idle is None:
             self._idle = asyncio.get_running_loop().create_future()
@@ -319,10 +302,10 @@ class Session(asyncio.Protocol):
     def _can_poll(self) -> bool:
         t = self.transport
         return (
-            self.in_flight == 0
+            self.flow.requests == 0
             and not self._closing
             and not self._lost
-            and not self._reading_paused
+            and not self.flow.reading_paused
             and not self._tls
             and len(self.ctx.transmitting) == 1
             and not self.ctx.shutdown.is_set
@@ -354,31 +337,20 @@ class Session(asyncio.Protocol):
             if not self._can_poll():
                 return
 
-    def _over_limit(self) -> bool:
-        ctx = self.ctx
-        if ctx.total_in_flight_bytes >= ctx.total_in_flight_high and self.in_flight:
-            ctx.waiting_for_memory.add(self)
-            return True
-        return (
-            self.in_flight >= ctx.max_in_flight
-            or self.in_flight_bytes >= IN_FLIGHT_BYTES_HIGH
-            or self._writing_paused
-        )
-
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self._lost:
-            self._reading_paused = True
+        if self.transport is not None and not self._lost and self.flow.pause_reading():
             try:
                 self.transport.pause_reading()
             except (RuntimeError, AttributeError):
                 pass
 
     def _maybe_resume(self) -> None:
-        if self._pumping or not self._reading_paused or self._closing or self._over_limit():
+        """Take requests again and resume reading once the flow allows (``Flow.wake``)."""
+        flow = self.flow
+        if self._pumping or not flow.reading_paused or self._closing or flow.blocked():
             return
         self._pump()  # events the core already buffered come first
-        if not self._over_limit() and not self._closing and self._reading_paused:
-            self._reading_paused = False
+        if not self._closing and flow.resume_reading():
             if self.transport is not None and not self._lost:
                 try:
                     self.transport.resume_reading()
@@ -401,12 +373,13 @@ class Session(asyncio.Protocol):
             self._pumping = False
             self._flush_batch()
             self._batch = None
-        if self._closing and self.in_flight == 0:
+        if self._closing and self.flow.requests == 0:
             self._finish()
 
     def _pump_events(self, conn: ServerConnection) -> None:
+        flow = self.flow
         while not self._closing:
-            if self._over_limit():
+            if flow.blocked():
                 self._pause_reading()
                 break
             ev = conn.next_event()
@@ -548,24 +521,11 @@ class Session(asyncio.Protocol):
             return
         nbytes = len(req.data) if req.data is not None else 0
         if req.command == READ:
-            nbytes += req.length
-        self.in_flight += 1
-        self.in_flight_bytes += nbytes
-        ctx = self.ctx
-        ctx.total_in_flight_bytes += nbytes
-        if ctx.total_in_flight_bytes > ctx.total_in_flight_peak:
-            ctx.total_in_flight_peak = ctx.total_in_flight_bytes
+            nbytes += req.length  # the reply it will send
+        self.flow.start(nbytes)
         self.requests += 1
-        # Run the handler inline until its first real suspension: a request the device completes
-        # without waiting (most single-page ones) costs no Task. Otherwise a Task resumes it.
-        coro = self._handle(req, nbytes)
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
-        task = asyncio.get_running_loop().create_task(_resume(coro, yielded))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # A request the device completes without waiting costs no Task (server/inline.py).
+        start_inline(self._handle(req, nbytes), self._tasks)
 
     async def _handle(self, req: Request, nbytes: int) -> None:
         try:
@@ -576,9 +536,7 @@ class Session(asyncio.Protocol):
             log.exception("connection %s: request failed", self.label)
             self.abort()
         finally:
-            self.in_flight -= 1
-            self.in_flight_bytes -= nbytes
-            self.ctx.total_in_flight_bytes -= nbytes
+            self.flow.finish(nbytes)
             self._request_done()
 
     def _reply(self, req: Request, reply: Reply) -> None:
@@ -616,14 +574,7 @@ class Session(asyncio.Protocol):
                 t.writelines(batch)
 
     def _request_done(self) -> None:
-        ctx = self.ctx
-        if ctx.waiting_for_memory and ctx.total_in_flight_bytes < ctx.total_in_flight_low:
-            waiting = list(ctx.waiting_for_memory)
-            ctx.waiting_for_memory.clear()
-            for s in waiting:
-                if s is not self:
-                    s._maybe_resume()
-        if self.in_flight == 0:
+        if self.flow.requests == 0:
             if self._idle is not None:
                 if not self._idle.done():
                     self._idle.set_result(None)
@@ -644,7 +595,7 @@ class Session(asyncio.Protocol):
 
     def _detach(self) -> None:
         self.ctx.sessions.discard(self)
-        self.ctx.waiting_for_memory.discard(self)
+        self.flow.leave()
         self.ctx.transmitting.discard(self)
         self._poll_fd = -1
         if self.export is not None:
@@ -678,40 +629,6 @@ class Session(asyncio.Protocol):
                 self.ctx.handshake_timeout,
             )
             self.abort()
-
-
-class _Resume:
-    """Continue a coroutine that was started inline and suspended on ``yielded``."""
-
-    __slots__ = ("coro", "yielded")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-        self.coro = coro
-        self.yielded = yielded
-
-    def __await__(self) -> Generator[Any, None, None]:
-        # Step the coroutine exactly as a Task would have: hand each yielded future (or None) to
-        # the Task driving us, then resume the coroutine, forwarding a thrown exception (e.g.
-        # cancellation) to it at its suspension point.
-        coro = self.coro
-        yielded = self.yielded
-        while True:
-            try:
-                yield yielded
-            except BaseException as e:  # noqa: BLE001 - delivered to the coroutine
-                try:
-                    yielded = coro.throw(e)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    yielded = coro.send(None)
-                except StopIteration:
-                    return
-
-
-async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-    await _Resume(coro, yielded)
 
 
 def _fmt_peer(peer: Any) -> str:
