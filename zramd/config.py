@@ -1,16 +1,23 @@
-"""Typed configuration of a zramd server: exports, listeners, limits.
+"""Typed configuration of zramd: exports, listeners, limits, and how flags and file combine.
 
 Theory of operation
 -------------------
-Everything the server needs to start is in one :class:`ServerConfig` holding a list of
-:class:`ExportConfig`. They are built from command-line flags (``cli.py``) or, later, from TOML;
-both paths go through the parsers here (:func:`parse_size`, :func:`parse_export_spec`), so the same
-value is accepted or refused with the same message everywhere. Every error is a :class:`ConfigError`
-whose message names the offending value; nothing here prints, exits or knows about click.
+Everything a server needs to start is one :class:`ServerConfig` holding a list of
+:class:`ExportConfig`; ``zramd serve`` adds the operator settings (control socket, swap safety,
+metrics) in a :class:`ServeConfig`. This module owns every default and limit (the constants
+below), the value parsers shared by the command line and the TOML file (:func:`parse_size`,
+:func:`parse_export_spec`, :func:`parse_network`, :func:`parse_metrics_address`), the one size
+formatter (:func:`format_size`), and the one merge, :func:`serve_config`: the flags
+(:class:`ServeFlags`, collected by ``cli/serve.py``) over the file (:class:`FileConfig`, read by
+``configfile.py``) over the defaults, validated once. The same value is accepted or refused
+with the same message everywhere. Every error is a :class:`ConfigError` naming the offending
+value; nothing here prints, exits, reads files or knows about click, and nothing here imports
+the server, control or cli layers.
 
 Invariants after validation (``ServerConfig.validate``): export names are unique, non-empty,
 UTF-8 strings of at most :data:`MAX_EXPORT_NAME` bytes; sizes are positive multiples of
-:data:`EXPORT_SIZE_ALIGN`; every limit is positive.
+:data:`EXPORT_SIZE_ALIGN`; codecs exist; every limit is within its named range; TLS settings
+are consistent; allow-list entries parse.
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""The operator side of a running daemon: control socket, SIGHUP reload, swap safety, notify.
+"""The operator side of a running daemon: the control socket, SIGHUP reload and metrics.
 
 Theory of operation
 -------------------
-:class:`Operator` is the one object the server's startup code needs from the
-operator surface. It is built with the live export registry and what ``serve`` was
-told (control socket path, configuration file, exports given as flags), and:
+:class:`Operator` is built with the live export registry and what ``serve`` was told (control
+socket path, configuration file, exports given as flags), and:
 
-- ``await start()`` binds the control socket (refusing if another daemon owns it)
-  and installs the SIGHUP handler that re-reads the configuration file;
-- ``await reload()`` re-reads the file and applies it (see ``reload``); flag exports
-  win over file exports of the same name and are always kept;
+- ``await start()`` binds the control socket (refusing if another daemon owns it) and installs
+  the SIGHUP handler (always: SIGHUP's default action would kill the daemon and its data);
+- ``await reload()`` re-reads the file and applies it (``control/reload.py``); flag exports win
+  over file exports of the same name and are always kept (``config.merge_exports``);
 - ``await close()`` removes both.
 
-Errors at start are :class:`~zramd.control.protocol.ControlError` with one line the
-CLI prints. The server calls ``system.sd_notify("READY=1")`` once it listens.
+:class:`OperatorHooks` is the ``ServeHooks`` the server's startup runs before binding its
+listeners: an :class:`Operator` (running without the *default* control socket, with a warning,
+when that one cannot be had) and, with ``--metrics``, the Prometheus server. Errors at start are
+:class:`~zramd.control.protocol.ControlError` or OSError with one line the server logs. Swap
+safety (``system.apply_swap_safety``, applied by ``cli/serve.py``) and ``READY=1``
+(``server/listener.py``) are not done here.
 """
 
 from __future__ import annotations
