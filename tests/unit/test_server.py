@@ -307,7 +307,7 @@ async def test_connection_cap() -> None:
         r, w = await asyncio.open_unix_connection(e.path)
         assert await asyncio.wait_for(r.read(), 3) == b""  # accepted and closed at once
         w.close()
-        assert e.server.ctx.rejected == 1
+        assert e.server.admission.rejected == 1
         c1.send(READ, 1, 0, 512)
         assert (await c1.reply({1: 512}))[:2] == (1, 0)
         await c1.close()

@@ -188,7 +188,7 @@ async def test_allow_list_refuses_tcp_but_not_unix(servers: list[Server], tmp_pa
     r, w = await asyncio.open_connection("127.0.0.1", srv.tcp_port)
     assert await asyncio.wait_for(r.read(), 5) == b""  # closed before the greeting
     w.close()
-    assert srv.ctx.refused == 1
+    assert srv.admission.refused == 1
     r, w = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
     await greet(r, w)
     await go(r, w)
@@ -200,7 +200,7 @@ async def test_allow_list_refuses_tcp_but_not_unix(servers: list[Server], tmp_pa
     await greet(r, w)
     await go(r, w)
     w.close()
-    assert srv2.ctx.refused == 0
+    assert srv2.admission.refused == 0
 
 
 def test_allow_list_matching() -> None:

@@ -4,23 +4,27 @@ Theory of operation
 -------------------
 :class:`Server` owns everything one ``zramd serve`` process runs: the codec thread pool, the
 :class:`~zramd.server.exports.ExportRegistry` (built from the config), the shared
-:class:`~zramd.server.session.ServerContext`, and the listening sockets. ``start()`` binds and logs
-exactly one INFO line (``listening on ... (exports: ...)``); ``serve_forever()`` returns once
-``shutdown()`` has finished (or, in stdio mode, once the single connection has ended).
+:class:`~zramd.server.session.ServerContext`, the :class:`~zramd.server.admission.Admission` of
+new connections, and the listening sockets. ``start()`` binds and logs exactly one INFO line
+(``listening on ... (exports: ...)``); ``serve_forever()`` returns once ``shutdown()`` has
+finished (or, in stdio mode, once the single connection has ended).
 
 Listener sources, in order: systemd socket activation (``LISTEN_PID`` == our pid and
 ``LISTEN_FDS`` = n: fds 3..3+n-1 are listening sockets; when present they replace the default TCP
 listener), ``--unix PATH`` (a stale socket file nobody answers on is removed; a live one is an
 error; mode 0600 by default), TCP (``--bind``/``--port``, 127.0.0.1:10809 by default). ``--stdio``
-serves one connection on fd 0/1: if stdin is a socket (libnbd ``connect_command`` passes a
-socketpair) it is used directly, otherwise stdin/stdout are driven as a pipe pair.
-
-The connection cap and the TCP allow-list (``--allow``) are enforced per accepted connection by
-the session (accept, log, close). STARTTLS (``--tls on|require``) uses one ``ssl.SSLContext``
-built at ``start()`` from ``--tls-certificates`` (``server/tls.py``); a bad certificates directory
-is a start failure. TLS works on TCP, Unix, inherited and stdio-socket connections; on stdio
-pipes ``start_tls`` is impossible, so ``--tls`` with pipes is a start failure.
+serves one connection on fd 0/1 instead (``server/stdio.py``: a socket on stdin is used directly,
+otherwise stdin/stdout are driven as a pipe pair); the server stops when it ends.
 The Unix socket is created under a umask matching its mode (no window with looser permissions).
+
+Admission: every listener's protocol factory is ``Admission.gate``, so the connection cap
+(``--max-connections``), shutdown and the TCP allow-list (``--allow``) are decided for each
+accepted connection, stdio's included, before a session exists (``server/admission.py``).
+
+STARTTLS (``--tls on|require``) uses one ``ssl.SSLContext`` built at ``start()`` from
+``--tls-certificates`` (``server/tls.py``); a bad certificates directory is a start failure. TLS
+works on TCP, Unix, inherited and stdio-socket connections; on stdio pipes ``start_tls`` is
+impossible, so ``--tls`` with pipes is a start failure.
 
 Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown flag so new requests
 get ESHUTDOWN and options of sessions still negotiating get ERR_SHUTDOWN; wait (bounded by
@@ -43,9 +47,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from zramd.config import ConfigError, ServerConfig
+from zramd.server import stdio
 from zramd.server.access import AllowList
+from zramd.server.admission import Admission
 from zramd.server.exports import ExportRegistry
-from zramd.server.session import ServerContext, Session
+from zramd.server.session import ServerContext
 from zramd.server.tls import server_context
 
 log = logging.getLogger("zramd.server")
@@ -125,17 +131,17 @@ class Server:
             poll_us=config.poll_us,
             max_payload=config.max_payload,
             handshake_timeout=config.handshake_timeout,
-            max_connections=config.max_connections,
             structured_replies=structured_replies,
             tls=config.tls,
-            allow=AllowList(config.allow) if config.allow else None,
+        )
+        self.admission = Admission(
+            self.ctx, config.max_connections, AllowList(config.allow) if config.allow else None
         )
         self.addresses: list[str] = []
         self.tcp_port: int | None = None
         self._servers: list[asyncio.AbstractServer | _NullServer] = []
         self._unix_path: str | None = None
         self._unix_ino: tuple[int, int] | None = None
-        self._stdio_session: Session | None = None
         self._stopped: asyncio.Event | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
@@ -181,13 +187,10 @@ class Server:
         except Exception:  # noqa: BLE001 - notification is best effort
             log.debug("sd_notify failed", exc_info=True)
 
-    def _factory(self) -> Session:
-        return Session(self.ctx)
-
     async def _start_tcp(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         try:
             srv = await loop.create_server(
-                self._factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+                self.admission.gate, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
             )
         except OSError as e:
             raise ServerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -204,7 +207,9 @@ class Server:
         try:
             old_umask = os.umask(0o777 & ~self.config.unix_mode)
             try:
-                srv = await loop.create_unix_server(self._factory, path, backlog=LISTEN_BACKLOG)
+                srv = await loop.create_unix_server(
+                    self.admission.gate, path, backlog=LISTEN_BACKLOG
+                )
             finally:
                 os.umask(old_umask)
         except OSError as e:
@@ -222,32 +227,29 @@ class Server:
         if sock.type != socket.SOCK_STREAM:
             raise ServerError(f"inherited fd {fd} is not a stream socket")
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(self._factory, sock=sock, backlog=LISTEN_BACKLOG)
+            srv = await loop.create_unix_server(
+                self.admission.gate, sock=sock, backlog=LISTEN_BACKLOG
+            )
             name = sock.getsockname()
             self.addresses.append(f"unix:{name or '?'} (fd {fd})")
         else:
-            srv = await loop.create_server(self._factory, sock=sock, backlog=LISTEN_BACKLOG)
+            srv = await loop.create_server(self.admission.gate, sock=sock, backlog=LISTEN_BACKLOG)
             addr = sock.getsockname()
             self.addresses.append(f"{addr[0]}:{addr[1]} (fd {fd})")
         self._servers.append(srv)
 
     async def _start_stdio(self, loop: asyncio.AbstractEventLoop) -> None:
         self.addresses.append("stdio")
-        mode = os.fstat(0).st_mode
-        if stat.S_ISSOCK(mode):
-            sock = socket.socket(fileno=os.dup(0))
-            sock.setblocking(False)
-            _, proto = await loop.connect_accepted_socket(self._factory, sock=sock)
-            self._stdio_session = proto
+        if self.config.tls != "off" and not stdio.stdin_is_socket():
+            raise ServerError(
+                "--tls with --stdio needs stdin to be a socket (as libnbd connect_command "
+                "passes); TLS cannot run over pipes"
+            )
+        session = await stdio.connect(loop, self.admission)
+        if session is None:  # refused: there is nothing to serve
+            self.request_shutdown()
         else:
-            if self.config.tls != "off":
-                raise ServerError(
-                    "--tls with --stdio needs stdin to be a socket (as libnbd connect_command "
-                    "passes); TLS cannot run over pipes"
-                )
-            self._stdio_session = await _connect_pipes(loop, self._factory)
-        assert self._stdio_session is not None
-        self._stdio_session.closed.add_done_callback(lambda _f: self.request_shutdown())
+            session.closed.add_done_callback(lambda _f: self.request_shutdown())
         # a placeholder so "no listener" is not reported
         self._servers.append(_NullServer())
 
@@ -328,9 +330,7 @@ def raise_nofile_limit(needed: int) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
             soft = new
         if soft < needed:
-            log.warning(
-                "open file limit %d is below the %d the connection cap needs", soft, needed
-            )
+            log.warning("open file limit %d is below the %d the connection cap needs", soft, needed)
     return int(soft)
 
 
@@ -378,119 +378,6 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise ServerError(f"unix socket {path} is in use by another server")
-
-
-class _PipeTransport(asyncio.Transport):
-    """stdin (read) + stdout (write) pipes presented as one transport to a Session."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._loop = loop
-        self.rt: asyncio.ReadTransport | None = None
-        self.wt: asyncio.WriteTransport | None = None
-        self.proto: Session | None = None
-        self._closed = False
-        self._lost_called = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return "stdio" if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self._closed
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.wt is not None and not self._closed:
-            self.wt.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        if self.wt is not None and not self._closed:
-            self.wt.writelines(list_of_data)
-
-    def pause_reading(self) -> None:
-        if self.rt is not None:
-            self.rt.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.rt is not None:
-            self.rt.resume_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if self.wt is not None:
-            self.wt.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.wt.get_write_buffer_size() if self.wt is not None else 0
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.rt is not None:
-            self.rt.close()
-        if self.wt is not None:
-            self.wt.close()  # flushes, then connection_lost on the writer side
-        else:
-            self._lost(None)
-
-    def abort(self) -> None:
-        self._closed = True
-        if self.rt is not None:
-            self.rt.close()
-        if self.wt is not None:
-            self.wt.abort()
-        self._lost(None)
-
-    def _lost(self, exc: Exception | None) -> None:
-        if not self._lost_called and self.proto is not None:
-            self._lost_called = True
-            self.proto.connection_lost(exc)
-
-
-class _ReadSide(asyncio.Protocol):
-    def __init__(self, pt: _PipeTransport) -> None:
-        self.pt = pt
-
-    def data_received(self, data: bytes) -> None:
-        if self.pt.proto is not None:
-            self.pt.proto.data_received(data)
-
-    def eof_received(self) -> bool:
-        if self.pt.proto is not None:
-            self.pt.proto.eof_received()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-
-class _WriteSide(asyncio.Protocol):
-    def __init__(self, pt: _PipeTransport) -> None:
-        self.pt = pt
-
-    def pause_writing(self) -> None:
-        if self.pt.proto is not None:
-            self.pt.proto.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.pt.proto is not None:
-            self.pt.proto.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pt._lost(exc)
-
-
-async def _connect_pipes(loop: asyncio.AbstractEventLoop, factory: Any) -> Session:
-    pt = _PipeTransport(loop)
-    rfile = os.fdopen(os.dup(0), "rb", buffering=0)
-    wfile = os.fdopen(os.dup(1), "wb", buffering=0)
-    wt, _ = await loop.connect_write_pipe(lambda: _WriteSide(pt), wfile)
-    pt.wt = wt
-    proto: Session = factory()
-    pt.proto = proto
-    proto.connection_made(pt)
-    rt, _ = await loop.connect_read_pipe(lambda: _ReadSide(pt), rfile)
-    pt.rt = rt
-    return proto
 
 
 class ServeHooks(Protocol):

@@ -48,8 +48,9 @@ restarts the window. It returns to the loop after :data:`POLL_MAX_ROUNDS` reques
 (timers, signals and new connections are never starved) and as soon as any condition fails.
 EOF and socket errors end the poll; the loop then sees them itself (they are sticky).
 
-Access: a TCP client whose address is not in ``ServerContext.allow`` is closed right after
-accept, with a log line, before the greeting.
+Admission (the connection cap, shutdown, the allow list) happened before a session exists
+(``server/admission.py``): every session was admitted and counts in ``ServerContext.sessions``
+from ``connection_made`` until it is detached.
 
 This module knows no byte layouts (the core encodes) and no device semantics (dispatch does).
 """
@@ -73,7 +74,6 @@ from zramd.protocol.events import (
     Request,
     StartTLS,
 )
-from zramd.server.access import AllowList
 from zramd.server.dispatch import (
     DISC,
     OK,
@@ -115,19 +115,14 @@ class ServerContext:
         poll_us: int = 0,
         max_payload: int = 64 << 20,
         handshake_timeout: float = 10.0,
-        max_connections: int = 100,
         structured_replies: bool = True,
         tls: str = "off",
         ssl_context: ssl.SSLContext | None = None,
-        allow: AllowList | None = None,
     ) -> None:
         self.registry = registry
         #: STARTTLS mode (off|on|require) and the context TLS handshakes use (set before serving).
         self.tls = tls
         self.ssl_context = ssl_context
-        #: TCP clients outside these networks are closed at accept (None/empty: everyone).
-        self.allow = allow
-        self.refused = 0
         self.limits = limits if limits is not None else Limits(max_payload=max_payload)
         #: running requests per session (each session's Flow)
         self.max_in_flight = max_in_flight
@@ -140,11 +135,9 @@ class ServerContext:
         self.poll_hits = 0
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
         self.structured_replies = structured_replies
         self.shutdown = ShutdownFlag()
         self.sessions: set[Session] = set()
-        self.rejected = 0
         self._next_id = 0
 
     def next_id(self) -> int:
@@ -186,27 +179,8 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.label == f"#{self.id}":
-            self.label = f"#{self.id} {_fmt_peer(transport.get_extra_info('peername'))}"
+            self.label = f"#{self.id} {fmt_peer(transport.get_extra_info('peername'))}"
         ctx = self.ctx
-        if len(ctx.sessions) >= ctx.max_connections or ctx.shutdown.is_set:
-            ctx.rejected += 1
-            why = (
-                "shutting down"
-                if ctx.shutdown.is_set
-                else (f"connection limit {ctx.max_connections} reached")
-            )
-            log.warning("rejecting connection %s: %s", self.label, why)
-            self._lost = True
-            transport.close()
-            self._resolve_closed()
-            return
-        if ctx.allow and not ctx.allow.allows(transport.get_extra_info("peername")):
-            ctx.refused += 1
-            log.warning("refusing connection %s: address not in the allow list", self.label)
-            self._lost = True
-            transport.close()
-            self._resolve_closed()
-            return
         ctx.sessions.add(self)
         log.debug("connection %s opened", self.label)
         try:
@@ -631,7 +605,8 @@ class Session(asyncio.Protocol):
             self.abort()
 
 
-def _fmt_peer(peer: Any) -> str:
+def fmt_peer(peer: Any) -> str:
+    """A transport's ``peername`` for log lines: ``host:port``, ``[v6]:port``, ``unix:PATH``."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = peer[0]
         return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
