@@ -355,6 +355,7 @@ class FileConfig:
 
     path: str
     server: ServerConfig
+    #: the control socket; ``""`` = none (as ``--control ''``), None = not in the file
     control: str | None = None
     swap: str | None = None
     metrics: str | None = None
@@ -459,7 +460,7 @@ def serve_config(flags: ServeFlags, file: FileConfig | None = None) -> ServeConf
     if flags.control is not None:
         out.control, out.control_required = flags.control or None, True
     elif file is not None and file.control is not None:
-        out.control, out.control_required = file.control, True
+        out.control, out.control_required = file.control or None, True
     elif flags.stdio:
         out.control = None
     out.metrics = (flags.metrics if flags.metrics is not None else (

@@ -216,6 +216,12 @@ def _opt_str(value: Any) -> str | None:
     return v or None
 
 
+def _str(value: Any) -> str:
+    """A string kept as given: ``""`` means "off" (``control``), unlike a missing key."""
+    v: str = _typed(value, str, "a string")
+    return v
+
+
 def _tls_mode(value: Any) -> str:
     return _on_off_mode(value, TLS_MODES)
 
@@ -248,7 +254,7 @@ _SERVER_KEYS: dict[str, tuple[Any, str]] = {
     "poll-us": (_poll_us, "poll_us"),
 }
 _FILE_KEYS: dict[str, Any] = {
-    "control": _opt_str,
+    "control": _str,
     "swap": _swap_mode,
     "metrics": _opt_str,
 }

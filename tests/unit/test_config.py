@@ -208,3 +208,15 @@ def test_unix_alone_means_unix_only_with_or_without_a_file() -> None:
     assert listeners(ServeFlags(port=5), 'bind = ""\n') == ("127.0.0.1", 5, None)
     assert listeners(ServeFlags(bind=""), "") == (None, None, None)
     assert listeners(ServeFlags(), "") == ("127.0.0.1", 10809, None)
+
+
+def test_empty_control_in_the_file_disables_the_control_socket() -> None:
+    """``control = ""`` in the file does what ``--control ''`` does."""
+    from zramd.configfile import parse_config_text
+
+    file = parse_config_text('control = ""\n[export.a]\nsize = "4M"\n')
+    out = serve_config(ServeFlags(), file)
+    assert out.control is None and out.control_required
+    assert serve_config(ServeFlags(control=""), None).control is None
+    flag_wins = serve_config(ServeFlags(control="/tmp/c.sock"), file)
+    assert flag_wins.control == "/tmp/c.sock"
