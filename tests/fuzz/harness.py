@@ -44,8 +44,9 @@ from zramd.config import ExportConfig
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import STATE_ZERO
 from zramd.protocol import wire
-from zramd.protocol.connection import Limits, ServerConnection
+from zramd.protocol.connection import ServerConnection
 from zramd.protocol.events import NEED_DATA, ConnectionClosed, HandshakeComplete, Request
+from zramd.protocol.limits import Limits
 from zramd.server.dispatch import (
     OK,
     Dispatcher,

@@ -4,11 +4,12 @@ Theory of operation
 -------------------
 ``connection.ServerConnection`` is the only object a driver needs; ``events`` is the contract with
 ``server/``. ``wire`` holds every constant and layout, ``handshake`` the option state machine,
-``transmission`` request framing and reply encoding, ``errors`` the error kinds. Nothing in this
-package does I/O or imports anything outside it.
+``transmission`` request framing and reply encoding, ``limits`` every length a peer can push on
+(:class:`Limits`, filled by the server from its configuration), ``errors`` the error kinds.
+Nothing in this package does I/O or imports anything outside it.
 """
 
-from .connection import Limits, ServerConnection
+from .connection import ServerConnection
 from .errors import OptionError, ProtocolError
 from .events import (
     NEED_DATA,
@@ -21,6 +22,7 @@ from .events import (
     Request,
     StartTLS,
 )
+from .limits import Limits
 
 __all__ = [
     "NEED_DATA",

@@ -46,7 +46,6 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import wire
 from .errors import OptionError, ProtocolError
@@ -58,9 +57,7 @@ from .events import (
     HandshakeComplete,
     StartTLS,
 )
-
-if TYPE_CHECKING:
-    from .connection import Limits
+from .limits import Limits
 
 OFFERED_HANDSHAKE_FLAGS = wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES
 KNOWN_CLIENT_FLAGS = wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES

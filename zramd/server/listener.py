@@ -44,15 +44,18 @@ import signal
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
+from zramd.allocator import MemoryBudget
 from zramd.config import ConfigError, ServerConfig
+from zramd.protocol.limits import Limits
 from zramd.server import stdio
 from zramd.server.access import AllowList
 from zramd.server.admission import Admission
 from zramd.server.exports import ExportRegistry
 from zramd.server.session import ServerContext
 from zramd.server.tls import server_context
+from zramd.system import sd_notify
 
 log = logging.getLogger("zramd.server")
 
@@ -121,15 +124,12 @@ class Server:
             for e in config.exports:
                 registry.add(e)
         self.registry = registry
-        from zramd.protocol.connection import Limits
-
         self.ctx = ServerContext(
             registry,
-            limits=Limits(max_payload=config.max_payload),
+            limits=protocol_limits(config),
             max_in_flight=config.max_in_flight,
             max_in_flight_bytes=config.max_in_flight_bytes,
             poll_us=config.poll_us,
-            max_payload=config.max_payload,
             handshake_timeout=config.handshake_timeout,
             structured_replies=structured_replies,
             tls=config.tls,
@@ -179,11 +179,7 @@ class Server:
         exports = ", ".join(e.config.summary() for e in self.registry)
         log.info("listening on %s (exports: %s)", ", ".join(self.addresses), exports)
         try:
-            from zramd.system import sd_notify
-
             sd_notify("READY=1\nSTATUS=listening on " + ", ".join(self.addresses))
-        except ImportError:
-            pass
         except Exception:  # noqa: BLE001 - notification is best effort
             log.debug("sd_notify failed", exc_info=True)
 
@@ -318,6 +314,12 @@ class Server:
             self._unix_path = None
 
 
+def protocol_limits(config: ServerConfig) -> Limits:
+    """The protocol core's :class:`Limits` from the configuration: the payload cap
+    (``max-payload``); the string, option and query limits keep the protocol's defaults."""
+    return Limits(max_payload=config.max_payload)
+
+
 def raise_nofile_limit(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE towards ``needed`` (at most the hard limit): the usual soft
     default of 1024 is below a few hundred connections' worth of sockets. Returns the soft limit."""
@@ -334,13 +336,9 @@ def raise_nofile_limit(needed: int) -> int:
     return int(soft)
 
 
-def _budget(config: ServerConfig) -> Any:
+def _budget(config: ServerConfig) -> MemoryBudget | None:
     """The server-wide memory budget for ``global_mem_limit`` (None when unlimited)."""
     if not config.global_mem_limit:
-        return None
-    try:
-        from zramd.allocator import MemoryBudget
-    except ImportError:  # pragma: no cover - the allocator is part of the package
         return None
     return MemoryBudget(config.global_mem_limit)
 

@@ -65,8 +65,12 @@ import ssl
 import time
 from typing import Any
 
-from zramd.config import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES
-from zramd.protocol.connection import Limits, ServerConnection
+from zramd.config import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
+)
+from zramd.protocol.connection import ServerConnection
 from zramd.protocol.events import (
     NEED_DATA,
     ConnectionClosed,
@@ -74,6 +78,7 @@ from zramd.protocol.events import (
     Request,
     StartTLS,
 )
+from zramd.protocol.limits import Limits
 from zramd.server.dispatch import (
     DISC,
     OK,
@@ -113,8 +118,7 @@ class ServerContext:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
         poll_us: int = 0,
-        max_payload: int = 64 << 20,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         structured_replies: bool = True,
         tls: str = "off",
         ssl_context: ssl.SSLContext | None = None,
@@ -123,7 +127,8 @@ class ServerContext:
         #: STARTTLS mode (off|on|require) and the context TLS handshakes use (set before serving).
         self.tls = tls
         self.ssl_context = ssl_context
-        self.limits = limits if limits is not None else Limits(max_payload=max_payload)
+        #: the protocol core's limits (the listener fills them from the config once)
+        self.limits = limits if limits is not None else Limits()
         #: running requests per session (each session's Flow)
         self.max_in_flight = max_in_flight
         #: bytes held by running requests, all sessions together (server/flow.py)
@@ -133,7 +138,6 @@ class ServerContext:
         self.transmitting: set[Session] = set()
         #: socket reads that busy polling found data for (each saved an epoll wake-up)
         self.poll_hits = 0
-        self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout
         self.structured_replies = structured_replies
         self.shutdown = ShutdownFlag()
@@ -457,7 +461,7 @@ class Session(asyncio.Protocol):
             export,
             structured=ev.structured_replies,
             meta_contexts=ev.meta_contexts,
-            max_payload=self.ctx.max_payload,
+            max_payload=self.ctx.limits.max_payload,
             shutdown=self.ctx.shutdown,
         )
         log.debug(
