@@ -261,8 +261,10 @@ def test_sighup_reload(workdir: Path) -> None:
         assert "export one removed" in lines
         assert set(d.rows()) == {"keep", "two"}
         cfg.write_text("[export.keep]\nsize = 'ram +'\n")
-        out = d.cli("reload").stdout
-        assert out.startswith("reload failed, configuration unchanged:")
+        r = d.cli("reload", check=False)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith("zramd: error: reload failed, configuration unchanged: ")
+        assert r.stderr.count("\n") == 1
         assert set(d.rows()) == {"keep", "two"}
     finally:
         d.stop()

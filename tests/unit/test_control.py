@@ -248,9 +248,13 @@ async def test_operator_reload_via_control(tmp_path: Path, registry: Any) -> Non
         lines = await call(path, "reload")
         assert any("two 2M lz4 added" in x for x in lines)
         cfg.write_text("[export.two]\nsize = 'bad expr +'\n")
-        lines = await call(path, "reload")
-        assert lines[0].startswith("reload failed, configuration unchanged:")
-        assert f"{cfg}: export.two: size" in lines[0]
+        answer = await op.control.handle_line(b'{"op": "reload"}\n')  # type: ignore[union-attr]
+        assert answer["ok"] is False and "result" not in answer
+        assert answer["error"].startswith("reload failed, configuration unchanged:")
+        assert f"{cfg}: export.two: size" in answer["error"]
+        with pytest.raises(ControlError, match="^reload failed, configuration unchanged: "):
+            await call(path, "reload")
+        assert [e.name for e in registry] == ["one", "two"]
         cfg.write_text('[export.two]\nsize = "2M"\n')
         os.kill(os.getpid(), __import__("signal").SIGHUP)
         for _ in range(100):

@@ -8,7 +8,9 @@ socket path, configuration file, exports given as flags), and:
 - ``await start()`` binds the control socket (refusing if another daemon owns it) and installs
   the SIGHUP handler (always: SIGHUP's default action would kill the daemon and its data);
 - ``await reload()`` re-reads the file and applies it (``control/reload.py``); flag exports win
-  over file exports of the same name and are always kept (``config.merge_exports``);
+  over file exports of the same name and are always kept (``config.merge_exports``). A file
+  that does not load changes nothing: the error is logged and raised as ControlError, so the
+  control ``reload`` answers ``{"ok": false}`` and ``zramd reload`` exits 1;
 - ``await close()`` removes both.
 
 :class:`OperatorHooks` is the ``ServeHooks`` the server's startup runs before binding its
@@ -28,6 +30,7 @@ import signal
 from typing import Any
 
 from zramd.config import ConfigError, ExportConfig, merge_exports
+from zramd.control.protocol import ControlError
 from zramd.control.reload import apply_exports
 from zramd.control.server import ControlServer
 
@@ -77,12 +80,18 @@ class Operator:
             log.info("SIGHUP: no configuration file to reload (start with --config FILE)")
             return
         log.info("SIGHUP: reloading %s", self.config_path)
-        task = asyncio.get_running_loop().create_task(self.reload())
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _reload_logged(self) -> None:
+        """SIGHUP's reload: a failure is already logged by :meth:`reload`."""
+        with contextlib.suppress(ControlError):
+            await self.reload()
+
     async def reload(self) -> list[str]:
-        """Re-read the configuration file and apply it; returns what changed."""
+        """Re-read the configuration file and apply it; returns what changed. Raises
+        ControlError (logged) when the file does not load: nothing is changed then."""
         from zramd.configfile import load_file
 
         if not self.config_path:
@@ -93,7 +102,7 @@ class Operator:
             except ConfigError as e:
                 msg = f"reload failed, configuration unchanged: {e}"
                 log.error("%s", msg)
-                return [msg]
+                raise ControlError(msg) from None
             wanted = merge_exports(fc.server.exports, self.flag_exports)
             self.managed, lines = apply_exports(self.registry, wanted, self.managed)
             if not lines:
@@ -135,8 +144,6 @@ class OperatorHooks:
         self.operator: Operator | None = None
 
     async def start(self, server: Any) -> None:
-        from zramd.control.protocol import ControlError
-
         op = Operator(
             server.registry,
             control_path=self.control_path,
