@@ -10,9 +10,8 @@ each transmission :class:`~zramd.protocol.events.Request` is first offered to
 completes at once: no coroutine at all); otherwise
 :meth:`Dispatcher.execute <zramd.server.dispatch.Dispatcher.execute>` runs inline until it first
 suspends, then a Task finishes it (``server/inline.py``). The encoded reply is written with
-``writelines``; replies
-completed inline during one pump are batched into one ``writelines`` (one syscall for many small
-replies). Replies go out in completion order (allowed: nbd.md 1.4).
+``writelines``; replies completed inline during one pump are batched into one ``writelines`` (one
+syscall for many small replies). Replies go out in completion order (allowed: nbd.md 1.4).
 
 Backpressure (every quantity a peer can push on is bounded): before taking each request from the
 core the session asks its :class:`~zramd.server.flow.Flow` (running requests and the bytes they
@@ -52,7 +51,8 @@ Admission (the connection cap, shutdown, the allow list) happened before a sessi
 (``server/admission.py``): every session was admitted and counts in ``ServerContext.sessions``
 from ``connection_made`` until it is detached.
 
-This module knows no byte layouts (the core encodes) and no device semantics (dispatch does).
+This module knows no byte layouts (the core encodes), no device semantics (dispatch does), no
+listening sockets or admission rules (listener, admission) and no flow arithmetic (flow).
 """
 
 from __future__ import annotations
@@ -481,13 +481,16 @@ class Session(asyncio.Protocol):
             log.debug("connection %s: closed (%s)", self.label, ev.reason)
 
     def _start(self, req: Request) -> None:
+        """Run one request, the cheapest way first: ``run_now`` answers it on the spot (no
+        coroutine); otherwise ``_handle`` starts inline and gets a Task only if it really waits
+        (``server/inline.py``). Only the latter counts in the flow: an answer given on the spot
+        holds nothing once it is queued."""
         if req.command == DISC:
             return  # the core follows with ConnectionClosed; running requests finish first
         dispatcher = self.dispatcher
         if dispatcher is None:  # cannot happen with a correct core
             self._closing = True
             return
-        # Fast path: a small READ/WRITE the device completes at once costs no coroutine at all.
         reply = dispatcher.run_now(req)
         if reply is not None:
             self.requests += 1
@@ -502,10 +505,10 @@ class Session(asyncio.Protocol):
             nbytes += req.length  # the reply it will send
         self.flow.start(nbytes)
         self.requests += 1
-        # A request the device completes without waiting costs no Task (server/inline.py).
         start_inline(self._handle(req, nbytes), self._tasks)
 
     async def _handle(self, req: Request, nbytes: int) -> None:
+        """Execute ``req``, queue its reply, and always give back the ``nbytes`` it held."""
         try:
             assert self.dispatcher is not None
             reply = await self.dispatcher.execute(req)
