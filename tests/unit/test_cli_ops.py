@@ -328,3 +328,10 @@ def test_cli_unreachable_daemon(tmp_path: Path) -> None:
     r = cli("list", "--control", str(tmp_path / "none.sock"))
     assert r.exit_code == 1
     assert r.stderr.count("\n") == 1 and "cannot reach zramd at" in r.stderr
+
+
+def test_cli_serve_export_too_large_one_line(tmp_path: Path) -> None:
+    r = cli("serve", "--export", "a=1024P", "--control", "", "--unix", str(tmp_path / "s"))
+    assert r.exit_code == 1
+    assert r.stderr.startswith("zramd: error: export 'a' (1E): cannot reserve its page table")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.output

@@ -302,3 +302,23 @@ async def test_hooks_optional_control_socket(tmp_path: Path, registry: Any) -> N
         assert socket_is_live(path)
     finally:
         await first.close()
+
+
+async def test_export_too_large_to_reserve_is_one_line(tmp_path: Path, registry: Any) -> None:
+    """An export whose page table cannot be mapped is refused with what could not be reserved;
+    the daemon keeps serving. 1024P: the table (2^48 pages) is beyond any address space."""
+    path = sock_path(tmp_path)
+    server = ControlServer(registry, path)
+    await server.start()
+    try:
+        with pytest.raises(ControlError) as info:
+            await call(path, "create", name="huge", size="1024P")
+        msg = str(info.value)
+        assert msg.startswith("export 'huge' (1E): cannot reserve its page table of ")
+        assert f"of {(1 << 48) * 12} bytes: Cannot allocate memory" in msg
+        assert "\n" not in msg and "internal error" not in msg
+        assert "huge" not in registry
+        await call(path, "create", name="ok", size="1M")
+        assert [r["name"] for r in await call(path, "list")] == ["ok"]
+    finally:
+        await server.close()

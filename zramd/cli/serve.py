@@ -7,8 +7,8 @@ file read (``configfile.load_serve_file``: ``--config FILE``, else the default f
 exists) and merged under the flags (``config.serve_config``: one merge, one validation), applies
 swap safety (``--swap``), and runs the server (``server/listener.run``) with the operator hooks
 (control socket, SIGHUP reload, metrics: ``control/daemon.py``). It decides no configuration
-value itself. A configuration error is one line and exit 2; a start failure (address in use)
-exit 1; SIGTERM/SIGINT exit 0. Logs go to stderr (stdout carries NBD in ``--stdio`` mode).
+value itself. A configuration error is one line and exit 2; a start failure (address in use,
+an export whose page table cannot be reserved) exit 1; SIGTERM/SIGINT exit 0. Logs go to stderr (stdout carries NBD in ``--stdio`` mode).
 """
 
 from __future__ import annotations
@@ -218,7 +218,11 @@ def serve(
             log.info("export %s disabled in %s (size 0)", name, cfg.file.path)
     from zramd.server.listener import run
 
-    sys.exit(run(cfg.server, hooks=operator_hooks(cfg)))
+    try:
+        code = run(cfg.server, hooks=operator_hooks(cfg))
+    except ConfigError as e:  # an export's device could not be built
+        fail(str(e))
+    sys.exit(code)
 
 
 def swap_safety(mode: str) -> None:

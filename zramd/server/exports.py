@@ -11,6 +11,11 @@ All exports of a registry share one codec executor (a small thread pool created 
 and, when a global memory limit is set, one memory budget, both handed to each device. Every
 connection to an export uses the same device object, which is what makes CAN_MULTI_CONN honest.
 
+A device whose page table cannot be reserved (an export of many terabytes: the table is
+address space, 12 bytes per page) is refused by ``add`` with a one-line ConfigError naming the
+export, its size and the table's size, so ``serve`` exits with that line, ``create`` answers it
+and a reload logs it; the registry is unchanged.
+
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
 their running requests) and closes the device once no request is running on it.
@@ -25,9 +30,10 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from zramd.config import ConfigError, ExportConfig
+from zramd.config import ConfigError, ExportConfig, format_size
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
+from zramd.device.table import ENTRY_BYTES, PAGE_SIZE
 from zramd.protocol.events import ExportInfo
 
 log = logging.getLogger("zramd.server")
@@ -56,16 +62,25 @@ def make_device(
     cfg: ExportConfig, executor: Executor | None = None, budget: Any = None
 ) -> BlockDevice:
     """The compressed device for ``cfg``; ``budget`` is the server-wide
-    :class:`~zramd.allocator.MemoryBudget` (or None)."""
-    return ZramDevice(
-        cfg.size,
-        algorithm=cfg.algorithm,
-        level=cfg.level,
-        mem_limit=cfg.mem_limit,
-        budget=budget,
-        executor=executor,
-        offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
-    )
+    :class:`~zramd.allocator.MemoryBudget` (or None). Raises ConfigError when the page table
+    cannot be reserved."""
+    try:
+        return ZramDevice(
+            cfg.size,
+            algorithm=cfg.algorithm,
+            level=cfg.level,
+            mem_limit=cfg.mem_limit,
+            budget=budget,
+            executor=executor,
+            offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
+        )
+    except (OSError, MemoryError) as e:
+        table = cfg.size // PAGE_SIZE * ENTRY_BYTES
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "out of memory"
+        raise ConfigError(
+            f"export {cfg.name!r} ({format_size(cfg.size)}): cannot reserve its page table "
+            f"of {table} bytes: {why}"
+        ) from None
 
 
 class Export:
