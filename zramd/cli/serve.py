@@ -8,7 +8,8 @@ exists) and merged under the flags (``config.serve_config``: one merge, one vali
 swap safety (``--swap``), and runs the server (``server/listener.run``) with the operator hooks
 (control socket, SIGHUP reload, metrics: ``control/daemon.py``). It decides no configuration
 value itself. A configuration error is one line and exit 2; a start failure (address in use,
-an export whose page table cannot be reserved) exit 1; SIGTERM/SIGINT exit 0. Logs go to stderr (stdout carries NBD in ``--stdio`` mode).
+an export whose page table cannot be reserved) exit 1; SIGTERM/SIGINT exit 0. Logs go to
+stderr (stdout carries NBD in ``--stdio`` mode).
 """
 
 from __future__ import annotations
