@@ -335,3 +335,37 @@ def test_cli_serve_export_too_large_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert r.stderr.startswith("zramd: error: export 'a' (1E): cannot reserve its page table")
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
+
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
+
+
+def test_serve_verbose_after_the_command_and_timestamps_outside_systemd(tmp_path: Path) -> None:
+    """``zramd serve -v`` logs debug lines; lines carry a timestamp unless systemd runs us."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "s.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")}
+    for extra, stamp in (({}, STAMP + " "), ({"INVOCATION_ID": "0123abcd"}, "")):
+        cmd = [sys.executable, "-m", "zramd", "serve", "-v", "--unix", path, "--export", "a=1M"]
+        p = subprocess.Popen(
+            [*cmd, "--control", ""], stderr=subprocess.PIPE, text=True, env={**env, **extra}
+        )
+        assert p.stderr is not None
+        first = p.stderr.readline()
+        assert re.fullmatch(rf"{stamp}zramd: listening on unix:\S+ \(exports: a 1M lz4\)\n", first)
+        p.send_signal(signal.SIGTERM)
+        rest = p.communicate(timeout=10)[1]
+        assert p.returncode == 0
+        assert re.fullmatch(rf"{stamp}zramd: stopped\n", rest), rest
+
+
+def test_under_systemd() -> None:
+    from zramd.cli.options import under_systemd
+
+    assert under_systemd({"JOURNAL_STREAM": "8:1234"}) and under_systemd({"INVOCATION_ID": "x"})
+    assert not under_systemd({}) and not under_systemd({"INVOCATION_ID": ""})

@@ -2,18 +2,18 @@
 
 Theory of operation
 -------------------
-:func:`main` is the group (``--version``, ``-v/--verbose``); each command lives in the module that
-says what it is: ``serve`` (flags and daemon start), ``commands`` (the control-socket commands),
-``attach`` (kernel NBD devices), with ``table`` (the ``list`` output) and ``options`` (shared
-options, one-line errors). Commands collect flags and hand them over: configuration is built,
-merged and validated by ``zramd.config``, operations are done by ``zramd.control`` and
-``zramd.server``. Usage errors are one line (``zramd: error: ...``) and exit 2; a bare ``zramd``
-prints the help. Nothing in zramd imports this package: it is the top of the layers.
+:func:`main` is the group (``--version``, ``-v/--verbose``, which ``serve`` also takes); each
+command lives in the module that says what it is: ``serve`` (flags and daemon start),
+``commands`` (the control-socket commands), ``attach`` (kernel NBD devices), with ``table`` (the
+``list`` output) and ``options`` (shared options, one-line errors, logging). Commands collect
+flags and hand them over: configuration is built, merged and validated by ``zramd.config``,
+operations are done by ``zramd.control`` and ``zramd.server``. Usage errors are one line
+(``zramd: error: ...``) and exit 2; a bare ``zramd`` prints the help. Nothing in zramd imports
+this package: it is the top of the layers.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -21,18 +21,8 @@ import click
 
 from zramd import __version__
 from zramd.cli import attach, commands
-from zramd.cli.options import EXIT_CONFIG, fail
+from zramd.cli.options import EXIT_CONFIG, fail, setup_logging, verbose_option
 from zramd.cli.serve import serve
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose >= 1 else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("zramd: %(message)s"))
-    root = logging.getLogger("zramd")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 class _Group(click.Group):
@@ -58,13 +48,13 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="zramd")
-@click.option("-v", "--verbose", count=True, help="Debug logging.")
+@verbose_option
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
     """zramd: compressed RAM block devices served over NBD."""
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 for command in (serve, *commands.COMMANDS, *attach.COMMANDS):

@@ -19,7 +19,7 @@ import sys
 
 import click
 
-from zramd.cli.options import EXIT_CONFIG, F, fail
+from zramd.cli.options import EXIT_CONFIG, F, fail, setup_logging, verbose_option
 from zramd.config import (
     CONTROL_ENV,
     DEFAULT_BIND,
@@ -165,7 +165,10 @@ def operator_options(fn: F) -> F:
     help="Serve only TCP clients from these networks; repeatable [everyone].",
 )
 @operator_options
+@verbose_option
+@click.pass_context
 def serve(
+    ctx: click.Context,
     bind: str | None,
     port: int | None,
     unix: str | None,
@@ -184,12 +187,17 @@ def serve(
     swap: str | None = None,
     control: str | None = None,
     metrics: str | None = None,
+    verbose: int = 0,
 ) -> None:
     """Serve exports over NBD until SIGTERM.
 
     Listeners: --unix PATH alone (or the file's unix key) serves only that socket; TCP is
     added when --bind or --port (or the file's bind or port) asks for it. With no listener
-    given anywhere: TCP on 127.0.0.1:10809. --bind '' turns TCP off."""
+    given anywhere: TCP on 127.0.0.1:10809. --bind '' turns TCP off.
+
+    Log lines go to stderr, timestamped unless under systemd (the journal stamps them)."""
+    if verbose:
+        setup_logging(verbose + (ctx.obj or {}).get("verbose", 0))
     flags = ServeFlags(
         bind=bind,
         port=port,
