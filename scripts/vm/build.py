@@ -40,7 +40,7 @@ REPO = HERE.parent.parent
 DEFAULT_CACHE = REPO / ".cache" / "vm"
 
 KERNEL_META = "linux-image-amd64"
-PACKAGES = ["busybox-static", "nbd-client", "e2fsprogs", "util-linux", "mount"]
+PACKAGES = ["busybox-static", "nbd-client", "e2fsprogs", "util-linux", "mount", "mdadm"]
 MANIFEST_VERSION = 1
 
 # guest path -> (package, path inside the package)
@@ -53,12 +53,13 @@ BINARIES = {
     "sbin/blkdiscard": ("util-linux", "sbin/blkdiscard"),
     "sbin/swapon": ("mount", "sbin/swapon"),
     "sbin/swapoff": ("mount", "sbin/swapoff"),
+    "sbin/mdadm": ("mdadm", "sbin/mdadm"),
 }
 SYMLINKS = {"sbin/mkfs.ext2": "mke2fs", "sbin/fsck.ext2": "e2fsck"}
 # modules the guest loads; their dependencies are added from each .ko's modinfo
-MODULES = ["virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4"]
+MODULES = ["virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4", "raid0", "raid1"]
 BUSYBOX_SKIP = {"mkswap", "swapon", "swapoff", "fstrim", "blkdiscard", "mke2fs", "e2fsck",
-                "mkfs.ext2", "fsck.ext2", "nbd-client", "init", "linuxrc"}
+                "mkfs.ext2", "fsck.ext2", "nbd-client", "mdadm", "init", "linuxrc"}
 
 
 def log(msg: str) -> None:

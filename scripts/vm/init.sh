@@ -113,6 +113,7 @@ cleanup() {
 	swapoff "$DEV" 2>/dev/null
 	umount /mnt 2>/dev/null
 	disconnect
+	raid_cleanup
 }
 
 # make_files DIR COUNT SEED SUMS: a few hundred files of mixed content; sha256 of each in SUMS
@@ -161,8 +162,8 @@ verify_files() {
 	fi
 	info "sha256 of $_n files ok"
 }
-fsck_clean() {
-	if e2fsck -fn "$DEV" >/tmp/fsck.out 2>&1; then
+fsck_clean() { # [DEVICE], default $DEV
+	if e2fsck -fn "${1:-$DEV}" >/tmp/fsck.out 2>&1; then
 		info "e2fsck -fn clean: $(tail -n 1 /tmp/fsck.out)"
 	else
 		head -n 20 /tmp/fsck.out | while read -r l; do info "fsck: $l"; done
@@ -362,6 +363,276 @@ scenario_swap() {
 	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
 	[ $_out -gt 0 ] || { fail "nothing was swapped out"; return 1; }
 	[ $_in -gt 0 ] || { fail "nothing was swapped in"; return 1; }
+}
+
+# ---- md across two servers (issue 16): the second server is the guestfwd on PORT_B.
+# Members: /dev/nbd1 /dev/nbd2 (raid0 on export r0), /dev/nbd3 (one server alone: export one),
+# /dev/nbd4 /dev/nbd5 (striped swap: export sw), /dev/nbd6 /dev/nbd7 (raid1: export r1);
+# server A is PORT, server B is PORT_B. Every member has -C 2 and the short -t RAID_TIMEOUT:
+# a member whose server died must fail its requests, so md marks it faulty (never -persist).
+PORT_B=10810
+RAID_TIMEOUT=15
+RAID_FILES=100
+RAID_HOG_MIB=256
+BENCH_MIB=64
+mdadm() { /sbin/mdadm "$@" </dev/null; }
+
+# member N PORT EXPORT: attach /dev/nbdN with two connections, wait until it has a size
+member() {
+	_hn=$1 _hport=$2 _hexp=$3
+	if ! nbd_client "$SERVER" "$_hport" "/dev/nbd$_hn" -N "$_hexp" -b 4096 -t "$RAID_TIMEOUT" -C 2 >/tmp/nbd.out 2>&1; then
+		cat /tmp/nbd.out
+		fail "nbd-client $_hexp on port $_hport failed: $(tail -n 1 /tmp/nbd.out)"
+		return 1
+	fi
+	_hi=0
+	while [ "$(cat "/sys/block/nbd$_hn/size")" = 0 ]; do
+		_hi=$((_hi + 1))
+		[ $_hi -gt 100 ] && { fail "nbd$_hn has no size after connect"; return 1; }
+		sleep 0.1
+	done
+	_hc=$(ls "/sys/block/nbd$_hn/mq" | wc -l)
+	[ "$_hc" = 2 ] || { fail "nbd$_hn uses $_hc connections, not 2"; return 1; }
+}
+unmember() {
+	for _hn in "$@"; do
+		nbd_client -d "/dev/nbd$_hn" >/dev/null 2>&1
+		_hi=0
+		while [ "$(cat "/sys/block/nbd$_hn/size")" != 0 ]; do
+			_hi=$((_hi + 1))
+			[ $_hi -gt 100 ] && { info "nbd$_hn still sized after disconnect"; break; }
+			sleep 0.1
+		done
+	done
+}
+# md_create MD LEVEL COUNT [mdadm args and members...]: --create; mdadm's output shown on failure
+md_create() {
+	_hmd=$1 _hlvl=$2 _hcnt=$3
+	shift 3
+	if ! mdadm --create "/dev/$_hmd" --run --level="$_hlvl" --raid-devices="$_hcnt" "$@" >/tmp/md.out 2>&1; then
+		while read -r l; do info "mdadm: $l"; done </tmp/md.out
+		fail "mdadm --create $_hmd level $_hlvl failed"
+		return 1
+	fi
+}
+mdstat_of() { grep -A 3 "^$1 :" /proc/mdstat | tr -s ' \n' ' '; }
+# md_wait MD REGEX SECS: wait until the array's /proc/mdstat lines match; the wait in WAITED
+md_wait() {
+	_ht=$(now)
+	while ! mdstat_of "$1" | grep -qE "$2"; do
+		WAITED=$(since "$_ht")
+		if [ "${WAITED%.*}" -ge "$3" ]; then
+			info "mdstat $1 after ${WAITED}s: $(mdstat_of "$1")"
+			return 1
+		fi
+		sleep 0.2
+	done
+	WAITED=$(since "$_ht")
+}
+md_stop() { mdadm --stop "/dev/$1" >/dev/null 2>&1; }
+raid_cleanup() {
+	swapoff /dev/md2 2>/dev/null
+	umount /mnt 2>/dev/null
+	echo >/tmp/bg.stop
+	for _hmd in md0 md1 md2; do md_stop $_hmd; done
+	unmember 1 2 3 4 5 6 7
+}
+# mibs MIB T0: MiB/s since uptime T0 (two decimals: the clock's resolution)
+mibs() { awk -v m="$1" -v a="$2" -v b="$(now)" 'BEGIN { printf "%.1f", m / (b - a) }'; }
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b ? a : b) }'; }
+# bench DEV: write BENCH_MIB MiB of text with O_DIRECT, then read it back; MiB/s in BW BR
+bench() {
+	_ht=$(now)
+	_hk=0
+	while [ $_hk -lt "$BENCH_MIB" ]; do
+		dd if=/tmp/bench.dat of="$1" bs=1M seek=$_hk oflag=direct 2>/dev/null || return 1
+		_hk=$((_hk + 32))
+	done
+	BW=$(mibs "$BENCH_MIB" "$_ht")
+	_ht=$(now)
+	dd if="$1" of=/dev/null bs=1M count="$BENCH_MIB" iflag=direct 2>/dev/null || return 1
+	BR=$(mibs "$BENCH_MIB" "$_ht")
+}
+
+# ---- raid0 over both servers: throughput against one server, then ext2, files, fsck, fstrim
+scenario_raid0() {
+	member 1 "$PORT" r0 && member 2 "$PORT_B" r0 && member 3 "$PORT" one || return 1
+	md_create md0 0 2 /dev/nbd1 /dev/nbd2 || return 1
+	md_wait md0 "active raid0" 10 || { fail "md0 not active"; return 1; }
+	mdstat_of md0 | grep "nbd1\[0\]" | grep -q "nbd2\[1\]" || { fail "md0 lacks a member: $(mdstat_of md0)"; return 1; }
+	memhog gen text 31 33554432 >/tmp/bench.dat
+	# two rounds, alternating; the better of each (the machine is shared)
+	_w1=0 _r1=0 _w2=0 _r2=0
+	for _round in 1 2; do
+		bench /dev/nbd3 || { fail "dd on one server failed"; return 1; }
+		_w1=$(best "$_w1" "$BW") _r1=$(best "$_r1" "$BR")
+		bench /dev/md0 || { fail "dd on md0 failed"; return 1; }
+		_w2=$(best "$_w2" "$BW") _r2=$(best "$_r2" "$BR")
+	done
+	FIG="$FIG one_server_write_mibs=$_w1 one_server_read_mibs=$_r1 raid0_write_mibs=$_w2 raid0_read_mibs=$_r2"
+	rm -f /tmp/bench.dat
+	unmember 3
+	mkfs_ext2 -q -F -b 4096 /dev/md0 >/tmp/mkfs.out 2>&1 || { cat /tmp/mkfs.out; fail "mkfs.ext2 on md0 failed"; return 1; }
+	mount -t ext2 /dev/md0 /mnt || { fail "mount md0 failed"; return 1; }
+	make_files /mnt "$RAID_FILES" 3 /tmp/sums.r0 || { fail "writing files failed"; return 1; }
+	FIG="$FIG files=$(wc -l </tmp/sums.r0) du_kib=$(du_kib /mnt)"
+	umount /mnt || { fail "umount md0 failed"; return 1; }
+	drop_caches
+	fsck_clean /dev/md0 || return 1
+	mount -t ext2 /dev/md0 /mnt || { fail "remount md0 failed"; return 1; }
+	verify_files /mnt /tmp/sums.r0 || return 1
+	sync_host raid0-written
+	awk 'NR % 2 == 0 { print $2 }' /tmp/sums.r0 | while read -r f; do rm -f "/mnt/$f"; done
+	awk 'NR % 2 == 1' /tmp/sums.r0 >/tmp/sums.r0.new && mv /tmp/sums.r0.new /tmp/sums.r0
+	sync
+	_out=$(fstrim -v /mnt 2>&1) || { info "$_out"; fail "fstrim on md0 failed"; return 1; }
+	info "fstrim: $_out"
+	sync
+	sync_host raid0-trimmed
+	drop_caches
+	verify_files /mnt /tmp/sums.r0 || return 1
+	umount /mnt || { fail "umount md0 failed"; return 1; }
+	fsck_clean /dev/md0 || return 1
+	md_stop md0 || { fail "mdadm --stop md0 failed"; return 1; }
+	unmember 1 2
+}
+
+# ---- swap striped over both servers under memory pressure
+scenario_raid0swap() {
+	member 4 "$PORT" sw && member 5 "$PORT_B" sw || return 1
+	md_create md2 0 2 /dev/nbd4 /dev/nbd5 || return 1
+	mkswap /dev/md2 >/dev/null 2>&1 || { fail "mkswap md2 failed"; return 1; }
+	swapon --discard /dev/md2 || { fail "swapon md2 failed"; return 1; }
+	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
+	_t=$(now)
+	memhog hog "$RAID_HOG_MIB" 4321 sync raid0swap-mid
+	_rc=$?
+	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
+	FIG="$FIG hog_mib=$RAID_HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$(since "$_t") pswpout=$_out pswpin=$_in oom_kills=$_oom"
+	swapoff /dev/md2 || { fail "swapoff md2 failed"; return 1; }
+	md_stop md2 || { fail "mdadm --stop md2 failed"; return 1; }
+	unmember 4 5
+	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch)"; return 1; }
+	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
+	[ $_out -gt 0 ] && [ $_in -gt 0 ] || { fail "no swap traffic (out=$_out in=$_in)"; return 1; }
+}
+
+# bg_writer DIR SUMS: 256 KiB files (fsync'd) into DIR until /tmp/bg.stop exists; sha256 in SUMS
+bg_writer() {
+	_i=0
+	while [ ! -e /tmp/bg.stop ]; do
+		memhog gen random $((900000 + _i)) 262144 >/tmp/bg.chunk
+		dd if=/tmp/bg.chunk of="$1/g$_i" bs=65536 conv=fsync 2>/dev/null || exit 1
+		echo "$(sha256sum </tmp/bg.chunk | cut -c1-64)  g$_i" >>"$2"
+		_i=$((_i + 1))
+	done
+}
+# md_settled MD: wait for the array's resync/recovery to finish ([UU], no progress bar)
+md_settled() {
+	md_wait "$1" "\[UU\]" 600 || return 1
+	_ht=$(now)
+	while [ "$(cat "/sys/block/$1/md/sync_action")" != idle ]; do
+		[ "$(since "$_ht" | cut -d. -f1)" -ge 600 ] && return 1
+		sleep 0.2
+	done
+}
+
+# ---- raid1 with a write-intent bitmap: kill A mid-write, restart it empty, add, resync, kill B
+scenario_raid1() {
+	rm -f /tmp/bg.stop
+	member 6 "$PORT" r1 && member 7 "$PORT_B" r1 || return 1
+	# both exports are fresh (all zero): no initial resync needed. B is write-mostly, so reads
+	# come from A while both are in: the reads after A's death are the survivor's own data.
+	md_create md1 1 2 --bitmap=internal --bitmap-chunk=4M --assume-clean /dev/nbd6 --write-mostly /dev/nbd7 || return 1
+	md_wait md1 "\[2/2\] \[UU\]" 10 || { fail "md1 not [UU]"; return 1; }
+	mdstat_of md1 | grep -q "nbd7\[1\](W)" || { fail "nbd7 not write-mostly: $(mdstat_of md1)"; return 1; }
+	mkfs_ext2 -q -F -b 4096 /dev/md1 >/tmp/mkfs.out 2>&1 || { cat /tmp/mkfs.out; fail "mkfs.ext2 on md1 failed"; return 1; }
+	mount -t ext2 /dev/md1 /mnt || { fail "mount md1 failed"; return 1; }
+	mkdir /mnt/a /mnt/bg
+	make_files /mnt/a "$RAID_FILES" 5 /tmp/sums.a || { fail "writing files failed"; return 1; }
+	: >/tmp/sums.bg
+	: >/tmp/sums.a.extra
+	bg_writer /mnt/bg /tmp/sums.bg &
+	_bg=$!
+	while [ "$(wc -l </tmp/sums.bg)" -lt 4 ]; do sleep 0.2; done
+	sync_host raid1-kill-a
+	md_wait md1 "nbd6\[0\]\(F\)" 120 || { fail "md did not mark nbd6 faulty after its server was killed"; return 1; }
+	FIG="$FIG detect_s=$WAITED"
+	_n=$(wc -l </tmp/sums.bg)
+	_t=$(now)
+	while [ "$(wc -l </tmp/sums.bg)" -lt $((_n + 4)) ]; do
+		[ "$(since "$_t" | cut -d. -f1)" -ge 120 ] && break
+		sleep 0.2
+	done
+	echo >/tmp/bg.stop
+	wait $_bg || { fail "a write failed after server A was killed"; return 1; }
+	FIG="$FIG bg_files=$(wc -l </tmp/sums.bg) bg_after_fault=$(($(wc -l </tmp/sums.bg) - _n))"
+	grep -q " /mnt ext2 rw" /proc/mounts || { fail "md1 is no longer mounted read-write"; return 1; }
+	mdstat_of md1 | grep -qE "\[2/1\] \[_U\]" || { fail "md1 not degraded [_U]: $(mdstat_of md1)"; return 1; }
+	drop_caches
+	verify_files /mnt/a /tmp/sums.a && verify_files /mnt/bg /tmp/sums.bg || return 1
+	sync_host raid1-restart-a
+	# a faulty member leaves once its requests ended (the in-flight ones after -t)
+	_t=$(now)
+	until mdadm /dev/md1 --remove /dev/nbd6 >/dev/null 2>&1; do
+		[ "$(since "$_t" | cut -d. -f1)" -ge $((RAID_TIMEOUT * 3)) ] && { fail "mdadm --remove nbd6 refused"; return 1; }
+		sleep 0.5
+	done
+	unmember 6
+	member 6 "$PORT" r1 || return 1
+	# the restarted server is empty: a --re-add (bitmap-only resync) must be refused
+	if mdadm /dev/md1 --re-add /dev/nbd6 >/dev/null 2>&1; then
+		fail "mdadm --re-add accepted an empty member"
+		return 1
+	fi
+	mdadm /dev/md1 --add /dev/nbd6 >/tmp/md.out 2>&1 || { fail "mdadm --add nbd6 failed: $(cat /tmp/md.out)"; return 1; }
+	_t=$(now)
+	md_settled md1 || { fail "md1 recovery did not finish"; return 1; }
+	_s=$(since "$_t")
+	_bytes=$(($(cat /sys/block/md1/size) * 512))
+	FIG="$FIG resync_s=$_s array_mib=$((_bytes >> 20)) used_mib=$(($(du_kib /mnt) / 1024)) resync_s_per_gib=$(awk -v s="$_s" -v b="$_bytes" 'BEGIN { printf "%.0f", s * 1073741824 / b }')"
+	echo check >/sys/block/md1/md/sync_action
+	sleep 1
+	md_settled md1 || { fail "md1 check did not finish"; return 1; }
+	_mm=$(cat /sys/block/md1/md/mismatch_cnt)
+	FIG="$FIG mismatch_cnt=$_mm"
+	# a mismatch fails the scenario, which still goes on to read everything from A alone
+	[ "$_mm" = 0 ] || fail "md check: the members differ in $_mm sectors after the resync"
+	sync_host raid1-resynced
+	# B drops out and comes back with its data: the bitmap resyncs only what changed meanwhile
+	mdadm /dev/md1 --fail /dev/nbd7 --remove /dev/nbd7 >/dev/null 2>&1 || { fail "mdadm --fail --remove nbd7 failed"; return 1; }
+	memhog gen random 4711 8388608 >/mnt/while-b-out
+	(cd /mnt && sha256sum while-b-out) >>/tmp/sums.a.extra
+	sync
+	mdadm /dev/md1 --re-add /dev/nbd7 >/tmp/md.out 2>&1 || { fail "mdadm --re-add nbd7 failed: $(cat /tmp/md.out)"; return 1; }
+	_t=$(now)
+	md_settled md1 || { fail "md1 bitmap resync did not finish"; return 1; }
+	FIG="$FIG bitmap_resync_s=$(since "$_t")"
+	awk 'NR % 2 == 0 { print $2 }' /tmp/sums.a | while read -r f; do rm -f "/mnt/a/$f"; done
+	awk 'NR % 2 == 1' /tmp/sums.a >/tmp/sums.a.new && mv /tmp/sums.a.new /tmp/sums.a
+	sync
+	_out=$(fstrim -v /mnt 2>&1) || { info "$_out"; fail "fstrim on md1 failed"; return 1; }
+	info "fstrim: $_out"
+	sync
+	sync_host raid1-trimmed
+	sync_host raid1-kill-b
+	_t=$(now)
+	memhog gen random 4712 1048576 >/mnt/after-b
+	(cd /mnt && sha256sum after-b) >>/tmp/sums.a.extra
+	sync
+	md_wait md1 "nbd7\[1\](\(W\))?\(F\)" 120 || { fail "md did not mark nbd7 faulty after its server was killed"; return 1; }
+	FIG="$FIG detect_b_s=$(since "$_t")"
+	grep -q " /mnt ext2 rw" /proc/mounts || { fail "md1 is no longer mounted read-write"; return 1; }
+	drop_caches
+	if ! { verify_files /mnt/a /tmp/sums.a && verify_files /mnt/bg /tmp/sums.bg && verify_files /mnt /tmp/sums.a.extra; }; then
+		FIG="$FIG survivor_a_verify=bad"
+		return 1
+	fi
+	FIG="$FIG survivor_a_verify=ok"
+	umount /mnt || { fail "umount md1 failed"; return 1; }
+	fsck_clean /dev/md1 || return 1
+	md_stop md1
+	unmember 6 7
 }
 
 for CUR in $(echo "$RUN" | tr ',' ' '); do

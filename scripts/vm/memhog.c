@@ -5,10 +5,10 @@
  * -------------------
  * Two jobs, both deterministic from a seed so that nothing has to be stored to check it later:
  *
- *   memhog hog MIB SEED [sync]
+ *   memhog hog MIB SEED [sync [TAG]]
  *       Allocate MIB MiB in page-aligned chunks (mmap), fill every 4 KiB page with a pattern derived from
  *       (page index, seed), then read every page back and compare with the regenerated pattern.
- *       With "sync", print "@@SYNC swap-mid" after the write pass and wait for one line on stdin
+ *       With "sync", print "@@SYNC TAG" (default swap-mid) after the write pass and wait for one line on stdin
  *       (the host reads the server's stats at that point, while the pages sit in swap).
  *       The page mix is chosen to exercise a zram-style server: 1/8 zero pages, 1/8 same-filled
  *       pages (one repeated 8-byte word), 1/2 compressible pages, 1/4 incompressible pages.
@@ -70,7 +70,7 @@ static void fill_page(uint64_t *w, uint64_t i, uint64_t seed) {
 	}
 }
 
-static int hog(long mib, uint64_t seed, int sync) {
+static int hog(long mib, uint64_t seed, const char *sync_tag) {
 	long chunks = (mib + CHUNK_MIB - 1) / CHUNK_MIB;
 	long pages_per_chunk = (long)CHUNK_MIB * 1024 * 1024 / PAGE;
 	uint64_t **mem = calloc((size_t)chunks, sizeof(*mem));
@@ -99,9 +99,9 @@ static int hog(long mib, uint64_t seed, int sync) {
 	       "random=%ld\n", chunks * CHUNK_MIB, pages, t1 - t0, kinds[0], kinds[1],
 	       kinds[2] + kinds[3] + kinds[4] + kinds[5], kinds[6] + kinds[7]);
 	fflush(stdout);
-	if (sync) {
+	if (sync_tag) {
 		char line[64];
-		printf("@@SYNC swap-mid\n");
+		printf("@@SYNC %s\n", sync_tag);
 		fflush(stdout);
 		if (!fgets(line, sizeof line, stdin)) printf("memhog: no sync reply\n");
 	}
@@ -157,9 +157,10 @@ static int gen(const char *kind, uint64_t seed, long long bytes) {
 
 int main(int argc, char **argv) {
 	if (argc >= 4 && strcmp(argv[1], "hog") == 0)
-		return hog(atol(argv[2]), strtoull(argv[3], NULL, 0), argc > 4 && !strcmp(argv[4], "sync"));
+		return hog(atol(argv[2]), strtoull(argv[3], NULL, 0),
+		           argc > 4 && !strcmp(argv[4], "sync") ? (argc > 5 ? argv[5] : "swap-mid") : NULL);
 	if (argc == 5 && strcmp(argv[1], "gen") == 0)
 		return gen(argv[2], strtoull(argv[3], NULL, 0), atoll(argv[4]));
-	fprintf(stderr, "usage: memhog hog MIB SEED [sync] | memhog gen random|text SEED BYTES\n");
+	fprintf(stderr, "usage: memhog hog MIB SEED [sync [TAG]] | memhog gen random|text SEED BYTES\n");
 	return 1;
 }

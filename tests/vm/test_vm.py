@@ -37,6 +37,13 @@ CASES = [
     ("swap", "swap"),
     ("swap", "swap-host-stats"),
     ("negative", "fs-detects-corruption"),
+    ("raid", "raid0"),
+    ("raid", "raid0-host-stats"),
+    ("raid", "raid0swap"),
+    ("raid", "raid0swap-host-stats"),
+    ("raid", "raid1"),
+    ("raid", "raid1-host-stats"),
+    ("raid-negative", "raid1-detects-corruption"),
 ]
 
 
@@ -58,9 +65,10 @@ def test_vm_scenario(group: str, outcome: str) -> None:
     assert o.status == "PASS", f"{o.line()}\nconsole log: {report.console_log}"
 
 
-@pytest.mark.parametrize("group", ["storage", "swap", "negative"])
+@pytest.mark.parametrize("group", ["storage", "swap", "negative", "raid", "raid-negative"])
 def test_vm_server_exit(group: str) -> None:
-    """zramd served the whole boot and exited 0 on SIGTERM."""
+    """Every zramd served the whole boot (or until the guest asked for its SIGKILL) and
+    exited 0 on SIGTERM."""
     report = group_report(group)
     bad = [o.line() for o in report.outcomes if o.name == "server-exit"]
     assert not bad, bad

@@ -21,6 +21,13 @@ Groups: ``storage`` (fs, multiconn, discard, reconnect, memlimit), ``swap`` (a 2
 swapping to an export) and ``negative`` (scenario fs against a server whose reads are corrupted:
 it must FAIL, and the harness reports PASS for the group only if it does).
 
+md groups (issue 16) boot with two servers, A and B, each on its own port and guestfwd
+(10.0.2.100:10809 and :10810): ``raid`` (raid0 throughput against one server, ext2 on raid0,
+swap striped over both, raid1 with a write-intent bitmap whose servers are SIGKILLed and
+restarted at the guest's request, see :class:`RaidChecks`) and ``raid-negative`` (raid1 with A
+restarted as a server whose reads are wrong past md's metadata: the md check and the reads
+from A alone must both catch it).
+
 Accelerator: KVM only if a short probe boot succeeds (cached per host kernel), else TCG; under
 TCG the swap scenario is sized down (see SWAP_HOG_MIB_TCG). ZRAMD_VM_ACCEL=tcg|kvm forces one.
 """
@@ -28,6 +35,7 @@ TCG the swap scenario is sized down (see SWAP_HOG_MIB_TCG). ZRAMD_VM_ACCEL=tcg|k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -55,11 +63,16 @@ SERVER_START_TIMEOUT_S = 30.0
 KVM_PROBE_TIMEOUT_S = 25.0
 STORAGE_MEM_MIB = 512
 SWAP_MEM_MIB = 256
+RAID_MEM_MIB = 256
+#: each of the two md servers: raid0 members, one server alone (the throughput baseline),
+#: striped swap members, raid1 members
+RAID_EXPORTS = ["r0=128M", "one=128M", "sw=128M", "r1=128M"]
 #: the memory hog writes this much in a 256 MiB guest: 2x RAM with KVM, sized down under TCG
 SWAP_HOG_MIB_KVM = 512
 SWAP_HOG_MIB_TCG = 384
 #: wall-clock limits per boot (TCG); a boot that overruns is killed and its scenarios FAIL
-BOOT_TIMEOUT_S = {"storage": 600.0, "swap": 600.0, "negative": 240.0}
+BOOT_TIMEOUT_S = {"storage": 600.0, "swap": 600.0, "negative": 240.0, "raid": 600.0,
+                  "raid-negative": 300.0}
 LOGS_KEPT = 60
 PAGE = 4096
 #: memhog makes 1/4 of its pages zero or same-filled; the server must see at least this share
@@ -77,6 +90,11 @@ class Group:
     env: dict[str, str] = field(default_factory=dict)
     #: a tests/support device behind every export: the server is tests.support.serve_device
     device: str = ""
+    servers: int = 1  # server i (each with all exports) is the guest's 10.0.2.100:GUEST_PORT+i
+    #: the md negative check: server A restarts (raid1) as a CorruptDataServer with this device
+    restart_device: str = ""
+    #: a negative run must also show this figure (the check that must have bitten)
+    expect_figure: str = ""
 
 
 GROUPS: dict[str, Group] = {
@@ -87,6 +105,11 @@ GROUPS: dict[str, Group] = {
         STORAGE_MEM_MIB,
     ),
     "swap": Group("swap", ["swap"], ["swap=1G"], SWAP_MEM_MIB),
+    "raid": Group("raid", ["raid0", "raid0swap", "raid1"], RAID_EXPORTS, RAID_MEM_MIB, servers=2),
+    "raid-negative": Group(
+        "raid-negative", ["raid1"], RAID_EXPORTS, RAID_MEM_MIB, expect_fail={"raid1"},
+        servers=2, restart_device="corrupt-data", expect_figure="survivor_a_verify=bad",
+    ),
     "negative": Group(
         "negative", ["fs"], ["fs=256M"], STORAGE_MEM_MIB,
         expect_fail={"fs"}, device="corrupt-read",
@@ -151,6 +174,7 @@ class HostServer:
         if device:
             self.env["PYTHONPATH"] = str(REPO)  # python -m tests.support.serve_device
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed = False  # the current process was SIGKILLed on purpose (kill())
 
     def command(self) -> list[str]:
         if self.kind == "nbdkit":  # one memory disk for every export name: development only
@@ -168,7 +192,8 @@ class HostServer:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_path, "wb")
+        logf = open(self.log_path, "ab")  # a restart appends to the same log
+        self.killed = False
         self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
         logf.close()
@@ -185,6 +210,13 @@ class HostServer:
         self.stop()
         raise RuntimeError(f"{self.kind} did not listen on 127.0.0.1:{self.port}")
 
+    def kill(self) -> None:
+        """SIGKILL: the server dies without closing its connections cleanly (a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.killed = True
+
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
@@ -195,6 +227,16 @@ class HostServer:
             self.proc.kill()
             self.proc.wait()
             return None
+
+
+class CorruptDataServer(HostServer):
+    """``serve_corrupt_data.py`` beside this file: tests.support.serve_device plus the
+    ``corrupt-data`` device (reads wrong past md's metadata), for the md negative check."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve().parent / "serve_corrupt_data.py"),
+                "--device", self.device, "--bind", "127.0.0.1", "--port", str(self.port),
+                *(a for spec in self.exports for a in ("--export", spec))]
 
 
 _SERVE_HELP: str | None = None
@@ -252,11 +294,16 @@ def qemu_available() -> bool:
     return shutil.which(QEMU) is not None
 
 
-def netdev_arg(port: int, relay_log: Path) -> str:
-    relay = f"{sys.executable} {VM_SCRIPTS / 'relay.py'} {port} {relay_log}"
-    if "," in relay:
-        raise ValueError("qemu option values may not contain commas: " + relay)
-    return f"user,id=n0,restrict=on,guestfwd=tcp:{GUEST_ADDR}:{GUEST_PORT}-cmd:{relay}"
+def netdev_arg(ports: list[int], relay_log: Path) -> str:
+    """qemu's restricted user network with one guestfwd per host server: the guest's
+    GUEST_ADDR:GUEST_PORT+i reaches 127.0.0.1:ports[i] through relay.py."""
+    fwds = []
+    for i, port in enumerate(ports):
+        relay = f"{sys.executable} {VM_SCRIPTS / 'relay.py'} {port} {relay_log}"
+        if "," in relay:
+            raise ValueError("qemu option values may not contain commas: " + relay)
+        fwds.append(f"guestfwd=tcp:{GUEST_ADDR}:{GUEST_PORT + i}-cmd:{relay}")
+    return ",".join(["user,id=n0,restrict=on", *fwds])
 
 
 def qemu_cmd(kernel: Path, initrd: Path, accel: str, mem_mib: int, append: str,
@@ -300,14 +347,14 @@ RESULT_RE = re.compile(r"@@RESULT (\S+) (PASS|FAIL) secs=([0-9.]+)(.*)$")
 SYNC_RE = re.compile(r"@@SYNC (\S+)")
 
 
-def run_boot(group: Group, kernel: Path, initrd: Path, accel: str, port: int, append_extra: str,
-             on_sync: Callable[[str], None], log_path: Path, timeout_s: float) -> tuple[
-                 dict[str, Outcome], bool, str]:
+def run_boot(group: Group, kernel: Path, initrd: Path, accel: str, ports: list[int],
+             append_extra: str, on_sync: Callable[[str], None], log_path: Path,
+             timeout_s: float) -> tuple[dict[str, Outcome], bool, str]:
     """Boot once; return (outcomes by scenario from @@RESULT lines, saw @@DONE, console tail)."""
     relay_log = log_path.with_suffix(".relay.log")
     relay_log.unlink(missing_ok=True)
     append = f"{COMMON_APPEND} zramd.run={','.join(group.scenarios)} {append_extra}".strip()
-    cmd = qemu_cmd(kernel, initrd, accel, group.mem_mib, append, netdev_arg(port, relay_log))
+    cmd = qemu_cmd(kernel, initrd, accel, group.mem_mib, append, netdev_arg(ports, relay_log))
     results: dict[str, Outcome] = {}
     done = False
     lines: list[str] = []
@@ -410,6 +457,134 @@ class HostChecks:
                        "of the stored pages and a compression ratio > 1")
 
 
+Snap = tuple[dict[str, Any] | None, str]
+
+
+def _mib(st: dict[str, Any], key: str) -> float:
+    return int(st.get(key, 0)) / 2**20
+
+
+class RaidChecks:
+    """The host's part of the md scenarios (init.sh: PORT is server A, PORT_B server B).
+
+    At the guest's raid1 sync points it SIGKILLs server A, restarts it empty on the same port
+    (as a :class:`CorruptDataServer` for the negative check, replacing ``servers[0]``), and later
+    SIGKILLs server B; at the others it reads both servers' stats of one export. The verdicts:
+    raid0 stripes put data on both servers and fstrim gives memory back on both; striped swap
+    lands on both; the restarted A is empty, holds about what B holds after the resync (the
+    zero pages the resync writes cost nothing) and both give memory back after fstrim on the
+    mirror."""
+
+    SNAPS = {"raid0-written": "r0", "raid0-trimmed": "r0", "raid0swap-mid": "sw",
+             "raid1-restart-a": "r1", "raid1-resynced": "r1", "raid1-trimmed": "r1"}
+    #: after the resync, A's memory must be within this factor of B's
+    RESYNC_MEM_FACTOR = 1.3
+    #: raid0 and striped swap: each server holds at least this share of the stored data
+    STRIPE_SHARE_MIN = 0.25
+
+    def __init__(self, servers: list[HostServer], restart_device: str = "") -> None:
+        self.servers = servers
+        self.restart_device = restart_device
+        self.snaps: dict[str, list[Snap]] = {}
+
+    def on_sync(self, tag: str) -> None:
+        if len(self.servers) < 2:
+            return
+        a, b = self.servers[0], self.servers[1]
+        if tag == "raid1-kill-a":
+            a.kill()
+        elif tag == "raid1-restart-a":
+            if self.restart_device:
+                a = CorruptDataServer(a.kind, a.exports, a.log_path, {}, self.restart_device)
+                a.port = self.servers[0].port
+                self.servers[0] = a
+            a.start()
+        elif tag == "raid1-kill-b":
+            b.kill()
+        export = self.SNAPS.get(tag)
+        if export:
+            self.snaps[tag] = [host_stats(s, export) for s in (a, b)]
+
+    def _pair(self, tag: str) -> tuple[list[dict[str, Any]] | None, str]:
+        snaps = self.snaps.get(tag)
+        if snaps is None:
+            return None, f"guest never reached {tag}"
+        stats = [st for st, _ in snaps if st is not None]
+        if len(stats) < len(snaps):
+            return None, "; ".join(why for st, why in snaps if st is None)
+        return stats, ""
+
+    def _striped(self, name: str, tag: str) -> tuple[Outcome | None, list[dict[str, Any]]]:
+        """(an outcome if the data is not on both servers, else None; both servers' stats)"""
+        stats, why = self._pair(tag)
+        if stats is None:
+            return Outcome(name, "SKIP", reason=why), []
+        orig = [int(st.get("orig_data_size", 0)) for st in stats]
+        share = min(orig) / sum(orig) if sum(orig) else 0.0
+        if share < self.STRIPE_SHARE_MIN:
+            return Outcome(name, "FAIL", figures=f"orig_data_size_mib={orig[0] / 2**20:.1f}/"
+                           f"{orig[1] / 2**20:.1f}", reason=f"one server holds {share:.0%} of "
+                           f"the data (< {self.STRIPE_SHARE_MIN:.0%}): not striped"), stats
+        return None, stats
+
+    def raid0(self) -> Outcome | None:
+        if "raid0-written" not in self.snaps:
+            return None
+        name = "raid0-host-stats"
+        bad, before = self._striped(name, "raid0-written")
+        if bad:
+            return bad
+        after, why = self._pair("raid0-trimmed")
+        if after is None:
+            return Outcome(name, "SKIP", reason=why)
+        figs = " ".join(f"{s}_mem_used_total_mib={_mib(x, 'mem_used_total'):.1f}->"
+                        f"{_mib(y, 'mem_used_total'):.1f}"
+                        for s, x, y in zip("AB", before, after, strict=True))
+        ok = all(int(y["mem_used_total"]) < int(x["mem_used_total"])
+                 for x, y in zip(before, after, strict=True))
+        return Outcome(name, "PASS" if ok else "FAIL", figures=figs,
+                       reason="" if ok else "fstrim on the stripe did not free memory on both")
+
+    def raid0swap(self) -> Outcome | None:
+        if "raid0swap-mid" not in self.snaps:
+            return None
+        name = "raid0swap-host-stats"
+        bad, stats = self._striped(name, "raid0swap-mid")
+        if bad:
+            return bad
+        figs = " ".join(f"{s}_orig_data_size_mib={_mib(x, 'orig_data_size'):.1f} "
+                        f"{s}_mem_used_total_mib={_mib(x, 'mem_used_total'):.1f}"
+                        for s, x in zip("AB", stats, strict=True))
+        return Outcome(name, "PASS", figures=figs)
+
+    def raid1(self) -> Outcome | None:
+        if "raid1-restart-a" not in self.snaps:
+            return None
+        name = "raid1-host-stats"
+        restarted, why = self.snaps["raid1-restart-a"][0]
+        if restarted is None:
+            return Outcome(name, "SKIP", reason=why)
+        if int(restarted.get("orig_data_size", 0)) != 0:
+            return Outcome(name, "FAIL", reason="the restarted server A is not empty")
+        synced, why1 = self._pair("raid1-resynced")
+        trimmed, why2 = self._pair("raid1-trimmed")
+        if synced is None or trimmed is None:
+            return Outcome(name, "SKIP", reason=why1 or why2)
+        mem = [int(st["mem_used_total"]) for st in synced]
+        figs = " ".join(
+            f"{s}_mem_used_total_mib={_mib(x, 'mem_used_total'):.1f}->"
+            f"{_mib(y, 'mem_used_total'):.1f} {s}_orig_data_size_mib="
+            f"{_mib(x, 'orig_data_size'):.1f}->{_mib(y, 'orig_data_size'):.1f}"
+            for s, x, y in zip("AB", synced, trimmed, strict=True))
+        if not mem[1] / self.RESYNC_MEM_FACTOR <= mem[0] <= mem[1] * self.RESYNC_MEM_FACTOR:
+            return Outcome(name, "FAIL", figures=figs, reason="after the resync A's memory is "
+                           f"not within {self.RESYNC_MEM_FACTOR}x of B's")
+        freed = all(int(y["mem_used_total"]) < int(x["mem_used_total"])
+                    for x, y in zip(synced, trimmed, strict=True))
+        return Outcome(name, "PASS" if freed else "FAIL", figures=figs,
+                       reason="" if freed else "fstrim on the mirror did not free memory on both")
+
+
 # ---------------------------------------------------------------------------------------------
 # groups
 
@@ -421,15 +596,16 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
 
     group = GROUPS[name]
     if scenarios:  # development: a subset, in the given order
-        group = Group(group.name, scenarios, group.exports, group.mem_mib, group.expect_fail,
-                      group.env, group.device)
+        group = dataclasses.replace(group, scenarios=scenarios)
     kernel, initrd = build.build()
     accel = choose_accel(kernel, initrd)
     LOGS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     log_path = LOGS / f"{stamp}-{name}.console.log"
-    server = HostServer(server_kind, group.exports, LOGS / f"{stamp}-{name}.server.log",
-                        group.env, group.device)
+    servers = [HostServer(server_kind, group.exports,
+                          LOGS / f"{stamp}-{name}.server{'-' + 'abc'[i] if i else ''}.log",
+                          group.env, group.device) for i in range(group.servers)]
+    server = servers[0]
     extra = []
     if "swap" in group.scenarios:
         mib = hog_mib or (SWAP_HOG_MIB_KVM if accel == "kvm" else SWAP_HOG_MIB_TCG)
@@ -437,13 +613,19 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
     if files:
         extra.append(f"zramd.files={files}")
     t0 = time.monotonic()
-    server.start()
-    checks = HostChecks(server)
+    checks, raid = HostChecks(server), RaidChecks(servers, group.restart_device)
+
+    def on_sync(tag: str) -> None:
+        checks.on_sync(tag)
+        raid.on_sync(tag)
+
     try:
-        results, done, tail = run_boot(group, kernel, initrd, accel, server.port, " ".join(extra),
-                                       checks.on_sync, log_path, BOOT_TIMEOUT_S[name])
+        for s in servers:
+            s.start()
+        results, done, tail = run_boot(group, kernel, initrd, accel, [s.port for s in servers],
+                                       " ".join(extra), on_sync, log_path, BOOT_TIMEOUT_S[name])
     finally:
-        rc = server.stop()
+        rcs = [(s, s.stop()) for s in servers]
     wall = time.monotonic() - t0
     outcomes: list[Outcome] = []
     for scen in group.scenarios:
@@ -451,23 +633,29 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
             scen, "FAIL", reason=f"no result from the guest ({'done' if done else 'no @@DONE'}); "
             f"console tail:\n{tail}")
         if scen in group.expect_fail:  # the negative check: the scenario must detect corruption
-            o = negative_outcome(scen, o)
+            o = negative_outcome(scen, o, group.expect_figure)
         outcomes.append(o)
-    for host in (checks.discard(), checks.swap()):
+    for host in (checks.discard(), checks.swap(), raid.raid0(), raid.raid0swap(), raid.raid1()):
         if host is not None:
             outcomes.append(host)
-    if server_kind == "zramd" and rc not in (0, None):
-        outcomes.append(Outcome("server-exit", "FAIL", reason=f"zramd exited {rc} on SIGTERM"))
+    for s, rc in rcs:
+        if server_kind == "zramd" and not s.killed and rc not in (0, None):
+            outcomes.append(Outcome("server-exit", "FAIL",
+                                    reason=f"zramd ({s.log_path.name}) exited {rc} on SIGTERM"))
     prune_logs()
     return BootReport(name, outcomes, log_path, wall, accel)
 
 
 #: a negative run must fail on a data check, not because it could not even connect
-UNRELATED_FAILURES = ("nbd-client", "nbd0 has no size", "no result from the guest")
+#: (nbd-client or a device that never sized; md assembly or failover steps; a guest hang)
+UNRELATED_FAILURES = ("nbd", "mdadm", "md1 ", "md did not", "no result from the guest")
 
 
-def negative_outcome(scen: str, o: Outcome) -> Outcome:
+def negative_outcome(scen: str, o: Outcome, expect_figure: str = "") -> Outcome:
     name = f"{scen}-detects-corruption"
+    if expect_figure and expect_figure not in o.figures.split():
+        return Outcome(name, "FAIL", o.secs, o.figures,
+                       f"no {expect_figure} (that check did not bite); reason: {o.reason}")
     if o.status == "PASS":
         return Outcome(name, "FAIL", o.secs, o.figures,
                        "scenario passed against a corrupting server")
