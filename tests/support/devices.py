@@ -18,13 +18,13 @@ They know nothing of NBD; ranges are asserted, not checked (``server/dispatch.py
 
 from __future__ import annotations
 
-from zramd.device.interface import STATE_HOLE, STATE_ZERO
+from zramd.device.interface import STATE_HOLE, STATE_ZERO, DeviceBase
 
 PAGE_SIZE = 4096
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-class PlainDevice:
+class PlainDevice(DeviceBase):
     """A BlockDevice over a bytearray."""
 
     def __init__(self, size: int, **_ignored: object) -> None:

@@ -34,7 +34,6 @@ from zramd.server.dispatch import (
     ShutdownFlag,
     StatusReply,
     clip_extents,
-    zero_runs,
 )
 from zramd.server.exports import Export
 
@@ -227,14 +226,6 @@ def test_clip_extents() -> None:
     assert clip_extents(ext, 100, True) == [(100, 3)]
     assert clip_extents([], 512, False) == [(512, 0)]
     assert clip_extents([(0, 3), (512, 1)], 512, False) == [(512, 1)]
-
-
-def test_zero_runs() -> None:
-    assert zero_runs([(4096, 3), (4096, 2), (4096, 0), (4096, 2)], 16384) == [
-        (0, 8192),
-        (12288, 4096),
-    ]
-    assert zero_runs([(8192, 0), (8192, 2)], 10000) == [(8192, 1808)]
 
 
 class _Failing(PlainDevice):

@@ -81,7 +81,7 @@ class Lz4HcCodec(Lz4Codec):
     """lz4 block format, mode ``high_compression`` (same decoder as lz4)."""
 
     name = "lz4hc"
-    native_encode = 3
+    native_encode: int | None = 3
 
     def __init__(self, level: int | None = None) -> None:
         self.level = _check_level(
@@ -118,6 +118,7 @@ class ZstdCodec:
         self.dictionary = dictionary
         #: zstd frames decode natively (kind 2) unless they need the dictionary
         self.native_decode: int | None = 2 if dictionary is None else None
+        self.native_encode: int | None = None
         self._dict: zstandard.ZstdCompressionDict | None = None
         if dictionary is not None:
             if not dictionary:
@@ -169,6 +170,8 @@ class DeflateCodec:
     """Raw deflate (zlib without header), 32 KiB window."""
 
     name = "deflate"
+    native_decode: int | None = None
+    native_encode: int | None = None
 
     def __init__(self, level: int | None = None) -> None:
         self.level = _check_level(
@@ -200,10 +203,13 @@ class NoneCodec:
     """Identity: every page ends up stored raw (as a huge page)."""
 
     name = "none"
+    native_decode: int | None = None
+    native_encode: int | None = None
 
     def __init__(self, level: int | None = None) -> None:
         if level is not None:
             raise ValueError("codec 'none' takes no level")
+        self.level = 0
 
     @property
     def params(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ thread at the same time (backends with per-stream state keep one stream per thre
 blobs carry no length prefix; the caller keeps the original size and passes it to ``decompress``.
 
 Invariant: ``decompress`` returns exactly ``size`` bytes or raises :class:`CodecError`; it never
-returns garbage of the wrong length. Codecs know nothing about pages' meaning, pools or devices.
+returns garbage of the wrong length. A codec declares whether the C batch loops can run its
+format (``native_decode`` / ``native_encode``), so nobody probes for it. Codecs know nothing
+about pages' meaning, pools or devices.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class Codec(Protocol):
 
     #: registry name, e.g. ``"lz4"``
     name: str
+    #: the level (or lz4's acceleration) in effect; 0 for a codec without levels
+    level: int
+    #: the C batch kinds of this codec's format (:mod:`zramd.compress.native`), or None: decode
+    #: (1 = lz4 block, 2 = zstd frame) and encode (1 = lz4 fast, 3 = lz4hc, both at ``level``)
+    native_decode: int | None
+    native_encode: int | None
 
     @property
     def params(self) -> dict[str, Any]:

@@ -2,16 +2,17 @@
 
 Theory of operation
 -------------------
-A codec may name a native *kind* for its format: ``native_decode`` (lz4 and lz4hc blocks, zstd
-frames without a dictionary) and ``native_encode`` (lz4 fast, lz4hc, with the codec's ``level``
-as acceleration or level). :func:`decode_kind` / :func:`encode_kind` return that kind, or None when
-the extension is missing, disabled (``ZRAMD_NATIVE=0``) or the codec has no native form; callers
-then use the codec's own per-page methods, which produce the same pages. The C loops run with the
+Every codec declares the native *kind* of its format (:class:`~zramd.compress.base.Codec`):
+``native_decode`` (lz4 and lz4hc blocks, zstd frames without a dictionary) and ``native_encode``
+(lz4 fast, lz4hc, with the codec's ``level`` as acceleration or level), None for the others.
+:func:`decode_kind` / :func:`encode_kind` return that kind, or None when the extension is
+missing, disabled (``ZRAMD_NATIVE=0``) or the codec has no native form; callers then use the
+codec's own per-page methods, which produce the same pages. The C loops run with the
 GIL released, so two worker threads decode or encode one large request on both cores.
 
 Invariants: a native batch decodes a page only into exactly ``PAGE_SIZE`` bytes (else the index
 of the failing page is reported and the caller raises CodecError); an encoded page is stored
-compressed only below the huge threshold, exactly as :func:`zramd.device.blockdev.prepare_page`.
+compressed only below the huge threshold, as the device's Python preparer decides.
 """
 
 from __future__ import annotations
@@ -39,14 +40,8 @@ def module() -> ModuleType:
 
 
 def decode_kind(codec: Codec) -> int | None:
-    if not enabled:
-        return None
-    kind: int | None = getattr(codec, "native_decode", None)
-    return kind
+    return codec.native_decode if enabled else None
 
 
 def encode_kind(codec: Codec) -> int | None:
-    if not enabled:
-        return None
-    kind: int | None = getattr(codec, "native_encode", None)
-    return kind
+    return codec.native_encode if enabled else None

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from zramd.config import ConfigError, ExportConfig
+from zramd.device.interface import Unsupported
 
 log = logging.getLogger("zramd.reload")
 
@@ -72,14 +73,18 @@ def apply_exports(
 def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
     old: ExportConfig = exp.config
     dev = exp.device
-    if cfg.mem_limit != old.mem_limit and hasattr(dev, "mem_limit"):
-        dev.mem_limit = cfg.mem_limit
-        old.mem_limit = cfg.mem_limit
-        say(f"export {cfg.name}: mem-limit set to {cfg.mem_limit}")
-    if (cfg.algorithm, cfg.level) != (old.algorithm, old.level) and hasattr(dev, "set_algorithm"):
+    if cfg.mem_limit != old.mem_limit:
+        try:
+            dev.set_mem_limit(cfg.mem_limit)
+        except (Unsupported, ValueError) as e:
+            say(f"export {cfg.name}: mem-limit not changed: {e}", logging.ERROR)
+        else:
+            old.mem_limit = cfg.mem_limit
+            say(f"export {cfg.name}: mem-limit set to {cfg.mem_limit}")
+    if (cfg.algorithm, cfg.level) != (old.algorithm, old.level):
         try:
             dev.set_algorithm(cfg.algorithm, level=cfg.level)
-        except ValueError as e:
+        except (Unsupported, ValueError) as e:
             say(f"export {cfg.name}: algorithm not changed: {e}", logging.ERROR)
         else:
             old.algorithm, old.level = cfg.algorithm, cfg.level

@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 :class:`ControlServer` listens on a Unix socket (default ``/run/zramd/control.sock``,
 mode 0600) and answers JSON-line requests (see ``protocol``) by calling the export
-registry's public API (``add``, ``remove``, ``get``, iteration) and the devices'
-management calls (``compact``, ``reset``, ``mem_limit``, ``set_algorithm``,
-``stats``). All of it runs on the event-loop thread, as the registry requires.
+registry's public API (``add``, ``remove``, ``get``, iteration) and the management part
+of the device contract (:class:`~zramd.device.interface.BlockDevice`: ``stats``,
+``compact``, ``reset``, ``set_mem_limit``, ``algorithm``, ``set_algorithm``); a device
+without an operation raises ``Unsupported``, which becomes the error line. All of it runs
+on the event-loop thread, as the registry requires.
 
 Invariants:
 - Only one daemon owns a control socket: :meth:`ControlServer.start` connects to an
@@ -42,6 +44,7 @@ from zramd.control.protocol import (
     decode,
     encode,
 )
+from zramd.device.interface import BlockDevice, Unsupported
 from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS
 
 log = logging.getLogger("zramd.control")
@@ -55,7 +58,7 @@ class ControlSocketBusy(ControlError):
 
 class ExportLike(Protocol):
     config: ExportConfig
-    device: Any
+    device: BlockDevice
 
     @property
     def name(self) -> str: ...
@@ -80,20 +83,13 @@ ReloadHook = Callable[[], Awaitable[list[str]]]
 # --- views of an export ---------------------------------------------------------------------
 
 
-def _stats_dict(device: Any) -> dict[str, int]:
-    st = getattr(device, "stats", None)
-    if st is None:
-        return {f: 0 for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
-    d = st.as_dict() if hasattr(st, "as_dict") else dict(vars(st))
-    out = {f: int(d.get(f, 0)) for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
-    return out
+def _stats_dict(device: BlockDevice) -> dict[str, int]:
+    d = device.stats.as_dict()
+    return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
 
 
 def _algorithm(exp: ExportLike) -> str:
-    alg = getattr(exp.device, "algorithm", None)
-    if isinstance(alg, str):
-        return alg
-    return exp.config.algorithm
+    return exp.device.algorithm or exp.config.algorithm
 
 
 def export_row(exp: ExportLike) -> dict[str, Any]:
@@ -380,10 +376,10 @@ class ControlServer:
                 f"export {exp.name!r} has {exp.clients} client(s) connected; "
                 "cannot reset a device in use"
             )
-        reset = getattr(exp.device, "reset", None)
-        if reset is None:
-            raise ControlError(f"export {exp.name!r} cannot be reset")
-        reset()
+        try:
+            exp.device.reset()
+        except Unsupported as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
         log.info("reset export %s", exp.name)
         return export_row(exp)
 
@@ -392,8 +388,7 @@ class ControlServer:
         targets: Iterable[Any] = [self._export(req)] if name else list(self.registry)
         out = []
         for exp in targets:
-            fn = getattr(exp.device, "compact", None)
-            freed = int(fn()) if fn is not None else 0
+            freed = exp.device.compact()
             out.append({"name": exp.name, "pages_compacted": freed})
         return out
 
@@ -406,19 +401,18 @@ class ControlServer:
             raise ControlError("nothing to set (give mem-limit, algorithm or level)")
         dev = exp.device
         if alg is not None or level is not None:
-            if not hasattr(dev, "set_algorithm"):
-                raise ControlError(f"export {exp.name!r} has no compression to set")
             new_alg = (alg or exp.config.algorithm).lower()
             try:
                 dev.set_algorithm(new_alg, level=level)
-            except ValueError as e:
+            except (Unsupported, ValueError) as e:
                 raise ControlError(f"export {exp.name!r}: {e}") from None
             exp.config.algorithm = new_alg
             exp.config.level = level
         if mem_limit is not None:
-            if not hasattr(dev, "mem_limit"):
-                raise ControlError(f"export {exp.name!r} has no memory limit to set")
-            dev.mem_limit = mem_limit
+            try:
+                dev.set_mem_limit(mem_limit)
+            except (Unsupported, ValueError) as e:
+                raise ControlError(f"export {exp.name!r}: {e}") from None
             exp.config.mem_limit = mem_limit
         log.info("set export %s: %s", exp.name, exp.config.summary())
         return export_row(exp)

@@ -49,8 +49,8 @@ import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool, PoolFull
 from zramd.compress import Codec, CodecError, get_codec, native
-from zramd.device.interface import DeviceIOError, NoSpace
-from zramd.device.samefill import WORD_SIZE, ZERO_PAGE, fill_page
+from zramd.device.interface import Buffer, DeviceIOError, NoSpace, ReadResult, ZeroExtents
+from zramd.device.samefill import WORD_SIZE, ZERO_PAGE, fill_page, zeros
 from zramd.device.table import (
     EMPTY,
     HUGE,
@@ -216,6 +216,25 @@ def _is_zero(mv: memoryview) -> bool:
     return bool(words[0] == 0 and words[-1] == 0 and not words.max())  # max: 3x any() here
 
 
+def _zero_extents(zero: list[int], offset: int, length: int) -> ZeroExtents:
+    """The zero pages (ascending indices) of a read of ``[offset, offset+length)`` as runs
+    ``(offset relative to the request, length)``, merged and clipped to the request."""
+    out: ZeroExtents = []
+    if not zero:
+        return out
+    end = offset + length
+    run_start = prev = zero[0]
+    for idx in zero[1:]:
+        if idx != prev + 1:
+            a = max(run_start << PAGE_SHIFT, offset)
+            out.append((a - offset, min((prev + 1) << PAGE_SHIFT, end) - a))
+            run_start = idx
+        prev = idx
+    a = max(run_start << PAGE_SHIFT, offset)
+    out.append((a - offset, min((prev + 1) << PAGE_SHIFT, end) - a))
+    return out
+
+
 class _Range:
     """A registered in-flight mutating request over pages ``[first, last]``."""
 
@@ -355,9 +374,12 @@ class ZramDevice:
 
     @mem_limit.setter
     def mem_limit(self, value: int) -> None:
-        if value < 0:
+        self.set_mem_limit(value)
+
+    def set_mem_limit(self, limit: int) -> None:
+        if limit < 0:
             raise ValueError("mem_limit must be >= 0")
-        self._pool.limit = value
+        self._pool.limit = limit
 
     @property
     def stats(self) -> DeviceStats:
@@ -558,9 +580,13 @@ class ZramDevice:
             raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
         return data
 
-    def _snapshot(self, first: int, last: int, tags: Sequence[Any] | None = None) -> list[Any]:
-        """Per page: finished bytes, or ``(tag, compressed copy)`` to decode off-thread, where
-        the tag is the page's codec (or ``tags[codec id]``, e.g. its native kind)."""
+    def _snapshot(
+        self, first: int, last: int, tags: Sequence[Any] | None = None
+    ) -> tuple[list[Any], list[int]]:
+        """One walk over pages ``[first, last]``: ``(items, zero pages)``. Per page, finished
+        bytes, or ``(tag, compressed copy)`` to decode later (maybe off-thread), where the tag
+        is the page's codec (or ``tags[codec id]``, e.g. its native kind); and the indices of
+        the pages that read as zero (EMPTY or SAME with word 0), ascending."""
         t = self._table
         state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
         load = self._pool.load
@@ -569,17 +595,21 @@ class ZramDevice:
         read_page = self._read_page
         out: list[Any] = []
         append = out.append
+        zero: list[int] = []
         for idx in range(first, last + 1):
             st = state_mv[idx]
             if st == STORED:
                 append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
+            elif st == EMPTY or (st == SAME and not handle_mv[idx]):
+                append(ZERO_PAGE)
+                zero.append(idx)
             else:
                 append(read_page(idx))
-        return out
+        return out, zero
 
-    def _snapshot_native(self, first: int, last: int) -> tuple[list[Any], int]:
-        """``(items, kind)``; per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or
-        ``(codec, blob)`` (see :func:`_native_decode_part`)."""
+    def _snapshot_native(self, first: int, last: int) -> tuple[list[Any], int, list[int]]:
+        """``(items, kind, zero pages)``; per page: finished bytes, a blob of ``kind``,
+        ``(kind, blob)`` or ``(codec, blob)`` (see :func:`_native_decode_part`)."""
         t = self._table
         state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
         codecs = self._codecs
@@ -598,8 +628,9 @@ class ZramDevice:
             # the common case, every page compressed with one native codec: bare blobs of ``tag``
             load, stop = self._pool.load, last + 1
             handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
-            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag
-        return self._snapshot(first, last, tags), 0
+            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag, []
+        snap, zero = self._snapshot(first, last, tags)
+        return snap, 0, zero
 
     def _preparer(self, codec_id: int, *, native_ok: bool) -> PrepareMany:
         """How pages are prepared for codec ``codec_id``: the C batch when allowed and the codec
@@ -607,23 +638,23 @@ class ZramDevice:
         codec = self._codecs[codec_id]
         kind = native.encode_kind(codec) if native_ok else None
         if kind is not None:
-            level: int = getattr(codec, "level")  # noqa: B009 - native codecs have one
-            return native_preparer(kind, level, self._threshold)
+            return native_preparer(kind, codec.level, self._threshold)
         return python_preparer(codec.compress, self._threshold)
 
     def _native_read_offload(self, npages: int) -> bool:
         """Whether a read of ``npages`` pages runs its C batch in the workers."""
         return npages >= self._native_offload_pages and native.enabled
 
-    def _read_native_sync(self, first: int, last: int) -> bytearray:
-        """The pages ``[first, last]`` with one C batch on this thread. Raises DeviceIOError."""
-        snap, kind = self._snapshot_native(first, last)
-        buf = native.module().new_buffer(len(snap) << PAGE_SHIFT)  # not zeroed: all overwritten
-        try:
-            _native_decode_part(0, len(snap), snap, kind, memoryview(buf))
-        except CodecError as exc:
-            raise DeviceIOError(str(exc)) from None
-        return buf
+    def _read_inline(self, npages: int) -> bool:
+        """Whether a read of ``npages`` pages is done on the calling thread."""
+        return npages < self._offload_pages and not self._native_read_offload(npages)
+
+    def _write_inline(self, first: int, last: int) -> bool:
+        """Whether a write of pages ``[first, last]`` is done at once: fewer than
+        ``offload_min_pages`` pages, and no overlapping request in flight to wait for."""
+        return last - first + 1 < self._offload_pages and (
+            not self._inflight or not self._overlapping(first, last)
+        )
 
     # --- sync API (tests, and the async methods' inline path) ---------------------------------
 
@@ -631,30 +662,48 @@ class ZramDevice:
         assert not self._closed, "device closed"
         assert 0 <= offset and 0 <= length and offset + length <= self._size, (offset, length)
 
-    def read_sync(self, offset: int, length: int) -> bytes | bytearray:
+    def read_sync(self, offset: int, length: int) -> Buffer:
         """Return ``length`` bytes at ``offset``. Raises DeviceIOError."""
-        self._check(offset, length)
         if length == 0:
+            self._check(offset, length)
             return b""
+        return self._read_here(offset, length)[0]
+
+    def _read_here(self, offset: int, length: int) -> ReadResult:
+        """A READ (``length`` > 0) in one walk of the table, decoded on this thread."""
+        self._check(offset, length)
         skip = offset & PAGE_MASK
         first = offset >> PAGE_SHIFT
         try:
             if length == PAGE_SIZE and not skip:
-                return self._read_page(first)
+                t = self._table
+                st = t.state_mv[first]
+                if st == EMPTY or (st == SAME and t.handle_mv[first] == 0):
+                    return ZERO_PAGE, [(0, PAGE_SIZE)]
+                return self._read_page(first), []
             last = (offset + length - 1) >> PAGE_SHIFT
-            if last - first + 1 >= self._native_pages and native.enabled:
-                nbuf = self._read_native_sync(first, last)
-                if skip or len(nbuf) != length:
-                    return bytes(nbuf[skip : skip + length])
-                return nbuf
-            read_page = self._read_page
-            buf = b"".join([read_page(i) for i in range(first, last + 1)])
+            n = last - first + 1
+            buf: Buffer
+            if n >= self._native_pages and native.enabled:
+                snap, kind, zero = self._snapshot_native(first, last)
+                if len(zero) == n:
+                    return zeros(length), [(0, length)]
+                buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
+                _native_decode_part(0, n, snap, kind, memoryview(buf))
+            else:
+                snap, zero = self._snapshot(first, last)
+                if len(zero) == n:
+                    return zeros(length), [(0, length)]
+                buf = _decompress_part(0, n, snap)
         except DeviceIOError:
             self._stats.failed_reads += 1  # per request, as zram counts per bio
             raise
+        except CodecError as exc:
+            self._stats.failed_reads += 1
+            raise DeviceIOError(str(exc)) from None
         if skip or len(buf) != length:
-            return buf[skip : skip + length]
-        return buf
+            buf = buf[skip : skip + length]
+        return buf, _zero_extents(zero, offset, length)
 
     def _edges(self, offset: int, mv: memoryview) -> tuple[bytes | None, int, int, bytes | None]:
         """Loop thread: patched head/tail pages (RMW) and the byte span of full middle pages."""
@@ -834,37 +883,21 @@ class ZramDevice:
 
     # --- synchronous fast path (the server's inline requests) -----------------------------------
 
-    def read_now(self, offset: int, length: int) -> tuple[bytes | bytearray, bool] | None:
-        """A small read done at once: ``(data, reads_as_zero)``, or None if ``read`` must be
-        awaited (the request is large enough to be offloaded). ``reads_as_zero`` is only ever
-        True for one aligned page that is EMPTY or zero-filled (then ``data`` is ZERO_PAGE)."""
-        if length >= self._offload_bytes or self._native_read_offload(length >> PAGE_SHIFT):
+    def read_with_zeros_now(self, offset: int, length: int) -> ReadResult | None:
+        if not self._read_inline((length + (offset & PAGE_MASK) + PAGE_MASK) >> PAGE_SHIFT):
             return None
-        if length == PAGE_SIZE and not offset & PAGE_MASK:
-            self._check(offset, length)
-            idx = offset >> PAGE_SHIFT
-            t = self._table
-            st = t.state_mv[idx]
-            if st == EMPTY or (st == SAME and t.handle_mv[idx] == 0):
-                return ZERO_PAGE, True
-            try:
-                return self._read_page(idx), False
-            except DeviceIOError:
-                self._stats.failed_reads += 1
-                raise
-        return self.read_sync(offset, length), False
+        return self._read_here(offset, length)
 
-    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Do a small write at once if ``write`` would not wait (fewer than ``offload_min_pages``
-        pages, no overlapping request in flight); False: nothing done, await ``write``."""
+    def read_now(self, offset: int, length: int) -> tuple[Buffer, bool] | None:
+        """``read_with_zeros_now`` as ``(data, whether the whole range reads as zero)``."""
+        got = self.read_with_zeros_now(offset, length)
+        if got is None:
+            return None
+        return got[0], got[1] == [(0, length)]
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
-        if n >= self._offload_bytes:
-            return False
-        if (
-            self._inflight
-            and n
-            and self._overlapping(offset >> PAGE_SHIFT, (offset + n - 1) >> PAGE_SHIFT)
-        ):
+        if n and not self._write_inline(offset >> PAGE_SHIFT, (offset + n - 1) >> PAGE_SHIFT):
             return False
         self.write_sync(offset, data)
         return True
@@ -894,50 +927,46 @@ class ZramDevice:
     def _run_in_executor(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Return ``length`` bytes at ``offset``. Raises DeviceIOError."""
+        if not length:
+            return self.read_sync(offset, length)
+        return (await self.read_with_zeros(offset, length))[0]
+
+    async def read_with_zeros(self, offset: int, length: int) -> ReadResult:
+        got = self.read_with_zeros_now(offset, length)
+        if got is not None:
+            return got
+        self._check(offset, length)
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
-        if length and self._native_read_offload(last - first + 1):
-            return await self._read_native(offset, length, first, last)
-        if length < self._offload_bytes:
-            return self.read_sync(offset, length)
-        self._check(offset, length)
+        n = last - first + 1
         try:
-            snap = self._snapshot(first, last)  # atomic: no await in between
+            if self._native_read_offload(n):
+                snap, kind, zero = self._snapshot_native(first, last)  # no await in between
+            else:
+                (snap, zero), kind = self._snapshot(first, last), -1
         except DeviceIOError:
             self._stats.failed_reads += 1
             raise
+        if len(zero) == n:
+            return zeros(length), [(0, length)]
+        buf: Buffer
         try:
-            parts: list[bytes] = await self._in_parts(_decompress_part, len(snap), snap)
-        except CodecError as exc:
-            self._stats.failed_reads += 1
-            raise DeviceIOError(str(exc)) from None
-        # joining >= 1 MiB releases the GIL for the copy
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        skip = offset & PAGE_MASK
-        if skip or len(buf) != length:
-            return buf[skip : skip + length]
-        return buf
-
-    async def _read_native(
-        self, offset: int, length: int, first: int, last: int
-    ) -> bytes | bytearray:
-        self._check(offset, length)
-        try:
-            snap, kind = self._snapshot_native(first, last)  # atomic: no await in between
-        except DeviceIOError:
-            self._stats.failed_reads += 1
-            raise
-        buf = native.module().new_buffer(len(snap) << PAGE_SHIFT)  # not zeroed: all overwritten
-        try:
-            await self._in_parts(_native_decode_part, len(snap), snap, kind, memoryview(buf))
+            if kind >= 0:
+                buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
+                await self._in_parts(_native_decode_part, n, snap, kind, memoryview(buf))
+            else:
+                parts: list[bytes] = await self._in_parts(_decompress_part, n, snap)
+                # joining >= 1 MiB releases the GIL for the copy
+                buf = parts[0] if len(parts) == 1 else b"".join(parts)
         except CodecError as exc:
             self._stats.failed_reads += 1
             raise DeviceIOError(str(exc)) from None
         skip = offset & PAGE_MASK
         if skip or len(buf) != length:
-            return buf[skip : skip + length]
-        return buf
+            buf = buf[skip : skip + length]
+        return buf, _zero_extents(zero, offset, length)
 
     async def _in_parts(self, fn: Callable[..., Any], npages: int, *args: Any) -> list[Any]:
         """Run ``fn(start, stop, *args)`` over the pages ``[0, npages)`` in the executor: one call
@@ -956,16 +985,13 @@ class ZramDevice:
                 raise r
         return results
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
-        if not n:
+    async def write(self, offset: int, data: Buffer) -> None:
+        if self.write_now(offset, data):
             return
+        n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < self._offload_pages:
-            if not self._inflight or not self._overlapping(first, last):
-                self.write_sync(offset, data)
-                return
+        if last - first + 1 < self._offload_pages:  # small, behind an overlapping request
             r = await self._acquire(first, last)
             try:
                 self.write_sync(offset, data)

@@ -1,29 +1,54 @@
-"""The device interface: what the NBD server calls, and nothing more.
+"""The device contract: every call the NBD server and the control socket make on a device.
 
 Theory of operation
 -------------------
-An export is backed by one object satisfying :class:`BlockDevice`. The server
-(``server/dispatch.py``) has already validated every request against the export (range,
-read-only, flags) before calling, so implementations may *assert* ranges rather than re-check
-them. Offsets and lengths are in bytes and need not be page aligned (any alignment is legal;
-the kernel client uses 512 or 4096).
+An export is backed by one object satisfying :class:`BlockDevice`, declared here the way
+nbdkit's plugin struct or zram's ``zcomp_ops`` declare theirs: the server
+(``server/dispatch.py``) and the control socket (``control/``) call these methods and nothing
+else, and never probe a device for optional features. A device that cannot do a management
+operation says so by raising :class:`Unsupported`; :class:`DeviceBase` gives that answer (and a
+two-pass ``read_with_zeros``) to simple devices, which then only implement the I/O methods.
 
-The async methods are the ones the server uses. They are safe under concurrency: overlapping
-requests in flight never produce a torn page, and a request's effects are complete (every page
-installed) when its coroutine returns. State is only mutated on the event-loop thread;
-implementations may offload pure computation (compression) to threads.
+I/O. The server has validated every request against the export (range, read-only, flags)
+before calling, so implementations *assert* ranges. Offsets and lengths are in bytes and need
+not be page aligned. The async methods are safe under concurrency: overlapping requests never
+produce a torn page, and a request's effects are complete when its coroutine returns. State is
+mutated on the event-loop thread only; pure computation (compression) may run in threads.
 
-Errors: :class:`NoSpace` (memory limit reached; ENOSPC, nothing changed) and :class:`DeviceIOError`
-(a stored page failed to decompress; EIO, never garbage). Anything else is a bug.
+The fast path has one door per command, ``read_with_zeros_now`` and ``write_now``: the device
+alone decides whether a request completes inline (small, nothing overlapping in flight) or must
+be awaited; the server only validates and calls.
+
+A READ answers ``(data, zero_extents)`` in one pass over the device's table: ``data`` is exactly
+the requested bytes; ``zero_extents`` are the runs that read as zero, as ``(offset relative to
+the request, length)``, sorted, merged and inside the request: the shape the structured-reply
+encoder takes as is. When the whole range reads as zero, ``data`` is a read-only view of shared
+zero bytes (:func:`zramd.device.samefill.zeros`), so nothing is allocated for it.
+
+Errors: :class:`NoSpace` (memory limit reached; ENOSPC, nothing changed), :class:`DeviceIOError`
+(a stored page failed to decompress; EIO, never garbage), :class:`Unsupported` (a management
+operation the device does not have). Anything else is a bug.
+
+Knows nothing of NBD framing, sockets, pools or codecs.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from zramd.stats import DeviceStats
+
 #: base:allocation flags, as in the NBD spec (nbd.md 1.8).
 STATE_HOLE = 1
 STATE_ZERO = 2
+
+Buffer = bytes | bytearray | memoryview
+#: runs reading as zero: (offset relative to the request, length), sorted, merged, clipped
+ZeroExtents = list[tuple[int, int]]
+#: what a READ answers: the bytes and their zero runs
+ReadResult = tuple[Buffer, ZeroExtents]
+#: BLOCK_STATUS extents: (length, STATE_HOLE | STATE_ZERO), consecutive from the offset
+Extents = list[tuple[int, int]]
 
 
 class DeviceError(Exception):
@@ -38,18 +63,34 @@ class DeviceIOError(DeviceError):
     """Stored data could not be returned intact (maps to EIO)."""
 
 
+class Unsupported(DeviceError):
+    """The device has no such management operation (e.g. no memory limit to set)."""
+
+
 @runtime_checkable
 class BlockDevice(Protocol):
+    # --- I/O -----------------------------------------------------------------------------------
+
     @property
     def size(self) -> int:
         """Size in bytes (a multiple of 4096)."""
         ...
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        """Return exactly ``length`` bytes from ``offset``. Raises DeviceIOError."""
+    def read_with_zeros_now(self, offset: int, length: int) -> ReadResult | None:
+        """The synchronous attempt of a READ: its result if the device completes it without
+        waiting, else None (await ``read_with_zeros``). Raises DeviceIOError."""
         ...
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def read_with_zeros(self, offset: int, length: int) -> ReadResult:
+        """``(data, zero_extents)`` of ``[offset, offset+length)`` (see the module docstring)."""
+        ...
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        """The synchronous attempt of a WRITE: True if done, False if nothing was done and
+        ``write`` must be awaited. Raises NoSpace (nothing changed) or DeviceIOError."""
+        ...
+
+    async def write(self, offset: int, data: Buffer) -> None:
         """Store ``data`` at ``offset``. Raises NoSpace (nothing changed) or DeviceIOError."""
         ...
 
@@ -66,13 +107,121 @@ class BlockDevice(Protocol):
         """Returns once every write that completed before the call is visible (RAM: immediate)."""
         ...
 
-    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Extents ``(length, flags)`` covering at least ``[offset, offset+length)``, consecutive
-        from ``offset``; flags are STATE_HOLE | STATE_ZERO. Lengths are multiples of 512 except
-        possibly where the request itself is unaligned. Used for BLOCK_STATUS and for the
-        OFFSET_HOLE chunks of structured READ replies."""
+    def block_status(self, offset: int, length: int) -> Extents:
+        """Extents covering ``[offset, offset+length)`` exactly (at most ``MAX_EXTENTS``, which
+        may cut the list short), adjacent equal flags merged."""
         ...
 
     def close(self) -> None:
         """Release all memory. The device is unusable afterwards."""
         ...
+
+    # --- management (control socket, reload, metrics) -----------------------------------------
+
+    @property
+    def stats(self) -> DeviceStats:
+        """The zram counters (mm_stat, io_stat), current."""
+        ...
+
+    def reset_mem_used_max(self) -> None:
+        """Restart the mem_used_max peak from the current usage."""
+        ...
+
+    def compact(self) -> int:
+        """Compact the store; returns the pages freed."""
+        ...
+
+    def reset(self) -> None:
+        """Free every page (all read as zero again); counters restart, settings kept. Raises
+        Unsupported. Not with requests in flight (the caller refuses while clients are on)."""
+        ...
+
+    @property
+    def mem_limit(self) -> int:
+        """The memory limit in bytes (0: none)."""
+        ...
+
+    def set_mem_limit(self, limit: int) -> None:
+        """Change the memory limit (0: none). Raises Unsupported or ValueError."""
+        ...
+
+    @property
+    def algorithm(self) -> str:
+        """The compression algorithm of new pages ("" for a device that does not compress)."""
+        ...
+
+    def set_algorithm(self, name: str, *, level: int | None = None) -> None:
+        """Compress new pages with ``name``; stored pages keep theirs. Raises Unsupported or
+        ValueError (unknown name, bad level)."""
+        ...
+
+
+def zero_runs(extents: Extents, length: int) -> ZeroExtents:
+    """The STATE_ZERO runs of BLOCK_STATUS ``extents`` as zero extents within ``[0, length)``."""
+    runs: ZeroExtents = []
+    pos = 0
+    for ext_len, flags in extents:
+        if pos >= length:
+            break
+        end = min(pos + ext_len, length)
+        if flags & STATE_ZERO:
+            if runs and runs[-1][0] + runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end - runs[-1][0])
+            else:
+                runs.append((pos, end - pos))
+        pos = end
+    return runs
+
+
+class DeviceBase:
+    """The management part for a device that has none, and a READ in two passes
+    (``block_status`` then ``read``, always both) for a device without a table walk of its own.
+    Subclasses implement ``size``, ``read``, ``write``, ``trim``, ``write_zeroes``, ``flush``,
+    ``block_status`` and ``close``."""
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        raise NotImplementedError
+
+    def block_status(self, offset: int, length: int) -> Extents:
+        raise NotImplementedError
+
+    def read_with_zeros_now(self, offset: int, length: int) -> ReadResult | None:
+        return None
+
+    async def read_with_zeros(self, offset: int, length: int) -> ReadResult:
+        runs = zero_runs(self.block_status(offset, length), length)
+        return await self.read(offset, length), runs
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        return False
+
+    @property
+    def stats(self) -> DeviceStats:
+        return DeviceStats()
+
+    def reset_mem_used_max(self) -> None:
+        return None
+
+    def compact(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        raise Unsupported("the device cannot be reset")
+
+    @property
+    def mem_limit(self) -> int:
+        return 0
+
+    def set_mem_limit(self, limit: int) -> None:
+        raise Unsupported("the device has no memory limit")
+
+    @property
+    def algorithm(self) -> str:
+        return ""
+
+    def set_algorithm(self, name: str, *, level: int | None = None) -> None:
+        raise Unsupported("the device does not compress")

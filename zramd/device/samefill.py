@@ -5,10 +5,14 @@ Theory of operation
 zram stores such a page as the word itself, allocating nothing. The test ``page[8:] == page[:-8]``
 (each word equals the next) is a memcmp on ``bytes``; on a ``memoryview`` ``==`` compares item by
 item and is ~10x slower, so callers pass ``bytes``. The word is read little-endian, and
-:func:`fill_page` rebuilds the page from it. Knows nothing about tables or pools.
+:func:`fill_page` rebuilds the page from it; :func:`zeros` lends zero bytes of any length
+without allocating them (a read-only view of one shared anonymous mapping that is never written,
+so every page of it is the kernel's zero page). Knows nothing about tables or pools.
 """
 
 from __future__ import annotations
+
+import mmap
 
 PAGE_SIZE = 4096
 #: bytes in a fill word (zram: one unsigned long)
@@ -33,3 +37,15 @@ def fill_page(word: int, size: int = PAGE_SIZE) -> bytes:
     if word == 0:
         return ZERO_PAGE if size == PAGE_SIZE else bytes(size)
     return word.to_bytes(WORD_SIZE, "little") * (size // WORD_SIZE)
+
+
+_zeros = memoryview(b"")
+
+
+def zeros(n: int) -> memoryview:
+    """A read-only view of ``n`` zero bytes, shared: costs address space, not memory."""
+    global _zeros
+    if n > len(_zeros):
+        size = max(n, 2 * len(_zeros), 1 << 20)
+        _zeros = memoryview(mmap.mmap(-1, size, prot=mmap.PROT_READ))
+    return _zeros[:n]

@@ -253,8 +253,6 @@ class RequestReader:
 
 # --- reply encoders ------------------------------------------------------------------------------
 
-_SIMPLE = wire.SIMPLE_REPLY.pack
-_SIMPLE_MAGIC = wire.SIMPLE_REPLY_MAGIC
 _SR_MAGIC = wire.STRUCTURED_REPLY_MAGIC
 _DONE = wire.REPLY_FLAG_DONE
 _OFFSET_DATA = wire.CHUNK_OFFSET_DATA.pack
@@ -262,16 +260,6 @@ _OFFSET_HOLE = wire.CHUNK_OFFSET_HOLE.pack
 _CHUNK = wire.CHUNK_HEADER.pack
 _T_DATA = wire.REPLY_TYPE_OFFSET_DATA
 _T_HOLE = wire.REPLY_TYPE_OFFSET_HOLE
-
-
-def simple_reply(cookie: int, error: int = 0) -> Buffers:
-    """Simple reply header (nbd.md 1.4); no payload."""
-    return [_SIMPLE(_SIMPLE_MAGIC, error, cookie)]
-
-
-def simple_read_reply(cookie: int, data: bytes | bytearray | memoryview) -> Buffers:
-    """Successful READ, simple reply: header then the payload, uncopied."""
-    return [_SIMPLE(_SIMPLE_MAGIC, 0, cookie), data]
 
 
 def encode_message(message: str, limit: int = wire.SPEC_MAX_STRING) -> bytes:
@@ -327,6 +315,9 @@ def structured_read_reply(
     Data runs become OFFSET_DATA chunks, ``zero_extents`` (relative offset, length) at least
     ``min_hole`` long become OFFSET_HOLE chunks; the last chunk carries DONE. With ``df`` exactly
     one content chunk (OFFSET_DATA) is sent. A zero-length READ gets a lone NONE+DONE chunk.
+    ``zero_extents`` is the device's answer as is (sorted and merged already); any other list is
+    clipped and merged here. Bytes of ``data`` under a hole chunk are never read, so an all-hole
+    ``data`` may be a view of shared zeros.
     """
     length = len(data)
     if length == 0:

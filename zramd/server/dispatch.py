@@ -7,7 +7,12 @@ export. :func:`validate` checks it and returns ``None`` or an ``(errno, message)
 :meth:`Dispatcher.execute` runs an accepted request on the device and returns a *reply
 description* (:data:`OK`, :class:`ReadReply`, :class:`StatusReply`, :class:`ErrorReply`). The
 session turns that into bytes through the protocol core's encoders: no byte layouts here, and no
-sockets.
+sockets. The device is used only through :class:`~zramd.device.interface.BlockDevice`.
+
+:meth:`Dispatcher.run_now` is the synchronous fast path: it validates exactly as ``execute``
+does, then asks the device's synchronous attempt (``read_with_zeros_now`` / ``write_now``),
+which alone decides whether the request completes inline. A READ's zero extents go from the
+device into :class:`ReadReply` unchanged (structured replies without DF only).
 
 Rejections, in the order they are checked (first match wins; nbd.md 1.7 and 1.10):
 
@@ -48,10 +53,16 @@ EIO); anything else is a bug: logged with a traceback and answered EIO, the conn
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zramd.device.interface import STATE_ZERO, DeviceIOError, NoSpace
+from zramd.device.interface import (
+    Buffer,
+    DeviceIOError,
+    Extents,
+    NoSpace,
+    ReadResult,
+    ZeroExtents,
+)
 from zramd.protocol import wire
 from zramd.protocol.events import Request
 from zramd.server.exports import Export
@@ -101,9 +112,6 @@ RANGED = frozenset({READ, WRITE, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS})
 EXCEPTION_ERRNO: dict[type[BaseException], int] = {NoSpace: ENOSPC, DeviceIOError: EIO}
 #: BLOCK_STATUS: at most this many extents in one reply (nbd.md 1.8 SHOULD cap at 2^20).
 MAX_EXTENTS = 1 << 20
-#: The page size the READ fast path answers for in one step (run_now).
-PAGE_SIZE = 4096
-PAGE_MASK = PAGE_SIZE - 1
 #: The meta context whose extents BLOCK_STATUS reports.
 BASE_ALLOCATION = wire.META_BASE_ALLOCATION
 
@@ -130,9 +138,10 @@ OK = _Ok()
 
 @dataclass(slots=True)
 class ReadReply:
-    data: bytes | bytearray | memoryview
-    #: (offset relative to the request, length) runs that read as zero (structured only)
-    zero_extents: list[tuple[int, int]] = field(default_factory=list)
+    data: Buffer
+    #: the device's runs that read as zero, (offset relative to the request, length); empty for
+    #: simple replies and DF
+    zero_extents: ZeroExtents = field(default_factory=list)
     df: bool = False
 
 
@@ -162,6 +171,13 @@ def validate(
 ) -> tuple[int, str] | None:
     """``None`` if ``req`` may run on ``export``, else ``(errno, message)`` (see the table)."""
     cmd = req.command
+    info = export.info
+    if cmd <= WRITE and not req.flags & ~FUA and not shutting_down and not req.payload_dropped:
+        # the common READ / WRITE, accepted at once (every check below would pass)
+        length = req.length
+        if 0 < length and req.offset + length <= info.size:
+            if length <= max_payload if cmd == READ else not info.read_only:
+                return None
     if shutting_down:
         return ESHUTDOWN, "server is shutting down"
     allowed = ALLOWED_FLAGS.get(cmd)
@@ -176,7 +192,6 @@ def validate(
             return EINVAL, "BLOCK_STATUS requires structured replies"
         if context_id is None:
             return EINVAL, "BLOCK_STATUS without a selected meta context"
-    info = export.info
     if cmd in WRITING and info.read_only:
         return EPERM, "export is read-only"
     if req.payload_dropped:
@@ -196,29 +211,10 @@ def validate(
     return None
 
 
-def zero_runs(extents: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-    """(relative offset, length) runs of STATE_ZERO within ``[0, length)`` from device extents."""
-    runs: list[tuple[int, int]] = []
-    pos = 0
-    for ext_len, flags in extents:
-        if pos >= length:
-            break
-        end = min(pos + ext_len, length)
-        if flags & STATE_ZERO:
-            if runs and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], end - runs[-1][0])
-            else:
-                runs.append((pos, end - pos))
-        pos = end
-    return runs
-
-
-def clip_extents(
-    extents: list[tuple[int, int]], length: int, req_one: bool
-) -> list[tuple[int, int]]:
+def clip_extents(extents: Extents, length: int, req_one: bool) -> Extents:
     """Extents for a BLOCK_STATUS reply: merged, clipped to ``length`` (the sum never passes it),
     at most :data:`MAX_EXTENTS`, exactly one with REQ_ONE (nbd.md 1.8)."""
-    out: list[tuple[int, int]] = []
+    out: Extents = []
     total = 0
     for ext_len, flags in extents:
         if total >= length:
@@ -252,8 +248,6 @@ class Dispatcher:
         "context_id",
         "max_payload",
         "shutdown",
-        "_read_now",
-        "_write_now",
     )
 
     def __init__(
@@ -274,13 +268,6 @@ class Dispatcher:
                 self.context_id = cid
         self.max_payload = max_payload
         self.shutdown = shutdown or ShutdownFlag()
-        # optional synchronous fast path of the device (ZramDevice has it; see run_now)
-        self._read_now: Callable[[int, int], tuple[bytes, bool] | None] | None = getattr(
-            self.device, "read_now", None
-        )
-        self._write_now: Callable[[int, bytes | bytearray | memoryview], bool] | None = getattr(
-            self.device, "write_now", None
-        )
 
     def check(self, req: Request) -> tuple[int, str] | None:
         return validate(
@@ -293,51 +280,32 @@ class Dispatcher:
         )
 
     def run_now(self, req: Request) -> Reply | None:
-        """The synchronous fast path: the reply of a small READ/WRITE the device can complete
-        without waiting, or None (then ``execute`` must run it). Never raises."""
+        """The synchronous fast path: the reply of a READ/WRITE the device completes without
+        waiting (or its rejection), else None (then ``execute`` must run it). Never raises."""
         cmd = req.command
-        read_now = self._read_now
-        write_now = self._write_now
-        if cmd == READ:
-            if read_now is None:
-                return None
-        elif cmd != WRITE or write_now is None:
+        if cmd != READ and cmd != WRITE:
             return None
-        offset = req.offset
-        length = req.length
-        info = self.export.info
-        if (
-            req.flags & ~FUA  # DF and invalid flags: the full check
-            or self.shutdown.is_set
-            or not 0 < length <= self.max_payload
-            or offset + length > info.size
-            or req.payload_dropped
-            or (cmd == WRITE and info.read_only)
-        ):
-            bad = self.check(req)
-            if bad is not None:
-                return ErrorReply(*bad)
+        bad = self.check(req)
+        if bad is not None:
+            return ErrorReply(*bad)
         try:
             if cmd == WRITE:
-                assert req.data is not None and write_now is not None
-                return OK if write_now(offset, req.data) else None
-            assert read_now is not None
-            if self.structured:
-                if length != PAGE_SIZE or offset & PAGE_MASK or req.flags & DF:
-                    return None  # zero runs over several pages / DF: the general path
-                got = read_now(offset, length)
-                if got is None:
-                    return None
-                return ReadReply(got[0], [(0, length)] if got[1] else [])
-            got = read_now(offset, length)
-            if got is None:
-                return None
-            return ReadReply(got[0], [], False)
+                assert req.data is not None
+                return OK if self.device.write_now(req.offset, req.data) else None
+            got = self.device.read_with_zeros_now(req.offset, req.length)
+            return None if got is None else self._read_reply(req, got)
         except (NoSpace, DeviceIOError) as e:
             return ErrorReply(_errno_for(e), str(e))
         except Exception as e:  # noqa: BLE001 - a bug must not kill the connection
             log.exception("export %s: command %d failed", self.export.name, req.command)
             return ErrorReply(EIO, f"internal error: {type(e).__name__}")
+
+    def _read_reply(self, req: Request, got: ReadResult) -> ReadReply:
+        if req.flags & DF:
+            return ReadReply(got[0], [], True)
+        if self.structured:
+            return ReadReply(got[0], got[1])
+        return ReadReply(got[0])
 
     async def execute(self, req: Request) -> Reply:
         """Validate and run ``req``; never raises (except CancelledError)."""
@@ -356,13 +324,7 @@ class Dispatcher:
         cmd = req.command
         dev = self.device
         if cmd == READ:
-            if self.structured and not req.flags & DF:
-                runs = zero_runs(dev.block_status(req.offset, req.length), req.length)
-                if runs and runs[0] == (0, req.length):
-                    return ReadReply(bytes(req.length), runs)
-                data = await dev.read(req.offset, req.length)
-                return ReadReply(data, runs)
-            return ReadReply(await dev.read(req.offset, req.length), [], bool(req.flags & DF))
+            return self._read_reply(req, await dev.read_with_zeros(req.offset, req.length))
         if cmd == WRITE:
             assert req.data is not None
             await dev.write(req.offset, req.data)
