@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nbd-client nbdkit nbd-server qemu-utils libnbd-bin python3-libnbd fio
   qemu-system-x86 busybox-static e2fsprogs util-linux cpio gzip gcc libc6-dev
-  python3-venv python3-dev openssl gnutls-bin systemd
+  python3-venv python3-dev openssl gnutls-bin systemd liblzo2-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

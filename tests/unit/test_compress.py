@@ -77,7 +77,7 @@ def test_corrupt_input_raises(name: str) -> None:
         codec.decompress(blob, PAGE + 1)
 
 
-@pytest.mark.parametrize("name", ["lz4", "lz4hc", "zstd", "deflate"])
+@pytest.mark.parametrize("name", ["lz4", "lz4hc", "zstd", "deflate", "lzo"])
 def test_garbage_is_error(name: str) -> None:
     codec = get_codec(name)
     with pytest.raises(CodecError):
@@ -95,7 +95,15 @@ def test_levels() -> None:
 
 @pytest.mark.parametrize(
     ("name", "level"),
-    [("lz4", 0), ("lz4hc", 13), ("zstd", 23), ("deflate", 10), ("none", 1), ("lz4", "3")],
+    [
+        ("lz4", 0),
+        ("lz4hc", 13),
+        ("zstd", 23),
+        ("deflate", 10),
+        ("none", 1),
+        ("lzo", 1),
+        ("lz4", "3"),
+    ],
 )
 def test_bad_level(name: str, level: object) -> None:
     with pytest.raises(ValueError, match="level"):
@@ -104,12 +112,38 @@ def test_bad_level(name: str, level: object) -> None:
 
 def test_unknown_name_lists_choices() -> None:
     with pytest.raises(ValueError) as ei:
-        get_codec("lzo-rle")
+        get_codec("lz5")
     msg = str(ei.value)
     for n in available_codecs():
         assert n in msg
     assert available_codecs()[0] == "lz4"
-    assert set(available_codecs()) == {"lz4", "lz4hc", "zstd", "deflate", "none"}
+    assert set(available_codecs()) == {"lz4", "lz4hc", "zstd", "deflate", "lzo", "none"}
+
+
+def test_lzo_rle_names_the_algorithms_to_use() -> None:
+    with pytest.raises(ValueError) as ei:
+        get_codec("lzo-rle")
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith("lzo-rle is not available in zramd")
+    assert msg.endswith("use lzo (the same LZO1X format, without it) or lz4")
+    # the flag, the TOML and ``zramd create`` validate an export's algorithm through this
+    from zramd.config import ConfigError, ExportConfig
+
+    with pytest.raises(ConfigError, match=r"^export 'swap': lzo-rle is not available in zramd"):
+        ExportConfig(name="swap", size=PAGE, algorithm="lzo-rle").validate()
+
+
+def test_lzo_is_the_kernels_lzo1x_format() -> None:
+    import lzo
+
+    codec = get_codec("lzo")
+    assert codec.params == {} and codec.level == 0
+    page = _pages()[3]
+    blob = codec.compress(page)
+    # a bare LZO1X-1 stream: what liblzo2 (and the kernel's lzo1x_decompress_safe) decodes
+    assert blob == lzo.compress(page, 1, False)
+    assert lzo.decompress(blob, False, PAGE) == page
 
 
 def test_unknown_param_and_dictionary_misuse() -> None:
@@ -144,7 +178,7 @@ def test_zstd_dictionary() -> None:
         plain.decompress(blob, PAGE)
 
 
-@pytest.mark.parametrize("name", ["zstd", "lz4", "deflate"])
+@pytest.mark.parametrize("name", ["zstd", "lz4", "deflate", "lzo"])
 def test_threads_share_one_codec(name: str) -> None:
     codec = get_codec(name)
     errors: list[BaseException] = []

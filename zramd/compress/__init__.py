@@ -17,6 +17,7 @@ from zramd.compress.backends import (
     DeflateCodec,
     Lz4Codec,
     Lz4HcCodec,
+    LzoCodec,
     NoneCodec,
     ZstdCodec,
 )
@@ -31,7 +32,7 @@ __all__ = [
     "get_codec",
 ]
 
-#: The default algorithm (zram's default is lzo-rle, which has no Python binding; lz4 is faster).
+#: The default algorithm (zram's is lzo-rle; lz4 has zramd's C batch loops, see ``native``).
 DEFAULT_CODEC = "lz4"
 
 _FACTORIES: dict[str, Callable[..., Codec]] = {
@@ -39,7 +40,13 @@ _FACTORIES: dict[str, Callable[..., Codec]] = {
     "lz4hc": Lz4HcCodec,
     "zstd": ZstdCodec,
     "deflate": DeflateCodec,
+    "lzo": LzoCodec,
     "none": NoneCodec,
+}
+#: zram algorithms zramd does not have -> the one-line answer naming what to use instead
+_UNAVAILABLE = {
+    "lzo-rle": "lzo-rle is not available in zramd (no binding has the kernel's RLE extension): "
+    "use lzo (the same LZO1X format, without it) or lz4",
 }
 #: codecs that accept a pre-trained dictionary
 _DICT_CODECS = frozenset({"zstd"})
@@ -56,6 +63,8 @@ def get_codec(
     """Build codec ``name``. Raises ValueError for unknown names or invalid parameters."""
     factory = _FACTORIES.get(name)
     if factory is None:
+        if name in _UNAVAILABLE:
+            raise ValueError(_UNAVAILABLE[name])
         raise ValueError(
             f"unknown compression algorithm {name!r}; choose one of: "
             + ", ".join(available_codecs())

@@ -1,14 +1,16 @@
-"""Compression backends: lz4, lz4hc, zstd, deflate and none.
+"""Compression backends: lz4, lz4hc, zstd, deflate, lzo and none.
 
 Theory of operation
 -------------------
 Each class wraps one library behind :class:`~zramd.compress.base.Codec`. All are safe to call from
 several threads: lz4.block and zlib's one-shot functions hold no shared state, and zstd keeps one
 compressor/decompressor pair per thread (``threading.local``) because zstandard objects are not
-thread-safe. lz4 and zstd release the GIL while they work, so worker threads compress in parallel.
+thread-safe. lz4, zstd and lzo release the GIL while they work, so worker threads compress in
+parallel.
 
 Compressed blobs are minimal: lz4 is stored without its size prefix, zstd frames carry no content
-size, checksum or dictionary id, deflate is raw (no zlib header). The original size always comes
+size, checksum or dictionary id, deflate is raw (no zlib header), lzo is a bare LZO1X stream (no
+python-lzo header). The original size always comes
 from the caller. Every backend checks the decoded length and raises CodecError on any mismatch or
 library error, so a corrupt blob can never be returned as data.
 """
@@ -20,6 +22,7 @@ import zlib
 from typing import Any
 
 import lz4.block
+import lzo
 import zstandard
 
 from zramd.compress.base import Buffer, CodecError
@@ -196,6 +199,37 @@ class DeflateCodec:
             raise CodecError(f"deflate: {exc}") from None
         if len(out) != size or not d.eof or d.unconsumed_tail:
             raise CodecError(f"deflate: corrupt or wrong-size stream (decoded {len(out)})")
+        return out
+
+
+class LzoCodec:
+    """LZO1X-1 through liblzo2 (python-lzo): the format and compressor of the kernel's ``lzo``,
+    without levels. python-lzo reads only ``bytes``, so other buffers are copied first."""
+
+    name = "lzo"
+    native_decode: int | None = None
+    native_encode: int | None = None
+
+    def __init__(self, level: int | None = None) -> None:
+        if level is not None:
+            raise ValueError("codec 'lzo' takes no level")
+        self.level = 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def compress(self, page: Buffer) -> bytes:
+        out: bytes = lzo.compress(page if type(page) is bytes else bytes(page), 1, False)
+        return out
+
+    def decompress(self, data: Buffer, size: int) -> bytes:
+        try:
+            out: bytes = lzo.decompress(data if type(data) is bytes else bytes(data), False, size)
+        except lzo.error as exc:
+            raise CodecError(f"lzo: {exc}") from None
+        if len(out) != size:
+            raise CodecError(f"lzo: decoded {len(out)} bytes, expected {size}")
         return out
 
 
