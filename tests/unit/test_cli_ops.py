@@ -347,6 +347,7 @@ def test_serve_verbose_after_the_command_and_timestamps_outside_systemd(tmp_path
     import signal
     import subprocess
     import sys
+    import time
 
     path = str(tmp_path / "s.sock")
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")}
@@ -358,6 +359,7 @@ def test_serve_verbose_after_the_command_and_timestamps_outside_systemd(tmp_path
         assert p.stderr is not None
         first = p.stderr.readline()
         assert re.fullmatch(rf"{stamp}zramd: listening on unix:\S+ \(exports: a 1M lz4\)\n", first)
+        time.sleep(0.2)  # the SIGTERM handler is installed just after that line
         p.send_signal(signal.SIGTERM)
         rest = p.communicate(timeout=10)[1]
         assert p.returncode == 0
