@@ -411,10 +411,6 @@ class ServeConfig:
     swap: str = DEFAULT_SWAP
     metrics: str | None = None
 
-    @property
-    def config_path(self) -> str | None:
-        return self.file.path if self.file is not None else None
-
 
 def serve_config(flags: ServeFlags, file: FileConfig | None = None) -> ServeConfig:
     """The configuration of ``zramd serve``: ``flags`` over ``file`` over the defaults.

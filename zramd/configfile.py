@@ -376,6 +376,21 @@ def _blame(message: str, seen: dict[str, str]) -> str:
     return seen.get("size", "size")
 
 
+def changed_keys(old: FileConfig, new: FileConfig) -> list[str]:
+    """The top-level keys whose value differs between two readings of a file, sorted (a key
+    added or removed counts when its value differs from the default it replaced)."""
+    changed = []
+    for key in sorted(old.keys | new.keys):
+        if key in _SERVER_KEYS:
+            attr = _SERVER_KEYS[key][1]
+            before, after = getattr(old.server, attr), getattr(new.server, attr)
+        else:
+            before, after = getattr(old, key), getattr(new, key)
+        if before != after:
+            changed.append(key)
+    return changed
+
+
 def load_file(path: str | os.PathLike[str], *, ram: float | None = None) -> FileConfig:
     """Read and parse a configuration file; errors name the file."""
     p = os.fspath(path)

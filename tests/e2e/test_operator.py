@@ -422,3 +422,19 @@ def test_unix_flag_alone_is_unix_only_with_and_without_config_file(workdir: Path
     addresses, tcp = seen["file-with-tcp"]
     assert addresses.startswith(f"unix:{workdir / 'file-with-tcp' / 'nbd.sock'}, 127.0.0.1:")
     assert tcp == 1
+
+
+def test_sigterm_with_clients_says_what_is_lost(daemon: Daemon) -> None:
+    """SIGTERM at the default log level: a warning per export with clients or data."""
+    h = daemon.client("a")
+    h.pwrite(b"k" * 8192, 0)
+    h.flush()
+    daemon.stop()
+    assert daemon.proc.returncode == 0
+    err = daemon.stderr()
+    lines = [x for x in err.splitlines() if "stopping:" in x]
+    assert len(lines) == 1, err
+    assert lines[0].endswith(
+        "zramd: stopping: export a loses 8K of data (8192 bytes stored); clients: #1 local"
+    )  # the connection's label: its number and its (unnamed) Unix peer
+    del h

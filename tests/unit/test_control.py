@@ -322,3 +322,42 @@ async def test_export_too_large_to_reserve_is_one_line(tmp_path: Path, registry:
         assert [r["name"] for r in await call(path, "list")] == ["ok"]
     finally:
         await server.close()
+
+
+async def test_reload_names_each_key_that_needs_a_restart(
+    tmp_path: Path, registry: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from zramd.configfile import load_file
+
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('port = 10809\nmax-connections = 5\n[export.one]\nsize = "1M"\n')
+    registry.add(ExportConfig(name="one", size=MIB))
+    op = Operator(registry, config_path=str(cfg), started=load_file(cfg))
+    cfg.write_text(
+        'port = 10900\nmax-connections = 5\ntls = "on"\ntls-certificates = "/x"\n'
+        '[export.one]\nsize = "1M"\n[export.two]\nsize = "1M"\n'
+    )
+    with caplog.at_level("WARNING", logger="zramd.control"):
+        lines = await op.reload()
+    restart = ["port: needs a restart", "tls: needs a restart", "tls-certificates: needs a restart"]
+    assert [x for x in lines if "restart" in x] == restart
+    assert any("two 1M lz4 added" in x for x in lines)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == restart
+    cfg.write_text('port = 10809\nmax-connections = 5\n[export.one]\nsize = "1M"\n')
+    assert not [x for x in await op.reload() if "restart" in x]  # back as started
+
+
+async def test_stopping_report(registry: Any) -> None:
+    from zramd.control.daemon import stopping_report
+
+    registry.add(ExportConfig(name="idle", size=MIB))
+    registry.add(ExportConfig(name="busy", size=MIB))
+    registry.add(ExportConfig(name="data", size=MIB))
+    await registry.get("data").device.write(0, b"x" * 8192)
+    s = FakeSession()
+    s.label = "#3 127.0.0.1:40000"  # type: ignore[attr-defined]
+    registry.get("busy").sessions.add(s)
+    assert stopping_report(registry) == [
+        "stopping: export busy loses 0B of data (0 bytes stored); clients: #3 127.0.0.1:40000",
+        "stopping: export data loses 8K of data (8192 bytes stored); clients: none",
+    ]

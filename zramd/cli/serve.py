@@ -247,7 +247,7 @@ def operator_hooks(cfg: ServeConfig) -> OperatorHooks:
     return OperatorHooks(
         control_path=cfg.control,
         control_required=cfg.control_required,
-        config_path=cfg.config_path,
+        file=cfg.file,
         flag_exports=cfg.flag_exports,
         metrics=cfg.metrics,
     )

@@ -7,11 +7,18 @@ socket path, configuration file, exports given as flags), and:
 
 - ``await start()`` binds the control socket (refusing if another daemon owns it) and installs
   the SIGHUP handler (always: SIGHUP's default action would kill the daemon and its data);
-- ``await reload()`` re-reads the file and applies it (``control/reload.py``); flag exports win
-  over file exports of the same name and are always kept (``config.merge_exports``). A file
+- ``await reload()`` re-reads the file and applies its exports (``control/reload.py``); flag
+  exports win over file exports of the same name and are always kept (``config.merge_exports``).
+  Top-level keys (listeners, limits, TLS, swap, metrics) are not applied: each one that differs
+  from the file the daemon started with is logged at warning, ``KEY: needs a restart``, at every
+  reload until the restart. A file
   that does not load changes nothing: the error is logged and raised as ControlError, so the
   control ``reload`` answers ``{"ok": false}`` and ``zramd reload`` exits 1;
 - ``await close()`` removes both.
+
+:func:`stopping_report` is what a stop loses, logged at warning when shutdown begins
+(SIGTERM/SIGINT, ``OperatorHooks.stopping``): each export with clients or stored data, its
+clients, and the bytes it holds, since the data lives only in this process.
 
 :class:`OperatorHooks` is the ``ServeHooks`` the server's startup runs before binding its
 listeners: an :class:`Operator` (running without the *default* control socket, with a warning,
@@ -29,12 +36,27 @@ import logging
 import signal
 from typing import Any
 
-from zramd.config import ConfigError, ExportConfig, merge_exports
+from zramd.config import ConfigError, ExportConfig, FileConfig, format_size, merge_exports
 from zramd.control.protocol import ControlError
 from zramd.control.reload import apply_exports
 from zramd.control.server import ControlServer
 
 log = logging.getLogger("zramd.control")
+
+
+def stopping_report(registry: Any) -> list[str]:
+    """One line per export that has clients or data: what stopping the daemon loses."""
+    lines = []
+    for exp in registry:
+        stored = int(exp.device.stats.as_dict()["orig_data_size"])
+        if not exp.clients and not stored:
+            continue
+        clients = ", ".join(sorted(s.label for s in exp.sessions)) or "none"
+        lines.append(
+            f"stopping: export {exp.name} loses {format_size(stored)} of data ({stored} bytes "
+            f"stored); clients: {clients}"
+        )
+    return lines
 
 
 class Operator:
@@ -46,10 +68,13 @@ class Operator:
         config_path: str | None = None,
         flag_exports: list[ExportConfig] | None = None,
         managed: set[str] | None = None,
+        started: FileConfig | None = None,
     ) -> None:
         self.registry = registry
         self.control_path = control_path
         self.config_path = config_path
+        #: the file as read at start: what the top-level keys of the running daemon say
+        self.started = started
         self.flag_exports = list(flag_exports or [])
         self.managed: set[str] = set(managed) if managed is not None else {
             e.name for e in registry
@@ -92,7 +117,7 @@ class Operator:
     async def reload(self) -> list[str]:
         """Re-read the configuration file and apply it; returns what changed. Raises
         ControlError (logged) when the file does not load: nothing is changed then."""
-        from zramd.configfile import load_file
+        from zramd.configfile import changed_keys, load_file
 
         if not self.config_path:
             return []
@@ -105,6 +130,11 @@ class Operator:
                 raise ControlError(msg) from None
             wanted = merge_exports(fc.server.exports, self.flag_exports)
             self.managed, lines = apply_exports(self.registry, wanted, self.managed)
+            if self.started is not None:
+                for key in changed_keys(self.started, fc):
+                    msg = f"{key}: needs a restart"
+                    log.warning("%s", msg)
+                    lines.append(msg)
             if not lines:
                 lines = ["no change"]
                 log.info("reload: no change")
@@ -131,7 +161,7 @@ class OperatorHooks:
         *,
         control_path: str | None,
         control_required: bool = True,
-        config_path: str | None = None,
+        file: FileConfig | None = None,
         flag_exports: list[ExportConfig] | None = None,
         metrics: str | None = None,
     ) -> None:
@@ -139,16 +169,21 @@ class OperatorHooks:
         self.control_required = control_required
         self.metrics_address = metrics
         self.metrics: Any = None
-        self.config_path = config_path
+        self.file = file
+        self.config_path = file.path if file is not None else None
         self.flag_exports = flag_exports or []
         self.operator: Operator | None = None
+        self.registry: Any = None
+        self._stopping = False
 
     async def start(self, server: Any) -> None:
+        self.registry = server.registry
         op = Operator(
             server.registry,
             control_path=self.control_path,
             config_path=self.config_path,
             flag_exports=self.flag_exports,
+            started=self.file,
         )
         try:
             await op.start()
@@ -161,7 +196,7 @@ class OperatorHooks:
             op.control_path = None
             await op.close()
             op = Operator(server.registry, config_path=self.config_path,
-                          flag_exports=self.flag_exports)
+                          flag_exports=self.flag_exports, started=self.file)
             await op.start()
         self.operator = op
         if self.metrics_address:
@@ -174,6 +209,14 @@ class OperatorHooks:
                 await self.close()
                 raise
             self.metrics = metrics
+
+    def stopping(self) -> None:
+        """Shutdown begins: say what is lost (once)."""
+        if self._stopping or self.registry is None:
+            return
+        self._stopping = True
+        for line in stopping_report(self.registry):
+            log.warning("%s", line)
 
     async def close(self) -> None:
         if self.metrics is not None:

@@ -42,6 +42,9 @@ log = logging.getLogger("zramd.server")
 class Attached(Protocol):
     """What the registry needs from a session attached to an export."""
 
+    #: ``#ID PEER``, for log lines
+    label: str
+
     def close(self, reason: str) -> None: ...
 
     async def wait_idle(self) -> None: ...

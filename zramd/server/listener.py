@@ -382,9 +382,12 @@ class ServeHooks(Protocol):
     """Operator surface started next to the listeners (control socket, SIGHUP reload).
 
     ``start`` runs before the listeners bind (so READY=1 covers it); an exception from it is
-    a start failure (its message logged, exit 1). ``close`` runs once serving has stopped."""
+    a start failure (its message logged, exit 1). ``stopping`` runs when SIGTERM/SIGINT starts
+    the shutdown, before any connection is closed. ``close`` runs once serving has stopped."""
 
     async def start(self, server: Server) -> None: ...
+
+    def stopping(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -407,9 +410,15 @@ async def serve(config: ServerConfig, *, hooks: ServeHooks | None = None) -> int
         server.executor.shutdown(wait=False)
         return 1
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if hooks is not None:
+            hooks.stopping()
+        server.request_shutdown()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, server.request_shutdown)
+            loop.add_signal_handler(sig, on_signal)
     await server.serve_forever()
     if hooks is not None:
         await hooks.close()
