@@ -361,7 +361,7 @@ def test_algorithm_switch_keeps_old_pages() -> None:
     assert d.table.codec_mv[0] == 0 and d.codec.name == "lz4"
     assert d.read_sync(0, 3 * PAGE) == a + b + c
     with pytest.raises(ValueError, match="choose one of"):
-        d.algorithm = "lzo"
+        d.algorithm = "842"  # a zram algorithm zramd does not have
     d.close()
 
 
@@ -449,9 +449,9 @@ def test_shared_budget_and_reset() -> None:
 
 
 def test_vectorised_commit_matches_per_page_commit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large writes switch table entries with numpy (_commit_range); the per-page loop must give
-    the same table, counters and bytes, over old entries of every state."""
-    import zramd.device.blockdev as bd
+    """Large writes switch table entries with numpy (PageStore.commit's vectorised branch); the
+    per-page loop must give the same table, counters and bytes, over old entries of every state."""
+    import zramd.device.store as bd
 
     rnd = random.Random(21)
     kinds = [

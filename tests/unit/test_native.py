@@ -15,7 +15,8 @@ import pytest
 
 from zramd.compress import get_codec, native
 from zramd.device import DeviceIOError
-from zramd.device.blockdev import ZramDevice, prepare_page
+from zramd.device.blockdev import ZramDevice
+from zramd.device.pipeline import prepare_page
 from zramd.device.table import HUGE, SAME, STORED
 
 PAGE = 4096

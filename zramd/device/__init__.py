@@ -1,6 +1,8 @@
-"""Block semantics: the device contract (interface), the page table, same-fill detection and the
-zram-style device itself (blockdev). ``ZramDevice`` is imported lazily so that importing the
-contract never pulls in the allocator or the codecs."""
+"""Block semantics: the device contract (interface) and the zram-style device: byte ranges
+(blockdev), request ordering (ordering), the pure page pipeline (pipeline), the page store with
+its one commit path (store), the page table (table) and same-fill detection (samefill).
+``ZramDevice`` is imported lazily so that importing the contract never pulls in the allocator or
+the codecs."""
 
 from __future__ import annotations
 

@@ -1,66 +1,66 @@
-"""ZramDevice: zram block semantics on byte ranges, over a page table, a pool and a codec.
+"""ZramDevice: zram block semantics on byte ranges, over a page store, a codec and an executor.
 
 Theory of operation
 -------------------
-The device is an array of 4 KiB pages (:mod:`zramd.device.table`). A write splits its range into
-pages; partial pages are read, patched and rewritten (read-modify-write). Each page is checked for
-a same-fill word first (stored in the table, nothing allocated), else compressed; a page whose
-compressed size reaches the huge threshold (``pool.huge_class_size`` by default, as zram) is
-stored raw. Reads walk back: EMPTY -> zeros, SAME -> the word repeated, STORED -> decompress the
-pool object, HUGE -> the raw object. A decompression failure or a wrong length is DeviceIOError.
+The device is an array of 4 KiB pages kept by a :class:`~zramd.device.store.PageStore`. A write
+splits its byte range into pages; partial pages are read, patched and rewritten
+(read-modify-write); the pages are prepared by :mod:`zramd.device.pipeline` (same-fill check,
+else compression, HUGE past the threshold: ``pool.huge_class_size`` by default, as zram) and
+committed to the store all or nothing. A read snapshots its pages from the store and decodes
+them; a decompression failure or a wrong length is DeviceIOError. Trim frees only whole pages
+(partial pages are left as they are, as zram); write_zeroes frees whole pages and zeroes partial
+ones by read-modify-write.
+
+Each request is done either inline, on the calling thread without yielding, or awaited, its
+codec loop in the executor's workers; the choice is made here only (``read_with_zeros_now``,
+``write_now``): inline below ``offload_min_pages`` pages when no overlapping request is in
+flight, and, with the native extension, reads of ``native_offload_min_pages`` or more always in
+the workers (their C batch runs with the GIL released). Requests of ``native_min_pages`` or more
+whose codec has a native form run their codec loop as one C call instead of a Python loop.
 
 Invariants
 ~~~~~~~~~~
-* Failure atomicity: a write stores *every* new object in the pool before any table slot is
-  switched; on PoolFull the objects already stored are freed and NoSpace is raised, so nothing
-  changed and the old data stays readable (``failed_writes``++).
-* A slot switches to its new entry only after the new bytes are stored; then the old object is
-  freed. Trim frees only whole pages (partial pages are left as they are, as zram);
-  write_zeroes frees whole pages and zeroes partial ones by read-modify-write.
+* Failure atomicity: a failed write (NoSpace, DeviceIOError) changes nothing; see the store.
 * All table/pool/stats mutation happens on the calling thread; for the async API that is the
-  event-loop thread. Worker threads only run pure functions (same-fill + compress, decompress)
-  on bytes copied out on the loop thread, so pool compaction can never race with them.
-* Ordering of overlapping requests: a mutating request that must wait (because it is offloaded
-  to a thread, or overlaps one that is) registers its page range; later mutating requests
-  overlapping a registered range wait for it in arrival order. Requests that run inline (small,
-  no overlap) complete without yielding, so they are atomic with respect to everything else.
-  Reads never wait: they take a snapshot of the table and pool bytes on the loop thread in one
-  go, so they see every page either before or after any write, never torn.
-* Native batches (:mod:`zramd.compress.native`, when built): requests of at least
-  ``native_min_pages`` pages whose codec has a native form run their codec loop as one C call
-  instead of a Python loop per page; reads of at least ``native_offload_min_pages`` run it in
-  the two workers with the GIL released, on bytes copied out on the loop thread. The table and
-  pool are still touched only on the calling thread, and the pages are the same as the Python
-  loops produce.
+  event-loop thread. Workers only run the pipeline's pure functions on bytes copied out on the
+  loop thread, so pool compaction can never race with them.
+* Ordering of overlapping requests (:mod:`zramd.device.ordering`): a mutating request that must
+  wait registers its page range, later overlapping mutating requests wait for it in arrival
+  order; inline requests complete without yielding, so they are atomic with respect to
+  everything else. Reads never wait: they snapshot the store on the loop thread in one go, so
+  they see every page either before or after any write, never torn.
 * ``close()``/``reset()`` must not be called while requests are in flight (the server drains
   first).
 
-Knows nothing of NBD, sockets or pool internals; uses only the Pool API (store/load/free/...).
+Knows nothing of NBD, sockets or pool internals.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
-from zramd.allocator import MemoryBudget, Pool, PoolFull
+from zramd.allocator import MemoryBudget, Pool
 from zramd.compress import Codec, CodecError, get_codec, native
-from zramd.device.interface import Buffer, DeviceIOError, NoSpace, ReadResult, ZeroExtents
-from zramd.device.samefill import WORD_SIZE, ZERO_PAGE, fill_page, zeros
-from zramd.device.table import (
-    EMPTY,
-    HUGE,
-    MAX_CODECS,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    SAME,
-    STORED,
-    PageTable,
+from zramd.device.interface import Buffer, DeviceIOError, ReadResult, ZeroExtents
+from zramd.device.ordering import InflightRanges
+from zramd.device.pipeline import (
+    Prepared,
+    PrepareMany,
+    decompress_part,
+    native_decode_part,
+    native_preparer,
+    prepare_page,
+    prepare_part,
+    python_preparer,
 )
+from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
+from zramd.device.store import SMALL_DISCARD_PAGES, PageStore
+from zramd.device.table import EMPTY, PAGE_SHIFT, PAGE_SIZE, SAME, PageTable
 from zramd.stats import DeviceStats
 
 PAGE_MASK = PAGE_SIZE - 1
@@ -84,8 +84,6 @@ SMALL_STATUS_PAGES = 16
 #: (about 15 us); with it about 2 us. 1 MiB, so that a stream of 1 MiB overwrites reuses the
 #: zspages the previous request emptied instead of faulting in fresh ones (seq overwrite +10-20%).
 POOL_CACHE_PAGES = 256
-#: trim/discard ranges up to this many pages are freed entry by entry rather than vectorised
-SMALL_DISCARD_PAGES = 8
 #: with the native extension, requests of at least this many pages run their codec loop as one C
 #: batch (on the calling thread below ``native_offload_min_pages``, else in the workers)
 NATIVE_MIN_PAGES = 8
@@ -96,124 +94,12 @@ NATIVE_MIN_PAGES = 8
 #: anyway, they gained nothing in the workers, and inline their short-lived buffers stay out of
 #: the workers' malloc arenas (in the workers: +25% RSS in an nbdcopy copy-in).
 NATIVE_OFFLOAD_MIN_PAGES = 256
-#: writes of at least this many pages switch their table entries with vectorised operations
-BATCH_COMMIT_PAGES = 16
 #: offloaded requests of at least this many pages are split into this many parts, one per codec
 #: worker, so one large request keeps both cores busy (the device's executor has 2 workers).
 #: Not 1 MiB requests: with several in flight the workers are busy anyway, and the second hop
 #: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s)
 SPLIT_PARTS = 2
 SPLIT_MIN_PAGES = 512
-
-_from_bytes = int.from_bytes
-
-#: a prepared page: (state, fill word or object size, payload to store or None)
-Prepared = tuple[int, int, "bytes | None"]
-
-
-def prepare_page(page: bytes, compress: Callable[[bytes], bytes], threshold: int) -> Prepared:
-    """Pure: classify one full page (bytes) as SAME / STORED / HUGE and produce its payload."""
-    # first byte vs the last word's first byte: a cheap necessary condition (as zram's
-    # first-vs-last word check) that rejects most pages before the full memcmp
-    if page[0] == page[-WORD_SIZE] and page[WORD_SIZE:] == page[:-WORD_SIZE]:
-        return (SAME, _from_bytes(page[:WORD_SIZE], "little"), None)
-    comp = compress(page)
-    n = len(comp)
-    if n >= threshold:
-        return (HUGE, PAGE_SIZE, page)
-    return (STORED, n, comp)
-
-
-#: prepares the whole pages of a buffer (a multiple of PAGE_SIZE bytes), in order
-PrepareMany = Callable[["bytes | memoryview"], list[Prepared]]
-
-
-def python_preparer(compress: Callable[[bytes], bytes], threshold: int) -> PrepareMany:
-    """:func:`prepare_page` over every page of a buffer (the per-page Python loop)."""
-
-    def prepare_many(buf: bytes | memoryview) -> list[Prepared]:
-        return [
-            prepare_page(bytes(buf[pos : pos + PAGE_SIZE]), compress, threshold)
-            for pos in range(0, len(buf), PAGE_SIZE)
-        ]
-
-    return prepare_many
-
-
-def native_preparer(kind: int, level: int, threshold: int) -> PrepareMany:
-    """The same with the C batch (``zramd._native.prepare_pages``, GIL released)."""
-    prepare_pages = native.module().prepare_pages
-
-    def prepare_many(buf: bytes | memoryview) -> list[Prepared]:
-        return prepare_pages(buf, kind, level, threshold, SAME, STORED, HUGE)
-
-    return prepare_many
-
-
-def _prepare_part(
-    start: int,
-    stop: int,
-    head: bytes | None,
-    mv: memoryview,
-    mid_start: int,
-    tail: bytes | None,
-    npages: int,
-    prepare_many: PrepareMany,
-) -> list[Prepared]:
-    """Pure (may run in a worker thread): prepare pages ``[start, stop)`` of a write of
-    ``npages`` pages (page 0 is ``head`` if given, the last is ``tail`` if given, the rest full
-    pages of ``mv`` from ``mid_start``), so the pages of one request can be split between
-    workers. The full pages in between go to ``prepare_many`` in one call."""
-    out: list[Prepared] = []
-    lo, hi = start, stop
-    if lo == 0 and head is not None:
-        out += prepare_many(head)
-        lo = 1
-    tail_here = tail is not None and hi == npages
-    if tail_here:
-        hi -= 1
-    if hi > lo:
-        skew = mid_start - (PAGE_SIZE if head is not None else 0)
-        out += prepare_many(mv[skew + (lo << PAGE_SHIFT) : skew + (hi << PAGE_SHIFT)])
-    if tail_here:
-        assert tail is not None
-        out += prepare_many(tail)
-    return out
-
-
-def _decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
-    """Pure (runs in a worker thread): decompress items ``[start, stop)`` of ``snap`` and join
-    them into one buffer, so the pages of one read can be split between workers."""
-    parts: list[bytes] = []
-    for i in range(start, stop):
-        item = snap[i]
-        if type(item) is tuple:
-            parts.append(item[0].decompress(item[1], PAGE_SIZE))
-        else:
-            parts.append(item)
-    return b"".join(parts)
-
-
-def _native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
-    """Pure (runs in a worker thread): decode items ``[start, stop)`` of a native snapshot into
-    their pages of ``out``. Items are page bytes, a shorter blob of ``kind``, ``(kind, blob)``
-    for the C loop, or ``(codec, blob)`` for a codec without a native form (decoded here)."""
-    items = snap[start:stop]
-    if not kind:  # the general snapshot (kind 0) may hold (codec, blob) items: decode them here
-        for i, item in enumerate(items):
-            if type(item) is tuple and type(item[0]) is not int:
-                items[i] = item[0].decompress(item[1], PAGE_SIZE)
-    view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
-    bad = native.module().decompress_pages(view, items, kind)
-    if bad >= 0:
-        raise CodecError(f"page {start + bad} of the request does not decode")
-
-
-def _is_zero(mv: memoryview) -> bool:
-    """Whether ``mv`` (a multiple of 8 bytes) is all zero: first/last word first, then one
-    vectorised pass (memoryview ``==`` compares item by item; numpy does not)."""
-    words = np.frombuffer(mv, dtype=np.uint64)
-    return bool(words[0] == 0 and words[-1] == 0 and not words.max())  # max: 3x any() here
 
 
 def _zero_extents(zero: list[int], offset: int, length: int) -> ZeroExtents:
@@ -233,17 +119,6 @@ def _zero_extents(zero: list[int], offset: int, length: int) -> ZeroExtents:
     a = max(run_start << PAGE_SHIFT, offset)
     out.append((a - offset, min((prev + 1) << PAGE_SHIFT, end) - a))
     return out
-
-
-class _Range:
-    """A registered in-flight mutating request over pages ``[first, last]``."""
-
-    __slots__ = ("first", "last", "done")
-
-    def __init__(self, first: int, last: int) -> None:
-        self.first = first
-        self.last = last
-        self.done = asyncio.Event()
 
 
 class ZramDevice:
@@ -287,7 +162,6 @@ class ZramDevice:
         if offload_min_pages < 1:
             raise ValueError("offload_min_pages must be >= 1")
         self._offload_pages = offload_min_pages
-        self._offload_bytes = offload_min_pages * PAGE_SIZE
         self._native_pages = max(1, native_min_pages)
         self._native_offload_pages = max(1, native_offload_min_pages)
         self._size = (size + PAGE_MASK) & ~PAGE_MASK
@@ -295,19 +169,17 @@ class ZramDevice:
         self._chain_size = chain_size
         self._budget = budget
         self._pool_cache_pages = pool_cache_pages
-        self._pool = pool if pool is not None else self._new_pool(mem_limit)
-        if pool is not None and mem_limit:
-            self._pool.limit = mem_limit
-        self._table = PageTable(self._npages)
-        self._codecs: list[Codec] = [get_codec(algorithm, level=level, dictionary=dictionary)]
+        if pool is None:
+            pool = self._new_pool(mem_limit)
+        elif mem_limit:
+            pool.limit = mem_limit
+        codec = get_codec(algorithm, level=level, dictionary=dictionary)
+        self._store = PageStore(self._npages, pool, [codec])
         self._codec_id = 0
         self._huge_threshold_cfg = huge_threshold
-        self._threshold = (
-            huge_threshold if huge_threshold is not None else self._pool.huge_class_size
-        )
-        self._stats = DeviceStats(mem_limit=mem_limit)
+        self._threshold = huge_threshold if huge_threshold is not None else pool.huge_class_size
         self._executor = executor
-        self._inflight: list[_Range] = []
+        self._inflight = InflightRanges()
         self._closed = False
 
     def _new_pool(self, mem_limit: int) -> Pool:
@@ -330,20 +202,20 @@ class ZramDevice:
 
     @property
     def pool(self) -> Pool:
-        return self._pool
+        return self._store.pool
 
     @property
     def table(self) -> PageTable:
-        return self._table
+        return self._store.table
 
     @property
     def codec(self) -> Codec:
         """The codec new pages are compressed with."""
-        return self._codecs[self._codec_id]
+        return self._store.codecs[self._codec_id]
 
     @property
     def algorithm(self) -> str:
-        return self._codecs[self._codec_id].name
+        return self._store.codecs[self._codec_id].name
 
     @algorithm.setter
     def algorithm(self, name: str) -> None:
@@ -354,14 +226,7 @@ class ZramDevice:
     ) -> None:
         """Compress new pages with ``name``; pages already stored keep their codec (per page)."""
         codec = get_codec(name, level=level, dictionary=dictionary)
-        for i, c in enumerate(self._codecs):
-            if c.name == codec.name and c.params == codec.params:
-                self._codec_id = i
-                return
-        if len(self._codecs) >= MAX_CODECS:
-            raise ValueError(f"at most {MAX_CODECS} distinct codec settings per device")
-        self._codecs.append(codec)
-        self._codec_id = len(self._codecs) - 1
+        self._codec_id = self._store.codec_id(codec)
 
     @property
     def huge_threshold(self) -> int:
@@ -370,7 +235,7 @@ class ZramDevice:
 
     @property
     def mem_limit(self) -> int:
-        return int(self._pool.limit)
+        return int(self._store.pool.limit)
 
     @mem_limit.setter
     def mem_limit(self, value: int) -> None:
@@ -379,263 +244,21 @@ class ZramDevice:
     def set_mem_limit(self, limit: int) -> None:
         if limit < 0:
             raise ValueError("mem_limit must be >= 0")
-        self._pool.limit = limit
+        self._store.pool.limit = limit
 
     @property
     def stats(self) -> DeviceStats:
         """The live counters, with the pool-derived fields refreshed."""
-        s = self._stats
-        pool = self._pool
-        s.mem_used_total = total = int(pool.total_bytes)
-        if total > s.mem_used_max:
-            s.mem_used_max = total
-        s.pages_compacted = int(pool.pages_compacted)
-        s.mem_limit = int(pool.limit)
-        return s
+        return self._store.current_stats()
 
     def reset_mem_used_max(self) -> None:
         """Like writing 0 to zram's mem_used_max: restart the peak from the current usage."""
-        self._stats.mem_used_max = int(self._pool.total_bytes)
-
-    # --- entry bookkeeping (loop thread) ------------------------------------------------------
-
-    def _drop(self, idx: int) -> None:
-        """Free the object of entry ``idx`` (if any) and update counters; leaves the entry stale."""
-        t = self._table
-        st = t.state_mv[idx]
-        if st == EMPTY:
-            return
-        s = self._stats
-        s.pages_stored -= 1
-        if st == SAME:
-            s.same_pages -= 1
-            return
-        self._pool.free(t.handle_mv[idx])
-        s.compr_data_size -= t.size_mv[idx]
-        if st == HUGE:
-            s.huge_pages -= 1
-
-    def _store_all(self, prepared: Sequence[Prepared]) -> list[int]:
-        """Store every payload (0 for SAME); on PoolFull free what was stored and raise NoSpace."""
-        pool = self._pool
-        store = pool.store
-        handles: list[int] = []
-        try:
-            for _st, _v, payload in prepared:
-                handles.append(store(payload) if payload is not None else 0)
-        except PoolFull:
-            for (_st, _v, payload), h in zip(prepared, handles, strict=False):
-                if payload is not None:
-                    pool.free(h)
-            self._stats.failed_writes += 1
-            raise NoSpace("memory limit reached") from None
-        return handles
-
-    def _commit(self, indices: Sequence[int], prepared: Sequence[Prepared], codec_id: int) -> None:
-        """Store every payload, then switch the slots and free the old objects. All or nothing."""
-        if type(indices) is range and len(prepared) >= BATCH_COMMIT_PAGES:
-            self._commit_range(indices.start, prepared, codec_id)
-            return
-        handles = self._store_all(prepared)
-        pool = self._pool
-        t = self._table
-        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
-        s = self._stats
-        drop = self._drop
-        for idx, (st, v, _payload), h in zip(indices, prepared, handles, strict=True):
-            drop(idx)
-            state_mv[idx] = st
-            s.pages_stored += 1
-            if st == SAME:
-                handle_mv[idx] = v
-                size_mv[idx] = 0
-                codec_mv[idx] = 0
-                s.same_pages += 1
-            else:
-                handle_mv[idx] = h
-                size_mv[idx] = v
-                codec_mv[idx] = codec_id
-                s.compr_data_size += v
-                if st == HUGE:
-                    s.huge_pages += 1
-                    s.huge_pages_since += 1
-        if handles:
-            total = pool.total_bytes
-            if total > s.mem_used_max:
-                s.mem_used_max = total
-
-    def _commit_range(self, first: int, prepared: Sequence[Prepared], codec_id: int) -> None:
-        """``_commit`` of the pages ``[first, first + len(prepared))``: the old entries are freed
-        and the new ones set with vectorised table operations (every new entry is live, so the
-        whole range of the table is written)."""
-        handles = self._store_all(prepared)
-        stop = first + len(prepared)
-        self._discard(first, stop)
-        t = self._table
-        states = np.frombuffer(bytes([p[0] for p in prepared]), dtype=np.uint8)
-        values = np.array([p[1] for p in prepared], dtype=np.uint64)
-        same = states == SAME
-        pooled = ~same
-        t.state[first:stop] = states
-        t.handle[first:stop] = np.where(same, values, np.array(handles, dtype=np.uint64))
-        t.size[first:stop] = np.where(same, 0, values)
-        t.codec[first:stop] = np.where(same, 0, codec_id)
-        nsame = int(np.count_nonzero(same))
-        nhuge = int(np.count_nonzero(states == HUGE))
-        s = self._stats
-        s.pages_stored += len(prepared)
-        s.same_pages += nsame
-        s.huge_pages += nhuge
-        s.huge_pages_since += nhuge
-        if nsame < len(prepared):
-            s.compr_data_size += int(values[pooled].sum())
-            total = self._pool.total_bytes
-            if total > s.mem_used_max:
-                s.mem_used_max = total
-
-    def _commit_one(self, idx: int, prep: Prepared, codec_id: int) -> None:
-        """``_commit`` for one page, without the list bookkeeping (the 4 KiB hot path)."""
-        st, v, payload = prep
-        s = self._stats
-        t = self._table
-        if payload is not None:
-            pool = self._pool
-            try:
-                h = pool.store(payload)
-            except PoolFull:
-                s.failed_writes += 1
-                raise NoSpace("memory limit reached") from None
-            if t.state_mv[idx] != EMPTY:
-                self._drop(idx)
-            t.state_mv[idx] = st
-            t.handle_mv[idx] = h
-            t.size_mv[idx] = v
-            t.codec_mv[idx] = codec_id
-            s.pages_stored += 1
-            s.compr_data_size += v
-            if st == HUGE:
-                s.huge_pages += 1
-                s.huge_pages_since += 1
-            total = pool.total_bytes
-            if total > s.mem_used_max:
-                s.mem_used_max = total
-            return
-        if t.state_mv[idx] != EMPTY:
-            self._drop(idx)
-        t.state_mv[idx] = SAME
-        t.handle_mv[idx] = v
-        t.size_mv[idx] = 0
-        t.codec_mv[idx] = 0
-        s.pages_stored += 1
-        s.same_pages += 1
-
-    def _discard(self, p0: int, p1: int) -> int:
-        """Free whole pages ``[p0, p1)`` to EMPTY; returns how many held something."""
-        t = self._table
-        if p1 - p0 <= SMALL_DISCARD_PAGES:
-            n = 0
-            state_mv = t.state_mv
-            for idx in range(p0, p1):
-                if state_mv[idx] != EMPTY:
-                    self._drop(idx)
-                    state_mv[idx] = EMPTY
-                    t.handle_mv[idx] = 0
-                    t.size_mv[idx] = 0
-                    t.codec_mv[idx] = 0
-                    n += 1
-            return n
-        idx_arr = t.occupied(p0, p1)
-        n = len(idx_arr)
-        if not n:
-            return 0
-        same, huge, sizes, _pooled = t.counts(idx_arr)
-        free = self._pool.free
-        for h in t.pooled_handles(idx_arr):
-            free(h)
-        t.clear(idx_arr)
-        s = self._stats
-        s.pages_stored -= n
-        s.same_pages -= same
-        s.huge_pages -= huge
-        s.compr_data_size -= sizes
-        return n
-
-    # --- page reads (loop thread) -------------------------------------------------------------
-
-    def _read_page(self, idx: int) -> bytes:
-        t = self._table
-        st = t.state_mv[idx]
-        if st == EMPTY:
-            return ZERO_PAGE
-        if st == SAME:
-            return fill_page(t.handle_mv[idx])
-        if st == STORED:
-            data = self._pool.load(t.handle_mv[idx], t.size_mv[idx])
-            try:
-                return self._codecs[t.codec_mv[idx]].decompress(data, PAGE_SIZE)
-            except CodecError as exc:
-                raise DeviceIOError(f"page {idx}: {exc}") from None
-        data = self._pool.load(t.handle_mv[idx], PAGE_SIZE)
-        if len(data) != PAGE_SIZE:
-            raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
-        return data
-
-    def _snapshot(
-        self, first: int, last: int, tags: Sequence[Any] | None = None
-    ) -> tuple[list[Any], list[int]]:
-        """One walk over pages ``[first, last]``: ``(items, zero pages)``. Per page, finished
-        bytes, or ``(tag, compressed copy)`` to decode later (maybe off-thread), where the tag
-        is the page's codec (or ``tags[codec id]``, e.g. its native kind); and the indices of
-        the pages that read as zero (EMPTY or SAME with word 0), ascending."""
-        t = self._table
-        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
-        load = self._pool.load
-        if tags is None:
-            tags = self._codecs
-        read_page = self._read_page
-        out: list[Any] = []
-        append = out.append
-        zero: list[int] = []
-        for idx in range(first, last + 1):
-            st = state_mv[idx]
-            if st == STORED:
-                append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
-            elif st == EMPTY or (st == SAME and not handle_mv[idx]):
-                append(ZERO_PAGE)
-                zero.append(idx)
-            else:
-                append(read_page(idx))
-        return out, zero
-
-    def _snapshot_native(self, first: int, last: int) -> tuple[list[Any], int, list[int]]:
-        """``(items, kind, zero pages)``; per page: finished bytes, a blob of ``kind``,
-        ``(kind, blob)`` or ``(codec, blob)`` (see :func:`_native_decode_part`)."""
-        t = self._table
-        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
-        codecs = self._codecs
-        tags: list[Any] = []
-        for c in codecs:
-            k = native.decode_kind(c)
-            tags.append(c if k is None else k)
-        n = last - first + 1
-        cids = bytes(codec_mv[first : last + 1])  # bytes: == is a memcmp (memoryview: per item)
-        tag = tags[cids[0]]
-        if (
-            type(tag) is int
-            and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
-            and cids == bytes((cids[0],)) * n
-        ):
-            # the common case, every page compressed with one native codec: bare blobs of ``tag``
-            load, stop = self._pool.load, last + 1
-            handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
-            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag, []
-        snap, zero = self._snapshot(first, last, tags)
-        return snap, 0, zero
+        self._store.reset_mem_used_max()
 
     def _preparer(self, codec_id: int, *, native_ok: bool) -> PrepareMany:
         """How pages are prepared for codec ``codec_id``: the C batch when allowed and the codec
         has a native form, else the Python loop."""
-        codec = self._codecs[codec_id]
+        codec = self._store.codecs[codec_id]
         kind = native.encode_kind(codec) if native_ok else None
         if kind is not None:
             return native_preparer(kind, codec.level, self._threshold)
@@ -653,7 +276,7 @@ class ZramDevice:
         """Whether a write of pages ``[first, last]`` is done at once: fewer than
         ``offload_min_pages`` pages, and no overlapping request in flight to wait for."""
         return last - first + 1 < self._offload_pages and (
-            not self._inflight or not self._overlapping(first, last)
+            not self._inflight or not self._inflight.overlaps(first, last)
         )
 
     # --- sync API (tests, and the async methods' inline path) ---------------------------------
@@ -676,30 +299,30 @@ class ZramDevice:
         first = offset >> PAGE_SHIFT
         try:
             if length == PAGE_SIZE and not skip:
-                t = self._table
+                t = self._store.table
                 st = t.state_mv[first]
                 if st == EMPTY or (st == SAME and t.handle_mv[first] == 0):
                     return ZERO_PAGE, [(0, PAGE_SIZE)]
-                return self._read_page(first), []
+                return self._store.read_page(first), []
             last = (offset + length - 1) >> PAGE_SHIFT
             n = last - first + 1
             buf: Buffer
             if n >= self._native_pages and native.enabled:
-                snap, kind, zero = self._snapshot_native(first, last)
+                snap, kind, zero = self._store.snapshot_native(first, last)
                 if len(zero) == n:
                     return zeros(length), [(0, length)]
                 buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
-                _native_decode_part(0, n, snap, kind, memoryview(buf))
+                native_decode_part(0, n, snap, kind, memoryview(buf))
             else:
-                snap, zero = self._snapshot(first, last)
+                snap, zero = self._store.snapshot(first, last)
                 if len(zero) == n:
                     return zeros(length), [(0, length)]
-                buf = _decompress_part(0, n, snap)
+                buf = decompress_part(0, n, snap)
         except DeviceIOError:
-            self._stats.failed_reads += 1  # per request, as zram counts per bio
+            self._store.stats.failed_reads += 1  # per request, as zram counts per bio
             raise
         except CodecError as exc:
-            self._stats.failed_reads += 1
+            self._store.stats.failed_reads += 1
             raise DeviceIOError(str(exc)) from None
         if skip or len(buf) != length:
             buf = buf[skip : skip + length]
@@ -714,14 +337,14 @@ class ZramDevice:
         pos = 0
         if skip or n < PAGE_SIZE:
             take = min(PAGE_SIZE - skip, n)
-            page = bytearray(self._read_page(first))
+            page = bytearray(self._store.read_page(first))
             page[skip : skip + take] = mv[:take]
             head = bytes(page)
             pos = take
         mid_end = pos + ((n - pos) & ~PAGE_MASK)
         tail: bytes | None = None
         if mid_end < n:
-            page = bytearray(self._read_page((offset + mid_end) >> PAGE_SHIFT))
+            page = bytearray(self._store.read_page((offset + mid_end) >> PAGE_SHIFT))
             page[: n - mid_end] = mv[mid_end:]
             tail = bytes(page)
         return head, pos, mid_end, tail
@@ -733,7 +356,7 @@ class ZramDevice:
         try:
             return self._edges(offset, mv)
         except DeviceIOError:
-            self._stats.failed_writes += 1
+            self._store.stats.failed_writes += 1
             raise
 
     @staticmethod
@@ -751,25 +374,25 @@ class ZramDevice:
             if len(page) == PAGE_SIZE:
                 self._check(offset, PAGE_SIZE)
                 cid = self._codec_id
-                prep = prepare_page(page, self._codecs[cid].compress, self._threshold)
-                self._commit_one(offset >> PAGE_SHIFT, prep, cid)
+                prep = prepare_page(page, self._store.codecs[cid].compress, self._threshold)
+                self._store.commit((offset >> PAGE_SHIFT,), (prep,), cid)
                 return
         mv = self._as_bytes_view(data)
         n = len(mv)
         self._check(offset, n)
         if not n:
             return
-        if n > PAGE_SIZE and not (offset | n) & PAGE_MASK and _is_zero(mv):
+        if n > PAGE_SIZE and not (offset | n) & PAGE_MASK and all_zero(mv):
             # all-zero whole pages: same-fill them in one vectorised step, nothing compressed
-            self._fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
+            self._store.fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
             return
         cid = self._codec_id
         head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
         npages = ((offset + n - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
         prepare_many = self._preparer(cid, native_ok=npages >= self._native_pages)
-        prepared = _prepare_part(0, npages, head, mv, mid_start, tail, npages, prepare_many)
+        prepared = prepare_part(0, npages, head, mv, mid_start, tail, npages, prepare_many)
         first = offset >> PAGE_SHIFT
-        self._commit(range(first, first + len(prepared)), prepared, cid)
+        self._store.commit(range(first, first + len(prepared)), prepared, cid)
 
     def trim_sync(self, offset: int, length: int) -> None:
         """Free the whole pages inside the range; partial pages are left as they are (zram)."""
@@ -777,11 +400,12 @@ class ZramDevice:
         p0 = (offset + PAGE_MASK) >> PAGE_SHIFT
         p1 = (offset + length) >> PAGE_SHIFT
         if p1 > p0:
-            if self._discard(p0, p1) and p1 - p0 > SMALL_DISCARD_PAGES:
+            store = self._store
+            if store.discard(p0, p1) and p1 - p0 > SMALL_DISCARD_PAGES:
                 # a discard is the user giving memory back (fstrim, swap discard): the warm
                 # cache goes too, so RSS falls by what was freed
-                self._pool.drop_cache()
-            self._stats.notify_free += p1 - p0
+                store.pool.drop_cache()
+            store.stats.notify_free += p1 - p0
 
     def write_zeroes_sync(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
         """Zero the range: whole pages become EMPTY (or SAME-zero), partial pages are patched."""
@@ -801,19 +425,20 @@ class ZramDevice:
         if end & PAGE_MASK and pos < end:
             tail_start = max(pos, end & ~PAGE_MASK)
             parts.append((tail_start, end - tail_start))
+        store = self._store
         if parts:
             cid = self._codec_id
-            compress, threshold = self._codecs[cid].compress, self._threshold
+            compress, threshold = store.codecs[cid].compress, self._threshold
             indices: list[int] = []
             prepared: list[Prepared] = []
             for off, n in parts:
                 idx = off >> PAGE_SHIFT
-                if self._table.state_mv[idx] == EMPTY:
+                if store.is_empty(idx):
                     continue  # already reads as zeros
                 try:
-                    page = bytearray(self._read_page(idx))
+                    page = bytearray(store.read_page(idx))
                 except DeviceIOError:
-                    self._stats.failed_writes += 1
+                    store.stats.failed_writes += 1
                     raise
                 skip = off & PAGE_MASK
                 assert skip + n <= PAGE_SIZE
@@ -821,24 +446,13 @@ class ZramDevice:
                 indices.append(idx)
                 prepared.append(prepare_page(bytes(page), compress, threshold))
             if indices:
-                self._commit(indices, prepared, cid)
+                store.commit(indices, prepared, cid)
         if p1 > p0:
             if punch_hole:
-                self._discard(p0, p1)
-                self._stats.notify_free += p1 - p0
+                store.discard(p0, p1)
+                store.stats.notify_free += p1 - p0
             else:
-                self._fill_zero(p0, p1)
-
-    def _fill_zero(self, p0: int, p1: int) -> None:
-        """Whole pages ``[p0, p1)`` become SAME with fill word 0 (vectorised)."""
-        t = self._table
-        if p1 - p0 > SMALL_DISCARD_PAGES and not (t.state[p0:p1] != SAME).any():
-            if not t.handle[p0:p1].max():
-                return  # already zero-filled (a zero overwrite): nothing changes
-        self._discard(p0, p1)
-        self._table.state[p0:p1] = SAME  # handle (the fill word) is already 0 after _discard
-        self._stats.pages_stored += p1 - p0
-        self._stats.same_pages += p1 - p0
+                store.fill_zero(p0, p1)
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents (length, STATE_HOLE|STATE_ZERO flags) from ``offset``, adjacent equal merged.
@@ -852,7 +466,7 @@ class ZramDevice:
         end = offset + length
         p0 = offset >> PAGE_SHIFT
         p1 = (end + PAGE_MASK) >> PAGE_SHIFT
-        t = self._table
+        t = self._store.table
         if p1 - p0 <= SMALL_STATUS_PAGES:
             state_mv, handle_mv = t.state_mv, t.handle_mv
             ext: list[list[int]] = []
@@ -904,26 +518,6 @@ class ZramDevice:
 
     # --- async API (what the server calls) ----------------------------------------------------
 
-    def _overlapping(self, first: int, last: int) -> list[_Range]:
-        return [r for r in self._inflight if r.first <= last and first <= r.last]
-
-    async def _acquire(self, first: int, last: int) -> _Range:
-        """Register ``[first, last]`` and wait for earlier overlapping requests (arrival order)."""
-        before = self._overlapping(first, last)
-        r = _Range(first, last)
-        self._inflight.append(r)
-        try:
-            for other in before:
-                await other.done.wait()
-        except BaseException:
-            self._release(r)
-            raise
-        return r
-
-    def _release(self, r: _Range) -> None:
-        self._inflight.remove(r)
-        r.done.set()
-
     def _run_in_executor(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -943,11 +537,11 @@ class ZramDevice:
         n = last - first + 1
         try:
             if self._native_read_offload(n):
-                snap, kind, zero = self._snapshot_native(first, last)  # no await in between
+                snap, kind, zero = self._store.snapshot_native(first, last)  # no await between
             else:
-                (snap, zero), kind = self._snapshot(first, last), -1
+                (snap, zero), kind = self._store.snapshot(first, last), -1
         except DeviceIOError:
-            self._stats.failed_reads += 1
+            self._store.stats.failed_reads += 1
             raise
         if len(zero) == n:
             return zeros(length), [(0, length)]
@@ -955,13 +549,13 @@ class ZramDevice:
         try:
             if kind >= 0:
                 buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
-                await self._in_parts(_native_decode_part, n, snap, kind, memoryview(buf))
+                await self._in_parts(native_decode_part, n, snap, kind, memoryview(buf))
             else:
-                parts: list[bytes] = await self._in_parts(_decompress_part, n, snap)
+                parts: list[bytes] = await self._in_parts(decompress_part, n, snap)
                 # joining >= 1 MiB releases the GIL for the copy
                 buf = parts[0] if len(parts) == 1 else b"".join(parts)
         except CodecError as exc:
-            self._stats.failed_reads += 1
+            self._store.stats.failed_reads += 1
             raise DeviceIOError(str(exc)) from None
         skip = offset & PAGE_MASK
         if skip or len(buf) != length:
@@ -992,26 +586,26 @@ class ZramDevice:
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
         if last - first + 1 < self._offload_pages:  # small, behind an overlapping request
-            r = await self._acquire(first, last)
+            r = await self._inflight.acquire(first, last)
             try:
                 self.write_sync(offset, data)
             finally:
-                self._release(r)
+                self._inflight.release(r)
             return
         mv = self._as_bytes_view(data)
         self._check(offset, n)
-        if not (offset | n) & PAGE_MASK and _is_zero(mv):
+        if not (offset | n) & PAGE_MASK and all_zero(mv):
             # all-zero whole pages (e.g. a zero-filled 1 MiB write): same-fill in one vectorised
             # step on the loop thread, no compression and no thread hop
-            await self._locked(offset, n, lambda: self._fill_zero(first, last + 1))
+            await self._locked(offset, n, lambda: self._store.fill_zero(first, last + 1))
             return
-        r = await self._acquire(first, last)
+        r = await self._inflight.acquire(first, last)
         try:
             cid = self._codec_id  # after the wait: the algorithm may have changed meanwhile
             head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
             npages = last - first + 1
             parts = await self._in_parts(
-                _prepare_part,
+                prepare_part,
                 npages,
                 head,
                 mv,
@@ -1021,23 +615,23 @@ class ZramDevice:
                 self._preparer(cid, native_ok=True),
             )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
-            self._commit(range(first, first + npages), prepared, cid)
+            self._store.commit(range(first, first + npages), prepared, cid)
         finally:
-            self._release(r)
+            self._inflight.release(r)
 
     async def _locked(self, offset: int, length: int, fn: Callable[[], None]) -> None:
         if not length:
             return
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
-        if not self._inflight or not self._overlapping(first, last):
+        if not self._inflight or not self._inflight.overlaps(first, last):
             fn()
             return
-        r = await self._acquire(first, last)
+        r = await self._inflight.acquire(first, last)
         try:
             fn()
         finally:
-            self._release(r)
+            self._inflight.release(r)
 
     async def trim(self, offset: int, length: int) -> None:
         await self._locked(offset, length, lambda: self.trim_sync(offset, length))
@@ -1057,24 +651,21 @@ class ZramDevice:
 
     def compact(self) -> int:
         """Run pool compaction; returns the pool pages freed."""
-        return int(self._pool.compact())
+        return int(self._store.pool.compact())
 
     def reset(self) -> None:
         """Free everything (all pages read as zeros again); counters restart, limit kept."""
         assert not self._inflight, "reset with requests in flight"
         limit = self.mem_limit
-        self._pool.close()
-        self._pool = self._new_pool(limit)
-        self._table.release()
-        self._table = PageTable(self._npages)
+        codecs = self._store.codecs
+        self._store.close()
+        self._store = PageStore(self._npages, self._new_pool(limit), codecs)
         if self._huge_threshold_cfg is None:
-            self._threshold = self._pool.huge_class_size
-        self._stats = DeviceStats(mem_limit=limit)
+            self._threshold = self._store.pool.huge_class_size
 
     def close(self) -> None:
         """Release all memory; the device is unusable afterwards."""
         if self._closed:
             return
         self._closed = True
-        self._pool.close()
-        self._table.release()
+        self._store.close()

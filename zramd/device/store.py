@@ -1,0 +1,322 @@
+"""The page store: the page table, the pool holding the pages' objects, and their counters.
+
+Theory of operation
+-------------------
+:class:`PageStore` owns one device's pages: the :class:`~zramd.device.table.PageTable` (what
+each page is and where it lives), the :class:`~zramd.allocator.Pool` (the objects of STORED and
+HUGE pages), the codec list the table's codec column indexes, and the
+:class:`~zramd.stats.DeviceStats` page counters, which it keeps equal to what the table holds.
+Pages enter through :meth:`PageStore.commit` (prepared by :mod:`zramd.device.pipeline`), leave
+through :meth:`PageStore.discard` and become zero-filled through :meth:`PageStore.fill_zero`;
+reads take one page (:meth:`PageStore.read_page`) or a snapshot of a range, whose compressed
+items are decoded later, maybe in a worker.
+
+Invariants
+~~~~~~~~~~
+* All or nothing: :meth:`PageStore.commit` stores every new object before any slot switches; on
+  PoolFull it frees what it stored and raises NoSpace, so the old pages, the counters (but
+  ``failed_writes``) and the pool are as they were.
+* A slot switches to its new entry only after the new object is stored; then the old object is
+  freed. No object is referenced by two entries, and every object is referenced by one.
+* ``pages_stored``, ``same_pages``, ``huge_pages`` and ``compr_data_size`` always equal the
+  table's counts; ``mem_used_max`` is at least the pool's size after every commit.
+* Loop thread only: snapshots copy the compressed bytes out, so compaction can move objects
+  while workers decode.
+
+Knows nothing of byte ranges, requests, their ordering or threads; uses only the Pool API
+(store/load/free/...), not its internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from zramd.allocator import Pool, PoolFull
+from zramd.compress import Codec, CodecError, native
+from zramd.device.interface import DeviceIOError, NoSpace
+from zramd.device.pipeline import Prepared
+from zramd.device.samefill import ZERO_PAGE, fill_page
+from zramd.device.table import EMPTY, HUGE, MAX_CODECS, PAGE_SIZE, SAME, STORED, PageTable
+from zramd.stats import DeviceStats
+
+#: commits of at least this many consecutive pages switch their slots with vectorised operations
+BATCH_COMMIT_PAGES = 16
+#: discards of up to this many pages are freed entry by entry rather than vectorised
+SMALL_DISCARD_PAGES = 8
+
+
+class PageStore:
+    """The pages of one device: table, pool, codec list and counters (see the module doc)."""
+
+    __slots__ = ("table", "pool", "codecs", "stats")
+
+    def __init__(self, npages: int, pool: Pool, codecs: list[Codec]) -> None:
+        self.table = PageTable(npages)
+        self.pool = pool
+        #: codec id (the table's codec column) -> codec; ids are never reused
+        self.codecs = codecs
+        self.stats = DeviceStats(mem_limit=int(pool.limit))
+
+    def codec_id(self, codec: Codec) -> int:
+        """The id of ``codec`` (of an equal one if listed, else added). Raises ValueError."""
+        for i, c in enumerate(self.codecs):
+            if c.name == codec.name and c.params == codec.params:
+                return i
+        if len(self.codecs) >= MAX_CODECS:
+            raise ValueError(f"at most {MAX_CODECS} distinct codec settings per device")
+        self.codecs.append(codec)
+        return len(self.codecs) - 1
+
+    def close(self) -> None:
+        """Release the pool and the table (the store is unusable afterwards)."""
+        self.pool.close()
+        self.table.release()
+
+    # --- counters -----------------------------------------------------------------------------
+
+    def current_stats(self) -> DeviceStats:
+        """The live counters, with the pool-derived fields refreshed."""
+        s = self.stats
+        pool = self.pool
+        s.mem_used_total = total = int(pool.total_bytes)
+        if total > s.mem_used_max:
+            s.mem_used_max = total
+        s.pages_compacted = int(pool.pages_compacted)
+        s.mem_limit = int(pool.limit)
+        return s
+
+    def reset_mem_used_max(self) -> None:
+        """Restart the mem_used_max peak from the current usage."""
+        self.stats.mem_used_max = int(self.pool.total_bytes)
+
+    # --- commit: the one way pages enter -------------------------------------------------------
+
+    def commit(self, indices: Sequence[int], prepared: Sequence[Prepared], codec_id: int) -> None:
+        """Make page ``indices[i]`` hold ``prepared[i]`` (compressed with ``codec_id``), all or
+        nothing. Raises NoSpace (nothing changed but ``failed_writes``).
+
+        Two phases, one semantics: first every payload is stored in the pool (on PoolFull the
+        objects stored so far are freed), then every slot switches to its new entry and its old
+        object is freed. One page goes straight through (the 4 KiB hot path, no lists); a range
+        of BATCH_COMMIT_PAGES or more switches its slots with vectorised operations; the same
+        table, counters and pool either way."""
+        pool = self.pool
+        if len(prepared) == 1:
+            st, v, payload = prepared[0]
+            if payload is None:
+                self._switch(indices[0], st, v, 0, codec_id)
+                return
+            try:
+                h = pool.store(payload)
+            except PoolFull:
+                self.stats.failed_writes += 1
+                raise NoSpace("memory limit reached") from None
+            self._switch(indices[0], st, v, h, codec_id)
+        else:
+            store = pool.store
+            handles: list[int] = []
+            try:
+                for _st, _v, payload in prepared:
+                    handles.append(store(payload) if payload is not None else 0)
+            except PoolFull:
+                for (_st, _v, payload), h in zip(prepared, handles, strict=False):
+                    if payload is not None:
+                        pool.free(h)
+                self.stats.failed_writes += 1
+                raise NoSpace("memory limit reached") from None
+            if type(indices) is range and len(prepared) >= BATCH_COMMIT_PAGES:
+                self._switch_range(indices.start, prepared, handles, codec_id)
+            else:
+                switch = self._switch
+                for idx, (st, v, _payload), h in zip(indices, prepared, handles, strict=True):
+                    switch(idx, st, v, h, codec_id)
+        s = self.stats
+        total = pool.total_bytes
+        if total > s.mem_used_max:
+            s.mem_used_max = total
+
+    def _switch(self, idx: int, st: int, v: int, h: int, codec_id: int) -> None:
+        """Set entry ``idx`` to ``(st, v)`` with pool handle ``h``; free its old object."""
+        t = self.table
+        s = self.stats
+        if t.state_mv[idx] != EMPTY:
+            self._drop(idx)
+        t.state_mv[idx] = st
+        s.pages_stored += 1
+        if st == SAME:
+            t.handle_mv[idx] = v
+            t.size_mv[idx] = 0
+            t.codec_mv[idx] = 0
+            s.same_pages += 1
+            return
+        t.handle_mv[idx] = h
+        t.size_mv[idx] = v
+        t.codec_mv[idx] = codec_id
+        s.compr_data_size += v
+        if st == HUGE:
+            s.huge_pages += 1
+            s.huge_pages_since += 1
+
+    def _switch_range(
+        self, first: int, prepared: Sequence[Prepared], handles: list[int], codec_id: int
+    ) -> None:
+        """:meth:`_switch` over the pages ``[first, first + len(prepared))`` with vectorised
+        table operations (every new entry is live, so the whole range of the table is written)."""
+        stop = first + len(prepared)
+        self.discard(first, stop)
+        t = self.table
+        states = np.frombuffer(bytes([p[0] for p in prepared]), dtype=np.uint8)
+        values = np.array([p[1] for p in prepared], dtype=np.uint64)
+        same = states == SAME
+        t.state[first:stop] = states
+        t.handle[first:stop] = np.where(same, values, np.array(handles, dtype=np.uint64))
+        t.size[first:stop] = np.where(same, 0, values)
+        t.codec[first:stop] = np.where(same, 0, codec_id)
+        nsame = int(np.count_nonzero(same))
+        nhuge = int(np.count_nonzero(states == HUGE))
+        s = self.stats
+        s.pages_stored += len(prepared)
+        s.same_pages += nsame
+        s.huge_pages += nhuge
+        s.huge_pages_since += nhuge
+        if nsame < len(prepared):
+            s.compr_data_size += int(values[~same].sum())
+
+    # --- freeing -------------------------------------------------------------------------------
+
+    def _drop(self, idx: int) -> None:
+        """Free the object of entry ``idx`` (if any) and update counters; leaves the entry stale."""
+        t = self.table
+        st = t.state_mv[idx]
+        if st == EMPTY:
+            return
+        s = self.stats
+        s.pages_stored -= 1
+        if st == SAME:
+            s.same_pages -= 1
+            return
+        self.pool.free(t.handle_mv[idx])
+        s.compr_data_size -= t.size_mv[idx]
+        if st == HUGE:
+            s.huge_pages -= 1
+
+    def discard(self, p0: int, p1: int) -> int:
+        """Free whole pages ``[p0, p1)`` to EMPTY; returns how many held something."""
+        t = self.table
+        if p1 - p0 <= SMALL_DISCARD_PAGES:
+            n = 0
+            state_mv = t.state_mv
+            for idx in range(p0, p1):
+                if state_mv[idx] != EMPTY:
+                    self._drop(idx)
+                    state_mv[idx] = EMPTY
+                    t.handle_mv[idx] = 0
+                    t.size_mv[idx] = 0
+                    t.codec_mv[idx] = 0
+                    n += 1
+            return n
+        idx_arr = t.occupied(p0, p1)
+        n = len(idx_arr)
+        if not n:
+            return 0
+        same, huge, sizes, _pooled = t.counts(idx_arr)
+        free = self.pool.free
+        for h in t.pooled_handles(idx_arr):
+            free(h)
+        t.clear(idx_arr)
+        s = self.stats
+        s.pages_stored -= n
+        s.same_pages -= same
+        s.huge_pages -= huge
+        s.compr_data_size -= sizes
+        return n
+
+    def fill_zero(self, p0: int, p1: int) -> None:
+        """Whole pages ``[p0, p1)`` become SAME with fill word 0 (vectorised)."""
+        t = self.table
+        if p1 - p0 > SMALL_DISCARD_PAGES and not (t.state[p0:p1] != SAME).any():
+            if not t.handle[p0:p1].max():
+                return  # already zero-filled (a zero overwrite): nothing changes
+        self.discard(p0, p1)
+        t.state[p0:p1] = SAME  # handle (the fill word) is already 0 after discard
+        self.stats.pages_stored += p1 - p0
+        self.stats.same_pages += p1 - p0
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def is_empty(self, idx: int) -> bool:
+        """Whether page ``idx`` is a hole (never written, or discarded)."""
+        return self.table.state_mv[idx] == EMPTY
+
+    def read_page(self, idx: int) -> bytes:
+        """The bytes of page ``idx``. Raises DeviceIOError."""
+        t = self.table
+        st = t.state_mv[idx]
+        if st == EMPTY:
+            return ZERO_PAGE
+        if st == SAME:
+            return fill_page(t.handle_mv[idx])
+        if st == STORED:
+            data = self.pool.load(t.handle_mv[idx], t.size_mv[idx])
+            try:
+                return self.codecs[t.codec_mv[idx]].decompress(data, PAGE_SIZE)
+            except CodecError as exc:
+                raise DeviceIOError(f"page {idx}: {exc}") from None
+        data = self.pool.load(t.handle_mv[idx], PAGE_SIZE)
+        if len(data) != PAGE_SIZE:
+            raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
+        return data
+
+    def snapshot(
+        self, first: int, last: int, tags: Sequence[Any] | None = None
+    ) -> tuple[list[Any], list[int]]:
+        """One walk over pages ``[first, last]``: ``(items, zero pages)``. Per page, finished
+        bytes, or ``(tag, compressed copy)`` to decode later (maybe off-thread), where the tag
+        is the page's codec (or ``tags[codec id]``, e.g. its native kind); and the indices of
+        the pages that read as zero (EMPTY or SAME with word 0), ascending."""
+        t = self.table
+        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        load = self.pool.load
+        if tags is None:
+            tags = self.codecs
+        read_page = self.read_page
+        out: list[Any] = []
+        append = out.append
+        zero: list[int] = []
+        for idx in range(first, last + 1):
+            st = state_mv[idx]
+            if st == STORED:
+                append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
+            elif st == EMPTY or (st == SAME and not handle_mv[idx]):
+                append(ZERO_PAGE)
+                zero.append(idx)
+            else:
+                append(read_page(idx))
+        return out, zero
+
+    def snapshot_native(self, first: int, last: int) -> tuple[list[Any], int, list[int]]:
+        """``(items, kind, zero pages)`` for :func:`zramd.device.pipeline.native_decode_part`;
+        per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or ``(codec, blob)``."""
+        t = self.table
+        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        tags: list[Any] = []
+        for c in self.codecs:
+            k = native.decode_kind(c)
+            tags.append(c if k is None else k)
+        n = last - first + 1
+        cids = bytes(codec_mv[first : last + 1])  # bytes: == is a memcmp (memoryview: per item)
+        tag = tags[cids[0]]
+        if (
+            type(tag) is int
+            and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
+            and cids == bytes((cids[0],)) * n
+        ):
+            # the common case, every page compressed with one native codec: bare blobs of ``tag``
+            load, stop = self.pool.load, last + 1
+            handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
+            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag, []
+        snap, zero = self.snapshot(first, last, tags)
+        return snap, 0, zero
