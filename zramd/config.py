@@ -5,7 +5,8 @@ Theory of operation
 Everything a server needs to start is one :class:`ServerConfig` holding a list of
 :class:`ExportConfig`; ``zramd serve`` adds the operator settings (control socket, swap safety,
 metrics) in a :class:`ServeConfig`. This module owns every default and limit (the constants
-below), the value parsers shared by the command line and the TOML file (:func:`parse_size`,
+below), the value parsers shared by the command line and the TOML file (:func:`size_bytes` and
+:func:`parse_size`: one meaning for sizes, a bare number is MiB as in zram-generator;
 :func:`parse_export_spec`, :func:`parse_network`, :func:`parse_metrics_address`), the one size
 formatter (:func:`format_size`), and the one merge, :func:`serve_config`: the flags
 (:class:`ServeFlags`, collected by ``cli/serve.py``) over the file (:class:`FileConfig`, read by
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from zramd.compress import get_codec
 from zramd.protocol import wire
+from zramd.sizeexpr import SizeExprError, evaluate_mib
 from zramd.system import total_ram
 
 #: Export sizes must be whole pages (the device works in 4 KiB pages).
@@ -78,8 +80,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names it."""
 
 
+#: A size without a unit is in MiB, everywhere (zram-generator's unit for ``zram-size``).
+SIZE_UNIT = 1 << 20
+#: What a size may be, for help texts and errors.
+SIZE_SYNTAX = (
+    "a number of MiB, a number with a unit (512B, 64K, 512M, 4G, 1T) or an expression in "
+    "ram (MiB) like min(ram / 2, 4096)"
+)
+
 _UNITS: dict[str, int] = {
-    "": 1,
     "b": 1,
     "k": 1 << 10,
     "m": 1 << 20,
@@ -87,29 +96,53 @@ _UNITS: dict[str, int] = {
     "t": 1 << 40,
     "p": 1 << 50,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(?:i?b)?|(b))?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str | int, *, what: str = "size") -> int:
-    """Bytes from ``"4G"``, ``"512M"``, ``"64KiB"``, ``"1.5G"``, ``"4096"``; K = 1024.
+def size_bytes(text: str, *, ram: float | None = None) -> int:
+    """Bytes from what an operator wrote, on the command line or in the file: ``"2048"`` and
+    ``"1.5"`` are MiB; ``"4096B"``, ``"64K"``, ``"512MiB"``, ``"4G"``, ``"1T"`` have their unit
+    (K = 1024); anything else is an expression in ``ram`` (MemTotal in MiB; ``ram`` overrides
+    it) whose result is MiB, evaluated by :mod:`zramd.sizeexpr`. Raises ConfigError saying what
+    was expected (without the value's name: callers add it)."""
+    m = _SIZE_RE.match(text)
+    if m is not None:
+        number, unit, byte = m.group(1), m.group(2), m.group(3)
+        scale = 1 if byte else _UNITS[unit.lower()] if unit else SIZE_UNIT
+        value = float(number) * scale if "." in number else int(number) * scale
+        if value != int(value):
+            raise ConfigError("not a whole number of bytes")
+        return int(value)
+    try:
+        mib = evaluate_mib(text, total_ram() / SIZE_UNIT if ram is None else ram)
+    except SizeExprError as e:
+        raise ConfigError(
+            f"expected a size like \"4G\" (a bare number is MiB) or an expression in ram (MiB) "
+            f"like \"min(ram / 2, 4096)\": {e}"
+        ) from None
+    if mib < 0:
+        raise ConfigError(f"must not be negative ({mib:g} MiB)")
+    return int(mib * SIZE_UNIT)
 
-    Raises ConfigError naming the bad value."""
+
+def parse_size(text: str | int, *, what: str = "size", ram: float | None = None) -> int:
+    """Bytes from an operator's size (:func:`size_bytes`: a bare number is MiB). An int is
+    already bytes (a value of the control protocol). Raises ConfigError naming the value."""
     if isinstance(text, bool):
         raise ConfigError(f"bad {what} {text!r}")
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"bad {what} {text!r}: must not be negative")
         return text
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise ConfigError(
-            f"bad {what} {text!r}: expected a number with an optional K/M/G/T suffix (e.g. 4G)"
-        )
-    number, unit = m.group(1), m.group(2).lower()
-    value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
-    if value != int(value):
-        raise ConfigError(f"bad {what} {text!r}: not a whole number of bytes")
-    return int(value)
+    try:
+        return size_bytes(text, ram=ram)
+    except ConfigError as e:
+        raise ConfigError(f"bad {what} {text!r}: {e}") from None
+
+
+def round_pages(n: int) -> int:
+    """``n`` rounded down to whole pages (export sizes and memory limits)."""
+    return n - n % EXPORT_SIZE_ALIGN
 
 
 def format_size(n: int) -> str:
@@ -189,25 +222,44 @@ class ExportConfig:
 _SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description")
 
 
+def _spec_items(spec: str) -> list[tuple[int, str]]:
+    """``spec`` cut at its commas outside parentheses: (offset, item) pairs, so a size like
+    ``min(ram / 2, 4096)`` stays whole."""
+    items: list[tuple[int, str]] = []
+    depth = start = 0
+    for i, ch in enumerate(spec):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append((start, spec[start:i]))
+            start = i + 1
+    items.append((start, spec[start:]))
+    return items
+
+
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only][,description=T]``.
 
-    ``description`` must come last: its text may contain commas."""
-    head, sep, rest = spec.partition(",")
+    Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
+    inside their parentheses), rounded down to whole pages. ``description`` must come last:
+    its text may contain commas."""
+    (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
     name = name.strip()
     if not eq or not name or not size_text.strip():
         raise ConfigError(f"bad export spec {spec!r}: expected NAME=SIZE[,option=value...]")
-    cfg = ExportConfig(name=name, size=parse_size(size_text, what=f"size of export {name!r}"))
+    cfg = ExportConfig(
+        name=name, size=round_pages(parse_size(size_text, what=f"size of export {name!r}"))
+    )
     seen: set[str] = set()
-    while sep:
-        item, sep, tail = rest.partition(",")
+    for offset, item in rest:
         key, has_value, value = item.partition("=")
         key = key.strip().lower().replace("_", "-")
         if key == "description":
-            cfg.description = value + (sep + tail if sep else "")
+            cfg.description = spec[offset + item.index("=") + 1 :] if has_value else ""
             break
-        rest = tail
         if key not in _SPEC_KEYS:
             raise ConfigError(
                 f"bad export spec {spec!r}: unknown option {key!r} (known: {', '.join(_SPEC_KEYS)})"
@@ -235,7 +287,7 @@ def parse_export_spec(spec: str) -> ExportConfig:
                     f"bad export spec {spec!r}: level {value!r} is not an integer"
                 ) from None
         elif key == "mem-limit":
-            cfg.mem_limit = parse_size(value, what=f"mem-limit of export {name!r}")
+            cfg.mem_limit = round_pages(parse_size(value, what=f"mem-limit of export {name!r}"))
     cfg.validate()
     return cfg
 

@@ -30,9 +30,10 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     read-only = false
     description = "swap"
 
-Sizes: a TOML integer or a plain expression is MiB (zram-generator's unit, with
-``ram`` = MemTotal in MiB); a string with a unit suffix (``"4G"``, ``"512MiB"``) is
-bytes. Results are rounded down to whole 4 KiB pages. A size of 0 disables the
+Sizes, here as on the command line (``config.size_bytes``): a TOML number, a bare number in
+a string or an expression is MiB (zram-generator's unit, with ``ram`` = MemTotal in MiB); a
+string with a unit (``"4096B"``, ``"4G"``, ``"512MiB"``) has that unit. Export sizes and
+memory limits are rounded down to whole 4 KiB pages. A size of 0 disables the
 export, as in zram-generator. Every error is a :class:`ConfigFileError` whose message
 names the file, the key and what was expected. This module never exits or prints.
 """
@@ -45,9 +46,9 @@ import tomllib
 from typing import Any
 
 from zramd.config import (
-    EXPORT_SIZE_ALIGN,
     MAX_POLL_US,
     MIN_IN_FLIGHT_BYTES,
+    SIZE_UNIT,
     TLS_MODES,
     ConfigError,
     ExportConfig,
@@ -55,17 +56,14 @@ from zramd.config import (
     ServerConfig,
     format_size,
     parse_network,
-    parse_size,
+    round_pages,
+    size_bytes,
 )
-from zramd.sizeexpr import SizeExprError, evaluate_mib
-from zramd.system import SWAP_MODES, total_ram
+from zramd.system import SWAP_MODES
 
 DEFAULT_CONFIG_PATH = "/etc/zramd/zramd.toml"
 #: Refuse config files larger than this (they are a few lines).
 MAX_CONFIG_FILE = 1 << 20
-MIB = 1 << 20
-
-_SUFFIXED_SIZE = re.compile(r"^\s*\d+(?:\.\d+)?\s*[kmgtpb](?:i?b)?\s*$", re.IGNORECASE)
 _ALGO_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:\((.*)\))?\s*$")
 
 
@@ -73,37 +71,19 @@ class ConfigFileError(ConfigError):
     """A bad configuration file; the message is ``FILE: key: problem``."""
 
 
-def ram_mib() -> float:
-    return total_ram() / MIB
-
-
 def parse_size_value(value: Any, *, ram: float | None = None, what: str = "size") -> int:
-    """Bytes from a config size: int (MiB), expression (MiB), or suffixed string (bytes).
-
-    Raises ConfigError with a message describing what was expected."""
+    """Bytes from a config size, rounded down to whole pages: a TOML number is MiB, a string
+    is read by :func:`zramd.config.size_bytes` (bare number or expression: MiB; or a unit).
+    ``ram`` (MiB) overrides MemTotal. Raises ConfigError saying what was expected."""
     if isinstance(value, bool):
         raise ConfigError(f"expected a size, got {value!r}")
     if isinstance(value, int | float):
-        mib = float(value)
-    elif isinstance(value, str):
-        if _SUFFIXED_SIZE.match(value):
-            return _round_pages(parse_size(value, what=what))
-        try:
-            mib = evaluate_mib(value, ram_mib() if ram is None else ram)
-        except SizeExprError as e:
-            raise ConfigError(
-                f"expected a size like \"4G\" or an expression in ram (MiB) like "
-                f"\"min(ram / 2, 4096)\": {e}"
-            ) from None
-    else:
-        raise ConfigError(f"expected a size (number or string), got {type(value).__name__}")
-    if mib < 0:
-        raise ConfigError(f"size {value!r} is negative ({mib:g} MiB)")
-    return _round_pages(int(mib * MIB))
-
-
-def _round_pages(n: int) -> int:
-    return n - n % EXPORT_SIZE_ALIGN
+        if value < 0:
+            raise ConfigError(f"{what} {value!r} must not be negative")
+        return round_pages(int(value * SIZE_UNIT))
+    if isinstance(value, str):
+        return round_pages(size_bytes(value, ram=ram))
+    raise ConfigError(f"expected a size (number or string), got {type(value).__name__}")
 
 
 def parse_algorithm(text: str) -> tuple[str, int | None]:
@@ -197,9 +177,9 @@ def _seconds(value: Any) -> float:
 
 
 def _bytes(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return parse_size(value)
-    return parse_size(_typed(value, str, "a size like \"64M\""))
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value * SIZE_UNIT
+    return size_bytes(_typed(value, str, "a size like \"64M\" (a bare number is MiB)"))
 
 
 def _in_flight_bytes(value: Any) -> int:

@@ -69,7 +69,7 @@ def test_workload_args() -> None:
 def test_server_commands() -> None:
     sock = Path("/tmp/x.sock")
     z = server_by_name("zramd-zstd").command(sock, 1 << 20, None)
-    assert z[-4:] == ["--unix", str(sock), "--export", "bench=1048576,algorithm=zstd"]
+    assert z[-4:] == ["--unix", str(sock), "--export", "bench=1048576B,algorithm=zstd"]
     assert "allocator=zstd" in server_by_name("nbdkit-zstd").command(sock, 1 << 20, None)
     q = server_by_name("qemu-nbd-tmpfs").command(sock, 1 << 20, Path("/dev/shm/f"))
     assert q[0] == "qemu-nbd" and q[-1] == "/dev/shm/f"

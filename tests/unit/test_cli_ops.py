@@ -371,3 +371,15 @@ def test_under_systemd() -> None:
 
     assert under_systemd({"JOURNAL_STREAM": "8:1234"}) and under_systemd({"INVOCATION_ID": "x"})
     assert not under_systemd({}) and not under_systemd({"INVOCATION_ID": ""})
+
+
+def test_cli_sizes_bare_number_is_mib_and_expressions_work(daemon: tuple[LoopThread, str]) -> None:
+    _, path = daemon
+    c = ("--control", path)
+    assert cli("create", "m", "-s", "64", "--mem-limit", "8", *c).stdout == "created m: 64M lz4\n"
+    assert cli("create", "e", "-s", "min(ram, 8)", *c).stdout == "created e: 8M lz4\n"
+    assert cli("create", "b", "-s", "8192B", *c).stdout == "created b: 8K lz4\n"
+    rows = {r["name"]: r for r in json.loads(cli("list", "--json", *c).stdout)["exports"]}
+    assert rows["m"]["mem_limit"] == 8 * MIB
+    r = cli("set", "m", "--mem-limit", "ram / 1000000000", *c)  # rounds down to 0 pages: none
+    assert r.exit_code == 0 and r.stdout == "m: algorithm lz4, mem-limit 0B\n"

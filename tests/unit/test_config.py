@@ -19,6 +19,7 @@ from zramd.config import (
     parse_size,
     serve_config,
 )
+from zramd.system import total_ram
 
 
 def build_serve_config(**flags: Any) -> ServerConfig:
@@ -29,7 +30,9 @@ def build_serve_config(**flags: Any) -> ServerConfig:
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("4096", 4096),
+        ("4096", 4096 << 20),  # a bare number is MiB, as in zram-generator
+        ("4096B", 4096),
+        ("1.5", 3 << 19),
         ("0", 0),
         ("4K", 4096),
         ("4k", 4096),
@@ -49,7 +52,9 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "G", "4X", "-1", "4 G B", "abc", "1.3B", "4GG"])
+@pytest.mark.parametrize(
+    "text", ["", "G", "4X", "-1", "4 G B", "abc", "1.3B", "4GG", "min(4,", "ram - ram - 1"]
+)
 def test_parse_size_errors_name_the_value(text: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_size(text)
@@ -63,6 +68,27 @@ def test_parse_size_errors_name_the_value(text: str) -> None:
 )
 def test_format_size(n: int, text: str) -> None:
     assert format_size(n) == text
+
+
+def test_one_meaning_for_sizes_on_the_flag_and_in_the_file() -> None:
+    """A bare number is MiB and expressions work, on --export as in the TOML; the commas of
+    an expression's parentheses stay in the size."""
+    from zramd.configfile import parse_config_text
+
+    ram = 10000.0
+    assert parse_size("min(ram / 2, 4096)", ram=ram) == 4096 << 20
+    assert parse_size("ram / 4", ram=ram) == 2500 << 20
+    e = parse_export_spec("a=min(ram / 2, 4096),algorithm=zstd,mem-limit=max(1, 2)")
+    assert (e.size, e.algorithm, e.mem_limit) == (min(total_ram() // 2, 4096 << 20) // 4096 * 4096,
+                                                  "zstd", 2 << 20)
+    flag = parse_export_spec("a=2048,mem-limit=512,description=x, (y")
+    file = parse_config_text('[export.a]\nsize = "2048"\nmem-limit = 512\n').server.exports[0]
+    assert (flag.size, flag.mem_limit) == (file.size, file.mem_limit) == (2 << 30, 512 << 20)
+    assert flag.description == "x, (y"
+    assert parse_export_spec("a=4096B").size == 4096
+    assert parse_export_spec("a=ram / 3").size % 4096 == 0  # rounded down to pages
+    with pytest.raises(ConfigError, match=r"bad size of export 'a' 'min\(ram / 2': expected"):
+        parse_export_spec("a=min(ram / 2")
 
 
 def test_export_summary_uses_the_one_size_format() -> None:
@@ -104,7 +130,7 @@ def test_parse_export_spec_minimal() -> None:
         ("=4G", "NAME=SIZE"),
         ("a=", "NAME=SIZE"),
         ("a=4Q", "'4Q'"),
-        ("a=4097", "multiple of 4096"),
+        ("a=100B", "multiple of 4096"),
         ("a=0", "multiple of 4096"),
         ("a=4M,algorithm=brotli", "brotli"),
         ("a=4M,level=x", "level"),

@@ -137,7 +137,10 @@ def test_algorithm() -> None:
         ("handshake-timeout = -1", "F.toml: handshake-timeout: expected a positive number"),
         ("colour = 1", "F.toml: colour: unknown key"),
         ("poll-us = 5000", "F.toml: poll-us: expected microseconds 0..1000"),
-        ("max-in-flight-bytes = 7", "F.toml: max-in-flight-bytes: expected a size of at least"),
+        (
+            "max-in-flight-bytes = \"7K\"",
+            "F.toml: max-in-flight-bytes: expected a size of at least",
+        ),
         ("poll-us = \"50\"", "F.toml: poll-us: expected microseconds 0..1000"),
         (
             "[zram0]\nsize = 1",

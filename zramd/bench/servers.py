@@ -147,7 +147,7 @@ class ServerSpec:
 
     def command(self, sock: Path, size: int, backing: Path | None) -> list[str]:
         if self.kind == "zramd":
-            spec = f"{self.export_name}={size},algorithm={self.option}"
+            spec = f"{self.export_name}={size}B,algorithm={self.option}"
             return [*zramd_command(), "serve", "--unix", str(sock), "--export", spec, *self.extra]
         if self.kind == "nbdkit":
             return [

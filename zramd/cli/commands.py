@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Each command parses its arguments (sizes with K/M/G/T suffixes, by ``zramd.config``), sends one
+Each command parses its arguments (sizes as everywhere, by ``zramd.config``: a bare number is
+MiB, or a unit, or an expression in ``ram``; rounded down to whole pages), sends one
 request through :class:`~zramd.control.client.ControlClient` to a running daemon and prints the
 answer; ``list`` formats it with ``cli/table.py``. Errors are one line on stderr and exit 1
 (``cli/options.py``). No protocol, device or server logic here, and no state between commands.
@@ -18,7 +19,7 @@ import click
 
 from zramd.cli.options import control_option, errors_one_line
 from zramd.cli.table import COLUMNS, format_table, json_rows, parse_columns
-from zramd.config import DEFAULT_ALGORITHM, format_size, parse_size
+from zramd.config import DEFAULT_ALGORITHM, SIZE_SYNTAX, format_size, parse_size, round_pages
 from zramd.control.client import ControlClient
 from zramd.control.protocol import ControlError
 
@@ -26,17 +27,22 @@ from zramd.control.protocol import ControlError
 def _size(text: str | None, what: str) -> int | None:
     if text is None:
         return None
-    return parse_size(text, what=what)
+    return round_pages(parse_size(text, what=what))
 
 
 @click.command()
 @click.argument("name")
-@click.option("-s", "--size", required=True, metavar="SIZE", help="Disk size, e.g. 4G.")
+@click.option(
+    "-s", "--size", required=True, metavar="SIZE", help=f"Disk size: {SIZE_SYNTAX}, e.g. 4G."
+)
 @click.option(
     "-a", "--algorithm", default=None, help=f"Compression algorithm [{DEFAULT_ALGORITHM}]."
 )
 @click.option("--level", type=int, default=None, help="Compression level (zstd, lz4hc...).")
-@click.option("--mem-limit", default=None, metavar="SIZE", help="Memory cap, e.g. 1G (0 = none).")
+@click.option(
+    "--mem-limit", default=None, metavar="SIZE", help="Memory cap, e.g. 1G (0 = none; a bare "
+    "number is MiB)."
+)
 @click.option("--read-only", is_flag=True, help="Export read-only.")
 @click.option("--description", default=None, help="Text shown to NBD clients.")
 @control_option
@@ -181,7 +187,10 @@ def compact(name: str | None, control: str) -> None:
 
 @click.command(name="set")
 @click.argument("name")
-@click.option("--mem-limit", default=None, metavar="SIZE", help="New memory cap (0 = none).")
+@click.option(
+    "--mem-limit", default=None, metavar="SIZE", help="New memory cap (0 = none; a bare number "
+    "is MiB)."
+)
 @click.option("-a", "--algorithm", default=None, help="Algorithm for pages written from now.")
 @click.option("--level", type=int, default=None, help="Compression level.")
 @control_option

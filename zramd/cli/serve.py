@@ -31,6 +31,7 @@ from zramd.config import (
     DEFAULT_PORT,
     DEFAULT_TLS,
     DEFAULT_UNIX_MODE,
+    SIZE_SYNTAX,
     TLS_MODES,
     ConfigError,
     ServeConfig,
@@ -99,7 +100,8 @@ def operator_options(fn: F) -> F:
     metavar="SPEC",
     multiple=True,
     help="NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]"
-    "[,description=TEXT]; repeatable. Default: zram0 of min(RAM/2, 4G), lz4.",
+    f"[,description=TEXT]; repeatable. SIZE: {SIZE_SYNTAX} (quote it; the commas inside "
+    "parentheses stay in the size). Default: zram0 of min(ram / 2, 4096).",
 )
 @click.option("--stdio", is_flag=True, help="Serve one connection on stdin/stdout.")
 @click.option(
@@ -119,7 +121,7 @@ def operator_options(fn: F) -> F:
     "--max-payload",
     metavar="SIZE",
     default=None,
-    help=f"Largest READ/WRITE accepted [{format_size(DEFAULT_MAX_PAYLOAD)}].",
+    help=f"Largest READ/WRITE accepted; a bare number is MiB [{format_size(DEFAULT_MAX_PAYLOAD)}].",
 )
 @click.option(
     "--unix-mode",
