@@ -16,7 +16,8 @@ import pytest
 from zramd.compress import get_codec, native
 from zramd.device import DeviceIOError
 from zramd.device.blockdev import ZramDevice
-from zramd.device.pipeline import prepare_page
+from zramd.device.pipeline import prepare_page, python_preparer
+from zramd.device.samefill import same_fill_word
 from zramd.device.table import HUGE, SAME, STORED
 
 PAGE = 4096
@@ -126,6 +127,51 @@ def test_prepare_pages_matches_prepare_page(algo: str, level: int | None, thresh
         else:
             assert payload is not None and v == len(payload) < threshold
             assert codec.decompress(payload, PAGE) == page
+
+
+def same_fill_mix() -> list[bytes]:
+    """Pages on both sides of the same-fill line: zero, same-filled with several words (period
+    8, 4 and 1 bytes, high bits set), almost same-filled (only the last word differs, by its
+    first or last byte; only the first byte differs; one middle byte differs), period 16, random."""
+    words = [
+        bytes(8),
+        b"\xff" * 8,
+        bytes(range(1, 9)),
+        b"abcd" * 2,
+        b"\x80" + bytes(7),
+        b"\x11" * 8,
+    ]
+    out: list[bytes] = []
+    for w in words:
+        page = w * (PAGE // 8)
+        out.append(page)
+        for pos in (PAGE - 8, PAGE - 1, 0, PAGE // 2 + 3):
+            bad = bytearray(page)
+            bad[pos] ^= 1
+            out.append(bytes(bad))
+    out.append(bytes(range(16)) * (PAGE // 16))
+    out.append(random.Random(5).randbytes(PAGE))
+    return out
+
+
+def test_same_fill_detectors_agree() -> None:
+    """The C detector (inside prepare_pages) and the Python one (samefill.same_fill_word, used
+    by the Python prepare path) classify every page alike and read the same fill word."""
+    codec = get_codec("lz4")
+    kind = native.encode_kind(codec)
+    assert kind is not None
+    src = same_fill_mix()
+    buf = b"".join(src)
+    got = N.prepare_pages(buf, kind, codec.level, 3633, SAME, STORED, HUGE)
+    want = python_preparer(codec.compress, 3633)(buf)
+    assert len(got) == len(want) == len(src)
+    for i, (page, g, w) in enumerate(zip(src, got, want, strict=True)):
+        word = same_fill_word(page)
+        if word is None:
+            assert g[0] != SAME and w[0] != SAME, i
+        else:
+            assert g == w == (SAME, word, None), i
+    assert sum(g[0] == SAME for g in got) == 6
 
 
 def test_prepare_pages_rejects_bad_arguments() -> None:

@@ -26,10 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from zramd.compress import CodecError, native
-from zramd.device.samefill import WORD_SIZE
+from zramd.device.samefill import same_fill_word
 from zramd.device.table import HUGE, PAGE_SHIFT, PAGE_SIZE, SAME, STORED
-
-_from_bytes = int.from_bytes
 
 #: a prepared page: (state, fill word or object size, payload to store or None)
 Prepared = tuple[int, int, "bytes | None"]
@@ -40,10 +38,9 @@ PrepareMany = Callable[["bytes | memoryview"], list[Prepared]]
 
 def prepare_page(page: bytes, compress: Callable[[bytes], bytes], threshold: int) -> Prepared:
     """Classify one full page (bytes) as SAME / STORED / HUGE and produce its payload."""
-    # first byte vs the last word's first byte: a cheap necessary condition (as zram's
-    # first-vs-last word check) that rejects most pages before the full memcmp
-    if page[0] == page[-WORD_SIZE] and page[WORD_SIZE:] == page[:-WORD_SIZE]:
-        return (SAME, _from_bytes(page[:WORD_SIZE], "little"), None)
+    word = same_fill_word(page)
+    if word is not None:
+        return (SAME, word, None)
     comp = compress(page)
     n = len(comp)
     if n >= threshold:

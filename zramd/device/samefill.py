@@ -27,9 +27,12 @@ _from_bytes = int.from_bytes
 def same_fill_word(page: bytes) -> int | None:
     """The repeated little-endian 8-byte word of ``page``, or None if it is not same-filled.
 
-    ``page`` must be ``bytes`` (fast memcmp) of a multiple of 8 bytes, normally one page.
+    ``page`` must be ``bytes`` (fast memcmp) of a multiple of 8 bytes, at least one word,
+    normally one page. The first byte is compared with the last word's first byte before the
+    full compare: a cheap necessary condition (as zram's first-vs-last word check) that rejects
+    most pages without the memcmp.
     """
-    if page[WORD_SIZE:] == page[:-WORD_SIZE]:
+    if page[0] == page[-WORD_SIZE] and page[WORD_SIZE:] == page[:-WORD_SIZE]:
         return _from_bytes(page[:WORD_SIZE], "little")
     return None
 

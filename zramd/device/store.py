@@ -142,10 +142,15 @@ class PageStore:
         """Set entry ``idx`` to ``(st, v)`` with pool handle ``h``; free its old object."""
         t = self.table
         s = self.stats
-        if t.state_mv[idx] != EMPTY:
-            self._drop(idx)
-        t.state_mv[idx] = st
-        s.pages_stored += 1
+        state_mv = t.state_mv
+        old = state_mv[idx]
+        if old == EMPTY:
+            s.pages_stored += 1
+        elif old == SAME:
+            s.same_pages -= 1
+        else:
+            self._free_object(idx, old)
+        state_mv[idx] = st
         if st == SAME:
             t.handle_mv[idx] = v
             t.size_mv[idx] = 0
@@ -187,17 +192,11 @@ class PageStore:
 
     # --- freeing -------------------------------------------------------------------------------
 
-    def _drop(self, idx: int) -> None:
-        """Free the object of entry ``idx`` (if any) and update counters; leaves the entry stale."""
+    def _free_object(self, idx: int, st: int) -> None:
+        """Free the pool object of entry ``idx`` (state ``st``: STORED or HUGE) and uncount it;
+        leaves the entry stale."""
         t = self.table
-        st = t.state_mv[idx]
-        if st == EMPTY:
-            return
         s = self.stats
-        s.pages_stored -= 1
-        if st == SAME:
-            s.same_pages -= 1
-            return
         self.pool.free(t.handle_mv[idx])
         s.compr_data_size -= t.size_mv[idx]
         if st == HUGE:
@@ -209,9 +208,15 @@ class PageStore:
         if p1 - p0 <= SMALL_DISCARD_PAGES:
             n = 0
             state_mv = t.state_mv
+            s = self.stats
             for idx in range(p0, p1):
-                if state_mv[idx] != EMPTY:
-                    self._drop(idx)
+                st = state_mv[idx]
+                if st != EMPTY:
+                    s.pages_stored -= 1
+                    if st == SAME:
+                        s.same_pages -= 1
+                    else:
+                        self._free_object(idx, st)
                     state_mv[idx] = EMPTY
                     t.handle_mv[idx] = 0
                     t.size_mv[idx] = 0
