@@ -71,6 +71,12 @@ DEFAULT_UNIX_MODE = 0o600
 #: busy-poll window after a reply, in microseconds (zramd/server/session.py "Busy polling")
 DEFAULT_POLL_US = 50
 MAX_POLL_US = 1000
+#: Attaching an export to a kernel NBD device (zram-generator's defaults): swap priority,
+#: the file systems ``mkfs`` may make, the one a mount point gets, the default options.
+DEFAULT_SWAP_PRIORITY = 100
+SWAP_PRIORITY_RANGE = (-1, 32767)
+MKFS_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+DEFAULT_FS_TYPE = "ext2"
 #: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
 TLS_MODES = ("off", "on", "require")
 DEFAULT_TLS = "off"
@@ -176,6 +182,44 @@ def parse_network(text: str) -> Network:
 
 
 @dataclass
+class AttachConfig:
+    """How ``zramd attach NAME`` uses an export, in zram-generator's words: ``fs-type`` is
+    ``swap`` or a file system made with mkfs; ``mount-point`` (which makes the default
+    fs-type ext2) where it is mounted; ``options`` the swapon or mount options (default
+    ``discard``, so freed blocks free memory); ``swap-priority`` (default 100)."""
+
+    swap_priority: int | None = None
+    fs_type: str | None = None
+    mount_point: str | None = None
+    options: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``swap`` or the file system type, as zram-generator resolves it."""
+        return self.fs_type or (DEFAULT_FS_TYPE if self.mount_point else "swap")
+
+    def validate(self, name: str) -> None:
+        where = f"export {name!r}"
+        kind = self.kind
+        if kind != "swap" and kind not in MKFS_TYPES:
+            raise ConfigError(
+                f"{where}: fs-type {kind!r} is not swap or one of {', '.join(MKFS_TYPES)}"
+            )
+        if kind == "swap" and self.mount_point:
+            raise ConfigError(f"{where}: mount-point needs a file system fs-type, not swap")
+        if kind != "swap" and not self.mount_point:
+            raise ConfigError(f"{where}: fs-type {kind} needs a mount-point")
+        if self.mount_point is not None and not self.mount_point.startswith("/"):
+            raise ConfigError(f"{where}: mount-point must be an absolute path")
+        if self.swap_priority is not None:
+            low, high = SWAP_PRIORITY_RANGE
+            if kind != "swap":
+                raise ConfigError(f"{where}: swap-priority needs fs-type swap")
+            if not low <= self.swap_priority <= high:
+                raise ConfigError(f"{where}: swap-priority must be in {low}..{high}")
+
+
+@dataclass
 class ExportConfig:
     """One export: a name and the compressed device behind it."""
 
@@ -186,6 +230,8 @@ class ExportConfig:
     mem_limit: int = 0
     read_only: bool = False
     description: str = ""
+    #: what ``zramd attach`` does with it (the file's swap-priority, fs-type, ...)
+    attach: AttachConfig = field(default_factory=AttachConfig)
 
     def validate(self) -> None:
         if not self.name:
@@ -210,6 +256,7 @@ class ExportConfig:
             get_codec(self.algorithm, level=self.level)
         except ValueError as e:
             raise ConfigError(f"export {self.name!r}: {e}") from None
+        self.attach.validate(self.name)
 
     def summary(self) -> str:
         """``zram0 4.0G lz4`` (+ ``ro``), for the listening log line."""

@@ -29,6 +29,9 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     mem-limit = "1G"
     read-only = false
     description = "swap"
+    fs-type = "ext4"              # what `zramd attach zram0` does (zram-generator's words):
+    mount-point = "/var/tmp/z"    #   mkfs.TYPE and a mount with options (default "discard"),
+    options = "discard"           #   or, without both, swap (with swap-priority, default 100)
 
 Sizes, here as on the command line (``config.size_bytes``): a TOML number, a bare number in
 a string or an expression is MiB (zram-generator's unit, with ``ram`` = MemTotal in MiB); a
@@ -244,6 +247,10 @@ _EXPORT_KEYS = (
     "mem-limit",
     "read-only",
     "description",
+    "swap-priority",
+    "fs-type",
+    "mount-point",
+    "options",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -332,6 +339,12 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "description" in values:
             key = "description"
             exp.description = _typed(values[key], str, "a string")
+        key = "swap-priority"
+        if key in values:
+            exp.attach.swap_priority = _typed(values[key], int, "an integer -1..32767")
+        for key in ("fs-type", "mount-point", "options"):
+            if key in values:
+                setattr(exp.attach, key.replace("-", "_"), _typed(values[key], str, "a string"))
     except ConfigError as e:
         raise ConfigFileError(f"{where}: {key}: {e}") from None
     try:
@@ -349,6 +362,9 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("codec", "compression-algorithm"),
         ("mem-limit", "mem-limit"),
         ("description", "description"),
+        ("swap-priority", "swap-priority"),
+        ("mount-point", "mount-point"),
+        ("fs-type", "fs-type"),
         ("name", "name"),
     ):
         if word in message:

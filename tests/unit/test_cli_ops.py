@@ -383,3 +383,103 @@ def test_cli_sizes_bare_number_is_mib_and_expressions_work(daemon: tuple[LoopThr
     assert rows["m"]["mem_limit"] == 8 * MIB
     r = cli("set", "m", "--mem-limit", "ram / 1000000000", *c)  # rounds down to 0 pages: none
     assert r.exit_code == 0 and r.stdout == "m: algorithm lz4, mem-limit 0B\n"
+
+
+# --- attach settings in the configuration file ---------------------------------------------------
+
+ATTACH_TOML = """unix = "/run/zramd/nbd.sock"
+[export.swap]
+size = "64M"
+swap-priority = 50
+[export.scratch]
+size = "64M"
+fs-type = "ext4"
+mount-point = "/var/cache/scratch"
+options = "discard,noatime"
+[export.plain]
+size = "64M"
+mount-point = "/mnt/p"
+"""
+
+
+def test_attach_does_what_the_config_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZRAMD_CONTROL", str(tmp_path / "no-daemon.sock"))
+    cfg = tmp_path / "zramd.toml"
+    cfg.write_text(ATTACH_TOML)
+    nbd = ["-u", "/run/zramd/nbd.sock", "/dev/nbd0", "-b", "4096"]
+    r = cli("attach", "swap", "--config", str(cfg), "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        " ".join(["nbd-client", "-N", "swap", *nbd, "-swap"]),
+        "mkswap /dev/nbd0",
+        "swapon --discard --priority 50 /dev/nbd0",
+    ]
+    r = cli("attach", "scratch", "/dev/nbd2", "--config", str(cfg), "--dry-run")
+    assert r.stdout.splitlines()[1:] == [
+        "mkfs.ext4 -q /dev/nbd2",
+        "mkdir -p /var/cache/scratch",
+        "mount -o discard,noatime /dev/nbd2 /var/cache/scratch",
+    ]
+    r = cli("attach", "plain", "--config", str(cfg), "--dry-run")  # mount-point: ext2
+    assert r.stdout.splitlines()[1:3] == ["mkfs.ext2 -q /dev/nbd0", "mkdir -p /mnt/p"]
+    # flags replace the file's attach settings; --host/--port its listener
+    r = cli("attach", "swap", "--config", str(cfg), "--swap", "-o", "discard=once",
+            "--host", "::1", "--dry-run")
+    assert r.stdout.splitlines()[0].startswith("nbd-client -N swap ::1 10809 /dev/nbd0")
+    assert r.stdout.splitlines()[2] == "swapon -o discard=once --priority 100 /dev/nbd0"
+    # an export the file does not name: a bare block device
+    r = cli("attach", "other", "--config", str(cfg), "--dry-run")
+    assert r.stdout.splitlines() == [" ".join(["nbd-client", "-N", "other", *nbd])]
+
+
+@pytest.mark.parametrize(
+    ("table", "msg"),
+    [
+        ('fs-type = "ntfs"\nmount-point = "/m"', "fs-type 'ntfs' is not swap or one of"),
+        ('fs-type = "ext4"', "fs-type ext4 needs a mount-point"),
+        ('mount-point = "rel"', "mount-point must be an absolute path"),
+        ('fs-type = "swap"\nmount-point = "/m"', "mount-point needs a file system fs-type"),
+        ('mount-point = "/m"\nswap-priority = 3', "swap-priority needs fs-type swap"),
+        ("swap-priority = 40000", r"swap-priority must be in -1\.\.32767"),
+        ('swap-priority = "high"', "swap-priority: expected an integer"),
+    ],
+)
+def test_attach_settings_errors_name_the_key(table: str, msg: str) -> None:
+    from zramd.configfile import ConfigFileError, parse_config_text
+
+    with pytest.raises(ConfigFileError, match=f"F.toml: export.a: .*{msg}"):
+        parse_config_text(f'[export.a]\nsize = "4M"\n{table}\n', "F.toml")
+
+
+def test_attach_records_and_detach_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zramd.control.attach import (
+        attached_devices,
+        forget_attached,
+        mountpoint_of,
+        record_attached,
+        state_dir,
+    )
+
+    records = state_dir(str(tmp_path / "control.sock"))
+    assert records == str(tmp_path / "attached")
+    sys_block = tmp_path / "sys"
+    (sys_block / "nbd3").mkdir(parents=True)
+    (sys_block / "nbd3" / "pid").write_text("1234\n")
+    record_attached(records, "/dev/nbd3", "swap")
+    record_attached(records, "/dev/nbd4", "gone")  # disconnected behind zramd's back
+    assert attached_devices(records, str(sys_block)) == {"swap": "/dev/nbd3"}
+    c = ("--control", str(tmp_path / "control.sock"))
+    monkeypatch.setattr("zramd.control.attach.SYS_BLOCK", str(sys_block))
+    r = cli("detach", "swap", "--dry-run", *c)
+    assert r.exit_code == 0 and r.stdout.splitlines()[-1] == "nbd-client -d /dev/nbd3"
+    r = cli("detach", "gone", "--dry-run", *c)
+    assert r.exit_code == 1 and "export 'gone' is not attached" in r.stderr
+    forget_attached(records, "/dev/nbd3")
+    assert attached_devices(records, str(sys_block)) == {}
+    swaps = "Filename Type Size Used Priority\n/dev/nbd3 partition 4 0 100\n"
+    mounts = "/dev/nbd5 /var/cache/scr\\040atch ext4 rw 0 0\n"
+    assert mountpoint_of("/dev/nbd3", swaps, mounts) == "[SWAP]"
+    assert mountpoint_of("/dev/nbd5", swaps, mounts) == "/var/cache/scr atch"
+    assert mountpoint_of("/dev/nbd6", swaps, mounts) == ""

@@ -152,6 +152,14 @@ def test_attach_ordering() -> None:
     assert "RemainAfterExit=yes" in text
 
 
+def test_attach_unit_takes_its_settings_from_the_config() -> None:
+    """One source of truth: the export's table in zramd.toml, no environment file."""
+    text = (UNITS_DIR / "zramd-attach@.service").read_text()
+    assert "ExecStart=/usr/bin/zramd attach %i\n" in text
+    assert "ExecStop=/usr/bin/zramd detach %i\n" in text
+    assert "EnvironmentFile" not in text and "ZRAMD_" not in text
+
+
 def test_socket_paths_match_defaults() -> None:
     from zramd.config import DEFAULT_CONTROL_PATH
 

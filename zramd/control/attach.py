@@ -11,24 +11,39 @@ swapoff and/or umount of whatever uses the device, then ``nbd-client -d``.
 The plans are pure functions of their arguments (and, for detach, of the text of
 /proc/swaps and /proc/mounts), so they are unit-tested without a kernel nbd module.
 Each step carries an optional undo command used to roll back a failed attach.
-Running them (:func:`run_plan`) is separate; it is the only impure part.
+Running them (:func:`run_plan`) is separate.
+
+What is attached where is recorded next to the daemon's control socket, in
+``<its directory>/attached/nbdN`` holding the export name (:func:`record_attached`, written
+after a successful attach, removed by detach). A record counts only while the kernel shows
+the device connected (``/sys/block/nbdN/pid``), so a device disconnected behind zramd's back
+is not reported. ``zramd list`` shows it (NBD, MOUNTPOINT), ``zramd detach NAME`` finds the
+device by it. :func:`attach_lock` serialises choosing a free device and connecting it, so
+attach units started together at boot do not pick the same one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from zramd.config import DEFAULT_BIND, DEFAULT_PORT
+from zramd.config import (
+    DEFAULT_BIND,
+    DEFAULT_PORT,
+    DEFAULT_SWAP_PRIORITY,
+    MKFS_TYPES,
+    SWAP_PRIORITY_RANGE,
+)
 
 #: nbd-client -b: the kernel then only sends whole 4 KiB pages
 NBD_BLOCK_SIZE = 4096
-#: swap-priority default of zram-generator
-DEFAULT_SWAP_PRIORITY = 100
-SWAP_PRIORITY_RANGE = (-1, 32767)
-MKFS_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+#: Where the kernel shows NBD devices (``nbdN/pid``: the nbd-client holding it connected).
+SYS_BLOCK = "/sys/block"
 #: Seconds a step may take before it is considered hung
 STEP_TIMEOUT = 120
 
@@ -66,8 +81,10 @@ def attach_plan(
     mkfs: str | None = None,
     mount: str | None = None,
     read_only: bool = False,
+    options: str | None = None,
 ) -> Plan:
-    """The commands attaching export ``name`` to ``device`` (e.g. /dev/nbd0)."""
+    """The commands attaching export ``name`` to ``device`` (e.g. /dev/nbd0); ``options`` are
+    swapon's or mount's (``-o``), else ``discard`` (``ro`` for a read-only mount)."""
     if not name:
         raise AttachError("export name must not be empty")
     if not device.startswith("/dev/nbd") or not device[len("/dev/nbd") :].isdigit():
@@ -108,14 +125,14 @@ def attach_plan(
     plan = Plan([Step(nbd, ["nbd-client", "-d", device], "connect")])
     if swap:
         plan.steps.append(Step(["mkswap", device], None, "mkswap"))
-        on = ["swapon", "--discard"]
+        on = ["swapon", "-o", options] if options else ["swapon", "--discard"]
         on += ["--priority", str(priority if priority is not None else DEFAULT_SWAP_PRIORITY)]
         plan.steps.append(Step([*on, device], ["swapoff", device], "swapon"))
     else:
         if mkfs:
             plan.steps.append(Step([f"mkfs.{mkfs}", "-q", device], None, "mkfs"))
         if mount:
-            opts = "ro" if read_only else "discard"
+            opts = options or ("ro" if read_only else "discard")
             plan.steps.append(Step(["mkdir", "-p", mount], None, "mkdir"))
             mnt = ["mount", "-o", opts, device, mount]
             plan.steps.append(Step(mnt, ["umount", mount], "mount"))
@@ -158,7 +175,7 @@ def read_text(path: str) -> str:
         return ""
 
 
-def find_free_nbd(sys_block: str = "/sys/block") -> str:
+def find_free_nbd(sys_block: str = SYS_BLOCK) -> str:
     """The first /dev/nbdN not connected (no ``pid`` file, size 0)."""
     try:
         names = sorted(
@@ -208,3 +225,67 @@ def _undo(done: list[Step], rollback: bool) -> None:
     for step in reversed(done):
         if step.undo:
             subprocess.run(step.undo, capture_output=True, timeout=STEP_TIMEOUT, check=False)
+
+
+def state_dir(control: str) -> str:
+    """The directory of the attach records: ``attached`` next to the control socket."""
+    return os.path.join(os.path.dirname(os.path.abspath(control)), "attached")
+
+
+def _connected(device: str, sys_block: str) -> bool:
+    return os.path.exists(os.path.join(sys_block, os.path.basename(device), "pid"))
+
+
+def record_attached(directory: str, device: str, name: str) -> None:
+    """Remember that export ``name`` is attached to ``device``."""
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, os.path.basename(device))
+    with open(path + ".tmp", "w") as f:
+        f.write(name + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def forget_attached(directory: str, device: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, os.path.basename(device)))
+
+
+def attached_devices(directory: str, sys_block: str | None = None) -> dict[str, str]:
+    """Export name -> /dev/nbdN, for the records whose device the kernel shows connected
+    (under ``sys_block``, default :data:`SYS_BLOCK`)."""
+    sys_block = sys_block or SYS_BLOCK
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for entry in entries:
+        if not (entry.startswith("nbd") and entry[3:].isdigit()):
+            continue
+        device = f"/dev/{entry}"
+        name = read_text(os.path.join(directory, entry)).strip()
+        if name and _connected(device, sys_block):
+            out.setdefault(name, device)
+    return out
+
+
+@contextlib.contextmanager
+def attach_lock(directory: str) -> Iterator[None]:
+    """Hold ``directory``'s lock (flock) while a free device is chosen and connected."""
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def mountpoint_of(device: str, swaps_text: str, mounts_text: str) -> str:
+    """zramctl's MOUNTPOINT: ``[SWAP]``, the (first) mount directory, or ``""``."""
+    for line in swaps_text.splitlines()[1:]:
+        parts = line.split()
+        if parts and _unescape_mount(parts[0]) == device:
+            return "[SWAP]"
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and _unescape_mount(parts[0]) == device:
+            return _unescape_mount(parts[1])
+    return ""
