@@ -11,7 +11,8 @@ import pytest
 
 from zramd.compress import get_codec
 from zramd.device import STATE_HOLE, STATE_ZERO, BlockDevice, DeviceIOError, NoSpace
-from zramd.device.blockdev import MAX_EXTENTS, OFFLOAD_MIN_PAGES, ZramDevice
+from zramd.device.blockdev import OFFLOAD_MIN_PAGES, ZramDevice
+from zramd.device.interface import MAX_EXTENTS
 from zramd.device.table import EMPTY, HUGE, SAME, STORED
 
 PAGE = 4096

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from zramd.device.samefill import PAGE_SIZE, ZERO_PAGE, fill_page, same_fill_word
+from zramd.device.samefill import ZERO_PAGE, fill_page, same_fill_word
+from zramd.geometry import PAGE_SIZE
 
 
 def test_zero_and_words() -> None:

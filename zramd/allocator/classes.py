@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096
+from zramd.geometry import PAGE_SIZE
+
 #: Smallest class (kernel ZS_MIN_ALLOC_SIZE on 64-bit).
 MIN_ALLOC_SIZE = 32
 #: Largest object (kernel ZS_MAX_ALLOC_SIZE).

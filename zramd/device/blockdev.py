@@ -46,7 +46,7 @@ import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
 from zramd.compress import Codec, CodecError, get_codec, native
-from zramd.device.interface import Buffer, DeviceIOError, ReadResult, ZeroExtents
+from zramd.device.interface import MAX_EXTENTS, Buffer, DeviceIOError, ReadResult, ZeroExtents
 from zramd.device.ordering import InflightRanges
 from zramd.device.pipeline import (
     Prepared,
@@ -60,7 +60,8 @@ from zramd.device.pipeline import (
 )
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
 from zramd.device.store import SMALL_DISCARD_PAGES, PageStore
-from zramd.device.table import EMPTY, PAGE_SHIFT, PAGE_SIZE, SAME, PageTable
+from zramd.device.table import EMPTY, SAME, PageTable
+from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.stats import DeviceStats
 
 PAGE_MASK = PAGE_SIZE - 1
@@ -74,8 +75,6 @@ OFFLOAD_MIN_PAGES = 16
 #: not) vs 1.5-3.2 GB/s inline. So requests up to 4 MiB run inline (a loop stall of at most a few
 #: ms); only larger ones go to the workers.
 SERVER_OFFLOAD_MIN_PAGES = 1024
-#: block_status returns at most this many extents (2^20 pages = 4 GiB, the largest NBD length)
-MAX_EXTENTS = 1 << 20
 #: block_status ranges up to this many pages are classified in plain Python (numpy's fixed cost
 #: dominates below it)
 SMALL_STATUS_PAGES = 16

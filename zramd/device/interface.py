@@ -41,6 +41,13 @@ from zramd.stats import DeviceStats
 #: base:allocation flags, as in the NBD spec (nbd.md 1.8).
 STATE_HOLE = 1
 STATE_ZERO = 2
+#: ``block_status`` answers at most this many extents, so an answer over any range stays bounded
+#: (2^20 pages = 4 GiB, the largest NBD length). The number is NBD's cap on one BLOCK_STATUS
+#: reply (nbd.md 1.8), declared here, in the contract, rather than in ``protocol/wire.py``: the
+#: device must not know NBD, the server needs it to clip the extents it sends, and the protocol
+#: package itself never counts extents. With one number on both sides of the contract, the
+#: server never has to cut short an answer the device gave in full.
+MAX_EXTENTS = 1 << 20
 
 Buffer = bytes | bytearray | memoryview
 #: runs reading as zero: (offset relative to the request, length), sorted, merged, clipped

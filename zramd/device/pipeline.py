@@ -27,7 +27,8 @@ from typing import Any
 
 from zramd.compress import CodecError, native
 from zramd.device.samefill import same_fill_word
-from zramd.device.table import HUGE, PAGE_SHIFT, PAGE_SIZE, SAME, STORED
+from zramd.device.table import HUGE, SAME, STORED
+from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 
 #: a prepared page: (state, fill word or object size, payload to store or None)
 Prepared = tuple[int, int, "bytes | None"]

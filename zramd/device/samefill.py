@@ -16,7 +16,8 @@ import mmap
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from zramd.geometry import PAGE_SIZE
+
 #: bytes in a fill word (zram: one unsigned long)
 WORD_SIZE = 8
 ZERO_PAGE = bytes(PAGE_SIZE)

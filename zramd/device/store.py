@@ -39,7 +39,8 @@ from zramd.compress import Codec, CodecError, native
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.pipeline import Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
-from zramd.device.table import EMPTY, HUGE, MAX_CODECS, PAGE_SIZE, SAME, STORED, PageTable
+from zramd.device.table import EMPTY, HUGE, MAX_CODECS, SAME, STORED, PageTable
+from zramd.geometry import PAGE_SIZE
 from zramd.stats import DeviceStats
 
 #: commits of at least this many consecutive pages switch their slots with vectorised operations

@@ -1,4 +1,5 @@
-"""The per-page table: flat numpy arrays, one entry per 4 KiB page, no Python object per page.
+"""The per-page table: flat numpy arrays, one entry per page (:data:`zramd.geometry.PAGE_SIZE`
+bytes of device), no Python object per page.
 
 Theory of operation
 -------------------
@@ -31,9 +32,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 
 EMPTY = 0
 SAME = 1

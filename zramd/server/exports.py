@@ -33,7 +33,8 @@ from typing import Any, Protocol
 from zramd.config import ConfigError, ExportConfig, format_size
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
-from zramd.device.table import ENTRY_BYTES, PAGE_SIZE
+from zramd.device.table import ENTRY_BYTES
+from zramd.geometry import PAGE_SIZE
 from zramd.protocol.events import ExportInfo
 
 log = logging.getLogger("zramd.server")
