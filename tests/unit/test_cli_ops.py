@@ -483,3 +483,46 @@ def test_attach_records_and_detach_by_name(
     assert mountpoint_of("/dev/nbd3", swaps, mounts) == "[SWAP]"
     assert mountpoint_of("/dev/nbd5", swaps, mounts) == "/var/cache/scr atch"
     assert mountpoint_of("/dev/nbd6", swaps, mounts) == ""
+
+
+def test_list_raw_and_zramctl_columns(
+    daemon: tuple[LoopThread, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zramctl's --raw, --bytes, --noheadings, and its STREAMS, MIGRATED, MOUNTPOINT columns,
+    plus NBD: the device ``zramd attach`` recorded, while the kernel shows it connected."""
+    from zramd.control.attach import record_attached, state_dir
+    from zramd.server.listener import CODEC_WORKERS
+
+    _, path = daemon
+    c = ("--control", path)
+    cli("create", "a", "-s", "8M", "--description", "fast disk\\", *c)
+    cli("create", "b", "-s", "4M", *c)
+    sys_block = tmp_path / "sys"
+    (sys_block / "nbd3").mkdir(parents=True)
+    (sys_block / "nbd3" / "pid").write_text("1\n")
+    monkeypatch.setattr("zramd.control.attach.SYS_BLOCK", str(sys_block))
+    record_attached(state_dir(path), "/dev/nbd3", "a")
+    swaps = "Filename Type Size Used Priority\n/dev/nbd3 partition 8188 0 100\n"
+    monkeypatch.setattr(
+        "zramd.cli.commands.read_text", lambda p: swaps if p == "/proc/swaps" else ""
+    )
+    cols = ("-o", "NAME,DISKSIZE,STREAMS,MIGRATED,MOUNTPOINT,NBD,DESCRIPTION")
+    r = cli("list", "--raw", *cols, *c)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        "NAME DISKSIZE STREAMS MIGRATED MOUNTPOINT NBD DESCRIPTION",
+        f"a 8M {CODEC_WORKERS} 0 [SWAP] /dev/nbd3 fast\\x20disk\\x5c",
+        f"b 4M {CODEC_WORKERS} 0   ",
+    ]
+    r = cli("list", "--raw", "--bytes", "--noheadings", "-o", "NAME,DISKSIZE,NBD", "b", *c)
+    assert r.stdout == f"b {4 * MIB} \n"
+    r = cli("list", "-o", "NAME,MOUNTPOINT,NBD", *c)
+    assert r.stdout.splitlines() == [
+        "NAME MOUNTPOINT NBD",
+        "a    [SWAP]     /dev/nbd3",
+        "b",
+    ]
+    rows = json.loads(cli("list", "--json", "-o", "NAME,NBD,MOUNTPOINT,STREAMS", *c).stdout)
+    assert [(e["name"], e["nbd"], e["mountpoint"], e["streams"]) for e in rows["exports"]] == [
+        ("a", "/dev/nbd3", "[SWAP]", CODEC_WORKERS), ("b", "", "", CODEC_WORKERS),
+    ]

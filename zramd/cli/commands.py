@@ -5,8 +5,12 @@ Theory of operation
 Each command parses its arguments (sizes as everywhere, by ``zramd.config``: a bare number is
 MiB, or a unit, or an expression in ``ram``; rounded down to whole pages), sends one
 request through :class:`~zramd.control.client.ControlClient` to a running daemon and prints the
-answer; ``list`` formats it with ``cli/table.py``. Errors are one line on stderr and exit 1
-(``cli/options.py``). No protocol, device or server logic here, and no state between commands.
+answer; ``list`` formats it with ``cli/table.py``, adding what zramctl shows that only
+this machine knows: the NBD device an export is attached to (``zramd attach``'s records, see
+``control/attach.py``) and its MOUNTPOINT (``[SWAP]`` or the mount directory), MIGRATED (pages
+compacted, from ``stat``) and STREAMS (the daemon's codec worker threads). Errors are one line
+on stderr and exit 1 (``cli/options.py``). No protocol, device or server logic here, and no
+state between commands.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import click
 from zramd.cli.options import control_option, errors_one_line
 from zramd.cli.table import COLUMNS, format_table, json_rows, parse_columns
 from zramd.config import DEFAULT_ALGORITHM, SIZE_SYNTAX, format_size, parse_size, round_pages
+from zramd.control.attach import attached_devices, mountpoint_of, read_text, state_dir
 from zramd.control.client import ControlClient
 from zramd.control.protocol import ControlError
 
@@ -100,6 +105,7 @@ def destroy(name: str, force: bool, control: str) -> None:
 )
 @click.option("--output-all", is_flag=True, help="All columns.")
 @click.option("-n", "--noheadings", is_flag=True, help="No header line.")
+@click.option("--raw", is_flag=True, help="Raw output: one space between cells, no alignment.")
 @control_option
 @errors_one_line
 def list_(
@@ -109,23 +115,43 @@ def list_(
     columns: str | None,
     output_all: bool,
     noheadings: bool,
+    raw: bool,
     control: str,
 ) -> None:
     """List exports, zramctl-style."""
     cols = list(COLUMNS) if output_all else parse_columns(columns)
     with ControlClient(control) as c:
         rows: list[dict[str, Any]] = c.call("list")
-    if names:
-        known = {r["name"] for r in rows}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ControlError(f"no export named {missing[0]!r}")
-        rows = [r for r in rows if r["name"] in names]
+        if names:
+            known = {r["name"] for r in rows}
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise ControlError(f"no export named {missing[0]!r}")
+            rows = [r for r in rows if r["name"] in names]
+        if "MIGRATED" in cols:
+            for r in rows:
+                r["migrated"] = c.call("stat", name=r["name"])["mm_stat"]["pages_compacted"]
+    add_local_columns(rows, control)
     if as_json:
         click.echo(json.dumps(json_rows(rows, cols), indent=2))
         return
     if rows or not noheadings:
-        click.echo(format_table(rows, cols, raw_bytes=raw_bytes, headings=not noheadings))
+        click.echo(
+            format_table(rows, cols, raw_bytes=raw_bytes, headings=not noheadings, raw=raw)
+        )
+
+
+def add_local_columns(rows: list[dict[str, Any]], control: str) -> None:
+    """STREAMS, NBD and MOUNTPOINT of each row: what this machine knows of the export."""
+    from zramd.server.listener import CODEC_WORKERS
+
+    devices = attached_devices(state_dir(control))
+    swaps, mounts = read_text("/proc/swaps"), read_text("/proc/mounts")
+    for r in rows:
+        r["streams"] = CODEC_WORKERS
+        device = devices.get(r["name"], "")
+        r["nbd"] = device
+        r["mountpoint"] = mountpoint_of(device, swaps, mounts) if device else ""
 
 
 @click.command()

@@ -6,6 +6,9 @@ The daemon sends plain numbers (bytes, counts); this module turns rows into zram
 :data:`COLUMNS` maps a column name to its row key and kind, sizes are shown with
 :func:`zramd.config.format_size` (or in bytes with ``--bytes``), text columns are left-aligned and
 numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched.
+``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
+backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
+empty).
 Knows nothing of sockets or the daemon.
 """
 
@@ -28,6 +31,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "MEM-USED": ("mem_used", "size"),
     "COMP-RATIO": ("comp_ratio", "ratio"),
     "CLIENTS": ("clients", "int"),
+    "STREAMS": ("streams", "int"),
+    "MIGRATED": ("migrated", "int"),
+    "MOUNTPOINT": ("mountpoint", "str"),
+    "NBD": ("nbd", "str"),
     "RO": ("read_only", "bool"),
     "DESCRIPTION": ("description", "str"),
 }
@@ -58,10 +65,26 @@ def format_cell(row: dict[str, Any], column: str, raw_bytes: bool) -> str:
     return str(v if v is not None else "")
 
 
+def raw_cell(cell: str) -> str:
+    """A cell of ``--raw`` output: blanks, backslashes and control characters as ``\\xHH``."""
+    return "".join(
+        f"\\x{ord(ch):02x}" if ch.isspace() or ch == "\\" or not ch.isprintable() else ch
+        for ch in cell
+    )
+
+
 def format_table(
-    rows: list[dict[str, Any]], columns: list[str], *, raw_bytes: bool, headings: bool
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    *,
+    raw_bytes: bool,
+    headings: bool,
+    raw: bool = False,
 ) -> str:
     table = [[format_cell(r, c, raw_bytes) for c in columns] for r in rows]
+    if raw:
+        lines = ([columns] if headings else []) + table
+        return "\n".join(" ".join(raw_cell(cell) for cell in line) for line in lines)
     widths = [len(c) if headings else 0 for c in columns]
     for line in table:
         widths = [max(w, len(cell)) for w, cell in zip(widths, line, strict=True)]
