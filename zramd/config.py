@@ -250,6 +250,7 @@ class ExportConfig:
             raise ConfigError(f"export {self.name!r}: size {self.size} is too large")
         if self.mem_limit < 0:
             raise ConfigError(f"export {self.name!r}: mem-limit must not be negative")
+        check_mem_limit(self.name, self.size, self.mem_limit)
         if len(self.description.encode()) > MAX_EXPORT_NAME * 16:
             raise ConfigError(f"export {self.name!r}: description too long")
         try:
@@ -264,6 +265,16 @@ class ExportConfig:
         if self.read_only:
             parts.append("ro")
         return " ".join(parts)
+
+
+def check_mem_limit(name: str, size: int, mem_limit: int) -> None:
+    """Refuse a memory limit above the export's size: the pool never holds more than the data, so
+    such a limit never binds, and it is a slip (a unit, or the size and the limit swapped)."""
+    if mem_limit > size:
+        raise ConfigError(
+            f"export {name!r}: mem-limit {format_size(mem_limit)} is larger than the export "
+            f"({format_size(size)}); a limit binds only below the size (0 = none)"
+        )
 
 
 _SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description")

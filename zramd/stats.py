@@ -1,4 +1,5 @@
-"""Per-device counters with zram's names and meanings (mm_stat, io_stat).
+"""Per-device counters with zram's names and meanings (mm_stat, io_stat), and per-export
+request counters with the block layer's (``/sys/block/zramN/stat``).
 
 Theory of operation
 -------------------
@@ -9,11 +10,25 @@ device when its ``stats`` property is read. Units follow the kernel: sizes in by
 pages or events. ``mm_stat_line()`` / ``io_stat_line()`` print the fields in the order of
 ``/sys/block/zramN/mm_stat`` and ``io_stat``; ``as_dict()`` is for JSON. No pool or device logic
 lives here.
+
+:class:`IoStats` belongs to an export and is counted by the server's dispatch, the one place
+requests meet exports (:func:`io_stats` finds it by the export's device; every connection to the
+export shares it): per NBD command the requests that reached the device, their bytes and time
+(failed ones included, as the block layer counts completions), a latency histogram, the requests
+in flight and the time any was (``io_ticks``), and ``invalid_io``, requests refused for their range.
+:meth:`IoStats.block_stat` folds the commands into Documentation/block/stat.rst's seventeen fields:
+WRITE_ZEROES counts as a write (as the kernel accounts REQ_OP_WRITE_ZEROES), TRIM as a discard,
+and CACHE and BLOCK_STATUS, which move no data, only under their own names.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import asdict, dataclass
+
+from zramd.allocator import POOL_FULL_CAUSES
+from zramd.protocol import wire
 
 #: bytes per device page (the unit of orig_data_size)
 PAGE_SIZE = 4096
@@ -60,7 +75,8 @@ class DeviceStats:
     #: write requests that failed (memory limit -> ENOSPC, or the old page of a partial write
     #: was unreadable -> EIO); nothing was changed by them. Per request, as zram counts per bio.
     failed_writes: int = 0
-    #: always 0, as in the kernel (the field once counted invalid I/O; the server validates).
+    #: always 0 here: requests with a bad range never reach the device; the server counts them
+    #: in the export's :attr:`IoStats.invalid_io`, which ``zramd stat`` reports in this place.
     invalid_io: int = 0
     #: whole pages discarded by trim / write_zeroes(punch_hole) (counted per page, as zram).
     notify_free: int = 0
@@ -89,3 +105,164 @@ class DeviceStats:
 
     def copy(self) -> DeviceStats:
         return DeviceStats(**asdict(self))
+
+
+#: the NBD commands counted per export, by number, with the names used in stats and metrics
+IO_COMMANDS: dict[int, str] = {
+    wire.CMD_READ: "read",
+    wire.CMD_WRITE: "write",
+    wire.CMD_FLUSH: "flush",
+    wire.CMD_TRIM: "trim",
+    wire.CMD_CACHE: "cache",
+    wire.CMD_WRITE_ZEROES: "write_zeroes",
+    wire.CMD_BLOCK_STATUS: "block_status",
+}
+#: the fields of /sys/block/<dev>/stat, in order (Documentation/block/stat.rst); ticks in ms
+BLOCK_STAT_FIELDS = (
+    "read_ios",
+    "read_merges",
+    "read_sectors",
+    "read_ticks",
+    "write_ios",
+    "write_merges",
+    "write_sectors",
+    "write_ticks",
+    "in_flight",
+    "io_ticks",
+    "time_in_queue",
+    "discard_ios",
+    "discard_merges",
+    "discard_sectors",
+    "discard_ticks",
+    "flush_ios",
+    "flush_ticks",
+)
+#: stat.rst's groups -> the NBD commands each one sums
+_GROUPS: dict[str, tuple[int, ...]] = {
+    "read": (wire.CMD_READ,),
+    "write": (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES),
+    "discard": (wire.CMD_TRIM,),
+    "flush": (wire.CMD_FLUSH,),
+}
+#: the request-latency histogram: bucket ``i`` counts requests faster than ``1024 << i`` ns
+#: (``(ns >> HIST_SHIFT).bit_length()``: no search on the fast path); a command's row is
+#: ``HIST_SLOTS`` long, which holds any int64 time
+HIST_SHIFT = 10
+HIST_CMD_SHIFT = 6
+HIST_SLOTS = 1 << HIST_CMD_SHIFT
+#: buckets shown in metrics (up to 2**32 ns, 4.3 s); slower requests count in +Inf only
+HIST_SHOWN = 23
+_NCMD = max(IO_COMMANDS) + 1
+_NS_PER_MS = 1_000_000
+SECTOR = 512
+
+
+def bucket_bound_seconds(i: int) -> float:
+    """The upper bound of histogram bucket ``i``, in seconds."""
+    return (1 << (HIST_SHIFT + i)) / 1e9
+
+
+class IoStats:
+    """The request counters of one export. Lists are indexed by NBD command number (the
+    histogram by ``command << HIST_CMD_SHIFT | bucket``); times are nanoseconds of
+    ``time.perf_counter_ns``. Mutated on the event-loop thread only."""
+
+    __slots__ = (
+        "bytes",
+        "ns",
+        "histogram",
+        "in_flight",
+        "busy_ns",
+        "busy_since",
+        "invalid_io",
+        "nospace",
+        "nospace_logged",
+    )
+
+    def __init__(self) -> None:
+        self.bytes = [0] * _NCMD
+        self.ns = [0] * _NCMD
+        #: per command, requests per latency bucket; their sum is the command's request count
+        self.histogram = [0] * (_NCMD * HIST_SLOTS)
+        #: requests started on the device and not finished (awaited ones; inline ones take none)
+        self.in_flight = 0
+        #: time with at least one request in flight, up to ``busy_since`` while some are
+        self.busy_ns = 0
+        self.busy_since = 0
+        #: requests refused for their range: zero length, past the end, FLUSH with a range
+        self.invalid_io = 0
+        #: writes refused with ENOSPC, by cause: the export's own limit, the server's budget,
+        #: the system (``zramd.allocator.POOL_FULL_CAUSES``)
+        self.nospace = dict.fromkeys(POOL_FULL_CAUSES, 0)
+        #: per cause, when the last warning about it was logged and ``nospace`` at that time
+        self.nospace_logged: dict[str, tuple[int, int]] = {}
+
+    def done(self, cmd: int, nbytes: int, elapsed_ns: int) -> None:
+        """Count one finished request of ``cmd`` moving ``nbytes`` in ``elapsed_ns``."""
+        self.bytes[cmd] += nbytes
+        self.ns[cmd] += elapsed_ns
+        self.histogram[cmd << HIST_CMD_SHIFT | (elapsed_ns >> HIST_SHIFT).bit_length()] += 1
+
+    def requests(self, cmd: int) -> int:
+        """Requests of ``cmd`` counted."""
+        return sum(self.histogram[cmd * HIST_SLOTS : (cmd + 1) * HIST_SLOTS])
+
+    def buckets(self, cmd: int) -> list[int]:
+        """Cumulative counts of ``cmd``'s requests at or under each of the first
+        :data:`HIST_SHOWN` bucket bounds, then the total (Prometheus ``le`` ... ``+Inf``)."""
+        row = self.histogram[cmd * HIST_SLOTS : (cmd + 1) * HIST_SLOTS]
+        out: list[int] = []
+        total = 0
+        for n in row[:HIST_SHOWN]:
+            total += n
+            out.append(total)
+        out.append(sum(row))
+        return out
+
+    def io_ticks_ns(self) -> int:
+        """Time with at least one request in flight, the current busy stretch included."""
+        if self.in_flight:
+            return self.busy_ns + time.perf_counter_ns() - self.busy_since
+        return self.busy_ns
+
+    def commands(self) -> dict[str, dict[str, int]]:
+        """Per command name: ``requests``, ``bytes`` and ``time_us`` (total time spent)."""
+        return {
+            name: {
+                "requests": self.requests(cmd),
+                "bytes": self.bytes[cmd],
+                "time_us": self.ns[cmd] // 1000,
+            }
+            for cmd, name in IO_COMMANDS.items()
+        }
+
+    def block_stat(self) -> dict[str, int]:
+        """The seventeen fields of ``/sys/block/<dev>/stat`` (merges are always 0: NBD requests
+        are served as they come; sectors are 512 bytes; ticks are milliseconds)."""
+        out: dict[str, int] = {}
+        for group, cmds in _GROUPS.items():
+            out[f"{group}_ios"] = sum(self.requests(c) for c in cmds)
+            if group != "flush":
+                out[f"{group}_merges"] = 0
+                out[f"{group}_sectors"] = sum(self.bytes[c] for c in cmds) // SECTOR
+            out[f"{group}_ticks"] = sum(self.ns[c] for c in cmds) // _NS_PER_MS
+        out["in_flight"] = self.in_flight
+        out["io_ticks"] = self.io_ticks_ns() // _NS_PER_MS
+        out["time_in_queue"] = sum(self.ns) // _NS_PER_MS
+        return {f: out[f] for f in BLOCK_STAT_FIELDS}
+
+    def block_stat_line(self) -> str:
+        """The seventeen fields, space-separated like the kernel's sysfs file."""
+        return " ".join(f"{v:8d}" for v in self.block_stat().values()) + "\n"
+
+
+_IO_STATS: weakref.WeakKeyDictionary[object, IoStats] = weakref.WeakKeyDictionary()
+
+
+def io_stats(device: object) -> IoStats:
+    """The :class:`IoStats` of the export served by ``device``: made on first use, shared by
+    every connection, gone with the device (a re-created export starts from zero)."""
+    st = _IO_STATS.get(device)
+    if st is None:
+        st = _IO_STATS[device] = IoStats()
+    return st

@@ -316,13 +316,13 @@ def test_metrics_scraped_and_parsed(workdir: Path) -> None:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = resp.read().decode()
-        samples: dict[str, int] = {}
+        samples: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("#"):
                 assert line.split()[1] in ("HELP", "TYPE")
                 continue
             name_labels, value = line.rsplit(" ", 1)
-            samples[name_labels] = int(value)
+            samples[name_labels] = float(value)
         assert samples["zramd_exports"] == 1
         assert samples['zramd_disksize_bytes{export="m"}'] == 16 * MiB
         assert samples['zramd_orig_data_size_bytes{export="m"}'] == 2 * MiB
@@ -330,6 +330,15 @@ def test_metrics_scraped_and_parsed(workdir: Path) -> None:
         comp = samples['zramd_compr_data_size_bytes{export="m"}']
         assert 0 < comp < MiB
         assert samples['zramd_mem_used_total_bytes{export="m"}'] >= comp
+        # the block layer's counters, from a real client's requests
+        assert samples['zramd_io_bytes_total{export="m",command="write"}'] == 2 * MiB
+        hist = "zramd_request_duration_seconds"
+        writes = samples[f'{hist}_count{{export="m",command="write"}}']
+        assert writes >= 1
+        assert samples[f'{hist}_bucket{{export="m",command="write",le="+Inf"}}'] == writes
+        assert samples[f'{hist}_count{{export="m",command="flush"}}'] == 1
+        assert samples['zramd_requests_in_flight{export="m"}'] == 0
+        assert samples['zramd_memory_budget_bytes'] == 0
         del h
     finally:
         d.stop()

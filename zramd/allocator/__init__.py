@@ -8,10 +8,23 @@ layer only uses the names re-exported here.
 """
 
 from zramd.allocator.classes import PAGE_SIZE, SizeClass, build_classes, huge_watermark
-from zramd.allocator.pool import FULLNESS_LABELS, MemoryBudget, Pool, PoolFull
+from zramd.allocator.pool import (
+    CAUSE_BUDGET,
+    CAUSE_LIMIT,
+    CAUSE_SYSTEM,
+    FULLNESS_LABELS,
+    POOL_FULL_CAUSES,
+    MemoryBudget,
+    Pool,
+    PoolFull,
+)
 
 __all__ = [
+    "CAUSE_BUDGET",
+    "CAUSE_LIMIT",
+    "CAUSE_SYSTEM",
     "FULLNESS_LABELS",
+    "POOL_FULL_CAUSES",
     "PAGE_SIZE",
     "MemoryBudget",
     "Pool",

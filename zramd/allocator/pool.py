@@ -135,23 +135,39 @@ _MMAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MMAP_PROT = mmap.PROT_READ | mmap.PROT_WRITE
 
 
+#: why a store failed (``PoolFull.cause``): the pool's own limit, the shared budget, or the
+#: system (no memory for a new arena, or no handle left)
+CAUSE_LIMIT = "limit"
+CAUSE_BUDGET = "budget"
+CAUSE_SYSTEM = "system"
+POOL_FULL_CAUSES = (CAUSE_LIMIT, CAUSE_BUDGET, CAUSE_SYSTEM)
+
+
 class PoolFull(Exception):
-    """The store would need memory beyond the pool's limit or the shared budget. Nothing
-    was changed."""
+    """The store would need memory beyond the pool's limit or the shared budget, or the system
+    has none. Nothing was changed. ``cause`` says which (:data:`POOL_FULL_CAUSES`); ``budget``
+    is the budget that refused, for CAUSE_BUDGET."""
+
+    def __init__(self, message: str, *, cause: str, budget: MemoryBudget | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.budget = budget
 
 
 class MemoryBudget:
     """A byte budget that several pools share (server-wide limit). ``limit`` 0 = unlimited;
-    ``used`` is the sum of the pools' ``total_bytes``."""
+    ``used`` is the sum of the pools' ``total_bytes``; ``refusals`` counts the stores it
+    refused."""
 
     def __init__(self, limit: int = 0) -> None:
         if limit < 0:
             raise ValueError("limit must be >= 0")
         self.limit = limit
         self.used = 0
+        self.refusals = 0
 
     def __repr__(self) -> str:
-        return f"MemoryBudget(limit={self.limit}, used={self.used})"
+        return f"MemoryBudget(limit={self.limit}, used={self.used}, refusals={self.refusals})"
 
 
 class _Arena:
@@ -363,7 +379,7 @@ class Pool:
             h = len(tbl)
             if h > MAX_HANDLE:
                 self._undo_slot(zs, slot)
-                raise PoolFull("handle space exhausted")
+                raise PoolFull("handle space exhausted", cause=CAUSE_SYSTEM)
             tbl.append(zs.loc | slot)
         zs[slot] = h
         a = zs.base + slot * cls.size
@@ -452,7 +468,7 @@ class Pool:
                 arena = self._arena_with_room(1)
             except OSError as exc:
                 self._uncharge(1)
-                raise PoolFull(f"cannot map a new arena: {exc}") from exc
+                raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
             off = arena.take()
         entry = HUGE_TAG | arena.aid << AID_SHIFT | off // PAGE_SIZE
         tbl = self._tbl
@@ -464,7 +480,7 @@ class Pool:
             h = len(tbl)
             if h > MAX_HANDLE:
                 self._drop_huge_page(arena, off)
-                raise PoolFull("handle space exhausted")
+                raise PoolFull("handle space exhausted", cause=CAUSE_SYSTEM)
             tbl.append(entry)
         arena.mm[off : off + n] = data
         cls = self._huge
@@ -512,14 +528,19 @@ class Pool:
             if self._cached_pages:
                 self.drop_cache()
             if (self._pages + pages) * PAGE_SIZE > self.limit:
-                raise PoolFull(f"pool limit {self.limit} B reached")
+                raise PoolFull(f"pool limit {self.limit} B reached", cause=CAUSE_LIMIT)
         budget = self.budget
         if budget is not None:
             if budget.limit and budget.used + nbytes > budget.limit:
                 if self._cached_pages:
                     self.drop_cache()
                 if budget.used + nbytes > budget.limit:
-                    raise PoolFull(f"memory budget {budget.limit} B reached")
+                    budget.refusals += 1
+                    raise PoolFull(
+                        f"memory budget {budget.limit} B reached",
+                        cause=CAUSE_BUDGET,
+                        budget=budget,
+                    )
             budget.used += nbytes
         self._pages += pages
 
@@ -546,7 +567,7 @@ class Pool:
             arena = self._arena_with_room(k)
         except OSError as exc:  # mmap failed: treat like the limit
             self._uncharge(k)
-            raise PoolFull(f"cannot map a new arena: {exc}") from exc
+            raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
         base = arena.take()
         if self._free_zids:
             zid = self._free_zids.pop()

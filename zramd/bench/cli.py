@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=DEFAULT_OUT)
     r.add_argument("--note", default="", help="free text for the report header")
     m = sub.add_parser("micro", help="microbenchmarks of the hot parts only")
-    m.add_argument("--only", help="comma list of cases: samefill,codec,allocator,table,device")
+    m.add_argument(
+        "--only", help="comma list of cases: samefill,codec,allocator,table,device,dispatch"
+    )
     m.add_argument("--json", action="store_true")
     rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
     rep.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -216,6 +216,37 @@ def _bench_one_device(dev: Any, algo: str, offsets: list[int]) -> list[dict[str,
     return rows
 
 
+def bench_dispatch() -> list[dict[str, Any]]:
+    """One request through the server's fast path (``Dispatcher.run_now``: validation, the
+    device's synchronous door, the reply description), on an lz4 device."""
+    from zramd.config import ExportConfig
+    from zramd.protocol.events import Request
+    from zramd.protocol.wire import CMD_READ, CMD_WRITE
+    from zramd.server.dispatch import Dispatcher
+    from zramd.server.exports import Export, make_device
+
+    dev_pages = 1 << 14
+    cfg = ExportConfig("bench", dev_pages * PAGE)
+    exp = Export(cfg, make_device(cfg))
+    d = Dispatcher(exp, structured=True, max_payload=1 << 25)
+    rng = random.Random(7)
+    pages = make_pages("comp")
+    writes = [
+        Request(CMD_WRITE, 0, i, rng.randrange(dev_pages) * PAGE, PAGE, p)
+        for i, p in enumerate(pages)
+    ]
+    reads = [Request(CMD_READ, 0, r.cookie, r.offset, PAGE, None) for r in writes]
+    try:
+        for w in writes:
+            d.run_now(w)
+        return [
+            _row("dispatch run_now WRITE 4K, comp", time_loop(d.run_now, writes)),
+            _row("dispatch run_now READ 4K, comp", time_loop(d.run_now, reads)),
+        ]
+    finally:
+        exp.device.close()
+
+
 def bench_protocol() -> list[dict[str, Any]]:
     """The sans-I/O core per request: parse a header (and payload), encode the reply."""
     import struct
@@ -281,6 +312,7 @@ CASES: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
     ("allocator", bench_allocator),
     ("table", bench_table),
     ("device", bench_device),
+    ("dispatch", bench_dispatch),
     ("protocol", bench_protocol),
 ]
 

@@ -160,7 +160,8 @@ def add_local_columns(rows: list[dict[str, Any]], control: str) -> None:
 @control_option
 @errors_one_line
 def stat(name: str, as_json: bool, control: str) -> None:
-    """Show mm_stat and io_stat of export NAME (zram's sysfs fields)."""
+    """Show mm_stat, io_stat and stat of export NAME (zram's sysfs fields), its requests per
+    NBD command and the memory limit in force."""
     with ControlClient(control) as c:
         st: dict[str, Any] = c.call("stat", name=name)
     if as_json:
@@ -170,12 +171,27 @@ def stat(name: str, as_json: bool, control: str) -> None:
         f"{st['name']}: disksize {st['disksize']}, algorithm {st['algorithm']}, "
         f"clients {st['clients']}"
     )
-    for section in ("mm_stat", "io_stat"):
+    for section in ("mm_stat", "io_stat", "stat"):
         fields: dict[str, int] = st[section]
         click.echo(f"{section}: " + " ".join(str(v) for v in fields.values()))
         width = max(len(k) for k in fields)
         for k, v in fields.items():
             click.echo(f"  {k.ljust(width)}  {v}")
+    click.echo("requests:")
+    for command, r in st["requests"].items():
+        click.echo(
+            f"  {command.ljust(12)}  {r['requests']} requests, {r['bytes']} bytes, "
+            f"{r['time_us']} us"
+        )
+    m = st["memory"]
+    by = {"budget": "the server's budget", "export": "its own"}.get(m["limited_by"], "none")
+    click.echo(
+        f"memory: limit in force {m['effective_mem_limit']} ({by}), own mem-limit "
+        f"{m['mem_limit']}, server budget {m['budget_limit']} ({m['budget_used']} used)"
+    )
+    click.echo(
+        "  ENOSPC by cause: " + ", ".join(f"{k} {v}" for k, v in m["enospc"].items())
+    )
 
 
 @click.command()
@@ -236,8 +252,10 @@ def set_(
         raise ControlError("nothing to set: give --mem-limit, --algorithm or --level")
     with ControlClient(control) as c:
         row = c.call("set", **args)
+    budget = " (the server's budget binds)" if row["limited_by"] == "budget" else ""
     click.echo(
-        f"{row['name']}: algorithm {row['algorithm']}, mem-limit {format_size(row['mem_limit'])}"
+        f"{row['name']}: algorithm {row['algorithm']}, "
+        f"mem-limit {format_size(row['mem_limit'])}{budget}"
     )
 
 

@@ -5,7 +5,10 @@ Theory of operation
 The daemon sends plain numbers (bytes, counts); this module turns rows into zramctl-style text:
 :data:`COLUMNS` maps a column name to its row key and kind, sizes are shown with
 :func:`zramd.config.format_size` (or in bytes with ``--bytes``), text columns are left-aligned and
-numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched.
+numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched,
+and each export's block-layer ``stat`` (requests, sectors, ticks: ``/sys/block/zramN/stat``).
+MEM-LIMIT is the limit in force, LIMIT-BY what sets it (``export``, or ``budget`` when the
+server-wide budget leaves the export less than its own limit).
 ``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
 backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
 empty).
@@ -37,6 +40,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "NBD": ("nbd", "str"),
     "RO": ("read_only", "bool"),
     "DESCRIPTION": ("description", "str"),
+    "LIMIT-BY": ("limited_by", "str"),
 }
 DEFAULT_COLUMNS = list(COLUMNS)[:11]
 
@@ -100,5 +104,6 @@ def format_table(
 
 
 def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """The columns' keys of each row, and its block-layer ``stat`` (the request counters)."""
     keys = [COLUMNS[c][0] for c in columns]
-    return {"exports": [{k: r.get(k) for k in keys} for r in rows]}
+    return {"exports": [{**{k: r.get(k) for k in keys}, "stat": r.get("stat")} for r in rows]}

@@ -4,8 +4,13 @@ Theory of operation
 -------------------
 :func:`render` turns the registry's exports into the Prometheus text exposition format
 (version 0.0.4): one family per mm_stat / io_stat field of zram, with zram's meaning,
-plus disk size and connected clients, each sample labelled ``export="NAME"``. Gauges
-are current values; counters (``*_total``) only grow between resets of the export.
+plus disk size and connected clients, each sample labelled ``export="NAME"``; the memory
+limit in force and the writes refused with ENOSPC by cause (``cause="limit|budget|system"``);
+the server-wide memory budget, its use and its refusals; and the block layer's request
+counters: bytes, time, in flight, busy time, and a latency histogram per NBD command
+(``command="read|write|..."``; its ``_count`` is the number of requests). Gauges are current
+values; counters (``*_total``) only grow while the export exists (mm_stat's are restarted by
+a reset of the export).
 
 :class:`MetricsServer` is a deliberately tiny HTTP/1.0 responder on asyncio: it reads
 one request head (bounded by :data:`MAX_REQUEST_HEAD` bytes and
@@ -23,6 +28,7 @@ from typing import Any
 
 from zramd.config import parse_metrics_address
 from zramd.control.server import export_stat
+from zramd.stats import HIST_SHOWN, IO_COMMANDS, IoStats, bucket_bound_seconds, io_stats
 
 log = logging.getLogger("zramd.metrics")
 
@@ -56,10 +62,18 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_failed_reads_total", "counter", "io_stat", "failed_reads", "Failed reads."),
     ("zramd_failed_writes_total", "counter", "io_stat", "failed_writes",
      "Failed writes (memory limit reached)."),
-    ("zramd_invalid_io_total", "counter", "io_stat", "invalid_io", "Always 0, as in zram."),
+    ("zramd_invalid_io_total", "counter", "io_stat", "invalid_io",
+     "Requests refused for their range (zero length, past the end)."),
     ("zramd_notify_free_total", "counter", "io_stat", "notify_free",
      "Pages freed by trim / write-zeroes."),
+    ("zramd_effective_mem_limit_bytes", "gauge", "memory", "effective_mem_limit",
+     "Memory limit in force: the export's own, or what the server's budget leaves it when "
+     "lower (0 = none)."),
+    ("zramd_requests_in_flight", "gauge", "stat", "in_flight",
+     "Requests started on the device and not finished."),
 )
+#: the histogram's bucket bounds as Prometheus ``le`` labels
+_LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]
 
 
 def _label(value: str) -> str:
@@ -68,19 +82,73 @@ def _label(value: str) -> str:
 
 def render(registry: Any) -> str:
     """The Prometheus text for every export of ``registry``."""
-    stats = [export_stat(e) for e in registry]
+    exports = list(registry)
+    budget = registry.budget
+    stats = [export_stat(e, budget) for e in exports]
     out: list[str] = [
         "# HELP zramd_exports Exports served.",
         "# TYPE zramd_exports gauge",
         f"zramd_exports {len(stats)}",
     ]
+    _server_family(out, "zramd_memory_budget_bytes", "gauge",
+                   "Server-wide memory budget of all exports (0 = none).",
+                   budget.limit if budget is not None else 0)  # fmt: skip
+    _server_family(out, "zramd_memory_budget_used_bytes", "gauge",
+                   "Memory the exports hold against the budget.",
+                   budget.used if budget is not None else 0)  # fmt: skip
+    _server_family(out, "zramd_memory_budget_refusals_total", "counter",
+                   "Stores the budget refused (each fails one write with ENOSPC).",
+                   budget.refusals if budget is not None else 0)  # fmt: skip
     for name, kind, source, field, help_ in FAMILIES:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
+        _head(out, name, kind, help_)
         for st in stats:
             value = st[field] if source == "top" else st[source][field]
             out.append(f'{name}{{export="{_label(st["name"])}"}} {int(value)}')
+    _head(out, "zramd_enospc_total", "counter",
+          "Writes refused with ENOSPC, by cause: the export's mem-limit, the server's "
+          "budget, or the system.")  # fmt: skip
+    for st in stats:
+        for cause, n in st["memory"]["enospc"].items():
+            out.append(f'zramd_enospc_total{{export="{_label(st["name"])}",cause="{cause}"}} {n}')
+    ios = [(_label(e.name), io_stats(e.device)) for e in exports]
+    _head(out, "zramd_io_busy_seconds_total", "counter",
+          "Time with at least one request in flight (io_ticks).")  # fmt: skip
+    for label, io in ios:
+        out.append(f'zramd_io_busy_seconds_total{{export="{label}"}} {io.io_ticks_ns() / 1e9}')
+    _head(out, "zramd_io_bytes_total", "counter",
+          "Bytes of the requests served, by NBD command (the range for trim, "
+          "write_zeroes, cache and block_status).")  # fmt: skip
+    for label, io in ios:
+        for cmd, cname in IO_COMMANDS.items():
+            out.append(
+                f'zramd_io_bytes_total{{export="{label}",command="{cname}"}} {io.bytes[cmd]}'
+            )
+    _head(out, "zramd_request_duration_seconds", "histogram",
+          "Time from a request's start on the device to its reply, by NBD command.")  # fmt: skip
+    for label, io in ios:
+        _histograms(out, label, io)
     return "\n".join(out) + "\n"
+
+
+def _head(out: list[str], name: str, kind: str, help_: str) -> None:
+    out.append(f"# HELP {name} {help_}")
+    out.append(f"# TYPE {name} {kind}")
+
+
+def _server_family(out: list[str], name: str, kind: str, help_: str, value: int) -> None:
+    _head(out, name, kind, help_)
+    out.append(f"{name} {int(value)}")
+
+
+def _histograms(out: list[str], label: str, io: IoStats) -> None:
+    name = "zramd_request_duration_seconds"
+    for cmd, cname in IO_COMMANDS.items():
+        labels = f'export="{label}",command="{cname}"'
+        counts = io.buckets(cmd)
+        for le, n in zip(_LE, counts, strict=True):
+            out.append(f'{name}_bucket{{{labels},le="{le}"}} {n}')
+        out.append(f"{name}_sum{{{labels}}} {io.ns[cmd] / 1e9}")
+        out.append(f"{name}_count{{{labels}}} {counts[-1]}")
 
 
 class MetricsServer:

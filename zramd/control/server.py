@@ -4,11 +4,18 @@ Theory of operation
 -------------------
 :class:`ControlServer` listens on a Unix socket (default ``/run/zramd/control.sock``,
 mode 0600) and answers JSON-line requests (see ``protocol``) by calling the export
-registry's public API (``add``, ``remove``, ``get``, iteration) and the management part
+registry's public API (``add``, ``remove``, ``get``, iteration, its memory ``budget``) and the
+management part
 of the device contract (:class:`~zramd.device.interface.BlockDevice`: ``stats``,
 ``compact``, ``reset``, ``set_mem_limit``, ``algorithm``, ``set_algorithm``); a device
 without an operation raises ``Unsupported``, which becomes the error line. All of it runs
 on the event-loop thread, as the registry requires.
+
+Views of an export (``list`` rows, ``stat``, and through ``stat`` the metrics): zramctl's columns
+and zram's mm_stat / io_stat from the device, the block layer's stat and per-command counters
+from the export's :class:`~zramd.stats.IoStats` (``invalid_io`` comes from there: the device
+never sees a request with a bad range), and the memory limit in force: the export's own, or what
+the server-wide budget leaves it when that is lower (``limited_by`` says which).
 
 Invariants:
 - Only one daemon owns a control socket: :meth:`ControlServer.start` connects to an
@@ -34,7 +41,7 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from zramd.config import ConfigError, ExportConfig, parse_size
+from zramd.config import ConfigError, ExportConfig, check_mem_limit, parse_size
 from zramd.control.client import socket_is_live
 from zramd.control.protocol import (
     CONTROL_SOCKET_MODE,
@@ -45,7 +52,7 @@ from zramd.control.protocol import (
     encode,
 )
 from zramd.device.interface import BlockDevice, Unsupported
-from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS
+from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, io_stats
 
 log = logging.getLogger("zramd.control")
 
@@ -68,6 +75,9 @@ class ExportLike(Protocol):
 
 
 class RegistryLike(Protocol):
+    #: the server-wide :class:`~zramd.allocator.MemoryBudget`, or None
+    budget: Any
+
     def get(self, name: str) -> Any: ...
 
     def add(self, config: ExportConfig) -> Any: ...
@@ -83,8 +93,9 @@ ReloadHook = Callable[[], Awaitable[list[str]]]
 # --- views of an export ---------------------------------------------------------------------
 
 
-def _stats_dict(device: BlockDevice) -> dict[str, int]:
-    d = device.stats.as_dict()
+def _stats_dict(exp: ExportLike) -> dict[str, int]:
+    d = exp.device.stats.as_dict()
+    d["invalid_io"] = io_stats(exp.device).invalid_io
     return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
 
 
@@ -92,11 +103,25 @@ def _algorithm(exp: ExportLike) -> str:
     return exp.device.algorithm or exp.config.algorithm
 
 
-def export_row(exp: ExportLike) -> dict[str, Any]:
-    """One line of ``list``: zramctl's columns, in bytes and pages."""
-    s = _stats_dict(exp.device)
+def effective_mem_limit(own: int, held: int, budget: Any) -> tuple[int, str]:
+    """The memory limit in force for an export holding ``held`` bytes with its own limit
+    ``own`` (0: none) under ``budget`` (a MemoryBudget or None), and what sets it: "export",
+    "budget" (the budget leaves it less than its own limit, or it has none), "" (no limit)."""
+    if budget is not None and budget.limit:
+        room = held + max(0, budget.limit - budget.used)
+        if not own or room < own:
+            return room, "budget"
+    return own, "export" if own else ""
+
+
+def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
+    """One line of ``list``: zramctl's columns, in bytes and pages; ``mem_limit`` is the limit
+    in force (:func:`effective_mem_limit`), ``limited_by`` what sets it."""
+    s = _stats_dict(exp)
     data = s["orig_data_size"]
     total = s["mem_used_total"]
+    limit, by = effective_mem_limit(s["mem_limit"], total, budget)
+    io = io_stats(exp.device)
     return {
         "name": exp.name,
         "disksize": int(exp.device.size),
@@ -105,17 +130,29 @@ def export_row(exp: ExportLike) -> dict[str, Any]:
         "algorithm": _algorithm(exp),
         "zero_pages": s["same_pages"],
         "total": total,
-        "mem_limit": s["mem_limit"],
+        "mem_limit": limit,
         "mem_used": s["mem_used_max"],
         "comp_ratio": round(data / total, 2) if total else 0.0,
         "clients": exp.clients,
         "read_only": bool(exp.config.read_only),
         "description": exp.config.description,
+        "limited_by": by,
+        "stat": io.block_stat(),
     }
 
 
-def export_stat(exp: ExportLike) -> dict[str, Any]:
-    s = _stats_dict(exp.device)
+def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
+    s = _stats_dict(exp)
+    io = io_stats(exp.device)
+    limit, by = effective_mem_limit(s["mem_limit"], s["mem_used_total"], budget)
+    memory: dict[str, Any] = {
+        "mem_limit": s["mem_limit"],
+        "effective_mem_limit": limit,
+        "limited_by": by,
+        "budget_limit": budget.limit if budget is not None else 0,
+        "budget_used": budget.used if budget is not None else 0,
+        "enospc": dict(io.nospace),
+    }
     return {
         "name": exp.name,
         "disksize": int(exp.device.size),
@@ -123,6 +160,9 @@ def export_stat(exp: ExportLike) -> dict[str, Any]:
         "clients": exp.clients,
         "mm_stat": {f: s[f] for f in MM_STAT_FIELDS},
         "io_stat": {f: s[f] for f in IO_STAT_FIELDS},
+        "stat": io.block_stat(),
+        "requests": io.commands(),
+        "memory": memory,
     }
 
 
@@ -354,7 +394,7 @@ class ControlServer:
         cfg.description = _arg_str(req, "description", required=False) or ""
         exp = self.registry.add(cfg)
         log.info("created export %s", cfg.summary())
-        return export_row(exp)
+        return self._row(exp)
 
     def _destroy(self, req: dict[str, Any]) -> dict[str, Any]:
         exp = self._export(req)
@@ -381,7 +421,7 @@ class ControlServer:
         except Unsupported as e:
             raise ControlError(f"export {exp.name!r}: {e}") from None
         log.info("reset export %s", exp.name)
-        return export_row(exp)
+        return self._row(exp)
 
     def _compact(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         name = _arg_str(req, "name", required=False)
@@ -409,16 +449,20 @@ class ControlServer:
             exp.config.algorithm = new_alg
             exp.config.level = level
         if mem_limit is not None:
+            check_mem_limit(exp.name, int(dev.size), mem_limit)
             try:
                 dev.set_mem_limit(mem_limit)
             except (Unsupported, ValueError) as e:
                 raise ControlError(f"export {exp.name!r}: {e}") from None
             exp.config.mem_limit = mem_limit
         log.info("set export %s: %s", exp.name, exp.config.summary())
-        return export_row(exp)
+        return self._row(exp)
+
+    def _row(self, exp: Any) -> dict[str, Any]:
+        return export_row(exp, self.registry.budget)
 
     def _list(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        return [export_row(e) for e in self.registry]
+        return [self._row(e) for e in self.registry]
 
     def _stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        return export_stat(self._export(req))
+        return export_stat(self._export(req), self.registry.budget)

@@ -48,13 +48,26 @@ Choices where the spec leaves room:
 
 Errors from the device map through :data:`EXCEPTION_ERRNO` (NoSpace -> ENOSPC, DeviceIOError ->
 EIO); anything else is a bug: logged with a traceback and answered EIO, the connection goes on.
+A NoSpace names its cause through the allocator's PoolFull it was raised from (the export's own
+memory limit, the server's budget, or the system): counted per cause, and logged as a warning
+naming it, at most once per :data:`NOSPACE_LOG_INTERVAL_NS` per export and cause (a swap device
+that runs full refuses thousands of writes a second).
+
+Counting. Every request that reaches the device is counted here, in the export's
+:class:`~zramd.stats.IoStats` (shared by its connections): its command, bytes and time, as it
+finishes, whether on the fast path (``run_now``) or awaited (``execute``, which also keeps
+``in_flight`` and the busy time); a request refused for its range counts in ``invalid_io``. The
+fast path pays two clock reads and four counter updates for it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 
+from zramd.allocator import CAUSE_LIMIT, PoolFull
+from zramd.config import format_size
 from zramd.device.interface import (
     Buffer,
     DeviceIOError,
@@ -66,6 +79,7 @@ from zramd.device.interface import (
 from zramd.protocol import wire
 from zramd.protocol.events import Request
 from zramd.server.exports import Export
+from zramd.stats import HIST_CMD_SHIFT, HIST_SHIFT, IoStats, io_stats
 
 log = logging.getLogger("zramd.server")
 
@@ -114,6 +128,8 @@ EXCEPTION_ERRNO: dict[type[BaseException], int] = {NoSpace: ENOSPC, DeviceIOErro
 MAX_EXTENTS = 1 << 20
 #: The meta context whose extents BLOCK_STATUS reports.
 BASE_ALLOCATION = wire.META_BASE_ALLOCATION
+#: At most one ENOSPC warning per export and cause in this many nanoseconds.
+NOSPACE_LOG_INTERVAL_NS = 60 * 1_000_000_000
 
 
 class ShutdownFlag:
@@ -211,6 +227,15 @@ def validate(
     return None
 
 
+def bad_range(req: Request, size: int) -> bool:
+    """Whether ``req``'s range is invalid (zero length, past the end, FLUSH with a range):
+    what ``invalid_io`` counts among refused requests."""
+    cmd = req.command
+    if cmd == FLUSH:
+        return bool(req.offset or req.length)
+    return cmd in RANGED and (req.length == 0 or req.offset + req.length > size)
+
+
 def clip_extents(extents: Extents, length: int, req_one: bool) -> Extents:
     """Extents for a BLOCK_STATUS reply: merged, clipped to ``length`` (the sum never passes it),
     at most :data:`MAX_EXTENTS`, exactly one with REQ_ONE (nbd.md 1.8)."""
@@ -248,6 +273,7 @@ class Dispatcher:
         "context_id",
         "max_payload",
         "shutdown",
+        "io",
     )
 
     def __init__(
@@ -268,6 +294,7 @@ class Dispatcher:
                 self.context_id = cid
         self.max_payload = max_payload
         self.shutdown = shutdown or ShutdownFlag()
+        self.io: IoStats = io_stats(self.device)
 
     def check(self, req: Request) -> tuple[int, str] | None:
         return validate(
@@ -287,18 +314,31 @@ class Dispatcher:
             return None
         bad = self.check(req)
         if bad is not None:
-            return ErrorReply(*bad)
+            return self._refuse(req, bad)
+        t0 = perf_counter_ns()
+        reply: Reply
         try:
             if cmd == WRITE:
                 assert req.data is not None
-                return OK if self.device.write_now(req.offset, req.data) else None
-            got = self.device.read_with_zeros_now(req.offset, req.length)
-            return None if got is None else self._read_reply(req, got)
-        except (NoSpace, DeviceIOError) as e:
-            return ErrorReply(_errno_for(e), str(e))
+                if not self.device.write_now(req.offset, req.data):
+                    return None
+                reply = OK
+            else:
+                got = self.device.read_with_zeros_now(req.offset, req.length)
+                if got is None:
+                    return None
+                reply = self._read_reply(req, got)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the connection
-            log.exception("export %s: command %d failed", self.export.name, req.command)
-            return ErrorReply(EIO, f"internal error: {type(e).__name__}")
+            reply = self._error(req, e)
+        elapsed = perf_counter_ns() - t0
+        io = self.io
+        if not io.in_flight:
+            io.busy_ns += elapsed
+        # IoStats.done, inline: this is the per-request cost of the 4 KiB path
+        io.bytes[cmd] += req.length
+        io.ns[cmd] += elapsed
+        io.histogram[cmd << HIST_CMD_SHIFT | (elapsed >> HIST_SHIFT).bit_length()] += 1
+        return reply
 
     def _read_reply(self, req: Request, got: ReadResult) -> ReadReply:
         if req.flags & DF:
@@ -311,14 +351,70 @@ class Dispatcher:
         """Validate and run ``req``; never raises (except CancelledError)."""
         bad = self.check(req)
         if bad is not None:
-            return ErrorReply(*bad)
+            return self._refuse(req, bad)
+        io = self.io
+        t0 = perf_counter_ns()
+        if not io.in_flight:
+            io.busy_since = t0
+        io.in_flight += 1
         try:
             return await self._run(req)
-        except (NoSpace, DeviceIOError) as e:
-            return ErrorReply(_errno_for(e), str(e))
         except Exception as e:  # noqa: BLE001 - a bug must not kill the connection
+            return self._error(req, e)
+        finally:
+            t1 = perf_counter_ns()
+            io.in_flight -= 1
+            if not io.in_flight:
+                io.busy_ns += t1 - io.busy_since
+            io.done(req.command, req.length, t1 - t0)
+
+    def _refuse(self, req: Request, bad: tuple[int, str]) -> ErrorReply:
+        if bad_range(req, self.export.info.size):
+            self.io.invalid_io += 1
+        return ErrorReply(*bad)
+
+    def _error(self, req: Request, e: Exception) -> ErrorReply:
+        """The reply to a device error; a NoSpace is counted and logged by cause."""
+        if isinstance(e, NoSpace):
+            self._no_space(e)
+        elif not isinstance(e, DeviceIOError):
             log.exception("export %s: command %d failed", self.export.name, req.command)
             return ErrorReply(EIO, f"internal error: {type(e).__name__}")
+        return ErrorReply(_errno_for(e), str(e))
+
+    def _no_space(self, e: NoSpace) -> None:
+        full = e.__context__
+        cause = full.cause if isinstance(full, PoolFull) else CAUSE_LIMIT
+        io = self.io
+        io.nospace[cause] += 1
+        now = perf_counter_ns()
+        last = io.nospace_logged.get(cause)
+        if last is not None and now - last[0] < NOSPACE_LOG_INTERVAL_NS:
+            return
+        count = io.nospace[cause]
+        io.nospace_logged[cause] = (now, count)
+        more = count - last[1] - 1 if last is not None else 0
+        log.warning(
+            "export %s: write refused with ENOSPC: %s%s",
+            self.export.name,
+            self._no_space_why(cause, full),
+            f" ({more} more since the last such line)" if more > 0 else "",
+        )
+
+    def _no_space_why(self, cause: str, full: BaseException | None) -> str:
+        st = self.device.stats
+        held = format_size(st.mem_used_total)
+        if cause == CAUSE_LIMIT:
+            return f"its mem-limit {format_size(st.mem_limit)} is reached (it holds {held})"
+        if isinstance(full, PoolFull) and full.budget is not None:
+            b = full.budget
+            own = format_size(st.mem_limit) if st.mem_limit else "none"
+            return (
+                f"the server's memory budget {format_size(b.limit)} is reached "
+                f"({format_size(b.used)} used by all exports; this one holds {held}, "
+                f"its own mem-limit: {own})"
+            )
+        return f"{full} (it holds {held})"
 
     async def _run(self, req: Request) -> Reply:
         cmd = req.command
