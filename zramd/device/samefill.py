@@ -2,9 +2,12 @@
 
 Theory of operation
 -------------------
-zram stores such a page as the word itself, allocating nothing. The test ``page[8:] == page[:-8]``
-(each word equals the next) is a memcmp on ``bytes``; on a ``memoryview`` ``==`` compares item by
-item and is ~10x slower, so callers pass ``bytes``. The word is read little-endian, and
+zram stores such a page as the word itself, allocating nothing. The test compares the page with
+its first word repeated: one memcmp on ``bytes`` (and a cheaper copy than the two slices of
+``page[8:] == page[:-8]``); on a ``memoryview`` ``==`` compares item by item and is ~10x slower,
+so callers pass ``bytes``. The C batch (``zramd._native.prepare_pages``) has the one other
+detector, ``memcmp(page, page + 8, PAGE - 8)``; a test checks that the two agree. The word is
+read little-endian, and
 :func:`fill_page` rebuilds the page from it; :func:`zeros` lends zero bytes of any length
 without allocating them (a read-only view of one shared anonymous mapping that is never written,
 so every page of it is the kernel's zero page). Knows nothing about tables or pools.
@@ -33,8 +36,10 @@ def same_fill_word(page: bytes) -> int | None:
     full compare: a cheap necessary condition (as zram's first-vs-last word check) that rejects
     most pages without the memcmp.
     """
-    if page[0] == page[-WORD_SIZE] and page[WORD_SIZE:] == page[:-WORD_SIZE]:
-        return _from_bytes(page[:WORD_SIZE], "little")
+    if page[0] == page[-WORD_SIZE]:
+        word = page[:WORD_SIZE]
+        if page == word * (len(page) // WORD_SIZE):
+            return _from_bytes(word, "little")
     return None
 
 
