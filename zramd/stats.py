@@ -28,10 +28,8 @@ import weakref
 from dataclasses import asdict, dataclass
 
 from zramd.allocator import POOL_FULL_CAUSES
+from zramd.geometry import PAGE_SIZE
 from zramd.protocol import wire
-
-#: bytes per device page (the unit of orig_data_size)
-PAGE_SIZE = 4096
 
 MM_STAT_FIELDS = (
     "orig_data_size",

@@ -69,6 +69,7 @@ from time import perf_counter_ns
 from zramd.allocator import CAUSE_LIMIT, PoolFull
 from zramd.config import format_size
 from zramd.device.interface import (
+    MAX_EXTENTS,
     Buffer,
     DeviceIOError,
     Extents,
@@ -124,8 +125,6 @@ RANGE_ENOSPC = frozenset({WRITE, WRITE_ZEROES})
 RANGED = frozenset({READ, WRITE, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS})
 #: Device exceptions -> NBD error values (anything else: EIO and a logged traceback).
 EXCEPTION_ERRNO: dict[type[BaseException], int] = {NoSpace: ENOSPC, DeviceIOError: EIO}
-#: BLOCK_STATUS: at most this many extents in one reply (nbd.md 1.8 SHOULD cap at 2^20).
-MAX_EXTENTS = 1 << 20
 #: The meta context whose extents BLOCK_STATUS reports.
 BASE_ALLOCATION = wire.META_BASE_ALLOCATION
 #: At most one ENOSPC warning per export and cause in this many nanoseconds.
