@@ -3,15 +3,26 @@ bytes of device), no Python object per page.
 
 Theory of operation
 -------------------
-Entry ``i`` describes device page ``i`` with four parallel arrays (12 bytes per page):
+Entry ``i`` describes device page ``i`` with six parallel arrays (15 bytes per page):
 
 * ``state`` (uint8): EMPTY (never written or discarded: reads as zeros, holds nothing), SAME
-  (one repeated 8-byte word, kept in ``handle``), STORED (compressed object in the pool) or HUGE
-  (raw 4096-byte object in the pool);
-* ``handle`` (uint64): the pool handle for STORED/HUGE, the fill word for SAME, 0 for EMPTY;
-* ``size`` (uint16): the stored object's size in bytes (0 for EMPTY/SAME);
-* ``codec`` (uint8): index of the codec a STORED page was compressed with (the device keeps the
-  list), so the algorithm can change while old pages stay readable.
+  (one repeated 8-byte word, kept in ``handle``), STORED (compressed object in the pool), HUGE
+  (raw 4096-byte object in the pool) or GROUPED (one page of a multi-page group object; the
+  group owns the pool object, the entry names the group and the page's place in it);
+* ``handle`` (uint64): the pool handle for STORED/HUGE, the fill word for SAME, the group id for
+  GROUPED, 0 for EMPTY;
+* ``size`` (uint16): the stored object's size in bytes (0 for EMPTY/SAME; for GROUPED, the
+  page's index inside its group);
+* ``codec`` (uint8): index of the codec a STORED or GROUPED page was compressed with (the
+  device keeps the list), so the algorithm can change while old pages stay readable;
+* ``flags`` (uint8): IDLE (marked idle and not accessed since), RECOMPRESSED (stored by a
+  recompression algorithm), INCOMPRESSIBLE (no recompression algorithm shrank it: not tried
+  again until it is rewritten);
+* ``atime`` (uint16): the coarse time of the last read or write, in :data:`ATIME_QUANTUM`
+  second units of the device's clock, saturating at 0xFFFF (about 12 days).
+
+A write replaces the whole entry (flags and atime included); a read refreshes ``atime`` and
+clears IDLE.
 
 The arrays live in anonymous ``mmap`` regions, which the kernel commits lazily, 4 KiB at a time:
 an empty 64 GiB table costs no RSS until pages are written. (Not ``np.zeros``: numpy advises
@@ -37,10 +48,19 @@ EMPTY = 0
 SAME = 1
 STORED = 2
 HUGE = 3
-STATE_NAMES = ("empty", "same", "stored", "huge")
+GROUPED = 4
+STATE_NAMES = ("empty", "same", "stored", "huge", "grouped")
 
-#: bytes of table per device page (the four arrays)
-ENTRY_BYTES = 8 + 2 + 1 + 1
+#: ``flags`` bits
+IDLE = 1
+RECOMPRESSED = 2
+INCOMPRESSIBLE = 4
+#: seconds per unit of ``atime``
+ATIME_QUANTUM = 16
+ATIME_MAX = 0xFFFF
+
+#: bytes of table per device page (the six arrays)
+ENTRY_BYTES = 8 + 2 + 1 + 1 + 1 + 2
 #: the codec column is uint8
 MAX_CODECS = 256
 
@@ -54,10 +74,14 @@ class PageTable:
         "handle",
         "size",
         "codec",
+        "flags",
+        "atime",
         "state_mv",
         "handle_mv",
         "size_mv",
         "codec_mv",
+        "flags_mv",
+        "atime_mv",
         "_maps",
     )
 
@@ -69,11 +93,15 @@ class PageTable:
         self.handle: npt.NDArray[np.uint64] = self._zeros(npages, np.uint64)
         self.size: npt.NDArray[np.uint16] = self._zeros(npages, np.uint16)
         self.codec: npt.NDArray[np.uint8] = self._zeros(npages, np.uint8)
+        self.flags: npt.NDArray[np.uint8] = self._zeros(npages, np.uint8)
+        self.atime: npt.NDArray[np.uint16] = self._zeros(npages, np.uint16)
         # memoryviews for fast scalar get/set (Python ints in and out)
         self.state_mv = self.state.data.cast("B")
         self.handle_mv = self.handle.data.cast("B").cast("Q")
         self.size_mv = self.size.data.cast("B").cast("H")
         self.codec_mv = self.codec.data.cast("B")
+        self.flags_mv = self.flags.data.cast("B")
+        self.atime_mv = self.atime.data.cast("B").cast("H")
 
     def _zeros(self, n: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
         """A zero-filled array in its own lazily committed anonymous mapping (no huge pages)."""
@@ -93,12 +121,19 @@ class PageTable:
 
     def release(self) -> None:
         """Drop the views and unmap the arrays (the table is unusable afterwards)."""
-        for mv in (self.state_mv, self.handle_mv, self.size_mv, self.codec_mv):
+        for mv in (
+            self.state_mv,
+            self.handle_mv,
+            self.size_mv,
+            self.codec_mv,
+            self.flags_mv,
+            self.atime_mv,
+        ):
             mv.release()
         empty = np.zeros(0, dtype=np.uint8)
-        self.state = self.codec = empty
+        self.state = self.codec = self.flags = empty
         self.handle = empty.view(np.uint64)
-        self.size = empty.view(np.uint16)
+        self.size = self.atime = empty.view(np.uint16)
         for m in self._maps:
             with contextlib.suppress(BufferError):  # someone still holds a view: GC unmaps it
                 m.close()
@@ -116,18 +151,21 @@ class PageTable:
         self.handle[idx] = 0
         self.size[idx] = 0
         self.codec[idx] = 0
+        self.flags[idx] = 0
+        self.atime[idx] = 0
 
     def counts(self, idx: npt.NDArray[np.intp]) -> tuple[int, int, int, int]:
         """For entries ``idx``: (#SAME, #HUGE, total size of STORED+HUGE, handles-bearing count)."""
         st = self.state[idx]
         same = int(np.count_nonzero(st == SAME))
         huge = int(np.count_nonzero(st == HUGE))
-        pooled = st >= STORED
+        pooled = (st == STORED) | (st == HUGE)
         return same, huge, int(self.size[idx][pooled].sum(dtype=np.int64)), int(pooled.sum())
 
     def pooled_handles(self, idx: npt.NDArray[np.intp]) -> list[int]:
         """Pool handles (Python ints) of the STORED/HUGE entries among ``idx``."""
-        return self.handle[idx][self.state[idx] >= STORED].tolist()
+        st = self.state[idx]
+        return self.handle[idx][(st == STORED) | (st == HUGE)].tolist()
 
     def classify(self, start: int, end: int) -> npt.NDArray[np.uint8]:
         """Per page in ``[start, end)``: 3 (hole|zero) for EMPTY, 2 (zero) for SAME-zero, else 0.
@@ -142,5 +180,5 @@ class PageTable:
 
     def state_counts(self) -> dict[str, int]:
         """Number of pages in each state (a full scan; for stats/debugging)."""
-        bc = np.bincount(self.state, minlength=4)
-        return {STATE_NAMES[i]: int(bc[i]) for i in range(4)}
+        bc = np.bincount(self.state, minlength=len(STATE_NAMES))
+        return {name: int(bc[i]) for i, name in enumerate(STATE_NAMES)}
