@@ -12,10 +12,10 @@ pages or events. ``mm_stat_line()`` / ``io_stat_line()`` print the fields in the
 lives here.
 
 :class:`IoStats` belongs to an export and is counted by the server's dispatch, the one place
-requests meet exports (:func:`io_stats` finds it by the export's device; every connection to the
-export shares it): per NBD command the requests that reached the device, their bytes and time
-(failed ones included, as the block layer counts completions), a latency histogram, the requests
-in flight and the time any was (``io_ticks``), and ``invalid_io``, requests refused for their range.
+requests meet exports (the export holds it; every connection to the export shares it): per NBD
+command the requests that reached the device, their bytes and time (failed ones included, as
+the block layer counts completions), a latency histogram, the requests in flight and the time
+any was (``io_ticks``), and ``invalid_io``, requests refused for their range.
 :meth:`IoStats.block_stat` folds the commands into Documentation/block/stat.rst's seventeen fields:
 WRITE_ZEROES counts as a write (as the kernel accounts REQ_OP_WRITE_ZEROES), TRIM as a discard,
 and CACHE and BLOCK_STATUS, which move no data, only under their own names.
@@ -24,7 +24,6 @@ and CACHE and BLOCK_STATUS, which move no data, only under their own names.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import asdict, dataclass
 
 from zramd.allocator import POOL_FULL_CAUSES
@@ -252,15 +251,3 @@ class IoStats:
     def block_stat_line(self) -> str:
         """The seventeen fields, space-separated like the kernel's sysfs file."""
         return " ".join(f"{v:8d}" for v in self.block_stat().values()) + "\n"
-
-
-_IO_STATS: weakref.WeakKeyDictionary[object, IoStats] = weakref.WeakKeyDictionary()
-
-
-def io_stats(device: object) -> IoStats:
-    """The :class:`IoStats` of the export served by ``device``: made on first use, shared by
-    every connection, gone with the device (a re-created export starts from zero)."""
-    st = _IO_STATS.get(device)
-    if st is None:
-        st = _IO_STATS[device] = IoStats()
-    return st

@@ -16,6 +16,7 @@ from zramd.control.daemon import Operator
 from zramd.control.protocol import ControlError
 from zramd.control.reload import apply_exports
 from zramd.control.server import ControlServer, ControlSocketBusy
+from zramd.device.table import ENTRY_BYTES
 from zramd.server.exports import ExportRegistry
 
 MIB = 1 << 20
@@ -315,7 +316,7 @@ async def test_export_too_large_to_reserve_is_one_line(tmp_path: Path, registry:
             await call(path, "create", name="huge", size="1024P")
         msg = str(info.value)
         assert msg.startswith("export 'huge' (1E): cannot reserve its page table of ")
-        assert f"of {(1 << 48) * 12} bytes: Cannot allocate memory" in msg
+        assert f"of {(1 << 48) * ENTRY_BYTES} bytes: Cannot allocate memory" in msg
         assert "\n" not in msg and "internal error" not in msg
         assert "huge" not in registry
         await call(path, "create", name="ok", size="1M")

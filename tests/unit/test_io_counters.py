@@ -27,7 +27,7 @@ from zramd.protocol.wire import (
 )
 from zramd.server.dispatch import OK, Dispatcher, ErrorReply
 from zramd.server.exports import ExportRegistry
-from zramd.stats import BLOCK_STAT_FIELDS, IoStats, io_stats
+from zramd.stats import BLOCK_STAT_FIELDS, IoStats
 
 PAGE = 4096
 SIZE = 1 << 20
@@ -89,7 +89,7 @@ def test_latency_histogram_buckets_are_cumulative() -> None:
 async def test_fast_path_and_awaited_requests_are_counted_once(registry: ExportRegistry) -> None:
     exp = registry.add(ExportConfig("z", SIZE))
     d = Dispatcher(exp, structured=True, max_payload=SIZE)
-    io = io_stats(exp.device)
+    io = exp.io
     assert d.run_now(rq(CMD_WRITE)) is OK
     assert d.run_now(rq(CMD_READ)) is not None
     assert io.requests(CMD_WRITE) == 1 and io.requests(CMD_READ) == 1
@@ -125,7 +125,7 @@ async def test_in_flight_and_io_ticks(registry: ExportRegistry) -> None:
     dev = GatedDevice(SIZE)
     exp = registry.add(ExportConfig("g", SIZE), device=dev)
     d = Dispatcher(exp, structured=True, max_payload=SIZE)
-    io = io_stats(dev)
+    io = exp.io
     tasks = [asyncio.create_task(d.execute(rq(CMD_WRITE, i * PAGE))) for i in range(3)]
     await asyncio.sleep(0.02)
     assert io.in_flight == 3 and io.block_stat()["in_flight"] == 3

@@ -28,7 +28,7 @@ from typing import Any
 
 from zramd.config import parse_metrics_address
 from zramd.control.server import export_stat
-from zramd.stats import HIST_SHOWN, IO_COMMANDS, IoStats, bucket_bound_seconds, io_stats
+from zramd.stats import HIST_SHOWN, IO_COMMANDS, IoStats, bucket_bound_seconds
 
 log = logging.getLogger("zramd.metrics")
 
@@ -110,7 +110,7 @@ def render(registry: Any) -> str:
     for st in stats:
         for cause, n in st["memory"]["enospc"].items():
             out.append(f'zramd_enospc_total{{export="{_label(st["name"])}",cause="{cause}"}} {n}')
-    ios = [(_label(e.name), io_stats(e.device)) for e in exports]
+    ios = [(_label(e.name), e.io) for e in exports]
     _head(out, "zramd_io_busy_seconds_total", "counter",
           "Time with at least one request in flight (io_ticks).")  # fmt: skip
     for label, io in ios:

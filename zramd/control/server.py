@@ -52,7 +52,7 @@ from zramd.control.protocol import (
     encode,
 )
 from zramd.device.interface import BlockDevice, Unsupported
-from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, io_stats
+from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, IoStats
 
 log = logging.getLogger("zramd.control")
 
@@ -66,6 +66,7 @@ class ControlSocketBusy(ControlError):
 class ExportLike(Protocol):
     config: ExportConfig
     device: BlockDevice
+    io: IoStats
 
     @property
     def name(self) -> str: ...
@@ -95,7 +96,7 @@ ReloadHook = Callable[[], Awaitable[list[str]]]
 
 def _stats_dict(exp: ExportLike) -> dict[str, int]:
     d = exp.device.stats.as_dict()
-    d["invalid_io"] = io_stats(exp.device).invalid_io
+    d["invalid_io"] = exp.io.invalid_io
     return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
 
 
@@ -121,7 +122,7 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
     data = s["orig_data_size"]
     total = s["mem_used_total"]
     limit, by = effective_mem_limit(s["mem_limit"], total, budget)
-    io = io_stats(exp.device)
+    io = exp.io
     return {
         "name": exp.name,
         "disksize": int(exp.device.size),
@@ -143,7 +144,7 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
 
 def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
     s = _stats_dict(exp)
-    io = io_stats(exp.device)
+    io = exp.io
     limit, by = effective_mem_limit(s["mem_limit"], s["mem_used_total"], budget)
     memory: dict[str, Any] = {
         "mem_limit": s["mem_limit"],

@@ -80,7 +80,7 @@ from zramd.device.interface import (
 from zramd.protocol import wire
 from zramd.protocol.events import Request
 from zramd.server.exports import Export
-from zramd.stats import HIST_CMD_SHIFT, HIST_SHIFT, IoStats, io_stats
+from zramd.stats import HIST_CMD_SHIFT, HIST_SHIFT, IoStats
 
 log = logging.getLogger("zramd.server")
 
@@ -293,7 +293,7 @@ class Dispatcher:
                 self.context_id = cid
         self.max_payload = max_payload
         self.shutdown = shutdown or ShutdownFlag()
-        self.io: IoStats = io_stats(self.device)
+        self.io: IoStats = export.io
 
     def check(self, req: Request) -> tuple[int, str] | None:
         return validate(

@@ -36,6 +36,7 @@ from zramd.device.interface import BlockDevice
 from zramd.device.table import ENTRY_BYTES
 from zramd.geometry import PAGE_SIZE
 from zramd.protocol.events import ExportInfo
+from zramd.stats import IoStats
 
 log = logging.getLogger("zramd.server")
 
@@ -90,7 +91,7 @@ def make_device(
 class Export:
     """One served export: its configuration, its device, and the sessions using it."""
 
-    __slots__ = ("config", "device", "info", "sessions")
+    __slots__ = ("config", "device", "info", "sessions", "io")
 
     def __init__(self, config: ExportConfig, device: BlockDevice) -> None:
         self.config = config
@@ -102,6 +103,9 @@ class Export:
             description=config.description,
         )
         self.sessions: set[Attached] = set()
+        #: request counters of every connection to this export (a re-created export starts
+        #: from zero, as a re-created block device does)
+        self.io = IoStats()
 
     @property
     def name(self) -> str:
