@@ -29,12 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from zramd.compress import get_codec
+from zramd.geometry import PAGE_SIZE
 from zramd.protocol import wire
 from zramd.sizeexpr import SizeExprError, evaluate_mib
 from zramd.system import total_ram
 
-#: Export sizes must be whole pages (the device works in 4 KiB pages).
-EXPORT_SIZE_ALIGN = 4096
+#: Export sizes must be whole pages (the device works in pages).
+EXPORT_SIZE_ALIGN = PAGE_SIZE
 #: Export names travel in NBD strings: SHOULD be <= 256 bytes (nbd.md 1.2).
 MAX_EXPORT_NAME = 256
 #: Largest export we accept (the NBD size field is 64-bit; devices are sparse). 2^60 bytes = 1 EiB.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.devices import PlainDevice
-from tests.unit.test_cli_ops import LoopThread, cli
+from tests.unit.test_cli import LoopThread, cli
 from zramd.config import ExportConfig
 from zramd.control.server import ControlServer
 from zramd.protocol.events import Request

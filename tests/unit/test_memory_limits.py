@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_cli_ops import LoopThread, cli
+from tests.unit.test_cli import LoopThread, cli
 from zramd.allocator import CAUSE_BUDGET, CAUSE_LIMIT, MemoryBudget, Pool, PoolFull
 from zramd.config import ConfigError, ExportConfig, parse_export_spec
 from zramd.configfile import parse_config_text
