@@ -248,7 +248,7 @@ class CoreHarness:
             model[req.offset : req.offset + req.length] = bytes(req.length)
         elif cmd == wire.CMD_TRIM:
             assert before is not None
-            now = dev.read_sync(req.offset, req.length)  # type: ignore[attr-defined]
+            now = bytes(dev.read_sync(req.offset, req.length))  # type: ignore[attr-defined]
             for i in range(0, req.length, 4096):
                 a, b = now[i : i + 4096], before[i : i + 4096]
                 if a != b and a.count(0) != len(a) and not _either(a, b):
