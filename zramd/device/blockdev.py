@@ -46,7 +46,16 @@ import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
 from zramd.compress import Codec, CodecError, get_codec, native
-from zramd.device.interface import MAX_EXTENTS, Buffer, DeviceIOError, ReadResult, ZeroExtents
+from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS, Window
+from zramd.device.interface import (
+    MAX_EXTENTS,
+    Buffer,
+    DeviceIOError,
+    GroupResult,
+    NoSpace,
+    ReadResult,
+    ZeroExtents,
+)
 from zramd.device.ordering import InflightRanges
 from zramd.device.pipeline import (
     Prepared,
@@ -54,6 +63,7 @@ from zramd.device.pipeline import (
     decompress_part,
     native_decode_part,
     native_preparer,
+    pack_groups,
     prepare_page,
     prepare_part,
     python_preparer,
@@ -99,6 +109,12 @@ NATIVE_OFFLOAD_MIN_PAGES = 256
 #: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s)
 SPLIT_PARTS = 2
 SPLIT_MIN_PAGES = 512
+#: the codec of multi-page groups, unless the export says otherwise: zstd finds the repetitions
+#: across a 64 KiB window that per-page frames cannot
+GROUP_ALGORITHM = "zstd"
+#: group() packs this many pages per step: their range waits for writes for one step (a few ms
+#: of compression in a worker), the loop thread only copies blobs out and switches entries
+GROUP_STEP_PAGES = 256
 
 
 def _zero_extents(zero: list[int], offset: int, length: int) -> ZeroExtents:
@@ -131,7 +147,8 @@ class ZramDevice:
     ``executor`` runs the compression/decompression of requests of ``offload_min_pages``
     (default OFFLOAD_MIN_PAGES; the server uses SERVER_OFFLOAD_MIN_PAGES) or more
     (None: the loop's default executor). ``pool`` injects a ready pool (tests);
-    ``pool_cache_pages`` is the pool's warm cache of freed pages.
+    ``pool_cache_pages`` is the pool's warm cache of freed pages. ``group_pages``,
+    ``group_algorithm`` and ``group_level`` are what :meth:`group` packs cold pages with.
     """
 
     def __init__(
@@ -151,6 +168,9 @@ class ZramDevice:
         offload_min_pages: int = OFFLOAD_MIN_PAGES,
         native_min_pages: int = NATIVE_MIN_PAGES,
         native_offload_min_pages: int = NATIVE_OFFLOAD_MIN_PAGES,
+        group_pages: int = MAX_GROUP_PAGES,
+        group_algorithm: str = GROUP_ALGORITHM,
+        group_level: int | None = None,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -180,6 +200,14 @@ class ZramDevice:
         self._executor = executor
         self._inflight = InflightRanges()
         self._closed = False
+        self._group_pages = self._check_group_pages(group_pages)
+        self._group_codec = get_codec(group_algorithm, level=group_level)
+
+    @staticmethod
+    def _check_group_pages(n: int) -> int:
+        if not MIN_MEMBERS <= n <= MAX_GROUP_PAGES:
+            raise ValueError(f"group pages must be in {MIN_MEMBERS}..{MAX_GROUP_PAGES}, got {n}")
+        return n
 
     def _new_pool(self, mem_limit: int) -> Pool:
         return Pool(
@@ -649,8 +677,96 @@ class ZramDevice:
     # --- management ---------------------------------------------------------------------------
 
     def compact(self) -> int:
-        """Run pool compaction; returns the pool pages freed."""
+        """Settle stalled groups, run pool compaction; returns the pool pages freed."""
+        self._store.groups.settle(retry=True)
         return int(self._store.pool.compact())
+
+    # --- multi-page groups (zramd.device.groups) ------------------------------------------------
+
+    def _group_settings(
+        self, first: int, last: int, group_pages: int, algorithm: str, level: int | None
+    ) -> tuple[int, Codec]:
+        assert not self._closed, "device closed"
+        assert 0 <= first <= last < self._npages, (first, last)
+        gp = self._check_group_pages(group_pages) if group_pages else self._group_pages
+        if algorithm or level is not None:
+            codec = get_codec(algorithm or self._group_codec.name, level=level)
+        else:
+            codec = self._group_codec
+        return gp, codec
+
+    def _install_groups(
+        self, windows: list[Window], blobs: list[bytes | None], codec: Codec, done: GroupResult
+    ) -> GroupResult:
+        """Install the packed windows that save memory; stops at the first without room."""
+        store = self._store
+        cid = store.codec_id(codec)
+        pages, groups, saved = done.pages, done.groups, done.saved
+        for w, blob in zip(windows, blobs, strict=True):
+            if blob is None or len(blob) >= w.old_bytes:
+                continue  # a member does not decode, or the group would not save anything
+            try:
+                store.groups.install(w, blob, cid)
+            except NoSpace:
+                return GroupResult(pages, groups, saved, True)
+            pages += len(w.items)
+            groups += 1
+            saved += w.old_bytes - len(blob)
+        return GroupResult(pages, groups, saved, False)
+
+    def group_sync(
+        self,
+        first: int,
+        last: int,
+        *,
+        group_pages: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+    ) -> GroupResult:
+        """:meth:`group` on the calling thread, compression included (tests, small ranges)."""
+        gp, codec = self._group_settings(first, last, group_pages, algorithm, level)
+        groups = self._store.groups
+        groups.settle(retry=True)
+        windows = groups.plan(first, last, gp)
+        return self._install_groups(
+            windows, pack_groups([w.items for w in windows], codec), codec, GroupResult()
+        )
+
+    async def group(
+        self,
+        first: int,
+        last: int,
+        *,
+        group_pages: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+    ) -> GroupResult:
+        """Pack the IDLE STORED/HUGE pages of ``[first, last]`` into groups (see the contract
+        and :mod:`zramd.device.groups`), GROUP_STEP_PAGES at a time: each step registers its
+        range as a mutating request (writes to it wait, reads do not), copies the members out,
+        compresses in the executor and installs on the loop thread. Not with a reset or close
+        to come before it returns (cancel it first: a cancelled step changes nothing)."""
+        gp, codec = self._group_settings(first, last, group_pages, algorithm, level)
+        self._store.groups.settle(retry=True)
+        done = GroupResult()
+        step = max(gp, GROUP_STEP_PAGES - GROUP_STEP_PAGES % gp)
+        a = first
+        while a <= last:
+            b = min(last, a - a % gp + step - 1)
+            r = await self._inflight.acquire(a, b)
+            try:
+                windows = self._store.groups.plan(a, b, gp)
+                if windows:
+                    blobs = await self._run_in_executor(
+                        pack_groups, [w.items for w in windows], codec
+                    )
+                    done = self._install_groups(windows, blobs, codec, done)
+            finally:
+                self._inflight.release(r)
+            if done.no_space:
+                break
+            a = b + 1
+        return done
 
     def reset(self) -> None:
         """Free everything (all pages read as zeros again); counters restart, limit kept."""

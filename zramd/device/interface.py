@@ -34,7 +34,7 @@ Knows nothing of NBD framing, sockets, pools or codecs.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from zramd.stats import DeviceStats
 
@@ -56,6 +56,16 @@ ZeroExtents = list[tuple[int, int]]
 ReadResult = tuple[Buffer, ZeroExtents]
 #: BLOCK_STATUS extents: (length, STATE_HOLE | STATE_ZERO), consecutive from the offset
 Extents = list[tuple[int, int]]
+
+
+class GroupResult(NamedTuple):
+    """What packing a range into multi-page groups did: pages moved into groups, groups made,
+    compressed bytes saved, and whether it stopped early because the pool had no room."""
+
+    pages: int = 0
+    groups: int = 0
+    saved: int = 0
+    no_space: bool = False
 
 
 class DeviceError(Exception):
@@ -162,6 +172,22 @@ class BlockDevice(Protocol):
         ValueError (unknown name, bad level)."""
         ...
 
+    async def group(
+        self,
+        first: int,
+        last: int,
+        *,
+        group_pages: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+    ) -> GroupResult:
+        """Pack the idle compressed pages of pages ``[first, last]`` into multi-page groups of
+        up to ``group_pages`` logically contiguous pages, compressed together with
+        ``algorithm``/``level`` (0 / "" / None: the device's settings). Each group is a complete
+        move (new copy, switch, free old); a group that finds no room stops the call with
+        ``no_space`` set, that group unchanged. Raises Unsupported or ValueError."""
+        ...
+
 
 def zero_runs(extents: Extents, length: int) -> ZeroExtents:
     """The STATE_ZERO runs of BLOCK_STATUS ``extents`` as zero extents within ``[0, length)``."""
@@ -232,3 +258,14 @@ class DeviceBase:
 
     def set_algorithm(self, name: str, *, level: int | None = None) -> None:
         raise Unsupported("the device does not compress")
+
+    async def group(
+        self,
+        first: int,
+        last: int,
+        *,
+        group_pages: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+    ) -> GroupResult:
+        raise Unsupported("the device has no multi-page groups")

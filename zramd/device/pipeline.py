@@ -9,7 +9,10 @@ becomes ``(HUGE, PAGE_SIZE, page)`` (stored raw, as zram), a smaller one ``(STOR
 compressed bytes)``. A preparer (:data:`PrepareMany`) does that for every page of a buffer, as a
 Python loop over :func:`prepare_page` or as one C batch (``zramd._native.prepare_pages``, the
 GIL released) that gives the same triples. A read goes back from snapshot items (page bytes, or
-``(codec or native kind, compressed blob)``) to page bytes.
+``(codec or native kind, compressed blob)``, or a :class:`GroupPage` of a multi-page group) to
+page bytes. A group (:mod:`zramd.device.groups`) is packed here too: :func:`pack_groups` decodes
+the member pages of each window and compresses them as one blob; a :class:`GroupImage` holds a
+group's blob copied out of the pool and decodes it once, on first use, in whichever thread.
 
 Invariants: every function here is pure and may run in a worker thread. It reads only bytes
 handed to it (copied out of the pool on the loop thread) and writes only buffers it created or
@@ -25,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zramd.compress import CodecError, native
+from zramd.compress import Codec, CodecError, native
 from zramd.device.samefill import same_fill_word
 from zramd.device.table import HUGE, SAME, STORED
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
@@ -102,14 +105,69 @@ def prepare_part(
     return out
 
 
+class GroupImage:
+    """A group's compressed blob (copied out of the pool on the loop thread) and, once decoded,
+    its member pages back to back. Decoding twice at once in two threads is harmless (both get
+    the same bytes); a blob that does not decode raises CodecError every time."""
+
+    __slots__ = ("codec", "blob", "size", "data")
+
+    def __init__(self, codec: Codec, blob: bytes, size: int, data: bytes | None = None) -> None:
+        self.codec = codec
+        self.blob = blob
+        #: bytes the blob decodes to (members x PAGE_SIZE)
+        self.size = size
+        self.data = data
+
+    def pages(self) -> bytes:
+        """The member pages, decoded on first use. Raises CodecError."""
+        data = self.data
+        if data is None:
+            data = self.codec.decompress(self.blob, self.size)
+            self.data = data
+            self.blob = b""
+        return data
+
+
+class GroupPage:
+    """Snapshot item: member ``index`` of a group image, decoded where the read is decoded."""
+
+    __slots__ = ("image", "index")
+
+    def __init__(self, image: GroupImage, index: int) -> None:
+        self.image = image
+        self.index = index
+
+    def page(self) -> bytes:
+        off = self.index << PAGE_SHIFT
+        return self.image.pages()[off : off + PAGE_SIZE]
+
+
+def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:
+    """Per window, its member items (page bytes or ``(codec, blob)``) decoded and compressed
+    together with ``codec`` as one blob; None for a window whose members do not all decode."""
+    out: list[bytes | None] = []
+    for items in windows:
+        try:
+            pages = decompress_part(0, len(items), items)
+        except CodecError:
+            out.append(None)
+            continue
+        out.append(codec.compress(pages))
+    return out
+
+
 def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
-    """Decompress items ``[start, stop)`` of a snapshot (page bytes or ``(codec, blob)``) and
-    join them into one buffer, so the pages of one read can be split between workers."""
+    """Decompress items ``[start, stop)`` of a snapshot (page bytes, ``(codec, blob)`` or a
+    :class:`GroupPage`) and join them into one buffer, so the pages of one read can be split
+    between workers."""
     parts: list[bytes] = []
     for i in range(start, stop):
         item = snap[i]
         if type(item) is tuple:
             parts.append(item[0].decompress(item[1], PAGE_SIZE))
+        elif type(item) is GroupPage:
+            parts.append(item.page())
         else:
             parts.append(item)
     return b"".join(parts)
@@ -118,13 +176,18 @@ def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
 def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
     """Decode items ``[start, stop)`` of a native snapshot into their pages of ``out``. Items are
     page bytes, a shorter blob of ``kind``, ``(kind, blob)`` for the C loop, or ``(codec, blob)``
-    for a codec without a native form (decoded here). Raises CodecError."""
+    for a codec without a native form and :class:`GroupPage` items (both decoded here). Raises
+    CodecError."""
     items = snap[start:stop]
-    if not kind:  # the general snapshot (kind 0) may hold (codec, blob) items: decode them here
+    if not kind:  # the general snapshot (kind 0) may hold items the C loop cannot decode
         for i, item in enumerate(items):
-            if type(item) is tuple and type(item[0]) is not int:
-                items[i] = item[0].decompress(item[1], PAGE_SIZE)
+            if type(item) is tuple:
+                if type(item[0]) is not int:
+                    items[i] = item[0].decompress(item[1], PAGE_SIZE)
+            elif type(item) is GroupPage:
+                items[i] = item.page()
     view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
     bad = native.module().decompress_pages(view, items, kind)
     if bad >= 0:
         raise CodecError(f"page {start + bad} of the request does not decode")
+

@@ -9,7 +9,10 @@ HUGE pages), the codec list the table's codec column indexes, and the
 Pages enter through :meth:`PageStore.commit` (prepared by :mod:`zramd.device.pipeline`), leave
 through :meth:`PageStore.discard` and become zero-filled through :meth:`PageStore.fill_zero`;
 reads take one page (:meth:`PageStore.read_page`) or a snapshot of a range, whose compressed
-items are decoded later, maybe in a worker.
+items are decoded later, maybe in a worker. Multi-page groups of cold pages
+(:class:`~zramd.device.groups.Groups`, ``groups``) own the objects of GROUPED pages: freeing a
+GROUPED page kills it in its group, and groups past their dead bound are settled (re-packed or
+dissolved) at the end of the commit, discard or fill that killed their pages.
 
 Invariants
 ~~~~~~~~~~
@@ -36,10 +39,11 @@ import numpy as np
 
 from zramd.allocator import Pool, PoolFull
 from zramd.compress import Codec, CodecError, native
+from zramd.device.groups import Groups
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.pipeline import Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
-from zramd.device.table import EMPTY, HUGE, MAX_CODECS, SAME, STORED, PageTable
+from zramd.device.table import EMPTY, GROUPED, HUGE, MAX_CODECS, SAME, STORED, PageTable
 from zramd.geometry import PAGE_SIZE
 from zramd.stats import DeviceStats
 
@@ -52,7 +56,7 @@ SMALL_DISCARD_PAGES = 8
 class PageStore:
     """The pages of one device: table, pool, codec list and counters (see the module doc)."""
 
-    __slots__ = ("table", "pool", "codecs", "stats")
+    __slots__ = ("table", "pool", "codecs", "stats", "groups")
 
     def __init__(self, npages: int, pool: Pool, codecs: list[Codec]) -> None:
         self.table = PageTable(npages)
@@ -60,6 +64,7 @@ class PageStore:
         #: codec id (the table's codec column) -> codec; ids are never reused
         self.codecs = codecs
         self.stats = DeviceStats(mem_limit=int(pool.limit))
+        self.groups = Groups(self)
 
     def codec_id(self, codec: Codec) -> int:
         """The id of ``codec`` (of an equal one if listed, else added). Raises ValueError."""
@@ -73,6 +78,7 @@ class PageStore:
 
     def close(self) -> None:
         """Release the pool and the table (the store is unusable afterwards)."""
+        self.groups.close()
         self.pool.close()
         self.table.release()
 
@@ -109,6 +115,8 @@ class PageStore:
             st, v, payload = prepared[0]
             if payload is None:
                 self._switch(indices[0], st, v, 0, codec_id)
+                if self.groups.pending:
+                    self.groups.settle()
                 return
             try:
                 h = pool.store(payload)
@@ -138,6 +146,8 @@ class PageStore:
         total = pool.total_bytes
         if total > s.mem_used_max:
             s.mem_used_max = total
+        if self.groups.pending:
+            self.groups.settle()
 
     def _switch(self, idx: int, st: int, v: int, h: int, codec_id: int) -> None:
         """Set entry ``idx`` to ``(st, v)`` with pool handle ``h``; free its old object."""
@@ -194,9 +204,12 @@ class PageStore:
     # --- freeing -------------------------------------------------------------------------------
 
     def _free_object(self, idx: int, st: int) -> None:
-        """Free the pool object of entry ``idx`` (state ``st``: STORED or HUGE) and uncount it;
-        leaves the entry stale."""
+        """Free the pool object of entry ``idx`` (state ``st``: STORED or HUGE) and uncount it,
+        or take a GROUPED page out of its group; leaves the entry stale."""
         t = self.table
+        if st == GROUPED:
+            self.groups.kill(t.handle_mv[idx], idx)
+            return
         s = self.stats
         self.pool.free(t.handle_mv[idx])
         s.compr_data_size -= t.size_mv[idx]
@@ -223,6 +236,7 @@ class PageStore:
                     t.size_mv[idx] = 0
                     t.codec_mv[idx] = 0
                     n += 1
+            self._settle_groups()
             return n
         idx_arr = t.occupied(p0, p1)
         n = len(idx_arr)
@@ -232,13 +246,23 @@ class PageStore:
         free = self.pool.free
         for h in t.pooled_handles(idx_arr):
             free(h)
+        grouped = idx_arr[t.state[idx_arr] == GROUPED]
+        if len(grouped):
+            self.groups.kill_many(grouped)
         t.clear(idx_arr)
         s = self.stats
         s.pages_stored -= n
         s.same_pages -= same
         s.huge_pages -= huge
         s.compr_data_size -= sizes
+        self._settle_groups()
         return n
+
+    def _settle_groups(self) -> None:
+        """After pages were freed: settle the groups past their dead bound, stalled ones too."""
+        g = self.groups
+        if g.pending or g.stalled:
+            g.settle(retry=True)
 
     def fill_zero(self, p0: int, p1: int) -> None:
         """Whole pages ``[p0, p1)`` become SAME with fill word 0 (vectorised)."""
@@ -271,6 +295,8 @@ class PageStore:
                 return self.codecs[t.codec_mv[idx]].decompress(data, PAGE_SIZE)
             except CodecError as exc:
                 raise DeviceIOError(f"page {idx}: {exc}") from None
+        if st == GROUPED:
+            return self.groups.read(t.handle_mv[idx], t.size_mv[idx], idx)
         data = self.pool.load(t.handle_mv[idx], PAGE_SIZE)
         if len(data) != PAGE_SIZE:
             raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
@@ -289,6 +315,7 @@ class PageStore:
         if tags is None:
             tags = self.codecs
         read_page = self.read_page
+        group_item = self.groups.item
         out: list[Any] = []
         append = out.append
         zero: list[int] = []
@@ -299,6 +326,8 @@ class PageStore:
             elif st == EMPTY or (st == SAME and not handle_mv[idx]):
                 append(ZERO_PAGE)
                 zero.append(idx)
+            elif st == GROUPED:
+                append(group_item(handle_mv[idx], size_mv[idx]))
             else:
                 append(read_page(idx))
         return out, zero
