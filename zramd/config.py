@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from zramd.compress import get_codec
 from zramd.geometry import PAGE_SIZE
 from zramd.protocol import wire
+from zramd.protocol.limits import DEFAULT_MAX_PAYLOAD
 from zramd.sizeexpr import SizeExprError, evaluate_mib
 from zramd.system import total_ram
 
@@ -50,14 +51,13 @@ DEFAULT_PORT = 10809
 DEFAULT_MAX_CONNECTIONS = 100
 #: Seconds a client may take to reach transmission (qemu-nbd 9.1 and CVE-2024-7409 use 10 s).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-#: Largest READ/WRITE payload served (nbdkit allows 64 MiB); at least the 32 MiB that must always
-#: work (nbd.md 1.9), at most what the 32-bit length field holds.
-DEFAULT_MAX_PAYLOAD = 64 << 20
+#: Largest READ/WRITE payload served: the protocol's default (protocol/limits.py), configurable
+#: between these bounds.
 MIN_MAX_PAYLOAD = wire.BLOCK_SIZE_MAX_PAYLOAD
 MAX_MAX_PAYLOAD = 0xFFFFFFFF
 #: Requests in flight per connection before we stop reading (the kernel queue depth is 128).
 DEFAULT_MAX_IN_FLIGHT = 256
-#: bytes held by running requests, all connections together (zramd/server/session.py)
+#: bytes held by running requests, all connections together (zramd/server/flow.py)
 DEFAULT_MAX_IN_FLIGHT_BYTES = 256 << 20
 MIN_IN_FLIGHT_BYTES = 1 << 20
 #: Control socket of the daemon, and the environment variable naming another one.

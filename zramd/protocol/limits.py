@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from . import wire
 
+#: Largest READ/WRITE payload served (nbdkit allows 64 MiB); at least the 32 MiB that must always
+#: work (nbd.md 1.9), at most what the 32-bit length field holds.
+DEFAULT_MAX_PAYLOAD = 64 << 20
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -35,7 +39,7 @@ class Limits:
     max_meta_queries: int = 128
     # WRITE payload cap (the server should use it for READ length too). A WRITE above it is drained
     # and yielded with payload_dropped=True. Keep >= 32 MiB for interoperability (nbd.md 1.9).
-    max_payload: int = 64 * 1024 * 1024
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     # Options per handshake before we hang up (anti-haggling-forever).
     max_options: int = 1024
 

@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 An :class:`AllowList` is a set of IPv4/IPv6 networks parsed once at configuration time by
-:func:`zramd.config.parse_network` (a bare address means that single host). The session asks
-:meth:`AllowList.allows` with the peer address of every accepted TCP connection and closes
-refused ones right away, with a log line, before any byte is sent. An IPv4-mapped IPv6 peer
-(``::ffff:10.0.0.1`` on a dual-stack socket) is checked as the IPv4 address. Unix-socket and
+:func:`zramd.config.parse_network` (a bare address means that single host). Admission
+(``server/admission.py``) asks :meth:`AllowList.allows` with the peer address of every
+accepted TCP connection and closes refused ones right away, with a log line, before any byte is
+sent. An IPv4-mapped IPv6 peer (``::ffff:10.0.0.1`` on a dual-stack socket) is checked as the
+IPv4 address. Unix-socket and
 stdio peers are local and always allowed (their access is the socket file's mode). An empty list
 (the default) allows everyone.
 
