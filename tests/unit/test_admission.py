@@ -141,3 +141,40 @@ async def test_cap_is_checked_before_the_allow_list() -> None:
     assert adm.admit(FakeTransport(("192.0.2.1", 1))) is None
     assert (adm.rejected, adm.refused) == (1, 0)
     close_all(adm)
+
+
+async def test_tcp_sessions_detect_dead_peers() -> None:
+    """An admitted TCP connection has keepalive probes and a user timeout, on the real socket."""
+    import socket
+
+    from zramd.server.admission import (
+        KEEPALIVE_IDLE_S,
+        KEEPALIVE_INTERVAL_S,
+        KEEPALIVE_PROBES,
+        USER_TIMEOUT_MS,
+    )
+
+    admission = Admission(ServerContext(ExportRegistry()), max_connections=4)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(admission.gate, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if admission.ctx.sessions:
+                break
+            await asyncio.sleep(0.01)
+        (session,) = admission.ctx.sessions
+        assert session.transport is not None
+        sock = session.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL_S
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
+        writer.close()
+    finally:
+        server.close()
+        for s in list(admission.ctx.sessions):
+            s.abort()
+        await server.wait_closed()

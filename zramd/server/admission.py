@@ -18,6 +18,15 @@ Refusals, first match wins:
 * a TCP peer outside the allow list (``--allow``; Unix and stdio peers are always allowed, see
   ``server/access.py``): ``refusing connection #N PEER: address not in the allow list``.
 
+An admitted TCP connection gets dead-peer detection (:func:`detect_dead_peer`): keepalive
+probes after :data:`KEEPALIVE_IDLE_S` seconds of silence, every :data:`KEEPALIVE_INTERVAL_S`,
+:data:`KEEPALIVE_PROBES` unanswered ones close it; and :data:`USER_TIMEOUT_MS`, the longest our
+sent data may stay unacknowledged. A client host that vanishes without closing (power loss, a
+cut network) thus frees its session, its connection slot and its export in about a minute
+instead of never (an idle connection) or the kernel's ~15 minutes of retransmissions. A live
+client's kernel answers the probes and acknowledges data whether or not the client reads, so
+idle and slow clients are not affected.
+
 Invariant: the cap counts ``ServerContext.sessions`` at ``connection_made``, the moment an
 admitted session joins that set, so it is exact however many connections one accept burst brings.
 A refused connection still takes a connection number, so log lines number every accepted
@@ -30,11 +39,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from zramd.server.access import AllowList
 from zramd.server.session import ServerContext, Session, fmt_peer
 
 log = logging.getLogger("zramd.server")
+
+#: TCP keepalive: first probe after this much silence, then every interval, close after this
+#: many unanswered (about 60 s from the last sign of life to a closed session).
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
+#: TCP_USER_TIMEOUT: sent data unacknowledged for this long closes the connection.
+USER_TIMEOUT_MS = 60_000
+
+
+def detect_dead_peer(transport: asyncio.BaseTransport) -> None:
+    """Turn on keepalive probes and the user timeout on a TCP transport (others: nothing)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 class Admission:
@@ -79,6 +109,7 @@ class Admission:
             )
             transport.close()
             return None
+        detect_dead_peer(transport)
         session = Session(ctx)
         transport.set_protocol(session)
         session.connection_made(transport)
