@@ -77,12 +77,9 @@ def collect() -> dict[str, Any]:
         )
     except ImportError:
         pass
-    try:
-        import uvloop
+    import uvloop
 
-        versions["uvloop"] = uvloop.__version__
-    except ImportError:
-        versions["uvloop"] = "not installed"
+    versions["zramd event loop"] = f"uvloop {uvloop.__version__}"  # listener.install_uvloop
     load = os.getloadavg()
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
