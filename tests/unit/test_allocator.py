@@ -1,5 +1,6 @@
-"""Tests of the zsmalloc-style pool (zramd/allocator): class table, round trips against a dict
-model (hypothesis), density, memory given back to the OS, limits, compaction."""
+"""Tests of the zsmalloc-style pool (zramd/allocator): class table, slot layout, round trips
+against a dict model (hypothesis), density, memory given back to the OS, limits, compaction
+(within a class and spilling into larger classes)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def test_huge_objects_one_page_each() -> None:
 _op = st.one_of(
     st.tuples(st.just("store"), st.integers(1, 4096), st.integers(0, 2**32 - 1)),
     st.tuples(st.just("store_small"), st.integers(1, 300), st.integers(0, 2**32 - 1)),
+    # a few classes with several zspages each, so compaction within a class has work too
+    st.tuples(st.just("store_few"), st.sampled_from([500, 1000, 2000]), st.integers(0, 2**32 - 1)),
     st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
     st.tuples(st.just("free"), st.integers(0, 10**6), st.just(0)),
     st.tuples(st.just("compact"), st.integers(0, 3), st.just(0)),  # a = max_pages (0: all)
@@ -151,9 +154,9 @@ def test_random_ops_match_dict_model(
                 assert pool.cached_bytes == 0
             for h, d in model.items():
                 assert pool.load(h, len(d)) == d
-        pool.check()
+        pool.check({h: len(d) for h, d in model.items()})
         pool.compact()
-        pool.check()
+        pool.check({h: len(d) for h, d in model.items()})
         for h, d in model.items():
             assert pool.load(h, len(d)) == d
             assert pool.load(h, 1) == d[:1]
@@ -190,7 +193,7 @@ def test_long_random_churn_with_compaction() -> None:
                 live.append(h)
             if step % 5000 == 4999:
                 pool.compact()
-                pool.check()
+                pool.check({h: len(d) for h, d in model.items()})
                 for h, d in model.items():
                     assert pool.load(h, len(d)) == d
     finally:
@@ -260,6 +263,29 @@ def test_objects_straddle_pages() -> None:
         assert p.total_bytes == 5 * PAGE
         for h, d in zip(hs, datas, strict=True):
             assert p.load(h, 1568) == d
+
+
+@pytest.mark.parametrize("size", [32, 48, 1024, 1568, 3632])
+def test_slots_hold_objects_back_to_back_without_headers(size: int) -> None:
+    # a zspage filled with objects of exactly its class size is those objects, end to end:
+    # no header, no gap, objects straddling page boundaries; one byte more is the next class
+    rnd = random.Random(size)
+    with Pool() as p:
+        spec = next(c for c in p.class_stats() if c["size"] == size)
+        objs, pages = spec["objs_per_zspage"], spec["pages_per_zspage"]
+        assert isinstance(objs, int) and isinstance(pages, int)
+        datas = [_payload(rnd, size) for _ in range(objs)]
+        hs = [p.store(d) for d in datas]
+        assert p.total_bytes == pages * PAGE
+        zs = p._zspages[p._tbl[hs[0]] >> 12]
+        assert zs is not None and all(p._tbl[h] >> 12 == p._tbl[hs[0]] >> 12 for h in hs)
+        slots = [p._tbl[h] & 0xFFF for h in hs]
+        run = zs.mm[zs.base : zs.base + objs * size]
+        assert run == b"".join(d for _, d in sorted(zip(slots, datas, strict=True)))
+        h = p.store(b"+" * (size + 1))
+        assert p._tbl[h] >> 12 != p._tbl[hs[0]] >> 12
+        assert p.total_bytes > pages * PAGE
+        p.check({**{h_: size for h_ in hs}, h: size + 1})
 
 
 # --------------------------------------------------------------------------- fullness
@@ -492,6 +518,79 @@ def test_compaction_moves_least_used_into_most_used() -> None:
         assert p.load(hs[7], 1024) == bytes([7]) * 1024
         assert p.total_bytes == 2 * PAGE and p.pages_compacted == 1
         p.check()
+
+
+def test_compaction_spills_a_partial_zspage_into_a_larger_class() -> None:
+    with Pool(auto_compact=False) as p:
+        big = [p.store(bytes([i]) * 2048) for i in range(3)]  # class 2048: 2 per page, 1 free
+        small = p.store(b"s" * 1000)  # class 1024 (1008 merged into it): 4 per page, 3 free
+        assert p.total_bytes == 3 * PAGE and p.compactable_pages() == 0
+        zbig = p._tbl[big[2]] >> 12
+        assert p.compact() == 1  # no class can win a page alone; the 1000 B object moves up
+        assert p._tbl[small] >> 12 == zbig and p.total_bytes == 2 * PAGE
+        assert p.load(small, 1000) == b"s" * 1000
+        assert [p.load(h, 2048) for h in big] == [bytes([i]) * 2048 for i in range(3)]
+        stats = {c["size"]: c for c in p.class_stats()}
+        assert stats[2048]["obj_used"] == 4 and stats[1024]["zspages"] == 0
+        p.check({**dict.fromkeys(big, 2048), small: 1000})
+        # freed like any object of that zspage, which then empties and goes at once
+        p.free(small)
+        assert p.total_bytes == 2 * PAGE
+        p.free(big[2])
+        assert p.total_bytes == PAGE and p.compact() == 0
+        p.check(dict.fromkeys(big[:2], 2048))
+
+
+def test_spill_moves_nothing_unless_a_zspage_empties() -> None:
+    with Pool(auto_compact=False) as p:
+        big = [p.store(b"b" * 2048) for _ in range(3)]  # one free 2048 slot
+        small = [p.store(b"s" * 1000) for _ in range(2)]  # two objects need two slots
+        where = {h: p._tbl[h] for h in big + small}
+        assert p.compact() == 0 and p.total_bytes == 3 * PAGE
+        assert {h: p._tbl[h] for h in big + small} == where
+        p.check({**dict.fromkeys(big, 2048), **dict.fromkeys(small, 1000)})
+
+
+def test_trim_half_then_compact_leaves_almost_no_partial_zspage() -> None:
+    # objects of many classes, every other one freed (half of a device trimmed), compacted:
+    # per class compaction alone leaves up to one zspage's worth of free slots in each of
+    # ~100 classes; spilling them into larger classes leaves about one chain in all
+    rnd = random.Random(5)
+    blob = rnd.randbytes(8192)
+    with Pool(auto_compact=False) as p:
+        sizes = [min(3632, max(1, int(rnd.lognormvariate(7, 0.5)))) for _ in range(20_000)]
+        hs = [p.store(blob[:n]) for n in sizes]
+        for h in hs[1::2]:
+            p.free(h)
+        p.compact()
+        live = dict(zip(hs[::2], sizes[::2], strict=True))
+        cost = 0.0  # each object's share of its own class's zspage
+        for n in live.values():
+            c = p._class_of[n]
+            assert c is not None
+            cost += c.pages * PAGE / c.objs
+        assert cost <= p.total_bytes <= cost + 16 * PAGE
+        assert p.compact() == 0
+        p.check(live)
+        for h, n in live.items():
+            assert p.load(h, n) == blob[:n]
+
+
+def test_empty_fullness_groups_cost_nothing() -> None:
+    with Pool(auto_compact=False) as p:
+        empty = p.metadata_bytes
+        # class tables only: no set per (class, fullness group) until a zspage is in it
+        assert empty < 128 * 1024
+        hs = [p.store(b"m" * n) for n in range(32, 3633, 7) for _ in range(3)]
+        assert p.metadata_bytes > empty
+        for h in hs:
+            p.free(h)
+        p.compact()
+        # every group is the one shared empty set again; the handle table and the zspage
+        # table keep their length
+        assert len({id(s) for c in p._classes for s in c.groups}) == 1
+        assert p.metadata_bytes <= empty + 16 * len(hs)
+        p.check({})
 
 
 def test_bounded_compaction_continues_where_it_stopped() -> None:

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Stores opaque bytes of 1..4096 B and gives back an integer handle that stays valid while
-compaction moves the object. Knows nothing of pages' meaning, codecs or the device; the device
-layer only uses the names re-exported here.
+compaction moves the object (maybe into a slot of a larger class: the caller keeps each
+object's size and passes it to ``load``). Knows nothing of pages' meaning, codecs or the
+device; the device layer only uses the names re-exported here.
 """
 
 from zramd.allocator.classes import PAGE_SIZE, SizeClass, build_classes, huge_watermark

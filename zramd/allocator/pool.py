@@ -9,7 +9,9 @@ that to a worker thread.
 
 **Classes.** ``classes.py`` builds the kernel's merged class table (32..4096 B, 16 B steps,
 classes with equal (pages, objects) per zspage merged into the larger). ``_class_of[n]`` maps
-an object length straight to its class, so lookup is one list index.
+an object length straight to its class, so lookup is one list index. A store puts an object in
+its own class; compaction may later move it into a slot of a larger class (see below), which
+is why ``load`` takes the size from the caller and never from the slot.
 
 **Memory.** Pages come from a few big anonymous *private* mmap arenas (``arena_size``, 64 MiB
 by default; private so that ``MADV_DONTNEED`` really frees the pages). An arena is cut into
@@ -21,20 +23,23 @@ handed back with ``madvise(MADV_DONTNEED)``; an arena with no zspage left is unm
 bookkeeping is reported apart as ``metadata_bytes``.
 
 **Zspage.** One small ``_Zspage`` object per zspage (never one per stored object). It *is* an
-``array('I')`` subclass holding the out-of-line reverse map (slot -> handle), whose free
-entries double as an in-place free-slot stack (``SLOT_FREE | next``, like the kernel's in-place
-free list), plus a few slots: arena, byte offset, in-use count, free-stack head, group. About
-150 B + 4 B per slot per zspage. Objects may straddle page boundaries: the pages of a zspage
-are contiguous in the arena, so an object is one slice. Huge objects (the 4096 B class: one
-object per one-page zspage) get no zspage object at all: their handle-table entry holds
-``HUGE_TAG | arena id | page index`` directly, so an incompressible page costs 8 B of metadata.
+``array('I')`` subclass holding the out-of-line reverse map (slot -> handle), whose free entries
+double as an in-place free-slot stack (``SLOT_FREE | next``, like the kernel's in-place free
+list), plus a few slots: arena, byte offset, in-use count, free-stack head, group. About 160 B +
+4 B per slot per zspage, and ~60 B for its two location ints. Objects may straddle page
+boundaries: the pages of a zspage are contiguous in the arena, so an object is one slice. Huge
+objects (the 4096 B class: one object per one-page zspage) get no zspage object at all: their
+handle-table entry holds ``HUGE_TAG | arena id | page index`` directly, so an incompressible
+page costs 8 B of metadata.
 
 **Reverse map choice.** The kernel keeps the handle in an 8-byte header inside the object
 (ZS_HANDLE_SIZE) and looks the class up with ``size + 8``. Here it is out of line: 4 B per
 *slot* in the reverse map versus 8 B per object in the arena plus the class shift it causes, and
-one array store instead of a second slice write. Consequence: an object of up to 3632 B
-(the chain-8 watermark) fits a shared class, so ``huge_class_size`` is 3633 here, where the
-kernel's ``zs_huge_class_size()`` says 3625 (3632 - 7) because of the header.
+one array store instead of a second slice write. So the arena holds nothing but objects: slot
+``i`` of a zspage of class ``size`` is the bytes ``[base + i * size, base + (i + 1) * size)``,
+and a zspage full of objects of exactly ``size`` bytes is those objects end to end. An object
+of up to 3632 B (the chain-8 watermark) fits a shared class, so ``huge_class_size`` is 3633
+here, where the kernel's ``zs_huge_class_size()`` says 3625 (3632 - 7) because of the header.
 
 **Handles** are indexes into one flat ``array('Q')``; entry = ``zspage_id << OBJ_BITS | slot``
 (or the huge form above).
@@ -42,19 +47,30 @@ Compaction rewrites the entry, never the handle. Free entries hold ``FREE_TAG | 
 an in-table free list of recyclable handles (no Python int per free handle); entry 0 is never
 handed out, so a handle is always > 0. Zspage ids index ``_zspages`` and are recycled too.
 
-**Fullness groups** (kernel 6.x): 0% (only transiently, a new zspage before its first
-object; an emptied zspage is freed at once), 10%, 20% .. 90%, 99%, 100%. Each class keeps one
-``set`` of zspages per non-full group (full zspages are only counted: nothing searches
-them); ``grp_of[inuse]`` is precomputed, so a group change is one list index, one compare
-and, when it changes, a ``remove``/``add``. Allocation takes the fullest non-full zspage; it
-is cached in ``cls.cur`` and stays valid until it fills (it only grows while it is the
-target), drops a group through a free, or compaction runs.
+**Fullness groups** (kernel 6.x): 0% (only transiently, a new zspage before its first object; an
+emptied zspage is freed at once), 10%, 20% .. 90%, 99%, 100%. Each class keeps one ``set`` of
+zspages per non-full group (full zspages are only counted: nothing searches them);
+``grp_of[inuse]`` is precomputed, so a group change is one list index, one compare and, when it
+changes, a ``remove``/``add``. A group with no zspage holds the one shared ``_NO_ZSPAGES``
+instead of a set of its own (an empty set costs 216 B, 12 x 119 of them ~300 KiB per pool);
+adding to it raises, and the adder then gives the group a set. Empty sets go back to the shared
+one on ``_shrink_sets`` (every ``AUTO_COMPACT_CHECK_EVERY`` frees, and after compaction).
+Allocation takes the fullest non-full zspage; it is cached in ``cls.cur`` and stays valid until
+it fills (it only grows while it is the target), drops a group through a free, or compaction
+runs.
 
 **Compaction** (kernel 6.3+ ``__zs_compact``): classes largest to smallest; the destination is
 the fullest non-full zspage, kept until it is full; the source is the emptiest; objects move
 from source to destination (handle entries rewritten) until the source empties, which is then
-freed. It stops when ``zs_can_compact`` says no whole zspage can be won. ``compact()`` runs it
-on demand; with ``auto_compact`` a counter on the free path checks every
+freed. It stops when ``zs_can_compact`` says no whole zspage can be won, which leaves up to one
+zspage's worth of free slots in every class: with ~119 classes of up to 8 pages, some hundreds
+of pages, a few percent of a pool of tens of MiB. A second pass, the *spill*, goes after those:
+classes largest to smallest, each partly used zspage (emptiest first) whose objects all fit in
+the free slots of its own class and the larger ones is emptied into them (smallest class with
+room first, its fullest zspage first) and freed. A slot that was already paid for then holds a
+smaller object; nothing moves unless a whole zspage is won, and a moved object is afterwards an
+object of its new class like any other (compacted, freed and counted there). ``compact()`` runs
+both on demand; with ``auto_compact`` a counter on the free path checks every
 ``AUTO_COMPACT_CHECK_EVERY`` frees whether at least ``AUTO_COMPACT_MIN_FRACTION`` of the pool
 (and ``AUTO_COMPACT_MIN_PAGES``) could be won, which keeps it amortised O(1) per free; one
 automatic run frees at most ``AUTO_COMPACT_MAX_PAGES`` (a bounded pause).
@@ -78,7 +94,7 @@ from __future__ import annotations
 import mmap
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from zramd.allocator.classes import (
     DEFAULT_CHAIN_SIZE,
@@ -217,7 +233,7 @@ class _Class:
         self.size = spec.size
         self.pages = spec.pages_per_zspage
         self.objs = spec.objs_per_zspage
-        self.groups: list[set[_Zspage]] = [set() for _ in range(NUM_FULLNESS_GROUPS)]
+        self.groups: list[set[_Zspage]] = [_NO_ZSPAGES] * NUM_FULLNESS_GROUPS
         objs = self.objs
         grp = [GROUP_EMPTY]
         for inuse in range(1, objs):
@@ -255,6 +271,26 @@ class _Zspage(array):  # type: ignore[type-arg,unused-ignore]
     inuse: int
     fhead: int
     grp: int
+
+
+class _Unset(Exception):
+    """Raised by adding to :data:`_NO_ZSPAGES`: the group needs a set of its own."""
+
+
+class _EmptyGroup(set[_Zspage]):
+    """The type of :data:`_NO_ZSPAGES`: a set that refuses to hold anything."""
+
+    __slots__ = ()
+
+    def add(self, zs: _Zspage) -> None:
+        raise _Unset
+
+
+#: Every fullness group that holds no zspage, in every class: one shared set that always stays
+#: empty (an empty ``set`` costs 216 B, and most of a pool's 12 x 119 groups are empty). Adding
+#: to it raises _Unset, and the adder gives the group a set of its own; the common path, an
+#: add to a group that has one, is the plain ``set.add``.
+_NO_ZSPAGES = _EmptyGroup()
 
 
 class Pool:
@@ -337,17 +373,20 @@ class Pool:
     @property
     def metadata_bytes(self) -> int:
         """Python-side bookkeeping: the handle table, the per-zspage objects with their
-        reverse maps and free stacks, the zspage table, the class tables."""
-        tbl = self._tbl
-        total = sys.getsizeof(tbl) + sys.getsizeof(self._zspages) + sys.getsizeof(self._class_of)
-        total += sys.getsizeof(self._free_zids)
+        reverse maps, free stacks and location ints, the zspage table, the arenas' lists of
+        free runs, the class tables and their non-empty group sets."""
         getsize = sys.getsizeof
+        total = getsize(self._tbl) + getsize(self._zspages) + getsize(self._class_of)
+        total += getsize(self._free_zids) + getsize(self._huge_warm)
         for zs in self._zspages:
             if zs is not None:
-                total += getsize(zs)
+                total += getsize(zs) + getsize(zs.loc) + getsize(zs.base)
         for cls in self._classes:
-            total += getsize(cls) + getsize(cls.grp_of)
-            total += sum(getsize(s) for s in cls.groups)
+            total += getsize(cls) + getsize(cls.grp_of) + getsize(cls.fresh_revmap)
+            total += sum(getsize(s) for s in cls.groups if s is not _NO_ZSPAGES)
+            total += sum(getsize(zs) for zs in cls.warm)
+        for arenas in self._arenas.values():
+            total += sum(getsize(ar) + getsize(ar.free_runs) for ar in arenas)
         return total
 
     @property
@@ -394,7 +433,10 @@ class Pool:
             if g == GROUP_FULL:  # full zspages are only counted, not kept in a set
                 cls.cur = None
             else:
-                groups[g].add(zs)
+                try:
+                    groups[g].add(zs)
+                except _Unset:
+                    groups[g] = {zs}
             zs.grp = g
         return h
 
@@ -439,7 +481,10 @@ class Pool:
             if zs.grp != GROUP_FULL:
                 groups[zs.grp].remove(zs)
             if inuse:
-                groups[g].add(zs)
+                try:
+                    groups[g].add(zs)
+                except _Unset:
+                    groups[g] = {zs}
                 zs.grp = g
             else:
                 self._release(zs)
@@ -559,7 +604,7 @@ class Pool:
             self._pages += k
             zs.grp = GROUP_EMPTY  # its free chain already covers every slot
             self._zspages[zs.loc >> OBJ_BITS] = zs
-            cls.groups[GROUP_EMPTY].add(zs)
+            _add(cls.groups, GROUP_EMPTY, zs)
             cls.nzspages += 1
             return zs
         self._charge(k)
@@ -584,7 +629,7 @@ class Pool:
         zs.fhead = 0
         zs.grp = GROUP_EMPTY
         self._zspages[zid] = zs
-        cls.groups[GROUP_EMPTY].add(zs)
+        _add(cls.groups, GROUP_EMPTY, zs)
         cls.nzspages += 1
         return zs
 
@@ -670,11 +715,15 @@ class Pool:
         return 0
 
     def _shrink_sets(self) -> None:
+        """Give empty group sets back (the shared empty one stands in) and rebuild oversized
+        ones."""
         getsize = sys.getsizeof
         for c in self._classes:
             groups = c.groups
             for g, s in enumerate(groups):
-                if getsize(s) > SET_SHRINK_SLACK * (EMPTY_SET_BYTES + 32 * len(s)):
+                if not s:
+                    groups[g] = _NO_ZSPAGES
+                elif getsize(s) > SET_SHRINK_SLACK * (EMPTY_SET_BYTES + 32 * len(s)):
                     groups[g] = set(s)
 
     def compact(self, *, max_pages: int = 0) -> int:
@@ -686,8 +735,11 @@ class Pool:
                 break
             if cls.objs > 1 and cls.compactable_pages() > 0:
                 freed += self._compact_class(cls, max_pages - freed if max_pages else 0)
+        if not (max_pages and freed >= max_pages):
+            freed += self._spill(max_pages - freed if max_pages else 0)
         self._pages_compacted += freed
         self.drop_cache()
+        self._shrink_sets()
         return freed
 
     def _compact_class(self, cls: _Class, max_pages: int) -> int:
@@ -736,14 +788,82 @@ class Pool:
                 freed += cls.pages
             else:
                 src.grp = cls.grp_of[src.inuse]
-                groups[src.grp].add(src)
+                _add(groups, src.grp, src)
             if dst.inuse == cls.objs:
                 dst.grp = GROUP_FULL
                 dst = None
         if dst is not None:
             dst.grp = cls.grp_of[dst.inuse]
-            groups[dst.grp].add(dst)
+            _add(groups, dst.grp, dst)
         return freed
+
+    def _spill(self, max_pages: int) -> int:
+        """Empty the partly used zspages that per-class compaction leaves (less than one
+        zspage's worth of free slots per class) into free slots of their own class or of
+        larger ones: a larger slot holds a smaller object, whose size the caller gives to
+        ``load``. Classes largest to smallest, each one's emptiest zspage first, and only a
+        zspage that empties completely; destinations are the smallest class with room, its
+        fullest zspage first. Returns the pages freed."""
+        shared = [c for c in self._classes if c.objs > 1]
+        freed = 0
+        for i in range(len(shared) - 1, -1, -1):
+            cls = shared[i]
+            targets = shared[i:]
+            groups = cls.groups
+            while not (max_pages and freed >= max_pages):
+                src = _pick(groups, range(GROUP_EMPTY + 1, GROUP_99 + 1))
+                if src is None:
+                    break
+                room = sum(c.nzspages * c.objs - c.used for c in targets)
+                if room - (cls.objs - src.inuse) < src.inuse:
+                    break
+                groups[src.grp].remove(src)
+                self._empty_into(src, targets)
+                self._release(src)
+                freed += cls.pages
+        return freed
+
+    def _empty_into(self, src: _Zspage, targets: list[_Class]) -> None:
+        """Move every object of ``src`` (out of its group set) into the non-full zspages of
+        ``targets`` (classes at least as large, smallest first), which have room for them."""
+        tbl = self._tbl
+        scls = src.cls
+        size = scls.size
+        smm, sbase = src.mm, src.base
+        classes = iter(targets)
+        dcls = next(classes)
+        dst: _Zspage | None = None
+        for sslot in range(scls.objs):
+            h = src[sslot]
+            if h & SLOT_FREE:
+                continue
+            while dst is None:
+                dcls.cur = None
+                dst = _pick(dcls.groups, range(GROUP_99, GROUP_EMPTY - 1, -1))
+                if dst is None:
+                    dcls = next(classes)
+                else:
+                    dcls.groups[dst.grp].remove(dst)
+            dslot = dst.fhead
+            dst.fhead = dst[dslot] ^ SLOT_FREE
+            sa = sbase + sslot * size
+            da = dst.base + dslot * dcls.size
+            dst.mm[da : da + size] = smm[sa : sa + size]
+            dst[dslot] = h
+            src[sslot] = src.fhead | SLOT_FREE
+            src.fhead = sslot
+            tbl[h] = dst.loc | dslot
+            dst.inuse += 1
+            dcls.used += 1
+            scls.used -= 1
+            if dst.inuse == dcls.objs:
+                dst.grp = GROUP_FULL
+                dst = None
+        src.inuse = 0
+        src.grp = GROUP_EMPTY
+        if dst is not None:
+            dst.grp = dcls.grp_of[dst.inuse]
+            _add(dcls.groups, dst.grp, dst)
 
     # ------------------------------------------------------------------ stats
 
@@ -757,7 +877,9 @@ class Pool:
         return 1.0 - used / (self._pages * PAGE_SIZE)
 
     def class_stats(self) -> list[dict[str, object]]:
-        """Per merged class, smallest first (like debugfs ``zsmalloc/<pool>/classes``)."""
+        """Per merged class, smallest first (like debugfs ``zsmalloc/<pool>/classes``).
+        ``obj_used`` counts the class's used slots, including smaller objects that compaction
+        moved into them."""
         out: list[dict[str, object]] = []
         for c in self._classes:
             fullness = [len(s) for s in c.groups]
@@ -796,7 +918,7 @@ class Pool:
         self._tbl = array("Q", [FREE_TAG])
         self._free_head = 0
         for c in self._classes:
-            c.groups = [set() for _ in range(NUM_FULLNESS_GROUPS)]
+            c.groups = [_NO_ZSPAGES] * NUM_FULLNESS_GROUPS
             c.cur = None
             c.used = 0
             c.nzspages = 0
@@ -810,8 +932,11 @@ class Pool:
 
     # ------------------------------------------------------------------ debugging
 
-    def check(self) -> None:
-        """Verify every internal invariant (slow; for tests)."""
+    def check(self, sizes: Mapping[int, int] | None = None) -> None:
+        """Verify every internal invariant (slow; for tests). With ``sizes`` (handle -> object
+        size for every live handle), also that these are exactly the live handles and that each
+        object lies inside one slot of its own class or of a larger one."""
+        assert not _NO_ZSPAGES, "the shared empty group set holds a zspage"
         live = 0
         for zid, zs in enumerate(self._zspages):
             if zs is None:
@@ -828,6 +953,10 @@ class Pool:
             assert len(used) == zs.inuse > 0
             for slot in used:
                 assert self._tbl[zs[slot]] == zs.loc | slot
+                if sizes is not None:
+                    own = self._class_of[sizes[zs[slot]]]
+                    assert own is not None and own.size <= cls.size, "object in a smaller slot"
+            assert cls.objs * cls.size <= cls.pages * PAGE_SIZE
             chain, slot = [], zs.fhead
             while slot != cls.objs:
                 chain.append(slot)
@@ -845,6 +974,9 @@ class Pool:
                 huge += 1
         assert huge == self._huge.used == self._huge.nzspages
         assert live + huge == self.obj_count
+        if sizes is not None:
+            assert len(sizes) == self.obj_count
+            assert all(self._tbl[h] < FREE_TAG for h in sizes)
         for c in self._classes:
             nfull = sum(1 for z in self._zspages if z is not None and z.cls is c
                         and z.grp == GROUP_FULL)
@@ -865,6 +997,14 @@ class Pool:
             self._huge_warm
         )
         assert self._cached_pages <= self._cache_max
+
+
+def _add(groups: list[set[_Zspage]], g: int, zs: _Zspage) -> None:
+    """Put ``zs`` in fullness group ``g`` (giving the group a set of its own if it has none)."""
+    try:
+        groups[g].add(zs)
+    except _Unset:
+        groups[g] = {zs}
 
 
 def _pick(groups: list[set[_Zspage]], order: Iterable[int]) -> _Zspage | None:
