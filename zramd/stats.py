@@ -42,6 +42,8 @@ MM_STAT_FIELDS = (
     "huge_pages_since",
 )
 IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+#: the tier counters (idle tracking, recompression), shown beside mm_stat
+TIER_FIELDS = ("idle_pages", "recompressed_pages", "incompressible_pages", "recompress_saved_bytes")
 
 
 @dataclass
@@ -66,6 +68,15 @@ class DeviceStats:
     huge_pages: int = 0
     #: pages ever stored raw (cumulative, never decremented).
     huge_pages_since: int = 0
+    # --- tiers: idle tracking and recompression (zramd's, beside mm_stat) ----------------------
+    #: pages marked idle and not read or written since.
+    idle_pages: int = 0
+    #: pages stored by a recompression algorithm (a rewrite or discard uncounts them).
+    recompressed_pages: int = 0
+    #: pages no recompression algorithm shrank: not tried again until rewritten.
+    incompressible_pages: int = 0
+    #: pool bytes released by recompression (old size class minus new), cumulative.
+    recompress_saved_bytes: int = 0
     # --- io_stat -------------------------------------------------------------------------------
     #: read requests that failed (a stored page did not decompress intact -> EIO); per request.
     failed_reads: int = 0

@@ -38,7 +38,8 @@ Knows nothing of NBD, sockets or pool internals.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -46,6 +47,7 @@ import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
 from zramd.compress import Codec, CodecError, get_codec, native
+from zramd.device import tiers
 from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS, Window
 from zramd.device.interface import (
     MAX_EXTENTS,
@@ -53,7 +55,9 @@ from zramd.device.interface import (
     DeviceIOError,
     GroupResult,
     NoSpace,
+    PageState,
     ReadResult,
+    RecompressResult,
     ZeroExtents,
 )
 from zramd.device.ordering import InflightRanges
@@ -71,6 +75,7 @@ from zramd.device.pipeline import (
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
 from zramd.device.store import SMALL_DISCARD_PAGES, PageStore
 from zramd.device.table import EMPTY, SAME, PageTable
+from zramd.device.tiers import codec_spec
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.stats import DeviceStats
 
@@ -171,6 +176,8 @@ class ZramDevice:
         group_pages: int = MAX_GROUP_PAGES,
         group_algorithm: str = GROUP_ALGORITHM,
         group_level: int | None = None,
+        recompression: Sequence[tuple[str, int | None]] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -193,8 +200,13 @@ class ZramDevice:
         elif mem_limit:
             pool.limit = mem_limit
         codec = get_codec(algorithm, level=level, dictionary=dictionary)
-        self._store = PageStore(self._npages, pool, [codec])
+        self._clock = clock
+        self._store = PageStore(self._npages, pool, [codec], clock)
         self._codec_id = 0
+        #: codec ids of the recompression algorithms, in the order they are tried
+        self._recomp_ids = [
+            self._store.codec_id(get_codec(name, level=lvl)) for name, lvl in recompression
+        ]
         self._huge_threshold_cfg = huge_threshold
         self._threshold = huge_threshold if huge_threshold is not None else pool.huge_class_size
         self._executor = executor
@@ -326,14 +338,19 @@ class ZramDevice:
         first = offset >> PAGE_SHIFT
         try:
             if length == PAGE_SIZE and not skip:
-                t = self._store.table
+                store = self._store
+                t = store.table
                 st = t.state_mv[first]
-                if st == EMPTY or (st == SAME and t.handle_mv[first] == 0):
+                if st == EMPTY:
                     return ZERO_PAGE, [(0, PAGE_SIZE)]
-                return self._store.read_page(first), []
+                store.touch(first)
+                if st == SAME and t.handle_mv[first] == 0:
+                    return ZERO_PAGE, [(0, PAGE_SIZE)]
+                return store.read_page(first), []
             last = (offset + length - 1) >> PAGE_SHIFT
             n = last - first + 1
             buf: Buffer
+            self._store.touch_range(first, last)
             if n >= self._native_pages and native.enabled:
                 snap, kind, zero = self._store.snapshot_native(first, last)
                 if len(zero) == n:
@@ -401,14 +418,17 @@ class ZramDevice:
             if len(page) == PAGE_SIZE:
                 self._check(offset, PAGE_SIZE)
                 cid = self._codec_id
-                prep = prepare_page(page, self._store.codecs[cid].compress, self._threshold)
-                self._store.commit((offset >> PAGE_SHIFT,), (prep,), cid)
+                store = self._store
+                prep = prepare_page(page, store.codecs[cid].compress, self._threshold)
+                store.tick()
+                store.commit((offset >> PAGE_SHIFT,), (prep,), cid)
                 return
         mv = self._as_bytes_view(data)
         n = len(mv)
         self._check(offset, n)
         if not n:
             return
+        self._store.tick()
         if n > PAGE_SIZE and not (offset | n) & PAGE_MASK and all_zero(mv):
             # all-zero whole pages: same-fill them in one vectorised step, nothing compressed
             self._store.fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
@@ -439,6 +459,7 @@ class ZramDevice:
         self._check(offset, length)
         if not length:
             return
+        self._store.tick()
         end = offset + length
         p0 = (offset + PAGE_MASK) >> PAGE_SHIFT
         p1 = end >> PAGE_SHIFT
@@ -562,6 +583,7 @@ class ZramDevice:
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
         n = last - first + 1
+        self._store.touch_range(first, last)
         try:
             if self._native_read_offload(n):
                 snap, kind, zero = self._store.snapshot_native(first, last)  # no await between
@@ -624,7 +646,7 @@ class ZramDevice:
         if not (offset | n) & PAGE_MASK and all_zero(mv):
             # all-zero whole pages (e.g. a zero-filled 1 MiB write): same-fill in one vectorised
             # step on the loop thread, no compression and no thread hop
-            await self._locked(offset, n, lambda: self._store.fill_zero(first, last + 1))
+            await self._locked(offset, n, lambda: self._fill_zero(first, last + 1))
             return
         r = await self._inflight.acquire(first, last)
         try:
@@ -642,9 +664,14 @@ class ZramDevice:
                 self._preparer(cid, native_ok=True),
             )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
+            self._store.tick()
             self._store.commit(range(first, first + npages), prepared, cid)
         finally:
             self._inflight.release(r)
+
+    def _fill_zero(self, p0: int, p1: int) -> None:
+        self._store.tick()
+        self._store.fill_zero(p0, p1)
 
     async def _locked(self, offset: int, length: int, fn: Callable[[], None]) -> None:
         if not length:
@@ -728,9 +755,12 @@ class ZramDevice:
         groups = self._store.groups
         groups.settle(retry=True)
         windows = groups.plan(first, last, gp)
-        return self._install_groups(
+        done = self._install_groups(
             windows, pack_groups([w.items for w in windows], codec), codec, GroupResult()
         )
+        if done.groups:
+            self._store.pool.compact()
+        return done
 
     async def group(
         self,
@@ -744,8 +774,10 @@ class ZramDevice:
         """Pack the IDLE STORED/HUGE pages of ``[first, last]`` into groups (see the contract
         and :mod:`zramd.device.groups`), GROUP_STEP_PAGES at a time: each step registers its
         range as a mutating request (writes to it wait, reads do not), copies the members out,
-        compresses in the executor and installs on the loop thread. Not with a reset or close
-        to come before it returns (cancel it first: a cancelled step changes nothing)."""
+        compresses in the executor and installs on the loop thread. The members' old objects
+        were scattered over many zspages: a call that made groups ends with a pool compaction,
+        so that the memory they held goes back. Not with a reset or close to come before it
+        returns (cancel it first: a cancelled step changes nothing)."""
         gp, codec = self._group_settings(first, last, group_pages, algorithm, level)
         self._store.groups.settle(retry=True)
         done = GroupResult()
@@ -766,6 +798,8 @@ class ZramDevice:
             if done.no_space:
                 break
             a = b + 1
+        if done.groups:
+            self._store.pool.compact()
         return done
 
     def reset(self) -> None:
@@ -774,9 +808,78 @@ class ZramDevice:
         limit = self.mem_limit
         codecs = self._store.codecs
         self._store.close()
-        self._store = PageStore(self._npages, self._new_pool(limit), codecs)
+        self._store = PageStore(self._npages, self._new_pool(limit), codecs, self._clock)
         if self._huge_threshold_cfg is None:
             self._threshold = self._store.pool.huge_class_size
+
+    # --- cold pages: idle marking, the page listing, recompression (zramd.device.tiers) --------
+
+    def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
+        assert not self._closed, "device closed"
+        stop = self._npages if stop is None else stop
+        assert 0 <= first <= stop <= self._npages, (first, stop)
+        if age is not None:
+            self._store.tick()
+        return tiers.mark_idle(self._store, first, stop, age)
+
+    def page_states(self, first: int, stop: int, limit: int) -> tuple[list[PageState], int]:
+        assert not self._closed, "device closed"
+        assert 0 <= first <= stop <= self._npages and limit > 0, (first, stop, limit)
+        self._store.tick()
+        return tiers.page_rows(self._store, first, stop, limit)
+
+    @property
+    def recompression_algorithms(self) -> list[str]:
+        return [codec_spec(self._store.codecs[c]) for c in self._recomp_ids]
+
+    async def recompress(
+        self,
+        *,
+        kind: str = "all",
+        threshold: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+        batch_pages: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
+    ) -> RecompressResult:
+        assert not self._closed, "device closed"
+        if kind not in tiers.RECOMPRESS_TYPES:
+            raise ValueError(
+                f"recompress type {kind!r}: expected one of {', '.join(tiers.RECOMPRESS_TYPES)}"
+            )
+        if threshold < 0 or threshold > PAGE_SIZE:
+            raise ValueError(f"recompress threshold must be in 0..{PAGE_SIZE}, got {threshold}")
+        stop = self._npages if stop is None else stop
+        assert 0 <= first <= stop <= self._npages, (first, stop)
+        if algorithm:
+            ids = [self._store.codec_id(get_codec(algorithm, level=level))]
+            complete = ids == self._recomp_ids
+        elif self._recomp_ids:
+            ids, complete = list(self._recomp_ids), True
+        else:
+            raise ValueError(
+                "no recompression algorithm: list them after the first in the export's "
+                "compression algorithm (e.g. \"lz4 zstd(level=3)\") or give one"
+            )
+        return await tiers.recompress(
+            lambda: None if self._closed else self._store,
+            self._run_in_executor,
+            algorithms=ids,
+            complete=complete,
+            huge_threshold=self._threshold,
+            kind=kind,
+            threshold=threshold,
+            first=first,
+            stop=stop,
+            max_pages=self._npages if max_pages is None else max_pages,
+            max_scan=self._npages if max_scan is None else max_scan,
+            batch_pages=batch_pages or tiers.BATCH_PAGES,
+            on_hold=on_hold,
+        )
 
     def close(self) -> None:
         """Release all memory; the device is unusable afterwards."""

@@ -34,6 +34,8 @@ Knows nothing of NBD framing, sockets, pools or codecs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from zramd.stats import DeviceStats
@@ -66,6 +68,41 @@ class GroupResult(NamedTuple):
     groups: int = 0
     saved: int = 0
     no_space: bool = False
+
+
+@dataclass
+class PageState:
+    """One line of the per-page listing (zram's debugfs ``block_state``): the page's index, the
+    seconds since it was last read or written (to the device clock's quantum), where it lives
+    (``STATE_NAMES`` of the table), its marks (same, huge, grouped, idle, recompressed,
+    incompressible), its object's size in bytes (0 when it has none of its own) and the
+    algorithm it was compressed with ("" when it is not compressed)."""
+
+    index: int
+    age: int
+    state: str
+    flags: list[str]
+    size: int
+    algorithm: str
+
+
+@dataclass
+class RecompressResult:
+    """What one ``recompress`` call did: pages tried, recompressed (kept in a smaller size
+    class), newly marked incompressible, pool bytes released; where to go on from (``next``,
+    ``end`` when the range is done) and whether it stopped early because a new copy found no
+    room (``nospace``: that page left as it was) or the device was reset or closed
+    (``aborted``)."""
+
+    next: int
+    end: int
+    tried: int = 0
+    recompressed: int = 0
+    incompressible: int = 0
+    saved: int = 0
+    scanned_to: int = 0
+    nospace: bool = False
+    aborted: bool = False
 
 
 class DeviceError(Exception):
@@ -172,6 +209,45 @@ class BlockDevice(Protocol):
         ValueError (unknown name, bad level)."""
         ...
 
+    def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
+        """Mark the pages of ``[first, stop)`` (default: all) that hold a compressed object IDLE:
+        every one, or those not read or written for ``age`` seconds. Returns how many were
+        marked. Raises Unsupported."""
+        ...
+
+    def page_states(self, first: int, stop: int, limit: int) -> tuple[list[PageState], int]:
+        """The live pages of ``[first, stop)``, at most ``limit``, and the index to go on from
+        (``stop`` when done). Raises Unsupported."""
+        ...
+
+    @property
+    def recompression_algorithms(self) -> list[str]:
+        """The recompression algorithms, in the order they are tried (``zstd(level=3)``)."""
+        ...
+
+    async def recompress(
+        self,
+        *,
+        kind: str = "all",
+        threshold: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+        batch_pages: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
+    ) -> RecompressResult:
+        """Recompress the compressed pages of ``[first, stop)`` with the recompression
+        algorithms (or ``algorithm``/``level`` alone): ``kind`` all, idle, huge or huge-idle;
+        objects of ``threshold`` bytes or more; at most ``max_pages`` tried and ``max_scan``
+        scanned. A page is switched to a new object only when it lands in a smaller pool size
+        class, each page a complete move; on PoolFull that page stays as it was and the call
+        ends with ``nospace``. ``on_hold`` hears how long each stretch held the event loop.
+        Raises Unsupported or ValueError."""
+        ...
+
     async def group(
         self,
         first: int,
@@ -269,3 +345,29 @@ class DeviceBase:
         level: int | None = None,
     ) -> GroupResult:
         raise Unsupported("the device has no multi-page groups")
+
+    def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
+        raise Unsupported("the device does not track page access")
+
+    def page_states(self, first: int, stop: int, limit: int) -> tuple[list[PageState], int]:
+        raise Unsupported("the device has no page table to list")
+
+    @property
+    def recompression_algorithms(self) -> list[str]:
+        return []
+
+    async def recompress(
+        self,
+        *,
+        kind: str = "all",
+        threshold: int = 0,
+        algorithm: str = "",
+        level: int | None = None,
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+        batch_pages: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
+    ) -> RecompressResult:
+        raise Unsupported("the device does not compress")

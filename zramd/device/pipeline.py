@@ -191,3 +191,39 @@ def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: m
     if bad >= 0:
         raise CodecError(f"page {start + bad} of the request does not decode")
 
+
+#: :func:`recompress_part` outcomes per page
+RECOMPRESS_KEEP = 0
+RECOMPRESS_NO_GAIN = 1
+RECOMPRESS_UNREADABLE = 2
+#: an outcome: (RECOMPRESS_*, index of the winning codec, its compressed bytes)
+Recompressed = tuple[int, int, "bytes | None"]
+
+
+def recompress_part(
+    items: list[tuple[Any, bytes]], codecs: list[Any], class_sizes: tuple[int, ...], threshold: int
+) -> list[Recompressed]:
+    """Try to store each item (``(codec, object)``, codec None for a raw HUGE page) smaller: decode
+    it, then compress it with ``codecs`` in order; the first result below the huge ``threshold``
+    whose pool class (``class_sizes[n]``) is smaller than the old object's wins (KEEP, its index,
+    its bytes). NO_GAIN when none wins, UNREADABLE when the old object does not decode."""
+    out: list[Recompressed] = []
+    for codec, blob in items:
+        if codec is None:
+            page, old = blob, class_sizes[PAGE_SIZE]
+        else:
+            old = class_sizes[len(blob)]
+            try:
+                page = codec.decompress(blob, PAGE_SIZE)
+            except CodecError:
+                out.append((RECOMPRESS_UNREADABLE, -1, None))
+                continue
+        for j, c in enumerate(codecs):
+            comp = c.compress(page)
+            n = len(comp)
+            if n < threshold and class_sizes[n] < old:
+                out.append((RECOMPRESS_KEEP, j, comp))
+                break
+        else:
+            out.append((RECOMPRESS_NO_GAIN, -1, None))
+    return out

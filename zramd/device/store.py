@@ -14,6 +14,15 @@ items are decoded later, maybe in a worker. Multi-page groups of cold pages
 GROUPED page kills it in its group, and groups past their dead bound are settled (re-packed or
 dissolved) at the end of the commit, discard or fill that killed their pages.
 
+Access tracking: the device calls :meth:`PageStore.tick` once per request, which reads the
+clock and keeps the current quantum in ``now`` (:data:`~zramd.device.table.ATIME_QUANTUM`
+seconds since the store's epoch, rebased before it outgrows the uint16 column). Every entry a
+write installs gets ``atime = now`` and no flags (a write replaces the whole entry); a read
+refreshes the atime of the live pages it reads and clears their IDLE mark
+(:meth:`PageStore.touch`, :meth:`PageStore.touch_range`). Background moves (recompression)
+switch one object for another with :meth:`PageStore.move`, which keeps the page's atime and
+marks.
+
 Invariants
 ~~~~~~~~~~
 * All or nothing: :meth:`PageStore.commit` stores every new object before any slot switches; on
@@ -22,7 +31,8 @@ Invariants
 * A slot switches to its new entry only after the new object is stored; then the old object is
   freed. No object is referenced by two entries, and every object is referenced by one.
 * ``pages_stored``, ``same_pages``, ``huge_pages`` and ``compr_data_size`` always equal the
-  table's counts; ``mem_used_max`` is at least the pool's size after every commit.
+  table's counts, and so do ``idle_pages``, ``recompressed_pages`` and ``incompressible_pages``
+  for the flags; ``mem_used_max`` is at least the pool's size after every commit.
 * Loop thread only: snapshots copy the compressed bytes out, so compaction can move objects
   while workers decode.
 
@@ -32,7 +42,8 @@ Knows nothing of byte ranges, requests, their ordering or threads; uses only the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +54,22 @@ from zramd.device.groups import Groups
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.pipeline import Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
-from zramd.device.table import EMPTY, GROUPED, HUGE, MAX_CODECS, SAME, STORED, PageTable
+from zramd.device.table import (
+    ATIME_QUANTUM,
+    ATIME_REBASE_AT,
+    ATIME_REBASE_BY,
+    EMPTY,
+    GROUPED,
+    HUGE,
+    IDLE,
+    INCOMPRESSIBLE,
+    MAX_CODECS,
+    PENDING,
+    RECOMPRESSED,
+    SAME,
+    STORED,
+    PageTable,
+)
 from zramd.geometry import PAGE_SIZE
 from zramd.stats import DeviceStats
 
@@ -56,15 +82,105 @@ SMALL_DISCARD_PAGES = 8
 class PageStore:
     """The pages of one device: table, pool, codec list and counters (see the module doc)."""
 
-    __slots__ = ("table", "pool", "codecs", "stats", "groups")
+    __slots__ = ("table", "pool", "codecs", "stats", "groups", "now", "clock", "epoch")
 
-    def __init__(self, npages: int, pool: Pool, codecs: list[Codec]) -> None:
+    def __init__(
+        self,
+        npages: int,
+        pool: Pool,
+        codecs: list[Codec],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.table = PageTable(npages)
         self.pool = pool
         #: codec id (the table's codec column) -> codec; ids are never reused
         self.codecs = codecs
         self.stats = DeviceStats(mem_limit=int(pool.limit))
         self.groups = Groups(self)
+        #: seconds, monotonic; the atime column counts ATIME_QUANTUM units since ``epoch``
+        self.clock = clock
+        self.epoch = clock()
+        #: the current quantum, as of the last :meth:`tick`
+        self.now = 0
+
+    # --- the coarse clock ---------------------------------------------------------------------
+
+    def tick(self) -> int:
+        """Read the clock: the current quantum, kept in ``now`` for the entries installed next."""
+        q = int((self.clock() - self.epoch) // ATIME_QUANTUM)
+        if q >= ATIME_REBASE_AT:
+            q = self._rebase(q)
+        self.now = q
+        return q
+
+    def _rebase(self, q: int) -> int:
+        """Move the epoch forward so the clock fits the atime column again (every few days)."""
+        self.table.rebase_atime(ATIME_REBASE_BY)
+        self.epoch += ATIME_REBASE_BY * ATIME_QUANTUM
+        return q - ATIME_REBASE_BY
+
+    def age(self, idx: int) -> int:
+        """Seconds since page ``idx`` was last read or written, as of the last tick (a multiple
+        of ATIME_QUANTUM: the clock is that coarse)."""
+        return (self.now - self.table.atime_mv[idx]) * ATIME_QUANTUM
+
+    def touch(self, idx: int) -> None:
+        """A read of live page ``idx``: tick, refresh its atime, clear its IDLE mark (one call
+        on the 4 KiB read path)."""
+        q = int((self.clock() - self.epoch) // ATIME_QUANTUM)
+        if q >= ATIME_REBASE_AT:
+            q = self._rebase(q)
+        self.now = q
+        t = self.table
+        t.atime_mv[idx] = q
+        fl = t.flags_mv[idx]
+        if fl & IDLE:
+            t.flags_mv[idx] = fl & ~IDLE
+            self.stats.idle_pages -= 1
+
+    def touch_range(self, first: int, last: int) -> None:
+        """A read of pages ``[first, last]``: tick, then refresh the live ones as :meth:`touch`
+        does (vectorised over BATCH_COMMIT_PAGES or more; holes stay untouched, so their part of
+        the table stays uncommitted)."""
+        self.tick()
+        t = self.table
+        if last - first < BATCH_COMMIT_PAGES:
+            state_mv, atime_mv, flags_mv = t.state_mv, t.atime_mv, t.flags_mv
+            now = self.now
+            for idx in range(first, last + 1):
+                if state_mv[idx] != EMPTY:
+                    atime_mv[idx] = now
+                    fl = flags_mv[idx]
+                    if fl & IDLE:
+                        flags_mv[idx] = fl & ~IDLE
+                        self.stats.idle_pages -= 1
+            return
+        stop = last + 1
+        live = t.state[first:stop] != EMPTY
+        t.atime[first:stop][live] = self.now
+        flags = t.flags[first:stop]
+        idle = (flags & IDLE) != 0
+        n = int(np.count_nonzero(idle))
+        if n:
+            flags[idle] &= np.uint8(~IDLE & 0xFF)
+            self.stats.idle_pages -= n
+
+    def _unflag(self, fl: int) -> None:
+        """Uncount the marks ``fl`` of an entry being replaced or freed."""
+        s = self.stats
+        if fl & IDLE:
+            s.idle_pages -= 1
+        if fl & RECOMPRESSED:
+            s.recompressed_pages -= 1
+        if fl & INCOMPRESSIBLE:
+            s.incompressible_pages -= 1
+
+    def _unflag_many(self, fl: Any) -> None:
+        """Uncount the marks of the entries whose flags are the array ``fl``."""
+        s = self.stats
+        s.idle_pages -= int(np.count_nonzero(fl & IDLE))
+        s.recompressed_pages -= int(np.count_nonzero(fl & RECOMPRESSED))
+        s.incompressible_pages -= int(np.count_nonzero(fl & INCOMPRESSIBLE))
 
     def codec_id(self, codec: Codec) -> int:
         """The id of ``codec`` (of an equal one if listed, else added). Raises ValueError."""
@@ -161,6 +277,11 @@ class PageStore:
             s.same_pages -= 1
         else:
             self._free_object(idx, old)
+        fl = t.flags_mv[idx]
+        if fl:
+            self._unflag(fl)
+            t.flags_mv[idx] = 0
+        t.atime_mv[idx] = self.now
         state_mv[idx] = st
         if st == SAME:
             t.handle_mv[idx] = v
@@ -191,6 +312,7 @@ class PageStore:
         t.handle[first:stop] = np.where(same, values, np.array(handles, dtype=np.uint64))
         t.size[first:stop] = np.where(same, 0, values)
         t.codec[first:stop] = np.where(same, 0, codec_id)
+        t.atime[first:stop] = self.now  # flags: 0 since the discard
         nsame = int(np.count_nonzero(same))
         nhuge = int(np.count_nonzero(states == HUGE))
         s = self.stats
@@ -231,10 +353,15 @@ class PageStore:
                         s.same_pages -= 1
                     else:
                         self._free_object(idx, st)
+                    fl = t.flags_mv[idx]
+                    if fl:
+                        self._unflag(fl)
+                        t.flags_mv[idx] = 0
                     state_mv[idx] = EMPTY
                     t.handle_mv[idx] = 0
                     t.size_mv[idx] = 0
                     t.codec_mv[idx] = 0
+                    t.atime_mv[idx] = 0
                     n += 1
             self._settle_groups()
             return n
@@ -243,6 +370,7 @@ class PageStore:
         if not n:
             return 0
         same, huge, sizes, _pooled = t.counts(idx_arr)
+        self._unflag_many(t.flags[idx_arr])
         free = self.pool.free
         for h in t.pooled_handles(idx_arr):
             free(h)
@@ -269,11 +397,51 @@ class PageStore:
         t = self.table
         if p1 - p0 > SMALL_DISCARD_PAGES and not (t.state[p0:p1] != SAME).any():
             if not t.handle[p0:p1].max():
-                return  # already zero-filled (a zero overwrite): nothing changes
+                # already zero-filled (a zero overwrite): only the access time and marks change
+                fl = t.flags[p0:p1]
+                if fl.any():
+                    self._unflag_many(fl)
+                    fl[:] = 0
+                t.atime[p0:p1] = self.now
+                return
         self.discard(p0, p1)
         t.state[p0:p1] = SAME  # handle (the fill word) is already 0 after discard
+        t.atime[p0:p1] = self.now
         self.stats.pages_stored += p1 - p0
         self.stats.same_pages += p1 - p0
+
+    # --- background moves (recompression) ------------------------------------------------------
+
+    def move(self, idx: int, payload: bytes, codec_id: int) -> None:
+        """Switch STORED or HUGE page ``idx`` to the compressed object ``payload`` (codec
+        ``codec_id``) and mark it RECOMPRESSED: make the new copy, switch the entry, free the
+        old. Its atime and IDLE mark stay. Raises PoolFull with nothing changed."""
+        t = self.table
+        h = self.pool.store(payload)
+        old = t.state_mv[idx]
+        old_handle, old_size = t.handle_mv[idx], t.size_mv[idx]
+        n = len(payload)
+        t.state_mv[idx] = STORED
+        t.handle_mv[idx] = h
+        t.size_mv[idx] = n
+        t.codec_mv[idx] = codec_id
+        fl = t.flags_mv[idx]
+        t.flags_mv[idx] = (fl & ~PENDING) | RECOMPRESSED
+        self.pool.free(old_handle)
+        s = self.stats
+        s.compr_data_size += n - old_size
+        if old == HUGE:
+            s.huge_pages -= 1
+        if not fl & RECOMPRESSED:
+            s.recompressed_pages += 1
+
+    def mark_incompressible(self, idx: int) -> None:
+        """No recompression algorithm shrank page ``idx``: mark it so it is not tried again."""
+        t = self.table
+        fl = t.flags_mv[idx]
+        t.flags_mv[idx] = (fl & ~PENDING) | INCOMPRESSIBLE
+        if not fl & INCOMPRESSIBLE:
+            self.stats.incompressible_pages += 1
 
     # --- reads ---------------------------------------------------------------------------------
 

@@ -17,12 +17,17 @@ Entry ``i`` describes device page ``i`` with six parallel arrays (15 bytes per p
   device keeps the list), so the algorithm can change while old pages stay readable;
 * ``flags`` (uint8): IDLE (marked idle and not accessed since), RECOMPRESSED (stored by a
   recompression algorithm), INCOMPRESSIBLE (no recompression algorithm shrank it: not tried
-  again until it is rewritten);
+  again until it is rewritten), PENDING (picked by a background move that has not switched it
+  yet: a write, which replaces the whole entry, clears it, and the move then leaves the page);
 * ``atime`` (uint16): the coarse time of the last read or write, in :data:`ATIME_QUANTUM`
-  second units of the device's clock, saturating at 0xFFFF (about 12 days).
+  second units of the device's clock. Before the clock passes :data:`ATIME_REBASE_AT` (about
+  11 days) the store moves its epoch forward by :data:`ATIME_REBASE_BY` and every atime back
+  (:meth:`PageTable.rebase_atime`, clamped at 0), so ages stay right for any uptime; a page
+  last accessed before the new epoch reads as accessed at it (still at least
+  ATIME_REBASE_AT - ATIME_REBASE_BY quanta old, about 5 days).
 
 A write replaces the whole entry (flags and atime included); a read refreshes ``atime`` and
-clears IDLE.
+clears IDLE (the store does both: :mod:`zramd.device.store`).
 
 The arrays live in anonymous ``mmap`` regions, which the kernel commits lazily, 4 KiB at a time:
 an empty 64 GiB table costs no RSS until pages are written. (Not ``np.zeros``: numpy advises
@@ -55,9 +60,14 @@ STATE_NAMES = ("empty", "same", "stored", "huge", "grouped")
 IDLE = 1
 RECOMPRESSED = 2
 INCOMPRESSIBLE = 4
+PENDING = 8
+FLAG_NAMES = {IDLE: "idle", RECOMPRESSED: "recompressed", INCOMPRESSIBLE: "incompressible"}
 #: seconds per unit of ``atime``
 ATIME_QUANTUM = 16
 ATIME_MAX = 0xFFFF
+#: the clock value (quanta) at which the store rebases, and by how much
+ATIME_REBASE_AT = 0xF000
+ATIME_REBASE_BY = 0x8000
 
 #: bytes of table per device page (the six arrays)
 ENTRY_BYTES = 8 + 2 + 1 + 1 + 1 + 2
@@ -177,6 +187,15 @@ class PageTable:
         out[st == EMPTY] = 3
         out[(st == SAME) & (self.handle[start:end] == 0)] = 2
         return out
+
+    def rebase_atime(self, shift: int) -> None:
+        """Move every live entry's ``atime`` back by ``shift`` quanta, clamped at 0 (entries
+        already at 0 are not written, so untouched parts of the table stay uncommitted)."""
+        at = self.atime
+        old = at >= shift
+        young = (at != 0) & ~old
+        np.subtract(at, np.uint16(shift), out=at, where=old)
+        at[young] = 0
 
     def state_counts(self) -> dict[str, int]:
         """Number of pages in each state (a full scan; for stats/debugging)."""
