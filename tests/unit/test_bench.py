@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,31 @@ def test_ideal_sizes(tmp_path: Path) -> None:
     for codec in ("lz4", "zstd"):
         assert PAGE < r["ideal_bytes"][codec] < PAGE + 400
     assert r["huge_pages_lz4"] == 1
+
+
+def test_trim_half_splits_ram_over_the_ideal(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    rnd = random.Random(3)
+    words = [bytes(rnd.choices(b"abcdefghij", k=rnd.randint(2, 9))) for _ in range(200)]
+    with open(img, "wb") as f:
+        for i in range(512):
+            if i % 7 == 0:
+                f.write(bytes(PAGE))
+            elif i % 11 == 0:
+                f.write(rnd.randbytes(3700) + bytes(PAGE - 3700))  # ~3.7 KiB: stored raw
+            else:  # text of a page-dependent vocabulary: objects of many sizes
+                vocab = words[: 2 + i % 150]
+                f.write(b" ".join(rnd.choices(vocab, k=2000))[:PAGE])
+    r = density.trim_half(img, "lz4")
+    assert r["live_pages"] == len([i for i in range(0, 512, 2) if i % 7])
+    parts = r["parts"]
+    assert set(parts) == set(density.TRIM_HALF_PARTS)
+    # RAM = ideal + the named parts + what the device's codec stored beyond the ideal
+    assert r["ram_bytes"] == r["ideal_bytes"] + sum(parts.values()) + r["codec"]
+    assert all(v >= 0 for k, v in parts.items() if k != "huge") and parts["huge"] > 0
+    assert r["pool_bytes"] <= r["pool_before_compact"]
+    text = density.trim_half_markdown([r])
+    assert text.count("\n") == 3 and f"| img | lz4 | {r['live_pages']} |" in text
 
 
 def _raw() -> dict[str, Any]:

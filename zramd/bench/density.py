@@ -16,11 +16,20 @@ store with each codec (zero and same-filled pages cost 0, a page that does not s
 using zramd's own codec classes. :func:`run_density` copies the image into a fresh server with
 nbdcopy, reads it back to a tmpfs file, compares sha256, and records copy rates and the server's
 memory growth (RSS, plus the tmpfs backing file for qemu-nbd) per byte of image.
+
+:func:`trim_half` measures what zramd's own layout costs once a device has churned, in-process
+with the device API (no server, so no RSS noise): the image is written to a
+:class:`~zramd.device.blockdev.ZramDevice`, every other page is trimmed, the pool is compacted,
+and the RAM then held (pool pages + pool metadata + page table) is compared with the ideal of the
+live pages and split by cause. ``python -m zramd.bench.density`` prints that table for both
+images and codecs.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +60,11 @@ WORKER_TIMEOUT_S = 60.0
 #: RSS settles after a copy: wait this long before sampling
 SETTLE_S = 0.3
 NBDCOPY_TIMEOUT_S = 300.0
+#: image budgets of :func:`main` (those of the benchmark's full mode)
+TRIM_HALF_EXT2_MIB = 224
+TRIM_HALF_MEMORY_MIB = 144
+#: where the overhead of :func:`trim_half` goes, in the order of its table
+TRIM_HALF_PARTS = ("huge", "slots", "zspages", "cache", "metadata", "table")
 
 
 def build_ext2_image(path: Path, budget: int) -> Path:
@@ -299,3 +313,120 @@ def run_density(spec: ServerSpec, image: Path, image_sha: str) -> dict[str, Any]
     finally:
         out.unlink(missing_ok=True)
         srv.stop()
+
+def trim_half(image: Path, algorithm: str, *, chain_size: int = 8) -> dict[str, Any]:
+    """Write ``image`` to a fresh device (1 MiB writes), trim every other page, compact; return
+    the RAM then held against the ideal of the live pages, split by cause (bytes):
+
+    * ``huge``: pages stored raw (compressed size at or above the device's huge threshold) pay
+      4096 minus their compressed size;
+    * ``slots``: size-class rounding, each object's slot minus its size;
+    * ``zspages``: free slots and tail bytes of the live zspages;
+    * ``cache``: the pool's warm cache (dropped by compaction);
+    * ``metadata``: the pool's Python-side bookkeeping (``Pool.metadata_bytes``);
+    * ``table``: the device's page table (every page of the device, live or not).
+
+    ``codec`` is what the device stored beyond the ideal plus ``huge``: 0 when it compresses
+    exactly like ``zramd.compress`` (the native batch codecs may differ by a few bytes)."""
+    from zramd.compress import get_codec
+    from zramd.device.blockdev import ZramDevice
+
+    codec = get_codec(algorithm)
+    data = image.read_bytes()
+    npages = len(data) // PAGE
+    dev = ZramDevice(npages * PAGE, algorithm=algorithm, chain_size=chain_size)
+    try:
+        for off in range(0, npages * PAGE, MIB):
+            dev.write_sync(off, data[off : min(off + MIB, npages * PAGE)])
+        for idx in range(1, npages, 2):
+            dev.trim_sync(idx * PAGE, PAGE)
+        pool = dev.pool
+        before_compact = pool.total_bytes
+        dev.compact()
+        ideal = huge = live = 0
+        for idx in range(0, npages, 2):
+            page = data[idx * PAGE : (idx + 1) * PAGE]
+            if page[8:] == page[:-8]:
+                continue
+            live += 1
+            n = min(len(codec.compress(page)), PAGE)
+            ideal += n
+            if n >= dev.huge_threshold:
+                huge += PAGE - n
+        stats = dev.stats
+        slot_bytes = shared_bytes = 0  # classes that share zspages (not the huge one)
+        for c in pool.class_stats():
+            size, objs, used, pages = (c[k] for k in ("size", "objs_per_zspage", "obj_used",
+                                                      "pages_used"))  # fmt: skip
+            assert isinstance(size, int) and isinstance(used, int) and isinstance(pages, int)
+            if objs != 1:
+                slot_bytes += used * size
+                shared_bytes += pages * PAGE
+        stored = stats.compr_data_size - stats.huge_pages * PAGE
+        parts = {
+            "huge": huge,
+            "slots": slot_bytes - stored,
+            "zspages": shared_bytes - slot_bytes,
+            "cache": pool.cached_bytes,
+            "metadata": pool.metadata_bytes,
+            "table": dev.table.nbytes,
+        }
+        ram = pool.total_bytes + pool.metadata_bytes + dev.table.nbytes
+        return {
+            "image": image.name,
+            "algorithm": algorithm,
+            "chain_size": chain_size,
+            "live_pages": live,
+            "ideal_bytes": ideal,
+            "pool_before_compact": before_compact,
+            "pool_bytes": pool.total_bytes,
+            "ram_bytes": ram,
+            "ram_per_ideal": ram / ideal if ideal else None,
+            "parts": parts,
+            "codec": stats.compr_data_size - ideal - huge,
+        }
+    finally:
+        dev.close()
+
+
+def trim_half_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table of :func:`trim_half` results: RAM per ideal byte, then each part of it."""
+    head = ("| image | codec | live pages | ideal MiB | pool before compact | pool | RAM | "
+            + " | ".join(TRIM_HALF_PARTS) + " | codec |")  # fmt: skip
+    out = [head, "| --- | --- |" + " ---: |" * (6 + len(TRIM_HALF_PARTS))]
+    for r in rows:
+        ideal = r["ideal_bytes"]
+        cells = [
+            r["image"], r["algorithm"], f"{r['live_pages']}", f"{ideal / MIB:.1f}",
+            f"{r['pool_before_compact'] / ideal:.3f}", f"{r['pool_bytes'] / ideal:.3f}",
+            f"**{r['ram_per_ideal']:.3f}**",
+        ]  # fmt: skip
+        cells += [f"{r['parts'][k] / ideal:.3f}" for k in TRIM_HALF_PARTS]
+        cells.append(f"{r['codec'] / ideal:.3f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zramd.bench.density [--json] [--chain-size N] [IMAGE ...]``: :func:`trim_half`
+    for lz4 and zstd on the given images, or on a fresh ext2 and memory image."""
+    ap = argparse.ArgumentParser(prog="python -m zramd.bench.density")
+    ap.add_argument("images", nargs="*", type=Path)
+    ap.add_argument("--chain-size", type=int, default=8)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="zbench-density-") as tmp:
+        images: list[Path] = args.images
+        if not images:
+            images = [
+                build_ext2_image(Path(tmp) / "ext2.img", TRIM_HALF_EXT2_MIB * MIB),
+                build_memory_image(Path(tmp) / "memory.img", TRIM_HALF_MEMORY_MIB * MIB),
+            ]
+        rows = [trim_half(img, algo, chain_size=args.chain_size)
+                for img in images for algo in IDEAL_CODECS]  # fmt: skip
+    print(json.dumps(rows, indent=1) if args.json else trim_half_markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
