@@ -1,0 +1,1095 @@
+"""The backing store: opaque byte objects packed densely in segments of a file or block device.
+
+Theory of operation
+-------------------
+**Owns** one backing file or block device (:mod:`zramd.backing.format` is its layout) and the
+space map of its segments. It stores opaque byte objects (a compressed page as it is, a raw
+page, a group blob) and hands back a :mod:`locator <zramd.backing.format>` per object; like the
+pool it knows nothing of pages, codecs or the device.
+
+**Dense packing.** Objects are appended back to back (8-byte aligned, 8-byte record header)
+into one *open* segment at a time; a segment that cannot take the next object is sealed and the
+lowest free segment is opened. A freed object leaves a dead hole in its segment; a segment
+whose last object is freed is given back at once (hole punched in a file, discarded on a
+device) and reused. *Cleaning* (:meth:`BackingStore.clean`) picks the sealed segments with the
+fewest live bytes (under ``threshold`` of a segment), copies their live objects to the open
+segment and returns ``(old, new)`` locator pairs; the caller switches its references and then
+frees the old locators, which empties the victims, which are then given back. The trade-off,
+for compressed pages of about 1.5 KiB (2.7:1): one object per 4 KiB block would write and hold
+4 KiB per page (2.7x the compressed bytes, every time), with no cleaning. Packing writes the
+compressed bytes plus ~0.5% (header and padding); what it costs is cleaning: a victim at live
+fraction u costs u bytes copied per (1 - u) bytes won, at most 1 byte per byte with the default
+``threshold`` 0.5, and the space held is at most 1 / threshold = 2x the live bytes before
+cleaning runs (in practice far less: segments empty unevenly and the emptiest go first). The
+measured figures are in ``zramd.bench.micro`` (``backing`` section).
+
+**Segment size** (default 256 KiB): big enough that a batch of a writeback slice is one or two
+``pwritev`` calls and that a group blob (up to 64 KiB) fits, small enough that cleaning one
+segment is a short job and that a freed segment is quickly given back.
+
+**Space map**, in memory, per segment: state (FREE, OPEN, SEALED, RELEASING), write pointer,
+sequence number and CRC seed, live objects and bytes, writes in flight; and the sorted
+``array('Q')`` of the locators written into it with a parallel dead flag per object (9 bytes
+per object: about 6 MiB per GiB of 1.5 KiB objects), so a free is one bisect and cleaning knows
+the live objects and their lengths without reading headers. Free segments are a min-heap (the
+lowest first, so a file stays compact); segments past the high-water mark were never used. One
+segment is kept in reserve for cleaning: a write that would need it gets :class:`BackingFull`,
+so cleaning can always make progress.
+
+**Opening an existing store** (:meth:`BackingStore.open`) rebuilds the space map from the
+file's metadata: with the caller's list of live locators (the persisted page table) it reads the
+header and the headers of the segments they are in, and every other segment is free; without
+it, it walks every segment's records and takes every record that passes its check as live (a
+recovery scan; a torn tail ends a segment). New writes always go to a fresh segment.
+
+**Threads.** State (the space map, counters) is changed only on the caller's thread: the event
+loop for the async API (``write_many``, ``read``, ``read_many``, ``free``, ``clean``,
+``aclose``), one thread for the ``*_sync`` API (tests, tools); never both at once. The I/O
+(``os.pwritev`` of whole runs, ``os.pread`` of merged extents, CRCs, punch/discard) runs in the
+store's own bounded thread pool (``io_threads``), never on the loop. A write is planned
+(space reserved) on the loop, written in a thread, then committed; a segment with writes in
+flight is never cleaned nor given back, and a segment being given back is not reused until the
+punch has returned.
+
+**Faults** cost only the request that meets them, and the store stays usable:
+
+* a write that fails (EIO, a short or refused write, ENOSPC of the file system) raises
+  :class:`BackingIOError` or :class:`BackingFull` and rolls back: its objects are dead, its
+  locators never returned; the space map is as if it had not been asked (but for the dead
+  bytes in the open segment);
+* the store's own room (its capacity, less the cleaning reserve) or the write budget
+  (``write_limit``, zram's writeback_limit) refuses a write with :class:`BackingFull` /
+  :class:`BudgetSpent` before anything is written;
+* a read past the end (a truncated file) raises :class:`BackingIOError`; an object whose record
+  fails its CRC or does not match its locator raises :class:`BackingCorrupt` for that object
+  only; cleaning leaves such an object where it is, reports it, and pins its segment (not
+  cleaned again) until the caller frees it.
+
+**Invariants**: a locator is valid from the return of the write that made it until it is freed;
+every written object is live or dead in exactly one segment's array; ``live_bytes`` and
+``live_count`` of a segment are its records not marked dead; a FREE segment holds no live
+object and has no write in flight.
+
+Knows nothing of pages, tables, codecs or the event loop's other work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import os
+import threading
+import time
+import uuid as uuidlib
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from zramd.backing import osio
+from zramd.backing.format import (
+    ALIGN,
+    DEFAULT_DATA_OFFSET,
+    FLAG_BLOCK_DEVICE,
+    HEADER_BYTES,
+    RECORD_HEADER,
+    RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES,
+    SEGMENT_SIZE,
+    SEQ_RESERVE,
+    FormatError,
+    Header,
+    check_segment_size,
+    decode_header,
+    decode_segment_header,
+    encode_header,
+    encode_segment_header,
+    locator_length,
+    locator_offset,
+    make_locator,
+    max_object,
+    record_bytes,
+    record_crc,
+    segment_seed,
+)
+
+Buffer = bytes | bytearray | memoryview
+
+#: I/O threads of one store (reads of several requests and a writeback slice overlap)
+DEFAULT_IO_THREADS = 4
+#: the fewest segments a store must have room for (one open, one cleaning reserve)
+MIN_SEGMENTS = 4
+#: cleaning takes sealed segments whose live bytes are below this fraction of a segment
+CLEAN_THRESHOLD = 0.5
+#: segments kept for cleaning: a write that would need them is refused (BackingFull)
+CLEAN_RESERVE_SEGMENTS = 1
+#: iovecs per pwritev call (the kernel's IOV_MAX is 1024)
+MAX_IOV = 1020
+
+FREE, OPEN, SEALED, RELEASING = 0, 1, 2, 3
+
+_PADS = [bytes(n) for n in range(ALIGN)]
+
+
+class BackingError(Exception):
+    """A backing store operation failed; the store is still usable."""
+
+
+class BackingIOError(BackingError):
+    """An I/O error of the backing file or device (the device answers EIO). ``errno`` is the
+    OS error, ``offset`` where it happened."""
+
+    def __init__(self, message: str, *, err: int = errno.EIO, offset: int = -1) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.offset = offset
+
+
+class BackingCorrupt(BackingIOError):
+    """An object failed its checksum or does not match its locator (EIO for that object)."""
+
+    def __init__(self, message: str, *, locator: int, offset: int) -> None:
+        super().__init__(message, offset=offset)
+        self.locator = locator
+
+
+class BackingFull(BackingError):
+    """No room: the store's capacity (less the cleaning reserve) or the file system is full
+    (the device answers ENOSPC). ``cleanable`` is how many bytes cleaning could win."""
+
+    def __init__(self, message: str, *, cleanable: int = 0) -> None:
+        super().__init__(message)
+        self.cleanable = cleanable
+
+
+class BudgetSpent(BackingFull):
+    """The write budget (``write_limit``) does not cover the write."""
+
+
+class BackingOpenError(BackingError):
+    """The path cannot be used as a backing store (missing, busy, too small, foreign or damaged
+    content); the message names the path and says what is wrong."""
+
+
+@dataclass
+class BackingCounters:
+    """Cumulative counters of one store (zram's ``bd_stat`` and more)."""
+
+    #: objects written by ``write_many`` (zram bd_writes counts pages; the device converts)
+    bd_writes: int = 0
+    #: objects read
+    bd_reads: int = 0
+    #: bytes written to the file or device (records, segment headers, cleaning moves)
+    write_bytes: int = 0
+    #: bytes read
+    read_bytes: int = 0
+    #: bytes given back (holes punched, ranges discarded)
+    punched_bytes: int = 0
+    #: segments that could not be given back (no hole punching or discard there)
+    punch_unsupported: int = 0
+    #: I/O errors met (reads, writes, punches)
+    io_errors: int = 0
+    #: objects that failed their check on a read or in cleaning
+    corrupt: int = 0
+    #: segments emptied by cleaning, objects and bytes it moved
+    cleaned_segments: int = 0
+    moved_objects: int = 0
+    moved_bytes: int = 0
+
+
+@dataclass
+class Cleaning:
+    """What one :meth:`BackingStore.clean` did. The caller switches each ``old`` reference to
+    ``new`` and frees ``old`` (or, when it freed ``old`` meanwhile, frees ``new``)."""
+
+    relocations: list[tuple[int, int]] = field(default_factory=list)
+    #: live objects that failed their check: left in place, their segment pinned
+    corrupt: list[int] = field(default_factory=list)
+    #: victims cleaned
+    segments: int = 0
+
+
+@dataclass
+class _Run:
+    """Records to write contiguously into one segment (a part of one write plan)."""
+
+    seg: int
+    start: int  # absolute offset of the run's first byte
+    seed: int
+    head: bytes | None  # segment header, when the run opens the segment
+    items: list[tuple[int, int]]  # (object index in the plan, absolute record offset)
+
+
+@dataclass
+class _Plan:
+    runs: list[_Run]
+    locs: list[int]
+    header: bytes | None  # a header rewrite (sequence limit moved) to write first
+    nbytes: int
+    charged: int  # taken from the write budget (given back if the write fails)
+    sealed: list[int]  # segments this plan sealed (given back after it if empty)
+
+
+class BackingStore:
+    """One backing file or block device (see the module doc). Build with :meth:`create` or
+    :meth:`open`."""
+
+    def __init__(
+        self, path: str, fd: int, header: Header, *, io_threads: int = DEFAULT_IO_THREADS
+    ) -> None:
+        self.path = path
+        self._fd = fd
+        self.header = header
+        self.segment_size = header.segment_size
+        self.max_object = max_object(header.segment_size)
+        self.nsegments = header.max_segments()
+        self.counters = BackingCounters()
+        #: bytes a write may still write (zram writeback_limit), None: no limit
+        self.write_limit: int | None = None
+        self._next_seq = header.seq_limit
+        self._state = bytearray()
+        self._fill = array("I")
+        self._seq = array("Q")
+        self._seed = array("I")
+        self._live_count = array("I")
+        self._live_bytes = array("Q")
+        self._pending = array("I")
+        self._locs: list[array[int] | None] = []
+        self._dead: list[bytearray | None] = []
+        self._free: list[int] = []
+        self._pinned: set[int] = set()
+        self._cleaning: set[int] = set()
+        self._open = -1
+        self._live_objects = 0
+        self._live_payload = 0
+        self._executor = ThreadPoolExecutor(
+            max_workers=io_threads, thread_name_prefix="zramd-backing"
+        )
+        self._releasing: set[asyncio.Future[Any]] = set()
+        #: the I/O threads update ``counters`` under it
+        self._count_lock = threading.Lock()
+        self._closed = False
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        size: int = 0,
+        segment_size: int = SEGMENT_SIZE,
+        io_threads: int = DEFAULT_IO_THREADS,
+    ) -> BackingStore:
+        """Format ``path`` as a new, empty store: a regular file (created if missing, sparse;
+        ``size`` caps its growth, 0 = until the file system is full) or a block device (its
+        whole size). Refuses (BackingOpenError) a path held by another opener, one too small
+        for MIN_SEGMENTS segments, and a non-empty file or device holding something else than
+        a backing store (zeros or a store are overwritten)."""
+        check_segment_size(segment_size)
+        fd, is_blk = _open(path, create=True)
+        try:
+            first = os.pread(fd, HEADER_BYTES, 0)
+            if first.strip(b"\0"):
+                try:
+                    decode_header(first)
+                except FormatError:
+                    raise BackingOpenError(
+                        f"{path}: holds something else than a zramd backing store; wipe it "
+                        "first (its first 4 KiB must be zeros)"
+                    ) from None
+            limit = osio.device_size(fd) if is_blk else 0
+            if size and (not limit or size < limit):
+                limit = size
+            capacity = 0
+            if limit:
+                capacity = (limit - DEFAULT_DATA_OFFSET) // segment_size * segment_size
+                if capacity < MIN_SEGMENTS * segment_size:
+                    raise BackingOpenError(
+                        f"{path}: too small: {limit} bytes, a store needs at least "
+                        f"{DEFAULT_DATA_OFFSET + MIN_SEGMENTS * segment_size}"
+                    )
+            header = Header(
+                flags=FLAG_BLOCK_DEVICE if is_blk else 0,
+                segment_size=segment_size,
+                uuid=uuidlib.uuid4().bytes,
+                created=int(time.time()),
+                meta_offset=HEADER_BYTES,
+                meta_length=DEFAULT_DATA_OFFSET - HEADER_BYTES,
+                data_offset=DEFAULT_DATA_OFFSET,
+                capacity=capacity,
+                seq_limit=1 + SEQ_RESERVE,
+            )
+            if is_blk:
+                osio.release(fd, header.data_offset, capacity, block_device=True)
+            else:
+                os.ftruncate(fd, 0)
+            _write_all(fd, encode_header(header), 0)
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise BackingOpenError(f"{path}: {e.strerror or e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        store = cls(path, fd, header, io_threads=io_threads)
+        store._next_seq = 1
+        return store
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        live: Iterable[int] | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
+    ) -> BackingStore:
+        """Open an existing store and rebuild its space map: from ``live`` (the locators the
+        caller still references; every other segment is given back), or, without it, by
+        walking every segment's records (each valid one is live). Raises BackingOpenError
+        naming the path and what is wrong (missing, busy, not a store, another version, bad
+        checksum, smaller than its header says, a live locator in a segment that is not
+        there)."""
+        try:
+            fd, is_blk = _open(path, create=False)
+        except OSError as e:
+            raise BackingOpenError(f"{path}: {e.strerror or e}") from None
+        try:
+            try:
+                header = decode_header(os.pread(fd, HEADER_BYTES, 0))
+            except FormatError as e:
+                raise BackingOpenError(f"{path}: {e}") from None
+            if is_blk != header.block_device:
+                raise BackingOpenError(f"{path}: the header says the store is on a "
+                                       f"{'block device' if header.block_device else 'file'}")
+            if is_blk and osio.device_size(fd) < header.data_offset + header.capacity:
+                raise BackingOpenError(f"{path}: the device is smaller than its header says")
+            store = cls(path, fd, header, io_threads=io_threads)
+        except OSError as e:
+            os.close(fd)
+            raise BackingOpenError(f"{path}: {e.strerror or e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            store._rebuild(live)
+            store._reserve_seq()
+            _write_all(fd, encode_header(store.header), 0)
+            os.fsync(fd)
+        except OSError as e:
+            store.close()
+            raise BackingOpenError(f"{path}: {e.strerror or e}") from None
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _rebuild(self, live: Iterable[int] | None) -> None:
+        """The space map from the segments' metadata (see :meth:`open`)."""
+        per_seg: dict[int, list[int]] = {}
+        seqs: dict[int, int] = {}
+        if live is None:
+            for seg in range(self._scan_limit()):
+                raw = self._pread(self._seg_start(seg), self.segment_size)
+                seq = decode_segment_header(raw, seg, self.header.uuid)
+                if seq is None:
+                    continue
+                seqs[seg] = seq
+                per_seg[seg] = self._walk(raw, seg, seq)
+        else:
+            for loc in live:
+                seg = self._seg_of(loc)
+                per_seg.setdefault(seg, []).append(loc)
+            for seg in sorted(per_seg):
+                raw = self._pread(self._seg_start(seg), SEGMENT_HEADER_BYTES)
+                seq = decode_segment_header(raw, seg, self.header.uuid)
+                if seq is None:
+                    raise BackingOpenError(
+                        f"{self.path}: segment {seg} holds {len(per_seg[seg])} live objects "
+                        "but has no valid segment header (truncated or overwritten)"
+                    )
+                seqs[seg] = seq
+        high = max(per_seg, default=-1) + 1
+        self._grow(high)
+        for seg, locs in per_seg.items():
+            locs.sort()
+            if not locs:
+                continue
+            last = locs[-1]
+            self._state[seg] = SEALED
+            self._seq[seg] = seqs[seg]
+            self._seed[seg] = segment_seed(self.header.uuid, seqs[seg])
+            self._fill[seg] = (locator_offset(last) - self._seg_start(seg)
+                               + record_bytes(locator_length(last)))
+            self._locs[seg] = array("Q", locs)
+            self._dead[seg] = bytearray(len(locs))
+            nbytes = sum(record_bytes(locator_length(x)) for x in locs)
+            self._live_count[seg] = len(locs)
+            self._live_bytes[seg] = nbytes
+            self._live_objects += len(locs)
+            self._live_payload += sum(locator_length(x) for x in locs)
+        start = -1
+        for seg in range(high + 1):
+            if seg < high and self._state[seg] == FREE:
+                heapq.heappush(self._free, seg)
+                if start < 0:
+                    start = seg
+            elif start >= 0:
+                self._release_range(start, seg)
+                start = -1
+        tail = self._seg_start(high)
+        end = self._seg_start(self._scan_limit())
+        if end > tail:
+            self._release_io(tail, end - tail)
+
+    def _scan_limit(self) -> int:
+        """Segments that may have been written (a file's size bounds them)."""
+        if self.header.block_device:
+            return self.nsegments
+        size = os.fstat(self._fd).st_size
+        used = max(0, size - self.header.data_offset)
+        return min(self.nsegments, -(-used // self.segment_size))
+
+    def _walk(self, raw: bytes, seg: int, seq: int) -> list[int]:
+        """The valid records of one segment's bytes, in order, up to the first invalid one."""
+        base = self._seg_start(seg)
+        seed = segment_seed(self.header.uuid, seq)
+        pos, out = SEGMENT_HEADER_BYTES, []
+        end = len(raw)
+        while pos + RECORD_HEADER_BYTES <= end:
+            crc, n = RECORD_HEADER.unpack_from(raw, pos)
+            stop = pos + RECORD_HEADER_BYTES + n
+            if n == 0 or stop > end:
+                break
+            payload = memoryview(raw)[pos + RECORD_HEADER_BYTES : stop]
+            if record_crc(seed, base + pos, payload) != crc:
+                break
+            out.append(make_locator(base + pos, n))
+            pos += record_bytes(n)
+        return out
+
+    # --- geometry and the space map -------------------------------------------------------
+
+    def _seg_start(self, seg: int) -> int:
+        return self.header.data_offset + seg * self.segment_size
+
+    def _seg_of(self, loc: int) -> int:
+        off = locator_offset(loc) - self.header.data_offset
+        seg = off // self.segment_size
+        if off < 0 or seg >= self.nsegments or (
+            off % self.segment_size < SEGMENT_HEADER_BYTES
+        ) or off % self.segment_size + record_bytes(locator_length(loc)) > self.segment_size:
+            raise ValueError(f"locator {loc:#x} is outside the segments of {self.path}")
+        return seg
+
+    def _grow(self, nseg: int) -> None:
+        """Extend the per-segment arrays to ``nseg`` segments (new ones FREE)."""
+        add = nseg - len(self._state)
+        if add <= 0:
+            return
+        self._state.extend(bytes(add))
+        for arr in (self._fill, self._seq, self._seed, self._live_count, self._live_bytes,
+                    self._pending):
+            arr.extend(bytes(add * arr.itemsize))
+        self._locs.extend([None] * add)
+        self._dead.extend([None] * add)
+
+    def _room(self, *, cleaning: bool) -> int:
+        """Segments a write may still open."""
+        n = len(self._free) + self.nsegments - len(self._state)
+        return n if cleaning else n - CLEAN_RESERVE_SEGMENTS
+
+    def _take_segment(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        seg = len(self._state)
+        self._grow(seg + 1)
+        return seg
+
+    def _reserve_seq(self) -> None:
+        """Move the header's sequence limit forward (the header must then be written)."""
+        h = self.header
+        self.header = Header(
+            flags=h.flags, segment_size=h.segment_size, uuid=h.uuid, created=h.created,
+            meta_offset=h.meta_offset, meta_length=h.meta_length, data_offset=h.data_offset,
+            capacity=h.capacity, seq_limit=self._next_seq + SEQ_RESERVE,
+        )
+
+    def _plan(self, objs: Sequence[Buffer], *, cleaning: bool = False) -> _Plan:
+        """Reserve room for ``objs`` (all or nothing): their locators and the runs to write.
+        Raises ValueError (an object too big or empty), BackingFull, BudgetSpent."""
+        seg_size = self.segment_size
+        nbytes = 0
+        need = 0
+        left = seg_size - self._fill[self._open] if self._open >= 0 else 0
+        for o in objs:
+            n = len(o)
+            if not 0 < n <= self.max_object:
+                raise ValueError(f"object of {n} bytes (1 to {self.max_object} allowed)")
+            r = record_bytes(n)
+            nbytes += r
+            if r > left:
+                need += 1
+                left = seg_size - SEGMENT_HEADER_BYTES
+                nbytes += SEGMENT_HEADER_BYTES
+            left -= r
+        if need > self._room(cleaning=cleaning):
+            raise BackingFull(
+                f"{self.path}: backing store full ({self.used_bytes()} of "
+                f"{self.nsegments * seg_size} bytes in use)",
+                cleanable=self.cleanable_bytes(),
+            )
+        if not cleaning and self.write_limit is not None and nbytes > self.write_limit:
+            raise BudgetSpent(
+                f"{self.path}: write budget spent ({self.write_limit} bytes left, "
+                f"{nbytes} needed)"
+            )
+        header: bytes | None = None
+        sealed: list[int] = []
+        runs: list[_Run] = []
+        locs: list[int] = []
+        run: _Run | None = None
+        for i, o in enumerate(objs):
+            n = len(o)
+            r = record_bytes(n)
+            seg = self._open
+            if seg < 0 or self._fill[seg] + r > seg_size:
+                if seg >= 0:
+                    self._seal(seg)
+                    sealed.append(seg)
+                seg = self._take_segment()
+                if self._next_seq >= self.header.seq_limit:
+                    self._reserve_seq()
+                    header = encode_header(self.header)
+                seq = self._next_seq
+                self._next_seq += 1
+                self._open = seg
+                self._state[seg] = OPEN
+                self._seq[seg] = seq
+                self._seed[seg] = segment_seed(self.header.uuid, seq)
+                self._fill[seg] = SEGMENT_HEADER_BYTES
+                self._locs[seg] = array("Q")
+                self._dead[seg] = bytearray()
+                run = _Run(seg, self._seg_start(seg), self._seed[seg],
+                           encode_segment_header(seg, seq, self.header.uuid), [])
+                runs.append(run)
+            elif run is None or run.seg != seg:
+                run = _Run(seg, self._seg_start(seg) + self._fill[seg], self._seed[seg], None,
+                           [])
+                runs.append(run)
+            off = self._seg_start(seg) + self._fill[seg]
+            self._fill[seg] += r
+            loc = make_locator(off, n)
+            locs.append(loc)
+            run.items.append((i, off))
+            self._locs[seg].append(loc)  # type: ignore[union-attr]
+            self._dead[seg].append(0)  # type: ignore[union-attr]
+            self._live_count[seg] += 1
+            self._live_bytes[seg] += r
+            self._live_objects += 1
+            self._live_payload += n
+        charged = 0
+        if self.write_limit is not None:
+            charged = min(self.write_limit, nbytes)
+            self.write_limit -= charged
+        for run in runs:
+            self._pending[run.seg] += 1
+        return _Plan(runs, locs, header, nbytes, charged, sealed)
+
+    def _seal(self, seg: int) -> None:
+        self._state[seg] = SEALED
+        if self._open == seg:
+            self._open = -1
+
+    def _finish(self, plan: _Plan, ok: bool) -> list[int]:
+        """After a plan's I/O: drop the in-flight marks; on failure kill its objects. Returns
+        the segments now empty, to give back."""
+        for run in plan.runs:
+            self._pending[run.seg] -= 1
+        if not ok:
+            self._kill(plan.locs)
+            if self.write_limit is not None:
+                self.write_limit += plan.charged
+        segs = {run.seg for run in plan.runs}.union(plan.sealed)
+        return sorted(s for s in segs if self._releasable(s))
+
+    def _releasable(self, seg: int) -> bool:
+        return (self._state[seg] == SEALED and self._live_count[seg] == 0
+                and self._pending[seg] == 0 and seg not in self._cleaning)
+
+    def _find(self, loc: int) -> tuple[int, int]:
+        """(segment, index in its arrays) of the live object ``loc``. Raises ValueError when
+        ``loc`` is not live (freed, relocated and freed, or never written)."""
+        seg = self._seg_of(loc)
+        if seg < len(self._state):
+            arr, dead = self._locs[seg], self._dead[seg]
+            if arr is not None and dead is not None:
+                i = bisect_left(arr, loc)
+                if i < len(arr) and arr[i] == loc and not dead[i]:
+                    return seg, i
+        raise ValueError(f"locator {loc:#x} is not live in {self.path}")
+
+    def _kill(self, locs: Iterable[int]) -> list[int]:
+        """Mark ``locs`` dead; the sealed segments they empty (to give back). Raises ValueError
+        for a locator that is not live (a double free, or foreign)."""
+        empty: list[int] = []
+        for loc in locs:
+            seg, i = self._find(loc)
+            self._dead[seg][i] = 1  # type: ignore[index]
+            n = locator_length(loc)
+            self._live_count[seg] -= 1
+            self._live_bytes[seg] -= record_bytes(n)
+            self._live_objects -= 1
+            self._live_payload -= n
+            if self._live_count[seg] == 0:
+                self._pinned.discard(seg)
+                if self._releasable(seg):
+                    empty.append(seg)
+        return empty
+
+    def _start_release(self, segs: list[int]) -> list[tuple[int, int]]:
+        """Mark ``segs`` RELEASING; the byte ranges to give back."""
+        out = []
+        for seg in segs:
+            self._state[seg] = RELEASING
+            self._locs[seg] = None
+            self._dead[seg] = None
+            self._fill[seg] = 0
+            out.append((self._seg_start(seg), self.segment_size))
+        return out
+
+    def _end_release(self, segs: list[int]) -> None:
+        for seg in segs:
+            self._state[seg] = FREE
+            heapq.heappush(self._free, seg)
+
+    def _release_range(self, first: int, stop: int) -> None:
+        """Give back segments ``[first, stop)`` (free already) at open."""
+        self._release_io(self._seg_start(first), (stop - first) * self.segment_size)
+
+    # --- thread-side I/O (no state but the counters) ----------------------------------------
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        try:
+            data = os.pread(self._fd, n, offset)
+        except OSError as e:
+            self._count(io_errors=1)
+            raise BackingIOError(
+                f"{self.path}: read of {n} bytes at {offset}: {e.strerror}",
+                err=e.errno or errno.EIO, offset=offset,
+            ) from None
+        self._count(read_bytes=len(data))
+        return data
+
+    def _write_io(self, plan: _Plan, objs: Sequence[Buffer]) -> None:
+        """Write a plan's runs (headers and CRCs made here, in the thread)."""
+        try:
+            if plan.header is not None:
+                _write_all(self._fd, plan.header, 0)
+                os.fdatasync(self._fd)
+            for run in plan.runs:
+                iov: list[Buffer] = []
+                if run.head is not None:
+                    iov.append(run.head)
+                for i, off in run.items:
+                    o = objs[i]
+                    n = len(o)
+                    iov.append(RECORD_HEADER.pack(record_crc(run.seed, off, o), n))
+                    iov.append(o)
+                    pad = -(RECORD_HEADER_BYTES + n) % ALIGN
+                    if pad:
+                        iov.append(_PADS[pad])
+                _writev_all(self._fd, iov, run.start)
+        except OSError as e:
+            self._count(io_errors=1)
+            where = plan.runs[0].start if plan.runs else 0
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise BackingFull(f"{self.path}: {e.strerror} writing at {where}") from None
+            raise BackingIOError(
+                f"{self.path}: write at {where}: {e.strerror}", err=e.errno or errno.EIO,
+                offset=where,
+            ) from None
+        self._count(write_bytes=plan.nbytes)
+
+    def _read_io(self, locs: Sequence[int], seeds: Sequence[int]) -> list[bytes]:
+        """Read and check ``locs`` (adjacent records merged into one pread)."""
+        order = sorted(range(len(locs)), key=locs.__getitem__)
+        out: list[bytes] = [b""] * len(locs)
+        k = 0
+        while k < len(order):
+            first = locs[order[k]]
+            start = locator_offset(first)
+            end = start + record_bytes(locator_length(first))
+            j = k + 1
+            while j < len(order):
+                nxt = locs[order[j]]
+                if locator_offset(nxt) != end:
+                    break
+                end += record_bytes(locator_length(nxt))
+                j += 1
+            raw = self._pread(start, end - start)
+            for idx in order[k:j]:
+                out[idx] = self._check(raw, start, locs[idx], seeds[idx])
+            k = j
+        self._count(bd_reads=len(locs))
+        return out
+
+    def _check(self, raw: bytes, base: int, loc: int, seed: int) -> bytes:
+        off = locator_offset(loc)
+        n = locator_length(loc)
+        pos = off - base
+        if len(raw) < pos + RECORD_HEADER_BYTES + n:
+            self._count(io_errors=1)
+            raise BackingIOError(
+                f"{self.path}: short read at {off} (file truncated?)", offset=off
+            )
+        crc, length = RECORD_HEADER.unpack_from(raw, pos)
+        payload = raw[pos + RECORD_HEADER_BYTES : pos + RECORD_HEADER_BYTES + n]
+        if length != n or record_crc(seed, off, payload) != crc:
+            self._count(corrupt=1)
+            raise BackingCorrupt(
+                f"{self.path}: object at {off} ({n} bytes) fails its checksum",
+                locator=loc, offset=off,
+            )
+        return payload
+
+    def _release_io(self, offset: int, length: int) -> None:
+        try:
+            done = osio.release(self._fd, offset, length,
+                                block_device=self.header.block_device)
+        except OSError:
+            self._count(io_errors=1)
+            return
+        if done:
+            self._count(punched_bytes=length)
+        else:
+            self._count(punch_unsupported=1)
+
+    def _count(self, **add: int) -> None:
+        c = self.counters
+        with self._count_lock:
+            for k, v in add.items():
+                setattr(c, k, getattr(c, k) + v)
+
+    def _release_all(self, ranges: list[tuple[int, int]]) -> None:
+        for off, n in ranges:
+            self._release_io(off, n)
+
+    def _clean_read(self, seg: int, fill: int, locs: list[int], seed: int
+                    ) -> list[bytes | None]:
+        """The payloads of a victim's live objects (None: fails its check)."""
+        base = self._seg_start(seg)
+        raw = self._pread(base, fill)
+        out: list[bytes | None] = []
+        for loc in locs:
+            try:
+                out.append(self._check(raw, base, loc, seed))
+            except BackingIOError:
+                out.append(None)
+        return out
+
+    # --- the synchronous API (one thread, no async call in flight) --------------------------
+
+    def write_many_sync(self, objs: Sequence[Buffer]) -> list[int]:
+        """Store ``objs`` (each 1..``max_object`` bytes); their locators, in order. All or
+        nothing: raises BackingFull, BudgetSpent, BackingIOError, ValueError."""
+        self._check_open()
+        if not objs:
+            return []
+        plan = self._plan(objs)
+        try:
+            self._write_io(plan, objs)
+        except BaseException:
+            self._release_now(self._finish(plan, ok=False))
+            raise
+        self._release_now(self._finish(plan, ok=True))
+        self._count(bd_writes=len(objs))
+        return plan.locs
+
+    def read_sync(self, loc: int) -> bytes:
+        """The object at ``loc``. Raises BackingCorrupt, BackingIOError."""
+        return self.read_many_sync([loc])[0]
+
+    def read_many_sync(self, locs: Sequence[int]) -> list[bytes]:
+        """The objects at ``locs``, in order (raises for the first that fails)."""
+        self._check_open()
+        return self._read_io(locs, self._seeds(locs))
+
+    def free_sync(self, locs: Iterable[int]) -> None:
+        """Free ``locs``; segments they empty are given back. Raises ValueError for a locator
+        that is not live (nothing freed then)."""
+        self._check_open()
+        self._release_now(self._free_checked(locs))
+
+    def clean_sync(self, max_segments: int = 1, threshold: float = CLEAN_THRESHOLD) -> Cleaning:
+        """Clean up to ``max_segments`` victims (see the module doc)."""
+        self._check_open()
+        result = Cleaning()
+        for seg in self._victims(max_segments, threshold):
+            args = self._clean_begin(seg)
+            done = False
+            try:
+                payloads = self._clean_read(*args)
+                objs, olds = self._clean_select(seg, args[2], payloads, result)
+                if objs:
+                    try:
+                        plan = self._plan(objs, cleaning=True)
+                    except BackingFull:
+                        break
+                    try:
+                        self._write_io(plan, objs)
+                    except BaseException:
+                        self._release_now(self._finish(plan, ok=False))
+                        raise
+                    self._release_now(self._finish(plan, ok=True))
+                    self._clean_commit(olds, plan, result)
+                done = True
+            finally:
+                self._release_now(self._clean_end(seg, result, done))
+        return result
+
+    def close(self) -> None:
+        """Close the file (pending async work must have been awaited: see :meth:`aclose`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        os.close(self._fd)
+
+    def _release_now(self, segs: list[int]) -> None:
+        if segs:
+            ranges = self._start_release(segs)
+            self._release_all(ranges)
+            self._end_release(segs)
+
+    def _free_checked(self, locs: Iterable[int]) -> list[int]:
+        locs = list(locs)
+        for loc in locs:  # validate all first: a bad locator frees nothing
+            self._find(loc)
+        if len(set(locs)) != len(locs):
+            raise ValueError("a locator is freed twice")
+        return self._kill(locs)
+
+    def _seeds(self, locs: Sequence[int]) -> list[int]:
+        seed = self._seed
+        state = self._state
+        out = []
+        for loc in locs:
+            seg = self._seg_of(loc)
+            if seg >= len(state) or state[seg] not in (OPEN, SEALED):
+                raise ValueError(f"locator {loc:#x} is not live in {self.path}")
+            out.append(seed[seg])
+        return out
+
+    def _victims(self, max_segments: int, threshold: float) -> list[int]:
+        limit = threshold * self.segment_size
+        cands = [
+            (self._live_bytes[s], s)
+            for s in range(len(self._state))
+            if self._state[s] == SEALED and self._pending[s] == 0 and s not in self._pinned
+            and s not in self._cleaning and self._live_bytes[s] < limit
+        ]
+        return [s for _, s in heapq.nsmallest(max_segments, cands)]
+
+    def _clean_begin(self, seg: int) -> tuple[int, int, list[int], int]:
+        self._cleaning.add(seg)
+        arr, dead = self._locs[seg], self._dead[seg]
+        assert arr is not None and dead is not None
+        live = [loc for loc, d in zip(arr, dead, strict=True) if not d]
+        return seg, self._fill[seg], live, self._seed[seg]
+
+    def _clean_select(
+        self, seg: int, locs: list[int], payloads: list[bytes | None], result: Cleaning
+    ) -> tuple[list[bytes], list[int]]:
+        """The objects still live after the read, to move; corrupt ones pin the segment."""
+        arr, dead = self._locs[seg], self._dead[seg]
+        assert arr is not None and dead is not None
+        objs: list[bytes] = []
+        olds: list[int] = []
+        for loc, payload in zip(locs, payloads, strict=True):
+            if dead[bisect_left(arr, loc)]:
+                continue
+            if payload is None:
+                result.corrupt.append(loc)
+                self._pinned.add(seg)
+                continue
+            objs.append(payload)
+            olds.append(loc)
+        return objs, olds
+
+    def _clean_commit(self, olds: list[int], plan: _Plan, result: Cleaning) -> None:
+        result.relocations.extend(zip(olds, plan.locs, strict=True))
+        self._count(moved_objects=len(olds),
+                    moved_bytes=sum(locator_length(x) for x in olds))
+
+    def _clean_end(self, seg: int, result: Cleaning, done: bool) -> list[int]:
+        """A victim done (``done``: its live objects were moved, but corrupt ones): the
+        segments to give back (the victim, if the caller freed all its objects meanwhile)."""
+        self._cleaning.discard(seg)
+        if done:
+            result.segments += 1
+            self._count(cleaned_segments=1)
+        return [seg] if self._releasable(seg) else []
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackingIOError(f"{self.path}: the backing store is closed", err=errno.EBADF)
+
+    # --- the async API (event-loop thread only) ---------------------------------------------
+
+    async def write_many(self, objs: Sequence[Buffer]) -> list[int]:
+        """As :meth:`write_many_sync`, the I/O in the store's threads."""
+        self._check_open()
+        if not objs:
+            return []
+        plan = self._plan(objs)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._write_io, plan, objs)
+        except BaseException:
+            await self._release(self._finish(plan, ok=False))
+            raise
+        await self._release(self._finish(plan, ok=True))
+        self._count(bd_writes=len(objs))
+        return plan.locs
+
+    async def read(self, loc: int) -> bytes:
+        """As :meth:`read_sync`, in a thread."""
+        return (await self.read_many([loc]))[0]
+
+    async def read_many(self, locs: Sequence[int]) -> list[bytes]:
+        """As :meth:`read_many_sync`, in a thread."""
+        self._check_open()
+        seeds = self._seeds(locs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_io, list(locs), seeds)
+
+    async def free(self, locs: Iterable[int]) -> None:
+        """As :meth:`free_sync`; the punches run in a thread, and a segment given back is
+        reused only once its punch has returned."""
+        self._check_open()
+        await self._release(self._free_checked(locs))
+
+    async def clean(self, max_segments: int = 1, threshold: float = CLEAN_THRESHOLD) -> Cleaning:
+        """As :meth:`clean_sync`, the reads and writes in threads."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        result = Cleaning()
+        for seg in self._victims(max_segments, threshold):
+            args = self._clean_begin(seg)
+            done = False
+            try:
+                payloads = await loop.run_in_executor(self._executor, self._clean_read, *args)
+                objs, olds = self._clean_select(seg, args[2], payloads, result)
+                if objs:
+                    try:
+                        plan = self._plan(objs, cleaning=True)
+                    except BackingFull:
+                        break
+                    try:
+                        await loop.run_in_executor(self._executor, self._write_io, plan, objs)
+                    except BaseException:
+                        await self._release(self._finish(plan, ok=False))
+                        raise
+                    await self._release(self._finish(plan, ok=True))
+                    self._clean_commit(olds, plan, result)
+                done = True
+            finally:
+                await self._release(self._clean_end(seg, result, done))
+        return result
+
+    async def aclose(self) -> None:
+        """Wait for the punches in flight, then close."""
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        self.close()
+
+    async def _release(self, segs: list[int]) -> None:
+        if not segs:
+            return
+        ranges = self._start_release(segs)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, self._release_all, ranges)
+        self._releasing.add(fut)
+        try:
+            await asyncio.shield(fut)
+        finally:
+            self._releasing.discard(fut)
+            self._end_release(segs)
+
+    # --- budget and figures -----------------------------------------------------------------
+
+    def set_write_limit(self, nbytes: int | None) -> None:
+        """Allow ``nbytes`` more bytes of writes (zram writeback_limit; set again to reset),
+        or None for no limit. Cleaning is charged but never refused."""
+        if nbytes is not None and nbytes < 0:
+            raise ValueError("write limit must be >= 0")
+        self.write_limit = nbytes
+
+    def used_bytes(self) -> int:
+        """Bytes of the segments in use (open, sealed or being given back)."""
+        return (len(self._state) - len(self._free)) * self.segment_size
+
+    def cleanable_bytes(self) -> int:
+        """Dead bytes in sealed segments (what cleaning could win at most)."""
+        return sum(
+            self._fill[s] - SEGMENT_HEADER_BYTES - self._live_bytes[s]
+            for s in range(len(self._state)) if self._state[s] == SEALED
+        )
+
+    def stat(self) -> dict[str, int]:
+        """Counters and gauges (zram bd_stat in objects, bytes beside)."""
+        c = self.counters
+        return {
+            "bd_count": self._live_objects,
+            "bd_reads": c.bd_reads,
+            "bd_writes": c.bd_writes,
+            "live_bytes": self._live_payload,
+            "used_bytes": self.used_bytes(),
+            "capacity_bytes": self.nsegments * self.segment_size,
+            "file_allocated_bytes": osio.allocated_bytes(self._fd) if not self._closed else 0,
+            "read_bytes": c.read_bytes,
+            "write_bytes": c.write_bytes,
+            "punched_bytes": c.punched_bytes,
+            "punch_unsupported": c.punch_unsupported,
+            "io_errors": c.io_errors,
+            "corrupt": c.corrupt,
+            "cleaned_segments": c.cleaned_segments,
+            "moved_objects": c.moved_objects,
+            "moved_bytes": c.moved_bytes,
+            "write_limit": -1 if self.write_limit is None else self.write_limit,
+        }
+
+
+def _open(path: str, *, create: bool) -> tuple[int, bool]:
+    try:
+        return osio.open_exclusive(path, create=create)
+    except osio.BusyError as e:
+        raise BackingOpenError(str(e.strerror)) from None
+    except ValueError as e:
+        raise BackingOpenError(str(e)) from None
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    _writev_all(fd, [data], offset)
+
+
+def _writev_all(fd: int, iov: list[Buffer], offset: int) -> None:
+    """pwritev all of ``iov`` at ``offset`` (IOV_MAX at a time; a short write is retried for
+    its rest, and a write of nothing is ENOSPC)."""
+    for k in range(0, len(iov), MAX_IOV):
+        part = iov[k : k + MAX_IOV]
+        total = sum(len(b) for b in part)
+        done = os.pwritev(fd, part, offset)
+        if done < total:
+            rest = memoryview(b"".join(part))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                rest = rest[n:]
+                done += n
+        offset += total
