@@ -141,6 +141,14 @@ def release_pages(mm: mmap.mmap, offset: int, length: int) -> None:
         mm.madvise(MADV_DONTNEED_LOCKED, offset, length)
 
 
+def trim_heap() -> None:
+    """Give the free memory of the C heap, every malloc arena, back to the OS (glibc's
+    ``malloc_trim(0)``); nothing where the C library has no such call."""
+    trim = getattr(_get_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def munlockall() -> int:
     """Undo mlockall. Returns 0 on success, else the errno."""
     libc = _get_libc()
