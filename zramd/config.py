@@ -78,6 +78,14 @@ DEFAULT_SWAP_PRIORITY = 100
 SWAP_PRIORITY_RANGE = (-1, 32767)
 MKFS_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
 DEFAULT_FS_TYPE = "ext2"
+#: Background recompression: seconds between passes unless ``recompress-interval`` says, and
+#: the fewest allowed (a pass scans the whole table, in slices)
+DEFAULT_RECOMPRESS_INTERVAL = 60.0
+MIN_RECOMPRESS_INTERVAL = 1.0
+#: recompression algorithms after the first (zram: up to three secondary algorithms)
+MAX_RECOMPRESSION_ALGORITHMS = 3
+#: what the policy recompresses (zram's recompress ``type=``, with ``-`` for ``_``)
+RECOMPRESS_TYPES = ("idle", "huge-idle")
 #: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
 TLS_MODES = ("off", "on", "require")
 DEFAULT_TLS = "off"
@@ -169,6 +177,135 @@ def format_size(n: int) -> str:
     return f"{n}B"  # pragma: no cover
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: str | int | float, *, what: str = "duration") -> float:
+    """Seconds from ``"10m"``, ``"90s"``, ``"1.5h"``, ``"2d"`` or a number of seconds. Raises
+    ConfigError naming ``what``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"bad {what} {value!r}: expected a duration like \"10m\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _DURATION_UNITS:
+            raise ConfigError(
+                f"bad {what} {value!r}: expected a duration like \"10m\" (units s, m, h, d)"
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[unit]
+    if seconds < 0:
+        raise ConfigError(f"bad {what} {value!r}: must not be negative")
+    return seconds
+
+
+_ALGO_RE = re.compile(r"^([A-Za-z0-9_-]*)(?:\((.*)\))?$")
+
+
+@dataclass
+class Compression:
+    """What a ``compression-algorithm`` says, in zram-generator's vocabulary: the algorithm of
+    new pages with its level, the recompression algorithms after it (tried in order), and the
+    recompression parameters of a trailing parameter list without an algorithm."""
+
+    algorithm: str
+    level: int | None = None
+    recompression: list[tuple[str, int | None]] = field(default_factory=list)
+    recompress_type: str | None = None
+
+
+def parse_compression(text: str) -> Compression:
+    """``"lz4 zstd(level=3) (type=idle)"``: whitespace-separated algorithms, each with optional
+    ``(level=N)``; the first compresses new pages, the others (at most
+    :data:`MAX_RECOMPRESSION_ALGORITHMS`) recompress; a last ``(type=idle|huge_idle)`` alone is
+    what the background policy recompresses. Raises ConfigError."""
+    if not isinstance(text, str):
+        raise ConfigError(f"expected a string like \"lz4 zstd(level=3)\", got {text!r}")
+    items = _compression_items(text)
+    if not items or not items[0][0]:
+        raise ConfigError(f"{text!r}: expected ALGORITHM[(level=N)] [ALGORITHM[(level=N)]...]")
+    out: Compression | None = None
+    for name, params in items:
+        if not name:
+            if out is None or params is None or out.recompress_type is not None:
+                raise ConfigError(f"{text!r}: a parameter list needs an algorithm before it")
+            out.recompress_type = _recompress_params(text, params)
+            continue
+        if out is not None and out.recompress_type is not None:
+            raise ConfigError(f"{text!r}: the recompression parameters (type=...) come last")
+        level = _level_param(text, params)
+        if out is None:
+            out = Compression(name, level)
+        else:
+            out.recompression.append((name, level))
+    assert out is not None
+    if len(out.recompression) > MAX_RECOMPRESSION_ALGORITHMS:
+        raise ConfigError(
+            f"{text!r}: at most {MAX_RECOMPRESSION_ALGORITHMS} recompression algorithms"
+        )
+    return out
+
+
+def _compression_items(text: str) -> list[tuple[str, str | None]]:
+    """The words of a compression-algorithm value (spaces inside parentheses kept)."""
+    words: list[str] = []
+    depth, cur = 0, ""
+    for ch in text.strip():
+        if ch.isspace() and depth == 0:
+            if cur:
+                words.append(cur)
+            cur = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth < 0:
+            raise ConfigError(f"{text!r}: unbalanced parentheses")
+        cur += ch
+    if depth:
+        raise ConfigError(f"{text!r}: unbalanced parentheses")
+    if cur:
+        words.append(cur)
+    out: list[tuple[str, str | None]] = []
+    for w in words:
+        m = _ALGO_RE.match(w)
+        if m is None:
+            raise ConfigError(f"{text!r}: expected ALGORITHM or ALGORITHM(level=N), got {w!r}")
+        out.append((m.group(1).lower(), m.group(2)))
+    return out
+
+
+def _level_param(text: str, params: str | None) -> int | None:
+    level: int | None = None
+    if params is None or not params.strip():
+        return level
+    for item in params.split(","):
+        k, eq, v = item.partition("=")
+        if k.strip().lower() != "level" or not eq:
+            raise ConfigError(f"{text!r}: unknown parameter {item.strip()!r} (supported: level=N)")
+        try:
+            level = int(v.strip())
+        except ValueError:
+            raise ConfigError(f"{text!r}: level {v.strip()!r} is not an integer") from None
+    return level
+
+
+def _recompress_params(text: str, params: str) -> str:
+    kind: str | None = None
+    for item in params.split(","):
+        k, eq, v = item.partition("=")
+        value = v.strip().lower().replace("_", "-")
+        if k.strip().lower() != "type" or not eq or value not in RECOMPRESS_TYPES:
+            raise ConfigError(
+                f"{text!r}: recompression parameter {item.strip()!r}: supported is type="
+                + "|".join(t.replace("-", "_") for t in RECOMPRESS_TYPES)
+            )
+        kind = value
+    assert kind is not None
+    return kind
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -233,6 +370,15 @@ class ExportConfig:
     description: str = ""
     #: what ``zramd attach`` does with it (the file's swap-priority, fs-type, ...)
     attach: AttachConfig = field(default_factory=AttachConfig)
+    #: recompression algorithms with their levels, tried in order (``compression-algorithm``'s
+    #: further algorithms)
+    recompression: list[tuple[str, int | None]] = field(default_factory=list)
+    #: the background policy: pages not accessed for this many seconds are marked idle and
+    #: recompressed (0: no policy), every ``recompress_interval`` seconds; ``recompress_type``
+    #: idle or huge-idle (only the huge ones among them)
+    recompress_after: float = 0.0
+    recompress_interval: float = DEFAULT_RECOMPRESS_INTERVAL
+    recompress_type: str = "idle"
 
     def validate(self) -> None:
         if not self.name:
@@ -256,8 +402,28 @@ class ExportConfig:
             raise ConfigError(f"export {self.name!r}: description too long")
         try:
             get_codec(self.algorithm, level=self.level)
+            for name, level in self.recompression:
+                get_codec(name, level=level)
         except ValueError as e:
             raise ConfigError(f"export {self.name!r}: {e}") from None
+        if self.recompress_after and not self.recompression:
+            raise ConfigError(
+                f"export {self.name!r}: recompress-after needs recompression algorithms: list "
+                f"them after the first compression algorithm, e.g. \"{self.algorithm} "
+                f"zstd(level=3)\""
+            )
+        if self.recompress_after < 0:
+            raise ConfigError(f"export {self.name!r}: recompress-after must not be negative")
+        if self.recompress_interval < MIN_RECOMPRESS_INTERVAL:
+            raise ConfigError(
+                f"export {self.name!r}: recompress-interval must be at least "
+                f"{MIN_RECOMPRESS_INTERVAL:g}s"
+            )
+        if self.recompress_type not in RECOMPRESS_TYPES:
+            raise ConfigError(
+                f"export {self.name!r}: recompress type must be one of "
+                + ", ".join(RECOMPRESS_TYPES)
+            )
         self.attach.validate(self.name)
 
     def summary(self) -> str:
@@ -278,7 +444,15 @@ def check_mem_limit(name: str, size: int, mem_limit: int) -> None:
         )
 
 
-_SPEC_KEYS = ("algorithm", "level", "mem-limit", "read-only", "description")
+_SPEC_KEYS = (
+    "algorithm",
+    "level",
+    "mem-limit",
+    "read-only",
+    "recompress-after",
+    "recompress-interval",
+    "description",
+)
 
 
 def _spec_items(spec: str) -> list[tuple[int, str]]:
@@ -299,11 +473,14 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only][,description=T]``.
+    """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
+    [,recompress-after=DURATION][,recompress-interval=DURATION][,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
-    inside their parentheses), rounded down to whole pages. ``description`` must come last:
-    its text may contain commas."""
+    inside their parentheses), rounded down to whole pages. ``algorithm`` is a
+    compression-algorithm value (:func:`parse_compression`: ``lz4 zstd(level=3)`` recompresses
+    with zstd); ``level`` sets the first algorithm's. ``description`` must come last: its text
+    may contain commas."""
     (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
     name = name.strip()
@@ -337,7 +514,18 @@ def parse_export_spec(spec: str) -> ExportConfig:
             raise ConfigError(f"bad export spec {spec!r}: {key} needs a value")
         value = value.strip()
         if key == "algorithm":
-            cfg.algorithm = value.lower()
+            comp = parse_compression(value)
+            cfg.algorithm, cfg.recompression = comp.algorithm, comp.recompression
+            if comp.level is not None:
+                cfg.level = comp.level
+            if comp.recompress_type is not None:
+                cfg.recompress_type = comp.recompress_type
+        elif key in ("recompress-after", "recompress-interval"):
+            seconds = parse_duration(value, what=f"{key} of export {name!r}")
+            if key == "recompress-after":
+                cfg.recompress_after = seconds
+            else:
+                cfg.recompress_interval = seconds
         elif key == "level":
             try:
                 cfg.level = int(value)

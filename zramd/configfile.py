@@ -25,7 +25,9 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     ...
     [export.zram0]
     size = "min(ram / 2, 4096)"   # zram-generator expression in MiB, or "4G"
-    compression-algorithm = "zstd(level=3)"
+    compression-algorithm = "lz4 zstd(level=3)"   # zstd recompresses (zram-generator's words)
+    recompress-after = "10m"      # pages not accessed for 10 minutes are recompressed,
+    recompress-interval = "1m"    #   checked every minute (default), in the background
     mem-limit = "1G"
     read-only = false
     description = "swap"
@@ -44,7 +46,6 @@ names the file, the key and what was expected. This module never exits or prints
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from typing import Any
 
@@ -58,6 +59,8 @@ from zramd.config import (
     FileConfig,
     ServerConfig,
     format_size,
+    parse_compression,
+    parse_duration,
     parse_network,
     round_pages,
     size_bytes,
@@ -67,7 +70,6 @@ from zramd.system import SWAP_MODES
 DEFAULT_CONFIG_PATH = "/etc/zramd/zramd.toml"
 #: Refuse config files larger than this (they are a few lines).
 MAX_CONFIG_FILE = 1 << 20
-_ALGO_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:\((.*)\))?\s*$")
 
 
 class ConfigFileError(ConfigError):
@@ -90,32 +92,14 @@ def parse_size_value(value: Any, *, ram: float | None = None, what: str = "size"
 
 
 def parse_algorithm(text: str) -> tuple[str, int | None]:
-    """``"zstd(level=3)"`` -> ("zstd", 3); ``"lz4"`` -> ("lz4", None)."""
-    if not isinstance(text, str):
-        raise ConfigError(f"expected a string like \"zstd(level=3)\", got {text!r}")
-    head = text.split("(")[0].strip()
-    if len(head.split()) > 1 or re.search(r"\)\s*\S", text):
+    """One algorithm: ``"zstd(level=3)"`` -> ("zstd", 3); ``"lz4"`` -> ("lz4", None)."""
+    comp = parse_compression(text)
+    if comp.recompression or comp.recompress_type is not None:
         raise ConfigError(
-            f"{text!r}: one algorithm expected (recompression algorithms are not supported)"
+            f"{text!r}: one algorithm expected here (recompression algorithms follow the first "
+            "in compression-algorithm)"
         )
-    m = _ALGO_RE.match(text)
-    if m is None:
-        raise ConfigError(f"expected ALGORITHM or ALGORITHM(level=N), got {text!r}")
-    name, params = m.group(1).lower(), m.group(2)
-    level: int | None = None
-    if params is not None and params.strip():
-        for item in params.split(","):
-            k, eq, v = item.partition("=")
-            k = k.strip().lower()
-            if k != "level" or not eq:
-                raise ConfigError(
-                    f"{text!r}: unknown parameter {item.strip()!r} (supported: level=N)"
-                )
-            try:
-                level = int(v.strip())
-            except ValueError:
-                raise ConfigError(f"{text!r}: level {v.strip()!r} is not an integer") from None
-    return name, level
+    return comp.algorithm, comp.level
 
 
 def _octal_mode(value: Any) -> int:
@@ -251,6 +235,8 @@ _EXPORT_KEYS = (
     "fs-type",
     "mount-point",
     "options",
+    "recompress-after",
+    "recompress-interval",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -329,7 +315,15 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
     try:
         if "compression-algorithm" in values:
             key = "compression-algorithm"
-            exp.algorithm, exp.level = parse_algorithm(values[key])
+            comp = parse_compression(values[key])
+            exp.algorithm, exp.level = comp.algorithm, comp.level
+            exp.recompression = comp.recompression
+            if comp.recompress_type is not None:
+                exp.recompress_type = comp.recompress_type
+        for key in ("recompress-after", "recompress-interval"):
+            if key in values:
+                seconds = parse_duration(values[key], what=key)
+                setattr(exp, key.replace("-", "_"), seconds)
         if "mem-limit" in values:
             key = seen["mem-limit"]
             exp.mem_limit = parse_size_value(values["mem-limit"], ram=ram, what="mem-limit")
@@ -357,10 +351,13 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
 def _blame(message: str, seen: dict[str, str]) -> str:
     """The key a validation message is about (ExportConfig.validate names it in prose)."""
     for word, key in (
+        ("recompress-after", "recompress-after"),
+        ("recompress-interval", "recompress-interval"),
         ("algorithm", "compression-algorithm"),
         ("level", "compression-algorithm"),
         ("codec", "compression-algorithm"),
         ("mem-limit", "mem-limit"),
+        ("recompress type", "compression-algorithm"),
         ("description", "description"),
         ("swap-priority", "swap-priority"),
         ("mount-point", "mount-point"),

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from zramd import __version__
-from zramd.cli import attach, commands
+from zramd.cli import attach, commands, tiers
 from zramd.cli.options import EXIT_CONFIG, fail, setup_logging, verbose_option
 from zramd.cli.serve import serve
 
@@ -57,5 +57,5 @@ def main(ctx: click.Context, verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (serve, *commands.COMMANDS, *attach.COMMANDS):
+for command in (serve, *commands.COMMANDS, *tiers.COMMANDS, *attach.COMMANDS):
     main.add_command(command)

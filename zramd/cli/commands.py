@@ -161,7 +161,8 @@ def add_local_columns(rows: list[dict[str, Any]], control: str) -> None:
 @errors_one_line
 def stat(name: str, as_json: bool, control: str) -> None:
     """Show mm_stat, io_stat and stat of export NAME (zram's sysfs fields), its requests per
-    NBD command and the memory limit in force."""
+    NBD command, the memory limit in force, and its cold-page tiers (idle, recompressed,
+    incompressible pages, bytes recompression saved, the background policy)."""
     with ControlClient(control) as c:
         st: dict[str, Any] = c.call("stat", name=name)
     if as_json:
@@ -192,6 +193,22 @@ def stat(name: str, as_json: bool, control: str) -> None:
     click.echo(
         "  ENOSPC by cause: " + ", ".join(f"{k} {v}" for k, v in m["enospc"].items())
     )
+    tiers: dict[str, Any] = st["tiers"]
+    algos = " ".join(tiers["recompression_algorithms"]) or "none"
+    click.echo(f"tiers: recompression algorithms {algos}")
+    counters = {k: v for k, v in tiers.items() if isinstance(v, int)}
+    width = max(len(k) for k in counters)
+    for k, v in counters.items():
+        click.echo(f"  {k.ljust(width)}  {v}")
+    policy = tiers["policy"]
+    if policy is not None:
+        click.echo(
+            f"  policy: pages idle after {policy['recompress_after']:g}s are recompressed "
+            f"({policy['recompress_type']}) every {policy['recompress_interval']:g}s; "
+            f"{policy['passes']} passes, {policy['marked_idle']} marked idle, "
+            f"{policy['recompressed']} recompressed, longest slice "
+            f"{policy['max_slice_us']:g} us"
+        )
 
 
 @click.command()

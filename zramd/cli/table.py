@@ -8,7 +8,9 @@ The daemon sends plain numbers (bytes, counts); this module turns rows into zram
 numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched,
 and each export's block-layer ``stat`` (requests, sectors, ticks: ``/sys/block/zramN/stat``).
 MEM-LIMIT is the limit in force, LIMIT-BY what sets it (``export``, or ``budget`` when the
-server-wide budget leaves the export less than its own limit).
+server-wide budget leaves the export less than its own limit). IDLE, RECOMPRESSED and
+INCOMPRESSIBLE count pages, RECOMP-SAVED the pool bytes recompression released; ``--json``
+carries these tier counters (:data:`zramd.stats.TIER_FIELDS`) for every export.
 ``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
 backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
 empty).
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from zramd.config import ConfigError, format_size
+from zramd.stats import TIER_FIELDS
 
 #: column name -> (row key, kind) ; kind: "str", "size", "int", "ratio"
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -41,6 +44,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "RO": ("read_only", "bool"),
     "DESCRIPTION": ("description", "str"),
     "LIMIT-BY": ("limited_by", "str"),
+    "IDLE": ("idle_pages", "int"),
+    "RECOMPRESSED": ("recompressed_pages", "int"),
+    "INCOMPRESSIBLE": ("incompressible_pages", "int"),
+    "RECOMP-SAVED": ("recompress_saved_bytes", "size"),
 }
 DEFAULT_COLUMNS = list(COLUMNS)[:11]
 
@@ -104,6 +111,16 @@ def format_table(
 
 
 def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
-    """The columns' keys of each row, and its block-layer ``stat`` (the request counters)."""
+    """The columns' keys of each row, its block-layer ``stat`` (the request counters) and its
+    tier counters."""
     keys = [COLUMNS[c][0] for c in columns]
-    return {"exports": [{**{k: r.get(k) for k in keys}, "stat": r.get("stat")} for r in rows]}
+    return {
+        "exports": [
+            {
+                **{k: r.get(k) for k in keys},
+                "stat": r.get("stat"),
+                "tiers": {f: r.get(f) for f in TIER_FIELDS},
+            }
+            for r in rows
+        ]
+    }

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 :func:`render` turns the registry's exports into the Prometheus text exposition format
 (version 0.0.4): one family per mm_stat / io_stat field of zram, with zram's meaning,
-plus disk size and connected clients, each sample labelled ``export="NAME"``; the memory
+plus disk size and connected clients, each sample labelled ``export="NAME"``; the cold-page
+tiers (idle, recompressed and incompressible pages, bytes recompression saved); the memory
 limit in force and the writes refused with ENOSPC by cause (``cause="limit|budget|system"``);
 the server-wide memory budget, its use and its refusals; and the block layer's request
 counters: bytes, time, in flight, busy time, and a latency histogram per NBD command
@@ -37,7 +38,7 @@ REQUEST_TIMEOUT = 5.0
 MAX_METRICS_CONNECTIONS = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: (metric name, type, source: "mm_stat"/"io_stat"/"top", field, help)
+#: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"top", field, help)
 FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_disksize_bytes", "gauge", "top", "disksize", "Size of the export."),
     ("zramd_clients", "gauge", "top", "clients", "NBD connections attached to the export."),
@@ -71,6 +72,14 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "lower (0 = none)."),
     ("zramd_requests_in_flight", "gauge", "stat", "in_flight",
      "Requests started on the device and not finished."),
+    ("zramd_idle_pages", "gauge", "tiers", "idle_pages",
+     "Pages marked idle and not read or written since."),
+    ("zramd_recompressed_pages", "gauge", "tiers", "recompressed_pages",
+     "Pages stored by a recompression algorithm."),
+    ("zramd_incompressible_pages", "gauge", "tiers", "incompressible_pages",
+     "Pages no recompression algorithm shrank (not tried again until rewritten)."),
+    ("zramd_recompress_saved_bytes_total", "counter", "tiers", "recompress_saved_bytes",
+     "Pool bytes recompression released (old size class minus new)."),
 )
 #: the histogram's bucket bounds as Prometheus ``le`` labels
 _LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]

@@ -5,8 +5,9 @@ Theory of operation
 A request is ``{"op": OP, ...arguments}``; the answer is ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "one clear line"}``. A connection may carry several
 requests, answered in order. Lines are capped at :data:`MAX_LINE` bytes in both
-directions so a peer cannot make the daemon buffer without bound. Sizes are bytes
-(integers); the CLI parses suffixes before sending.
+directions so a peer cannot make the daemon buffer without bound, which is why ``pages`` and
+``recompress`` answer for a bounded part of their range and the ``next`` page to ask from.
+Sizes are bytes (integers); the CLI parses suffixes before sending.
 """
 
 from __future__ import annotations
@@ -23,7 +24,20 @@ CLIENT_TIMEOUT = 300.0
 #: Permission bits of the control socket: root only.
 CONTROL_SOCKET_MODE = 0o600
 
-OPS = ("ping", "create", "destroy", "reset", "compact", "set", "list", "stat", "reload")
+OPS = (
+    "ping",
+    "create",
+    "destroy",
+    "reset",
+    "compact",
+    "set",
+    "list",
+    "stat",
+    "reload",
+    "idle",
+    "pages",
+    "recompress",
+)
 
 
 class ControlError(Exception):

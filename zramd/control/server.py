@@ -7,9 +7,12 @@ mode 0600) and answers JSON-line requests (see ``protocol``) by calling the expo
 registry's public API (``add``, ``remove``, ``get``, iteration, its memory ``budget``) and the
 management part
 of the device contract (:class:`~zramd.device.interface.BlockDevice`: ``stats``,
-``compact``, ``reset``, ``set_mem_limit``, ``algorithm``, ``set_algorithm``); a device
-without an operation raises ``Unsupported``, which becomes the error line. All of it runs
-on the event-loop thread, as the registry requires.
+``compact``, ``reset``, ``set_mem_limit``, ``algorithm``, ``set_algorithm``, ``mark_idle``,
+``page_states``, ``recompress``, ``group``); a device without an operation raises
+``Unsupported``, which becomes the error line. All of it runs on the event-loop thread, as
+the registry requires; the long ones (``idle``, ``pages``, ``recompress``) work on a bounded
+range per request (the CLI asks again from the ``next`` page, with a progress bar), and
+``idle`` and ``recompress`` yield to client requests between their slices.
 
 Views of an export (``list`` rows, ``stat``, and through ``stat`` the metrics): zramctl's columns
 and zram's mm_stat / io_stat from the device, the block layer's stat and per-command counters
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -41,7 +45,14 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from zramd.config import ConfigError, ExportConfig, check_mem_limit, parse_size
+from zramd.config import (
+    ConfigError,
+    ExportConfig,
+    check_mem_limit,
+    parse_compression,
+    parse_duration,
+    parse_size,
+)
 from zramd.control.client import socket_is_live
 from zramd.control.protocol import (
     CONTROL_SOCKET_MODE,
@@ -52,7 +63,8 @@ from zramd.control.protocol import (
     encode,
 )
 from zramd.device.interface import BlockDevice, Unsupported
-from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, IoStats
+from zramd.geometry import PAGE_SIZE
+from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, TIER_FIELDS, IoStats
 
 log = logging.getLogger("zramd.control")
 
@@ -90,6 +102,13 @@ class RegistryLike(Protocol):
 
 ReloadHook = Callable[[], Awaitable[list[str]]]
 
+#: pages ``idle`` marks per slice (one vectorised pass; the loop runs clients in between)
+IDLE_SLICE_PAGES = 1 << 16
+#: most pages one ``pages`` request lists (the answer stays well under MAX_LINE)
+PAGES_PER_REQUEST = 4096
+#: pages one ``recompress`` request scans; the CLI asks again from ``next``
+RECOMPRESS_SCAN_PAGES = 1 << 18
+
 
 # --- views of an export ---------------------------------------------------------------------
 
@@ -97,7 +116,7 @@ ReloadHook = Callable[[], Awaitable[list[str]]]
 def _stats_dict(exp: ExportLike) -> dict[str, int]:
     d = exp.device.stats.as_dict()
     d["invalid_io"] = exp.io.invalid_io
-    return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS)}
+    return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS, *TIER_FIELDS)}
 
 
 def _algorithm(exp: ExportLike) -> str:
@@ -139,6 +158,7 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "description": exp.config.description,
         "limited_by": by,
         "stat": io.block_stat(),
+        **{f: s[f] for f in TIER_FIELDS},
     }
 
 
@@ -164,6 +184,17 @@ def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "stat": io.block_stat(),
         "requests": io.commands(),
         "memory": memory,
+        "tiers": _tiers(exp, s),
+    }
+
+
+def _tiers(exp: ExportLike, s: dict[str, int]) -> dict[str, Any]:
+    """The tier counters, the recompression algorithms and the background policy's state."""
+    policy = getattr(exp, "policy", None)
+    return {
+        **{f: s[f] for f in TIER_FIELDS},
+        "recompression_algorithms": exp.device.recompression_algorithms,
+        "policy": policy.as_dict() if policy is not None else None,
     }
 
 
@@ -189,6 +220,18 @@ def _arg_size(req: dict[str, Any], key: str) -> int | None:
         if isinstance(v, bool) or not isinstance(v, int | str):
             raise ConfigError(f"bad {key} {v!r}")
         return parse_size(v, what=key.replace("_", "-"))
+    except ConfigError as e:
+        raise ControlError(str(e)) from None
+
+
+def _arg_duration(req: dict[str, Any], key: str) -> float | None:
+    v = req.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int | float | str):
+        raise ControlError(f"argument {key!r} must be a duration")
+    try:
+        return parse_duration(v, what=key)
     except ConfigError as e:
         raise ControlError(str(e)) from None
 
@@ -229,6 +272,9 @@ class ControlServer:
             "set": self._set,
             "list": self._list,
             "stat": self._stat,
+            "idle": self._idle,
+            "pages": self._pages,
+            "recompress": self._recompress,
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -364,7 +410,10 @@ class ControlServer:
         if handler is None:
             known = ", ".join([*self._handlers, "reload"])
             raise ControlError(f"unknown operation {op!r} (known: {known})")
-        return handler(req)
+        result = handler(req)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     # --- operations -----------------------------------------------------------------------------
 
@@ -467,3 +516,115 @@ class ControlServer:
 
     def _stat(self, req: dict[str, Any]) -> dict[str, Any]:
         return export_stat(self._export(req), self.registry.budget)
+
+    # --- cold pages: idle, pages, recompress ------------------------------------------------------
+
+    def _page_range(self, exp: Any, req: dict[str, Any]) -> tuple[int, int]:
+        npages = int(exp.device.size) // PAGE_SIZE
+        first = _arg_int(req, "first") or 0
+        stop = _arg_int(req, "stop")
+        stop = npages if stop is None else stop
+        if not 0 <= first <= stop <= npages:
+            raise ControlError(
+                f"export {exp.name!r}: page range {first}-{stop - 1} is outside its pages "
+                f"0-{npages - 1}"
+            )
+        return first, stop
+
+    async def _idle(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        age = _arg_duration(req, "age")
+        if age is None and not req.get("all"):
+            raise ControlError("give all or an age")
+        first, stop = self._page_range(exp, req)
+        marked = 0
+        try:
+            for pos in range(first, stop, IDLE_SLICE_PAGES):
+                marked += exp.device.mark_idle(age, pos, min(stop, pos + IDLE_SLICE_PAGES))
+                await asyncio.sleep(0)
+        except Unsupported as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
+        return {"name": exp.name, "marked": marked, "idle_pages": exp.device.stats.idle_pages}
+
+    def _pages(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        first, stop = self._page_range(exp, req)
+        limit = min(_arg_int(req, "limit") or PAGES_PER_REQUEST, PAGES_PER_REQUEST)
+        if limit < 1:
+            raise ControlError("limit must be at least 1")
+        try:
+            rows, nxt = exp.device.page_states(first, stop, limit)
+        except Unsupported as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
+        return {"pages": [vars(r) for r in rows], "next": nxt, "stop": stop}
+
+    async def _recompress(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        first, stop = self._page_range(exp, req)
+        kind = (_arg_str(req, "type", required=False) or "all").replace("_", "-")
+        threshold = _arg_int(req, "threshold") or 0
+        max_pages = _arg_int(req, "max_pages")
+        group_pages = _arg_int(req, "group_pages") or 1
+        algorithm, level = "", None
+        text = _arg_str(req, "algorithm", required=False)
+        if text:
+            comp = parse_compression(text)
+            if comp.recompression or comp.recompress_type is not None:
+                raise ControlError(f"{text!r}: one algorithm expected")
+            algorithm, level = comp.algorithm, comp.level
+        if max_pages is not None and max_pages < 0:
+            raise ControlError("max-pages must not be negative")
+        scan_stop = min(stop, first + RECOMPRESS_SCAN_PAGES)
+        try:
+            if group_pages > 1:
+                return await self._group(exp, first, scan_stop, stop, kind, group_pages,
+                                         algorithm, level)
+            res = await exp.device.recompress(
+                kind=kind,
+                threshold=threshold,
+                algorithm=algorithm,
+                level=level,
+                first=first,
+                stop=stop,
+                max_pages=max_pages,
+                max_scan=scan_stop - first,
+            )
+        except (Unsupported, ValueError) as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
+        out = vars(res)
+        out["stop"] = stop
+        return out
+
+    async def _group(
+        self,
+        exp: Any,
+        first: int,
+        scan_stop: int,
+        stop: int,
+        kind: str,
+        group_pages: int,
+        algorithm: str,
+        level: int | None,
+    ) -> dict[str, Any]:
+        """``recompress --group-pages N``: pack the idle pages of the range into groups."""
+        if kind not in ("all", "idle"):
+            raise ControlError("--group-pages packs idle pages: give no --type or --type idle")
+        if scan_stop <= first:
+            return {"next": stop, "end": stop, "stop": stop, "tried": 0, "recompressed": 0,
+                    "incompressible": 0, "saved": 0, "nospace": False, "aborted": False,
+                    "groups": 0}
+        res = await exp.device.group(
+            first, scan_stop - 1, group_pages=group_pages, algorithm=algorithm, level=level
+        )
+        return {
+            "next": scan_stop,
+            "end": stop,
+            "stop": stop,
+            "tried": res.pages,
+            "recompressed": res.pages,
+            "incompressible": 0,
+            "saved": res.saved,
+            "nospace": res.no_space,
+            "aborted": False,
+            "groups": res.groups,
+        }

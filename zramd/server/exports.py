@@ -16,6 +16,11 @@ address space, 12 bytes per page) is refused by ``add`` with a one-line ConfigEr
 export, its size and the table's size, so ``serve`` exits with that line, ``create`` answers it
 and a reload logs it; the registry is unchanged.
 
+An export whose configuration asks for background recompression (``recompress-after``) gets a
+:class:`~zramd.device.tiers.TierPolicy` task: started by ``add`` when a loop runs, else by
+:meth:`ExportRegistry.start` (the server's start), cancelled by ``remove`` and ``close``; it
+backs off while the export has requests in flight.
+
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
 their running requests) and closes the device once no request is running on it.
@@ -34,6 +39,7 @@ from zramd.config import ConfigError, ExportConfig, format_size
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
 from zramd.device.table import ENTRY_BYTES
+from zramd.device.tiers import TierPolicy
 from zramd.geometry import PAGE_SIZE
 from zramd.protocol.events import ExportInfo
 from zramd.stats import IoStats
@@ -59,6 +65,14 @@ async def _close_when_idle(exp: Export, sessions: list[Attached]) -> None:
         exp.device.close()
 
 
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ExportBusy(Exception):
     """remove() without force while clients are connected."""
 
@@ -78,6 +92,7 @@ def make_device(
             budget=budget,
             executor=executor,
             offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
+            recompression=cfg.recompression,
         )
     except (OSError, MemoryError) as e:
         table = cfg.size // PAGE_SIZE * ENTRY_BYTES
@@ -91,7 +106,7 @@ def make_device(
 class Export:
     """One served export: its configuration, its device, and the sessions using it."""
 
-    __slots__ = ("config", "device", "info", "sessions", "io")
+    __slots__ = ("config", "device", "info", "sessions", "io", "policy")
 
     def __init__(self, config: ExportConfig, device: BlockDevice) -> None:
         self.config = config
@@ -106,6 +121,17 @@ class Export:
         #: request counters of every connection to this export (a re-created export starts
         #: from zero, as a re-created block device does)
         self.io = IoStats()
+        #: the background recompression task, when the configuration asks for one
+        self.policy: TierPolicy | None = None
+        if config.recompress_after:
+            self.policy = TierPolicy(
+                config.name,
+                device,
+                after=config.recompress_after,
+                interval=config.recompress_interval,
+                kind=config.recompress_type,
+                busy=lambda: self.io.in_flight > 0,
+            )
 
     @property
     def name(self) -> str:
@@ -163,7 +189,15 @@ class ExportRegistry:
             device = make_device(config, self._executor, self.budget)
         exp = Export(config, device)
         self._exports[config.name] = exp
+        if exp.policy is not None and _loop_running():
+            exp.policy.start()
         return exp
+
+    def start(self) -> None:
+        """Start the background tasks of the exports added before the loop ran."""
+        for exp in self._exports.values():
+            if exp.policy is not None:
+                exp.policy.start()
 
     def remove(self, name: str, force: bool = False) -> Export:
         """Remove and close an export. Refuses (ExportBusy) while clients are attached, unless
@@ -178,6 +212,8 @@ class ExportRegistry:
             s.close(f"export {name!r} removed")
         exp.sessions.clear()
         del self._exports[name]
+        if exp.policy is not None:
+            exp.policy.cancel()
         if self.default == name:
             self.default = None
         if busy:
@@ -192,6 +228,8 @@ class ExportRegistry:
     def close(self) -> None:
         """Close every device (server exit)."""
         for exp in self._exports.values():
+            if exp.policy is not None:
+                exp.policy.cancel()
             try:
                 exp.device.close()
             except Exception:  # noqa: BLE001 - closing must go on for the others

@@ -148,6 +148,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self.registry.start()
         cfg = self.config
         raise_nofile_limit(cfg.max_connections + NOFILE_RESERVE)
         try:
