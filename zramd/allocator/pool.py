@@ -727,8 +727,9 @@ class Pool:
                     groups[g] = set(s)
 
     def compact(self, *, max_pages: int = 0) -> int:
-        """Kernel ``zs_compact()``: returns the number of pages freed by this call. With
-        ``max_pages`` > 0 it stops once about that many pages are freed (bounded pause)."""
+        """Kernel ``zs_compact()``, then the spill pass (module doc): returns the number of
+        pages freed by this call. With ``max_pages`` > 0 it stops once about that many pages
+        are freed (bounded pause)."""
         freed = 0
         for cls in reversed(self._classes):
             if max_pages and freed >= max_pages:
