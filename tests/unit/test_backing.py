@@ -609,3 +609,29 @@ async def test_async_free_reuses_a_segment_only_after_its_punch(store: BackingSt
     await store.aclose()
     with pytest.raises(BackingIOError, match="closed"):
         await store.read(locs[0])
+
+
+async def test_a_cancelled_write_finishes_and_frees_its_objects(
+    store: BackingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = await store.write_many(objs(10))
+    entered, go = threading.Event(), threading.Event()
+    real = os.pwritev
+
+    def slow(fd: int, bufs: list[bytes], off: int) -> int:
+        entered.set()
+        go.wait(10)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(store_mod.os, "pwritev", slow)
+    task = asyncio.ensure_future(store.write_many(objs(100, seed=2)))
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    assert not task.done()  # waits for its write
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.stat()["bd_count"] == 10
+    assert not store._pending.tolist() or max(store._pending) == 0
+    assert await store.read_many(keep) == objs(10)

@@ -79,15 +79,15 @@ import asyncio
 import errno
 import heapq
 import os
-import threading
 import time
 import uuid as uuidlib
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar, cast
 
 from zramd.backing import osio
 from zramd.backing.format import (
@@ -95,6 +95,7 @@ from zramd.backing.format import (
     DEFAULT_DATA_OFFSET,
     FLAG_BLOCK_DEVICE,
     HEADER_BYTES,
+    LEN_BITS,
     RECORD_HEADER,
     RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
@@ -130,6 +131,12 @@ CLEAN_RESERVE_SEGMENTS = 1
 MAX_IOV = 1020
 
 FREE, OPEN, SEALED, RELEASING = 0, 1, 2, 3
+#: what giving one range back did
+_RELEASED, _RELEASE_UNSUPPORTED, _RELEASE_FAILED = 0, 1, 2
+
+_T = TypeVar("_T")
+#: an operation: a generator that yields I/O jobs, is sent their results, returns its own
+_Op = Generator[Callable[[], Any], Any, _T]
 
 _PADS = [bytes(n) for n in range(ALIGN)]
 
@@ -212,7 +219,7 @@ class Cleaning:
     segments: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     """Records to write contiguously into one segment (a part of one write plan)."""
 
@@ -223,7 +230,7 @@ class _Run:
     items: list[tuple[int, int]]  # (object index in the plan, absolute record offset)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     runs: list[_Run]
     locs: list[int]
@@ -268,9 +275,8 @@ class BackingStore:
         self._executor = ThreadPoolExecutor(
             max_workers=io_threads, thread_name_prefix="zramd-backing"
         )
-        self._releasing: set[asyncio.Future[Any]] = set()
-        #: the I/O threads update ``counters`` under it
-        self._count_lock = threading.Lock()
+        #: jobs running in the threads (``aclose`` waits for them)
+        self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     # --- construction ---------------------------------------------------------------------
@@ -443,7 +449,7 @@ class BackingStore:
         tail = self._seg_start(high)
         end = self._seg_start(self._scan_limit())
         if end > tail:
-            self._release_io(tail, end - tail)
+            self._release_io([(tail, end - tail)])
 
     def _scan_limit(self) -> int:
         """Segments that may have been written (a file's size bounds them)."""
@@ -522,14 +528,16 @@ class BackingStore:
         """Reserve room for ``objs`` (all or nothing): their locators and the runs to write.
         Raises ValueError (an object too big or empty), BackingFull, BudgetSpent."""
         seg_size = self.segment_size
+        max_obj = self.max_object
+        lens = [len(o) for o in objs]
+        recs = [(RECORD_HEADER_BYTES + n + ALIGN - 1) & -ALIGN for n in lens]
+        if min(lens) < 1 or max(lens) > max_obj:
+            bad = next(n for n in lens if not 0 < n <= max_obj)
+            raise ValueError(f"object of {bad} bytes (1 to {max_obj} allowed)")
         nbytes = 0
         need = 0
         left = seg_size - self._fill[self._open] if self._open >= 0 else 0
-        for o in objs:
-            n = len(o)
-            if not 0 < n <= self.max_object:
-                raise ValueError(f"object of {n} bytes (1 to {self.max_object} allowed)")
-            r = record_bytes(n)
+        for r in recs:
             nbytes += r
             if r > left:
                 need += 1
@@ -551,12 +559,12 @@ class BackingStore:
         sealed: list[int] = []
         runs: list[_Run] = []
         locs: list[int] = []
-        run: _Run | None = None
-        for i, o in enumerate(objs):
-            n = len(o)
-            r = record_bytes(n)
+        fill = self._fill
+        i, nobj = 0, len(objs)
+        while i < nobj:
             seg = self._open
-            if seg < 0 or self._fill[seg] + r > seg_size:
+            head: bytes | None = None
+            if seg < 0 or fill[seg] + recs[i] > seg_size:
                 if seg >= 0:
                     self._seal(seg)
                     sealed.append(seg)
@@ -570,27 +578,32 @@ class BackingStore:
                 self._state[seg] = OPEN
                 self._seq[seg] = seq
                 self._seed[seg] = segment_seed(self.header.uuid, seq)
-                self._fill[seg] = SEGMENT_HEADER_BYTES
+                fill[seg] = SEGMENT_HEADER_BYTES
                 self._locs[seg] = array("Q")
                 self._dead[seg] = bytearray()
-                run = _Run(seg, self._seg_start(seg), self._seed[seg],
-                           encode_segment_header(seg, seq, self.header.uuid), [])
-                runs.append(run)
-            elif run is None or run.seg != seg:
-                run = _Run(seg, self._seg_start(seg) + self._fill[seg], self._seed[seg], None,
-                           [])
-                runs.append(run)
-            off = self._seg_start(seg) + self._fill[seg]
-            self._fill[seg] += r
-            loc = make_locator(off, n)
-            locs.append(loc)
-            run.items.append((i, off))
-            self._locs[seg].append(loc)  # type: ignore[union-attr]
-            self._dead[seg].append(0)  # type: ignore[union-attr]
-            self._live_count[seg] += 1
-            self._live_bytes[seg] += r
-            self._live_objects += 1
-            self._live_payload += n
+                head = encode_segment_header(seg, seq, self.header.uuid)
+            base = self._seg_start(seg)
+            first = cur = fill[seg]
+            items: list[tuple[int, int]] = []
+            new: list[int] = []
+            j = i
+            while j < nobj and cur + recs[j] <= seg_size:
+                off = base + cur
+                items.append((j, off))
+                new.append((off // ALIGN) << LEN_BITS | lens[j])
+                cur += recs[j]
+                j += 1
+            runs.append(_Run(seg, base if head is not None else base + first, self._seed[seg],
+                             head, items))
+            self._locs[seg].extend(new)  # type: ignore[union-attr]
+            self._dead[seg].extend(bytes(j - i))  # type: ignore[union-attr]
+            self._live_count[seg] += j - i
+            self._live_bytes[seg] += cur - first
+            fill[seg] = cur
+            locs += new
+            i = j
+        self._live_objects += nobj
+        self._live_payload += sum(lens)
         charged = 0
         if self.write_limit is not None:
             charged = min(self.write_limit, nbytes)
@@ -668,24 +681,21 @@ class BackingStore:
 
     def _release_range(self, first: int, stop: int) -> None:
         """Give back segments ``[first, stop)`` (free already) at open."""
-        self._release_io(self._seg_start(first), (stop - first) * self.segment_size)
+        self._release_io([(self._seg_start(first), (stop - first) * self.segment_size)])
 
-    # --- thread-side I/O (no state but the counters) ----------------------------------------
+    # --- thread-side I/O: pure functions of their arguments (no state, no counters) ---------
 
     def _pread(self, offset: int, n: int) -> bytes:
         try:
-            data = os.pread(self._fd, n, offset)
+            return os.pread(self._fd, n, offset)
         except OSError as e:
-            self._count(io_errors=1)
             raise BackingIOError(
                 f"{self.path}: read of {n} bytes at {offset}: {e.strerror}",
                 err=e.errno or errno.EIO, offset=offset,
             ) from None
-        self._count(read_bytes=len(data))
-        return data
 
     def _write_io(self, plan: _Plan, objs: Sequence[Buffer]) -> None:
-        """Write a plan's runs (headers and CRCs made here, in the thread)."""
+        """Write a plan's runs (record headers and CRCs made here, in the thread)."""
         try:
             if plan.header is not None:
                 _write_all(self._fd, plan.header, 0)
@@ -704,7 +714,6 @@ class BackingStore:
                         iov.append(_PADS[pad])
                 _writev_all(self._fd, iov, run.start)
         except OSError as e:
-            self._count(io_errors=1)
             where = plan.runs[0].start if plan.runs else 0
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise BackingFull(f"{self.path}: {e.strerror} writing at {where}") from None
@@ -712,13 +721,18 @@ class BackingStore:
                 f"{self.path}: write at {where}: {e.strerror}", err=e.errno or errno.EIO,
                 offset=where,
             ) from None
-        self._count(write_bytes=plan.nbytes)
 
-    def _read_io(self, locs: Sequence[int], seeds: Sequence[int]) -> list[bytes]:
-        """Read and check ``locs`` (adjacent records merged into one pread)."""
+    def _read_io(self, locs: Sequence[int], seeds: Sequence[int]) -> tuple[list[bytes], int]:
+        """Read and check ``locs`` (adjacent records merged into one pread); the payloads and
+        the bytes read."""
+        if len(locs) == 1:
+            loc = locs[0]
+            off = locator_offset(loc)
+            n = RECORD_HEADER_BYTES + locator_length(loc)
+            return [self._check(self._pread(off, n), off, loc, seeds[0])], n
         order = sorted(range(len(locs)), key=locs.__getitem__)
         out: list[bytes] = [b""] * len(locs)
-        k = 0
+        k = nread = 0
         while k < len(order):
             first = locs[order[k]]
             start = locator_offset(first)
@@ -731,56 +745,46 @@ class BackingStore:
                 end += record_bytes(locator_length(nxt))
                 j += 1
             raw = self._pread(start, end - start)
+            nread += len(raw)
             for idx in order[k:j]:
                 out[idx] = self._check(raw, start, locs[idx], seeds[idx])
             k = j
-        self._count(bd_reads=len(locs))
-        return out
+        return out, nread
 
     def _check(self, raw: bytes, base: int, loc: int, seed: int) -> bytes:
+        """The payload of ``loc`` in ``raw`` (read from ``base``), checked."""
         off = locator_offset(loc)
         n = locator_length(loc)
         pos = off - base
         if len(raw) < pos + RECORD_HEADER_BYTES + n:
-            self._count(io_errors=1)
             raise BackingIOError(
                 f"{self.path}: short read at {off} (file truncated?)", offset=off
             )
         crc, length = RECORD_HEADER.unpack_from(raw, pos)
         payload = raw[pos + RECORD_HEADER_BYTES : pos + RECORD_HEADER_BYTES + n]
         if length != n or record_crc(seed, off, payload) != crc:
-            self._count(corrupt=1)
             raise BackingCorrupt(
                 f"{self.path}: object at {off} ({n} bytes) fails its checksum",
                 locator=loc, offset=off,
             )
         return payload
 
-    def _release_io(self, offset: int, length: int) -> None:
-        try:
-            done = osio.release(self._fd, offset, length,
-                                block_device=self.header.block_device)
-        except OSError:
-            self._count(io_errors=1)
-            return
-        if done:
-            self._count(punched_bytes=length)
-        else:
-            self._count(punch_unsupported=1)
-
-    def _count(self, **add: int) -> None:
-        c = self.counters
-        with self._count_lock:
-            for k, v in add.items():
-                setattr(c, k, getattr(c, k) + v)
-
-    def _release_all(self, ranges: list[tuple[int, int]]) -> None:
+    def _release_io(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """Give ``ranges`` back; per range RELEASED, UNSUPPORTED or an I/O error."""
+        out = []
         for off, n in ranges:
-            self._release_io(off, n)
+            try:
+                done = osio.release(self._fd, off, n, block_device=self.header.block_device)
+            except OSError:
+                out.append(_RELEASE_FAILED)
+                continue
+            out.append(_RELEASED if done else _RELEASE_UNSUPPORTED)
+        return out
 
-    def _clean_read(self, seg: int, fill: int, locs: list[int], seed: int
-                    ) -> list[bytes | None]:
-        """The payloads of a victim's live objects (None: fails its check)."""
+    def _clean_read(
+        self, seg: int, fill: int, locs: list[int], seed: int
+    ) -> tuple[list[bytes | None], int]:
+        """The payloads of a victim's live objects (None: fails its check), bytes read."""
         base = self._seg_start(seg)
         raw = self._pread(base, fill)
         out: list[bytes | None] = []
@@ -789,81 +793,223 @@ class BackingStore:
                 out.append(self._check(raw, base, loc, seed))
             except BackingIOError:
                 out.append(None)
-        return out
+        return out, len(raw)
+
+    # --- operations: generators on the owner thread that yield their I/O jobs ---------------
+    #
+    # The sync API runs each job inline, the async API in the store's threads; every change of
+    # state and of the counters happens in the generators, on the owner thread.
+
+    def _op_write(self, objs: Sequence[Buffer], cleaning: bool = False) -> _Op[list[int]]:
+        plan = self._plan(objs, cleaning=cleaning)
+        try:
+            yield partial(self._write_io, plan, objs)
+        except (BackingIOError, BackingFull):
+            self.counters.io_errors += 1
+            yield from self._op_release(self._finish(plan, ok=False))
+            raise
+        except BaseException:
+            yield from self._op_release(self._finish(plan, ok=False))
+            raise
+        self.counters.write_bytes += plan.nbytes
+        yield from self._op_release(self._finish(plan, ok=True))
+        return plan.locs
+
+    def _op_read(self, locs: Sequence[int]) -> _Op[list[bytes]]:
+        seeds = self._seeds(locs)
+        try:
+            out, nread = yield partial(self._read_io, locs, seeds)
+        except BackingCorrupt:
+            self.counters.corrupt += 1
+            raise
+        except BackingIOError:
+            self.counters.io_errors += 1
+            raise
+        c = self.counters
+        c.bd_reads += len(locs)
+        c.read_bytes += nread
+        return cast(list[bytes], out)
+
+    def _op_release(self, segs: list[int]) -> _Op[None]:
+        if not segs:
+            return
+        ranges = self._start_release(segs)
+        try:
+            results = yield partial(self._release_io, ranges)
+        finally:
+            self._end_release(segs)
+        c = self.counters
+        for (_, n), r in zip(ranges, results, strict=True):
+            if r == _RELEASED:
+                c.punched_bytes += n
+            elif r == _RELEASE_UNSUPPORTED:
+                c.punch_unsupported += 1
+            else:
+                c.io_errors += 1
+
+    def _op_free(self, locs: Iterable[int]) -> _Op[None]:
+        yield from self._op_release(self._free_checked(locs))
+
+    def _op_clean(self, max_segments: int, threshold: float) -> _Op[Cleaning]:
+        result = Cleaning()
+        for seg in self._victims(max_segments, threshold):
+            args = self._clean_begin(seg)
+            done = False
+            try:
+                try:
+                    payloads, nread = yield partial(self._clean_read, *args)
+                except BackingIOError:
+                    self.counters.io_errors += 1
+                    raise
+                self.counters.read_bytes += nread
+                objs, olds = self._clean_select(seg, args[2], payloads, result)
+                if objs:
+                    try:
+                        new = yield from self._op_write(objs, cleaning=True)
+                    except BackingFull:
+                        break
+                    result.relocations.extend(zip(olds, new, strict=True))
+                    self.counters.moved_objects += len(olds)
+                    self.counters.moved_bytes += sum(map(len, objs))
+                done = True
+            finally:
+                empty = self._clean_end(seg, result, done)
+                yield from self._op_release(empty)
+        return result
+
+    def _run(self, op: _Op[_T]) -> _T:
+        """Drive ``op`` with its jobs run inline (the sync API)."""
+        self._check_open()
+        try:
+            job = next(op)
+            while True:
+                try:
+                    res = job()
+                except BaseException as e:  # noqa: BLE001 - handed to the operation
+                    job = op.throw(e)
+                else:
+                    job = op.send(res)
+        except StopIteration as stop:
+            return cast(_T, stop.value)
+
+    async def _arun(
+        self, op: _Op[_T], undo: Callable[[_T], _Op[None]] | None = None
+    ) -> _T:
+        """Drive ``op`` with its jobs run in the store's threads (the async API). A caller
+        cancelled meanwhile gets CancelledError only once the operation is complete, and after
+        ``undo`` of its result (a write's objects are freed again), so no state is lost."""
+        self._check_open()
+        value, cancelled = await self._adrive(op)
+        if cancelled:
+            if undo is not None:
+                await self._adrive(undo(value))
+            raise asyncio.CancelledError
+        return value
+
+    async def _adrive(self, op: _Op[_T]) -> tuple[_T, bool]:
+        """Run ``op`` to its end whatever happens to the caller: (its value, cancelled)."""
+        loop = asyncio.get_running_loop()
+        cancelled = False
+        try:
+            job = next(op)
+            while True:
+                fut = loop.run_in_executor(self._executor, job)
+                self._inflight.add(fut)
+                fut.add_done_callback(self._inflight.discard)
+                while not fut.done():
+                    try:
+                        await asyncio.shield(fut)
+                    except asyncio.CancelledError:
+                        cancelled = True
+                    except BaseException:  # noqa: BLE001 - read from fut below
+                        pass
+                exc = fut.exception()
+                job = op.throw(exc) if exc is not None else op.send(fut.result())
+        except StopIteration as stop:
+            return cast(_T, stop.value), cancelled
 
     # --- the synchronous API (one thread, no async call in flight) --------------------------
 
     def write_many_sync(self, objs: Sequence[Buffer]) -> list[int]:
         """Store ``objs`` (each 1..``max_object`` bytes); their locators, in order. All or
         nothing: raises BackingFull, BudgetSpent, BackingIOError, ValueError."""
-        self._check_open()
         if not objs:
             return []
-        plan = self._plan(objs)
-        try:
-            self._write_io(plan, objs)
-        except BaseException:
-            self._release_now(self._finish(plan, ok=False))
-            raise
-        self._release_now(self._finish(plan, ok=True))
-        self._count(bd_writes=len(objs))
-        return plan.locs
+        locs = self._run(self._op_write(objs))
+        self.counters.bd_writes += len(objs)
+        return locs
 
     def read_sync(self, loc: int) -> bytes:
         """The object at ``loc``. Raises BackingCorrupt, BackingIOError."""
-        return self.read_many_sync([loc])[0]
+        return self._run(self._op_read([loc]))[0]
 
     def read_many_sync(self, locs: Sequence[int]) -> list[bytes]:
         """The objects at ``locs``, in order (raises for the first that fails)."""
-        self._check_open()
-        return self._read_io(locs, self._seeds(locs))
+        if not locs:
+            return []
+        return self._run(self._op_read(locs))
 
     def free_sync(self, locs: Iterable[int]) -> None:
         """Free ``locs``; segments they empty are given back. Raises ValueError for a locator
         that is not live (nothing freed then)."""
-        self._check_open()
-        self._release_now(self._free_checked(locs))
+        self._run(self._op_free(locs))
 
     def clean_sync(self, max_segments: int = 1, threshold: float = CLEAN_THRESHOLD) -> Cleaning:
-        """Clean up to ``max_segments`` victims (see the module doc)."""
-        self._check_open()
-        result = Cleaning()
-        for seg in self._victims(max_segments, threshold):
-            args = self._clean_begin(seg)
-            done = False
-            try:
-                payloads = self._clean_read(*args)
-                objs, olds = self._clean_select(seg, args[2], payloads, result)
-                if objs:
-                    try:
-                        plan = self._plan(objs, cleaning=True)
-                    except BackingFull:
-                        break
-                    try:
-                        self._write_io(plan, objs)
-                    except BaseException:
-                        self._release_now(self._finish(plan, ok=False))
-                        raise
-                    self._release_now(self._finish(plan, ok=True))
-                    self._clean_commit(olds, plan, result)
-                done = True
-            finally:
-                self._release_now(self._clean_end(seg, result, done))
-        return result
+        """Clean up to ``max_segments`` victims (see the module doc): their live objects are
+        copied; the caller switches each ``old`` to ``new`` and frees ``old``. Stops early when
+        there is no room to copy into."""
+        return self._run(self._op_clean(max_segments, threshold))
 
     def close(self) -> None:
-        """Close the file (pending async work must have been awaited: see :meth:`aclose`)."""
+        """Close the file (async work must have been awaited: see :meth:`aclose`)."""
         if self._closed:
             return
         self._closed = True
         self._executor.shutdown(wait=True)
         os.close(self._fd)
 
-    def _release_now(self, segs: list[int]) -> None:
-        if segs:
-            ranges = self._start_release(segs)
-            self._release_all(ranges)
-            self._end_release(segs)
+    # --- the async API (event-loop thread only) ---------------------------------------------
+
+    async def write_many(self, objs: Sequence[Buffer]) -> list[int]:
+        """As :meth:`write_many_sync`, the I/O in the store's threads. Cancelled, it waits for
+        its write and frees the objects again before raising CancelledError."""
+        if not objs:
+            return []
+        locs = await self._arun(self._op_write(objs), undo=self._op_free)
+        self.counters.bd_writes += len(objs)
+        return locs
+
+    async def read(self, loc: int) -> bytes:
+        """As :meth:`read_sync`, in a thread."""
+        return (await self._arun(self._op_read([loc])))[0]
+
+    async def read_many(self, locs: Sequence[int]) -> list[bytes]:
+        """As :meth:`read_many_sync`, in a thread."""
+        if not locs:
+            return []
+        return await self._arun(self._op_read(list(locs)))
+
+    async def free(self, locs: Iterable[int]) -> None:
+        """As :meth:`free_sync`; the punches run in a thread, and a segment given back is
+        reused only once its punch has returned (cancelled, the objects are freed all the
+        same)."""
+        await self._arun(self._op_free(locs))
+
+    async def clean(self, max_segments: int = 1, threshold: float = CLEAN_THRESHOLD) -> Cleaning:
+        """As :meth:`clean_sync`, the reads and writes in threads (cancelled: the copies made
+        are freed again, the victims stay as they were)."""
+        return await self._arun(
+            self._op_clean(max_segments, threshold),
+            undo=lambda done: self._op_free(new for _, new in done.relocations),
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the I/O in flight, then close."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        self.close()
+
+    # --- helpers of the operations ------------------------------------------------------------
 
     def _free_checked(self, locs: Iterable[int]) -> list[int]:
         locs = list(locs)
@@ -913,6 +1059,7 @@ class BackingStore:
             if dead[bisect_left(arr, loc)]:
                 continue
             if payload is None:
+                self.counters.corrupt += 1
                 result.corrupt.append(loc)
                 self._pinned.add(seg)
                 continue
@@ -920,105 +1067,18 @@ class BackingStore:
             olds.append(loc)
         return objs, olds
 
-    def _clean_commit(self, olds: list[int], plan: _Plan, result: Cleaning) -> None:
-        result.relocations.extend(zip(olds, plan.locs, strict=True))
-        self._count(moved_objects=len(olds),
-                    moved_bytes=sum(locator_length(x) for x in olds))
-
     def _clean_end(self, seg: int, result: Cleaning, done: bool) -> list[int]:
         """A victim done (``done``: its live objects were moved, but corrupt ones): the
         segments to give back (the victim, if the caller freed all its objects meanwhile)."""
         self._cleaning.discard(seg)
         if done:
             result.segments += 1
-            self._count(cleaned_segments=1)
+            self.counters.cleaned_segments += 1
         return [seg] if self._releasable(seg) else []
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackingIOError(f"{self.path}: the backing store is closed", err=errno.EBADF)
-
-    # --- the async API (event-loop thread only) ---------------------------------------------
-
-    async def write_many(self, objs: Sequence[Buffer]) -> list[int]:
-        """As :meth:`write_many_sync`, the I/O in the store's threads."""
-        self._check_open()
-        if not objs:
-            return []
-        plan = self._plan(objs)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._write_io, plan, objs)
-        except BaseException:
-            await self._release(self._finish(plan, ok=False))
-            raise
-        await self._release(self._finish(plan, ok=True))
-        self._count(bd_writes=len(objs))
-        return plan.locs
-
-    async def read(self, loc: int) -> bytes:
-        """As :meth:`read_sync`, in a thread."""
-        return (await self.read_many([loc]))[0]
-
-    async def read_many(self, locs: Sequence[int]) -> list[bytes]:
-        """As :meth:`read_many_sync`, in a thread."""
-        self._check_open()
-        seeds = self._seeds(locs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._read_io, list(locs), seeds)
-
-    async def free(self, locs: Iterable[int]) -> None:
-        """As :meth:`free_sync`; the punches run in a thread, and a segment given back is
-        reused only once its punch has returned."""
-        self._check_open()
-        await self._release(self._free_checked(locs))
-
-    async def clean(self, max_segments: int = 1, threshold: float = CLEAN_THRESHOLD) -> Cleaning:
-        """As :meth:`clean_sync`, the reads and writes in threads."""
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        result = Cleaning()
-        for seg in self._victims(max_segments, threshold):
-            args = self._clean_begin(seg)
-            done = False
-            try:
-                payloads = await loop.run_in_executor(self._executor, self._clean_read, *args)
-                objs, olds = self._clean_select(seg, args[2], payloads, result)
-                if objs:
-                    try:
-                        plan = self._plan(objs, cleaning=True)
-                    except BackingFull:
-                        break
-                    try:
-                        await loop.run_in_executor(self._executor, self._write_io, plan, objs)
-                    except BaseException:
-                        await self._release(self._finish(plan, ok=False))
-                        raise
-                    await self._release(self._finish(plan, ok=True))
-                    self._clean_commit(olds, plan, result)
-                done = True
-            finally:
-                await self._release(self._clean_end(seg, result, done))
-        return result
-
-    async def aclose(self) -> None:
-        """Wait for the punches in flight, then close."""
-        while self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
-        self.close()
-
-    async def _release(self, segs: list[int]) -> None:
-        if not segs:
-            return
-        ranges = self._start_release(segs)
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, self._release_all, ranges)
-        self._releasing.add(fut)
-        try:
-            await asyncio.shield(fut)
-        finally:
-            self._releasing.discard(fut)
-            self._end_release(segs)
 
     # --- budget and figures -----------------------------------------------------------------
 
