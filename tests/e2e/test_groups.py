@@ -116,8 +116,14 @@ def test_fio_crc32c_verify_over_grouped_device(tmp_path: Path) -> None:
         job = _fio(uri, tmp_path / "v.json", "--rw=randwrite", "--verify_only")
         assert job["read"]["io_bytes"] == 16 * MiB, "every block verified from the groups"
         # overwrite and verify again: writes take pages out of groups, re-packs follow
-        job = _fio(uri, tmp_path / "o.json", "--rw=randwrite", "--randseed=12",
-                   "--do_verify=1", "--size=8M")
+        job = _fio(
+            uri,
+            tmp_path / "o.json",
+            "--rw=randwrite",
+            "--randseed=12",
+            "--do_verify=1",
+            "--size=8M",
+        )
         assert job["read"]["io_bytes"] == 8 * MiB
         server.assert_alive()
     finally:
