@@ -12,19 +12,23 @@ formatter (:func:`format_size`), and the one merge, :func:`serve_config`: the fl
 (:class:`ServeFlags`, collected by ``cli/serve.py``) over the file (:class:`FileConfig`, read by
 ``configfile.py``) over the defaults, validated once. The same value is accepted or refused
 with the same message everywhere. Every error is a :class:`ConfigError` naming the offending
-value; nothing here prints, exits, reads files or knows about click, and nothing here imports
-the server, control or cli layers.
+value; nothing here prints, exits, reads files (a backing path is only ``stat``-ed) or knows
+about click, and nothing here imports the server, control or cli layers.
 
 Invariants after validation (``ServerConfig.validate``): export names are unique, non-empty,
 UTF-8 strings of at most :data:`MAX_EXPORT_NAME` bytes; sizes are positive multiples of
 :data:`EXPORT_SIZE_ALIGN`; codecs exist; every limit is within its named range; TLS settings
-are consistent; allow-list entries parse.
+are consistent; allow-list entries parse; a backing path is absolute, a regular file or a
+block device (or a file to create in an existing directory), and no two exports name the same
+one (compared by device and inode when it exists).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -379,6 +383,9 @@ class ExportConfig:
     recompress_after: float = 0.0
     recompress_interval: float = DEFAULT_RECOMPRESS_INTERVAL
     recompress_type: str = "idle"
+    #: the backing store below RAM (issue 12): an absolute path of a regular file (created and
+    #: grown as needed, sparse) or a block device; None: none
+    backing: str | None = None
 
     def validate(self) -> None:
         if not self.name:
@@ -424,6 +431,8 @@ class ExportConfig:
                 f"export {self.name!r}: recompress type must be one of "
                 + ", ".join(RECOMPRESS_TYPES)
             )
+        if self.backing is not None:
+            check_backing_path(self.name, self.backing)
         self.attach.validate(self.name)
 
     def summary(self) -> str:
@@ -444,6 +453,46 @@ def check_mem_limit(name: str, size: int, mem_limit: int) -> None:
         )
 
 
+def check_backing_path(name: str, path: str) -> None:
+    """Refuse a backing path that is relative, neither a regular file nor a block device, or a
+    missing file whose directory does not exist or is not writable."""
+    if not os.path.isabs(path):
+        raise ConfigError(f"export {name!r}: backing {path!r} must be an absolute path")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise ConfigError(
+                f"export {name!r}: backing {path}: directory {parent} does not exist"
+            ) from None
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(
+                f"export {name!r}: backing {path}: cannot create it in {parent} (not writable)"
+            ) from None
+        return
+    except OSError as e:
+        raise ConfigError(f"export {name!r}: backing {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ConfigError(
+            f"export {name!r}: backing {path} is neither a regular file nor a block device"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"export {name!r}: backing {path} is not readable and writable")
+
+
+def backing_identity(path: str) -> tuple[int, int] | str:
+    """What makes two backing paths the same: (device, inode) of an existing file or device,
+    else the path with its symlinks resolved."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    if stat.S_ISBLK(st.st_mode):
+        return (-1, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
 _SPEC_KEYS = (
     "algorithm",
     "level",
@@ -451,6 +500,7 @@ _SPEC_KEYS = (
     "read-only",
     "recompress-after",
     "recompress-interval",
+    "backing",
     "description",
 )
 
@@ -474,13 +524,15 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
-    [,recompress-after=DURATION][,recompress-interval=DURATION][,description=T]``.
+    [,recompress-after=DURATION][,recompress-interval=DURATION][,backing=PATH]
+    [,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
     inside their parentheses), rounded down to whole pages. ``algorithm`` is a
     compression-algorithm value (:func:`parse_compression`: ``lz4 zstd(level=3)`` recompresses
-    with zstd); ``level`` sets the first algorithm's. ``description`` must come last: its text
-    may contain commas."""
+    with zstd); ``level`` sets the first algorithm's. ``backing`` is a file or block device
+    (a relative path is taken from the current directory). ``description`` must come last: its
+    text may contain commas."""
     (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
     name = name.strip()
@@ -535,6 +587,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
                 ) from None
         elif key == "mem-limit":
             cfg.mem_limit = round_pages(parse_size(value, what=f"mem-limit of export {name!r}"))
+        elif key == "backing":
+            cfg.backing = os.path.abspath(value)
     cfg.validate()
     return cfg
 
@@ -584,11 +638,18 @@ class ServerConfig:
         if not self.exports:
             raise ConfigError("no exports configured")
         names: set[str] = set()
+        backings: dict[tuple[int, int] | str, str] = {}
         for e in self.exports:
             e.validate()
             if e.name in names:
                 raise ConfigError(f"export {e.name!r} defined twice")
             names.add(e.name)
+            if e.backing is not None:
+                other = backings.setdefault(backing_identity(e.backing), e.name)
+                if other != e.name:
+                    raise ConfigError(
+                        f"exports {other!r} and {e.name!r} both use the backing {e.backing}"
+                    )
         if self.default_export is not None and self.default_export not in names:
             raise ConfigError(f"default export {self.default_export!r} is not defined")
         if self.port is not None and not 0 <= self.port <= 65535:

@@ -29,6 +29,7 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     recompress-after = "10m"      # pages not accessed for 10 minutes are recompressed,
     recompress-interval = "1m"    #   checked every minute (default), in the background
     mem-limit = "1G"
+    backing = "/var/lib/zramd/zram0.img"   # a file (sparse, created) or a block device below
     read-only = false
     description = "swap"
     fs-type = "ext4"              # what `zramd attach zram0` does (zram-generator's words):
@@ -237,6 +238,7 @@ _EXPORT_KEYS = (
     "options",
     "recompress-after",
     "recompress-interval",
+    "backing",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -333,6 +335,9 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "description" in values:
             key = "description"
             exp.description = _typed(values[key], str, "a string")
+        if "backing" in values:
+            key = "backing"
+            exp.backing = _typed(values[key], str, "an absolute path")
         key = "swap-priority"
         if key in values:
             exp.attach.swap_priority = _typed(values[key], int, "an integer -1..32767")
@@ -359,6 +364,7 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("mem-limit", "mem-limit"),
         ("recompress type", "compression-algorithm"),
         ("description", "description"),
+        ("backing", "backing"),
         ("swap-priority", "swap-priority"),
         ("mount-point", "mount-point"),
         ("fs-type", "fs-type"),

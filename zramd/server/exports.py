@@ -21,6 +21,12 @@ An export whose configuration asks for background recompression (``recompress-af
 :meth:`ExportRegistry.start` (the server's start), cancelled by ``remove`` and ``close``; it
 backs off while the export has requests in flight.
 
+An export with ``backing`` gets its :class:`~zramd.backing.BackingStore`, formatted afresh
+(what an earlier run wrote back is not kept), opened by ``add`` before the device is made and
+closed after it; a path that cannot be used (busy: another export or process holds it, too
+small, holding something else) is refused by ``add`` with a ConfigError naming the export and
+the path, and the registry is unchanged.
+
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
 their running requests) and closes the device once no request is running on it.
@@ -35,6 +41,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
+from zramd.backing import BackingOpenError, BackingStore
 from zramd.config import ConfigError, ExportConfig, format_size
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
@@ -62,7 +69,7 @@ async def _close_when_idle(exp: Export, sessions: list[Attached]) -> None:
     try:
         await asyncio.gather(*(s.wait_idle() for s in sessions))
     finally:
-        exp.device.close()
+        exp.close()
 
 
 def _loop_running() -> bool:
@@ -103,14 +110,29 @@ def make_device(
         ) from None
 
 
+def open_backing(cfg: ExportConfig) -> BackingStore | None:
+    """The backing store of ``cfg``, formatted empty, or None without one. Raises ConfigError
+    naming the export and the path."""
+    if cfg.backing is None:
+        return None
+    try:
+        return BackingStore.create(cfg.backing)
+    except BackingOpenError as e:
+        raise ConfigError(f"export {cfg.name!r}: backing {e}") from None
+
+
 class Export:
     """One served export: its configuration, its device, and the sessions using it."""
 
-    __slots__ = ("config", "device", "info", "sessions", "io", "policy")
+    __slots__ = ("config", "device", "info", "sessions", "io", "policy", "backing")
 
-    def __init__(self, config: ExportConfig, device: BlockDevice) -> None:
+    def __init__(
+        self, config: ExportConfig, device: BlockDevice, backing: BackingStore | None = None
+    ) -> None:
         self.config = config
         self.device = device
+        #: the backing store below RAM (``config.backing``), closed with the device
+        self.backing = backing
         self.info = ExportInfo(
             name=config.name,
             size=device.size,
@@ -140,6 +162,14 @@ class Export:
     @property
     def clients(self) -> int:
         return len(self.sessions)
+
+    def close(self) -> None:
+        """Close the device, then the backing store."""
+        try:
+            self.device.close()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
 
     def __repr__(self) -> str:
         return f"<Export {self.config.summary()} clients={self.clients}>"
@@ -185,9 +215,15 @@ class ExportRegistry:
         config.validate()
         if config.name in self._exports:
             raise ConfigError(f"export {config.name!r} already exists")
+        backing = open_backing(config)
         if device is None:
-            device = make_device(config, self._executor, self.budget)
-        exp = Export(config, device)
+            try:
+                device = make_device(config, self._executor, self.budget)
+            except BaseException:
+                if backing is not None:
+                    backing.close()
+                raise
+        exp = Export(config, device, backing)
         self._exports[config.name] = exp
         if exp.policy is not None and _loop_running():
             exp.policy.start()
@@ -222,7 +258,7 @@ class ExportRegistry:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            exp.device.close()
+            exp.close()
         return exp
 
     def close(self) -> None:
@@ -231,7 +267,7 @@ class ExportRegistry:
             if exp.policy is not None:
                 exp.policy.cancel()
             try:
-                exp.device.close()
+                exp.close()
             except Exception:  # noqa: BLE001 - closing must go on for the others
                 log.exception("closing export %s", exp.name)
         self._exports.clear()
