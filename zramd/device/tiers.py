@@ -89,7 +89,7 @@ SCAN_PAGES = 1 << 16
 BATCH_PAGES = 256
 #: the policy's smaller steps: pages scanned per idle-marking slice, pages per recompress batch
 POLICY_SLICE_PAGES = 1 << 15
-POLICY_BATCH_PAGES = 32
+POLICY_BATCH_PAGES = 16
 #: a yield that comes back later than this means other callbacks were waiting: back off
 POLICY_BUSY_LAG = 0.0005
 POLICY_MIN_BACKOFF = 0.002
