@@ -42,8 +42,16 @@ MM_STAT_FIELDS = (
     "huge_pages_since",
 )
 IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
-#: the tier counters (idle tracking, recompression), shown beside mm_stat
-TIER_FIELDS = ("idle_pages", "recompressed_pages", "incompressible_pages", "recompress_saved_bytes")
+#: the tier counters (idle tracking, recompression, multi-page groups), shown beside mm_stat
+TIER_FIELDS = (
+    "idle_pages",
+    "recompressed_pages",
+    "incompressible_pages",
+    "recompress_saved_bytes",
+    "grouped_pages",
+    "groups",
+    "group_saved_bytes",
+)
 
 
 @dataclass
@@ -77,6 +85,13 @@ class DeviceStats:
     incompressible_pages: int = 0
     #: pool bytes released by recompression (old size class minus new), cumulative.
     recompress_saved_bytes: int = 0
+    #: pages held in multi-page groups (counted in pages_stored too; a rewrite or discard takes
+    #: a page out of its group).
+    grouped_pages: int = 0
+    #: multi-page groups held (each one object of compr_data_size).
+    groups: int = 0
+    #: compressed bytes packing saved (the members' objects minus the group's), cumulative.
+    group_saved_bytes: int = 0
     # --- io_stat -------------------------------------------------------------------------------
     #: read requests that failed (a stored page did not decompress intact -> EIO); per request.
     failed_reads: int = 0

@@ -60,6 +60,7 @@ def check(d: ZramDevice) -> None:
     pooled = (stt == STORED) | (stt == HUGE)
     assert s.compr_data_size == int(t.size[pooled].sum()) + g.compr_bytes
     assert s.mem_used_total == d.pool.total_bytes <= s.mem_used_max
+    assert (s.groups, s.grouped_pages) == (g.count, int((stt == GROUPED).sum()))
     g.check()
     d.pool.check()
 
@@ -195,6 +196,7 @@ def test_group_packs_and_saves() -> None:
     r = d.group_sync(0, 63)
     assert (r.pages, r.groups, r.no_space) == (64, 4, False)
     assert r.saved == before - d.stats.compr_data_size > before // 2
+    assert d.stats.group_saved_bytes == r.saved and d.stats.groups == 4
     assert (d.table.state[:64] == GROUPED).all()
     assert d.read_sync(0, 64 * PAGE) == data
     check(d)

@@ -8,8 +8,9 @@ The daemon sends plain numbers (bytes, counts); this module turns rows into zram
 numbers right-aligned. ``--json`` gives the same columns with the daemon's numbers untouched,
 and each export's block-layer ``stat`` (requests, sectors, ticks: ``/sys/block/zramN/stat``).
 MEM-LIMIT is the limit in force, LIMIT-BY what sets it (``export``, or ``budget`` when the
-server-wide budget leaves the export less than its own limit). IDLE, RECOMPRESSED and
-INCOMPRESSIBLE count pages, RECOMP-SAVED the pool bytes recompression released; ``--json``
+server-wide budget leaves the export less than its own limit). IDLE, RECOMPRESSED,
+INCOMPRESSIBLE and GROUPED count pages, RECOMP-SAVED the pool bytes recompression released,
+GROUPS the multi-page groups and GROUP-SAVED the compressed bytes packing them saved; ``--json``
 carries these tier counters (:data:`zramd.stats.TIER_FIELDS`) for every export.
 ``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
 backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
@@ -48,6 +49,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "RECOMPRESSED": ("recompressed_pages", "int"),
     "INCOMPRESSIBLE": ("incompressible_pages", "int"),
     "RECOMP-SAVED": ("recompress_saved_bytes", "size"),
+    "GROUPED": ("grouped_pages", "int"),
+    "GROUPS": ("groups", "int"),
+    "GROUP-SAVED": ("group_saved_bytes", "size"),
 }
 DEFAULT_COLUMNS = list(COLUMNS)[:11]
 

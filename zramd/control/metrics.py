@@ -80,6 +80,11 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Pages no recompression algorithm shrank (not tried again until rewritten)."),
     ("zramd_recompress_saved_bytes_total", "counter", "tiers", "recompress_saved_bytes",
      "Pool bytes recompression released (old size class minus new)."),
+    ("zramd_grouped_pages", "gauge", "tiers", "grouped_pages",
+     "Pages held in multi-page groups of cold pages."),
+    ("zramd_groups", "gauge", "tiers", "groups", "Multi-page groups held."),
+    ("zramd_group_saved_bytes_total", "counter", "tiers", "group_saved_bytes",
+     "Compressed bytes packing pages into groups saved (members' objects minus the group's)."),
 )
 #: the histogram's bucket bounds as Prometheus ``le`` labels
 _LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]

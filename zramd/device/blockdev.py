@@ -744,6 +744,7 @@ class ZramDevice:
             pages += len(w.items)
             groups += 1
             saved += w.old_bytes - len(blob)
+            store.stats.group_saved_bytes += w.old_bytes - len(blob)
         return GroupResult(pages, groups, saved, False)
 
     def group_sync(

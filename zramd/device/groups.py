@@ -47,7 +47,8 @@ Invariants
   new blob's chunks are all stored before any entry switches; on PoolFull they are freed and
   NoSpace raised, so nothing changed.
 * ``compr_data_size`` counts each live group's blob once; ``pages_stored`` counts its live
-  pages (dead ones now count under their new state); ``mem_used`` is the pool's, as always.
+  pages (dead ones now count under their new state); ``mem_used`` is the pool's, as always;
+  the counters ``groups`` and ``grouped_pages`` are the live groups and their live pages.
 * Every live bit names exactly one GROUPED table entry pointing back at the group, and every
   GROUPED entry is a live bit (:meth:`Groups.check`).
 
@@ -194,6 +195,8 @@ class Groups:
         self.dead_pages -= members - live
         self.live_pages -= live
         self.count -= 1
+        store.stats.groups -= 1
+        store.stats.grouped_pages -= live
         self.csize[gid] = self.members[gid] = self.live[gid] = 0
         self._cache.pop(gid, None)
         self.pending.discard(gid)
@@ -210,6 +213,7 @@ class Groups:
         self.live[gid] = live
         self.live_pages -= 1
         self.dead_pages += 1
+        self._store.stats.grouped_pages -= 1
         if not live:
             self._free_group(gid)
         elif 2 * live.bit_count() < int(self.members[gid]).bit_count():
@@ -342,6 +346,8 @@ class Groups:
             codec_mv[idx] = codec_id
             k += 1
         s.compr_data_size += n
+        s.groups += 1
+        s.grouped_pages += k
         self.compr_bytes += n
         self.count += 1
         self.live_pages += k
