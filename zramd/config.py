@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from zramd.compress import get_codec
+from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS
 from zramd.geometry import PAGE_SIZE
 from zramd.protocol import wire
 from zramd.protocol.limits import DEFAULT_MAX_PAYLOAD
@@ -252,6 +253,18 @@ def parse_compression(text: str) -> Compression:
     return out
 
 
+def parse_one_algorithm(text: str) -> tuple[str, int | None]:
+    """One algorithm: ``"zstd(level=3)"`` -> ("zstd", 3); ``"lz4"`` -> ("lz4", None). Raises
+    ConfigError."""
+    comp = parse_compression(text)
+    if comp.recompression or comp.recompress_type is not None:
+        raise ConfigError(
+            f"{text!r}: one algorithm expected here (recompression algorithms follow the first "
+            "in compression-algorithm)"
+        )
+    return comp.algorithm, comp.level
+
+
 def _compression_items(text: str) -> list[tuple[str, str | None]]:
     """The words of a compression-algorithm value (spaces inside parentheses kept)."""
     words: list[str] = []
@@ -386,6 +399,12 @@ class ExportConfig:
     #: the backing store below RAM (issue 12): an absolute path of a regular file (created and
     #: grown as needed, sparse) or a block device; None: none
     backing: str | None = None
+    #: multi-page groups of cold pages (``recompress --group-pages``, and its default): pages
+    #: per group (0: the device's, 16) and their algorithm with its level ("": the device's,
+    #: zstd level 9)
+    group_pages: int = 0
+    group_algorithm: str = ""
+    group_level: int | None = None
 
     def validate(self) -> None:
         if not self.name:
@@ -413,6 +432,15 @@ class ExportConfig:
                 get_codec(name, level=level)
         except ValueError as e:
             raise ConfigError(f"export {self.name!r}: {e}") from None
+        if self.group_pages and not MIN_MEMBERS <= self.group_pages <= MAX_GROUP_PAGES:
+            raise ConfigError(
+                f"export {self.name!r}: group-pages must be in {MIN_MEMBERS}..{MAX_GROUP_PAGES}"
+            )
+        if self.group_algorithm:
+            try:
+                get_codec(self.group_algorithm, level=self.group_level)
+            except ValueError as e:
+                raise ConfigError(f"export {self.name!r}: group-algorithm: {e}") from None
         if self.recompress_after and not self.recompression:
             raise ConfigError(
                 f"export {self.name!r}: recompress-after needs recompression algorithms: list "
@@ -500,6 +528,8 @@ _SPEC_KEYS = (
     "read-only",
     "recompress-after",
     "recompress-interval",
+    "group-pages",
+    "group-algorithm",
     "backing",
     "description",
 )
@@ -524,13 +554,15 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
-    [,recompress-after=DURATION][,recompress-interval=DURATION][,backing=PATH]
-    [,description=T]``.
+    [,recompress-after=DURATION][,recompress-interval=DURATION][,group-pages=N]
+    [,group-algorithm=ALG][,backing=PATH][,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
     inside their parentheses), rounded down to whole pages. ``algorithm`` is a
     compression-algorithm value (:func:`parse_compression`: ``lz4 zstd(level=3)`` recompresses
-    with zstd); ``level`` sets the first algorithm's. ``backing`` is a file or block device
+    with zstd); ``level`` sets the first algorithm's. ``group-pages`` (2..16) and
+    ``group-algorithm`` (one algorithm, e.g. ``zstd(level=19)``) are what multi-page groups of
+    cold pages are packed with. ``backing`` is a file or block device
     (a relative path is taken from the current directory). ``description`` must come last: its
     text may contain commas."""
     (_, head), *rest = _spec_items(spec)
@@ -585,6 +617,15 @@ def parse_export_spec(spec: str) -> ExportConfig:
                 raise ConfigError(
                     f"bad export spec {spec!r}: level {value!r} is not an integer"
                 ) from None
+        elif key == "group-pages":
+            try:
+                cfg.group_pages = int(value)
+            except ValueError:
+                raise ConfigError(
+                    f"bad export spec {spec!r}: group-pages {value!r} is not an integer"
+                ) from None
+        elif key == "group-algorithm":
+            cfg.group_algorithm, cfg.group_level = parse_one_algorithm(value)
         elif key == "mem-limit":
             cfg.mem_limit = round_pages(parse_size(value, what=f"mem-limit of export {name!r}"))
         elif key == "backing":

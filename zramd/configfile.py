@@ -28,6 +28,8 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     compression-algorithm = "lz4 zstd(level=3)"   # zstd recompresses (zram-generator's words)
     recompress-after = "10m"      # pages not accessed for 10 minutes are recompressed,
     recompress-interval = "1m"    #   checked every minute (default), in the background
+    group-pages = 16              # recompress --group-pages packs up to 16 idle pages together
+    group-algorithm = "zstd(level=9)"   #   with this algorithm (default zstd level 9)
     mem-limit = "1G"
     backing = "/var/lib/zramd/zram0.img"   # a file (sparse, created) or a block device below
     read-only = false
@@ -63,6 +65,7 @@ from zramd.config import (
     parse_compression,
     parse_duration,
     parse_network,
+    parse_one_algorithm,
     round_pages,
     size_bytes,
 )
@@ -94,13 +97,7 @@ def parse_size_value(value: Any, *, ram: float | None = None, what: str = "size"
 
 def parse_algorithm(text: str) -> tuple[str, int | None]:
     """One algorithm: ``"zstd(level=3)"`` -> ("zstd", 3); ``"lz4"`` -> ("lz4", None)."""
-    comp = parse_compression(text)
-    if comp.recompression or comp.recompress_type is not None:
-        raise ConfigError(
-            f"{text!r}: one algorithm expected here (recompression algorithms follow the first "
-            "in compression-algorithm)"
-        )
-    return comp.algorithm, comp.level
+    return parse_one_algorithm(text)
 
 
 def _octal_mode(value: Any) -> int:
@@ -238,6 +235,8 @@ _EXPORT_KEYS = (
     "options",
     "recompress-after",
     "recompress-interval",
+    "group-pages",
+    "group-algorithm",
     "backing",
 )
 #: zram-generator spellings accepted as aliases
@@ -338,6 +337,13 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "backing" in values:
             key = "backing"
             exp.backing = _typed(values[key], str, "an absolute path")
+        if "group-pages" in values:
+            key = "group-pages"
+            exp.group_pages = _typed(values[key], int, "an integer 2..16")
+        if "group-algorithm" in values:
+            key = "group-algorithm"
+            text = _typed(values[key], str, 'a string like "zstd(level=9)"')
+            exp.group_algorithm, exp.group_level = parse_algorithm(text)
         key = "swap-priority"
         if key in values:
             exp.attach.swap_priority = _typed(values[key], int, "an integer -1..32767")
@@ -358,6 +364,8 @@ def _blame(message: str, seen: dict[str, str]) -> str:
     for word, key in (
         ("recompress-after", "recompress-after"),
         ("recompress-interval", "recompress-interval"),
+        ("group-pages", "group-pages"),
+        ("group-algorithm", "group-algorithm"),
         ("algorithm", "compression-algorithm"),
         ("level", "compression-algorithm"),
         ("codec", "compression-algorithm"),

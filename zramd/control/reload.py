@@ -91,9 +91,11 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
             say(f"export {cfg.name}: new pages compressed with {cfg.algorithm}")
     fixed = [
         k
-        for k in ("size", "read_only", "description")
+        for k in ("size", "read_only", "description", "group_pages", "group_algorithm")
         if getattr(cfg, k) != getattr(old, k)
     ]
+    if cfg.group_level != old.group_level and "group_algorithm" not in fixed:
+        fixed.append("group_algorithm")
     if fixed:
         say(
             f"export {cfg.name}: {', '.join(k.replace('_', '-') for k in fixed)} changed in "

@@ -84,6 +84,17 @@ class ExportBusy(Exception):
     """remove() without force while clients are connected."""
 
 
+def _group_settings(cfg: ExportConfig) -> dict[str, Any]:
+    """The device's multi-page group settings the configuration gives (else its defaults)."""
+    out: dict[str, Any] = {}
+    if cfg.group_pages:
+        out["group_pages"] = cfg.group_pages
+    if cfg.group_algorithm:
+        out["group_algorithm"] = cfg.group_algorithm
+        out["group_level"] = cfg.group_level
+    return out
+
+
 def make_device(
     cfg: ExportConfig, executor: Executor | None = None, budget: Any = None
 ) -> BlockDevice:
@@ -100,6 +111,7 @@ def make_device(
             executor=executor,
             offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
             recompression=cfg.recompression,
+            **_group_settings(cfg),
         )
     except (OSError, MemoryError) as e:
         table = cfg.size // PAGE_SIZE * ENTRY_BYTES
