@@ -22,6 +22,7 @@ from zramd.device.table import (
     ATIME_REBASE_AT,
     ATIME_REBASE_BY,
     EMPTY,
+    GROUPED,
     HUGE,
     IDLE,
     INCOMPRESSIBLE,
@@ -100,7 +101,7 @@ def check_tiers(d: ZramDevice) -> None:
     assert s.same_pages == int((st_ == SAME).sum())
     assert s.huge_pages == int((st_ == HUGE).sum())
     pooled = (st_ == STORED) | (st_ == HUGE)
-    assert s.compr_data_size == int(t.size[pooled].sum())
+    assert s.compr_data_size == int(t.size[pooled].sum()) + d._store.groups.compr_bytes
 
 
 @st.composite
@@ -413,3 +414,18 @@ async def test_policy_backs_off_while_clients_are_busy() -> None:
     await policy.run_pass()
     assert policy.backoffs > 0 and policy.recompressed == NPAGES
     d.close()
+
+
+async def test_policy_groups_then_recompresses_what_is_left() -> None:
+    clock = Clock()
+    d = _device(clock)
+    data = bytearray(_fill(d, 33))
+    policy = TierPolicy("t", d, after=60, interval=1, group_pages=16)
+    clock.t += 120
+    await policy.run_pass()
+    st = d.table.state
+    assert policy.marked == 33 and policy.grouped == 32  # two full windows
+    assert (st[:32] == GROUPED).all()
+    assert policy.recompressed == 1  # page 32: alone in its window, too few for a group
+    assert d.read_sync(0, 33 * PAGE) == data
+    check_tiers(d)
