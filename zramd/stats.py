@@ -8,8 +8,10 @@ counters as it installs and frees table entries (on the event-loop thread only);
 fields (``mem_used_total``, ``pages_compacted``, ``mem_limit``) are refreshed from the pool by the
 device when its ``stats`` property is read. Units follow the kernel: sizes in bytes, the rest in
 pages or events. ``mm_stat_line()`` / ``io_stat_line()`` print the fields in the order of
-``/sys/block/zramN/mm_stat`` and ``io_stat``; ``as_dict()`` is for JSON. No pool or device logic
-lives here.
+``/sys/block/zramN/mm_stat`` and ``io_stat``; ``as_dict()`` is for JSON. Beside them, zramd's
+tier counters (:data:`TIER_FIELDS`: idle, recompressed and incompressible pages, grouped pages
+and groups, and the bytes recompression and grouping saved) are kept by the same device, exact
+at every step like the page counters. No pool or device logic lives here.
 
 :class:`IoStats` belongs to an export and is counted by the server's dispatch, the one place
 requests meet exports (the export holds it; every connection to the export shares it): per NBD
