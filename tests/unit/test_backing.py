@@ -328,6 +328,57 @@ def test_create_over_an_old_store_starts_empty(path: str) -> None:
         s.close()
 
 
+def test_a_sized_file_bounds_the_store(path: str) -> None:
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)  # the operator's "backing file of 4 MiB"
+    s = BackingStore.create(path, segment_size=SEG)
+    assert s.header.capacity == 3 << 20  # less the header and metadata region
+    s.write_many_sync(objs(100))
+    s.close()
+    assert os.stat(path).st_size == 4 << 20
+    s = BackingStore.create(path, segment_size=SEG)  # an old store keeps its capacity
+    assert s.header.capacity == 3 << 20 and s.stat()["file_allocated_bytes"] <= 8192
+    s.close()
+    s = BackingStore.create(path, size=8 << 20, segment_size=SEG)
+    assert s.header.capacity == 7 << 20 and os.stat(path).st_size == 8 << 20
+    s.close()
+
+
+def test_open_refuses_bad_live_locators(path: str) -> None:
+    s = BackingStore.create(path, segment_size=SEG)
+    locs = s.write_many_sync(objs(10, lo=100, hi=100))
+    s.close()
+    overlapping = fmt.make_locator(fmt.locator_offset(locs[3]) + 8, 100)
+    with pytest.raises(BackingOpenError, match="overlap"):
+        BackingStore.open(path, live=[locs[3], overlapping])
+    with pytest.raises(BackingOpenError, match="outside"):
+        BackingStore.open(path, live=[fmt.make_locator(4096, 10)])
+    BackingStore.open(path, live=locs).close()
+
+
+def test_a_failed_header_write_is_retried(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "SEQ_RESERVE", 2)
+    s = BackingStore.create(path, segment_size=SEG)
+    try:
+        s.write_many_sync(objs(30, lo=3000, hi=4000))  # a few segments: the limit moved
+        real = os.fdatasync
+        monkeypatch.setattr(store_mod.os, "fdatasync", lambda fd: (_ for _ in ()).throw(
+            OSError(errno.EIO, "Input/output error")))
+        with pytest.raises(BackingIOError):
+            while True:  # until a write carries a header rewrite
+                s.write_many_sync(objs(20, lo=3000, hi=4000))
+        assert s._header_dirty
+        monkeypatch.setattr(store_mod.os, "fdatasync", real)
+        s.write_many_sync(objs(1))  # carries the header
+        assert not s._header_dirty
+        with open(path, "rb") as f:
+            assert fmt.decode_header(f.read(fmt.HEADER_BYTES)).seq_limit == s.header.seq_limit
+    finally:
+        s.close()
+
+
 def test_sequence_limit_moves_forward_with_a_header_write(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

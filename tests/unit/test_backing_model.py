@@ -5,6 +5,7 @@ with the model."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -121,3 +122,55 @@ BackingModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBackingModel = BackingModel.TestCase
+
+
+async def test_concurrent_operations_against_a_model(tmp_path: object) -> None:
+    """Rounds of concurrent async writes, reads, frees and a cleaning (the frees on objects no
+    read is using, as the device orders them); relocations applied the caller's way."""
+    path = os.path.join(str(tmp_path), "c.img")
+    s = BackingStore.create(path, size=fmt.DEFAULT_DATA_OFFSET + 24 * SEG, segment_size=SEG)
+    rng = random.Random(11)
+    model: dict[int, bytes] = {}
+    fulls = 0
+
+    async def write(batch: list[bytes]) -> None:
+        nonlocal fulls
+        try:
+            locs = await s.write_many(batch)
+        except BackingFull:
+            fulls += 1
+            return
+        model.update(zip(locs, batch, strict=True))
+
+    async def read(keys: list[int]) -> None:
+        assert await s.read_many(keys) == [model[k] for k in keys]
+
+    try:
+        for _ in range(80):
+            keys = list(model)
+            rng.shuffle(keys)
+            reading, freeing = keys[:20], keys[20 : 20 + rng.randrange(0, 12)]
+            for k in freeing:
+                del model[k]
+            batches = [[rng.randbytes(rng.randint(1, 6000)) for _ in range(rng.randint(1, 12))]
+                       for _ in range(rng.randint(1, 3))]
+            results = await asyncio.gather(
+                *(write(b) for b in batches),
+                read(reading),
+                s.free(freeing),
+                s.clean(max_segments=2, threshold=rng.choice([0.5, 0.9])),
+            )
+            cleaning = results[-1]
+            for old, new in cleaning.relocations:
+                if old in model:
+                    model[new] = model.pop(old)
+                    await s.free([old])
+                else:
+                    await s.free([new])
+            stat = s.stat()
+            assert stat["bd_count"] == len(model)
+            assert stat["live_bytes"] == sum(map(len, model.values()))
+        assert await s.read_many(list(model)) == list(model.values())
+        assert fulls and s.stat()["moved_objects"]
+    finally:
+        await s.aclose()

@@ -96,6 +96,7 @@ from zramd.backing.format import (
     FLAG_BLOCK_DEVICE,
     HEADER_BYTES,
     LEN_BITS,
+    LEN_MASK,
     RECORD_HEADER,
     RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
@@ -129,6 +130,8 @@ CLEAN_THRESHOLD = 0.5
 CLEAN_RESERVE_SEGMENTS = 1
 #: iovecs per pwritev call (the kernel's IOV_MAX is 1024)
 MAX_IOV = 1020
+#: objects of one read this close to each other are read with one pread (the gap read too)
+READ_MERGE_GAP = 4096
 
 FREE, OPEN, SEALED, RELEASING = 0, 1, 2, 3
 #: what giving one range back did
@@ -251,6 +254,7 @@ class BackingStore:
         self._fd = fd
         self.header = header
         self.segment_size = header.segment_size
+        self._data_offset = header.data_offset
         self.max_object = max_object(header.segment_size)
         self.nsegments = header.max_segments()
         self.counters = BackingCounters()
@@ -270,6 +274,8 @@ class BackingStore:
         self._pinned: set[int] = set()
         self._cleaning: set[int] = set()
         self._open = -1
+        #: the header (a moved sequence limit) still has to be written
+        self._header_dirty = False
         self._live_objects = 0
         self._live_payload = 0
         self._executor = ThreadPoolExecutor(
@@ -290,26 +296,36 @@ class BackingStore:
         segment_size: int = SEGMENT_SIZE,
         io_threads: int = DEFAULT_IO_THREADS,
     ) -> BackingStore:
-        """Format ``path`` as a new, empty store: a regular file (created if missing, sparse;
-        ``size`` caps its growth, 0 = until the file system is full) or a block device (its
-        whole size). Refuses (BackingOpenError) a path held by another opener, one too small
-        for MIN_SEGMENTS segments, and a non-empty file or device holding something else than
-        a backing store (zeros or a store are overwritten)."""
+        """Format ``path`` as a new, empty store (what it held is given back): a block device
+        (its whole size), or a regular file, sparse, whose size bounds the store: ``size`` if
+        given, else the capacity of the store it holds, else its own size; a new or empty file
+        grows until the file system is full. Refuses (BackingOpenError) a path held by another
+        opener, one too small for MIN_SEGMENTS segments, and a non-empty file or device holding
+        something else than a backing store (its first 4 KiB must be zeros or a store's
+        header)."""
         check_segment_size(segment_size)
         fd, is_blk = _open(path, create=True)
         try:
             first = os.pread(fd, HEADER_BYTES, 0)
+            old: Header | None = None
             if first.strip(b"\0"):
                 try:
-                    decode_header(first)
+                    old = decode_header(first)
                 except FormatError:
                     raise BackingOpenError(
                         f"{path}: holds something else than a zramd backing store; wipe it "
                         "first (its first 4 KiB must be zeros)"
                     ) from None
-            limit = osio.device_size(fd) if is_blk else 0
-            if size and (not limit or size < limit):
+            if is_blk:
+                limit = osio.device_size(fd)
+                if size:
+                    limit = min(limit, size)
+            elif size:
                 limit = size
+            elif old is not None:
+                limit = old.data_offset + old.capacity if old.capacity else 0
+            else:
+                limit = os.fstat(fd).st_size
             capacity = 0
             if limit:
                 capacity = (limit - DEFAULT_DATA_OFFSET) // segment_size * segment_size
@@ -331,6 +347,10 @@ class BackingStore:
             )
             if is_blk:
                 osio.release(fd, header.data_offset, capacity, block_device=True)
+            elif capacity:
+                end = header.data_offset + capacity
+                os.ftruncate(fd, end)
+                osio.release(fd, HEADER_BYTES, end - HEADER_BYTES, block_device=False)
             else:
                 os.ftruncate(fd, 0)
             _write_all(fd, encode_header(header), 0)
@@ -407,7 +427,10 @@ class BackingStore:
                 per_seg[seg] = self._walk(raw, seg, seq)
         else:
             for loc in live:
-                seg = self._seg_of(loc)
+                try:
+                    seg = self._seg_of(loc)
+                except ValueError as e:
+                    raise BackingOpenError(str(e)) from None
                 per_seg.setdefault(seg, []).append(loc)
             for seg in sorted(per_seg):
                 raw = self._pread(self._seg_start(seg), SEGMENT_HEADER_BYTES)
@@ -424,6 +447,11 @@ class BackingStore:
             locs.sort()
             if not locs:
                 continue
+            ends = [locator_offset(x) + record_bytes(locator_length(x)) for x in locs]
+            if any(locator_offset(b) < a for a, b in zip(ends, locs[1:], strict=False)):
+                raise BackingOpenError(
+                    f"{self.path}: the live objects given for segment {seg} overlap"
+                )
             last = locs[-1]
             self._state[seg] = SEALED
             self._seq[seg] = seqs[seg]
@@ -483,11 +511,10 @@ class BackingStore:
         return self.header.data_offset + seg * self.segment_size
 
     def _seg_of(self, loc: int) -> int:
-        off = locator_offset(loc) - self.header.data_offset
-        seg = off // self.segment_size
-        if off < 0 or seg >= self.nsegments or (
-            off % self.segment_size < SEGMENT_HEADER_BYTES
-        ) or off % self.segment_size + record_bytes(locator_length(loc)) > self.segment_size:
+        """The segment of ``loc``. Raises ValueError when its record cannot be in one."""
+        seg, pos = divmod((loc >> LEN_BITS) * ALIGN - self._data_offset, self.segment_size)
+        if not (0 <= seg < self.nsegments and SEGMENT_HEADER_BYTES <= pos
+                and pos + RECORD_HEADER_BYTES + (loc & LEN_MASK) <= self.segment_size):
             raise ValueError(f"locator {loc:#x} is outside the segments of {self.path}")
         return seg
 
@@ -571,7 +598,7 @@ class BackingStore:
                 seg = self._take_segment()
                 if self._next_seq >= self.header.seq_limit:
                     self._reserve_seq()
-                    header = encode_header(self.header)
+                    self._header_dirty = True
                 seq = self._next_seq
                 self._next_seq += 1
                 self._open = seg
@@ -602,6 +629,8 @@ class BackingStore:
             fill[seg] = cur
             locs += new
             i = j
+        if self._header_dirty:
+            header = encode_header(self.header)
         self._live_objects += nobj
         self._live_payload += sum(lens)
         charged = 0
@@ -622,6 +651,8 @@ class BackingStore:
         the segments now empty, to give back."""
         for run in plan.runs:
             self._pending[run.seg] -= 1
+        if ok and plan.header is not None and plan.header == encode_header(self.header):
+            self._header_dirty = False
         if not ok:
             self._kill(plan.locs)
             if self.write_limit is not None:
@@ -648,19 +679,25 @@ class BackingStore:
     def _kill(self, locs: Iterable[int]) -> list[int]:
         """Mark ``locs`` dead; the sealed segments they empty (to give back). Raises ValueError
         for a locator that is not live (a double free, or foreign)."""
+        return self._kill_found([(loc, *self._find(loc)) for loc in locs])
+
+    def _kill_found(self, found: list[tuple[int, int, int]]) -> list[int]:
+        """Mark the objects ``(locator, segment, index)`` dead (see :meth:`_kill`)."""
         empty: list[int] = []
-        for loc in locs:
-            seg, i = self._find(loc)
-            self._dead[seg][i] = 1  # type: ignore[index]
-            n = locator_length(loc)
-            self._live_count[seg] -= 1
-            self._live_bytes[seg] -= record_bytes(n)
-            self._live_objects -= 1
-            self._live_payload -= n
-            if self._live_count[seg] == 0:
+        dead_of, count, nbytes = self._dead, self._live_count, self._live_bytes
+        payload = 0
+        for loc, seg, i in found:
+            dead_of[seg][i] = 1  # type: ignore[index]
+            n = loc & LEN_MASK
+            payload += n
+            count[seg] -= 1
+            nbytes[seg] -= (RECORD_HEADER_BYTES + n + ALIGN - 1) & -ALIGN
+            if count[seg] == 0:
                 self._pinned.discard(seg)
                 if self._releasable(seg):
                     empty.append(seg)
+        self._live_objects -= len(found)
+        self._live_payload -= payload
         return empty
 
     def _start_release(self, segs: list[int]) -> list[tuple[int, int]]:
@@ -736,13 +773,14 @@ class BackingStore:
         while k < len(order):
             first = locs[order[k]]
             start = locator_offset(first)
-            end = start + record_bytes(locator_length(first))
+            end = start + RECORD_HEADER_BYTES + locator_length(first)
             j = k + 1
             while j < len(order):
                 nxt = locs[order[j]]
-                if locator_offset(nxt) != end:
+                off = locator_offset(nxt)
+                if not end <= off <= end + READ_MERGE_GAP:
                     break
-                end += record_bytes(locator_length(nxt))
+                end = off + RECORD_HEADER_BYTES + locator_length(nxt)
                 j += 1
             raw = self._pread(start, end - start)
             nread += len(raw)
@@ -1012,20 +1050,19 @@ class BackingStore:
     # --- helpers of the operations ------------------------------------------------------------
 
     def _free_checked(self, locs: Iterable[int]) -> list[int]:
-        locs = list(locs)
-        for loc in locs:  # validate all first: a bad locator frees nothing
-            self._find(loc)
-        if len(set(locs)) != len(locs):
+        """Free ``locs`` after checking them all (a bad one frees nothing)."""
+        found = [(loc, *self._find(loc)) for loc in locs]
+        if len({loc for loc, _, _ in found}) != len(found):
             raise ValueError("a locator is freed twice")
-        return self._kill(locs)
+        return self._kill_found(found)
 
     def _seeds(self, locs: Sequence[int]) -> list[int]:
-        seed = self._seed
-        state = self._state
+        """The CRC seeds of the segments of ``locs`` (ValueError for a segment not in use)."""
+        seed, state, seg_of = self._seed, self._state, self._seg_of
         out = []
         for loc in locs:
-            seg = self._seg_of(loc)
-            if seg >= len(state) or state[seg] not in (OPEN, SEALED):
+            seg = seg_of(loc)
+            if seg >= len(state) or not OPEN <= state[seg] <= SEALED:
                 raise ValueError(f"locator {loc:#x} is not live in {self.path}")
             out.append(seed[seg])
         return out
@@ -1109,7 +1146,7 @@ class BackingStore:
             "bd_writes": c.bd_writes,
             "live_bytes": self._live_payload,
             "used_bytes": self.used_bytes(),
-            "capacity_bytes": self.nsegments * self.segment_size,
+            "capacity_bytes": self.header.capacity,
             "file_allocated_bytes": osio.allocated_bytes(self._fd) if not self._closed else 0,
             "read_bytes": c.read_bytes,
             "write_bytes": c.write_bytes,
