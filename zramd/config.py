@@ -390,9 +390,10 @@ class ExportConfig:
     #: recompression algorithms with their levels, tried in order (``compression-algorithm``'s
     #: further algorithms)
     recompression: list[tuple[str, int | None]] = field(default_factory=list)
-    #: the background policy: pages not accessed for this many seconds are marked idle and
-    #: recompressed (0: no policy), every ``recompress_interval`` seconds; ``recompress_type``
-    #: idle or huge-idle (only the huge ones among them)
+    #: the background policy: pages not accessed for this many seconds are marked idle,
+    #: packed into multi-page groups when ``group_pages`` is given and recompressed (0: no
+    #: policy), every ``recompress_interval`` seconds; ``recompress_type`` idle or huge-idle
+    #: (only the huge ones among them)
     recompress_after: float = 0.0
     recompress_interval: float = DEFAULT_RECOMPRESS_INTERVAL
     recompress_type: str = "idle"
@@ -441,11 +442,11 @@ class ExportConfig:
                 get_codec(self.group_algorithm, level=self.group_level)
             except ValueError as e:
                 raise ConfigError(f"export {self.name!r}: group-algorithm: {e}") from None
-        if self.recompress_after and not self.recompression:
+        if self.recompress_after and not self.recompression and not self.group_pages:
             raise ConfigError(
-                f"export {self.name!r}: recompress-after needs recompression algorithms: list "
+                f"export {self.name!r}: recompress-after needs recompression algorithms (list "
                 f"them after the first compression algorithm, e.g. \"{self.algorithm} "
-                f"zstd(level=3)\""
+                f"zstd(level=3)\") or group-pages"
             )
         if self.recompress_after < 0:
             raise ConfigError(f"export {self.name!r}: recompress-after must not be negative")

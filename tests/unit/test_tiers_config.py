@@ -61,6 +61,8 @@ def test_export_spec() -> None:
     assert cfg.recompress_type == "huge-idle"
     with pytest.raises(ConfigError, match="recompress-after needs recompression algorithms"):
         parse_export_spec("t=64M,recompress-after=10m")
+    grouped = parse_export_spec("t=64M,recompress-after=10m,group-pages=16")
+    assert grouped.group_pages == 16 and not grouped.recompression
     with pytest.raises(ConfigError, match="recompress-interval must be at least"):
         parse_export_spec("t=64M,algorithm=lz4 zstd,recompress-after=1m,recompress-interval=0")
     with pytest.raises(ConfigError, match="unknown compression algorithm 'nope'"):
@@ -99,9 +101,12 @@ async def test_registry_starts_and_stops_the_policy() -> None:
     )
     exp = reg.add(cfg)
     assert exp.policy is not None and exp.policy.task is not None
+    assert exp.policy.group_pages == 0
     task = exp.policy.task
     plain = reg.add(ExportConfig(name="q", size=1 << 20))
     assert plain.policy is None
+    grouping = reg.add(ExportConfig(name="g", size=1 << 20, recompress_after=60, group_pages=8))
+    assert grouping.policy is not None and grouping.policy.group_pages == 8
     reg.remove("p")
     await asyncio.sleep(0)
     assert task.cancelled() or task.done()

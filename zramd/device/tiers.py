@@ -410,9 +410,9 @@ class TierPolicy:
         if self.group_pages:
             for pos in range(0, npages, POLICY_GROUP_PAGES):
                 last = min(npages, pos + POLICY_GROUP_PAGES) - 1
-                res = await dev.group(pos, last, group_pages=self.group_pages)
-                self.grouped += res.pages
-                if res.no_space:
+                packed = await dev.group(pos, last, group_pages=self.group_pages)
+                self.grouped += packed.pages
+                if packed.no_space:
                     break
                 await self._yield()
         if not dev.recompression_algorithms:

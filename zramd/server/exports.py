@@ -164,6 +164,7 @@ class Export:
                 after=config.recompress_after,
                 interval=config.recompress_interval,
                 kind=config.recompress_type,
+                group_pages=config.group_pages,
                 busy=lambda: self.io.in_flight > 0,
             )
 
