@@ -453,6 +453,15 @@ def test_truncated_file_costs_only_the_lost_objects(path: str, store: BackingSto
     assert store.stat()["io_errors"] >= 1
 
 
+def test_a_file_removed_underneath_keeps_serving(path: str, store: BackingStore) -> None:
+    data = objs(50)
+    locs = store.write_many_sync(data)
+    os.unlink(path)  # the open descriptor keeps the file: nothing is lost while it is open
+    assert store.read_many_sync(locs) == data
+    new = objs(20, seed=3)
+    assert store.read_many_sync(store.write_many_sync(new)) == new
+
+
 def test_write_eio_rolls_back(store: BackingStore, monkeypatch: pytest.MonkeyPatch) -> None:
     keep = objs(30)
     klocs = store.write_many_sync(keep)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zramd.backing import BackingFull, BackingStore
+from zramd.backing import BackingFull, BackingStore, Cleaning
 from zramd.backing import format as fmt
 from zramd.backing import store as store_mod
 
@@ -161,6 +161,7 @@ async def test_concurrent_operations_against_a_model(tmp_path: object) -> None:
                 s.clean(max_segments=2, threshold=rng.choice([0.5, 0.9])),
             )
             cleaning = results[-1]
+            assert isinstance(cleaning, Cleaning)
             for old, new in cleaning.relocations:
                 if old in model:
                     model[new] = model.pop(old)
