@@ -164,6 +164,7 @@ def test_full_store_refuses_and_stays_usable(path: str) -> None:
                 data += batch
         used = s.stat()["used_bytes"]
         assert used == 5 * SEG  # one segment is the cleaning reserve
+        assert s.stat()["full_refusals"] == 1
         assert s.read_many_sync(locs) == data
         s.free_sync(locs[::2])
         got = s.clean_sync(max_segments=5, threshold=0.6)  # moves into the reserve
@@ -228,6 +229,7 @@ def test_write_budget(store: BackingStore) -> None:
     with pytest.raises(BudgetSpent):
         store.write_many_sync(objs(1))
     assert store.read_many_sync(locs) == objs(4, lo=1000, hi=1000)
+    assert store.stat()["budget_refusals"] == 2
     with pytest.raises(ValueError):
         store.set_write_limit(-1)
 

@@ -220,6 +220,9 @@ class BackingCounters:
     io_errors: int = 0
     #: objects that failed their check on a read or in cleaning
     corrupt: int = 0
+    #: writes refused for want of room (the store's or the file system's) or of budget
+    full_refusals: int = 0
+    budget_refusals: int = 0
     #: segments emptied by cleaning, objects and bytes it moved
     cleaned_segments: int = 0
     moved_objects: int = 0
@@ -588,12 +591,14 @@ class BackingStore:
                 nbytes += SEGMENT_HEADER_BYTES
             left -= r
         if need > self._room(cleaning=cleaning):
+            self.counters.full_refusals += 1
             raise BackingFull(
                 f"{self.path}: backing store full ({self.used_bytes()} of "
                 f"{self.nsegments * seg_size} bytes in use)",
                 cleanable=self.cleanable_bytes(),
             )
         if not cleaning and self.write_limit is not None and nbytes > self.write_limit:
+            self.counters.budget_refusals += 1
             raise BudgetSpent(
                 f"{self.path}: write budget spent ({self.write_limit} bytes left, "
                 f"{nbytes} needed)"
@@ -858,8 +863,9 @@ class BackingStore:
         plan = self._plan(objs, cleaning=cleaning)
         try:
             yield partial(self._write_io, plan, objs)
-        except (BackingIOError, BackingFull):
+        except (BackingIOError, BackingFull) as e:
             self.counters.io_errors += 1
+            self.counters.full_refusals += isinstance(e, BackingFull)
             yield from self._op_release(self._finish(plan, ok=False))
             raise
         except BaseException:
@@ -1154,7 +1160,11 @@ class BackingStore:
         )
 
     def stat(self) -> dict[str, int]:
-        """Counters and gauges (zram bd_stat in objects, bytes beside)."""
+        """Counters and gauges: zram's bd_stat in objects (``bd_count`` live, ``bd_reads``,
+        ``bd_writes``; the device converts to pages), the payload bytes live, the segments in use
+        (``used_bytes``), the capacity (0: grows), what the file system holds for the file, bytes
+        read, written and given back, errors and refusals, cleaning's work, and the write budget
+        left (-1: no limit)."""
         c = self.counters
         return {
             "bd_count": self._live_objects,
@@ -1169,6 +1179,8 @@ class BackingStore:
             "punched_bytes": c.punched_bytes,
             "punch_unsupported": c.punch_unsupported,
             "io_errors": c.io_errors,
+            "full_refusals": c.full_refusals,
+            "budget_refusals": c.budget_refusals,
             "corrupt": c.corrupt,
             "cleaned_segments": c.cleaned_segments,
             "moved_objects": c.moved_objects,
