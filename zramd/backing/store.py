@@ -105,6 +105,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
 
+import numpy as np
+import numpy.typing as npt
+
 from zramd.backing import osio
 from zramd.backing.format import (
     ALIGN,
@@ -1090,14 +1093,28 @@ class BackingStore:
         return out
 
     def _victims(self, max_segments: int, threshold: float) -> list[int]:
-        limit = threshold * self.segment_size
-        cands = [
-            (self._live_bytes[s], s)
-            for s in range(len(self._state))
-            if self._state[s] == SEALED and self._pending[s] == 0 and s not in self._pinned
-            and s not in self._cleaning and self._live_bytes[s] < limit
-        ]
-        return [s for _, s in heapq.nsmallest(max_segments, cands)]
+        """Up to ``max_segments`` sealed segments, idle and not pinned, with live bytes under
+        ``threshold`` of a segment, the emptiest first (vectorised: no Python loop over the
+        segments)."""
+        state, live, pending = self._arrays()
+        cand = np.flatnonzero(
+            (state == SEALED) & (pending == 0) & (live < threshold * self.segment_size)
+        )
+        skip = self._pinned | self._cleaning
+        if skip:
+            cand = cand[~np.isin(cand, np.fromiter(skip, dtype=np.int64, count=len(skip)))]
+        best = cand[np.argsort(live[cand], kind="stable")[:max_segments]]
+        return [int(x) for x in best]
+
+    def _arrays(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64],
+                               npt.NDArray[np.uint32]]:
+        """Copies of the state, live-bytes and pending columns as numpy arrays."""
+        n = len(self._state)
+        return (
+            np.frombuffer(self._state, dtype=np.uint8, count=n).copy(),
+            np.frombuffer(self._live_bytes, dtype=np.uint64, count=n).copy(),
+            np.frombuffer(self._pending, dtype=np.uint32, count=n).copy(),
+        )
 
     def _clean_begin(self, seg: int) -> tuple[int, int, list[int], int]:
         self._cleaning.add(seg)
@@ -1154,10 +1171,10 @@ class BackingStore:
 
     def cleanable_bytes(self) -> int:
         """Dead bytes in sealed segments (what cleaning could win at most)."""
-        return sum(
-            self._fill[s] - SEGMENT_HEADER_BYTES - self._live_bytes[s]
-            for s in range(len(self._state)) if self._state[s] == SEALED
-        )
+        state, live, _ = self._arrays()
+        fill = np.frombuffer(self._fill, dtype=np.uint32, count=len(state)).astype(np.int64)
+        sealed = state == SEALED
+        return int((fill[sealed] - SEGMENT_HEADER_BYTES - live[sealed].astype(np.int64)).sum())
 
     def stat(self) -> dict[str, int]:
         """Counters and gauges: zram's bd_stat in objects (``bd_count`` live, ``bd_reads``,
