@@ -101,9 +101,13 @@ class BackingModel(RuleBasedStateMachine):
         assert stat["used_bytes"] <= SEGMENTS * SEG
         assert sum(s._live_count) == len(self.model)
         assert sum(s._live_bytes) == sum(fmt.record_bytes(len(v)) for v in self.model.values())
+        dead = 0
         for seg, state in enumerate(s._state):
             if state == store_mod.FREE:
                 assert s._live_count[seg] == 0 and s._pending[seg] == 0
+            if state == store_mod.SEALED:
+                dead += s._fill[seg] - fmt.SEGMENT_HEADER_BYTES - s._live_bytes[seg]
+        assert s.cleanable_bytes() == dead
         # the file holds at most the segments in use (freed ones are punched)
         assert os.stat(self.path).st_blocks * 512 <= (
             fmt.DEFAULT_DATA_OFFSET + stat["used_bytes"] + SEG
@@ -169,6 +173,10 @@ async def test_concurrent_operations_against_a_model(tmp_path: object) -> None:
                 else:
                     await s.free([new])
             stat = s.stat()
+            assert s.cleanable_bytes() == sum(
+                s._fill[g] - fmt.SEGMENT_HEADER_BYTES - s._live_bytes[g]
+                for g, st in enumerate(s._state) if st == store_mod.SEALED
+            )
             assert stat["bd_count"] == len(model)
             assert stat["live_bytes"] == sum(map(len, model.values()))
         assert await s.read_many(list(model)) == list(model.values())

@@ -300,6 +300,8 @@ class BackingStore:
         self._header_dirty = False
         self._live_objects = 0
         self._live_payload = 0
+        #: dead bytes in sealed segments (what cleaning could win)
+        self._dead_sealed = 0
         self._executor = ThreadPoolExecutor(
             max_workers=io_threads, thread_name_prefix="zramd-backing"
         )
@@ -485,6 +487,7 @@ class BackingStore:
             nbytes = sum(record_bytes(locator_length(x)) for x in locs)
             self._live_count[seg] = len(locs)
             self._live_bytes[seg] = nbytes
+            self._dead_sealed += self._fill[seg] - SEGMENT_HEADER_BYTES - nbytes
             self._live_objects += len(locs)
             self._live_payload += sum(locator_length(x) for x in locs)
         start = -1
@@ -667,6 +670,7 @@ class BackingStore:
 
     def _seal(self, seg: int) -> None:
         self._state[seg] = SEALED
+        self._dead_sealed += self._fill[seg] - SEGMENT_HEADER_BYTES - self._live_bytes[seg]
         if self._open == seg:
             self._open = -1
 
@@ -708,14 +712,17 @@ class BackingStore:
     def _kill_found(self, found: list[tuple[int, int, int]]) -> list[int]:
         """Mark the objects ``(locator, segment, index)`` dead (see :meth:`_kill`)."""
         empty: list[int] = []
-        dead_of, count, nbytes = self._dead, self._live_count, self._live_bytes
+        dead_of, count, nbytes, state = self._dead, self._live_count, self._live_bytes, self._state
         payload = 0
         for loc, seg, i in found:
             dead_of[seg][i] = 1  # type: ignore[index]
             n = loc & LEN_MASK
             payload += n
             count[seg] -= 1
-            nbytes[seg] -= (RECORD_HEADER_BYTES + n + ALIGN - 1) & -ALIGN
+            r = (RECORD_HEADER_BYTES + n + ALIGN - 1) & -ALIGN
+            nbytes[seg] -= r
+            if state[seg] == SEALED:
+                self._dead_sealed += r
             if count[seg] == 0:
                 self._pinned.discard(seg)
                 if self._releasable(seg):
@@ -729,6 +736,7 @@ class BackingStore:
         out = []
         for seg in segs:
             self._state[seg] = RELEASING
+            self._dead_sealed -= self._fill[seg] - SEGMENT_HEADER_BYTES
             self._locs[seg] = None
             self._dead[seg] = None
             self._fill[seg] = 0
@@ -1171,10 +1179,7 @@ class BackingStore:
 
     def cleanable_bytes(self) -> int:
         """Dead bytes in sealed segments (what cleaning could win at most)."""
-        state, live, _ = self._arrays()
-        fill = np.frombuffer(self._fill, dtype=np.uint32, count=len(state)).astype(np.int64)
-        sealed = state == SEALED
-        return int((fill[sealed] - SEGMENT_HEADER_BYTES - live[sealed].astype(np.int64)).sum())
+        return self._dead_sealed
 
     def stat(self) -> dict[str, int]:
         """Counters and gauges: zram's bd_stat in objects (``bd_count`` live, ``bd_reads``,
