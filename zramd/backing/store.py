@@ -1002,8 +1002,9 @@ class BackingStore:
     # --- the synchronous API (one thread, no async call in flight) --------------------------
 
     def write_many_sync(self, objs: Sequence[Buffer]) -> list[int]:
-        """Store ``objs`` (each 1..``max_object`` bytes); their locators, in order. All or
-        nothing: raises BackingFull, BudgetSpent, BackingIOError, ValueError."""
+        """Store ``objs`` (each 1..``max_object`` bytes, any buffer, unchanged until the call
+        returns); their locators, in order. All or nothing: raises BackingFull, BudgetSpent,
+        BackingIOError, ValueError."""
         if not objs:
             return []
         locs = self._run(self._op_write(objs))
