@@ -17,6 +17,7 @@ from zramd.config import (
     parse_export_spec,
 )
 from zramd.configfile import ConfigFileError, parse_config_text
+from zramd.control.reload import apply_exports
 from zramd.server.exports import ExportRegistry
 
 
@@ -118,3 +119,28 @@ async def test_registry_starts_and_stops_the_policy() -> None:
     reg.close()
     await asyncio.sleep(0)
     assert task2 is not None and task2.done()
+
+
+async def test_reload_changes_recompression_and_the_policy_live() -> None:
+    reg = ExportRegistry()
+    reg.add(ExportConfig(name="r", size=1 << 20))
+    managed = {"r"}
+    want = ExportConfig(
+        name="r", size=1 << 20, recompression=[("zstd", 3)], recompress_after=600,
+        recompress_interval=30,
+    )
+    managed, lines = apply_exports(reg, [want], managed)
+    exp = reg.get("r")
+    assert exp.device.recompression_algorithms == ["zstd(level=3)"]
+    assert exp.policy is not None and exp.policy.after == 600 and exp.policy.task is not None
+    assert lines == [
+        "export r: recompression algorithms zstd(level=3)",
+        "export r: pages idle after 600s recompressed every 30s",
+    ]
+    first = exp.policy.task
+    off = ExportConfig(name="r", size=1 << 20, recompression=[("zstd", 3)])
+    _, lines = apply_exports(reg, [off], managed)
+    await asyncio.sleep(0)
+    assert exp.policy is None and first.done()
+    assert lines == ["export r: background recompression off"]
+    reg.close()

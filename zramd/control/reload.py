@@ -10,8 +10,10 @@ wanted list, :func:`apply_exports`:
 - removes managed exports no longer wanted, if no client is connected; busy ones are
   kept (and stay managed, so a later reload retries) with a log line;
 - for exports that exist in both, applies what can change live (mem-limit,
-  compression algorithm for new pages) and logs, without touching data, changes that
-  cannot (size, read-only, description): they need ``destroy`` + reload.
+  compression algorithm for new pages, recompression algorithms, the background policy's
+  recompress-after / -interval / type, which restarts the policy) and logs, without touching
+  data, changes that cannot (size, read-only, description, groups): they need ``destroy`` +
+  reload.
 
 It never discards the data of an export still wanted. It returns the log lines it
 emitted, which the control ``reload`` operation passes back to the caller.
@@ -89,6 +91,27 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
         else:
             old.algorithm, old.level = cfg.algorithm, cfg.level
             say(f"export {cfg.name}: new pages compressed with {cfg.algorithm}")
+    if cfg.recompression != old.recompression:
+        try:
+            dev.set_recompression(cfg.recompression)
+        except (Unsupported, ValueError) as e:
+            say(f"export {cfg.name}: recompression algorithms not changed: {e}", logging.ERROR)
+        else:
+            old.recompression = cfg.recompression
+            names = " ".join(dev.recompression_algorithms) or "none"
+            say(f"export {cfg.name}: recompression algorithms {names}")
+    policy = ("recompress_after", "recompress_interval", "recompress_type")
+    if any(getattr(cfg, k) != getattr(old, k) for k in policy):
+        for k in policy:
+            setattr(old, k, getattr(cfg, k))
+        exp.set_policy(old)
+        if old.recompress_after:
+            say(
+                f"export {cfg.name}: pages idle after {old.recompress_after:g}s recompressed "
+                f"every {old.recompress_interval:g}s"
+            )
+        else:
+            say(f"export {cfg.name}: background recompression off")
     fixed = [
         k
         for k in ("size", "read_only", "description", "group_pages", "group_algorithm")

@@ -209,9 +209,8 @@ class ZramDevice:
         self._store = PageStore(self._npages, pool, [codec], clock)
         self._codec_id = 0
         #: codec ids of the recompression algorithms, in the order they are tried
-        self._recomp_ids = [
-            self._store.codec_id(get_codec(name, level=lvl)) for name, lvl in recompression
-        ]
+        self._recomp_ids: list[int] = []
+        self.set_recompression(recompression)
         self._huge_threshold_cfg = huge_threshold
         self._threshold = huge_threshold if huge_threshold is not None else pool.huge_class_size
         self._executor = executor
@@ -843,6 +842,10 @@ class ZramDevice:
     @property
     def recompression_algorithms(self) -> list[str]:
         return [codec_spec(self._store.codecs[c]) for c in self._recomp_ids]
+
+    def set_recompression(self, algorithms: Sequence[tuple[str, int | None]]) -> None:
+        codecs = [get_codec(name, level=level) for name, level in algorithms]
+        self._recomp_ids = [self._store.codec_id(c) for c in codecs]
 
     async def recompress(
         self,

@@ -34,7 +34,7 @@ Knows nothing of NBD framing, sockets, pools or codecs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -225,6 +225,11 @@ class BlockDevice(Protocol):
         """The recompression algorithms, in the order they are tried (``zstd(level=3)``)."""
         ...
 
+    def set_recompression(self, algorithms: Sequence[tuple[str, int | None]]) -> None:
+        """Recompress with ``algorithms`` (name, level) from now on, in that order; pages
+        already recompressed keep their codec. Raises Unsupported or ValueError."""
+        ...
+
     async def recompress(
         self,
         *,
@@ -355,6 +360,9 @@ class DeviceBase:
     @property
     def recompression_algorithms(self) -> list[str]:
         return []
+
+    def set_recompression(self, algorithms: Sequence[tuple[str, int | None]]) -> None:
+        raise Unsupported("the device does not compress")
 
     async def recompress(
         self,

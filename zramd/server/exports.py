@@ -157,16 +157,26 @@ class Export:
         self.io = IoStats()
         #: the background recompression task, when the configuration asks for one
         self.policy: TierPolicy | None = None
+        self.set_policy(config)
+
+    def set_policy(self, config: ExportConfig) -> None:
+        """(Re)make the background policy ``config`` asks for (none without
+        ``recompress_after``); a running one is cancelled, the new one runs when a loop does."""
+        if self.policy is not None:
+            self.policy.cancel()
+            self.policy = None
         if config.recompress_after:
             self.policy = TierPolicy(
                 config.name,
-                device,
+                self.device,
                 after=config.recompress_after,
                 interval=config.recompress_interval,
                 kind=config.recompress_type,
                 group_pages=config.group_pages,
                 busy=lambda: self.io.in_flight > 0,
             )
+            if _loop_running():
+                self.policy.start()
 
     @property
     def name(self) -> str:
@@ -238,8 +248,6 @@ class ExportRegistry:
                 raise
         exp = Export(config, device, backing)
         self._exports[config.name] = exp
-        if exp.policy is not None and _loop_running():
-            exp.policy.start()
         return exp
 
     def start(self) -> None:
