@@ -262,6 +262,20 @@ def test_reopen_with_the_live_locators(path: str) -> None:
         r.close()
 
 
+def test_reopen_gives_back_what_is_not_live(path: str) -> None:
+    s = BackingStore.create(path, segment_size=SEG)
+    locs = s.write_many_sync(objs(200, lo=3000, hi=4000))  # about 12 segments
+    s.close()
+    first = [x for x in locs if fmt.locator_offset(x) < fmt.DEFAULT_DATA_OFFSET + SEG]
+    r = BackingStore.open(path, live=first)
+    try:
+        assert os.stat(path).st_blocks * 512 <= fmt.DEFAULT_DATA_OFFSET + SEG
+        assert r.stat()["used_bytes"] == SEG
+        assert len(r.read_many_sync(first)) == len(first)
+    finally:
+        r.close()
+
+
 def test_reopen_by_walking_stops_at_a_torn_record(path: str) -> None:
     s = BackingStore.create(path, segment_size=SEG)
     data = objs(20, lo=1000, hi=2000)

@@ -32,7 +32,10 @@ clean and at which threshold is the caller's policy; the store guarantees room f
 
 **Capacity**: a block device's size; a regular file's size if it has one (an operator's
 ``truncate -s 1G``), else it grows as needed (sparse) until the file system is full, which is
-:class:`BackingFull` too.
+:class:`BackingFull` too. Formatting or opening gives back what is not live in a file (holes
+punched: metadata work), but does not discard a block device as a whole (minutes on a large
+SSD, and an export is made on the loop thread): a device's segments are discarded as they are
+freed.
 
 **Segment size** (default 256 KiB): big enough that a batch of a writeback slice is one or two
 ``pwritev`` calls and that a group blob (up to 64 KiB) fits, small enough that cleaning one
@@ -369,13 +372,11 @@ class BackingStore:
                 capacity=capacity,
                 seq_limit=1 + SEQ_RESERVE,
             )
-            if is_blk:
-                osio.release(fd, header.data_offset, capacity, block_device=True)
-            elif capacity:
+            if capacity and not is_blk:  # a device is not discarded as a whole ("Capacity")
                 end = header.data_offset + capacity
                 os.ftruncate(fd, end)
                 osio.release(fd, HEADER_BYTES, end - HEADER_BYTES, block_device=False)
-            else:
+            elif not is_blk:
                 os.ftruncate(fd, 0)
             _write_all(fd, encode_header(header), 0)
             os.fsync(fd)
@@ -490,19 +491,21 @@ class BackingStore:
             self._dead_sealed += self._fill[seg] - SEGMENT_HEADER_BYTES - nbytes
             self._live_objects += len(locs)
             self._live_payload += sum(locator_length(x) for x in locs)
-        start = -1
-        for seg in range(high + 1):
-            if seg < high and self._state[seg] == FREE:
+        for seg in range(high):
+            if self._state[seg] == FREE:
                 heapq.heappush(self._free, seg)
-                if start < 0:
-                    start = seg
-            elif start >= 0:
-                self._release_range(start, seg)
-                start = -1
-        tail = self._seg_start(high)
-        end = self._seg_start(self._scan_limit())
-        if end > tail:
-            self._release_io([(tail, end - tail)])
+        if not self.header.block_device:  # punch what is not live (see "Capacity")
+            start = -1
+            for seg in range(high + 1):
+                if seg < high and self._state[seg] == FREE:
+                    start = seg if start < 0 else start
+                elif start >= 0:
+                    self._release_io([(self._seg_start(start), self._seg_start(seg)
+                                       - self._seg_start(start))])
+                    start = -1
+            end = os.fstat(self._fd).st_size
+            if end > self._seg_start(high):
+                self._release_io([(self._seg_start(high), end - self._seg_start(high))])
 
     def _scan_limit(self) -> int:
         """Segments that may have been written (a file's size bounds them)."""
@@ -747,10 +750,6 @@ class BackingStore:
         for seg in segs:
             self._state[seg] = FREE
             heapq.heappush(self._free, seg)
-
-    def _release_range(self, first: int, stop: int) -> None:
-        """Give back segments ``[first, stop)`` (free already) at open."""
-        self._release_io([(self._seg_start(first), (stop - first) * self.segment_size)])
 
     # --- thread-side I/O: pure functions of their arguments (no state, no counters) ---------
 
