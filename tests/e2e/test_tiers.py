@@ -164,25 +164,35 @@ def test_policy_recompresses_cold_pages_by_itself(tmp_path: Path) -> None:
     assert "Traceback" not in d.stderr()
 
 
+def python_image(path: Path, size: int) -> None:
+    """``size`` bytes of real files (this Python's library sources), zero-padded."""
+    with open(path, "wb") as f:
+        n = 0
+        for p in sorted(Path("/usr/lib/python3.11").rglob("*.py")):
+            if p.is_file():
+                chunk = p.read_bytes()
+                f.write(chunk)
+                n += len(chunk)
+                if n >= size:
+                    break
+        f.truncate(size)
+
+
 @pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy")
-def test_nbdcopy_image_idle_recompress_read_back(tdaemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("group_pages", [1, 16])
+def test_nbdcopy_image_idle_recompress_read_back(
+    tdaemon: Daemon, tmp_path: Path, group_pages: int
+) -> None:
     d = tdaemon
     image = tmp_path / "image"
-    files = sorted(p for p in Path("/usr/lib/python3.11").rglob("*.py") if p.is_file())
-    with open(image, "wb") as f:
-        size = 0
-        for p in files:
-            chunk = p.read_bytes()
-            f.write(chunk)
-            size += len(chunk)
-            if size >= 16 * MiB:
-                break
-        f.truncate(16 * MiB)
+    python_image(image, 16 * MiB)
     url = f"nbd+unix:///t?socket={d.sock}"
     subprocess.run(["nbdcopy", str(image), url], check=True, timeout=120)
+    before = stat(d)["mm_stat"]["compr_data_size"]
     d.cli("idle", "t", "--all")
-    out = d.cli("recompress", "t").stdout
-    assert int(out.split(", ")[1].split()[0]) > 1000  # recompressed pages
+    out = d.cli("recompress", "t", "--group-pages", str(group_pages)).stdout
+    assert int(out.split(", ")[1].split()[0]) > 1000  # pages recompressed or grouped
+    assert stat(d)["mm_stat"]["compr_data_size"] < before
     back = tmp_path / "back"
     subprocess.run(["nbdcopy", url, str(back)], check=True, timeout=120)
     with open(back, "rb") as f:
