@@ -129,6 +129,8 @@ def test_free_validates_every_locator_first(store: BackingStore) -> None:
     locs = store.write_many_sync(objs(10))
     store.free_sync(locs[:2])
     with pytest.raises(ValueError, match="not live"):
+        store.read_sync(locs[0])  # freed: never read back, though its bytes are still there
+    with pytest.raises(ValueError, match="not live"):
         store.free_sync([locs[2], locs[0]])  # locs[0] already freed: nothing is freed
     with pytest.raises(ValueError, match="twice"):
         store.free_sync([locs[3], locs[3]])
@@ -446,13 +448,20 @@ def test_corrupt_bytes_fail_that_object_only(path: str, store: BackingStore) -> 
     store.free_sync([locs[20]])  # the caller gives up on it: the segment empties
 
 
-def test_a_misdirected_locator_is_corrupt_not_garbage(store: BackingStore) -> None:
+def test_a_misdirected_write_is_corrupt_not_garbage(path: str, store: BackingStore) -> None:
+    """Object a's record, well formed, lands where b's should be (a misdirected write): b's read
+    fails its check (the CRC covers the offset) instead of returning a's bytes."""
     a, b = store.write_many_sync([os.urandom(100), os.urandom(100)])
-    fake = fmt.make_locator(fmt.locator_offset(b), 100)
-    assert store.read_sync(fake)  # the real one
-    shifted = fmt.make_locator(fmt.locator_offset(a), 99)
+    with open(path, "r+b") as f:
+        f.seek(fmt.locator_offset(a))
+        rec = f.read(fmt.RECORD_HEADER_BYTES + 100)
+        f.seek(fmt.locator_offset(b))
+        f.write(rec)
+    assert store.read_sync(a)
     with pytest.raises(BackingCorrupt):
-        store.read_sync(shifted)
+        store.read_sync(b)
+    with pytest.raises(ValueError, match="not live"):
+        store.read_sync(fmt.make_locator(fmt.locator_offset(a), 99))  # no such object
 
 
 def test_truncated_file_costs_only_the_lost_objects(path: str, store: BackingStore) -> None:

@@ -1090,15 +1090,10 @@ class BackingStore:
         return self._kill_found(found)
 
     def _seeds(self, locs: Sequence[int]) -> list[int]:
-        """The CRC seeds of the segments of ``locs`` (ValueError for a segment not in use)."""
-        seed, state, seg_of = self._seed, self._state, self._seg_of
-        out = []
-        for loc in locs:
-            seg = seg_of(loc)
-            if seg >= len(state) or not OPEN <= state[seg] <= SEALED:
-                raise ValueError(f"locator {loc:#x} is not live in {self.path}")
-            out.append(seed[seg])
-        return out
+        """The CRC seeds of the segments of ``locs``; ValueError for a locator that is not live
+        (a freed object is never read back, even while its bytes are still there)."""
+        seed, find = self._seed, self._find
+        return [seed[find(loc)[0]] for loc in locs]
 
     def _victims(self, max_segments: int, threshold: float) -> list[int]:
         """Up to ``max_segments`` sealed segments, idle and not pinned, with live bytes under
