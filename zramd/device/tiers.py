@@ -42,8 +42,9 @@ pages (two shared cores), a slice holds the loop 0.09-0.11 ms at the median and 
 at the 99th percentile; the longest stretch is kept in :attr:`TierPolicy.max_slice_us` (its
 rare outliers of a few ms are the pool's own automatic compaction, which a client's trim can
 trigger as well, and the host's scheduling). Between slices it yields; when the yield came
-back late (other callbacks were waiting: client requests) or the export has requests in
-flight, it backs off, doubling the pause up to :data:`POLICY_MAX_BACKOFF`. It stops when
+back late (other callbacks were waiting: client requests) or clients used the export since the
+last slice, it backs off, doubling the pause up to :data:`POLICY_MAX_BACKOFF`: under steady
+client load it does one slice per POLICY_MAX_BACKOFF. It stops when
 cancelled (server shutdown, export removed); a device reset makes the running pass end early
 (``recompress`` notices the store changed) and the next pass starts on the empty device.
 
@@ -97,8 +98,9 @@ POLICY_SLICE_PAGES = 1 << 15
 POLICY_BATCH_PAGES = 16
 #: pages one group() call of the policy covers (the device packs them a step at a time)
 POLICY_GROUP_PAGES = 4096
-#: a yield that comes back later than this means other callbacks were waiting: back off
-POLICY_BUSY_LAG = 0.0005
+#: a yield that comes back later than this means other callbacks were waiting (an idle loop
+#: answers in 1-2 us, one client request takes tens): back off
+POLICY_BUSY_LAG = 0.00005
 POLICY_MIN_BACKOFF = 0.002
 POLICY_MAX_BACKOFF = 0.1
 
@@ -318,7 +320,7 @@ def _unpend(store: PageStore, pages: list[int]) -> None:
 class TierPolicy:
     """The background task of one export (see the module doc). ``after`` and ``interval`` are
     seconds; ``kind`` is idle or huge-idle (what recompress takes among the idle pages);
-    ``busy()`` says whether client requests are in flight on the export."""
+    ``busy()`` says whether clients used the export since it was last asked."""
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ and a reload logs it; the registry is unchanged.
 An export whose configuration asks for background recompression (``recompress-after``) gets a
 :class:`~zramd.device.tiers.TierPolicy` task: started by ``add`` when a loop runs, else by
 :meth:`ExportRegistry.start` (the server's start), cancelled by ``remove`` and ``close``; it
-backs off while the export has requests in flight.
+backs off while the export's clients are busy.
 
 An export with ``backing`` gets its :class:`~zramd.backing.BackingStore`, formatted afresh
 (what an earlier run wrote back is not kept), opened by ``add`` before the device is made and
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -70,6 +70,18 @@ async def _close_when_idle(exp: Export, sessions: list[Attached]) -> None:
         await asyncio.gather(*(s.wait_idle() for s in sessions))
     finally:
         exp.close()
+
+
+def _client_activity(io: IoStats) -> Callable[[], bool]:
+    """Whether the export's clients had requests running or finished since the last call."""
+    last = [-1]
+
+    def busy() -> bool:
+        total = sum(io.ns)
+        seen, last[0] = last[0], total
+        return io.in_flight > 0 or total != seen
+
+    return busy
 
 
 def _loop_running() -> bool:
@@ -173,7 +185,7 @@ class Export:
                 interval=config.recompress_interval,
                 kind=config.recompress_type,
                 group_pages=config.group_pages,
-                busy=lambda: self.io.in_flight > 0,
+                busy=_client_activity(self.io),
             )
             if _loop_running():
                 self.policy.start()
