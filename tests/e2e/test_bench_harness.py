@@ -10,7 +10,7 @@ import pytest
 
 from zramd.bench import density
 from zramd.bench.fio import run_sample, workload_by_name
-from zramd.bench.servers import server_by_name
+from zramd.bench.servers import COLD, server_by_name
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("fio", "nbdkit", "nbdcopy")),
@@ -46,6 +46,22 @@ def test_density_roundtrip(tmp_path: Path) -> None:
     assert res["sha256_ok"]
     assert res["copy_in_mbps"] > 0 and res["copy_out_mbps"] > 0
     assert res["bytes"] == os.path.getsize(img)
+
+
+def test_density_cold_stages(tmp_path: Path) -> None:
+    """The cold-page runs drive a real zramd through its control socket after the copy-in and
+    the copy-out still reads the image back."""
+    img = tmp_path / "img"
+    with open(img, "wb") as f:
+        for i in range(64):
+            f.write((f"line {i % 7} of a compressible text page ".encode() * 200)[:16384])
+        f.write(os.urandom(1 << 20))
+    sha = density.sha256_file(img)
+    for spec in COLD:
+        res = density.run_density(spec, img, sha)
+        assert res["sha256_ok"]
+        ((stage, per_byte),) = res["stages"].items()
+        assert stage == spec.stages[0][0] and 0 < per_byte < 2
 
 
 def test_memory_image(tmp_path: Path) -> None:

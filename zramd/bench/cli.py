@@ -5,7 +5,9 @@ Theory of operation
 ``python -m zramd.bench [run] [options]`` runs fio workloads, real-data density and the
 microbenchmarks and writes ``results.md``, ``results.json`` and ``chart.png`` to ``--out``
 (default ``docs/benchmarks``); ``micro`` only prints the microbenchmarks; ``report`` re-renders
-the markdown and chart from a saved ``results.json``. Modes: full (default, < 15 min on the
+the markdown and chart from a saved ``results.json``; ``density`` runs only the real-data
+density, with the cold-page run (recompression, multi-page groups) beside per-page lz4 and
+zstd and nbdkit-zstd, into ``docs/benchmarks/density``. Modes: full (default, < 15 min on the
 2-core dev machine) and ``--quick`` (~3 min: smaller device, shorter jobs, fewer workloads).
 Explicit options override the mode's defaults.
 """
@@ -21,9 +23,26 @@ from pathlib import Path
 from zramd.bench import report
 from zramd.bench.fio import WORKLOADS, workload_by_name
 from zramd.bench.runner import MIB, RunConfig, log, run
-from zramd.bench.servers import ALL_SERVERS, server_by_name
+from zramd.bench.servers import (
+    ALL_SERVERS,
+    GROUP,
+    GROUP_19,
+    RECOMPRESS,
+    REFERENCE,
+    server_by_name,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+DENSITY_OUT = DEFAULT_OUT / "density"
+#: the servers of ``density``: per-page zramd (lz4 then grouped, zstd), lz4 then recompressed
+#: with zstd, lz4 then grouped with zstd level 19, and the reference
+DENSITY_SERVERS = (
+    GROUP,
+    server_by_name("zramd-zstd"),
+    RECOMPRESS,
+    GROUP_19,
+    server_by_name(REFERENCE),
+)
 #: mode -> defaults (size MiB, runtime s, repeat, ext2 MiB, memory MiB, density repeats, workloads)
 MODES: dict[str, dict[str, object]] = {
     "full": {
@@ -70,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
         "--only", help="comma list of cases: samefill,codec,allocator,table,device,dispatch"
     )
     m.add_argument("--json", action="store_true")
+    d = sub.add_parser("density", help="real-data density only, cold pages included")
+    d.add_argument("--quick", action="store_true", help="smaller images")
+    d.add_argument("--repeat", type=int, default=1, help="samples per server and image")
+    d.add_argument("--out", type=Path, default=DENSITY_OUT)
+    d.add_argument("--note", default="", help="free text for the report header")
     rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
     rep.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p
@@ -98,6 +122,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode = "quick" if args.quick else "full"
     d = MODES[mode]
+    if args.cmd == "density":
+        cfg = RunConfig(
+            servers=list(DENSITY_SERVERS),
+            workloads=[],
+            size=0,
+            runtime=0.0,
+            repeat=0,
+            density_repeat=args.repeat,
+            ext2_budget=int(d["ext2"]) * MIB,  # type: ignore[call-overload]
+            memory_budget=int(d["memory"]) * MIB,  # type: ignore[call-overload]
+            micro=False,
+            mode=mode,
+            argv=" ".join(args_list),
+            note=args.note,
+        )
+        log(f"density run ({mode}): {', '.join(s.name for s in DENSITY_SERVERS)} -> {args.out}")
+        report.write_report(run(cfg), args.out)
+        log(f"wrote {args.out / 'results.md'}")
+        return 0
     wl_names = args.workloads.split(",") if args.workloads else list(d["workloads"])  # type: ignore[call-overload]
     cfg = RunConfig(
         servers=[server_by_name(n) for n in args.servers.split(",")]

@@ -15,7 +15,10 @@ For each image, :func:`ideal_sizes` computes the per-page compressed size a perf
 store with each codec (zero and same-filled pages cost 0, a page that does not shrink costs 4096),
 using zramd's own codec classes. :func:`run_density` copies the image into a fresh server with
 nbdcopy, reads it back to a tmpfs file, compares sha256, and records copy rates and the server's
-memory growth (RSS, plus the tmpfs backing file for qemu-nbd) per byte of image.
+memory growth (RSS, plus the tmpfs backing file for qemu-nbd) per byte of image. A spec with
+``stages`` (the cold-page runs, :data:`zramd.bench.servers.COLD`) runs them after the copy-in
+and records the memory per byte after each (``stages``); the copy-out then checks the data as
+the last stage left it.
 
 :func:`trim_half` measures what zramd's own layout costs once a device has churned, in-process
 with the device API (no server, so no RSS noise): the image is written to a
@@ -290,6 +293,12 @@ def run_density(spec: ServerSpec, image: Path, image_sha: str) -> dict[str, Any]
         cpu_in = srv.cpu_seconds() - cpu0
         time.sleep(SETTLE_S)
         mem1 = srv.memory_bytes()
+        stages: dict[str, float] = {}
+        for stage, commands in spec.stages:
+            for cmd, *args in commands:
+                srv.zramd(cmd, spec.export_name, *args)
+            time.sleep(SETTLE_S)
+            stages[stage] = (srv.memory_bytes() - mem0) / size
         out.unlink()
         t0 = time.monotonic()
         subprocess.run(
@@ -309,10 +318,12 @@ def run_density(spec: ServerSpec, image: Path, image_sha: str) -> dict[str, Any]
             "mem_growth_bytes": growth,
             "mem_per_byte": growth / size,
             "sha256_ok": ok,
+            "stages": stages,
         }
     finally:
         out.unlink(missing_ok=True)
         srv.stop()
+
 
 def trim_half(image: Path, algorithm: str, *, chain_size: int = 8) -> dict[str, Any]:
     """Write ``image`` to a fresh device (1 MiB writes), trim every other page, compact; return

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zramd.bench.fio import FILL, FILL_LABEL, WORKLOADS
-from zramd.bench.servers import ALL_SERVERS, REFERENCE
+from zramd.bench.servers import ALL_SERVERS, COLD, GROUP, GROUP_19, RECOMPRESS, REFERENCE
 
 #: issue 6's speed targets: zramd-lz4 / nbdkit-zstd, median throughput, same run
 TARGETS: dict[str, float] = {
@@ -156,10 +156,16 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any], chart: str | None
     lab = _labels()
     out: list[str] = []
     out.append("# zramd benchmarks\n")
+    if wls:
+        what = (
+            f"device {cfg.get('size_mib', '?')} MiB, {cfg.get('runtime', '?')} s per measured "
+            f"job, {cfg.get('repeat', '?')} repetitions"
+        )
+    else:
+        what = f"real-data density only, {cfg.get('density_repeat', '?')} sample(s) per image"
     out.append(
         f"Run {info.get('date', '?')} with `python -m zramd.bench {cfg.get('argv', '')}`"
-        f" ({cfg.get('mode', '?')} mode): device {cfg.get('size_mib', '?')} MiB,"
-        f" {cfg.get('runtime', '?')} s per measured job, {cfg.get('repeat', '?')} repetitions,"
+        f" ({cfg.get('mode', '?')} mode): {what},"
         f" servers interleaved and started fresh for every sample; figures are medians."
         f" Total wall time {cfg.get('elapsed_s', 0) / 60:.1f} min.\n"
     )
@@ -289,6 +295,7 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any], chart: str | None
             for k, v in ideal.items():
                 out.append(f"| ideal {k} | | | {v / facts['bytes']:.3f} | |")
             out.append("")
+        out += _cold_table(images, summ["density"])
     micro = raw.get("micro")
     if micro:
         from zramd.bench.micro import format_micro
@@ -298,6 +305,48 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any], chart: str | None
         out.append(format_micro(micro))
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _cold_table(images: dict[str, Any], dens: dict[str, dict[str, Any]]) -> list[str]:
+    """Cold pages against the reference: one row per image, RAM per byte per page (lz4, zstd),
+    after the cold runs' stages (:data:`zramd.bench.servers.COLD`), the reference, the ideal
+    per-page figures, and the reference's RAM per byte divided by each grouped device's (the
+    effective ratio against it: >= 1.00 is as dense or denser). Empty without a cold run."""
+    stages = [f"{spec.name} {name}" for spec in COLD for name, _ in spec.stages]
+    grouped = [f"{spec.name} {spec.stages[-1][0]}" for spec in (GROUP, GROUP_19)]
+    if not any(g in per for per in dens.values() for g in grouped):
+        return []
+    cols = ["zramd-lz4", "zramd-zstd", *stages, REFERENCE]
+    out = ["## Cold pages: recompression and multi-page groups\n"]
+    out.append(
+        "RAM per logical byte (lower is better) of the same images in the same run, each "
+        "server fresh. After the copy-in, every page is marked idle (`zramd idle --all`), then "
+        f"{RECOMPRESS.name} (`algorithm={RECOMPRESS.option}`) recompresses page by page "
+        f"(`zramd recompress`), {GROUP.name} packs runs of up to 16 pages into groups "
+        "(`zramd recompress --group-pages 16`) with the default group codec, zstd level 9, and "
+        f"{GROUP_19.name} with zstd level 19 (`{GROUP_19.option}`); the copy-out then checks "
+        f"the data. 'vs' is {REFERENCE}'s RAM per byte divided by the grouped device's "
+        "(>= 1.00: as dense or denser).\n"
+    )
+    ideal_names = list(next(iter(images.values()))["ideal_bytes"])
+    out.append("| image | " + " | ".join(cols) + " | "
+               + " | ".join(f"ideal {k}" for k in ideal_names) + " | "
+               + " | ".join(f"{g} vs {REFERENCE}" for g in grouped) + " |")  # fmt: skip
+    out.append("| --- |" + " ---: |" * (len(cols) + len(ideal_names) + len(grouped)))
+    for img, facts in images.items():
+        per = dens.get(img, {})
+        vals = [per.get(c, {}).get("mem_per_byte") for c in cols]
+        ideal = [facts["ideal_bytes"][k] / facts["bytes"] for k in ideal_names]
+        ref = vals[-1]
+        ratios = []
+        for g in grouped:
+            mine = per.get(g, {}).get("mem_per_byte")
+            ratios.append(f"**{ref / mine:.2f}x**" if mine and ref else "-")
+        out.append(f"| {img} | " + " | ".join(_fmt(v, 3) for v in vals) + " | "
+                   + " | ".join(f"{v:.3f}" for v in ideal) + " | "
+                   + " | ".join(ratios) + " |")  # fmt: skip
+    out.append("")
+    return out
 
 
 def render_chart(raw: dict[str, Any], summ: dict[str, Any], path: Path) -> bool:

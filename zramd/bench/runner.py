@@ -156,12 +156,19 @@ def run_density_all(
                     samples.append({**base, "error": f"{type(exc).__name__}: {exc}"})
                     log(f"density {name} {spec.name}: FAILED {exc}")
                     continue
+                stages = res.pop("stages")
                 samples.append({**base, **res})
                 log(
                     f"density rep {rep} {name:7s} {spec.name:15s} in {res['copy_in_mbps']:7.1f} "
                     f"out {res['copy_out_mbps']:7.1f} MB/s mem/byte {res['mem_per_byte']:.3f} "
                     f"sha {'ok' if res['sha256_ok'] else 'MISMATCH'}"
                 )
+                for stage, per_byte in stages.items():  # a row of its own, no copy rates
+                    samples.append({**base, **res, "server": f"{spec.name} {stage}",
+                                    "copy_in_mbps": None, "copy_out_mbps": None,
+                                    "mem_per_byte": per_byte})  # fmt: skip
+                    log(f"density rep {rep} {name:7s} {spec.name} {stage}: mem/byte "
+                        f"{per_byte:.3f}")  # fmt: skip
     return images, samples, errors
 
 

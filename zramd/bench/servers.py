@@ -10,6 +10,11 @@ process's CPU time and RSS from /proc, and the bytes of its backing tmpfs file (
 data in a /dev/shm file, not in its RSS, so memory comparisons add the two). ``stop`` sends
 SIGTERM, waits, kills only if it must, and removes the temp dir and backing file.
 
+A zramd server gets a control socket in its temp dir (``RunningServer.control``), so that
+:meth:`RunningServer.zramd` can drive it (``idle``, ``recompress``); a spec's ``stages`` are
+such commands, run by the density benchmark after the copy-in, each stage measured apart
+(:data:`COLD`).
+
 Nothing here knows about workloads or reports.
 """
 
@@ -32,6 +37,8 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 #: polling interval while waiting for the socket
 POLL_S = 0.02
+#: how long one zramd control command (a recompress pass over an image) may take
+ZRAMD_COMMAND_TIMEOUT_S = 600.0
 #: the directory of tmpfs backing files (qemu-nbd)
 TMPFS_DIR = "/dev/shm"
 #: export name used by servers that take one (nbdkit serves the default export "")
@@ -85,6 +92,21 @@ class RunningServer:
     @property
     def uri(self) -> str:
         return f"nbd+unix:///{self.spec.export_name}?socket={self.socket_path}"
+
+    @property
+    def control(self) -> Path:
+        """The control socket of a zramd server."""
+        return self.workdir / "control.sock"
+
+    def zramd(self, *args: str) -> str:
+        """Run ``zramd ARGS --control SOCKET`` against this server; its output."""
+        proc = subprocess.run(
+            [*zramd_command(), *args, "--control", str(self.control)],
+            capture_output=True, text=True, timeout=ZRAMD_COMMAND_TIMEOUT_S,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"zramd {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
+        return proc.stdout
 
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.pid)
@@ -144,11 +166,16 @@ class ServerSpec:
     option: str  # algorithm for zramd, allocator for nbdkit, "" for qemu-nbd
     export_name: str = EXPORT_NAME
     extra: list[str] = field(default_factory=list)
+    #: zramd commands the density benchmark runs after the copy-in: per stage, its name and
+    #: its commands (the export name and the control socket are added)
+    stages: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = ()
 
     def command(self, sock: Path, size: int, backing: Path | None) -> list[str]:
         if self.kind == "zramd":
             spec = f"{self.export_name}={size}B,algorithm={self.option}"
-            return [*zramd_command(), "serve", "--unix", str(sock), "--export", spec, *self.extra]
+            control = ["--control", str(sock.parent / "control.sock")]
+            return [*zramd_command(), "serve", "--unix", str(sock), *control, "--export", spec,
+                    *self.extra]  # fmt: skip
         if self.kind == "nbdkit":
             return [
                 "nbdkit", "-f", "-U", str(sock), "memory", str(size),
@@ -221,6 +248,22 @@ ALL_SERVERS: list[ServerSpec] = [
     ServerSpec("qemu-nbd-tmpfs", "qemu-nbd", ""),
 ]
 REFERENCE = "nbdkit-zstd"
+#: the density benchmark's cold-page runs, each on a fresh server after the copy-in: every page
+#: marked idle, then recompressed page by page (lz4 for new pages, zstd to recompress), or
+#: packed into groups of up to 16 pages with the export's group codec: the default (zstd level
+#: 9), or zstd level 19 (the densest, at about a tenth of the packing speed)
+RECOMPRESS = ServerSpec(
+    "zramd-lz4+zstd",
+    "zramd",
+    "lz4 zstd(level=3)",
+    stages=(("after recompress", (("idle", "--all"), ("recompress",))),),
+)
+_GROUP_STAGES = (("after grouping", (("idle", "--all"), ("recompress", "--group-pages", "16"))),)
+GROUP = ServerSpec("zramd-lz4", "zramd", "lz4", stages=_GROUP_STAGES)
+GROUP_19 = ServerSpec(
+    "zramd-lz4-zstd19", "zramd", "lz4,group-algorithm=zstd(level=19)", stages=_GROUP_STAGES
+)
+COLD = (RECOMPRESS, GROUP, GROUP_19)
 ZRAMD_NAMES = [s.name for s in ALL_SERVERS if s.kind == "zramd"]
 
 
