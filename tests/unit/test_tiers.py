@@ -429,3 +429,21 @@ async def test_policy_groups_then_recompresses_what_is_left() -> None:
     assert policy.recompressed == 1  # page 32: alone in its window, too few for a group
     assert d.read_sync(0, 33 * PAGE) == data
     check_tiers(d)
+
+
+async def test_memory_limit_during_recompression_changes_nothing_it_cannot_finish() -> None:
+    clock = Clock()
+    d = _device(clock)
+    data = _fill(d)
+    d.set_mem_limit(d.pool.total_bytes)  # no room for one more zspage
+    before = d.stats.copy()
+    res = await d.recompress()
+    assert res.nospace
+    assert d.read_sync(0, SIZE) == data
+    assert d.stats.failed_writes == before.failed_writes
+    check_tiers(d)
+    d.set_mem_limit(0)
+    res = await d.recompress()
+    assert not res.nospace and res.recompressed + res.incompressible == res.tried
+    assert d.read_sync(0, SIZE) == data
+    check_tiers(d)

@@ -7,7 +7,9 @@ Each command sends its request to a running daemon through
 does. ``pages`` and ``recompress`` work over a page range the daemon answers part by part (a
 control answer is bounded): the command asks again from the ``next`` page until the range is
 done, printing rows as they come (``pages``) or moving a progress bar (``recompress``, only
-when stdout is a terminal). ``--range LO-HI`` names pages (4 KiB each), both ends included.
+when stdout is a terminal); a recompression that moved pages ends with a compaction of the
+export's pool, so the memory the old objects held (scattered over its zspages) goes back.
+``--range LO-HI`` names pages (4 KiB each), both ends included.
 Errors are one line on stderr and exit 1 (``cli/options.py``).
 """
 
@@ -180,6 +182,9 @@ def recompress(
                     max_pages is not None and total["tried"] >= max_pages
                 ):
                     break
+        if total["recompressed"] and group_pages == 1:
+            # the old objects were freed all over the pool: give their pages back
+            c.call("compact", name=name)
     what = "grouped" if group_pages > 1 else "recompressed"
     line = (
         f"{name}: {total['tried']} pages tried, {total['recompressed']} {what}, "
