@@ -11,6 +11,10 @@ them; a decompression failure or a wrong length is DeviceIOError. Trim frees onl
 (partial pages are left as they are, as zram); write_zeroes frees whole pages and zeroes partial
 ones by read-modify-write.
 
+Cold pages may live in multi-page groups (:mod:`zramd.device.groups`): :meth:`ZramDevice.group`
+packs a range, the store reads, kills and re-packs them; to the request paths a GROUPED page is
+one more kind of stored page.
+
 Each request is done either inline, on the calling thread without yielding, or awaited, its
 codec loop in the executor's workers; the choice is made here only (``read_with_zeros_now``,
 ``write_now``): inline below ``offload_min_pages`` pages when no overlapping request is in
