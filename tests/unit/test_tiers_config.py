@@ -5,6 +5,7 @@ spec and the TOML file; the registry starts and stops the background policy."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from zramd.config import (
 )
 from zramd.configfile import ConfigFileError, parse_config_text
 from zramd.control.reload import apply_exports
+from zramd.control.server import ControlServer
 from zramd.server.exports import ExportRegistry
 
 
@@ -143,4 +145,20 @@ async def test_reload_changes_recompression_and_the_policy_live() -> None:
     await asyncio.sleep(0)
     assert exp.policy is None and first.done()
     assert lines == ["export r: background recompression off"]
+    reg.close()
+
+
+async def test_reset_stops_the_policy_around_the_reset(tmp_path: Path) -> None:
+    reg = ExportRegistry()
+    exp = reg.add(ExportConfig(
+        name="z", size=1 << 20, recompression=[("zstd", 3)], recompress_after=60,
+    ))
+    exp.device.write_sync(0, b"x" * 4096)
+    server = ControlServer(reg, str(tmp_path / "c.sock"))
+    before = exp.policy.task
+    answer = await server.handle_line(b'{"op": "reset", "name": "z"}')
+    assert answer["ok"], answer
+    assert before is not None and before.done()
+    assert exp.policy.task is not None and not exp.policy.task.done()
+    assert exp.device.stats.pages_stored == 0
     reg.close()

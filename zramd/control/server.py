@@ -459,17 +459,24 @@ class ControlServer:
         log.info("destroyed export %s%s", name, " (forced)" if force else "")
         return {"name": name}
 
-    def _reset(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _reset(self, req: dict[str, Any]) -> dict[str, Any]:
         exp = self._export(req)
         if exp.clients:
             raise ControlError(
                 f"export {exp.name!r} has {exp.clients} client(s) connected; "
                 "cannot reset a device in use"
             )
+        # the background policy may be inside a device call: stop it, reset, start it again
+        policy = getattr(exp, "policy", None)
+        if policy is not None:
+            await policy.stop()
         try:
             exp.device.reset()
         except Unsupported as e:
             raise ControlError(f"export {exp.name!r}: {e}") from None
+        finally:
+            if policy is not None:
+                policy.start()
         log.info("reset export %s", exp.name)
         return self._row(exp)
 
