@@ -447,3 +447,13 @@ async def test_memory_limit_during_recompression_changes_nothing_it_cannot_finis
     assert not res.nospace and res.recompressed + res.incompressible == res.tried
     assert d.read_sync(0, SIZE) == data
     check_tiers(d)
+
+
+def test_class_sizes_are_the_pools() -> None:
+    from zramd.allocator import Pool
+
+    for chain in (4, 8):
+        pool = Pool(chain_size=chain)
+        sizes = class_sizes(chain)
+        assert all(pool._class_of[n].spec.size == sizes[n] for n in range(1, PAGE + 1))
+        pool.close()

@@ -104,6 +104,7 @@ POLICY_BUSY_LAG = 0.00005
 POLICY_MIN_BACKOFF = 0.002
 POLICY_MAX_BACKOFF = 0.1
 
+
 def codec_spec(codec: Codec) -> str:
     """``zstd(level=3)``: a codec as the configuration names it (``lz4`` without a level)."""
     return f"{codec.name}(level={codec.level})" if codec.level else codec.name
