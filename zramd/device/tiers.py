@@ -247,7 +247,7 @@ async def recompress(
             res.aborted = True
             break
         t0 = time.perf_counter()
-        ok = _switch(store, pages, items, results, algorithms, complete, sizes, res)
+        ok = _switch(store, pages, results, algorithms, complete, sizes, res)
         if on_hold is not None:
             on_hold(time.perf_counter() - t0)
         if not ok:
@@ -272,7 +272,6 @@ def _take(store: PageStore, pages: list[int]) -> list[tuple[Codec | None, bytes]
 def _switch(
     store: PageStore,
     pages: list[int],
-    items: list[tuple[Codec | None, bytes]],
     results: list[Any],
     algorithms: list[int],
     complete: bool,
@@ -285,11 +284,15 @@ def _switch(
         fl = t.flags_mv[i]
         if not fl & PENDING:
             continue  # written, trimmed or zeroed meanwhile: the page is new, leave it
-        if t.state_mv[i] not in (STORED, HUGE):
+        st = t.state_mv[i]
+        if st not in (STORED, HUGE):
             t.flags_mv[i] = fl & ~PENDING  # moved into a group meanwhile: it is cold already
             continue
-        if outcome == RECOMPRESS_KEEP:
-            old = sizes[PAGE_SIZE] if items[n][0] is None else sizes[t.size_mv[i]]
+        # the page's object now (a group dissolved meanwhile may have stored it anew)
+        old = sizes[PAGE_SIZE] if st == HUGE else sizes[t.size_mv[i]]
+        if outcome == RECOMPRESS_KEEP and sizes[len(blob)] >= old:
+            t.flags_mv[i] = fl & ~PENDING
+        elif outcome == RECOMPRESS_KEEP:
             try:
                 store.move(i, blob, algorithms[j])
             except PoolFull:
