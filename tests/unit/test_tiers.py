@@ -1,6 +1,6 @@
 """Cold pages on the device: access tracking, idle marking, the page listing and recompression
-with secondary algorithms, against a bytearray model; NoSpace and writes during a
-recompression batch; the background policy's slices, back-off and stop."""
+with secondary algorithms, against a bytearray model (multi-page groups interleaved); NoSpace
+and writes during a recompression batch; the background policy's slices, back-off and stop."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def check_tiers(d: ZramDevice) -> None:
     empty = st_ == EMPTY
     assert not fl[empty].any() and not t.atime[empty].any()
     recompressed = (fl & RECOMPRESSED) != 0
-    assert (st_[recompressed] == STORED).all()
+    assert ((st_[recompressed] == STORED) | (st_[recompressed] == GROUPED)).all()
     assert not (t.codec[recompressed] == 0).any()  # never the primary codec
     assert s.pages_stored == int((st_ != EMPTY).sum())
     assert s.same_pages == int((st_ == SAME).sum())
@@ -126,6 +126,7 @@ _op = st.one_of(
         st.one_of(st.none(), st.integers(0, 10)),
         st.sampled_from(["", "zstd"]),
     ),
+    st.tuples(st.just("group"), st.integers(0, NPAGES - 1), st.integers(0, NPAGES - 1)),
     st.tuples(st.just("compact")),
 )
 
@@ -145,13 +146,21 @@ def _apply_model(model: bytearray, op: tuple[Any, ...]) -> None:
         model[off : off + n] = bytes(n)
 
 
+#: text pages (STORED), with incompressible (HUGE), same-filled and zero pages among them
+PREFILL = b"".join(
+    _payload(3 if i % 7 == 3 else 1 if i % 11 == 5 else 0 if i % 13 == 6 else 2, PAGE, i)
+    for i in range(NPAGES)
+)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_op, min_size=1, max_size=30))
 def test_ops_with_idle_and_recompression_match_model(ops: list[tuple[Any, ...]]) -> None:
     async def run() -> None:
         clock = Clock()
         d = _device(clock)
-        model = bytearray(SIZE)
+        model = bytearray(PREFILL)
+        d.write_sync(0, PREFILL)  # material for idle marking, recompression and groups
         try:
             for op in ops:
                 kind = op[0]
@@ -172,6 +181,9 @@ def test_ops_with_idle_and_recompression_match_model(ops: list[tuple[Any, ...]])
                     await d.write_zeroes(*op[1], punch_hole=op[2])
                 elif kind == "time":
                     clock.t += op[1]
+                elif kind == "group":
+                    lo, hi = sorted(op[1:])
+                    await d.group(lo, hi, group_pages=4)
                 elif kind == "idle":
                     d.mark_idle(op[1])
                 elif kind == "recompress":
