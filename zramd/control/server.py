@@ -106,8 +106,9 @@ ReloadHook = Callable[[], Awaitable[list[str]]]
 IDLE_SLICE_PAGES = 1 << 16
 #: most pages one ``pages`` request lists (the answer stays well under MAX_LINE)
 PAGES_PER_REQUEST = 4096
-#: pages one ``recompress`` request scans; the CLI asks again from ``next``
-RECOMPRESS_SCAN_PAGES = 1 << 18
+#: pages one ``recompress`` request scans (128 MiB: a second or two of codec work at most, so
+#: the progress bar moves); the CLI asks again from ``next``
+RECOMPRESS_SCAN_PAGES = 1 << 15
 
 
 # --- views of an export ---------------------------------------------------------------------
