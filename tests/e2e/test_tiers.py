@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,33 @@ def test_nbdcopy_image_idle_recompress_read_back(
     with open(back, "rb") as f:
         got = f.read(16 * MiB)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_policy_under_client_writes_keeps_every_write(tmp_path: Path) -> None:
+    import random
+
+    spec = "w=16M,algorithm=lz4 zstd(level=3),recompress-after=1s,recompress-interval=1s"
+    d = Daemon(tmp_path, ["--export", spec])
+    try:
+        d.wait_ready()
+        h = d.client("w")
+        model = bytearray(words_image(16 * MiB, seed=2))
+        h.pwrite(bytes(model), 0)
+        h.flush()
+        rnd = random.Random(3)
+        wait_for(lambda: stat(d, "w")["tiers"]["recompressed_pages"] > 0, timeout=40)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # writes land while the policy works
+            off = rnd.randrange(0, 16 * MiB - 3 * 4096)
+            n = rnd.randrange(1, 3 * 4096)
+            data = words_image(n, seed=rnd.randrange(1 << 30))
+            h.pwrite(data, off)
+            model[off : off + n] = data
+            time.sleep(0.002)
+        h.flush()
+        assert h.pread(16 * MiB, 0) == bytes(model)
+        assert stat(d, "w")["tiers"]["policy"]["passes"] >= 1
+        h.shutdown()
+    finally:
+        d.stop()
+    assert "Traceback" not in d.stderr()
