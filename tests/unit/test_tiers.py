@@ -469,3 +469,21 @@ def test_class_sizes_are_the_pools() -> None:
         sizes = class_sizes(chain)
         assert all(pool._class_of[n].spec.size == sizes[n] for n in range(1, PAGE + 1))
         pool.close()
+
+
+async def test_loop_clock_stamps_its_last_reading() -> None:
+    clock = Clock()
+    d = _device(clock, clock_refresh=0.01)
+    d.start_clock()
+    assert d._store.coarse
+    d.write_sync(0, _text_page(random.Random(1)))
+    clock.t += 100 * ATIME_QUANTUM
+    d.write_sync(PAGE, _text_page(random.Random(2)))  # before the timer read the clock again
+    assert d.table.atime[1] == d.table.atime[0]
+    await asyncio.sleep(0.05)
+    d.read_sync(0, PAGE)
+    assert int(d.table.atime[0]) - int(d.table.atime[1]) == 100
+    d.reset()  # the new store keeps the loop's clock
+    assert d._store.coarse and d._store.now == 0  # its epoch is the reset
+    d.close()
+    assert d._clock_timer is None

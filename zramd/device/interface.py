@@ -209,6 +209,12 @@ class BlockDevice(Protocol):
         ValueError (unknown name, bad level)."""
         ...
 
+    def start_clock(self) -> None:
+        """Keep the clock of access tracking current from the running loop (a timer) rather
+        than reading it per request; ``close`` stops it. A no-op for a device without access
+        tracking."""
+        ...
+
     def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
         """Mark the pages of ``[first, stop)`` (default: all) that hold a compressed object IDLE:
         every one, or those not read or written for ``age`` seconds. Returns how many were
@@ -350,6 +356,9 @@ class DeviceBase:
         level: int | None = None,
     ) -> GroupResult:
         raise Unsupported("the device has no multi-page groups")
+
+    def start_clock(self) -> None:
+        return None
 
     def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
         raise Unsupported("the device does not track page access")

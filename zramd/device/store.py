@@ -16,7 +16,9 @@ dissolved) at the end of the commit, discard or fill that killed their pages.
 
 Access tracking: the device calls :meth:`PageStore.tick` once per request, which reads the
 clock and keeps the current quantum in ``now`` (:data:`~zramd.device.table.ATIME_QUANTUM`
-seconds since the store's epoch, rebased before it outgrows the uint16 column). Every entry a
+seconds since the store's epoch, rebased before it outgrows the uint16 column); while the
+store is ``coarse`` a timer of the serving loop refreshes ``now`` every second instead
+(:meth:`PageStore.refresh`) and requests read no clock at all. Every entry a
 write installs gets ``atime = now`` and no flags (a write replaces the whole entry); a read
 refreshes the atime of the live pages it reads and clears their IDLE mark
 (:meth:`PageStore.touch`, :meth:`PageStore.touch_range`). Background moves (recompression)
@@ -86,7 +88,7 @@ SMALL_DISCARD_PAGES = 8
 class PageStore:
     """The pages of one device: table, pool, codec list and counters (see the module doc)."""
 
-    __slots__ = ("table", "pool", "codecs", "stats", "groups", "now", "clock", "epoch")
+    __slots__ = ("table", "pool", "codecs", "stats", "groups", "now", "clock", "epoch", "coarse")
 
     def __init__(
         self,
@@ -106,16 +108,28 @@ class PageStore:
         self.epoch = clock()
         #: the current quantum, as of the last :meth:`tick`
         self.now = 0
+        #: True while a loop timer keeps ``now`` current (``ZramDevice.start_clock``): requests
+        #: then stamp ``now`` without reading the clock
+        self.coarse = False
 
     # --- the coarse clock ---------------------------------------------------------------------
 
     def tick(self) -> int:
-        """Read the clock: the current quantum, kept in ``now`` for the entries installed next."""
+        """The current quantum, kept in ``now`` for the entries installed next: ``now`` itself
+        while ``coarse`` (a loop timer keeps it current), else read from the clock."""
+        if self.coarse:
+            return self.now
         q = int(self.clock() - self.epoch) >> ATIME_SHIFT
         if q >= ATIME_REBASE_AT:
             q = self._rebase(q)
         self.now = q
         return q
+
+    def refresh(self) -> None:
+        """Read the clock into ``now`` (the loop timer of a ``coarse`` store)."""
+        coarse, self.coarse = self.coarse, False
+        self.tick()
+        self.coarse = coarse
 
     def _rebase(self, q: int) -> int:
         """Move the epoch forward so the clock fits the atime column again (every few days)."""
@@ -131,10 +145,7 @@ class PageStore:
     def touch(self, idx: int) -> None:
         """A read of live page ``idx``: tick, refresh its atime, clear its IDLE mark (one call
         on the 4 KiB read path)."""
-        q = int(self.clock() - self.epoch) >> ATIME_SHIFT
-        if q >= ATIME_REBASE_AT:
-            q = self._rebase(q)
-        self.now = q
+        q = self.now if self.coarse else self.tick()
         t = self.table
         t.atime_mv[idx] = q
         flags_mv = t.flags_mv

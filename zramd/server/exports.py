@@ -170,6 +170,8 @@ class Export:
         #: the background recompression task, when the configuration asks for one
         self.policy: TierPolicy | None = None
         self.set_policy(config)
+        if _loop_running():
+            device.start_clock()
 
     def set_policy(self, config: ExportConfig) -> None:
         """(Re)make the background policy ``config`` asks for (none without
@@ -263,8 +265,10 @@ class ExportRegistry:
         return exp
 
     def start(self) -> None:
-        """Start the background tasks of the exports added before the loop ran."""
+        """Start the background tasks (policy, access clock) of the exports added before the
+        loop ran."""
         for exp in self._exports.values():
+            exp.device.start_clock()
             if exp.policy is not None:
                 exp.policy.start()
 
