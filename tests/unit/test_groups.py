@@ -377,3 +377,33 @@ async def test_contract_group() -> None:
         assert not d._inflight
         check(d)
         d.close()
+
+
+def test_group_image_decoded_by_two_threads_at_once() -> None:
+    """Split reads decode one image in two workers: neither may see the blob dropped before
+    the pages are set."""
+    import threading
+
+    from zramd.compress import get_codec
+    from zramd.device.pipeline import GroupImage
+
+    codec = get_codec("zstd", level=1)
+    pages = b"".join(_payload(2, PAGE, i) for i in range(16))
+    blob = codec.compress(pages)
+    for _ in range(200):
+        img = GroupImage(codec, blob, len(pages))
+        start = threading.Barrier(2)
+        got: list[bytes] = []
+
+        def decode(
+            img: GroupImage = img, start: threading.Barrier = start, got: list[bytes] = got
+        ) -> None:
+            start.wait()
+            got.append(img.pages())
+
+        threads = [threading.Thread(target=decode) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert got == [pages, pages]

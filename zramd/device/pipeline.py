@@ -107,8 +107,9 @@ def prepare_part(
 
 class GroupImage:
     """A group's compressed blob (copied out of the pool on the loop thread) and, once decoded,
-    its member pages back to back. Decoding twice at once in two threads is harmless (both get
-    the same bytes); a blob that does not decode raises CodecError every time."""
+    its member pages back to back (the blob is dropped then). Two threads may decode at once:
+    both get the same bytes, and one that finds the blob dropped finds the pages set (they are
+    set before the blob is dropped). A blob that does not decode raises CodecError every time."""
 
     __slots__ = ("codec", "blob", "size", "data")
 
@@ -123,9 +124,12 @@ class GroupImage:
         """The member pages, decoded on first use. Raises CodecError."""
         data = self.data
         if data is None:
-            data = self.codec.decompress(self.blob, self.size)
-            self.data = data
-            self.blob = b""
+            blob = self.blob
+            data = self.data
+            if data is None:
+                data = self.codec.decompress(blob, self.size)
+                self.data = data
+                self.blob = b""
         return data
 
 
