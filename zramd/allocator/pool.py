@@ -46,6 +46,8 @@ here, where the kernel's ``zs_huge_class_size()`` says 3625 (3632 - 7) because o
 Compaction rewrites the entry, never the handle. Free entries hold ``FREE_TAG | next`` and form
 an in-table free list of recyclable handles (no Python int per free handle); entry 0 is never
 handed out, so a handle is always > 0. Zspage ids index ``_zspages`` and are recycled too.
+``on_free``, when set, hears every handle just before it is freed (while its object still
+loads): a snapshot copies aside the objects it has not read yet.
 
 **Fullness groups** (kernel 6.x): 0% (only transiently, a new zspage before its first object; an
 emptied zspage is freed at once), 10%, 20% .. 90%, 99%, 100%. Each class keeps one ``set`` of
@@ -94,7 +96,7 @@ from __future__ import annotations
 import mmap
 import sys
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from zramd.allocator.classes import (
     DEFAULT_CHAIN_SIZE,
@@ -341,6 +343,9 @@ class Pool:
         self._cached_pages = 0  # pages of freed zspages kept resident (the warm cache)
         self._frees_to_check = AUTO_COMPACT_CHECK_EVERY
         self._closed = False
+        #: called with a handle before it is freed, while its object can still be loaded (a
+        #: snapshot in progress copies the objects it still needs; None: nobody listens)
+        self.on_free: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -455,6 +460,8 @@ class Pool:
         return zs.mm[a : a + size]
 
     def free(self, handle: int) -> None:
+        if self.on_free is not None:
+            self.on_free(handle)
         tbl = self._tbl
         e = tbl[handle]
         if e >= HUGE_TAG or handle <= 0:

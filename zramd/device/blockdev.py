@@ -15,6 +15,9 @@ Cold pages may live in multi-page groups (:mod:`zramd.device.groups`): :meth:`Zr
 packs a range, the store reads, kills and re-packs them; to the request paths a GROUPED page is
 one more kind of stored page.
 
+Snapshots: :meth:`ZramDevice.snapshot_image` and :meth:`ZramDevice.restore_image` take the
+pages out as stored and put them back (:mod:`zramd.device.image`).
+
 Every request stamps the pages it reads or writes with the store's coarse clock (access
 tracking: a read also clears their IDLE mark); served by a loop, the device reads the clock
 from a timer every CLOCK_REFRESH seconds (:meth:`ZramDevice.start_clock`) instead of once per
@@ -57,13 +60,15 @@ import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
 from zramd.compress import Codec, CodecError, get_codec, native
-from zramd.device import tiers
+from zramd.device import image, tiers
 from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS, Window
 from zramd.device.interface import (
     MAX_EXTENTS,
     Buffer,
     DeviceIOError,
     GroupResult,
+    ImageSink,
+    ImageSource,
     NoSpace,
     PageState,
     ReadResult,
@@ -87,6 +92,7 @@ from zramd.device.store import SMALL_DISCARD_PAGES, PageStore
 from zramd.device.table import EMPTY, SAME, PageTable
 from zramd.device.tiers import codec_spec
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
+from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
 from zramd.system import trim_heap
 
@@ -235,6 +241,8 @@ class ZramDevice:
         self._closed = False
         self._group_pages = self._check_group_pages(group_pages)
         self._group_codec = get_codec(group_algorithm, level=group_level)
+        #: the image being taken (snapshot_image), cancelled by reset and close
+        self._capture: image.Capture | None = None
 
     @staticmethod
     def _check_group_pages(n: int) -> int:
@@ -830,9 +838,30 @@ class ZramDevice:
             trim_heap()
         return done
 
+    # --- snapshots (zramd.device.image) ---------------------------------------------------------
+
+    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+        assert not self._closed, "device closed"
+
+        def done() -> None:
+            self._capture = None
+
+        meta, cap = image.capture(self._store, self._size, done)
+        self._capture = cap
+        return meta, cap
+
+    def restore_image(self, meta: ImageMeta) -> ImageSink:
+        assert not self._closed, "device closed"
+        return image.Restore(self._store, self._size, meta)
+
+    def _cancel_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.cancel()
+
     def reset(self) -> None:
         """Free everything (all pages read as zeros again); counters restart, limit kept."""
         assert not self._inflight, "reset with requests in flight"
+        self._cancel_capture()
         limit = self.mem_limit
         codecs = self._store.codecs
         self._store.close()
@@ -934,6 +963,7 @@ class ZramDevice:
         if self._closed:
             return
         self._closed = True
+        self._cancel_capture()
         if self._clock_timer is not None:
             self._clock_timer.cancel()
             self._clock_timer = None

@@ -225,6 +225,33 @@ class Groups:
         for gid, i in zip(handles, idx.tolist(), strict=True):
             self.kill(gid, i)
 
+    def restore(
+        self, first: int, csize: int, members: int, live: int, codec_id: int, handles: list[int]
+    ) -> int:
+        """Register a group read back from a snapshot, its blob already stored in the pool as
+        ``handles``; counted as :meth:`install` counts (the caller points the live pages'
+        entries at the returned id). A group past the dead bound is left stalled (retried at
+        the next trim, compact or group call)."""
+        gid = self._alloc()
+        self.first[gid] = first
+        self.csize[gid] = csize
+        self.members[gid] = members
+        self.live[gid] = live
+        self.codec[gid] = codec_id
+        self.chunks[gid, : len(handles)] = handles
+        nlive = live.bit_count()
+        s = self._store.stats
+        s.compr_data_size += csize
+        s.groups += 1
+        s.grouped_pages += nlive
+        self.compr_bytes += csize
+        self.count += 1
+        self.live_pages += nlive
+        self.dead_pages += members.bit_count() - nlive
+        if 2 * nlive < members.bit_count():
+            self.stalled.add(gid)
+        return gid
+
     # --- reads -----------------------------------------------------------------------------
 
     def image(self, gid: int) -> GroupImage:

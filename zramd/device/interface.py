@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
 
 #: base:allocation flags, as in the NBD spec (nbd.md 1.8).
@@ -103,6 +104,31 @@ class RecompressResult:
     scanned_to: int = 0
     nospace: bool = False
     aborted: bool = False
+
+
+class ImageSource(Protocol):
+    """The objects of a device image being taken (``snapshot_image``), in image order."""
+
+    def take(self, max_bytes: int) -> list[bytes]:
+        """The next objects, about ``max_bytes`` (a short stretch of loop time); [] when done.
+        Raises DeviceError when the device was reset or closed meanwhile."""
+        ...
+
+    def close(self) -> None:
+        """Done (or given up): the device stops keeping objects for the image."""
+        ...
+
+
+class ImageSink(Protocol):
+    """A restore in progress (``restore_image``): objects in image order, then ``finish``."""
+
+    def put(self, objects: Sequence[Buffer]) -> None:
+        """Store the next objects. Raises ValueError (inconsistent image) or NoSpace."""
+        ...
+
+    def finish(self) -> None:
+        """Install the table once every object is in. Raises ValueError."""
+        ...
 
 
 class DeviceError(Exception):
@@ -259,6 +285,18 @@ class BlockDevice(Protocol):
         Raises Unsupported or ValueError."""
         ...
 
+    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+        """A point-in-time image of every page as stored: the meta now (the table copied in
+        one step), the objects through the source, as they were at this call whatever is
+        written meanwhile. One at a time. Raises Unsupported or DeviceError."""
+        ...
+
+    def restore_image(self, meta: ImageMeta) -> ImageSink:
+        """Begin restoring an image into this device, which must be empty and unused until
+        ``finish``; on any error the caller closes the device. Raises Unsupported or
+        ValueError (another geometry, an inconsistent image; the message says which)."""
+        ...
+
     async def group(
         self,
         first: int,
@@ -359,6 +397,12 @@ class DeviceBase:
 
     def start_clock(self) -> None:
         return None
+
+    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+        raise Unsupported("the device cannot be snapshotted")
+
+    def restore_image(self, meta: ImageMeta) -> ImageSink:
+        raise Unsupported("the device cannot be restored from a snapshot")
 
     def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
         raise Unsupported("the device does not track page access")

@@ -1,0 +1,397 @@
+"""The snapshot file: one export's page table, codec list, group registry and objects, as stored.
+
+Theory of operation
+-------------------
+**Owns** the byte layout of a snapshot file and its atomic replacement, nothing else: it knows
+neither what a table column means nor how objects are compressed. The device
+(:mod:`zramd.device.image`) hands it an :class:`ImageMeta` (geometry, codec list, the table's
+columns, the group registry's columns, how many objects and bytes follow) and then the objects
+in slices, in an order only the device interprets; a restore gives the device the same back.
+
+Layout (all integers little-endian)::
+
+    HEADER        magic ZRAMDSNP, version, export size, page size, pages, groups, objects,
+                  object bytes, meta section length and CRC-32, creation time; CRC-32 of it all
+    meta section  zstd of: the codec list (name, level, dictionary), then each TABLE_COLUMNS
+                  column over every page, then each GROUP_COLUMNS column over every group
+    chunk *       CHUNK (magic ZSCK, object count, data bytes, CRC-32 of lengths and data),
+                  the objects' lengths (uint32 each), the objects end to end
+    FOOTER        magic ZRAMDEND, the footer's own offset, chunk count, the header's CRC-32,
+                  CRC-32 of the footer
+
+Most of a table is EMPTY pages: zero columns, which zstd shrinks about a thousandfold, so the
+meta section of a 4 GiB export (15 MiB of columns) is a few KiB when little is written. Objects
+are stored as they are (compressed pages, huge pages raw, a group's blob once); same-fill pages
+are only their fill word in the handle column and holes are nothing.
+
+**Refusal before restore.** :class:`SnapshotReader` checks, before it yields a single object,
+the header (magic, version, CRC), the footer at the end of the file (its magic, that it sits
+where it says, that it names this header's CRC: a truncated or torn file has no such footer)
+and the meta section (length, CRC, decompressed size). Each chunk's CRC is checked as it is
+read and the totals at the end; the caller restores into a fresh device it throws away on any
+:class:`SnapshotError`, so a bad file never becomes a half-restored export.
+
+**Atomic replace.** :class:`SnapshotWriter` writes ``.NAME.tmp`` beside the target, fsyncs it,
+renames it over the target and fsyncs the directory: a crash at any point leaves the previous
+snapshot or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+MAGIC = b"ZRAMDSNP"
+FOOTER_MAGIC = b"ZRAMDEND"
+CHUNK_MAGIC = b"ZSCK"
+FORMAT_VERSION = 1
+#: the table's columns as stored, in order: (name, dtype)
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("state", "<u1"),
+    ("handle", "<u8"),
+    ("size", "<u2"),
+    ("codec", "<u1"),
+    ("flags", "<u1"),
+    ("atime", "<u2"),
+)
+#: the group registry's columns as stored (one row per group; chunk handles are not stored)
+GROUP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("first", "<i8"),
+    ("csize", "<u4"),
+    ("members", "<u2"),
+    ("live", "<u2"),
+    ("codec", "<u1"),
+)
+#: magic, version, page size, export size, pages, groups, objects, object bytes, meta length,
+#: meta CRC, meta raw length, created (ns); then the CRC-32 of the bytes before it
+_HEADER_FIELDS = struct.Struct("<8sHIQQQQQQIQQ")
+HEADER = struct.Struct(_HEADER_FIELDS.format + "I")
+#: magic, object count, data bytes, CRC-32 of the lengths and the data
+CHUNK = struct.Struct("<4sIII")
+#: magic, footer offset, chunks, header CRC; then the CRC-32 of those
+_FOOTER_FIELDS = struct.Struct("<8sQQI")
+FOOTER = struct.Struct(_FOOTER_FIELDS.format + "I")
+#: zstd level of the meta section (columns of mostly zeros: level 3 is as small as 19 here)
+META_LEVEL = 3
+#: largest object a chunk may list (a group blob of 16 pages is at most 64 KiB)
+MAX_OBJECT = 1 << 20
+#: largest chunk a reader accepts
+MAX_CHUNK_BYTES = 256 << 20
+_CODEC = struct.Struct("<BiI")  # name length, level, dictionary length
+
+
+class SnapshotError(Exception):
+    """A snapshot file that cannot be used: names the file and what is wrong."""
+
+
+@dataclass
+class CodecSpec:
+    """One codec of the list the table's codec column indexes."""
+
+    name: str
+    level: int
+    dictionary: bytes = b""
+
+
+@dataclass
+class ImageMeta:
+    """Everything of an export but its objects: geometry, codecs, table and group columns (in
+    TABLE_COLUMNS / GROUP_COLUMNS order and dtypes), and the objects' count and bytes."""
+
+    size: int
+    page_size: int
+    codecs: list[CodecSpec]
+    table: list[npt.NDArray[Any]]
+    groups: list[npt.NDArray[Any]]
+    objects: int
+    object_bytes: int
+    created: float = field(default_factory=time.time)
+
+    @property
+    def npages(self) -> int:
+        return len(self.table[0]) if self.table else 0
+
+    @property
+    def ngroups(self) -> int:
+        return len(self.groups[0]) if self.groups else 0
+
+
+def _encode_meta(meta: ImageMeta) -> bytes:
+    parts: list[bytes] = [struct.pack("<H", len(meta.codecs))]
+    for c in meta.codecs:
+        name = c.name.encode()
+        parts += [_CODEC.pack(len(name), c.level, len(c.dictionary)), name, c.dictionary]
+    for (_name, dtype), col in zip(TABLE_COLUMNS, meta.table, strict=True):
+        assert len(col) == meta.npages
+        parts.append(np.ascontiguousarray(col, dtype=dtype).tobytes())
+    for (_name, dtype), col in zip(GROUP_COLUMNS, meta.groups, strict=True):
+        assert len(col) == meta.ngroups
+        parts.append(np.ascontiguousarray(col, dtype=dtype).tobytes())
+    return b"".join(parts)
+
+
+def _decode_meta(
+    raw: bytes, npages: int, ngroups: int
+) -> tuple[list[CodecSpec], list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
+    mv = memoryview(raw)
+    (n,) = struct.unpack_from("<H", mv, 0)
+    pos = 2
+    codecs: list[CodecSpec] = []
+    for _ in range(n):
+        nlen, level, dlen = _CODEC.unpack_from(mv, pos)
+        pos += _CODEC.size
+        name = bytes(mv[pos : pos + nlen]).decode()
+        pos += nlen
+        codecs.append(CodecSpec(name, level, bytes(mv[pos : pos + dlen])))
+        pos += dlen
+
+    def columns(spec: tuple[tuple[str, str], ...], rows: int) -> list[npt.NDArray[Any]]:
+        nonlocal pos
+        out = []
+        for _name, dtype in spec:
+            nbytes = rows * np.dtype(dtype).itemsize
+            if pos + nbytes > len(mv):
+                raise ValueError("meta section too short for its columns")
+            out.append(np.frombuffer(raw, dtype=dtype, count=rows, offset=pos))
+            pos += nbytes
+        return out
+
+    table = columns(TABLE_COLUMNS, npages)
+    groups = columns(GROUP_COLUMNS, ngroups)
+    if pos != len(mv):
+        raise ValueError(f"meta section has {len(mv) - pos} bytes past its columns")
+    return codecs, table, groups
+
+
+class SnapshotWriter:
+    """Writes one snapshot beside ``path`` and replaces ``path`` with it on :meth:`commit`.
+    Blocking file I/O: run it in a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        head, tail = os.path.split(path)
+        self.tmp = os.path.join(head, f".{tail}.tmp")
+        self._f = open(self.tmp, "wb", buffering=0)  # noqa: SIM115 - closed by commit/abort
+        self._header_crc = 0
+        self._chunks = 0
+        self._objects = 0
+        self._bytes = 0
+        self._meta: ImageMeta | None = None
+        #: bytes written, and the meta section's share of them
+        self.written = 0
+        self.meta_bytes = 0
+
+    def write_meta(self, meta: ImageMeta) -> None:
+        """The header and the meta section (first, once)."""
+        assert self._meta is None
+        self._meta = meta
+        raw = _encode_meta(meta)
+        packed = zstandard.ZstdCompressor(level=META_LEVEL).compress(raw)
+        fields = _HEADER_FIELDS.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            meta.page_size,
+            meta.size,
+            meta.npages,
+            meta.ngroups,
+            meta.objects,
+            meta.object_bytes,
+            len(packed),
+            zlib.crc32(packed),
+            len(raw),
+            int(meta.created * 1e9),
+        )
+        self._header_crc = zlib.crc32(fields)
+        self._write(fields + struct.pack("<I", self._header_crc))
+        self._write(packed)
+        self.meta_bytes = len(packed)
+
+    def write_chunk(self, objects: Sequence[bytes]) -> None:
+        """One chunk of objects, in the device's order."""
+        assert self._meta is not None
+        if not objects:
+            return
+        lengths = np.fromiter(map(len, objects), dtype="<u4", count=len(objects)).tobytes()
+        data = b"".join(objects)
+        crc = zlib.crc32(data, zlib.crc32(lengths))
+        self._write(CHUNK.pack(CHUNK_MAGIC, len(objects), len(data), crc) + lengths)
+        self._write(data)
+        self._chunks += 1
+        self._objects += len(objects)
+        self._bytes += len(data)
+
+    def commit(self) -> None:
+        """The footer, then fsync, rename over the target, fsync of the directory."""
+        meta = self._meta
+        assert meta is not None
+        assert (self._objects, self._bytes) == (meta.objects, meta.object_bytes), (
+            self._objects,
+            self._bytes,
+            meta.objects,
+            meta.object_bytes,
+        )
+        fields = _FOOTER_FIELDS.pack(FOOTER_MAGIC, self.written, self._chunks, self._header_crc)
+        self._write(fields + struct.pack("<I", zlib.crc32(fields)))
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        """Drop the partial file (the previous snapshot stays)."""
+        if not self._f.closed:
+            self._f.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def _write(self, data: bytes) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = self._f.write(mv)
+            assert n is not None
+            mv = mv[n:]
+        self.written += len(data)
+
+
+class SnapshotReader:
+    """Opens and checks a snapshot (header, footer, meta section); :meth:`chunks` then yields
+    its objects, each chunk checked. Raises FileNotFoundError when there is no file,
+    SnapshotError when it is not a whole snapshot of this format. Blocking: run in a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            self.meta = self._open()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _bad(self, what: str) -> SnapshotError:
+        return SnapshotError(f"snapshot {self.path}: {what}")
+
+    def _read(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if len(data) != n:
+            raise self._bad("truncated (ends inside a chunk)")
+        return data
+
+    def _open(self) -> ImageMeta:
+        f = self._f
+        st = os.fstat(f.fileno())
+        self.file_size = st.st_size
+        raw = f.read(HEADER.size)
+        if len(raw) < HEADER.size or raw[:8] != MAGIC:
+            raise self._bad("not a zramd snapshot (bad magic or too short)")
+        (
+            _magic,
+            version,
+            page_size,
+            size,
+            npages,
+            ngroups,
+            nobjects,
+            nbytes,
+            meta_len,
+            meta_crc,
+            meta_raw,
+            created,
+            crc,
+        ) = HEADER.unpack(raw)
+        if zlib.crc32(raw[: _HEADER_FIELDS.size]) != crc:
+            raise self._bad("header checksum mismatch")
+        if version != FORMAT_VERSION:
+            raise self._bad(f"format version {version}, this zramd reads {FORMAT_VERSION}")
+        if self.file_size < HEADER.size + meta_len + FOOTER.size:
+            raise self._bad(f"truncated ({self.file_size} bytes, no footer)")
+        f.seek(self.file_size - FOOTER.size)
+        foot = f.read(FOOTER.size)
+        fmagic, where, chunks, hcrc, fcrc = FOOTER.unpack(foot)
+        if (
+            fmagic != FOOTER_MAGIC
+            or zlib.crc32(foot[: _FOOTER_FIELDS.size]) != fcrc
+            or where != self.file_size - FOOTER.size
+            or hcrc != crc
+        ):
+            raise self._bad(
+                f"truncated or torn ({self.file_size} bytes, no valid footer at the end)"
+            )
+        self._chunks_expected = chunks
+        self._data_end = where
+        f.seek(HEADER.size)
+        packed = self._read(meta_len)
+        if zlib.crc32(packed) != meta_crc:
+            raise self._bad("meta section checksum mismatch")
+        try:
+            raw_meta = zstandard.ZstdDecompressor().decompress(packed, max_output_size=meta_raw)
+            if len(raw_meta) != meta_raw:
+                raise ValueError(f"meta section is {len(raw_meta)} bytes, header says {meta_raw}")
+            codecs, table, groups = _decode_meta(raw_meta, npages, ngroups)
+        except (zstandard.ZstdError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise self._bad(f"meta section unreadable: {e}") from None
+        return ImageMeta(
+            size=size,
+            page_size=page_size,
+            codecs=codecs,
+            table=table,
+            groups=groups,
+            objects=nobjects,
+            object_bytes=nbytes,
+            created=created / 1e9,
+        )
+
+    def chunks(self) -> Iterator[list[memoryview]]:
+        """The objects, one checked chunk at a time; the totals are checked at the end."""
+        f = self._f
+        objects = nbytes = chunks = 0
+        while f.tell() < self._data_end:
+            magic, count, dlen, crc = CHUNK.unpack(self._read(CHUNK.size))
+            if magic != CHUNK_MAGIC or dlen > MAX_CHUNK_BYTES or count > dlen:
+                raise self._bad(f"chunk {chunks}: bad chunk header")
+            lengths = self._read(4 * count)
+            data = self._read(dlen)
+            if zlib.crc32(data, zlib.crc32(lengths)) != crc:
+                raise self._bad(f"chunk {chunks}: checksum mismatch")
+            sizes = np.frombuffer(lengths, dtype="<u4")
+            if int(sizes.sum(dtype=np.int64)) != dlen or (count and int(sizes.max()) > MAX_OBJECT):
+                raise self._bad(f"chunk {chunks}: object lengths do not add up")
+            ends = np.cumsum(sizes, dtype=np.int64).tolist()
+            mv = memoryview(data)
+            start = 0
+            out = []
+            for end in ends:
+                out.append(mv[start:end])
+                start = end
+            objects += count
+            nbytes += dlen
+            chunks += 1
+            if objects > self.meta.objects:
+                raise self._bad("more objects than the header says")
+            yield out
+        if (objects, nbytes, chunks) != (
+            self.meta.objects,
+            self.meta.object_bytes,
+            self._chunks_expected,
+        ):
+            raise self._bad(
+                f"{objects} objects in {chunks} chunks, the header and footer say "
+                f"{self.meta.objects} in {self._chunks_expected}"
+            )
+
+    def close(self) -> None:
+        self._f.close()
