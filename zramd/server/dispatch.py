@@ -178,7 +178,6 @@ Reply = _Ok | ReadReply | StatusReply | ErrorReply
 def validate(
     req: Request,
     export: Export,
-    *,
     structured: bool,
     context_id: int | None,
     max_payload: int,
@@ -296,13 +295,14 @@ class Dispatcher:
         self.io: IoStats = export.io
 
     def check(self, req: Request) -> tuple[int, str] | None:
+        # positional: this runs once per request, and keyword calls cost more
         return validate(
             req,
             self.export,
-            structured=self.structured,
-            context_id=self.context_id,
-            max_payload=self.max_payload,
-            shutting_down=self.shutdown.is_set,
+            self.structured,
+            self.context_id,
+            self.max_payload,
+            self.shutdown.is_set,
         )
 
     def run_now(self, req: Request) -> Reply | None:
