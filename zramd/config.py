@@ -400,6 +400,9 @@ class ExportConfig:
     #: the backing store below RAM (issue 12): an absolute path of a regular file (created and
     #: grown as needed, sparse) or a block device; None: none
     backing: str | None = None
+    #: the snapshot file (issue 13): written on stop and ``zramd destroy``, restored on start;
+    #: an absolute path (None: the export is not kept across restarts)
+    persist: str | None = None
     #: multi-page groups of cold pages (``recompress --group-pages``, and its default): pages
     #: per group (0: the device's, 16) and their algorithm with its level ("": the device's,
     #: zstd level 9)
@@ -462,6 +465,8 @@ class ExportConfig:
             )
         if self.backing is not None:
             check_backing_path(self.name, self.backing)
+        if self.persist is not None:
+            check_persist_path(self.name, self.persist)
         self.attach.validate(self.name)
 
     def summary(self) -> str:
@@ -510,6 +515,22 @@ def check_backing_path(name: str, path: str) -> None:
         raise ConfigError(f"export {name!r}: backing {path} is not readable and writable")
 
 
+def check_persist_path(name: str, path: str) -> None:
+    """Refuse a snapshot path that is relative, a directory or other non-regular file, or in a
+    directory that does not exist or is not writable (the snapshot is written beside it)."""
+    if not os.path.isabs(path):
+        raise ConfigError(f"export {name!r}: persist {path!r} must be an absolute path")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"export {name!r}: persist {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(
+            f"export {name!r}: persist {path}: cannot write in {parent} (not writable)"
+        )
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"export {name!r}: persist {path} is not a regular file")
+
+
 def backing_identity(path: str) -> tuple[int, int] | str:
     """What makes two backing paths the same: (device, inode) of an existing file or device,
     else the path with its symlinks resolved."""
@@ -532,6 +553,7 @@ _SPEC_KEYS = (
     "group-pages",
     "group-algorithm",
     "backing",
+    "persist",
     "description",
 )
 
@@ -556,15 +578,15 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
     [,recompress-after=DURATION][,recompress-interval=DURATION][,group-pages=N]
-    [,group-algorithm=ALG][,backing=PATH][,description=T]``.
+    [,group-algorithm=ALG][,backing=PATH][,persist=PATH][,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
     inside their parentheses), rounded down to whole pages. ``algorithm`` is a
     compression-algorithm value (:func:`parse_compression`: ``lz4 zstd(level=3)`` recompresses
     with zstd); ``level`` sets the first algorithm's. ``group-pages`` (2..16) and
     ``group-algorithm`` (one algorithm, e.g. ``zstd(level=19)``) are what multi-page groups of
-    cold pages are packed with. ``backing`` is a file or block device
-    (a relative path is taken from the current directory). ``description`` must come last: its
+    cold pages are packed with. ``backing`` is a file or block device, ``persist`` the snapshot
+    file (a relative path is taken from the current directory). ``description`` must come last: its
     text may contain commas."""
     (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
@@ -631,6 +653,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             cfg.mem_limit = round_pages(parse_size(value, what=f"mem-limit of export {name!r}"))
         elif key == "backing":
             cfg.backing = os.path.abspath(value)
+        elif key == "persist":
+            cfg.persist = os.path.abspath(value)
     cfg.validate()
     return cfg
 
@@ -681,6 +705,7 @@ class ServerConfig:
             raise ConfigError("no exports configured")
         names: set[str] = set()
         backings: dict[tuple[int, int] | str, str] = {}
+        files: dict[str, str] = {}
         for e in self.exports:
             e.validate()
             if e.name in names:
@@ -691,6 +716,18 @@ class ServerConfig:
                 if other != e.name:
                     raise ConfigError(
                         f"exports {other!r} and {e.name!r} both use the backing {e.backing}"
+                    )
+            if e.persist is not None:
+                other = files.setdefault(os.path.realpath(e.persist), e.name)
+                if other != e.name:
+                    raise ConfigError(
+                        f"exports {other!r} and {e.name!r} both persist to {e.persist}"
+                    )
+                if e.backing is not None and backing_identity(e.persist) == backing_identity(
+                    e.backing
+                ):
+                    raise ConfigError(
+                        f"export {e.name!r}: persist and backing are the same file {e.persist}"
                     )
         if self.default_export is not None and self.default_export not in names:
             raise ConfigError(f"default export {self.default_export!r} is not defined")

@@ -32,6 +32,7 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     group-algorithm = "zstd(level=9)"   #   with this algorithm (default zstd level 9)
     mem-limit = "1G"
     backing = "/var/lib/zramd/zram0.img"   # a file (sparse, created) or a block device below
+    persist = "/var/lib/zramd/zram0.snap"  # snapshot on stop, restored on start
     read-only = false
     description = "swap"
     fs-type = "ext4"              # what `zramd attach zram0` does (zram-generator's words):
@@ -238,6 +239,7 @@ _EXPORT_KEYS = (
     "group-pages",
     "group-algorithm",
     "backing",
+    "persist",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -337,6 +339,9 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "backing" in values:
             key = "backing"
             exp.backing = _typed(values[key], str, "an absolute path")
+        if "persist" in values:
+            key = "persist"
+            exp.persist = _typed(values[key], str, "an absolute path")
         if "group-pages" in values:
             key = "group-pages"
             exp.group_pages = _typed(values[key], int, "an integer 2..16")
@@ -373,6 +378,7 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("recompress type", "compression-algorithm"),
         ("description", "description"),
         ("backing", "backing"),
+        ("persist", "persist"),
         ("swap-priority", "swap-priority"),
         ("mount-point", "mount-point"),
         ("fs-type", "fs-type"),

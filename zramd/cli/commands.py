@@ -1,4 +1,5 @@
-"""The control-socket commands: create, destroy, list, stat, reset, compact, set, reload.
+"""The control-socket commands: create, destroy, snapshot, list, stat, reset, compact, set,
+reload.
 
 Theory of operation
 -------------------
@@ -16,6 +17,7 @@ state between commands.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -89,6 +91,25 @@ def destroy(name: str, force: bool, control: str) -> None:
     with ControlClient(control) as c:
         c.call("destroy", name=name, force=force)
     click.echo(f"destroyed {name}")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@control_option
+@errors_one_line
+def snapshot(name: str, path: str | None, control: str) -> None:
+    """Write a point-in-time snapshot of export NAME to PATH (default: its persist file) while
+    its clients go on; the file is replaced atomically."""
+    args: dict[str, Any] = {"name": name}
+    if path is not None:
+        args["path"] = os.path.abspath(path)
+    with ControlClient(control) as c:
+        r = c.call("snapshot", **args)
+    click.echo(
+        f"{name}: snapshot {r['path']}: {r['pages']} pages, {format_size(r['file_bytes'])} in "
+        f"{r['seconds']:.2f}s (longest pause {r['longest_pause_ms']:.1f} ms)"
+    )
 
 
 @click.command(name="list")
@@ -287,4 +308,4 @@ def reload(control: str) -> None:
         click.echo(line)
 
 
-COMMANDS = (create, destroy, list_, stat, reset, compact, set_, reload)
+COMMANDS = (create, destroy, snapshot, list_, stat, reset, compact, set_, reload)

@@ -29,7 +29,9 @@ Invariants:
 - Lines are bounded (``MAX_LINE``), connections are bounded
   (``MAX_CONTROL_CONNECTIONS``); every failure becomes one ``{"ok": false}`` line.
 - ``destroy`` and ``reset`` are refused while clients are connected (``destroy``
-  unless ``force``), like the kernel refusing to reset an open zram device.
+  unless ``force``), like the kernel refusing to reset an open zram device. ``destroy`` of
+  an export with a persist file writes its snapshot first; ``snapshot`` writes one while
+  clients go on (:mod:`zramd.server.persistence`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ from zramd.control.protocol import (
     decode,
     encode,
 )
-from zramd.device.interface import BlockDevice, Unsupported
+from zramd.device.interface import BlockDevice, DeviceError, Unsupported
 from zramd.geometry import PAGE_SIZE
+from zramd.server import persistence
 from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, TIER_FIELDS, IoStats
 
 log = logging.getLogger("zramd.control")
@@ -96,6 +99,8 @@ class RegistryLike(Protocol):
     def add(self, config: ExportConfig) -> Any: ...
 
     def remove(self, name: str, force: bool = False) -> Any: ...
+
+    def detach(self, name: str, force: bool = False) -> tuple[Any, list[Any]]: ...
 
     def __iter__(self) -> Any: ...
 
@@ -276,6 +281,7 @@ class ControlServer:
             "idle": self._idle,
             "pages": self._pages,
             "recompress": self._recompress,
+            "snapshot": self._snapshot,
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -447,7 +453,7 @@ class ControlServer:
         log.info("created export %s", cfg.summary())
         return self._row(exp)
 
-    def _destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _destroy(self, req: dict[str, Any]) -> dict[str, Any]:
         exp = self._export(req)
         force = bool(req.get("force", False))
         if exp.clients and not force:
@@ -456,9 +462,25 @@ class ControlServer:
                 "disconnect them or use --force"
             )
         name = exp.name
-        self.registry.remove(name, force=force)
+        if exp.config.persist is not None:
+            await persistence.destroy(self.registry, name, force)
+        else:
+            self.registry.remove(name, force=force)
         log.info("destroyed export %s%s", name, " (forced)" if force else "")
         return {"name": name}
+
+    async def _snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+        exp = self._export(req)
+        path = _arg_str(req, "path", required=False)
+        if path is not None and not os.path.isabs(path):
+            raise ControlError(f"snapshot path {path!r} must be an absolute path")
+        try:
+            info = await persistence.save(exp, path)
+        except OSError as e:
+            raise ControlError(f"snapshot {path or exp.config.persist}: {e}") from None
+        except DeviceError as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
+        return {"name": exp.name, **info.as_dict()}
 
     async def _reset(self, req: dict[str, Any]) -> dict[str, Any]:
         exp = self._export(req)

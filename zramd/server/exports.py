@@ -30,6 +30,7 @@ the path, and the registry is unchanged.
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
 their running requests) and closes the device once no request is running on it.
+Snapshots of exports with a ``persist`` file are :mod:`zramd.server.persistence`'s.
 This module knows nothing of sockets or bytes on the wire.
 """
 
@@ -275,6 +276,20 @@ class ExportRegistry:
     def remove(self, name: str, force: bool = False) -> Export:
         """Remove and close an export. Refuses (ExportBusy) while clients are attached, unless
         ``force``: then their sessions are closed first. Raises KeyError if unknown."""
+        exp, busy = self.detach(name, force)
+        if busy:
+            # requests still running on the device: close it once they are done
+            task = asyncio.get_running_loop().create_task(_close_when_idle(exp, busy))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            exp.close()
+        return exp
+
+    def detach(self, name: str, force: bool = False) -> tuple[Export, list[Attached]]:
+        """Take an export out of the registry without closing its device (the caller does,
+        once the returned sessions, which still have requests running, are idle): as
+        :meth:`remove`, its sessions are closed and its policy cancelled."""
         exp = self._exports.get(name)
         if exp is None:
             raise KeyError(name)
@@ -289,14 +304,7 @@ class ExportRegistry:
             exp.policy.cancel()
         if self.default == name:
             self.default = None
-        if busy:
-            # requests still running on the device: close it once they are done
-            task = asyncio.get_running_loop().create_task(_close_when_idle(exp, busy))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-        else:
-            exp.close()
-        return exp
+        return exp, busy
 
     def close(self) -> None:
         """Close every device (server exit)."""

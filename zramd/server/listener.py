@@ -30,8 +30,9 @@ Shutdown (SIGTERM/SIGINT or ``shutdown()``): stop accepting; set the shutdown fl
 get ESHUTDOWN and options of sessions still negotiating get ERR_SHUTDOWN; wait (bounded by
 :data:`SHUTDOWN_DRAIN_TIMEOUT`) for requests in flight to finish; then give clients up to
 :data:`SHUTDOWN_GRACE` to soft-disconnect (the spec's answer to ESHUTDOWN), still answering every
-request they send with ESHUTDOWN; close every connection; close the devices; remove our Unix
-socket file.
+request they send with ESHUTDOWN; close every connection; snapshot the exports that have a
+persist file; close the devices; remove our Unix socket file. ``start()`` restores those exports
+before it binds anything (:mod:`zramd.server.persistence`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import uvloop
 from zramd.allocator import MemoryBudget
 from zramd.config import ConfigError, ServerConfig
 from zramd.protocol.limits import Limits
-from zramd.server import stdio
+from zramd.server import persistence, stdio
 from zramd.server.access import AllowList
 from zramd.server.admission import Admission
 from zramd.server.exports import ExportRegistry
@@ -148,6 +149,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        await persistence.restore_all(self.registry)
         self.registry.start()
         cfg = self.config
         raise_nofile_limit(cfg.max_connections + NOFILE_RESERVE)
@@ -294,6 +296,7 @@ class Server:
             for s in sessions:
                 if not s.closed.done():
                     s.abort()
+        await persistence.save_all(self.registry)
         self.registry.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._stopped is not None:

@@ -1,0 +1,164 @@
+"""Persistent exports with real clients: an image copied in with nbdcopy survives SIGTERM and a
+restart (same sha256 copied out); ``zramd snapshot`` on a running daemon is the data at that
+moment, not later writes; SIGKILL while a snapshot is being written leaves the previous one
+whole; a snapshot of another size, or a damaged one, stops the start with one line naming the
+file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .conftest import MiB, Server, run, zramd_argv
+from .test_groups import _real_files_image
+from .zramd_with import start_zramd
+
+EXPORT = "zram0"
+SIZE = 64 * MiB
+
+
+def _start(workdir: Path, snap: Path, size: int = SIZE, extra: str = "") -> Server:
+    opts = f"persist={snap}" + (f",{extra}" if extra else "")
+    return start_zramd(workdir, exports=[(EXPORT, size, opts)])
+
+
+def _copy_out(server: Server, dest: Path, n: int) -> str:
+    run(["nbdcopy", server.uri(EXPORT, unix=True), str(dest)], timeout=120)
+    with open(dest, "rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(server: Server, *args: str) -> str:
+    control = str(Path(server.workdir) / "control.sock")
+    return run(zramd_argv() + [*args, "--control", control], timeout=120).stdout
+
+
+def _kill(server: Server) -> None:
+    server.stop_quietly()
+
+
+def test_sigterm_and_restart_keep_the_data(tmp_path: Path) -> None:
+    image = _real_files_image(tmp_path / "files.img", 24 * MiB)
+    with open(image, "ab") as f:
+        f.write(os.urandom(4 * MiB))  # incompressible pages too
+    size = image.stat().st_size
+    snap = tmp_path / "zram0.snap"
+    server = _start(tmp_path / "srv", snap, extra="algorithm=lz4 zstd(level=3)")
+    assert "no snapshot" in server.stderr()
+    run(["nbdcopy", "--flush", str(image), server.uri(EXPORT, unix=True)], timeout=120)
+    _cli(server, "idle", EXPORT, "--all")
+    _cli(server, "recompress", EXPORT, "--group-pages", "8")  # groups and recompressed pages
+    server.stop()
+    assert "snapshot" in server.stderr() and snap.exists()
+    server = _start(tmp_path / "srv2", snap, extra="algorithm=lz4 zstd(level=3)")
+    try:
+        assert "restored" in server.stderr()
+        assert _copy_out(server, tmp_path / "out.img", size) == _sha(image)
+    finally:
+        server.stop()
+
+
+def test_live_snapshot_is_the_moment_it_was_taken(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    first = tmp_path / "a.img"
+    first.write_bytes(os.urandom(8 * MiB) + bytes(8 * MiB) + b"zram" * (4 * MiB))
+    server = _start(tmp_path / "srv", snap)
+    run(["nbdcopy", "--flush", str(first), server.uri(EXPORT, unix=True)], timeout=120)
+    out = _cli(server, "snapshot", EXPORT)
+    assert "longest pause" in out, out
+    later = tmp_path / "b.img"
+    later.write_bytes(os.urandom(2 * MiB))
+    run(["nbdcopy", "--flush", str(later), server.uri(EXPORT, unix=True)], timeout=120)
+    other = tmp_path / "other.snap"
+    _cli(server, "snapshot", EXPORT, str(other))
+    _kill(server)  # no snapshot at stop: the live one is what is left
+    server = _start(tmp_path / "srv2", snap)
+    try:
+        assert _copy_out(server, tmp_path / "out.img", first.stat().st_size) == _sha(first)
+    finally:
+        _kill(server)
+    server = _start(tmp_path / "srv3", other)
+    try:
+        got = _copy_out(server, tmp_path / "out2.img", SIZE)
+        expect = later.read_bytes() + first.read_bytes()[len(later.read_bytes()) :]
+        expect += bytes(SIZE - len(expect))
+        assert got == hashlib.sha256(expect).hexdigest()
+    finally:
+        server.stop()
+
+
+def test_sigkill_during_a_snapshot_keeps_the_previous_one(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    size = 160 * MiB
+    small = tmp_path / "small.img"
+    small.write_bytes(os.urandom(4 * MiB))
+    server = _start(tmp_path / "srv", snap, size=size)
+    run(["nbdcopy", "--flush", str(small), server.uri(EXPORT, unix=True)], timeout=120)
+    server.stop()
+    before = _sha(snap)
+    server = _start(tmp_path / "srv2", snap, size=size)
+    big = tmp_path / "big.img"
+    big.write_bytes(os.urandom(size))
+    run(["nbdcopy", "--flush", str(big), server.uri(EXPORT, unix=True)], timeout=180)
+    tmp = tmp_path / ".s.snap.tmp"
+    control = str(Path(server.workdir) / "control.sock")
+    cli = subprocess.Popen(
+        zramd_argv() + ["snapshot", EXPORT, "--control", control],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not tmp.exists() or tmp.stat().st_size < 16 * MiB:
+        assert time.monotonic() < deadline, "the snapshot never started"
+        time.sleep(0.001)
+    server.procs[0].send_signal(signal.SIGKILL)
+    _kill(server)
+    cli.wait(timeout=30)
+    assert _sha(snap) == before
+    server = _start(tmp_path / "srv3", snap, size=size)
+    try:
+        assert _copy_out(server, tmp_path / "out.img", 4 * MiB) == _sha(small)
+    finally:
+        server.stop()
+
+
+def _refused(tmp_path: Path, snap: Path, size: int) -> str:
+    workdir = tmp_path / "bad"
+    workdir.mkdir(exist_ok=True)
+    cmd = zramd_argv() + [
+        "serve",
+        "--unix",
+        str(workdir / "nbd.sock"),
+        "--port",
+        "0",
+        "--control",
+        str(workdir / "control.sock"),
+        "--export",
+        f"{EXPORT}={size // 1024}K,persist={snap}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    return proc.stderr
+
+
+def test_other_size_or_damaged_snapshot_stops_the_start(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    data = tmp_path / "d.img"
+    data.write_bytes(os.urandom(2 * MiB))
+    run(["nbdcopy", "--flush", str(data), server.uri(EXPORT, unix=True)], timeout=120)
+    server.stop()
+    err = _refused(tmp_path, snap, 2 * SIZE)
+    assert str(snap) in err and str(SIZE) in err and str(2 * SIZE) in err, err
+    raw = snap.read_bytes()
+    snap.write_bytes(raw[: len(raw) - 100])
+    err = _refused(tmp_path, snap, SIZE)
+    assert str(snap) in err and "truncated" in err, err

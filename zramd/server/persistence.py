@@ -1,0 +1,216 @@
+"""When exports are snapshotted and restored: start, stop, destroy, and ``zramd snapshot``.
+
+Theory of operation
+-------------------
+An export with ``persist=PATH`` is restored from PATH when the server starts, before any
+listener binds (:func:`restore_all`), and written to PATH when the server stops (after the
+requests in flight finished and the connections closed, before the devices close:
+:func:`save_all`) and when ``zramd destroy`` removes it (:func:`destroy`). ``zramd snapshot
+NAME [PATH]`` writes one while clients go on (:func:`save`).
+
+**Saving** takes the device's image (:meth:`~zramd.device.interface.BlockDevice.snapshot_image`:
+the table is copied in one step, the pause clients see) and then the objects in slices of
+:data:`SLICE_BYTES` (a fraction of a millisecond of loop time each, a yield between two), while
+a thread of the loop's default executor writes the previous :data:`CHUNK_BYTES` to the file
+(:class:`~zramd.persist.SnapshotWriter`: beside the target, fsync, rename, fsync of the
+directory). The device keeps the image at its point in time whatever clients write meanwhile
+(copy on free, :mod:`zramd.device.image`). Each save logs one line: pages, objects, bytes,
+seconds, and the longest hold of the loop (the capture or a slice).
+
+**Restoring** reads and checks the file in a thread (:class:`~zramd.persist.SnapshotReader`:
+header, footer and meta first, then each chunk) while the loop stores the previous chunk's
+objects in the device; no client can connect yet. A missing file is a fresh export (logged); a
+file that is not a whole snapshot, or of another geometry, is a ConfigError naming the export
+and the file, and the server does not start (the device is thrown away, never half restored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zramd.config import ConfigError, format_size
+from zramd.device.interface import DeviceError, NoSpace
+from zramd.persist import SnapshotError, SnapshotReader, SnapshotWriter
+from zramd.server.exports import Export, ExportRegistry
+
+log = logging.getLogger("zramd.server")
+
+#: object bytes copied out of the device per slice of loop time (about 0.3 ms)
+SLICE_BYTES = 1 << 20
+#: object bytes per chunk written to the file (one write in a thread while the next is copied)
+CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class SnapshotInfo:
+    """What one save wrote: the file, its bytes, the export's live pages and stored objects,
+    the seconds it took and the longest the loop was held (capture or slice)."""
+
+    path: str
+    file_bytes: int
+    pages: int
+    objects: int
+    object_bytes: int
+    seconds: float
+    longest_pause: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "file_bytes": self.file_bytes,
+            "pages": self.pages,
+            "objects": self.objects,
+            "object_bytes": self.object_bytes,
+            "seconds": round(self.seconds, 3),
+            "longest_pause_ms": round(self.longest_pause * 1e3, 3),
+        }
+
+
+async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
+    """Snapshot ``exp`` to ``path`` (default: its ``persist`` file) at this point in time.
+    Raises ConfigError (no path), DeviceError (device reset or closed meanwhile) or OSError."""
+    path = path or exp.config.persist
+    if path is None:
+        raise ConfigError(f"export {exp.name!r} has no persist file: give a path")
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    meta, src = exp.device.snapshot_image()
+    longest = time.perf_counter() - t0
+    pages = int((meta.table[0] != 0).sum())
+    try:
+        writer = await loop.run_in_executor(None, SnapshotWriter, path)
+        pending = loop.run_in_executor(None, writer.write_meta, meta)
+        try:
+            while True:
+                buf: list[bytes] = []
+                n = 0
+                while n < CHUNK_BYTES:
+                    t = time.perf_counter()
+                    objs = src.take(SLICE_BYTES)
+                    longest = max(longest, time.perf_counter() - t)
+                    if not objs:
+                        break
+                    buf += objs
+                    n += sum(map(len, objs))
+                    await asyncio.sleep(0)
+                await pending
+                if not buf:
+                    break
+                pending = loop.run_in_executor(None, writer.write_chunk, buf)
+            await loop.run_in_executor(None, writer.commit)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(pending)
+            await loop.run_in_executor(None, writer.abort)
+            raise
+    finally:
+        src.close()
+    info = SnapshotInfo(
+        path,
+        writer.written,
+        pages,
+        meta.objects,
+        meta.object_bytes,
+        time.perf_counter() - t0,
+        longest,
+    )
+    log.info(
+        "export %s: snapshot %s: %d pages, %d objects, %s in %.2fs (longest pause %.1f ms)",
+        exp.name,
+        path,
+        pages,
+        meta.objects,
+        format_size(writer.written),
+        info.seconds,
+        longest * 1e3,
+    )
+    return info
+
+
+async def restore(exp: Export) -> bool:
+    """Restore ``exp`` from its persist file into its (empty) device; False when there is no
+    file. Raises ConfigError naming the export and the file."""
+    path = exp.config.persist
+    assert path is not None
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    try:
+        reader = await loop.run_in_executor(None, SnapshotReader, path)
+    except FileNotFoundError:
+        log.info("export %s: no snapshot %s yet: starting empty", exp.name, path)
+        return False
+    except SnapshotError as e:
+        raise ConfigError(f"export {exp.name!r}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e.strerror}") from None
+    try:
+        sink = exp.device.restore_image(reader.meta)
+        chunks = reader.chunks()
+        pending = loop.run_in_executor(None, next, chunks, None)
+        while True:
+            objs = await pending
+            if objs is None:
+                break
+            pending = loop.run_in_executor(None, next, chunks, None)
+            sink.put(objs)
+        sink.finish()
+    except SnapshotError as e:
+        raise ConfigError(f"export {exp.name!r}: {e}") from None
+    except (ValueError, NoSpace, DeviceError) as e:
+        raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e}") from None
+    finally:
+        reader.close()
+    log.info(
+        "export %s: restored %s (%s, %d objects) in %.2fs",
+        exp.name,
+        path,
+        format_size(reader.file_size),
+        reader.meta.objects,
+        time.perf_counter() - t0,
+    )
+    return True
+
+
+async def restore_all(registry: ExportRegistry) -> None:
+    """Restore every export that has a persist file (server start, before listening)."""
+    for exp in registry:
+        if exp.config.persist is not None:
+            await restore(exp)
+
+
+async def save_all(registry: ExportRegistry) -> None:
+    """Snapshot every export that has a persist file (server stop): background policies are
+    stopped first; a failure is logged and the others are still saved."""
+    for exp in registry:
+        if exp.config.persist is None:
+            continue
+        if exp.policy is not None:
+            await exp.policy.stop()
+        try:
+            await save(exp)
+        except (OSError, DeviceError, ConfigError) as e:
+            log.error("export %s: snapshot %s failed: %s", exp.name, exp.config.persist, e)
+
+
+class Detaching(Protocol):
+    """What :func:`destroy` needs of the registry."""
+
+    def detach(self, name: str, force: bool = False) -> tuple[Any, list[Any]]: ...
+
+
+async def destroy(registry: Detaching, name: str, force: bool) -> None:
+    """Remove export ``name`` (as :meth:`ExportRegistry.remove`); one with a persist file is
+    snapshotted once its last request finished, then closed. Raises ExportBusy, KeyError, or
+    what :func:`save` raises (the export is gone either way)."""
+    exp, busy = registry.detach(name, force)
+    try:
+        await asyncio.gather(*(s.wait_idle() for s in busy))
+        if exp.config.persist is not None:
+            await save(exp)
+    finally:
+        exp.close()
