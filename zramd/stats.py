@@ -54,6 +54,20 @@ TIER_FIELDS = (
     "groups",
     "group_saved_bytes",
 )
+#: the writeback counters (pages in the backing store; zram's bd_stat and more), beside mm_stat
+BACKING_FIELDS = (
+    "bd_count",
+    "bd_reads",
+    "bd_writes",
+    "bd_read_bytes",
+    "bd_write_bytes",
+    "bd_read_us",
+    "bd_write_us",
+    "bd_promoted",
+    "bd_errors",
+    "bd_waits",
+    "bd_wait_timeouts",
+)
 
 
 @dataclass
@@ -94,6 +108,27 @@ class DeviceStats:
     groups: int = 0
     #: compressed bytes packing saved (the members' objects minus the group's), cumulative.
     group_saved_bytes: int = 0
+    # --- writeback (zram's bd_stat, in pages, and zramd's) ---------------------------------------
+    #: pages whose object lives in the backing store (counted in pages_stored, not in
+    #: compr_data_size).
+    bd_count: int = 0
+    #: pages read from the backing store, cumulative.
+    bd_reads: int = 0
+    #: pages written to the backing store, cumulative.
+    bd_writes: int = 0
+    #: object bytes read from / written to the backing store, cumulative.
+    bd_read_bytes: int = 0
+    bd_write_bytes: int = 0
+    #: microseconds spent waiting for backing reads / writes (from the loop's view), cumulative.
+    bd_read_us: int = 0
+    bd_write_us: int = 0
+    #: pages read back and returned to RAM (promoted), cumulative.
+    bd_promoted: int = 0
+    #: backing operations that failed (I/O error, corrupt object, full store, budget spent).
+    bd_errors: int = 0
+    #: writes that found no room and waited for writeback, and those the wait did not save.
+    bd_waits: int = 0
+    bd_wait_timeouts: int = 0
     # --- io_stat -------------------------------------------------------------------------------
     #: read requests that failed (a stored page did not decompress intact -> EIO); per request.
     failed_reads: int = 0

@@ -64,5 +64,7 @@ def test_range_helpers() -> None:
     t.clear(np.array([5, 6]))
     assert t.occupied(0, 100).tolist() == [2, 50]
     assert int(t.size[5]) == 0 and int(t.handle[6]) == 0
-    assert t.state_counts() == {"empty": 98, "same": 2, "stored": 0, "huge": 0, "grouped": 0}
+    assert t.state_counts() == {
+        "empty": 98, "same": 2, "stored": 0, "huge": 0, "grouped": 0, "backed": 0
+    }
     assert int(t.state[0]) == EMPTY

@@ -21,6 +21,7 @@ from zramd.device.table import (
     ATIME_QUANTUM,
     ATIME_REBASE_AT,
     ATIME_REBASE_BY,
+    BACKED,
     EMPTY,
     GROUPED,
     HUGE,
@@ -95,7 +96,8 @@ def check_tiers(d: ZramDevice) -> None:
     empty = st_ == EMPTY
     assert not fl[empty].any() and not t.atime[empty].any()
     recompressed = (fl & RECOMPRESSED) != 0
-    assert ((st_[recompressed] == STORED) | (st_[recompressed] == GROUPED)).all()
+    held = st_[recompressed]  # written back as they are, they stay recompressed
+    assert ((held == STORED) | (held == GROUPED) | (held == BACKED)).all()
     assert not (t.codec[recompressed] == 0).any()  # never the primary codec
     assert s.pages_stored == int((st_ != EMPTY).sum())
     assert s.same_pages == int((st_ == SAME).sum())

@@ -18,6 +18,13 @@ one more kind of stored page.
 Snapshots: :meth:`ZramDevice.snapshot_image` and :meth:`ZramDevice.restore_image` take the
 pages out as stored and put them back (:mod:`zramd.device.image`).
 
+With a backing store (:mod:`zramd.device.backed`), pages may be BACKED: their objects were
+written back to it, on demand (:meth:`ZramDevice.writeback`) or under memory pressure. A request
+that touches a BACKED page is never done inline (``*_now`` give way): a read awaits the objects
+from the store's threads, decodes them with the rest and may promote them to RAM; a partial
+write or zeroing reads its BACKED edge pages first. A write that finds no room waits, bounded,
+for pressure writeback to make some before it answers NoSpace.
+
 Every request stamps the pages it reads or writes with the store's coarse clock (access
 tracking: a read also clears their IDLE mark); served by a loop, the device reads the clock
 from a timer every CLOCK_REFRESH seconds (:meth:`ZramDevice.start_clock`) instead of once per
@@ -59,8 +66,10 @@ from typing import Any
 import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
+from zramd.backing import BackingStore
 from zramd.compress import Codec, CodecError, get_codec, native
 from zramd.device import image, tiers
+from zramd.device.backed import ROOM_WAIT, Backed, WritebackResult
 from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS, Window
 from zramd.device.interface import (
     MAX_EXTENTS,
@@ -73,6 +82,7 @@ from zramd.device.interface import (
     PageState,
     ReadResult,
     RecompressResult,
+    Unsupported,
     ZeroExtents,
 )
 from zramd.device.ordering import InflightRanges
@@ -88,8 +98,8 @@ from zramd.device.pipeline import (
     python_preparer,
 )
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
-from zramd.device.store import SMALL_DISCARD_PAGES, PageStore
-from zramd.device.table import EMPTY, SAME, PageTable
+from zramd.device.store import SMALL_DISCARD_PAGES, BackedItem, InBacking, PageStore
+from zramd.device.table import BACKED, EMPTY, SAME, PageTable
 from zramd.device.tiers import codec_spec
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.persist import ImageMeta
@@ -179,6 +189,8 @@ class ZramDevice:
     (None: the loop's default executor). ``pool`` injects a ready pool (tests);
     ``pool_cache_pages`` is the pool's warm cache of freed pages. ``group_pages``,
     ``group_algorithm`` and ``group_level`` are what :meth:`group` packs cold pages with.
+    ``backing`` is the store below RAM that pages are written back to (None: none); the device
+    uses it but does not close it.
     """
 
     def __init__(
@@ -204,6 +216,7 @@ class ZramDevice:
         recompression: Sequence[tuple[str, int | None]] = (),
         clock: Callable[[], float] = time.monotonic,
         clock_refresh: float = CLOCK_REFRESH,
+        backing: BackingStore | None = None,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -241,6 +254,9 @@ class ZramDevice:
         self._closed = False
         self._group_pages = self._check_group_pages(group_pages)
         self._group_codec = get_codec(group_algorithm, level=group_level)
+        self._backed = (
+            Backed(self._store, backing, self._limit_in_force) if backing is not None else None
+        )
         #: the image being taken (snapshot_image), cancelled by reset and close
         self._capture: image.Capture | None = None
 
@@ -309,6 +325,17 @@ class ZramDevice:
     def mem_limit(self, value: int) -> None:
         self.set_mem_limit(value)
 
+    def _limit_in_force(self) -> int:
+        """The pool's own limit, or what the shared budget leaves it when that is less."""
+        pool = self._store.pool
+        own = int(pool.limit)
+        budget = pool.budget
+        if budget is not None and budget.limit:
+            room = int(pool.total_bytes) + max(0, budget.limit - budget.used)
+            if not own or room < own:
+                return room
+        return own
+
     def set_mem_limit(self, limit: int) -> None:
         if limit < 0:
             raise ValueError("mem_limit must be >= 0")
@@ -354,14 +381,19 @@ class ZramDevice:
         assert 0 <= offset and 0 <= length and offset + length <= self._size, (offset, length)
 
     def read_sync(self, offset: int, length: int) -> Buffer:
-        """Return ``length`` bytes at ``offset``. Raises DeviceIOError."""
+        """Return ``length`` bytes at ``offset``. Raises DeviceIOError (InBacking for a page in
+        the backing store: only the async read fetches those)."""
         if length == 0:
             self._check(offset, length)
             return b""
-        return self._read_here(offset, length)[0]
+        got = self._read_here(offset, length)
+        if got is None:
+            raise InBacking(f"bytes {offset}+{length} touch the backing store")
+        return got[0]
 
-    def _read_here(self, offset: int, length: int) -> ReadResult:
-        """A READ (``length`` > 0) in one walk of the table, decoded on this thread."""
+    def _read_here(self, offset: int, length: int) -> ReadResult | None:
+        """A READ (``length`` > 0) in one walk of the table, decoded on this thread; None when
+        it touches a page in the backing store."""
         self._check(offset, length)
         skip = offset & PAGE_MASK
         first = offset >> PAGE_SHIFT
@@ -391,6 +423,8 @@ class ZramDevice:
                 if len(zero) == n:
                     return zeros(length), [(0, length)]
                 buf = decompress_part(0, n, snap)
+        except InBacking:
+            return None
         except DeviceIOError:
             self._store.stats.failed_reads += 1  # per request, as zram counts per bio
             raise
@@ -401,8 +435,11 @@ class ZramDevice:
             buf = buf[skip : skip + length]
         return buf, _zero_extents(zero, offset, length)
 
-    def _edges(self, offset: int, mv: memoryview) -> tuple[bytes | None, int, int, bytes | None]:
-        """Loop thread: patched head/tail pages (RMW) and the byte span of full middle pages."""
+    def _edges(
+        self, offset: int, mv: memoryview, fetched: dict[int, bytes] | None = None
+    ) -> tuple[bytes | None, int, int, bytes | None]:
+        """Loop thread: patched head/tail pages (RMW) and the byte span of full middle pages
+        (``fetched``: the edge pages read from the backing store)."""
         n = len(mv)
         skip = offset & PAGE_MASK
         first = offset >> PAGE_SHIFT
@@ -410,24 +447,67 @@ class ZramDevice:
         pos = 0
         if skip or n < PAGE_SIZE:
             take = min(PAGE_SIZE - skip, n)
-            page = bytearray(self._store.read_page(first))
+            page = bytearray(self._old_page(first, fetched))
             page[skip : skip + take] = mv[:take]
             head = bytes(page)
             pos = take
         mid_end = pos + ((n - pos) & ~PAGE_MASK)
         tail: bytes | None = None
         if mid_end < n:
-            page = bytearray(self._store.read_page((offset + mid_end) >> PAGE_SHIFT))
+            page = bytearray(self._old_page((offset + mid_end) >> PAGE_SHIFT, fetched))
             page[: n - mid_end] = mv[mid_end:]
             tail = bytes(page)
         return head, pos, mid_end, tail
 
+    def _old_page(self, idx: int, fetched: dict[int, bytes] | None) -> bytes:
+        if fetched and idx in fetched:
+            return fetched[idx]
+        return self._store.read_page(idx)
+
+    def _edge_pages(self, offset: int, length: int) -> list[int]:
+        """The partly covered pages of ``[offset, offset+length)`` (``length`` > 0)."""
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        out = []
+        if offset & PAGE_MASK or length < PAGE_SIZE:
+            out.append(first)
+        if (offset + length) & PAGE_MASK and last not in out:
+            out.append(last)
+        return out
+
+    def _backed_edges(self, offset: int, length: int) -> bool:
+        state_mv = self._store.table.state_mv
+        return any(state_mv[i] == BACKED for i in self._edge_pages(offset, length))
+
+    async def _fetch_edges(self, offset: int, length: int) -> dict[int, bytes] | None:
+        """The BACKED edge pages of a partial write or zeroing, read from the backing store
+        (None when there are none). Raises DeviceIOError (counted as a failed write)."""
+        if self._backed is None or not length:
+            return None
+        store = self._store
+        t = store.table
+        pages = [i for i in self._edge_pages(offset, length) if t.state_mv[i] == BACKED]
+        if not pages:
+            return None
+        items: list[BackedItem] = []
+        for i in pages:
+            store.snapshot(i, i, backed=items)
+        try:
+            objs = await self._backed.read([loc for _, _, loc, _ in items])
+            return {
+                idx: store.decode_backed(tag, obj, idx)
+                for (_, idx, _, tag), obj in zip(items, objs, strict=True)
+            }
+        except DeviceIOError:
+            store.stats.failed_writes += 1
+            raise
+
     def _edges_for_write(
-        self, offset: int, mv: memoryview
+        self, offset: int, mv: memoryview, fetched: dict[int, bytes] | None = None
     ) -> tuple[bytes | None, int, int, bytes | None]:
         """``_edges``; an unreadable old page fails the write (failed_writes, as zram)."""
         try:
-            return self._edges(offset, mv)
+            return self._edges(offset, mv, fetched)
         except DeviceIOError:
             self._store.stats.failed_writes += 1
             raise
@@ -439,8 +519,15 @@ class ZramDevice:
             mv = mv.cast("B")
         return mv
 
-    def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``offset``. Raises NoSpace (nothing changed) or DeviceIOError."""
+    def write_sync(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        fetched: dict[int, bytes] | None = None,
+    ) -> None:
+        """Store ``data`` at ``offset``. Raises NoSpace (nothing changed) or DeviceIOError
+        (``fetched``: its partly covered pages that are in the backing store, read by the
+        caller)."""
         if len(data) == PAGE_SIZE and not offset & PAGE_MASK:
             # hot path: one aligned page (bytes for the fast same-fill memcmp)
             page = data if type(data) is bytes else bytes(data)
@@ -463,7 +550,7 @@ class ZramDevice:
             self._store.fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
             return
         cid = self._codec_id
-        head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
+        head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv, fetched)
         npages = ((offset + n - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
         prepare_many = self._preparer(cid, native_ok=npages >= self._native_pages)
         prepared = prepare_part(0, npages, head, mv, mid_start, tail, npages, prepare_many)
@@ -483,8 +570,16 @@ class ZramDevice:
                 store.pool.drop_cache()
             store.stats.notify_free += p1 - p0
 
-    def write_zeroes_sync(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
-        """Zero the range: whole pages become EMPTY (or SAME-zero), partial pages are patched."""
+    def write_zeroes_sync(
+        self,
+        offset: int,
+        length: int,
+        *,
+        punch_hole: bool = True,
+        fetched: dict[int, bytes] | None = None,
+    ) -> None:
+        """Zero the range: whole pages become EMPTY (or SAME-zero), partial pages are patched
+        (``fetched``: those in the backing store, read by the caller)."""
         self._check(offset, length)
         if not length:
             return
@@ -513,7 +608,7 @@ class ZramDevice:
                 if store.is_empty(idx):
                     continue  # already reads as zeros
                 try:
-                    page = bytearray(store.read_page(idx))
+                    page = bytearray(self._old_page(idx, fetched))
                 except DeviceIOError:
                     store.stats.failed_writes += 1
                     raise
@@ -590,7 +685,18 @@ class ZramDevice:
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
         if n and not self._write_inline(offset >> PAGE_SHIFT, (offset + n - 1) >> PAGE_SHIFT):
             return False
-        self.write_sync(offset, data)
+        backed = self._backed
+        if backed is None:
+            self.write_sync(offset, data)
+            return True
+        if n and (offset | n) & PAGE_MASK and self._backed_edges(offset, n):
+            return False
+        try:
+            self.write_sync(offset, data)
+        except NoSpace:
+            self._store.stats.failed_writes -= 1  # not failed yet: ``write`` waits for room
+            return False
+        backed.check()
         return True
 
     # --- async API (what the server calls) ----------------------------------------------------
@@ -612,20 +718,26 @@ class ZramDevice:
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
         n = last - first + 1
-        self._store.touch_range(first, last)
+        store = self._store
+        store.touch_range(first, last)
+        backed: list[BackedItem] | None = [] if self._backed is not None else None
         try:
             if self._native_read_offload(n):
-                snap, kind, zero = self._store.snapshot_native(first, last)  # no await between
+                snap, kind, zero = store.snapshot_native(first, last, backed)  # no await between
             else:
-                (snap, zero), kind = self._store.snapshot(first, last), -1
+                (snap, zero), kind = store.snapshot(first, last, None, backed), -1
         except DeviceIOError:
-            self._store.stats.failed_reads += 1
+            store.stats.failed_reads += 1
             raise
+        if backed:
+            await self._fill_backed(store, snap, backed)
         if len(zero) == n:
             return zeros(length), [(0, length)]
         buf: Buffer
         try:
-            if kind >= 0:
+            if kind < 0 and self._read_inline(n):  # small: here for its pages in the backing store
+                buf = decompress_part(0, n, snap)
+            elif kind >= 0:
                 buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
                 await self._in_parts(native_decode_part, n, snap, kind, memoryview(buf))
             else:
@@ -639,6 +751,50 @@ class ZramDevice:
         if skip or len(buf) != length:
             buf = buf[skip : skip + length]
         return buf, _zero_extents(zero, offset, length)
+
+    async def _fill_backed(
+        self, store: PageStore, snap: list[Any], backed: list[BackedItem]
+    ) -> None:
+        """Read the BACKED pages of a snapshot from the backing store into their places (the
+        compressed object with its tag, or the raw page), then promote them (see
+        :mod:`zramd.device.backed`). Raises DeviceIOError (a failed read)."""
+        assert self._backed is not None
+        try:
+            objs = await self._backed.read([loc for _, _, loc, _ in backed])
+            promote: list[tuple[int, int, bytes]] = []
+            for (pos, idx, loc, tag), obj in zip(backed, objs, strict=True):
+                snap[pos] = store.decode_backed(None, obj, idx) if tag is None else (tag, obj)
+                promote.append((idx, loc, obj))
+        except DeviceIOError:
+            store.stats.failed_reads += 1
+            raise
+        self._backed.promote(store, promote)
+
+    async def _with_room(
+        self, attempt: Callable[[dict[int, bytes] | None], None], offset: int, length: int
+    ) -> None:
+        """Run a write's ``attempt`` (given the partly covered pages of ``[offset,
+        offset+length)`` that are in the backing store, read first); on NoSpace with a backing
+        store, wait for writeback to make room and try again, for up to ROOM_WAIT seconds."""
+        deadline: float | None = None
+        while True:
+            fetched = await self._fetch_edges(offset, length)
+            try:
+                attempt(fetched)
+            except NoSpace:
+                backed = self._backed
+                if backed is None:
+                    raise
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    deadline = loop.time() + ROOM_WAIT
+                if not await backed.wait_room(deadline):
+                    raise
+                self._store.stats.failed_writes -= 1  # not failed: tried again
+                continue
+            if self._backed is not None:
+                self._backed.check()
+            return
 
     async def _in_parts(self, fn: Callable[..., Any], npages: int, *args: Any) -> list[Any]:
         """Run ``fn(start, stop, *args)`` over the pages ``[0, npages)`` in the executor: one call
@@ -663,10 +819,10 @@ class ZramDevice:
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < self._offload_pages:  # small, behind an overlapping request
-            r = await self._inflight.acquire(first, last)
+        if last - first + 1 < self._offload_pages:  # small: behind an overlapping request, or
+            r = await self._inflight.acquire(first, last)  # waiting for room or backed pages
             try:
-                self.write_sync(offset, data)
+                await self._with_room(lambda f: self.write_sync(offset, data, f), offset, n)
             finally:
                 self._inflight.release(r)
             return
@@ -680,7 +836,8 @@ class ZramDevice:
         r = await self._inflight.acquire(first, last)
         try:
             cid = self._codec_id  # after the wait: the algorithm may have changed meanwhile
-            head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv)
+            fetched = await self._fetch_edges(offset, n)
+            head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv, fetched)
             npages = last - first + 1
             parts = await self._in_parts(
                 prepare_part,
@@ -694,7 +851,9 @@ class ZramDevice:
             )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
             self._store.tick()
-            self._store.commit(range(first, first + npages), prepared, cid)
+            await self._with_room(
+                lambda _f: self._store.commit(range(first, first + npages), prepared, cid), 0, 0
+            )
         finally:
             self._inflight.release(r)
 
@@ -720,6 +879,21 @@ class ZramDevice:
         await self._locked(offset, length, lambda: self.trim_sync(offset, length))
 
     async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
+        if self._backed is not None and length:
+            # its partial pages may be in the backing store or find no room: await both
+            first = offset >> PAGE_SHIFT
+            r = await self._inflight.acquire(first, (offset + length - 1) >> PAGE_SHIFT)
+            try:
+                await self._with_room(
+                    lambda f: self.write_zeroes_sync(
+                        offset, length, punch_hole=punch_hole, fetched=f
+                    ),
+                    offset,
+                    length,
+                )
+            finally:
+                self._inflight.release(r)
+            return
         await self._locked(
             offset,
             length,
@@ -864,8 +1038,12 @@ class ZramDevice:
         self._cancel_capture()
         limit = self.mem_limit
         codecs = self._store.codecs
+        if self._backed is not None:
+            self._backed.drop_all()
         self._store.close()
         self._store = PageStore(self._npages, self._new_pool(limit), codecs, self._clock)
+        if self._backed is not None:
+            self._backed.bind(self._store)
         if self._clock_timer is not None:
             self._store.refresh()
             self._store.coarse = True
@@ -885,6 +1063,8 @@ class ZramDevice:
         store = self._store
         store.refresh()
         store.coarse = True
+        if self._backed is not None:
+            self._backed.check()
         self._clock_timer = loop.call_later(self._clock_refresh, self._tick_clock, loop)
 
     def mark_idle(self, age: float | None = None, first: int = 0, stop: int | None = None) -> int:
@@ -958,11 +1138,53 @@ class ZramDevice:
             on_hold=on_hold,
         )
 
+    # --- writeback (zramd.device.backed) ------------------------------------------------------
+
+    def _backing(self) -> Backed:
+        if self._backed is None:
+            raise Unsupported("the export has no backing store")
+        return self._backed
+
+    async def writeback(
+        self,
+        *,
+        kind: str = "idle",
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+    ) -> WritebackResult:
+        assert not self._closed, "device closed"
+        backed = self._backing()
+        stop = self._npages if stop is None else stop
+        assert 0 <= first <= stop <= self._npages, (first, stop)
+        return await backed.writeback(
+            kind,
+            first,
+            stop,
+            self._npages if max_pages is None else max_pages,
+            self._npages if max_scan is None else max_scan,
+        )
+
+    @property
+    def writeback_limit(self) -> int | None:
+        return None if self._backed is None else self._backed.backing.write_limit
+
+    def set_writeback_limit(self, nbytes: int | None) -> None:
+        self._backing().backing.set_write_limit(nbytes)
+
+    def backing_stat(self) -> dict[str, Any]:
+        if self._backed is None:
+            return {}
+        return {"path": self._backed.backing.path, **self._backed.backing.stat()}
+
     def close(self) -> None:
         """Release all memory; the device is unusable afterwards."""
         if self._closed:
             return
         self._closed = True
+        if self._backed is not None:
+            self._backed.close()
         self._cancel_capture()
         if self._clock_timer is not None:
             self._clock_timer.cancel()

@@ -288,7 +288,9 @@ class Restore:
             for c in meta.codecs
         ]
         self._lut = np.array(lut or [0], dtype=np.uint8)
-        self._handles = np.zeros(len(self._pooled), np.uint64)
+        self._npooled = len(self._pooled)
+        self._size_list: list[int] = self._sizes.tolist()
+        self._handle_list: list[int] = []
         self._group_handles: list[list[int]] = []
         self._received = 0
 
@@ -296,27 +298,31 @@ class Restore:
         """Store the next objects of the image in the pool. Raises ValueError (a length the
         table does not give) or NoSpace."""
         pool = self._store.pool
-        npooled = len(self._pooled)
-        csize = self._meta.groups[1]
+        store = pool.store
+        i = self._received
+        k = min(len(objects), max(0, self._npooled - i))
+        handles = self._handle_list
         try:
-            for obj in objects:
-                i = self._received
-                n = len(obj)
-                if i < npooled:
-                    if n != self._sizes[i]:
+            if k:
+                want = self._size_list[i : i + k]
+                for obj, n in zip(objects[:k], want, strict=True):
+                    if len(obj) != n:
                         raise ValueError(
-                            f"object {i} has {n} bytes, the table says {self._sizes[i]}"
+                            f"object {len(handles)} has {len(obj)} bytes, the table says {n}"
                         )
-                    self._handles[i] = pool.store(obj)
-                else:
-                    g = i - npooled
-                    if g >= len(csize) or n != int(csize[g]):
-                        raise ValueError(f"object {i} has {n} bytes, not its group's size")
-                    hs: list[int] = []
-                    self._group_handles.append(hs)
-                    for off in range(0, n, PAGE_SIZE):
-                        hs.append(pool.store(obj[off : off + PAGE_SIZE]))
-                self._received = i + 1
+                    handles.append(store(obj))
+                self._received = i = i + k
+            csize = self._meta.groups[1]
+            for obj in objects[k:]:
+                g = i - self._npooled
+                n = len(obj)
+                if g >= len(csize) or n != int(csize[g]):
+                    raise ValueError(f"object {i} has {n} bytes, not its group's size")
+                hs: list[int] = []
+                self._group_handles.append(hs)
+                for off in range(0, n, PAGE_SIZE):
+                    hs.append(store(obj[off : off + PAGE_SIZE]))
+                self._received = i = i + 1
         except PoolFull:
             raise NoSpace("memory limit reached while restoring") from None
 
@@ -330,7 +336,7 @@ class Restore:
         state, handle, sizes, codec, flags, _atime = meta.table
         live = np.flatnonzero(state)
         handle = handle.copy()
-        handle[self._pooled] = self._handles
+        handle[self._pooled] = np.array(self._handle_list, dtype=np.uint64)
         first, csize, members, glive, gcodec = meta.groups
         lut = self._lut
         gids = np.zeros(max(1, meta.ngroups), np.uint64)

@@ -25,8 +25,9 @@ the request, length)``, sorted, merged and inside the request: the shape the str
 encoder takes as is. When the whole range reads as zero, ``data`` is a read-only view of shared
 zero bytes (:func:`zramd.device.samefill.zeros`), so nothing is allocated for it.
 
-Errors: :class:`NoSpace` (memory limit reached; ENOSPC, nothing changed), :class:`DeviceIOError`
-(a stored page failed to decompress; EIO, never garbage), :class:`Unsupported` (a management
+Errors: :class:`NoSpace` (memory limit reached, and no backing store took pages in time; ENOSPC,
+nothing changed), :class:`DeviceIOError` (a stored page failed to decompress, or the backing store
+failed it; EIO, never garbage), :class:`Unsupported` (a management
 operation the device does not have). Anything else is a bug.
 
 Knows nothing of NBD framing, sockets, pools or codecs.
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
@@ -129,6 +130,21 @@ class ImageSink(Protocol):
     def finish(self) -> None:
         """Install the table once every object is in. Raises ValueError."""
         ...
+
+
+@dataclass
+class WritebackResult:
+    """What one ``writeback`` call did: pages tried and written back to the backing store,
+    their object bytes, where to go on from (``next``; ``end`` when the range is done), and
+    why it stopped early: ``error`` ("" when it did not; "full": the store has no room,
+    "budget": the writeback limit is spent, "io": an I/O error), those pages left in RAM."""
+
+    next: int
+    end: int
+    tried: int = 0
+    written: int = 0
+    bytes: int = 0
+    error: str = ""
 
 
 class DeviceError(Exception):
@@ -297,6 +313,37 @@ class BlockDevice(Protocol):
         ValueError (another geometry, an inconsistent image; the message says which)."""
         ...
 
+    async def writeback(
+        self,
+        *,
+        kind: str = "idle",
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+    ) -> WritebackResult:
+        """Write the compressed objects of pages of ``[first, stop)`` to the backing store as
+        they are (zram's writeback): ``kind`` idle, huge, huge-idle or incompressible; at most
+        ``max_pages`` tried and ``max_scan`` scanned. Each page is a complete move; a failure
+        of the store (full, budget spent, I/O error) leaves the pages in RAM and ends the call
+        with ``error``. Raises Unsupported (no backing store) or ValueError."""
+        ...
+
+    @property
+    def writeback_limit(self) -> int | None:
+        """Bytes the backing store may still be written (zram's writeback_limit); None: no
+        limit (or no backing store)."""
+        ...
+
+    def set_writeback_limit(self, nbytes: int | None) -> None:
+        """Allow ``nbytes`` more bytes of writeback (set again to reset), None: no limit.
+        Raises Unsupported (no backing store) or ValueError."""
+        ...
+
+    def backing_stat(self) -> dict[str, Any]:
+        """The backing store's path and counters ({} without one)."""
+        ...
+
     async def group(
         self,
         first: int,
@@ -397,6 +444,27 @@ class DeviceBase:
 
     def start_clock(self) -> None:
         return None
+
+    async def writeback(
+        self,
+        *,
+        kind: str = "idle",
+        first: int = 0,
+        stop: int | None = None,
+        max_pages: int | None = None,
+        max_scan: int | None = None,
+    ) -> WritebackResult:
+        raise Unsupported("the device has no backing store")
+
+    @property
+    def writeback_limit(self) -> int | None:
+        return None
+
+    def set_writeback_limit(self, nbytes: int | None) -> None:
+        raise Unsupported("the device has no backing store")
+
+    def backing_stat(self) -> dict[str, Any]:
+        return {}
 
     def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
         raise Unsupported("the device cannot be snapshotted")

@@ -12,7 +12,12 @@ reads take one page (:meth:`PageStore.read_page`) or a snapshot of a range, whos
 items are decoded later, maybe in a worker. Multi-page groups of cold pages
 (:class:`~zramd.device.groups.Groups`, ``groups``) own the objects of GROUPED pages: freeing a
 GROUPED page kills it in its group, and groups past their dead bound are settled (re-packed or
-dissolved) at the end of the commit, discard or fill that killed their pages.
+dissolved) at the end of the commit, discard or fill that killed their pages. With a backing
+store (``backed``, :mod:`zramd.device.backed`), a page may be BACKED: its object was moved, as it
+was, to the backing store (:meth:`PageStore.back`) and may come back (:meth:`PageStore.unback`);
+freeing a BACKED page hands its locator to ``backed`` to free. The store does no backing I/O:
+reads that meet a BACKED page raise :class:`InBacking` (the inline paths then give way to the
+awaited ones) or, given a list, leave a place for the caller to fill from the backing store.
 
 Access tracking: the device calls :meth:`PageStore.tick` once per request, which reads the
 clock and keeps the current quantum in ``now`` (:data:`~zramd.device.table.ATIME_QUANTUM`
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -60,6 +65,7 @@ from zramd.device.table import (
     ATIME_QUANTUM,
     ATIME_REBASE_AT,
     ATIME_REBASE_BY,
+    BACKED,
     EMPTY,
     GROUPED,
     HUGE,
@@ -67,6 +73,7 @@ from zramd.device.table import (
     INCOMPRESSIBLE,
     MAX_CODECS,
     PENDING,
+    RAW,
     RECOMPRESSED,
     SAME,
     STORED,
@@ -85,10 +92,28 @@ BATCH_COMMIT_PAGES = 16
 SMALL_DISCARD_PAGES = 8
 
 
+class InBacking(DeviceIOError):
+    """A page of the read lives in the backing store: the read must be awaited (a caller that
+    cannot await sees it as the EIO it derives from)."""
+
+
+class BackedSink(Protocol):
+    """Where the locators of BACKED pages go when their pages are freed or rewritten."""
+
+    def drop(self, loc: int) -> None: ...
+
+
+#: one BACKED page of a read, to fetch: (its place in the read's items, the page, its locator,
+#: the item's tag or None for a raw page)
+BackedItem = tuple[int, int, int, Any]
+
+
 class PageStore:
     """The pages of one device: table, pool, codec list and counters (see the module doc)."""
 
-    __slots__ = ("table", "pool", "codecs", "stats", "groups", "now", "clock", "epoch", "coarse")
+    __slots__ = (
+        "table", "pool", "codecs", "stats", "groups", "now", "clock", "epoch", "coarse", "backed"
+    )
 
     def __init__(
         self,
@@ -108,6 +133,8 @@ class PageStore:
         self.epoch = clock()
         #: the current quantum, as of the last :meth:`tick`
         self.now = 0
+        #: where the locators of freed BACKED pages go (None: the device has no backing store)
+        self.backed: BackedSink | None = None
         #: True while a loop timer keeps ``now`` current (``ZramDevice.start_clock``): requests
         #: then stamp ``now`` without reading the clock
         self.coarse = False
@@ -349,6 +376,11 @@ class PageStore:
             self.groups.kill(t.handle_mv[idx], idx)
             return
         s = self.stats
+        if st == BACKED:
+            assert self.backed is not None
+            self.backed.drop(t.handle_mv[idx])
+            s.bd_count -= 1
+            return
         self.pool.free(t.handle_mv[idx])
         s.compr_data_size -= t.size_mv[idx]
         if st == HUGE:
@@ -393,6 +425,12 @@ class PageStore:
         grouped = idx_arr[t.state[idx_arr] == GROUPED]
         if len(grouped):
             self.groups.kill_many(grouped)
+        backed = t.backed_locators(idx_arr)
+        if backed:
+            assert self.backed is not None
+            for loc in backed:
+                self.backed.drop(loc)
+            self.stats.bd_count -= len(backed)
         t.clear(idx_arr)
         s = self.stats
         s.pages_stored -= n
@@ -451,6 +489,60 @@ class PageStore:
         if not fl & RECOMPRESSED:
             s.recompressed_pages += 1
 
+    def back(self, idx: int, handle: int, loc: int) -> bool:
+        """Writeback's switch: STORED or HUGE page ``idx``, still PENDING with the pool object
+        ``handle`` that was copied out, becomes BACKED at ``loc`` (its size, codec, atime and
+        marks kept; RAW when it was HUGE) and its pool object is freed. False, nothing changed,
+        when the page was rewritten, discarded or moved meanwhile (the caller frees ``loc``)."""
+        t = self.table
+        st = t.state_mv[idx]
+        fl = t.flags_mv[idx]
+        if not fl & PENDING or (st != STORED and st != HUGE) or t.handle_mv[idx] != handle:
+            return False
+        t.state_mv[idx] = BACKED
+        t.handle_mv[idx] = loc
+        t.flags_mv[idx] = (fl & ~PENDING) | (RAW if st == HUGE else 0)
+        self.pool.free(handle)
+        s = self.stats
+        s.compr_data_size -= t.size_mv[idx]
+        if st == HUGE:
+            s.huge_pages -= 1
+        s.bd_count += 1
+        return True
+
+    def unback(self, idx: int, loc: int, obj: bytes) -> bool:
+        """Promotion: BACKED page ``idx``, still at ``loc``, gets its object ``obj`` (read back)
+        stored in the pool again, STORED, or HUGE when RAW; its atime and marks kept. False when
+        the page is no longer at ``loc`` (nothing changed). The caller frees ``loc`` after a
+        True. Raises PoolFull, nothing changed."""
+        t = self.table
+        if t.state_mv[idx] != BACKED or t.handle_mv[idx] != loc:
+            return False
+        h = self.pool.store(obj)
+        fl = t.flags_mv[idx]
+        raw = fl & RAW
+        t.state_mv[idx] = HUGE if raw else STORED
+        t.handle_mv[idx] = h
+        t.flags_mv[idx] = fl & ~RAW
+        s = self.stats
+        s.compr_data_size += t.size_mv[idx]
+        if raw:
+            s.huge_pages += 1
+        s.bd_count -= 1
+        return True
+
+    def decode_backed(self, item: Any, obj: bytes, idx: int) -> bytes:
+        """The page ``idx`` from its object ``obj`` read back (``item`` its snapshot tag: a
+        codec, or None for a raw page). Raises DeviceIOError."""
+        if item is None:
+            if len(obj) != PAGE_SIZE:
+                raise DeviceIOError(f"page {idx}: raw object has {len(obj)} bytes")
+            return obj
+        try:
+            return item.decompress(obj, PAGE_SIZE)
+        except CodecError as exc:
+            raise DeviceIOError(f"page {idx}: {exc}") from None
+
     def mark_incompressible(self, idx: int) -> None:
         """No recompression algorithm shrank page ``idx``: mark it so it is not tried again."""
         t = self.table
@@ -481,18 +573,26 @@ class PageStore:
                 raise DeviceIOError(f"page {idx}: {exc}") from None
         if st == GROUPED:
             return self.groups.read(t.handle_mv[idx], t.size_mv[idx], idx)
+        if st == BACKED:
+            raise InBacking(f"page {idx} is in the backing store")
         data = self.pool.load(t.handle_mv[idx], PAGE_SIZE)
         if len(data) != PAGE_SIZE:
             raise DeviceIOError(f"page {idx}: huge object has {len(data)} bytes")
         return data
 
     def snapshot(
-        self, first: int, last: int, tags: Sequence[Any] | None = None
+        self,
+        first: int,
+        last: int,
+        tags: Sequence[Any] | None = None,
+        backed: list[BackedItem] | None = None,
     ) -> tuple[list[Any], list[int]]:
         """One walk over pages ``[first, last]``: ``(items, zero pages)``. Per page, finished
         bytes, or ``(tag, compressed copy)`` to decode later (maybe off-thread), where the tag
         is the page's codec (or ``tags[codec id]``, e.g. its native kind); and the indices of
-        the pages that read as zero (EMPTY or SAME with word 0), ascending."""
+        the pages that read as zero (EMPTY or SAME with word 0), ascending. A BACKED page raises
+        InBacking, or with ``backed`` gets a None item and a :data:`BackedItem` there: the
+        caller fetches it and puts ``(tag, object)`` (or the raw page) in its place."""
         t = self.table
         state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
         load = self.pool.load
@@ -512,13 +612,20 @@ class PageStore:
                 zero.append(idx)
             elif st == GROUPED:
                 append(group_item(handle_mv[idx], size_mv[idx]))
+            elif st == BACKED and backed is not None:
+                raw = t.flags_mv[idx] & RAW
+                backed.append((len(out), idx, handle_mv[idx], None if raw else tags[codec_mv[idx]]))
+                append(None)
             else:
                 append(read_page(idx))
         return out, zero
 
-    def snapshot_native(self, first: int, last: int) -> tuple[list[Any], int, list[int]]:
+    def snapshot_native(
+        self, first: int, last: int, backed: list[BackedItem] | None = None
+    ) -> tuple[list[Any], int, list[int]]:
         """``(items, kind, zero pages)`` for :func:`zramd.device.pipeline.native_decode_part`;
-        per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or ``(codec, blob)``."""
+        per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or ``(codec, blob)``
+        (BACKED pages as :meth:`snapshot` does them)."""
         t = self.table
         state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
         tags: list[Any] = []
@@ -537,5 +644,5 @@ class PageStore:
             load, stop = self.pool.load, last + 1
             handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
             return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag, []
-        snap, zero = self.snapshot(first, last, tags)
+        snap, zero = self.snapshot(first, last, tags, backed)
         return snap, 0, zero

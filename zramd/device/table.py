@@ -8,17 +8,19 @@ Entry ``i`` describes device page ``i`` with six parallel arrays (15 bytes per p
 * ``state`` (uint8): EMPTY (never written or discarded: reads as zeros, holds nothing), SAME
   (one repeated 8-byte word, kept in ``handle``), STORED (compressed object in the pool), HUGE
   (raw 4096-byte object in the pool) or GROUPED (one page of a multi-page group object; the
-  group owns the pool object, the entry names the group and the page's place in it);
+  group owns the pool object, the entry names the group and the page's place in it) or BACKED
+  (its object, as it was in the pool, lives in the backing store: :mod:`zramd.device.backed`);
 * ``handle`` (uint64): the pool handle for STORED/HUGE, the fill word for SAME, the group id for
-  GROUPED, 0 for EMPTY;
+  GROUPED, the backing store's locator for BACKED, 0 for EMPTY;
 * ``size`` (uint16): the stored object's size in bytes (0 for EMPTY/SAME; for GROUPED, the
-  page's index inside its group);
+  page's index inside its group; for BACKED, the size of the object written back);
 * ``codec`` (uint8): index of the codec a STORED or GROUPED page was compressed with (the
   device keeps the list), so the algorithm can change while old pages stay readable;
 * ``flags`` (uint8): IDLE (marked idle and not accessed since), RECOMPRESSED (stored by a
   recompression algorithm), INCOMPRESSIBLE (no recompression algorithm shrank it: not tried
   again until it is rewritten), PENDING (picked by a background move that has not switched it
-  yet: a write, which replaces the whole entry, clears it, and the move then leaves the page);
+  yet: a write, which replaces the whole entry, clears it, and the move then leaves the page),
+  RAW (a BACKED page whose object is the raw page: it was HUGE);
 * ``atime`` (uint16): the coarse time of the last read or write, in :data:`ATIME_QUANTUM`
   second units of the device's clock. Before the clock passes :data:`ATIME_REBASE_AT` (about
   11 days) the store moves its epoch forward by :data:`ATIME_REBASE_BY` and every atime back
@@ -54,13 +56,15 @@ SAME = 1
 STORED = 2
 HUGE = 3
 GROUPED = 4
-STATE_NAMES = ("empty", "same", "stored", "huge", "grouped")
+BACKED = 5
+STATE_NAMES = ("empty", "same", "stored", "huge", "grouped", "backed")
 
 #: ``flags`` bits
 IDLE = 1
 RECOMPRESSED = 2
 INCOMPRESSIBLE = 4
 PENDING = 8
+RAW = 16
 FLAG_NAMES = {IDLE: "idle", RECOMPRESSED: "recompressed", INCOMPRESSIBLE: "incompressible"}
 #: seconds per unit of ``atime``
 ATIME_QUANTUM = 16
@@ -176,6 +180,10 @@ class PageTable:
         """Pool handles (Python ints) of the STORED/HUGE entries among ``idx``."""
         st = self.state[idx]
         return self.handle[idx][(st == STORED) | (st == HUGE)].tolist()
+
+    def backed_locators(self, idx: npt.NDArray[np.intp]) -> list[int]:
+        """Backing locators (Python ints) of the BACKED entries among ``idx``."""
+        return self.handle[idx][self.state[idx] == BACKED].tolist()
 
     def classify(self, start: int, end: int) -> npt.NDArray[np.uint8]:
         """Per page in ``[start, end)``: 3 (hole|zero) for EMPTY, 2 (zero) for SAME-zero, else 0.

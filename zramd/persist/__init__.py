@@ -14,6 +14,7 @@ from zramd.persist.format import (
     SnapshotError,
     SnapshotReader,
     SnapshotWriter,
+    pack,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "SnapshotError",
     "SnapshotReader",
     "SnapshotWriter",
+    "pack",
 ]

@@ -172,6 +172,12 @@ def _decode_meta(
     return codecs, table, groups
 
 
+def pack(objects: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """A piece of a chunk: the objects' lengths (uint32 each) and the objects end to end."""
+    lengths = np.fromiter(map(len, objects), dtype="<u4", count=len(objects)).tobytes()
+    return lengths, b"".join(objects)
+
+
 class SnapshotWriter:
     """Writes one snapshot beside ``path`` and replaces ``path`` with it on :meth:`commit`.
     Blocking file I/O: run it in a thread."""
@@ -217,17 +223,26 @@ class SnapshotWriter:
 
     def write_chunk(self, objects: Sequence[bytes]) -> None:
         """One chunk of objects, in the device's order."""
+        if objects:
+            self.write_pieces([pack(objects)])
+
+    def write_pieces(self, pieces: Sequence[tuple[bytes, bytes]]) -> None:
+        """One chunk made of :func:`pack`-ed pieces, in order. The objects were joined by
+        whoever packed them: here only checksums and writes run, which release the GIL."""
         assert self._meta is not None
-        if not objects:
-            return
-        lengths = np.fromiter(map(len, objects), dtype="<u4", count=len(objects)).tobytes()
-        data = b"".join(objects)
-        crc = zlib.crc32(data, zlib.crc32(lengths))
-        self._write(CHUNK.pack(CHUNK_MAGIC, len(objects), len(data), crc) + lengths)
-        self._write(data)
+        lengths = b"".join(p[0] for p in pieces)
+        crc = zlib.crc32(lengths)
+        nbytes = 0
+        for _lengths, data in pieces:
+            crc = zlib.crc32(data, crc)
+            nbytes += len(data)
+        count = len(lengths) // 4
+        self._write(CHUNK.pack(CHUNK_MAGIC, count, nbytes, crc) + lengths)
+        for _lengths, data in pieces:
+            self._write(data)
         self._chunks += 1
-        self._objects += len(objects)
-        self._bytes += len(data)
+        self._objects += count
+        self._bytes += nbytes
 
     def commit(self) -> None:
         """The footer, then fsync, rename over the target, fsync of the directory."""

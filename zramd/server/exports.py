@@ -23,7 +23,8 @@ backs off while the export's clients are busy.
 
 An export with ``backing`` gets its :class:`~zramd.backing.BackingStore`, formatted afresh
 (what an earlier run wrote back is not kept), opened by ``add`` before the device is made and
-closed after it; a path that cannot be used (busy: another export or process holds it, too
+closed after it; the device writes pages back to it (:mod:`zramd.device.backed`). A path that
+cannot be used (busy: another export or process holds it, too
 small, holding something else) is refused by ``add`` with a ConfigError naming the export and
 the path, and the registry is unchanged.
 
@@ -109,11 +110,14 @@ def _group_settings(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def make_device(
-    cfg: ExportConfig, executor: Executor | None = None, budget: Any = None
+    cfg: ExportConfig,
+    executor: Executor | None = None,
+    budget: Any = None,
+    backing: BackingStore | None = None,
 ) -> BlockDevice:
     """The compressed device for ``cfg``; ``budget`` is the server-wide
-    :class:`~zramd.allocator.MemoryBudget` (or None). Raises ConfigError when the page table
-    cannot be reserved."""
+    :class:`~zramd.allocator.MemoryBudget` (or None), ``backing`` the store its pages are
+    written back to (or None). Raises ConfigError when the page table cannot be reserved."""
     try:
         return ZramDevice(
             cfg.size,
@@ -124,6 +128,7 @@ def make_device(
             executor=executor,
             offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
             recompression=cfg.recompression,
+            backing=backing,
             **_group_settings(cfg),
         )
     except (OSError, MemoryError) as e:
@@ -256,7 +261,7 @@ class ExportRegistry:
         backing = open_backing(config)
         if device is None:
             try:
-                device = make_device(config, self._executor, self.budget)
+                device = make_device(config, self._executor, self.budget, backing)
             except BaseException:
                 if backing is not None:
                     backing.close()

@@ -1,0 +1,468 @@
+"""Writeback to a backing store (zramd.device.backed): the device against a bytearray model with
+writeback, read-back, promotion, trim and overwrite of written-back pages interleaved with
+writes, idle marking, recompression and groups; the inline doors; moves racing writes; pressure
+writeback and the bounded wait; faults of the store (EIO, short writes, ENOSPC, budget, a
+truncated file)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zramd.backing import BackingStore
+from zramd.backing import format as fmt
+from zramd.backing import store as store_mod
+from zramd.device import blockdev
+from zramd.device.backed import Backed
+from zramd.device.blockdev import ZramDevice
+from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
+from zramd.device.table import BACKED, HUGE, RAW, STORED
+from tests.unit.test_tiers import (
+    NPAGES,
+    PAGE,
+    PREFILL,
+    SIZE,
+    Clock,
+    InlineExecutor,
+    _apply_model,
+    _payload,
+    _range,
+    check_tiers,
+)
+
+
+def _device(clock: Clock, backing: BackingStore | None, **kw: Any) -> ZramDevice:
+    kw.setdefault("recompression", [("zstd", 3)])
+    return ZramDevice(
+        SIZE, algorithm="lz4", executor=InlineExecutor(), clock=clock, backing=backing, **kw
+    )
+
+
+def _backed(d: ZramDevice) -> Backed:
+    b = d._backed
+    assert b is not None
+    return b
+
+
+async def settle(d: ZramDevice) -> None:
+    """Let the deferred frees and the pressure task finish."""
+    b = _backed(d)
+    for _ in range(1000):
+        if not b._garbage and not b._freeing and b._pressure is None:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("backing work did not settle")
+
+
+async def check_backed(d: ZramDevice) -> None:
+    """The tier and page counters hold; bd_count is the BACKED entries and the store's live
+    objects (once the frees are done); RAW only on BACKED pages."""
+    await settle(d)
+    check_tiers(d)
+    t = d.table
+    backed = t.state == BACKED
+    assert d.stats.bd_count == int(backed.sum())
+    assert _backed(d).backing.stat()["bd_count"] == d.stats.bd_count
+    assert not (t.flags[~backed] & RAW).any()
+
+
+_op = st.one_of(
+    st.tuples(st.just("write"), _range(), st.integers(0, 3), st.integers(0, 2**32)),
+    st.tuples(st.just("read"), _range()),
+    st.tuples(st.just("trim"), _range()),
+    st.tuples(st.just("zeroes"), _range(), st.booleans()),
+    st.tuples(st.just("time"), st.integers(0, 2000)),
+    st.tuples(st.just("idle"), st.one_of(st.none(), st.integers(0, 1200))),
+    st.tuples(st.just("recompress"), st.sampled_from(["all", "idle"])),
+    st.tuples(st.just("group"), st.integers(0, NPAGES - 1), st.integers(0, NPAGES - 1)),
+    st.tuples(st.just("compact")),
+    st.tuples(
+        st.just("writeback"),
+        st.sampled_from(["idle", "huge", "huge-idle", "incompressible"]),
+        st.one_of(st.none(), st.integers(0, 10)),
+    ),
+    st.tuples(st.just("writeback"), st.just("idle"), st.none()),
+    st.tuples(st.just("promote"), st.booleans()),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_op, min_size=1, max_size=30))
+def test_ops_with_writeback_match_model(ops: list[tuple[Any, ...]]) -> None:
+    async def run(tmp: str) -> None:
+        clock = Clock()
+        bs = BackingStore.create(os.path.join(tmp, "backing"))
+        d = _device(clock, bs)
+        model = bytearray(PREFILL)
+        d.write_sync(0, PREFILL)
+        d.mark_idle()
+        await d.writeback(kind="idle", max_pages=NPAGES // 2)  # material from the start
+        try:
+            for op in ops:
+                kind = op[0]
+                if kind == "write":
+                    (off, n), pk, seed = op[1], op[2], op[3]
+                    try:
+                        await d.write(off, _payload(pk, n, seed))
+                    except NoSpace:  # under a "promote" limit: the write changed nothing
+                        continue
+                elif kind == "read":
+                    off, n = op[1]
+                    got = await d.read_with_zeros(off, n)
+                    assert got[0] == model[off : off + n]
+                elif kind == "trim":
+                    await d.trim(*op[1])
+                elif kind == "zeroes":
+                    try:
+                        await d.write_zeroes(*op[1], punch_hole=op[2])
+                    except NoSpace:
+                        continue
+                elif kind == "time":
+                    clock.t += op[1]
+                elif kind == "group":
+                    lo, hi = sorted(op[1:])
+                    await d.group(lo, hi, group_pages=4)
+                elif kind == "idle":
+                    d.mark_idle(op[1])
+                elif kind == "recompress":
+                    await d.recompress(kind=op[1])
+                elif kind == "writeback":
+                    res = await d.writeback(kind=op[1], max_pages=op[2])
+                    assert not res.error and res.written <= res.tried
+                elif kind == "promote":
+                    # a limit whose low watermark the pool is above: reads back stay backed
+                    d.set_mem_limit(0 if op[1] else max(PAGE, d.pool.total_bytes))
+                else:
+                    d.compact()
+                _apply_model(model, op)
+                await check_backed(d)
+            got = await d.read_with_zeros(0, SIZE)
+            assert got[0] == model
+            await check_backed(d)
+        finally:
+            d.close()
+            await bs.aclose()
+
+    wait, blockdev.ROOM_WAIT = blockdev.ROOM_WAIT, 0.05  # a write without room fails sooner
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(run(tmp))
+    finally:
+        blockdev.ROOM_WAIT = wait
+
+
+# --- the fixtures of the directed tests --------------------------------------------------------
+
+
+@pytest.fixture
+async def dev(tmp_path: Path) -> AsyncIterator[ZramDevice]:
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    d = _device(Clock(), bs)
+    yield d
+    d.close()
+    await bs.aclose()
+
+
+def _text(n: int, seed: int = 3) -> bytes:
+    return _payload(2, n * PAGE, seed)
+
+
+async def _written_back(d: ZramDevice, data: bytes) -> None:
+    await d.write(0, data)
+    d.mark_idle()
+    res = await d.writeback(kind="idle")
+    assert res.written == len(data) // PAGE and not res.error
+
+
+async def test_writeback_moves_objects_as_they_are(dev: ZramDevice) -> None:
+    data = _text(8) + _payload(3, 2 * PAGE, 9)  # 8 stored, 2 huge
+    await dev.write(0, data)
+    t = dev.table
+    sizes = t.size[:10].copy()
+    codecs = t.codec[:10].copy()
+    dev.mark_idle()
+    res = await dev.writeback(kind="huge")
+    assert res.written == 2 and (t.state[8:10] == BACKED).all() and (t.flags[8:10] & RAW).all()
+    res = await dev.writeback(kind="idle")
+    assert res.written == 8 and (t.state[:10] == BACKED).all()
+    assert (t.size[:10] == sizes).all() and (t.codec[:10] == codecs).all()
+    assert res.bytes == int(sizes[:8].sum())
+    s = dev.stats
+    assert s.bd_count == 10 and s.bd_writes == 10 and s.compr_data_size == 0
+    assert s.huge_pages == 0 and s.pages_stored == 10
+    await check_backed(dev)
+    # read back without room to promote: the pages stay where they are
+    dev.set_mem_limit(PAGE)
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data
+    assert (t.state[:10] == BACKED).all() and dev.stats.bd_reads == 10
+    # with room they come back to RAM, HUGE as HUGE
+    dev.set_mem_limit(0)
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data
+    assert (t.state[:8] == STORED).all() and (t.state[8:10] == HUGE).all()
+    assert dev.stats.bd_promoted == 10
+    await check_backed(dev)
+
+
+async def test_inline_doors_give_way_to_backed_pages(dev: ZramDevice) -> None:
+    data = _text(4)
+    await _written_back(dev, data)
+    assert dev.read_with_zeros_now(0, PAGE) is None
+    assert dev.read_with_zeros_now(PAGE, 3 * PAGE) is None
+    with pytest.raises(DeviceIOError):
+        dev.read_sync(0, PAGE)
+    assert dev.write_now(10, b"x") is False  # partial: the old page is in the backing store
+    assert dev.write_now(PAGE, b"y" * PAGE) is True  # a whole page replaces it inline
+    await dev.write(10, b"x")
+    want = bytearray(data)
+    want[10:11] = b"x"
+    want[PAGE : 2 * PAGE] = b"y" * PAGE
+    assert (await dev.read_with_zeros(0, 4 * PAGE))[0] == want
+    await dev.write_zeroes(2 * PAGE + 100, 200)
+    want[2 * PAGE + 100 : 2 * PAGE + 300] = bytes(200)
+    await dev.trim(3 * PAGE, PAGE)
+    want[3 * PAGE :] = bytes(PAGE)
+    assert (await dev.read_with_zeros(0, 4 * PAGE))[0] == want
+    await check_backed(dev)
+
+
+async def test_a_write_during_writeback_wins(dev: ZramDevice) -> None:
+    data = _text(4)
+    await dev.write(0, data)
+    dev.mark_idle()
+    task = asyncio.create_task(dev.writeback(kind="idle"))
+    await asyncio.sleep(0)  # the batch is copied out and being written
+    assert dev.write_now(PAGE, b"n" * PAGE)
+    await dev.trim(2 * PAGE, PAGE)
+    res = await task
+    assert res.written == 2
+    t = dev.table
+    assert t.state[0] == BACKED and t.state[1] != BACKED and t.state[3] == BACKED
+    want = data[:PAGE] + b"n" * PAGE + bytes(PAGE) + data[3 * PAGE :]
+    assert (await dev.read_with_zeros(0, 4 * PAGE))[0] == want
+    await check_backed(dev)
+
+
+async def test_a_read_in_flight_keeps_its_locator_until_done(dev: ZramDevice) -> None:
+    data = _text(2)
+    await _written_back(dev, data)
+    dev.set_mem_limit(PAGE)  # no promotion
+    read = asyncio.create_task(dev.read_with_zeros(0, PAGE))
+    await asyncio.sleep(0)
+    await dev.trim(0, PAGE)  # frees the locator the read is reading
+    b = _backed(dev)
+    assert b._garbage  # held back while the read is in flight
+    assert (await read)[0] == data[:PAGE]
+    await settle(dev)
+    assert b.backing.stat()["bd_count"] == 1
+
+
+async def test_writeback_limit_and_types(dev: ZramDevice) -> None:
+    await dev.write(0, _text(8))
+    dev.mark_idle()
+    assert dev.writeback_limit is None
+    dev.set_writeback_limit(3000)
+    res = await dev.writeback(kind="idle")
+    assert res.error == "budget" and res.written == 0
+    assert (dev.table.state[:8] == STORED).all()
+    dev.set_writeback_limit(1 << 20)
+    res = await dev.writeback(kind="idle", max_pages=3)
+    assert res.written == 3 and res.tried == 3
+    assert dev.writeback_limit is not None and dev.writeback_limit < 1 << 20
+    res = await dev.writeback(kind="incompressible")
+    assert res.tried == 0
+    with pytest.raises(ValueError, match="type"):
+        await dev.writeback(kind="cold")
+    plain = ZramDevice(SIZE)
+    with pytest.raises(Unsupported):
+        await plain.writeback()
+    assert plain.backing_stat() == {}
+    plain.close()
+
+
+async def test_reset_frees_every_backed_object(dev: ZramDevice) -> None:
+    await _written_back(dev, _text(6))
+    dev.reset()
+    await settle(dev)
+    assert _backed(dev).backing.stat()["bd_count"] == 0
+    assert (await dev.read_with_zeros(0, PAGE))[0] == bytes(PAGE)
+    await _written_back(dev, _text(3))
+    await check_backed(dev)
+
+
+# --- memory pressure --------------------------------------------------------------------------
+
+
+async def _fill_over_limit(d: ZramDevice, nbytes: int) -> bytes:
+    rnd = random.Random(5)
+    out = bytearray()
+    for off in range(0, nbytes, PAGE):
+        page = (rnd.randbytes(1000) * 5)[:PAGE] if off % (8 * PAGE) else rnd.randbytes(PAGE)
+        if not d.write_now(off, page):
+            await d.write(off, page)
+        out += page
+    return bytes(out)
+
+
+async def test_pressure_writes_back_the_coldest_and_writes_wait(tmp_path: Path) -> None:
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    size = 16 << 20
+    d = ZramDevice(size, backing=bs, mem_limit=1 << 20)
+    try:
+        data = await _fill_over_limit(d, 8 << 20)  # 8x the limit
+        await settle(d)
+        s = d.stats
+        assert s.bd_count > 0 and s.bd_waits > 0 and not s.bd_wait_timeouts
+        assert s.mem_used_max <= 1 << 20
+        assert (await d.read_with_zeros(0, len(data)))[0] == data
+        # a 1 MiB write (the awaited path) waits too
+        big = _payload(2, 1 << 20, 4)
+        await d.write(12 << 20, big)
+        assert (await d.read_with_zeros(12 << 20, 1 << 20))[0] == big
+    finally:
+        d.close()
+        await bs.aclose()
+
+
+async def test_pressure_takes_the_oldest_first(tmp_path: Path) -> None:
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    clock = Clock()
+    d = ZramDevice(4 << 20, backing=bs, clock=clock)
+    try:
+        old = _text(64, 1)
+        await d.write(0, old)
+        clock.t += 1000
+        await d.write(64 * PAGE, _text(64, 2))
+        d.set_mem_limit(d.pool.total_bytes)  # over the high watermark at once
+        _backed(d).check()
+        await settle(d)
+        st_ = d.table.state
+        assert (st_[:64] == BACKED).sum() > 0
+        assert not (st_[64:128] == BACKED).any()
+    finally:
+        d.close()
+        await bs.aclose()
+
+
+async def test_without_backing_store_nospace_at_once() -> None:
+    d = ZramDevice(16 << 20, mem_limit=1 << 20)
+    with pytest.raises(NoSpace):
+        await _fill_over_limit(d, 8 << 20)
+    assert d.stats.failed_writes == 1
+    d.close()
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+async def test_writeback_eio_leaves_pages_in_ram_and_logs_once(
+    dev: ZramDevice, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _text(8)
+    await dev.write(0, data)
+    dev.mark_idle()
+
+    def fail(fd: int, bufs: list[bytes], off: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod.os, "pwritev", fail)
+    with caplog.at_level(logging.WARNING, logger="zramd.device"):
+        for _ in range(3):
+            res = await dev.writeback(kind="idle")
+            assert res.error == "io" and res.written == 0
+    assert len([r for r in caplog.records if "writeback failed" in r.message]) == 1
+    assert dev.stats.bd_errors == 3
+    monkeypatch.undo()
+    assert (dev.table.state[:8] == STORED).all()
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data
+    dev.mark_idle()  # the read cleared the marks
+    res = await dev.writeback(kind="idle")
+    assert res.written == 8
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data
+    await check_backed(dev)
+
+
+async def test_short_writes_are_completed(dev: ZramDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwritev
+
+    def short(fd: int, bufs: list[bytes], off: int) -> int:
+        return real(fd, [bytes(bufs[0])[: max(1, len(bufs[0]) // 2)]], off)
+
+    monkeypatch.setattr(store_mod.os, "pwritev", short)
+    data = _text(6)
+    await _written_back(dev, data)
+    monkeypatch.undo()
+    dev.set_mem_limit(PAGE)
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data
+
+
+async def test_read_eio_fails_that_read_only(
+    dev: ZramDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _text(4)
+    await _written_back(dev, data)
+    await dev.write(4 * PAGE, _text(2, 8))
+    real = os.pread
+
+    def fail(fd: int, n: int, off: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod.os, "pread", fail)
+    with pytest.raises(DeviceIOError):
+        await dev.read_with_zeros(0, 2 * PAGE)
+    with pytest.raises(DeviceIOError):
+        await dev.write(100, b"z")  # its old page cannot be read
+    assert dev.stats.failed_reads == 1 and dev.stats.failed_writes == 1
+    assert (await dev.read_with_zeros(4 * PAGE, 2 * PAGE))[0] == _text(2, 8)  # RAM: fine
+    monkeypatch.setattr(store_mod.os, "pread", real)
+    assert (await dev.read_with_zeros(0, 4 * PAGE))[0] == data
+
+
+async def test_truncated_file_is_eio_for_backed_pages_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "backing")
+    bs = BackingStore.create(path)
+    d = _device(Clock(), bs)
+    try:
+        data = _text(8)
+        await _written_back(d, data)
+        await d.write(8 * PAGE, _text(4, 9))
+        os.truncate(path, 4096)
+        d.set_mem_limit(PAGE)
+        with caplog.at_level(logging.WARNING, logger="zramd.device"):
+            for i in range(8):
+                with pytest.raises(DeviceIOError):
+                    await d.read_with_zeros(i * PAGE, PAGE)
+        assert len([r for r in caplog.records if "read failed" in r.message]) == 1
+        assert (await d.read_with_zeros(8 * PAGE, 4 * PAGE))[0] == _text(4, 9)
+        await d.write(0, b"w" * PAGE)  # rewriting a lost page works
+        assert (await d.read_with_zeros(0, PAGE))[0] == b"w" * PAGE
+    finally:
+        d.close()
+        await bs.aclose()
+
+
+async def test_full_store_then_pressure_gives_nospace(tmp_path: Path) -> None:
+    room = fmt.DEFAULT_DATA_OFFSET + 6 * fmt.SEGMENT_SIZE
+    bs = BackingStore.create(str(tmp_path / "backing"), size=room)
+    d = ZramDevice(64 << 20, backing=bs, mem_limit=1 << 20)
+    try:
+        with pytest.raises(NoSpace):
+            await _fill_over_limit(d, 32 << 20)
+        assert d.stats.bd_wait_timeouts >= 1 and d.stats.bd_count > 0
+        assert bs.stat()["full_refusals"] >= 1
+    finally:
+        d.close()
+        await bs.aclose()
+

@@ -1,0 +1,466 @@
+"""Writeback: the pages of a device that live in its backing store, and the moves to and from it.
+
+Theory of operation
+-------------------
+:class:`Backed` links one device's :class:`~zramd.device.store.PageStore` to a
+:class:`~zramd.backing.BackingStore` (a file or block device below RAM). The table stays the one
+source of truth: a BACKED entry's handle is the object's locator, its size the object's size,
+its codec the codec it was compressed with, and RAW says the object is the raw page (it was
+HUGE). Objects go out as they are in the pool (no recompression); the backing store packs them.
+Only per-page objects (STORED and HUGE pages) are written back: a multi-page group stays in RAM
+as a whole (it is the densest form a cold page has; its members are skipped).
+
+**Moves**, each "make the new copy, switch the entry, free the old", on the loop thread:
+
+* *writeback* (:meth:`Backed.write_back`): the objects are copied out of the pool and their
+  pages marked PENDING; the store writes them in its threads (awaited); back on the loop, each
+  page still PENDING with the same pool handle becomes BACKED and its pool object is freed
+  (:meth:`~zramd.device.store.PageStore.back`). A page written, trimmed or moved meanwhile lost
+  its PENDING mark or its handle: its new copy in the store is freed. A failed write (I/O
+  error, store full, budget spent) leaves every page as it was.
+* *promotion* (:meth:`Backed.promote`): a page read back returns to RAM when the pool, with its
+  object, stays under the low watermark of the limit in force (always, with no limit), so that
+  a page read again is served from RAM, while promotion never pushes the pool toward writeback
+  again. The page must still be BACKED at the same locator at switch time.
+* a BACKED page rewritten, trimmed or zeroed hands its locator to :meth:`Backed.drop`.
+
+**Freeing and reads.** Locators to free are collected and freed in one batch (the store's free
+punches holes in its threads) when no backing read is in flight: a read in flight holds a
+locator it took from the table, and its bytes must stay there until it has been read, so a
+locator is never reused while anything may still read it. Reads (:meth:`Backed.read`) run in
+the store's threads, concurrently with everything else.
+
+**Memory pressure.** With a memory limit in force (the export's own, or what the server's
+budget leaves it), when the pool passes :data:`HIGH_WATERMARK` of it, a background task writes
+back the coldest pages (the oldest atime first, then the largest objects) until the pool is
+under :data:`LOW_WATERMARK`, in batches of :data:`BATCH_PAGES` pages (at most
+:data:`BATCH_BYTES`), each followed by a bounded pool compaction (the freed objects are
+scattered: compaction turns them into free pages) and a yield. A write that finds no room
+(NoSpace) waits (:meth:`Backed.wait_room`) up to :data:`ROOM_WAIT` seconds for a batch to
+make room, then tries again; it gets ENOSPC only when the backing store is full, its budget is
+spent, it fails, there is nothing left to write back, or the wait times out.
+
+**Faults** cost the request or batch that met them: a failed read is DeviceIOError (EIO) for
+that read, a failed writeback leaves its pages in RAM. The log names the store, the error and
+where, once per kind of fault and then at most every :data:`FAULT_LOG_INTERVAL` seconds with
+the number of repeats (never once per page).
+
+Loop thread only; knows nothing of NBD, sockets or the control protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from zramd.allocator import PoolFull
+from zramd.backing import BackingError, BackingFull, BackingStore, BudgetSpent
+from zramd.device.interface import DeviceIOError, WritebackResult
+from zramd.device.store import PageStore
+from zramd.device.table import (
+    BACKED,
+    HUGE,
+    IDLE,
+    INCOMPRESSIBLE,
+    PENDING,
+    STORED,
+)
+from zramd.geometry import PAGE_SIZE
+
+log = logging.getLogger("zramd.device")
+
+#: writeback ``type`` values (zram's idle / huge / huge_idle / incompressible)
+WRITEBACK_TYPES = ("idle", "huge", "huge-idle", "incompressible")
+#: fractions of the memory limit in force: pressure writeback starts above HIGH, stops under LOW
+HIGH_WATERMARK = 0.90
+LOW_WATERMARK = 0.80
+#: pages, and object bytes, per writeback batch (one write of the store)
+BATCH_PAGES = 64
+BATCH_BYTES = 256 << 10
+#: pages whose flags are scanned per vectorised step
+SCAN_PAGES = 1 << 16
+#: the coldest pages pressure writeback picks per round (then written in batches)
+PRESSURE_ROUND_PAGES = 1024
+#: pool pages one compaction after a pressure batch may free at most
+COMPACT_PAGES = 256
+#: the longest a write without room waits for writeback, in seconds
+ROOM_WAIT = 2.0
+#: a repeated fault of the same kind is logged at most this often, in seconds
+FAULT_LOG_INTERVAL = 60.0
+
+
+def _fault_kind(exc: BaseException) -> str:
+    if isinstance(exc, BudgetSpent):
+        return "budget"
+    if isinstance(exc, BackingFull):
+        return "full"
+    return "io"
+
+
+class Backed:
+    """The backing store of one device (see the module doc). ``limit()`` is the memory limit in
+    force for the device's pool (0: none)."""
+
+    def __init__(
+        self, store: PageStore, backing: BackingStore, limit: Callable[[], int]
+    ) -> None:
+        self.backing = backing
+        self.store = store
+        store.backed = self
+        self._limit = limit
+        self._garbage: list[int] = []
+        self._readers = 0
+        self._freeing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pressure: asyncio.Task[None] | None = None
+        #: a write is waiting: run a pressure round even under the high watermark
+        self._wanted = False
+        #: why the last pressure round stopped without making room ("" when it did)
+        self.stuck = ""
+        self._progress = asyncio.Event()
+        self._faults: dict[str, tuple[float, int]] = {}
+        self._closed = False
+
+    def drop_all(self) -> None:
+        """The device is being reset: free every locator its store holds."""
+        t = self.store.table
+        for loc in t.handle[t.state == BACKED].tolist():
+            self.drop(loc)
+
+    def bind(self, store: PageStore) -> None:
+        """Serve the device's new store (after a reset)."""
+        self.store = store
+        store.backed = self
+
+    def close(self) -> None:
+        """The device closes: stop the background work (the export closes the store)."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._pressure is not None:
+            self._pressure.cancel()
+
+    # --- faults -----------------------------------------------------------------------------
+
+    def fault(self, what: str, exc: BaseException) -> None:
+        """Count a failed backing operation and log it (once per kind, then rarely)."""
+        self.store.stats.bd_errors += 1
+        kind = f"{what}:{_fault_kind(exc)}"
+        now = time.monotonic()
+        last, repeats = self._faults.get(kind, (-FAULT_LOG_INTERVAL, 0))
+        if now - last < FAULT_LOG_INTERVAL:
+            self._faults[kind] = (last, repeats + 1)
+            return
+        more = f" ({repeats} more since the last report)" if repeats else ""
+        log.warning("backing store %s: %s failed: %s%s", self.backing.path, what, exc, more)
+        self._faults[kind] = (now, 0)
+
+    # --- freeing ------------------------------------------------------------------------------
+
+    def drop(self, loc: int) -> None:
+        """``loc`` is no longer referenced: free it once no read is in flight."""
+        self._garbage.append(loc)
+        if not self._readers:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._freeing or not self._garbage or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (the sync API): no async operation can be in flight
+            locs, self._garbage = self._garbage, []
+            self._free_now(locs)
+            return
+        self._freeing = True
+        task = loop.create_task(self._free_loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _free_now(self, locs: list[int]) -> None:
+        try:
+            self.backing.free_sync(locs)
+        except (BackingError, ValueError) as e:
+            self.fault("free", e)
+
+    async def _free_loop(self) -> None:
+        try:
+            while self._garbage and not self._readers and not self._closed:
+                locs, self._garbage = self._garbage, []
+                try:
+                    await self.backing.free(locs)
+                except (BackingError, ValueError) as e:
+                    self.fault("free", e)
+        finally:
+            self._freeing = False
+
+    # --- reads and promotion ------------------------------------------------------------------
+
+    async def read(self, locs: list[int]) -> list[bytes]:
+        """The objects at ``locs`` (in the store's threads). Raises DeviceIOError."""
+        s = self.store.stats
+        self._readers += 1
+        t0 = time.perf_counter()
+        try:
+            objs = await self.backing.read_many(locs)
+        except BackingError as e:
+            self.fault("read", e)
+            raise DeviceIOError(f"backing store {self.backing.path}: {e}") from None
+        finally:
+            self._readers -= 1
+            if not self._readers and self._garbage:
+                self._flush()
+        s.bd_read_us += int((time.perf_counter() - t0) * 1e6)
+        s.bd_reads += len(locs)
+        s.bd_read_bytes += sum(len(o) for o in objs)
+        return objs
+
+    def promote(self, store: PageStore, pages: list[tuple[int, int, bytes]]) -> None:
+        """Pages ``(index, locator, object)`` just read back return to RAM while the pool
+        stays under the low watermark (see the module doc)."""
+        if store is not self.store or self._closed:
+            return
+        limit = self._limit()
+        low = int(limit * LOW_WATERMARK)
+        pool = store.pool
+        for idx, loc, obj in pages:
+            if limit and pool.total_bytes + len(obj) > low:
+                return
+            try:
+                moved = store.unback(idx, loc, obj)
+            except PoolFull:
+                return
+            if moved:
+                store.stats.bd_promoted += 1
+                self.drop(loc)
+
+    # --- writeback ----------------------------------------------------------------------------
+
+    async def write_back(self, pages: list[int]) -> tuple[int, int, str]:
+        """Write the objects of STORED/HUGE pages ``pages`` (none PENDING) back as one batch:
+        ``(pages switched to BACKED, their object bytes, error)``, error "" or the kind of the
+        fault that left them all in RAM."""
+        store = self.store
+        t = store.table
+        state_mv, handle_mv, size_mv, flags_mv = t.state_mv, t.handle_mv, t.size_mv, t.flags_mv
+        load = store.pool.load
+        objs: list[bytes] = []
+        handles: list[int] = []
+        for i in pages:
+            h = handle_mv[i]
+            objs.append(load(h, PAGE_SIZE if state_mv[i] == HUGE else size_mv[i]))
+            handles.append(h)
+            flags_mv[i] |= PENDING
+        t0 = time.perf_counter()
+        try:
+            locs = await self.backing.write_many(objs)
+        except BaseException as e:
+            if self.store is store:
+                for i, h in zip(pages, handles, strict=True):
+                    if handle_mv[i] == h and state_mv[i] in (STORED, HUGE):
+                        flags_mv[i] &= ~PENDING
+            if isinstance(e, BackingError):
+                self.fault("writeback", e)
+                return 0, 0, _fault_kind(e)
+            raise
+        s = store.stats
+        s.bd_write_us += int((time.perf_counter() - t0) * 1e6)
+        s.bd_writes += len(objs)
+        s.bd_write_bytes += sum(len(o) for o in objs)
+        if self.store is not store:  # reset meanwhile: the pages are gone
+            for loc in locs:
+                self.drop(loc)
+            return 0, 0, ""
+        done = nbytes = 0
+        back = store.back
+        for i, h, loc, obj in zip(pages, handles, locs, objs, strict=True):
+            if back(i, h, loc):
+                done += 1
+                nbytes += len(obj)
+            else:
+                self.drop(loc)
+        return done, nbytes, ""
+
+    async def writeback(
+        self, kind: str, first: int, stop: int, max_pages: int, max_scan: int
+    ) -> WritebackResult:
+        """Write back the pages of ``[first, stop)`` of ``kind`` (:data:`WRITEBACK_TYPES`), at
+        most ``max_pages`` tried and ``max_scan`` scanned, in batches; the largest objects of
+        each scanned window first, as zram. Ends with a compaction of the pool when it wrote."""
+        if kind not in WRITEBACK_TYPES:
+            expected = ", ".join(WRITEBACK_TYPES)
+            raise ValueError(f"writeback type {kind!r}: expected one of {expected}")
+        res = WritebackResult(next=first, end=stop)
+        store = self.store
+        limit = min(stop, first + max_scan)
+        pos = first
+        while pos < limit and res.tried < max_pages and not res.error:
+            window = min(limit, pos + SCAN_PAGES)
+            idx = self._candidates(pos, window, kind)
+            pos = res.next = window
+            take = max_pages - res.tried
+            if len(idx) > take:
+                idx = idx[:take]
+            if not len(idx):
+                await asyncio.sleep(0)
+                continue
+            t = store.table
+            sizes = t.size[idx]
+            order = np.argsort(-sizes.astype(np.int32), kind="stable")
+            for batch in _batches(idx[order].tolist(), t.size_mv):
+                if self.store is not store or self._closed:
+                    return res
+                batch = [i for i in batch if self._eligible(i)]
+                if not batch:
+                    continue
+                res.tried += len(batch)
+                done, nbytes, err = await self.write_back(batch)
+                res.written += done
+                res.bytes += nbytes
+                if err:
+                    res.error = err
+                    break
+        if res.written and self.store is store:
+            store.pool.compact()
+        return res
+
+    def _eligible(self, i: int) -> bool:
+        t = self.store.table
+        st = t.state_mv[i]
+        return (st == STORED or st == HUGE) and not t.flags_mv[i] & PENDING
+
+    def _candidates(self, first: int, stop: int, kind: str) -> Any:
+        t = self.store.table
+        st = t.state[first:stop]
+        fl = t.flags[first:stop]
+        if kind in ("huge", "huge-idle"):
+            ok = st == HUGE
+        else:
+            ok = (st == STORED) | (st == HUGE)
+        ok &= (fl & PENDING) == 0
+        if kind in ("idle", "huge-idle"):
+            ok &= (fl & IDLE) != 0
+        elif kind == "incompressible":
+            ok &= (fl & INCOMPRESSIBLE) != 0
+        return np.flatnonzero(ok) + first
+
+    # --- memory pressure ----------------------------------------------------------------------
+
+    def _over(self, fraction: float) -> bool:
+        limit = self._limit()
+        return bool(limit) and self.store.pool.total_bytes > limit * fraction
+
+    def check(self) -> None:
+        """Start pressure writeback when the pool is over the high watermark (cheap enough for
+        every write: one comparison when it is not)."""
+        if self._pressure is None and self._over(HIGH_WATERMARK):
+            self._start()
+
+    def _start(self) -> None:
+        if self._pressure is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # the sync API: no background work
+        self._pressure = loop.create_task(self._pressure_loop())
+
+    async def wait_room(self, deadline: float) -> bool:
+        """A write found no room: wait (until ``deadline``, loop time) for a pressure batch to
+        make some. False when none can be made in time (the write fails with ENOSPC)."""
+        if self._closed:
+            return False
+        s = self.store.stats
+        s.bd_waits += 1
+        loop = asyncio.get_running_loop()
+        self._wanted = True
+        self._start()
+        ev = self._progress
+        try:
+            await asyncio.wait_for(ev.wait(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            s.bd_wait_timeouts += 1
+            return False
+        if self.stuck:
+            s.bd_wait_timeouts += 1
+            return False
+        return True
+
+    def _signal(self) -> None:
+        ev, self._progress = self._progress, asyncio.Event()
+        ev.set()
+
+    async def _pressure_loop(self) -> None:
+        try:
+            while not self._closed and (self._wanted or self._over(LOW_WATERMARK)):
+                self._wanted = False
+                pages = self._coldest(PRESSURE_ROUND_PAGES)
+                if not pages:
+                    self.stuck = "nothing left to write back"
+                    break
+                store = self.store
+                for batch in _batches(pages, store.table.size_mv):
+                    batch = [i for i in batch if self._eligible(i)]
+                    if not batch:
+                        continue
+                    done, _nbytes, err = await self.write_back(batch)
+                    if self.store is not store or self._closed:
+                        return
+                    if err:
+                        self.stuck = f"writeback failed ({err})"
+                        return
+                    self.stuck = ""
+                    if done:
+                        store.pool.compact(max_pages=COMPACT_PAGES)
+                    self._signal()
+                    if not self._wanted and not self._over(LOW_WATERMARK):
+                        break
+                    await asyncio.sleep(0)
+        finally:
+            self._pressure = None
+            self._signal()
+
+    def _coldest(self, n: int) -> list[int]:
+        """Up to ``n`` writeback candidates, the oldest atime first, then the largest object."""
+        t = self.store.table
+        best_idx = np.zeros(0, dtype=np.int64)
+        best_key = np.zeros(0, dtype=np.int64)
+        for a in range(0, t.npages, SCAN_PAGES):
+            b = min(t.npages, a + SCAN_PAGES)
+            st = t.state[a:b]
+            ok = ((st == STORED) | (st == HUGE)) & ((t.flags[a:b] & PENDING) == 0)
+            idx = np.flatnonzero(ok)
+            if not len(idx):
+                continue
+            key = (t.atime[a:b][idx].astype(np.int64) << 16) | (
+                0xFFFF - t.size[a:b][idx].astype(np.int64)
+            )
+            best_idx = np.concatenate((best_idx, idx + a))
+            best_key = np.concatenate((best_key, key))
+            if len(best_idx) > n:
+                keep = np.argpartition(best_key, n)[:n]
+                best_idx, best_key = best_idx[keep], best_key[keep]
+        order = np.argsort(best_key, kind="stable")
+        return [int(i) for i in best_idx[order]]
+
+
+def _batches(pages: list[int], size_mv: Any) -> list[list[int]]:
+    """``pages`` cut into writeback batches of at most BATCH_PAGES pages and BATCH_BYTES."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    nbytes = 0
+    for i in pages:
+        n = size_mv[i]
+        if cur and (len(cur) >= BATCH_PAGES or nbytes + n > BATCH_BYTES):
+            out.append(cur)
+            cur, nbytes = [], 0
+        cur.append(i)
+        nbytes += n
+    if cur:
+        out.append(cur)
+    return out
