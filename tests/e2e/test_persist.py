@@ -162,3 +162,19 @@ def test_other_size_or_damaged_snapshot_stops_the_start(tmp_path: Path) -> None:
     snap.write_bytes(raw[: len(raw) - 100])
     err = _refused(tmp_path, snap, SIZE)
     assert str(snap) in err and "truncated" in err, err
+
+
+def test_destroy_writes_the_snapshot(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    data = tmp_path / "d.img"
+    data.write_bytes(os.urandom(3 * MiB) + b"persist " * (MiB // 8))
+    run(["nbdcopy", "--flush", str(data), server.uri(EXPORT, unix=True)], timeout=120)
+    assert "destroyed zram0" in _cli(server, "destroy", EXPORT)
+    assert snap.exists()
+    _kill(server)  # the destroyed export is not written again at stop
+    server = _start(tmp_path / "srv2", snap)
+    try:
+        assert _copy_out(server, tmp_path / "out.img", data.stat().st_size) == _sha(data)
+    finally:
+        server.stop()

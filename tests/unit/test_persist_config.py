@@ -1,5 +1,6 @@
-"""The ``persist`` export key: flag spec and TOML, an absolute path in a writable directory, and
-one file per export."""
+"""The ``persist`` export key: flag spec and TOML, an absolute path in a writable directory, one
+file per export; a reload neither adds an export with a persist file (it is restored at start)
+nor removes one (``zramd destroy`` writes its snapshot)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from zramd.config import ConfigError, ServerConfig, parse_export_spec
+from zramd.config import ConfigError, ExportConfig, ServerConfig, parse_export_spec
 from zramd.configfile import parse_config_text
+from zramd.control.reload import apply_exports
+from zramd.server.exports import ExportRegistry
 
 
 def test_spec_and_toml(tmp_path: Path) -> None:
@@ -34,3 +37,16 @@ def test_two_exports_one_file(tmp_path: Path) -> None:
     c = parse_export_spec(f"c=64M,persist={tmp_path}/z.img,backing={tmp_path}/z.img")
     with pytest.raises(ConfigError, match="persist and backing are the same file"):
         ServerConfig(exports=[c]).validate()
+
+
+def test_reload_keeps_persisted_exports_and_adds_none(tmp_path: Path) -> None:
+    registry = ExportRegistry()
+    kept = ExportConfig(name="a", size=1 << 20, persist=f"{tmp_path}/a.snap")
+    registry.add(kept)
+    new = ExportConfig(name="b", size=1 << 20, persist=f"{tmp_path}/b.snap")
+    managed, lines = apply_exports(registry, [new], {"a"})
+    text = "\n".join(lines)
+    assert "export a removed from the configuration but kept: it persists to" in text
+    assert "export b not added: an export with a persist file is restored when zramd starts" in text
+    assert {e.name for e in registry} == {"a"} and managed == {"a"}
+    registry.close()

@@ -6,14 +6,15 @@ The daemon remembers which export names came from its configuration (``managed``
 exports created over the control socket are not touched by a reload. Given the new
 wanted list, :func:`apply_exports`:
 
-- adds exports that are new;
+- adds exports that are new, but not one with a persist file (it is restored at start);
 - removes managed exports no longer wanted, if no client is connected; busy ones are
-  kept (and stay managed, so a later reload retries) with a log line;
+  kept (and stay managed, so a later reload retries) with a log line, and so are exports
+  with a persist file (``zramd destroy`` writes their snapshot);
 - for exports that exist in both, applies what can change live (mem-limit,
   compression algorithm for new pages, recompression algorithms, the background policy's
   recompress-after / -interval / type, which restarts the policy) and logs, without touching
-  data, changes that cannot (size, read-only, description, groups): they need ``destroy`` +
-  reload.
+  data, changes that cannot (size, read-only, description, groups, persist): they need
+  ``destroy`` + reload.
 
 It never discards the data of an export still wanted. It returns the log lines it
 emitted, which the control ``reload`` operation passes back to the caller.
@@ -54,11 +55,26 @@ def apply_exports(
             )
             new_managed.add(name)
             continue
+        if exp.config.persist is not None:
+            say(
+                f"export {name} removed from the configuration but kept: it persists to "
+                f"{exp.config.persist} (zramd destroy {name} writes its snapshot and removes it)",
+                logging.WARNING,
+            )
+            new_managed.add(name)
+            continue
         registry.remove(name)
         say(f"export {name} removed")
     for cfg in wanted:
         exp = registry.get(cfg.name)
         if exp is None:
+            if cfg.persist is not None:
+                say(
+                    f"export {cfg.name} not added: an export with a persist file is restored "
+                    "when zramd starts (restart it)",
+                    logging.ERROR,
+                )
+                continue
             try:
                 registry.add(cfg)
             except ConfigError as e:
@@ -114,7 +130,7 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
             say(f"export {cfg.name}: background recompression off")
     fixed = [
         k
-        for k in ("size", "read_only", "description", "group_pages", "group_algorithm")
+        for k in ("size", "read_only", "description", "group_pages", "group_algorithm", "persist")
         if getattr(cfg, k) != getattr(old, k)
     ]
     if cfg.group_level != old.group_level and "group_algorithm" not in fixed:
