@@ -20,14 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zramd.backing import BackingStore
-from zramd.backing import format as fmt
-from zramd.backing import store as store_mod
-from zramd.device import blockdev
-from zramd.device.backed import Backed
-from zramd.device.blockdev import ZramDevice
-from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
-from zramd.device.table import BACKED, HUGE, RAW, STORED
 from tests.unit.test_tiers import (
     NPAGES,
     PAGE,
@@ -40,6 +32,14 @@ from tests.unit.test_tiers import (
     _range,
     check_tiers,
 )
+from zramd.backing import BackingStore
+from zramd.backing import format as fmt
+from zramd.backing import store as store_mod
+from zramd.device import blockdev
+from zramd.device.backed import Backed
+from zramd.device.blockdev import ZramDevice
+from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
+from zramd.device.table import BACKED, HUGE, RAW, STORED
 
 
 def _device(clock: Clock, backing: BackingStore | None, **kw: Any) -> ZramDevice:

@@ -230,6 +230,22 @@ def stat(name: str, as_json: bool, control: str) -> None:
             f"{policy['recompressed']} recompressed, longest slice "
             f"{policy['max_slice_us']:g} us"
         )
+    backing: dict[str, Any] = st["backing"]
+    store: dict[str, Any] = backing["store"]
+    if store:
+        left = backing["writeback_limit"]
+        click.echo(
+            f"backing: {store['path']}, writeback-limit "
+            f"{'none' if left < 0 else format_size(left) + ' left'}"
+        )
+        click.echo(
+            f"bd_stat: {backing['bd_count']} {backing['bd_reads']} {backing['bd_writes']}"
+        )
+        counters = {k: v for k, v in backing.items() if isinstance(v, int)}
+        counters.update({f"store_{k}": v for k, v in store.items() if isinstance(v, int)})
+        width = max(len(k) for k in counters)
+        for k, v in counters.items():
+            click.echo(f"  {k.ljust(width)}  {v}")
 
 
 @click.command()
@@ -273,13 +289,28 @@ def compact(name: str | None, control: str) -> None:
 )
 @click.option("-a", "--algorithm", default=None, help="Algorithm for pages written from now.")
 @click.option("--level", type=int, default=None, help="Compression level.")
+@click.option(
+    "--writeback-limit", default=None, metavar="SIZE|none", help="Bytes the backing store may "
+    "still be written from now (zram's writeback_limit; set again to reset; none: no limit)."
+)
 @control_option
 @errors_one_line
 def set_(
-    name: str, mem_limit: str | None, algorithm: str | None, level: int | None, control: str
+    name: str,
+    mem_limit: str | None,
+    algorithm: str | None,
+    level: int | None,
+    writeback_limit: str | None,
+    control: str,
 ) -> None:
-    """Change the memory limit or the algorithm for new pages of export NAME."""
+    """Change the memory limit, the algorithm for new pages or the writeback limit of export
+    NAME."""
     args: dict[str, Any] = {"name": name}
+    if writeback_limit is not None:
+        args["writeback_limit"] = (
+            "none" if writeback_limit.lower() == "none"
+            else parse_size(writeback_limit, what="writeback-limit")
+        )
     if mem_limit is not None:
         args["mem_limit"] = _size(mem_limit, "mem-limit")
     if algorithm is not None:
@@ -287,7 +318,9 @@ def set_(
     if level is not None:
         args["level"] = level
     if len(args) == 1:
-        raise ControlError("nothing to set: give --mem-limit, --algorithm or --level")
+        raise ControlError(
+            "nothing to set: give --mem-limit, --algorithm, --level or --writeback-limit"
+        )
     with ControlClient(control) as c:
         row = c.call("set", **args)
     budget = " (the server's budget binds)" if row["limited_by"] == "budget" else ""

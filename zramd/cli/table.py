@@ -11,7 +11,8 @@ MEM-LIMIT is the limit in force, LIMIT-BY what sets it (``export``, or ``budget`
 server-wide budget leaves the export less than its own limit). IDLE, RECOMPRESSED,
 INCOMPRESSIBLE and GROUPED count pages, RECOMP-SAVED the pool bytes recompression released,
 GROUPS the multi-page groups and GROUP-SAVED the compressed bytes packing them saved; ``--json``
-carries these tier counters (:data:`zramd.stats.TIER_FIELDS`) for every export.
+carries these tier counters (:data:`zramd.stats.TIER_FIELDS`) and the writeback counters
+(:data:`zramd.stats.BACKING_FIELDS`: bd_count, bd_reads, bd_writes and more) for every export.
 ``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
 backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
 empty).
@@ -23,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from zramd.config import ConfigError, format_size
-from zramd.stats import TIER_FIELDS
+from zramd.stats import BACKING_FIELDS, TIER_FIELDS
 
 #: column name -> (row key, kind) ; kind: "str", "size", "int", "ratio"
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -115,8 +116,8 @@ def format_table(
 
 
 def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
-    """The columns' keys of each row, its block-layer ``stat`` (the request counters) and its
-    tier counters."""
+    """The columns' keys of each row, its block-layer ``stat`` (the request counters), its
+    tier counters and its writeback counters."""
     keys = [COLUMNS[c][0] for c in columns]
     return {
         "exports": [
@@ -124,6 +125,7 @@ def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
                 **{k: r.get(k) for k in keys},
                 "stat": r.get("stat"),
                 "tiers": {f: r.get(f) for f in TIER_FIELDS},
+                "backing": {f: r.get(f) for f in BACKING_FIELDS},
             }
             for r in rows
         ]

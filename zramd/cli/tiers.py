@@ -1,4 +1,4 @@
-"""The cold-page commands: idle, pages, recompress.
+"""The cold-page commands: idle, pages, recompress, writeback.
 
 Theory of operation
 -------------------
@@ -9,6 +9,8 @@ control answer is bounded): the command asks again from the ``next`` page until 
 done, printing rows as they come (``pages``) or moving a progress bar (``recompress``, only
 when stdout is a terminal); a recompression that moved pages ends with a compaction of the
 export's pool, so the memory the old objects held (scattered over its zspages) goes back.
+``writeback`` moves pages of one type to the export's backing store the same way, part by part
+with a progress bar (``--pages LO-HI`` as ``--range``).
 ``--range LO-HI`` names pages (4 KiB each), both ends included.
 Errors are one line on stderr and exit 1 (``cli/options.py``).
 """
@@ -197,4 +199,58 @@ def recompress(
         raise ControlError(f"{name}: stopped early: the memory limit left no room for a new copy")
 
 
-COMMANDS = (idle, pages, recompress)
+WRITEBACK_TYPES = ("idle", "huge", "huge-idle", "incompressible")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--type", "kind", type=click.Choice(WRITEBACK_TYPES), required=True,
+              help="Idle pages, huge pages, idle huge pages, or pages marked incompressible.")
+@click.option("--pages", "range_", default=None, metavar="LO-HI",
+              help="Pages LO to HI (both included); default all.")
+@click.option("--max-pages", type=click.IntRange(0), default=None, metavar="N",
+              help="Write back at most N pages.")
+@control_option
+@errors_one_line
+def writeback(
+    name: str, kind: str, range_: str | None, max_pages: int | None, control: str
+) -> None:
+    """Write pages of export NAME to its backing store (zram's writeback): their compressed
+    objects go as they are; a read brings a page back. Stops early when the store is full, the
+    writeback limit is spent (zramd set --writeback-limit) or the store fails."""
+    first, stop = parse_range(range_)
+    base: dict[str, Any] = {"name": name, "type": kind}
+    if stop is not None:
+        base["stop"] = stop
+    total = {"tried": 0, "written": 0, "bytes": 0}
+    error = ""
+    with ControlClient(control) as c:
+        end = stop if stop is not None else c.call("stat", name=name)["disksize"] // 4096
+        with click.progressbar(length=max(end - first, 1), label="writing back",
+                               hidden=not sys.stdout.isatty()) as bar:
+            pos = first
+            while pos < end:
+                args = {**base, "first": pos}
+                if max_pages is not None:
+                    args["max_pages"] = max_pages - total["tried"]
+                r = c.call("writeback", **args)
+                for k in total:
+                    total[k] += r[k]
+                bar.update(r["next"] - pos)
+                pos = r["next"]
+                error = r["error"]
+                if error or (max_pages is not None and total["tried"] >= max_pages):
+                    break
+    click.echo(
+        f"{name}: {total['tried']} pages tried, {total['written']} written back, "
+        f"{total['bytes']} bytes"
+    )
+    if error:
+        why = {
+            "full": "the backing store is full",
+            "budget": "the writeback limit is spent",
+        }.get(error, "the backing store failed (see the server's log)")
+        raise ControlError(f"{name}: stopped early: {why}")
+
+
+COMMANDS = (idle, pages, recompress, writeback)

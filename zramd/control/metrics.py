@@ -5,7 +5,9 @@ Theory of operation
 :func:`render` turns the registry's exports into the Prometheus text exposition format
 (version 0.0.4): one family per mm_stat / io_stat field of zram, with zram's meaning,
 plus disk size and connected clients, each sample labelled ``export="NAME"``; the cold-page
-tiers (idle, recompressed and incompressible pages, bytes recompression saved); the memory
+tiers (idle, recompressed and incompressible pages, bytes recompression saved); writeback
+(pages in the backing store, pages and bytes read and written, their time, promotions,
+failures, writes that waited for room); the memory
 limit in force and the writes refused with ENOSPC by cause (``cause="limit|budget|system"``);
 the server-wide memory budget, its use and its refusals; and the block layer's request
 counters: bytes, time, in flight, busy time, and a latency histogram per NBD command
@@ -38,7 +40,8 @@ REQUEST_TIMEOUT = 5.0
 MAX_METRICS_CONNECTIONS = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"top", field, help)
+#: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"backing"/"top",
+#: field, help)
 FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_disksize_bytes", "gauge", "top", "disksize", "Size of the export."),
     ("zramd_clients", "gauge", "top", "clients", "NBD connections attached to the export."),
@@ -85,6 +88,30 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_groups", "gauge", "tiers", "groups", "Multi-page groups held."),
     ("zramd_group_saved_bytes_total", "counter", "tiers", "group_saved_bytes",
      "Compressed bytes packing pages into groups saved (members' objects minus the group's)."),
+    ("zramd_bd_count", "gauge", "backing", "bd_count",
+     "Pages whose object is in the backing store (zram bd_stat bd_count)."),
+    ("zramd_bd_reads_total", "counter", "backing", "bd_reads",
+     "Pages read from the backing store (zram bd_stat bd_reads)."),
+    ("zramd_bd_writes_total", "counter", "backing", "bd_writes",
+     "Pages written to the backing store (zram bd_stat bd_writes)."),
+    ("zramd_bd_read_bytes_total", "counter", "backing", "bd_read_bytes",
+     "Object bytes read from the backing store."),
+    ("zramd_bd_write_bytes_total", "counter", "backing", "bd_write_bytes",
+     "Object bytes written to the backing store."),
+    ("zramd_bd_read_microseconds_total", "counter", "backing", "bd_read_us",
+     "Time spent waiting for backing store reads."),
+    ("zramd_bd_write_microseconds_total", "counter", "backing", "bd_write_us",
+     "Time spent waiting for backing store writes."),
+    ("zramd_bd_promoted_total", "counter", "backing", "bd_promoted",
+     "Pages read back and returned to RAM."),
+    ("zramd_bd_errors_total", "counter", "backing", "bd_errors",
+     "Backing store operations that failed (I/O error, full, writeback limit spent)."),
+    ("zramd_bd_waits_total", "counter", "backing", "bd_waits",
+     "Writes that found no room and waited for writeback."),
+    ("zramd_bd_wait_timeouts_total", "counter", "backing", "bd_wait_timeouts",
+     "Waits for room that failed (the write got ENOSPC)."),
+    ("zramd_writeback_limit_bytes", "gauge", "backing", "writeback_limit",
+     "Bytes the backing store may still be written (-1 = no limit)."),
 )
 #: the histogram's bucket bounds as Prometheus ``le`` labels
 _LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]

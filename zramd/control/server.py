@@ -8,11 +8,12 @@ registry's public API (``add``, ``remove``, ``get``, iteration, its memory ``bud
 management part
 of the device contract (:class:`~zramd.device.interface.BlockDevice`: ``stats``,
 ``compact``, ``reset``, ``set_mem_limit``, ``algorithm``, ``set_algorithm``, ``mark_idle``,
-``page_states``, ``recompress``, ``group``); a device without an operation raises
+``page_states``, ``recompress``, ``group``, ``writeback``, ``set_writeback_limit``,
+``backing_stat``); a device without an operation raises
 ``Unsupported``, which becomes the error line. All of it runs on the event-loop thread, as
-the registry requires; the long ones (``idle``, ``pages``, ``recompress``) work on a bounded
-range per request (the CLI asks again from the ``next`` page, with a progress bar), and
-``idle`` and ``recompress`` yield to client requests between their slices.
+the registry requires; the long ones (``idle``, ``pages``, ``recompress``, ``writeback``) work
+on a bounded range per request (the CLI asks again from the ``next`` page, with a progress bar),
+and ``idle``, ``recompress`` and ``writeback`` yield to client requests between their slices.
 
 Views of an export (``list`` rows, ``stat``, and through ``stat`` the metrics): zramctl's columns
 and zram's mm_stat / io_stat from the device, the block layer's stat and per-command counters
@@ -67,7 +68,7 @@ from zramd.control.protocol import (
 from zramd.device.interface import BlockDevice, DeviceError, Unsupported
 from zramd.geometry import PAGE_SIZE
 from zramd.server import persistence
-from zramd.stats import IO_STAT_FIELDS, MM_STAT_FIELDS, TIER_FIELDS, IoStats
+from zramd.stats import BACKING_FIELDS, IO_STAT_FIELDS, MM_STAT_FIELDS, TIER_FIELDS, IoStats
 
 log = logging.getLogger("zramd.control")
 
@@ -122,7 +123,7 @@ RECOMPRESS_SCAN_PAGES = 1 << 15
 def _stats_dict(exp: ExportLike) -> dict[str, int]:
     d = exp.device.stats.as_dict()
     d["invalid_io"] = exp.io.invalid_io
-    return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS, *TIER_FIELDS)}
+    return {f: d[f] for f in (*MM_STAT_FIELDS, *IO_STAT_FIELDS, *TIER_FIELDS, *BACKING_FIELDS)}
 
 
 def _algorithm(exp: ExportLike) -> str:
@@ -165,6 +166,7 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "limited_by": by,
         "stat": io.block_stat(),
         **{f: s[f] for f in TIER_FIELDS},
+        **{f: s[f] for f in BACKING_FIELDS},
     }
 
 
@@ -191,6 +193,7 @@ def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "requests": io.commands(),
         "memory": memory,
         "tiers": _tiers(exp, s),
+        "backing": _backing(exp, s),
     }
 
 
@@ -201,6 +204,17 @@ def _tiers(exp: ExportLike, s: dict[str, int]) -> dict[str, Any]:
         **{f: s[f] for f in TIER_FIELDS},
         "recompression_algorithms": exp.device.recompression_algorithms,
         "policy": policy.as_dict() if policy is not None else None,
+    }
+
+
+def _backing(exp: ExportLike, s: dict[str, int]) -> dict[str, Any]:
+    """The writeback counters (pages), the writeback limit left (-1: none) and the backing
+    store's own counters (``store``: {} without a backing store)."""
+    limit = exp.device.writeback_limit
+    return {
+        **{f: s[f] for f in BACKING_FIELDS},
+        "writeback_limit": -1 if limit is None else limit,
+        "store": exp.device.backing_stat(),
     }
 
 
@@ -281,6 +295,7 @@ class ControlServer:
             "idle": self._idle,
             "pages": self._pages,
             "recompress": self._recompress,
+            "writeback": self._writeback,
             "snapshot": self._snapshot,
         }
 
@@ -517,9 +532,19 @@ class ControlServer:
         mem_limit = _arg_size(req, "mem_limit")
         alg = _arg_str(req, "algorithm", required=False)
         level = _arg_int(req, "level")
-        if mem_limit is None and alg is None and level is None:
-            raise ControlError("nothing to set (give mem-limit, algorithm or level)")
+        wb_limit = req.get("writeback_limit")
+        if mem_limit is None and alg is None and level is None and wb_limit is None:
+            raise ControlError(
+                "nothing to set (give mem-limit, algorithm, level or writeback-limit)"
+            )
         dev = exp.device
+        if wb_limit is not None:
+            nbytes = None if wb_limit == "none" else _arg_size(req, "writeback_limit")
+            try:
+                dev.set_writeback_limit(nbytes)
+            except (Unsupported, ValueError) as e:
+                raise ControlError(f"export {exp.name!r}: {e}") from None
+            log.info("set export %s: writeback-limit %s", exp.name, wb_limit)
         if alg is not None or level is not None:
             new_alg = (alg or exp.config.algorithm).lower()
             try:
@@ -618,6 +643,29 @@ class ControlServer:
                 stop=stop,
                 max_pages=max_pages,
                 max_scan=scan_stop - first,
+            )
+        except (Unsupported, ValueError) as e:
+            raise ControlError(f"export {exp.name!r}: {e}") from None
+        out = vars(res)
+        out["stop"] = stop
+        return out
+
+    async def _writeback(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``writeback``: the pages of the range of one type go to the backing store, a bounded
+        scan per request (the CLI asks again from ``next``)."""
+        exp = self._export(req)
+        first, stop = self._page_range(exp, req)
+        kind = (_arg_str(req, "type", required=False) or "idle").replace("_", "-")
+        max_pages = _arg_int(req, "max_pages")
+        if max_pages is not None and max_pages < 0:
+            raise ControlError("max-pages must not be negative")
+        try:
+            res = await exp.device.writeback(
+                kind=kind,
+                first=first,
+                stop=stop,
+                max_pages=max_pages,
+                max_scan=min(stop, first + RECOMPRESS_SCAN_PAGES) - first,
             )
         except (Unsupported, ValueError) as e:
             raise ControlError(f"export {exp.name!r}: {e}") from None
