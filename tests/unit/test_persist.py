@@ -2,11 +2,14 @@
 as a bytearray model (writes of every kind, same-filled and zero pages, mixed codecs, recompressed
 pages, multi-page groups); a live snapshot is the point in time of its capture while writes,
 trims, groups and compaction go on between its slices; the restored counters and registry are
-consistent; a truncated, torn, corrupt or foreign file is refused before anything is restored;
-an interrupted write leaves the previous snapshot in place."""
+consistent; a truncated, torn, corrupt or foreign file is refused (a bad header, footer or meta
+before anything is restored, a damaged chunk when it is read: the device is then thrown away);
+an interrupted write leaves the previous snapshot in place; two saves of one export run one
+after the other."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from pathlib import Path
@@ -15,10 +18,13 @@ import numpy as np
 import pytest
 
 from tests.unit.test_groups import _payload, check, mark_idle
+from zramd.config import ExportConfig
 from zramd.device.blockdev import ZramDevice
 from zramd.device.image import Capture
 from zramd.device.table import GROUPED, HUGE, RECOMPRESSED, SAME, STORED
 from zramd.persist import SnapshotError, SnapshotReader, SnapshotWriter
+from zramd.server import persistence
+from zramd.server.exports import ExportRegistry
 
 PAGE = 4096
 NPAGES = 256
@@ -248,3 +254,19 @@ def test_one_capture_at_a_time_and_reset_cancels(tmp_path: Path) -> None:
     _meta, src = d.snapshot_image()  # a new one may start
     src.close()
     d.close()
+
+
+async def test_server_saves_of_one_export_wait_for_each_other(tmp_path: Path) -> None:
+    registry = ExportRegistry()
+    exp = registry.add(ExportConfig(name="a", size=SIZE, persist=str(tmp_path / "a.snap")))
+    data = np.random.default_rng(2).bytes(SIZE)
+    await exp.device.write(0, data)
+    infos = await asyncio.gather(
+        persistence.save(exp), persistence.save(exp, str(tmp_path / "b.snap"))
+    )
+    assert [i.pages for i in infos] == [NPAGES, NPAGES]
+    for name in ("a.snap", "b.snap"):
+        r = load(tmp_path / name)
+        assert bytes(r.read_sync(0, SIZE)) == data
+        r.close()
+    registry.close()

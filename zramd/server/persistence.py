@@ -6,7 +6,8 @@ An export with ``persist=PATH`` is restored from PATH when the server starts, be
 listener binds (:func:`restore_all`), and written to PATH when the server stops (after the
 requests in flight finished and the connections closed, before the devices close:
 :func:`save_all`) and when ``zramd destroy`` removes it (:func:`destroy`). ``zramd snapshot
-NAME [PATH]`` writes one while clients go on (:func:`save`).
+NAME [PATH]`` writes one while clients go on (:func:`save`). Saves of one export run one after
+the other.
 
 **Saving** takes the device's image (:meth:`~zramd.device.interface.BlockDevice.snapshot_image`:
 the table is copied in one step, the pause clients see) and then the objects in slices of
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,6 +50,11 @@ SLICE_BYTES = 1 << 20
 #: so the writer thread only checksums and writes, which release the GIL: a thread that joined
 #: them would hold the GIL and the loop would wait for it
 CHUNK_BYTES = 8 << 20
+
+
+#: one save at a time per device: a second (``zramd snapshot`` twice, or the stop's while one
+#: runs) waits for the first
+_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -84,6 +91,12 @@ async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
     path = path or exp.config.persist
     if path is None:
         raise ConfigError(f"export {exp.name!r} has no persist file: give a path")
+    lock = _locks.setdefault(exp.device, asyncio.Lock())
+    async with lock:
+        return await _save(exp, path)
+
+
+async def _save(exp: Export, path: str) -> SnapshotInfo:
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     meta, src = exp.device.snapshot_image()
