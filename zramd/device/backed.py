@@ -260,7 +260,7 @@ class Backed:
         try:
             locs = await self.backing.write_many(objs)
         except BaseException as e:
-            if self.store is store:
+            if self.store is store and not self._closed:  # closed: the table is gone
                 for i, h in zip(pages, handles, strict=True):
                     if handle_mv[i] == h and state_mv[i] in (STORED, HUGE):
                         flags_mv[i] &= ~PENDING
@@ -272,7 +272,7 @@ class Backed:
         s.bd_write_us += int((time.perf_counter() - t0) * 1e6)
         s.bd_writes += len(objs)
         s.bd_write_bytes += sum(len(o) for o in objs)
-        if self.store is not store:  # reset meanwhile: the pages are gone
+        if self.store is not store or self._closed:  # reset or closed meanwhile
             for loc in locs:
                 self.drop(loc)
             return 0, 0, ""

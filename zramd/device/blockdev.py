@@ -481,26 +481,29 @@ class ZramDevice:
 
     async def _fetch_edges(self, offset: int, length: int) -> dict[int, bytes] | None:
         """The BACKED edge pages of a partial write or zeroing, read from the backing store
-        (None when there are none). Raises DeviceIOError (counted as a failed write)."""
+        (None when there are none). Raises DeviceIOError (counted as a failed write). The
+        caller holds the range, so no write changes them; but pressure writeback may move
+        the other edge out while one is read: it is looked at again until none is left."""
         if self._backed is None or not length:
             return None
         store = self._store
         t = store.table
-        pages = [i for i in self._edge_pages(offset, length) if t.state_mv[i] == BACKED]
-        if not pages:
-            return None
-        items: list[BackedItem] = []
-        for i in pages:
-            store.snapshot(i, i, backed=items)
-        try:
-            objs = await self._backed.read([loc for _, _, loc, _ in items])
-            return {
-                idx: store.decode_backed(tag, obj, idx)
-                for (_, idx, _, tag), obj in zip(items, objs, strict=True)
-            }
-        except DeviceIOError:
-            store.stats.failed_writes += 1
-            raise
+        edges = self._edge_pages(offset, length)
+        fetched: dict[int, bytes] = {}
+        while True:
+            pages = [i for i in edges if t.state_mv[i] == BACKED and i not in fetched]
+            if not pages:
+                return fetched or None
+            items: list[BackedItem] = []
+            for i in pages:
+                store.snapshot(i, i, backed=items)
+            try:
+                objs = await self._backed.read([loc for _, _, loc, _ in items])
+                for (_, idx, _, tag), obj in zip(items, objs, strict=True):
+                    fetched[idx] = store.decode_backed(tag, obj, idx)
+            except DeviceIOError:
+                store.stats.failed_writes += 1
+                raise
 
     def _edges_for_write(
         self, offset: int, mv: memoryview, fetched: dict[int, bytes] | None = None
