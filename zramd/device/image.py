@@ -268,6 +268,9 @@ class Restore:
                 raise ValueError("a grouped page lies outside its group's window")
             if not ((live[gref].astype(np.int64) >> pos) & 1).all():
                 raise ValueError("a grouped page is not live in its group")
+            below = (members[gref].astype(np.int64) & ((1 << pos) - 1)).astype(np.uint16)
+            if (_popcount16(below) != sizes[grouped]).any():
+                raise ValueError("a grouped page's place in its group's blob is wrong")
         if ng:
             if (members == 0).any() or (live & ~members).any() or (csize == 0).any():
                 raise ValueError("a group has no members, or live pages that are not members")
@@ -352,7 +355,8 @@ class Restore:
         grouped = np.flatnonzero(state == GROUPED)
         handle[grouped] = gids[handle[grouped].astype(np.int64)]
         st = state[live]
-        codec_new = np.where((st == STORED) | (st == GROUPED) | (st == HUGE), lut[codec[live]], 0)
+        coded = (st == STORED) | (st == GROUPED)
+        codec_new = np.where(coded, lut[np.where(coded, codec[live], 0)], 0)
         fl = flags[live] & np.uint8(~PENDING & 0xFF)
         t.state[live] = st
         t.handle[live] = handle[live]
