@@ -11,7 +11,9 @@ pages or events. ``mm_stat_line()`` / ``io_stat_line()`` print the fields in the
 ``/sys/block/zramN/mm_stat`` and ``io_stat``; ``as_dict()`` is for JSON. Beside them, zramd's
 tier counters (:data:`TIER_FIELDS`: idle, recompressed and incompressible pages, grouped pages
 and groups, and the bytes recompression and grouping saved) are kept by the same device, exact
-at every step like the page counters. No pool or device logic lives here.
+at every step like the page counters, and its writeback counters (:data:`BACKING_FIELDS`:
+zram's bd_stat in pages, plus bytes, time waited, promotions, failures and waits for room). No
+pool or device logic lives here.
 
 :class:`IoStats` belongs to an export and is counted by the server's dispatch, the one place
 requests meet exports (the export holds it; every connection to the export shares it): per NBD

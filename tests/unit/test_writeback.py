@@ -535,3 +535,34 @@ async def test_large_reads_mix_ram_and_backed_pages(dev: ZramDevice, tmp_path: P
     finally:
         d.close()
         await bs.aclose()
+
+
+async def test_a_full_store_with_dead_space_is_cleaned(tmp_path: Path) -> None:
+    room = fmt.DEFAULT_DATA_OFFSET + 16 * fmt.SEGMENT_SIZE  # 4 MiB of segments
+    bs = BackingStore.create(str(tmp_path / "backing"), size=room)
+    d = ZramDevice(16 << 20, backing=bs)
+    try:
+        first = _payload(3, 3 << 20, 1)  # raw pages: 3 MiB fill 12 segments
+        await d.write(0, first)
+        d.mark_idle()
+        res = await d.writeback(kind="huge")
+        assert not res.error and res.written == 768
+        for off in range(0, 3 << 20, 4 * PAGE):
+            await d.trim(off, 3 * PAGE)  # a quarter of every segment stays live
+        await settle(d)
+        second = _payload(3, 2 << 20, 2)  # more than the free segments hold
+        await d.write(8 << 20, second)
+        d.mark_idle()
+        res = await d.writeback(kind="huge")
+        assert not res.error and res.written == 512, res
+        await settle(d)
+        assert bs.stat()["cleaned_segments"] > 0
+        d.set_mem_limit(PAGE)  # no promotion: every page is read from the store
+        assert (await d.read_with_zeros(8 << 20, 2 << 20))[0] == second
+        for off in range(0, 3 << 20, 4 * PAGE):
+            got = await d.read_with_zeros(off + 3 * PAGE, PAGE)
+            assert got[0] == first[off + 3 * PAGE : off + 4 * PAGE]
+        await check_backed(d)
+    finally:
+        d.close()
+        await bs.aclose()

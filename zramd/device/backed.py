@@ -40,6 +40,13 @@ scattered: compaction turns them into free pages) and a yield. A write that find
 make room, then tries again; it gets ENOSPC only when the backing store is full, its budget is
 spent, it fails, there is nothing left to write back, or the wait times out.
 
+**Cleaning.** Freed objects leave dead space in the store's segments. When a writeback finds
+the store full while it holds at least a segment of dead space, the store cleans up to
+:data:`CLEAN_SEGMENTS` of its emptiest segments (their live objects copied to a fresh one) and
+the move is tried once more; each relocated page still at its old locator switches to the new
+one (a page freed or rewritten meanwhile: the new copy is freed), and the old locators are freed,
+which gives the victims back.
+
 **Faults** cost the request or batch that met them: a failed read is DeviceIOError (EIO) for
 that read, a failed writeback leaves its pages in RAM. The log names the store, the error and
 where, once per kind of fault and then at most every :data:`FAULT_LOG_INTERVAL` seconds with
@@ -90,6 +97,8 @@ PRESSURE_ROUND_PAGES = 1024
 COMPACT_PAGES = 256
 #: the longest a write without room waits for writeback, in seconds
 ROOM_WAIT = 2.0
+#: segments one cleaning of a full store empties at most
+CLEAN_SEGMENTS = 8
 #: a repeated fault of the same kind is logged at most this often, in seconds
 FAULT_LOG_INTERVAL = 60.0
 
@@ -258,7 +267,7 @@ class Backed:
             flags_mv[i] |= PENDING
         t0 = time.perf_counter()
         try:
-            locs = await self.backing.write_many(objs)
+            locs = await self._write(objs)
         except BaseException as e:
             if self.store is store and not self._closed:  # closed: the table is gone
                 for i, h in zip(pages, handles, strict=True):
@@ -285,6 +294,58 @@ class Backed:
             else:
                 self.drop(loc)
         return done, nbytes, ""
+
+    async def _write(self, objs: list[bytes]) -> list[int]:
+        """Write ``objs`` to the store; a full store with dead space is cleaned and the write
+        tried once more."""
+        try:
+            return await self.backing.write_many(objs)
+        except BudgetSpent:
+            raise
+        except BackingFull:
+            if not await self._clean():
+                raise
+        return await self.backing.write_many(objs)
+
+    async def _clean(self) -> bool:
+        """Clean the store (see the module doc): whether segments were won."""
+        b = self.backing
+        if b.cleanable_bytes() < b.segment_size:
+            return False
+        store = self.store
+        try:
+            res = await b.clean(CLEAN_SEGMENTS)
+        except BackingError as e:
+            self.fault("cleaning", e)
+            return False
+        if self.store is not store or self._closed:
+            for _, new in res.relocations:
+                self.drop(new)
+            return False
+        t = store.table
+        backed = np.flatnonzero(t.state == BACKED)
+        handles = t.handle[backed]
+        olds = np.fromiter((o for o, _ in res.relocations), dtype=np.uint64)
+        hit = np.isin(handles, olds)
+        where = dict(zip(handles[hit].tolist(), backed[hit].tolist(), strict=True))
+        freed: list[int] = []
+        for old, new in res.relocations:
+            i = where.get(old)
+            if i is None:
+                self.drop(new)  # freed or rewritten meanwhile
+                continue
+            t.handle_mv[i] = new
+            freed.append(old)
+        if self._readers:  # a read in flight may hold an old locator
+            for loc in freed:
+                self.drop(loc)
+            return False
+        try:
+            await b.free(freed)
+        except (BackingError, ValueError) as e:
+            self.fault("free", e)
+            return False
+        return res.segments > 0
 
     async def writeback(
         self, kind: str, first: int, stop: int, max_pages: int, max_scan: int
