@@ -566,3 +566,34 @@ async def test_a_full_store_with_dead_space_is_cleaned(tmp_path: Path) -> None:
     finally:
         d.close()
         await bs.aclose()
+
+
+async def test_frees_wait_only_for_older_reads(dev: ZramDevice) -> None:
+    data = _text(3)
+    await _written_back(dev, data)
+    dev.set_mem_limit(PAGE)  # no promotion
+    b = _backed(dev)
+    real = b.backing.read_many
+    gates: list[asyncio.Event] = []
+
+    async def gated(locs: Any) -> list[bytes]:
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return await real(locs)
+
+    b.backing.read_many = gated  # type: ignore[method-assign]
+    older = asyncio.create_task(dev.read_with_zeros(0, PAGE))
+    await asyncio.sleep(0)
+    await dev.trim(PAGE, PAGE)  # dropped while the older read is in flight: held
+    newer = asyncio.create_task(dev.read_with_zeros(2 * PAGE, PAGE))
+    await asyncio.sleep(0)
+    assert len(gates) == 2 and len(b._garbage) == 1
+    gates[0].set()
+    assert (await older)[0] == data[:PAGE]
+    await asyncio.sleep(0.05)
+    assert not b._garbage and not newer.done()  # freed while the newer read still runs
+    gates[1].set()
+    assert (await newer)[0] == data[2 * PAGE :]
+    await settle(dev)
+    assert b.backing.stat()["bd_count"] == 2

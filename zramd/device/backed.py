@@ -24,10 +24,12 @@ as a whole (it is the densest form a cold page has; its members are skipped).
   again. The page must still be BACKED at the same locator at switch time.
 * a BACKED page rewritten, trimmed or zeroed hands its locator to :meth:`Backed.drop`.
 
-**Freeing and reads.** Locators to free are collected and freed in one batch (the store's free
-punches holes in its threads) when no backing read is in flight: a read in flight holds a
-locator it took from the table, and its bytes must stay there until it has been read, so a
-locator is never reused while anything may still read it. Reads (:meth:`Backed.read`) run in
+**Freeing and reads.** Locators to free are collected and freed in batches (the store's free
+punches holes in its threads), each once every backing read that started before it was
+dropped has ended: such a read may hold the locator (taken from the table before the page
+moved), and its bytes must stay there until it has been read, so a locator is never reused while
+anything may still read it. Reads are numbered as they start, so a steady stream of reads does
+not hold frees back: only the reads older than the drop do. Reads (:meth:`Backed.read`) run in
 the store's threads, concurrently with everything else.
 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
@@ -122,8 +124,11 @@ class Backed:
         self.store = store
         store.backed = self
         self._limit = limit
-        self._garbage: list[int] = []
-        self._readers = 0
+        #: locators to free, with the number of reads started when each was dropped
+        self._garbage: list[tuple[int, int]] = []
+        #: reads started so far, and the start numbers of those in flight
+        self._reads_started = 0
+        self._reading: dict[int, None] = {}
         self._freeing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._pressure: asyncio.Task[None] | None = None
@@ -172,10 +177,21 @@ class Backed:
     # --- freeing ------------------------------------------------------------------------------
 
     def drop(self, loc: int) -> None:
-        """``loc`` is no longer referenced: free it once no read is in flight."""
-        self._garbage.append(loc)
-        if not self._readers:
-            self._flush()
+        """``loc`` is no longer referenced: free it once the reads started before have ended."""
+        self._garbage.append((self._reads_started, loc))
+        self._flush()
+
+    def _freeable(self) -> list[int]:
+        """Take the locators no read in flight can hold out of the garbage."""
+        if not self._reading:
+            out = [loc for _, loc in self._garbage]
+            self._garbage = []
+            return out
+        oldest = next(iter(self._reading))  # the dict keeps the order the reads started in
+        out = [loc for seq, loc in self._garbage if seq <= oldest]
+        if out:
+            self._garbage = [(seq, loc) for seq, loc in self._garbage if seq > oldest]
+        return out
 
     def _flush(self) -> None:
         if self._freeing or not self._garbage or self._closed:
@@ -183,8 +199,7 @@ class Backed:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (the sync API): no async operation can be in flight
-            locs, self._garbage = self._garbage, []
-            self._free_now(locs)
+            self._free_now(self._freeable())
             return
         self._freeing = True
         task = loop.create_task(self._free_loop())
@@ -199,8 +214,10 @@ class Backed:
 
     async def _free_loop(self) -> None:
         try:
-            while self._garbage and not self._readers and not self._closed:
-                locs, self._garbage = self._garbage, []
+            while self._garbage and not self._closed:
+                locs = self._freeable()
+                if not locs:
+                    return  # the end of an older read flushes again
                 try:
                     await self.backing.free(locs)
                 except (BackingError, ValueError) as e:
@@ -213,7 +230,9 @@ class Backed:
     async def read(self, locs: list[int]) -> list[bytes]:
         """The objects at ``locs`` (in the store's threads). Raises DeviceIOError."""
         s = self.store.stats
-        self._readers += 1
+        seq = self._reads_started
+        self._reads_started += 1
+        self._reading[seq] = None
         t0 = time.perf_counter()
         try:
             objs = await self.backing.read_many(locs)
@@ -221,8 +240,8 @@ class Backed:
             self.fault("read", e)
             raise DeviceIOError(f"backing store {self.backing.path}: {e}") from None
         finally:
-            self._readers -= 1
-            if not self._readers and self._garbage:
+            del self._reading[seq]
+            if self._garbage:
                 self._flush()
         s.bd_read_us += int((time.perf_counter() - t0) * 1e6)
         s.bd_reads += len(locs)
@@ -336,7 +355,7 @@ class Backed:
                 continue
             t.handle_mv[i] = new
             freed.append(old)
-        if self._readers:  # a read in flight may hold an old locator
+        if self._reading:  # a read in flight may hold an old locator
             for loc in freed:
                 self.drop(loc)
             return False
