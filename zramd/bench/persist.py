@@ -15,7 +15,7 @@ code (:mod:`zramd.server.persistence`):
   against the original;
 * the disk: sequential O_DIRECT write and read of ``--disk-probe`` bytes beside the snapshot.
 
-Usage: ``.venv/bin/python scripts/persist-bench.py --dir /var/tmp/zb --size 4G --data 2G``.
+Usage: ``.venv/bin/python -m zramd.bench.persist --dir /var/tmp/zb --size 4G --data 2G``.
 """
 
 from __future__ import annotations
