@@ -70,7 +70,7 @@ def test_idle_pages_recompress_stat_list(tdaemon: Daemon) -> None:
     assert rows[0]["flags"] == [] and rows[1]["flags"] == ["idle"]
     assert rows[1]["state"] == "stored" and rows[1]["algorithm"] == "lz4"
     text = d.cli("pages", "t", "--range", "2048-2048").stdout.split()
-    assert text[0] == "2048" and text[2] == "s....."  # the first zero page: same-filled
+    assert text[0] == "2048" and text[2] == "s......"  # the first zero page: same-filled
     assert d.cli("pages", "t", "--range", "3000-3001").stdout == ""  # holes are not listed
 
     r = d.cli("recompress", "t", "--type", "idle", "--max-pages", "100")

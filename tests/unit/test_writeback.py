@@ -597,3 +597,14 @@ async def test_frees_wait_only_for_older_reads(dev: ZramDevice) -> None:
     assert (await newer)[0] == data[2 * PAGE :]
     await settle(dev)
     assert b.backing.stat()["bd_count"] == 2
+
+
+async def test_the_page_listing_shows_written_back_pages(dev: ZramDevice) -> None:
+    await dev.write(0, _text(1) + _payload(3, PAGE, 4))
+    dev.mark_idle()
+    await dev.writeback(kind="idle")
+    rows, _ = dev.page_states(0, 2, 10)
+    assert rows[0].state == "backed" and rows[0].flags == ["backed", "idle"]
+    assert rows[0].algorithm == "lz4" and 0 < rows[0].size < PAGE
+    assert rows[1].flags == ["backed", "huge", "idle"] and rows[1].size == PAGE
+    assert rows[1].algorithm == ""

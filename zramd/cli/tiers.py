@@ -27,10 +27,11 @@ from zramd.cli.options import control_option, errors_one_line
 from zramd.control.client import ControlClient
 from zramd.control.protocol import ControlError
 
-#: ``pages``' marks, one letter each, as zram's block_state prints them: same, huge, idle,
-#: recompressed, grouped, incompressible (``.`` where not set)
+#: ``pages``' marks, one letter each, as zram's block_state prints them: same, written back,
+#: huge, idle, recompressed, grouped, incompressible (``.`` where not set)
 FLAG_LETTERS = (
     ("same", "s"),
+    ("backed", "w"),
     ("huge", "h"),
     ("idle", "i"),
     ("recompressed", "r"),
@@ -92,8 +93,8 @@ def idle(name: str, all_: bool, age: str | None, control: str) -> None:
 @errors_one_line
 def pages(name: str, range_: str | None, as_json: bool, control: str) -> None:
     """List the pages of export NAME that hold data, like zram's debugfs block_state: index,
-    seconds since the last access, marks (s same, h huge, i idle, r recompressed, g grouped,
-    n incompressible), object size and algorithm."""
+    seconds since the last access, marks (s same, w written back, h huge, i idle,
+    r recompressed, g grouped, n incompressible), object size and algorithm."""
     first, stop = parse_range(range_)
     out = sys.stdout
     if as_json:

@@ -76,9 +76,9 @@ class GroupResult(NamedTuple):
 class PageState:
     """One line of the per-page listing (zram's debugfs ``block_state``): the page's index, the
     seconds since it was last read or written (to the device clock's quantum), where it lives
-    (``STATE_NAMES`` of the table), its marks (same, huge, grouped, idle, recompressed,
-    incompressible), its object's size in bytes (0 when it has none of its own) and the
-    algorithm it was compressed with ("" when it is not compressed)."""
+    (``STATE_NAMES`` of the table), its marks (same, backed, huge, grouped, idle,
+    recompressed, incompressible), its object's size in bytes (0 when it has none of its own)
+    and the algorithm it was compressed with ("" when it is not compressed)."""
 
     index: int
     age: int

@@ -71,6 +71,7 @@ from zramd.device.pipeline import RECOMPRESS_KEEP, RECOMPRESS_UNREADABLE, recomp
 from zramd.device.store import PageStore
 from zramd.device.table import (
     ATIME_QUANTUM,
+    BACKED,
     EMPTY,
     FLAG_NAMES,
     GROUPED,
@@ -78,6 +79,7 @@ from zramd.device.table import (
     IDLE,
     INCOMPRESSIBLE,
     PENDING,
+    RAW,
     RECOMPRESSED,
     SAME,
     STATE_NAMES,
@@ -149,7 +151,10 @@ def page_rows(store: PageStore, first: int, stop: int, limit: int) -> tuple[list
     for i in idx.tolist():
         st = t.state_mv[i]
         fl = t.flags_mv[i]
-        flags = [STATE_NAMES[st]] if st in (SAME, HUGE, GROUPED) else []
+        raw = st == HUGE or (st == BACKED and fl & RAW)
+        flags = [STATE_NAMES[st]] if st in (SAME, HUGE, GROUPED, BACKED) else []
+        if st == BACKED and raw:
+            flags.append("huge")
         flags += [name for bit, name in FLAG_NAMES.items() if fl & bit]
         rows.append(
             PageState(
@@ -157,8 +162,11 @@ def page_rows(store: PageStore, first: int, stop: int, limit: int) -> tuple[list
                 age=store.age(i),
                 state=STATE_NAMES[st],
                 flags=flags,
-                size=t.size_mv[i] if st in (STORED, HUGE) else 0,
-                algorithm=codecs[t.codec_mv[i]].name if st in (STORED, GROUPED) else "",
+                size=t.size_mv[i] if st in (STORED, HUGE, BACKED) else 0,
+                algorithm=(
+                    codecs[t.codec_mv[i]].name if st in (STORED, GROUPED, BACKED) and not raw
+                    else ""
+                ),
             )
         )
     return rows, nxt
