@@ -608,3 +608,20 @@ async def test_the_page_listing_shows_written_back_pages(dev: ZramDevice) -> Non
     assert rows[0].algorithm == "lz4" and 0 < rows[0].size < PAGE
     assert rows[1].flags == ["backed", "huge", "idle"] and rows[1].size == PAGE
     assert rows[1].algorithm == ""
+
+
+def test_a_reload_keeps_the_backing_store(tmp_path: Path) -> None:
+    from zramd.config import ExportConfig
+    from zramd.control.reload import apply_exports
+    from zramd.server.exports import ExportRegistry
+
+    registry = ExportRegistry()
+    try:
+        registry.add(ExportConfig(name="a", size=1 << 20, backing=str(tmp_path / "one")))
+        moved = ExportConfig(name="a", size=1 << 20, backing=str(tmp_path / "two"))
+        _managed, lines = apply_exports(registry, [moved], {"a"})
+        assert any("backing changed in the configuration; kept as is" in x for x in lines)
+        exp = registry.get("a")
+        assert exp is not None and exp.device.backing_stat()["path"] == str(tmp_path / "one")
+    finally:
+        registry.close()

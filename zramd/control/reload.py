@@ -13,7 +13,7 @@ wanted list, :func:`apply_exports`:
 - for exports that exist in both, applies what can change live (mem-limit,
   compression algorithm for new pages, recompression algorithms, the background policy's
   recompress-after / -interval / type, which restarts the policy) and logs, without touching
-  data, changes that cannot (size, read-only, description, groups, persist): they need
+  data, changes that cannot (size, read-only, description, groups, persist, backing): they need
   ``destroy`` + reload.
 
 It never discards the data of an export still wanted. It returns the log lines it
@@ -130,7 +130,10 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
             say(f"export {cfg.name}: background recompression off")
     fixed = [
         k
-        for k in ("size", "read_only", "description", "group_pages", "group_algorithm", "persist")
+        for k in (
+            "size", "read_only", "description", "group_pages", "group_algorithm", "persist",
+            "backing",
+        )
         if getattr(cfg, k) != getattr(old, k)
     ]
     if cfg.group_level != old.group_level and "group_algorithm" not in fixed:
