@@ -39,7 +39,7 @@ from zramd.device import blockdev
 from zramd.device.backed import Backed
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
-from zramd.device.table import BACKED, HUGE, RAW, STORED
+from zramd.device.table import BACKED, GROUPED, HUGE, RAW, STORED
 
 
 def _device(clock: Clock, backing: BackingStore | None, **kw: Any) -> ZramDevice:
@@ -625,3 +625,18 @@ def test_a_reload_keeps_the_backing_store(tmp_path: Path) -> None:
         assert exp is not None and exp.device.backing_stat()["path"] == str(tmp_path / "one")
     finally:
         registry.close()
+
+
+async def test_pages_grouped_during_writeback_stay_grouped(dev: ZramDevice) -> None:
+    data = _text(8)
+    await dev.write(0, data)
+    dev.mark_idle()
+    task = asyncio.create_task(dev.writeback(kind="idle"))
+    await asyncio.sleep(0)  # the batch is copied out and being written
+    packed = await dev.group(0, 7, group_pages=4)
+    assert packed.pages == 8
+    res = await task
+    assert res.written == 0 and res.tried == 8
+    assert (dev.table.state[:8] == GROUPED).all()
+    await check_backed(dev)  # nothing PENDING, the store's copies freed
+    assert (await dev.read_with_zeros(0, len(data)))[0] == data

@@ -73,6 +73,7 @@ from zramd.device.interface import DeviceIOError, WritebackResult
 from zramd.device.store import PageStore
 from zramd.device.table import (
     BACKED,
+    GROUPED,
     HUGE,
     IDLE,
     INCOMPRESSIBLE,
@@ -290,7 +291,8 @@ class Backed:
         except BaseException as e:
             if self.store is store and not self._closed:  # closed: the table is gone
                 for i, h in zip(pages, handles, strict=True):
-                    if handle_mv[i] == h and state_mv[i] in (STORED, HUGE):
+                    st = state_mv[i]
+                    if (handle_mv[i] == h and st in (STORED, HUGE)) or st == GROUPED:
                         flags_mv[i] &= ~PENDING
             if isinstance(e, BackingError):
                 self.fault("writeback", e)
@@ -310,8 +312,10 @@ class Backed:
             if back(i, h, loc):
                 done += 1
                 nbytes += len(obj)
-            else:
-                self.drop(loc)
+                continue
+            self.drop(loc)  # written, trimmed or moved meanwhile
+            if state_mv[i] == GROUPED:  # packed into a group: cold already, not pending
+                flags_mv[i] &= ~PENDING
         return done, nbytes, ""
 
     async def _write(self, objs: list[bytes]) -> list[int]:
