@@ -699,6 +699,9 @@ class ServerConfig:
     allow: list[str] = field(default_factory=list)
     #: busy-poll window (µs) for the next request of a lone connection; 0 = never poll.
     poll_us: int = DEFAULT_POLL_US
+    #: this start only (``serve --discard-snapshot``): an export whose snapshot file is bad or
+    #: foreign starts empty, the file renamed aside (zramd/server/persistence.py)
+    discard_snapshot: bool = False
 
     def validate(self) -> None:
         if not self.exports:
@@ -833,6 +836,7 @@ class ServeFlags:
     swap: str | None = None
     control: str | None = None
     metrics: str | None = None
+    discard_snapshot: bool = False
 
 
 @dataclass
@@ -889,6 +893,7 @@ def serve_config(flags: ServeFlags, file: FileConfig | None = None) -> ServeConf
         cfg.tls = flags.tls
     if flags.tls_verify_peer:  # a flag: absent leaves the file's value
         cfg.tls_verify_peer = True
+    cfg.discard_snapshot = flags.discard_snapshot
     cfg.validate()
     out = ServeConfig(server=cfg, flag_exports=flag_exports, file=file)
     out.swap = flags.swap or (file.swap if file is not None and file.swap else DEFAULT_SWAP)

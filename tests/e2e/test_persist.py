@@ -2,11 +2,13 @@
 restart (same sha256 copied out); ``zramd snapshot`` on a running daemon is the data at that
 moment, not later writes; SIGKILL while a snapshot is being written leaves the previous one
 whole; a snapshot of another size, or a damaged one, stops the start with one line naming the
-file."""
+file, and ``--discard-snapshot`` starts it empty with the file renamed aside; a second daemon
+naming a file in use is refused with one line naming the file and the holder."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -131,7 +133,13 @@ def test_sigkill_during_a_snapshot_keeps_the_previous_one(tmp_path: Path) -> Non
 
 
 def _refused(tmp_path: Path, snap: Path, size: int) -> str:
-    workdir = tmp_path / "bad"
+    proc = _serve_once(tmp_path / "bad", snap, size)
+    assert proc.returncode == 1, proc.stderr
+    return proc.stderr
+
+
+def _serve_once(workdir: Path, snap: Path, size: int) -> subprocess.CompletedProcess[str]:
+    """A daemon that must exit at start (it is refused)."""
     workdir.mkdir(exist_ok=True)
     cmd = zramd_argv() + [
         "serve",
@@ -144,9 +152,7 @@ def _refused(tmp_path: Path, snap: Path, size: int) -> str:
         "--export",
         f"{EXPORT}={size // 1024}K,persist={snap}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stderr
-    return proc.stderr
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def test_other_size_or_damaged_snapshot_stops_the_start(tmp_path: Path) -> None:
@@ -176,5 +182,68 @@ def test_destroy_writes_the_snapshot(tmp_path: Path) -> None:
     server = _start(tmp_path / "srv2", snap)
     try:
         assert _copy_out(server, tmp_path / "out.img", data.stat().st_size) == _sha(data)
+    finally:
+        server.stop()
+
+
+def test_a_second_daemon_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    data = tmp_path / "d.img"
+    data.write_bytes(os.urandom(2 * MiB))
+    server = _start(tmp_path / "srv", snap)
+    try:
+        run(["nbdcopy", "--flush", str(data), server.uri(EXPORT, unix=True)], timeout=120)
+        proc = _serve_once(tmp_path / "second", snap, SIZE)
+        assert proc.returncode == 1, proc.stderr
+        pid = server.procs[0].pid
+        lines = [ln for ln in proc.stderr.splitlines() if "in use" in ln]
+        assert len(lines) == 1, proc.stderr
+        assert f"snapshot {snap} is in use by another export or daemon (process {pid}" in lines[0]
+    finally:
+        server.stop()
+    assert not (tmp_path / "second" / "nbd.sock").exists()
+    server = _start(tmp_path / "srv2", snap)  # the first one's lock went with it
+    try:
+        assert _copy_out(server, tmp_path / "out.img", data.stat().st_size) == _sha(data)
+        out = _cli(server, "stat", EXPORT)
+        assert f"snapshot: {snap}, taken " in out and "0 saves, 0 failed" in out, out
+        row = json.loads(_cli(server, "list", "--json"))["exports"][0]
+        assert row["persist"]["file_bytes"] == snap.stat().st_size
+        assert row["persist"]["age_seconds"] >= 0
+    finally:
+        server.stop()
+
+
+def test_discard_snapshot_starts_empty_and_keeps_the_bad_file(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    data = tmp_path / "d.img"
+    data.write_bytes(os.urandom(2 * MiB))
+    run(["nbdcopy", "--flush", str(data), server.uri(EXPORT, unix=True)], timeout=120)
+    server.stop()
+    raw = bytearray(snap.read_bytes())
+    raw[len(raw) - 300] ^= 0x10  # a flipped bit in the last chunk
+    snap.write_bytes(bytes(raw))
+    err = _refused(tmp_path, snap, SIZE)
+    assert str(snap) in err and "checksum mismatch" in err, err
+    server = start_zramd(
+        tmp_path / "srv2", "--discard-snapshot", exports=[(EXPORT, SIZE, f"persist={snap}")]
+    )
+    try:
+        warn = [ln for ln in server.stderr().splitlines() if "discarded" in ln]
+        assert len(warn) == 1 and "checksum mismatch" in warn[0], warn
+        aside = [p for p in tmp_path.iterdir() if p.name.startswith("s.snap.bad-")]
+        assert len(aside) == 1 and aside[0].read_bytes() == bytes(raw)
+        assert str(aside[0]) in warn[0]
+        assert (
+            _copy_out(server, tmp_path / "out.img", SIZE) == hashlib.sha256(bytes(SIZE)).hexdigest()
+        )
+        run(["nbdcopy", "--flush", str(data), server.uri(EXPORT, unix=True)], timeout=120)
+    finally:
+        server.stop()
+    server = _start(tmp_path / "srv3", snap)  # a good snapshot again
+    try:
+        assert "restored" in server.stderr()
+        assert _copy_out(server, tmp_path / "out2.img", data.stat().st_size) == _sha(data)
     finally:
         server.stop()

@@ -183,7 +183,8 @@ def add_local_columns(rows: list[dict[str, Any]], control: str) -> None:
 def stat(name: str, as_json: bool, control: str) -> None:
     """Show mm_stat, io_stat and stat of export NAME (zram's sysfs fields), its requests per
     NBD command, the memory limit in force, and its cold-page tiers (idle, recompressed,
-    incompressible pages, bytes recompression saved, the background policy)."""
+    incompressible pages, bytes recompression saved, the background policy), its writeback
+    counters, and its snapshot (age, size, the last save's seconds and error)."""
     with ControlClient(control) as c:
         st: dict[str, Any] = c.call("stat", name=name)
     if as_json:
@@ -246,6 +247,20 @@ def stat(name: str, as_json: bool, control: str) -> None:
         width = max(len(k) for k in counters)
         for k, v in counters.items():
             click.echo(f"  {k.ljust(width)}  {v}")
+    persist: dict[str, Any] | None = st.get("persist")
+    if persist is not None:
+        age = persist["age_seconds"]
+        taken = (
+            f"taken {age:.0f}s ago, {format_size(persist['file_bytes'])}"
+            if age >= 0
+            else "none yet"
+        )
+        click.echo(f"snapshot: {persist['path']}, {taken}")
+        click.echo(
+            f"  last save {persist['last_save_seconds']:g}s, {persist['saves']} saves, "
+            f"{persist['failures']} failed"
+            + (f"; last error: {persist['last_error']}" if persist["last_error"] else "")
+        )
 
 
 @click.command()

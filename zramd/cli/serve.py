@@ -166,6 +166,13 @@ def operator_options(fn: F) -> F:
     multiple=True,
     help="Serve only TCP clients from these networks; repeatable [everyone].",
 )
+@click.option(
+    "--discard-snapshot",
+    "discard_snapshot",
+    is_flag=True,
+    help="This start only: an export whose persist file is damaged, of another size or "
+    "format version starts empty; the file is renamed to PATH.bad-TIME, not deleted.",
+)
 @operator_options
 @verbose_option
 @click.pass_context
@@ -185,6 +192,7 @@ def serve(
     tls_certificates: str | None = None,
     tls_verify_peer: bool | None = None,
     allow: tuple[str, ...] = (),
+    discard_snapshot: bool = False,
     config_path: str | None = None,
     swap: str | None = None,
     control: str | None = None,
@@ -215,6 +223,7 @@ def serve(
         tls_certificates=tls_certificates,
         tls_verify_peer=tls_verify_peer,
         allow=allow,
+        discard_snapshot=discard_snapshot,
         swap=swap,
         control=control,
         metrics=metrics,

@@ -117,7 +117,8 @@ def format_table(
 
 def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
     """The columns' keys of each row, its block-layer ``stat`` (the request counters), its
-    tier counters and its writeback counters."""
+    tier counters, its writeback counters and its snapshot's status (``persist``, None without
+    a persist file)."""
     keys = [COLUMNS[c][0] for c in columns]
     return {
         "exports": [
@@ -126,6 +127,7 @@ def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
                 "stat": r.get("stat"),
                 "tiers": {f: r.get(f) for f in TIER_FIELDS},
                 "backing": {f: r.get(f) for f in BACKING_FIELDS},
+                "persist": r.get("persist"),
             }
             for r in rows
         ]

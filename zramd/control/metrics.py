@@ -7,7 +7,9 @@ Theory of operation
 plus disk size and connected clients, each sample labelled ``export="NAME"``; the cold-page
 tiers (idle, recompressed and incompressible pages, bytes recompression saved); writeback
 (pages in the backing store, pages and bytes read and written, their time, promotions,
-failures, writes that waited for room); the memory
+failures, writes that waited for room); the snapshot of an export with a persist file (its
+age and bytes, the last save's seconds, saves and failures: no sample for an export without
+one); the memory
 limit in force and the writes refused with ENOSPC by cause (``cause="limit|budget|system"``);
 the server-wide memory budget, its use and its refusals; and the block layer's request
 counters: bytes, time, in flight, busy time, and a latency histogram per NBD command
@@ -40,8 +42,8 @@ REQUEST_TIMEOUT = 5.0
 MAX_METRICS_CONNECTIONS = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"backing"/"top",
-#: field, help)
+#: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"backing"/"persist"/
+#: "top", field, help)
 FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_disksize_bytes", "gauge", "top", "disksize", "Size of the export."),
     ("zramd_clients", "gauge", "top", "clients", "NBD connections attached to the export."),
@@ -112,6 +114,16 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Waits for room that failed (the write got ENOSPC)."),
     ("zramd_writeback_limit_bytes", "gauge", "backing", "writeback_limit",
      "Bytes the backing store may still be written (-1 = no limit)."),
+    ("zramd_snapshot_age_seconds", "gauge", "persist", "age_seconds",
+     "Age of the export's snapshot file (-1 = none yet)."),
+    ("zramd_snapshot_bytes", "gauge", "persist", "file_bytes",
+     "Size of the export's snapshot file."),
+    ("zramd_snapshot_last_save_seconds", "gauge", "persist", "last_save_seconds",
+     "Duration of the last snapshot save (failed or not)."),
+    ("zramd_snapshot_saves_total", "counter", "persist", "saves",
+     "Snapshots written to the export's persist file."),
+    ("zramd_snapshot_failures_total", "counter", "persist", "failures",
+     "Snapshots of the export's persist file that failed (the previous file stays)."),
 )
 #: the histogram's bucket bounds as Prometheus ``le`` labels
 _LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]
@@ -143,8 +155,14 @@ def render(registry: Any) -> str:
     for name, kind, source, field, help_ in FAMILIES:
         _head(out, name, kind, help_)
         for st in stats:
-            value = st[field] if source == "top" else st[source][field]
-            out.append(f'{name}{{export="{_label(st["name"])}"}} {int(value)}')
+            if source == "top":
+                value = st[field]
+            elif st[source] is None:  # an export without a persist file
+                continue
+            else:
+                value = st[source][field]
+            shown = value if isinstance(value, float) else int(value)
+            out.append(f'{name}{{export="{_label(st["name"])}"}} {shown}')
     _head(out, "zramd_enospc_total", "counter",
           "Writes refused with ENOSPC, by cause: the export's mem-limit, the server's "
           "budget, or the system.")  # fmt: skip

@@ -19,7 +19,9 @@ Views of an export (``list`` rows, ``stat``, and through ``stat`` the metrics): 
 and zram's mm_stat / io_stat from the device, the block layer's stat and per-command counters
 from the export's :class:`~zramd.stats.IoStats` (``invalid_io`` comes from there: the device
 never sees a request with a bad range), and the memory limit in force: the export's own, or what
-the server-wide budget leaves it when that is lower (``limited_by`` says which).
+the server-wide budget leaves it when that is lower (``limited_by`` says which); for an export
+with a persist file, its snapshot's status (``persist``: age, bytes, the last save's seconds and
+error, saves and failures; None without one).
 
 Invariants:
 - Only one daemon owns a control socket: :meth:`ControlServer.start` connects to an
@@ -167,7 +169,15 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "stat": io.block_stat(),
         **{f: s[f] for f in TIER_FIELDS},
         **{f: s[f] for f in BACKING_FIELDS},
+        "persist": _persist(exp),
     }
+
+
+def _persist(exp: ExportLike) -> dict[str, Any] | None:
+    """The export's snapshot status (:class:`~zramd.server.exports.SnapshotStatus`), or None
+    without a persist file."""
+    status = getattr(exp, "snapshot", None)
+    return status.as_dict() if status is not None else None
 
 
 def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
@@ -194,6 +204,7 @@ def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "memory": memory,
         "tiers": _tiers(exp, s),
         "backing": _backing(exp, s),
+        "persist": _persist(exp),
     }
 
 

@@ -31,7 +31,13 @@ the path, and the registry is unchanged.
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
 their running requests) and closes the device once no request is running on it.
-Snapshots of exports with a ``persist`` file are :mod:`zramd.server.persistence`'s.
+An export with ``persist`` holds its snapshot file's lock (:class:`~zramd.persist.SnapshotLock`,
+``PATH.lock`` beside it) from ``add`` until it is closed, after its last snapshot: a second export
+or daemon naming the file is refused by ``add`` with a ConfigError naming the file and the
+holder's pid. :meth:`ExportRegistry.renew` replaces an export by an empty one of the same
+configuration, in the same place, keeping the lock (a start with ``--discard-snapshot``).
+When, how and with what result they were saved (:class:`SnapshotStatus`) and the snapshots
+themselves are :mod:`zramd.server.persistence`'s.
 This module knows nothing of sockets or bytes on the wire.
 """
 
@@ -39,8 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from zramd.backing import BackingOpenError, BackingStore
@@ -50,6 +58,7 @@ from zramd.device.interface import BlockDevice
 from zramd.device.table import ENTRY_BYTES
 from zramd.device.tiers import TierPolicy
 from zramd.geometry import PAGE_SIZE
+from zramd.persist import SnapshotBusy, SnapshotLock
 from zramd.protocol.events import ExportInfo
 from zramd.stats import IoStats
 
@@ -151,18 +160,79 @@ def open_backing(cfg: ExportConfig) -> BackingStore | None:
         raise ConfigError(f"export {cfg.name!r}: backing {e}") from None
 
 
+def lock_snapshot(cfg: ExportConfig) -> SnapshotLock | None:
+    """The lock of ``cfg``'s snapshot file, or None without one. Raises ConfigError naming the
+    export and the file when another export or daemon holds it."""
+    if cfg.persist is None:
+        return None
+    try:
+        return SnapshotLock(cfg.persist)
+    except SnapshotBusy as e:
+        raise ConfigError(f"export {cfg.name!r}: {e}") from None
+    except OSError as e:
+        raise ConfigError(
+            f"export {cfg.name!r}: snapshot {cfg.persist}: cannot lock it: {e.strerror}"
+        ) from None
+
+
+@dataclass
+class SnapshotStatus:
+    """The snapshot file of an export with ``persist``, as this process knows it: when the
+    snapshot now on disk was taken (``created``, wall-clock seconds; 0: none yet) and its bytes,
+    and of the last save: its seconds, its error ("" when it worked), and the saves and failures
+    so far."""
+
+    path: str
+    created: float = 0.0
+    file_bytes: int = 0
+    last_seconds: float = 0.0
+    last_error: str = ""
+    saves: int = 0
+    failures: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The status for ``stat`` and ``list --json``: ``age_seconds`` is -1 with no snapshot."""
+        return {
+            "path": self.path,
+            "age_seconds": round(time.time() - self.created, 3) if self.created else -1,
+            "file_bytes": self.file_bytes,
+            "last_save_seconds": round(self.last_seconds, 3),
+            "last_error": self.last_error,
+            "saves": self.saves,
+            "failures": self.failures,
+        }
+
+
 class Export:
     """One served export: its configuration, its device, and the sessions using it."""
 
-    __slots__ = ("config", "device", "info", "sessions", "io", "policy", "backing")
+    __slots__ = (
+        "config",
+        "device",
+        "info",
+        "sessions",
+        "io",
+        "policy",
+        "backing",
+        "lock",
+        "snapshot",
+    )
 
     def __init__(
-        self, config: ExportConfig, device: BlockDevice, backing: BackingStore | None = None
+        self,
+        config: ExportConfig,
+        device: BlockDevice,
+        backing: BackingStore | None = None,
+        lock: SnapshotLock | None = None,
     ) -> None:
         self.config = config
         self.device = device
         #: the backing store below RAM (``config.backing``), closed with the device
         self.backing = backing
+        #: the lock of the snapshot file (``config.persist``), released by close
+        self.lock = lock
+        #: what is known of the snapshot file (None without ``persist``)
+        self.snapshot = SnapshotStatus(config.persist) if config.persist is not None else None
         self.info = ExportInfo(
             name=config.name,
             size=device.size,
@@ -207,12 +277,16 @@ class Export:
         return len(self.sessions)
 
     def close(self) -> None:
-        """Close the device, then the backing store."""
+        """Close the device, then the backing store, then release the snapshot's lock."""
         try:
             self.device.close()
         finally:
-            if self.backing is not None:
-                self.backing.close()
+            try:
+                if self.backing is not None:
+                    self.backing.close()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def __repr__(self) -> str:
         return f"<Export {self.config.summary()} clients={self.clients}>"
@@ -258,16 +332,44 @@ class ExportRegistry:
         config.validate()
         if config.name in self._exports:
             raise ConfigError(f"export {config.name!r} already exists")
-        backing = open_backing(config)
-        if device is None:
-            try:
-                device = make_device(config, self._executor, self.budget, backing)
-            except BaseException:
-                if backing is not None:
-                    backing.close()
-                raise
-        exp = Export(config, device, backing)
+        exp = self._make(config, device, lock_snapshot(config))
         self._exports[config.name] = exp
+        return exp
+
+    def _make(
+        self, config: ExportConfig, device: BlockDevice | None, lock: SnapshotLock | None
+    ) -> Export:
+        """The export of ``config`` holding ``lock`` (released when this fails)."""
+        backing: BackingStore | None = None
+        try:
+            backing = open_backing(config)
+            if device is None:
+                device = make_device(config, self._executor, self.budget, backing)
+        except BaseException:
+            if backing is not None:
+                backing.close()
+            if lock is not None:
+                lock.release()
+            raise
+        return Export(config, device, backing, lock)
+
+    def renew(self, name: str) -> Export:
+        """Replace export ``name`` (no client attached yet) by an empty one of the same
+        configuration, in its place: its device and backing store are closed and made anew,
+        its snapshot's lock stays held. Raises KeyError, ConfigError."""
+        old = self._exports[name]
+        assert not old.sessions, "renew an export in use"
+        lock, old.lock = old.lock, None
+        if old.policy is not None:
+            old.policy.cancel()
+        try:
+            old.close()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        exp = self._make(old.config, None, lock)
+        self._exports[name] = exp
         return exp
 
     def start(self) -> None:

@@ -149,7 +149,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        await persistence.restore_all(self.registry)
+        await persistence.restore_all(self.registry, self.config.discard_snapshot)
         self.registry.start()
         cfg = self.config
         raise_nofile_limit(cfg.max_connections + NOFILE_RESERVE)

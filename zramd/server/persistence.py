@@ -24,6 +24,28 @@ header, footer and meta first, then each chunk) while the loop stores the previo
 objects in the device; no client can connect yet. A missing file is a fresh export (logged); a
 file that is not a whole snapshot, or of another geometry, is a ConfigError naming the export
 and the file, and the server does not start (the device is thrown away, never half restored).
+
+**Discarding** (``zramd serve --discard-snapshot``, for this start only): a file that is not a
+whole snapshot of this format, or of another geometry, or inconsistent, is renamed aside to
+``PATH.bad-YYYYmmddTHHMMSSZ`` (never deleted) and the export starts empty in its place
+(:meth:`~zramd.server.exports.ExportRegistry.renew`), with one warning naming both files. A file
+that could not be read (an OSError) or does not fit the memory limit is not discarded: the
+file may be good, the operator fixes the cause.
+
+**Locks**: an export holds its file's lock while it exists (:mod:`zramd.persist.lock`, taken
+by the registry); ``zramd snapshot NAME PATH`` to another file takes that file's lock for the
+save, so it cannot overwrite the file of another export or daemon.
+
+**Stop timeout**: under systemd a stop that outlasts ``TimeoutStopSec`` is killed, and a
+killed save leaves the previous snapshot. Before each export's save at stop, :func:`save_all`
+asks systemd for :func:`save_seconds` of that export more (``EXTEND_TIMEOUT_USEC``, systemd
+236 or later): the export's size at :data:`WORST_SAVE_RATE`, plus :data:`SAVE_MARGIN`; so the
+unit's own ``TimeoutStopSec`` only has to cover the drain before the first save (the rule is in
+systemd/zramd.service and docs/install.md).
+
+**Status**: each save to the export's persist file and each restore updates its
+:class:`~zramd.server.exports.SnapshotStatus` (the snapshot's time and bytes, the last save's
+seconds and error), which ``stat``, ``list --json`` and the metrics show.
 """
 
 from __future__ import annotations
@@ -31,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -38,8 +61,16 @@ from typing import Any, Protocol
 
 from zramd.config import ConfigError, format_size
 from zramd.device.interface import DeviceError, NoSpace
-from zramd.persist import SnapshotError, SnapshotReader, SnapshotWriter, pack
+from zramd.persist import (
+    SnapshotBusy,
+    SnapshotError,
+    SnapshotLock,
+    SnapshotReader,
+    SnapshotWriter,
+    pack,
+)
 from zramd.server.exports import Export, ExportRegistry
+from zramd.system import sd_notify
 
 log = logging.getLogger("zramd.server")
 
@@ -50,6 +81,18 @@ SLICE_BYTES = 1 << 20
 #: so the writer thread only checksums and writes, which release the GIL: a thread that joined
 #: them would hold the GIL and the loop would wait for it
 CHUNK_BYTES = 8 << 20
+
+
+#: the slowest a save runs, in bytes of export size per second (the worst case measured:
+#: incompressible data, the file written at the disk's speed; most saves write far less)
+WORST_SAVE_RATE = 200 * 10**6
+#: seconds added to each export's estimate (capture, fsync, rename, a slow disk's stalls)
+SAVE_MARGIN = 10.0
+
+
+def save_seconds(size: int) -> float:
+    """How long a save of an export of ``size`` bytes may take at worst."""
+    return SAVE_MARGIN + size / WORST_SAVE_RATE
 
 
 #: one save at a time per device: a second (``zramd snapshot`` twice, or the stop's while one
@@ -71,6 +114,8 @@ class SnapshotInfo:
     seconds: float
     capture_pause: float
     longest_pause: float
+    #: wall-clock time of the capture (the snapshot's moment)
+    created: float
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,9 +136,34 @@ async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
     path = path or exp.config.persist
     if path is None:
         raise ConfigError(f"export {exp.name!r} has no persist file: give a path")
+    own = path == exp.config.persist
+    file_lock: SnapshotLock | None = None
+    if not own:
+        try:
+            file_lock = SnapshotLock(path)
+        except SnapshotBusy as e:
+            raise ConfigError(str(e)) from None
     lock = _locks.setdefault(exp.device, asyncio.Lock())
-    async with lock:
-        return await _save(exp, path)
+    t0 = time.perf_counter()
+    try:
+        async with lock:
+            info = await _save(exp, path)
+    except BaseException as e:
+        if own and exp.snapshot is not None and isinstance(e, Exception):
+            st = exp.snapshot
+            st.last_seconds = time.perf_counter() - t0
+            st.last_error = str(e) or type(e).__name__
+            st.failures += 1
+        raise
+    finally:
+        if file_lock is not None:
+            file_lock.release()
+    if own and exp.snapshot is not None:
+        st = exp.snapshot
+        st.created, st.file_bytes = info.created, info.file_bytes
+        st.last_seconds, st.last_error = info.seconds, ""
+        st.saves += 1
+    return info
 
 
 async def _save(exp: Export, path: str) -> SnapshotInfo:
@@ -140,6 +210,7 @@ async def _save(exp: Export, path: str) -> SnapshotInfo:
         time.perf_counter() - t0,
         capture,
         longest,
+        meta.created,
     )
     log.info(
         "export %s: snapshot %s: %d pages, %d objects, %s in %.2fs (longest pause %.1f ms)",
@@ -154,9 +225,15 @@ async def _save(exp: Export, path: str) -> SnapshotInfo:
     return info
 
 
+class SnapshotRefused(ConfigError):
+    """The snapshot file cannot be restored: not a whole snapshot of this format, of another
+    geometry, or inconsistent (what ``--discard-snapshot`` sets aside)."""
+
+
 async def restore(exp: Export) -> bool:
     """Restore ``exp`` from its persist file into its (empty) device; False when there is no
-    file. Raises ConfigError naming the export and the file."""
+    file. Raises SnapshotRefused (a bad or foreign file) or ConfigError (the file could not be
+    read, no room), naming the export and the file."""
     path = exp.config.persist
     assert path is not None
     loop = asyncio.get_running_loop()
@@ -167,9 +244,10 @@ async def restore(exp: Export) -> bool:
         log.info("export %s: no snapshot %s yet: starting empty", exp.name, path)
         return False
     except SnapshotError as e:
-        raise ConfigError(f"export {exp.name!r}: {e}") from None
+        raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
     except OSError as e:
         raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e.strerror}") from None
+    pending: asyncio.Future[Any] | None = None
     try:
         sink = exp.device.restore_image(reader.meta)
         chunks = reader.chunks()
@@ -182,11 +260,18 @@ async def restore(exp: Export) -> bool:
             sink.put(objs)
         sink.finish()
     except SnapshotError as e:
-        raise ConfigError(f"export {exp.name!r}: {e}") from None
-    except (ValueError, NoSpace, DeviceError) as e:
+        raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
+    except ValueError as e:
+        raise SnapshotRefused(f"export {exp.name!r}: snapshot {path}: {e}") from None
+    except (NoSpace, DeviceError) as e:
         raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e}") from None
     finally:
+        if pending is not None:  # the thread may still be reading the next chunk
+            with contextlib.suppress(BaseException):
+                await pending
         reader.close()
+    if exp.snapshot is not None:
+        exp.snapshot.created, exp.snapshot.file_bytes = reader.meta.created, reader.file_size
     log.info(
         "export %s: restored %s (%s, %d objects) in %.2fs",
         exp.name,
@@ -198,21 +283,54 @@ async def restore(exp: Export) -> bool:
     return True
 
 
-async def restore_all(registry: ExportRegistry) -> None:
-    """Restore every export that has a persist file (server start, before listening)."""
+async def restore_all(registry: ExportRegistry, discard: bool = False) -> None:
+    """Restore every export that has a persist file (server start, before listening); with
+    ``discard``, an export whose file is refused starts empty and the file is set aside."""
     for exp in registry:
-        if exp.config.persist is not None:
+        path = exp.config.persist
+        if path is None:
+            continue
+        try:
             await restore(exp)
+        except SnapshotRefused as e:
+            if not discard:
+                raise
+            aside = set_aside(path)
+            log.warning(
+                "%s; discarded (--discard-snapshot): renamed to %s, export %s starts empty",
+                e,
+                aside,
+                exp.name,
+            )
+            registry.renew(exp.name)
+
+
+def set_aside(path: str) -> str:
+    """Rename the snapshot ``path`` to ``PATH.bad-<UTC time>`` (a free name) and sync its
+    directory; the new name."""
+    base = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    aside, n = base, 1
+    while os.path.lexists(aside):
+        aside, n = f"{base}.{n}", n + 1
+    os.rename(path, aside)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return aside
 
 
 async def save_all(registry: ExportRegistry) -> None:
     """Snapshot every export that has a persist file (server stop): background policies are
-    stopped first; a failure is logged and the others are still saved."""
+    stopped first, systemd's stop timeout is extended by each save's worst case; a failure is
+    logged and the others are still saved."""
     for exp in registry:
         if exp.config.persist is None:
             continue
         if exp.policy is not None:
             await exp.policy.stop()
+        sd_notify(f"EXTEND_TIMEOUT_USEC={int(save_seconds(exp.device.size) * 1e6)}")
         try:
             await save(exp)
         except (OSError, DeviceError, ConfigError) as e:
