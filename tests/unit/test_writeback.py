@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from zramd.device import blockdev
 from zramd.device.backed import Backed
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
-from zramd.device.table import BACKED, GROUPED, HUGE, RAW, STORED
+from zramd.device.table import BACKED, GROUPED, HUGE, RAW, STORED, WB_PENDING
 
 
 def _device(clock: Clock, backing: BackingStore | None, **kw: Any) -> ZramDevice:
@@ -75,6 +76,7 @@ async def check_backed(d: ZramDevice) -> None:
     assert d.stats.bd_count == int(backed.sum())
     assert _backed(d).backing.stat()["bd_count"] == d.stats.bd_count
     assert not (t.flags[~backed] & RAW).any()
+    assert not (t.flags & WB_PENDING).any()
 
 
 _op = st.one_of(
@@ -640,3 +642,128 @@ async def test_pages_grouped_during_writeback_stay_grouped(dev: ZramDevice) -> N
     assert (dev.table.state[:8] == GROUPED).all()
     await check_backed(dev)  # nothing PENDING, the store's copies freed
     assert (await dev.read_with_zeros(0, len(data)))[0] == data
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_clients_and_every_mover_at_once(tmp_path: Path, seed: int) -> None:
+    """Clients write, read, trim and zero their own regions while idle marking, writeback of
+    every type, recompression, groups and compaction run over the whole device at once."""
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    region = 64 * PAGE
+    nclients = 4
+    d = ZramDevice(
+        nclients * region, backing=bs, recompression=[("zstd", 3)], offload_min_pages=8
+    )
+    done = False
+
+    async def movers() -> None:
+        rnd = random.Random(seed)
+        while not done:
+            op = rnd.randrange(6)
+            if op == 0:
+                d.mark_idle()
+            elif op == 1:
+                await d.writeback(kind=rnd.choice(["idle", "huge", "huge-idle"]))
+            elif op == 2:
+                await d.recompress(kind="idle", batch_pages=4)
+            elif op == 3:
+                lo = rnd.randrange(d.npages - 16)
+                await d.group(lo, lo + 15, group_pages=4)
+            elif op == 4:
+                d.compact()
+            else:
+                d.set_mem_limit(rnd.choice([0, 0, d.pool.total_bytes]))  # promotion on/off
+            await asyncio.sleep(0)
+
+    async def client(k: int) -> None:
+        rnd = random.Random(seed * 100 + k)
+        base = k * region
+        model = bytearray(region)
+        for _ in range(150):
+            off = rnd.randrange(0, region - 1)
+            n = rnd.randrange(1, min(region - off, 3 * PAGE) + 1)
+            op = rnd.random()
+            if op < 0.45:
+                data = _payload(rnd.randrange(4), n, rnd.randrange(1 << 30))
+                try:
+                    if not d.write_now(base + off, data):
+                        await d.write(base + off, data)
+                except NoSpace:  # a limit the movers set may leave no room: nothing changed
+                    continue
+                model[off : off + n] = data
+            elif op < 0.55:
+                await d.trim(base + off, n)
+                p0, p1 = -(-off // PAGE), (off + n) // PAGE
+                if p1 > p0:
+                    model[p0 * PAGE : p1 * PAGE] = bytes((p1 - p0) * PAGE)
+            elif op < 0.6:
+                try:
+                    await d.write_zeroes(base + off, n)
+                except NoSpace:
+                    continue
+                model[off : off + n] = bytes(n)
+            else:
+                got = await d.read_with_zeros(base + off, n)
+                assert got[0] == model[off : off + n]
+            await asyncio.sleep(0)
+        got = await d.read_with_zeros(base, region)
+        assert got[0] == model
+
+    wait, blockdev.ROOM_WAIT = blockdev.ROOM_WAIT, 0.05
+    mover = asyncio.create_task(movers())
+    try:
+        await asyncio.gather(*(client(k) for k in range(nclients)))
+        done = True
+        await mover
+        await check_backed(d)
+        d._store.groups.check()
+    finally:
+        blockdev.ROOM_WAIT = wait
+        done = True
+        d.close()
+        await bs.aclose()
+
+
+class HeldExecutor(Executor):
+    """Runs the submitted functions only when released (a worker held up on purpose)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Future[Any], Any, tuple[Any, ...]]] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        self.jobs.append((f, fn, args))
+        return f
+
+    def release(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for f, fn, args in jobs:
+            f.set_result(fn(*args))
+
+
+async def test_a_page_written_back_during_a_group_step_joins_the_group(
+    tmp_path: Path,
+) -> None:
+    """A group step holds its range against writes only: a writeback batch may move one of its
+    members out meanwhile; the group's install then frees the store's copy instead."""
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    ex = HeldExecutor()
+    d = ZramDevice(SIZE, backing=bs, executor=ex)
+    try:
+        data = _text(4) + _payload(3, 4 * PAGE, 5)
+        await d.write(0, data)
+        d.mark_idle()
+        group = asyncio.create_task(d.group(0, 7, group_pages=8))
+        await asyncio.sleep(0)  # planned: its members copied out, packing held
+        assert ex.jobs
+        res = await d.writeback(kind="huge")
+        assert res.written == 4
+        ex.release()
+        packed = await group
+        assert packed.pages == 8
+        assert (d.table.state[:8] == GROUPED).all()
+        await check_backed(d)
+        assert (await d.read_with_zeros(0, len(data)))[0] == data
+    finally:
+        d.close()
+        await bs.aclose()

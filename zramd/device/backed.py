@@ -13,11 +13,14 @@ as a whole (it is the densest form a cold page has; its members are skipped).
 **Moves**, each "make the new copy, switch the entry, free the old", on the loop thread:
 
 * *writeback* (:meth:`Backed.write_back`): the objects are copied out of the pool and their
-  pages marked PENDING; the store writes them in its threads (awaited); back on the loop, each
-  page still PENDING with the same pool handle becomes BACKED and its pool object is freed
-  (:meth:`~zramd.device.store.PageStore.back`). A page written, trimmed or moved meanwhile lost
-  its PENDING mark or its handle: its new copy in the store is freed. A failed write (I/O
-  error, store full, budget spent) leaves every page as it was.
+  pages marked WB_PENDING; the store writes them in its threads (awaited); back on the loop,
+  each page still WB_PENDING with the same pool handle becomes BACKED and its pool object is
+  freed (:meth:`~zramd.device.store.PageStore.back`). A page written, trimmed or moved
+  meanwhile lost its mark (a write replaces the whole entry) or its handle (recompression, a
+  group): its new copy in the store is freed. Batches run one at a time (a lock), so a mark
+  found at switch time is the batch's own; recompression has a mark of its own (PENDING) and
+  skips marked pages. A failed write (I/O error, store full, budget spent) leaves every page
+  as it was.
 * *promotion* (:meth:`Backed.promote`): a page read back returns to RAM when the pool, with its
   object, stays under the low watermark of the limit in force (always, with no limit), so that
   a page read again is served from RAM, while promotion never pushes the pool toward writeback
@@ -30,7 +33,9 @@ dropped has ended: such a read may hold the locator (taken from the table before
 moved), and its bytes must stay there until it has been read, so a locator is never reused while
 anything may still read it. Reads are numbered as they start, so a steady stream of reads does
 not hold frees back: only the reads older than the drop do. Reads (:meth:`Backed.read`) run in
-the store's threads, concurrently with everything else.
+the store's threads, concurrently with everything else. While a snapshot of the device is taken
+it *pins* the store (:meth:`Backed.pin`): no locator is freed (dropped ones wait, cleaning's old
+locators too), so every locator its image references stays where it is until it is done.
 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
 budget leaves it), when the pool passes :data:`HIGH_WATERMARK` of it, a background task writes
@@ -73,12 +78,12 @@ from zramd.device.interface import DeviceIOError, WritebackResult
 from zramd.device.store import PageStore
 from zramd.device.table import (
     BACKED,
-    GROUPED,
     HUGE,
     IDLE,
     INCOMPRESSIBLE,
     PENDING,
     STORED,
+    WB_PENDING,
 )
 from zramd.geometry import PAGE_SIZE
 
@@ -131,6 +136,10 @@ class Backed:
         self._reads_started = 0
         self._reading: dict[int, None] = {}
         self._freeing = False
+        #: snapshots being taken (no locator is freed meanwhile)
+        self._pins = 0
+        #: one writeback batch at a time (pressure and on demand)
+        self._batch = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pressure: asyncio.Task[None] | None = None
         #: a write is waiting: run a pressure round even under the high watermark
@@ -182,8 +191,20 @@ class Backed:
         self._garbage.append((self._reads_started, loc))
         self._flush()
 
+    def pin(self) -> None:
+        """A snapshot begins: free no locator until :meth:`unpin` (see the module doc)."""
+        self._pins += 1
+
+    def unpin(self) -> None:
+        """A snapshot is done: the locators dropped meanwhile are freed."""
+        assert self._pins > 0
+        self._pins -= 1
+        self._flush()
+
     def _freeable(self) -> list[int]:
-        """Take the locators no read in flight can hold out of the garbage."""
+        """Take the locators no read in flight nor snapshot can hold out of the garbage."""
+        if self._pins:
+            return []
         if not self._reading:
             out = [loc for _, loc in self._garbage]
             self._garbage = []
@@ -195,7 +216,7 @@ class Backed:
         return out
 
     def _flush(self) -> None:
-        if self._freeing or not self._garbage or self._closed:
+        if self._freeing or not self._garbage or self._closed or self._pins:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -271,9 +292,17 @@ class Backed:
     # --- writeback ----------------------------------------------------------------------------
 
     async def write_back(self, pages: list[int]) -> tuple[int, int, str]:
-        """Write the objects of STORED/HUGE pages ``pages`` (none PENDING) back as one batch:
-        ``(pages switched to BACKED, their object bytes, error)``, error "" or the kind of the
-        fault that left them all in RAM."""
+        """Write the objects of the pages of ``pages`` still eligible (STORED or HUGE, not
+        marked) back as one batch: ``(pages switched to BACKED, their object bytes, error)``,
+        error "" or the kind of the fault that left them all in RAM."""
+        async with self._batch:
+            if self._closed:
+                return 0, 0, ""
+            return await self._write_back([i for i in pages if self._eligible(i)])
+
+    async def _write_back(self, pages: list[int]) -> tuple[int, int, str]:
+        if not pages:
+            return 0, 0, ""
         store = self.store
         t = store.table
         state_mv, handle_mv, size_mv, flags_mv = t.state_mv, t.handle_mv, t.size_mv, t.flags_mv
@@ -284,16 +313,14 @@ class Backed:
             h = handle_mv[i]
             objs.append(load(h, PAGE_SIZE if state_mv[i] == HUGE else size_mv[i]))
             handles.append(h)
-            flags_mv[i] |= PENDING
+            flags_mv[i] |= WB_PENDING
         t0 = time.perf_counter()
         try:
             locs = await self._write(objs)
         except BaseException as e:
             if self.store is store and not self._closed:  # closed: the table is gone
-                for i, h in zip(pages, handles, strict=True):
-                    st = state_mv[i]
-                    if (handle_mv[i] == h and st in (STORED, HUGE)) or st == GROUPED:
-                        flags_mv[i] &= ~PENDING
+                for i in pages:  # a mark still there is this batch's own
+                    flags_mv[i] &= ~WB_PENDING
             if isinstance(e, BackingError):
                 self.fault("writeback", e)
                 return 0, 0, _fault_kind(e)
@@ -313,9 +340,8 @@ class Backed:
                 done += 1
                 nbytes += len(obj)
                 continue
-            self.drop(loc)  # written, trimmed or moved meanwhile
-            if state_mv[i] == GROUPED:  # packed into a group: cold already, not pending
-                flags_mv[i] &= ~PENDING
+            self.drop(loc)  # written, trimmed or moved (recompressed, grouped) meanwhile
+            flags_mv[i] &= ~WB_PENDING
         return done, nbytes, ""
 
     async def _write(self, objs: list[bytes]) -> list[int]:
@@ -359,7 +385,7 @@ class Backed:
                 continue
             t.handle_mv[i] = new
             freed.append(old)
-        if self._reading:  # a read in flight may hold an old locator
+        if self._reading or self._pins:  # a read in flight or a snapshot may hold an old one
             for loc in freed:
                 self.drop(loc)
             return False
@@ -416,7 +442,7 @@ class Backed:
     def _eligible(self, i: int) -> bool:
         t = self.store.table
         st = t.state_mv[i]
-        return (st == STORED or st == HUGE) and not t.flags_mv[i] & PENDING
+        return (st == STORED or st == HUGE) and not t.flags_mv[i] & (PENDING | WB_PENDING)
 
     def _candidates(self, first: int, stop: int, kind: str) -> Any:
         t = self.store.table
@@ -426,7 +452,7 @@ class Backed:
             ok = st == HUGE
         else:
             ok = (st == STORED) | (st == HUGE)
-        ok &= (fl & PENDING) == 0
+        ok &= (fl & (PENDING | WB_PENDING)) == 0
         if kind in ("idle", "huge-idle"):
             ok &= (fl & IDLE) != 0
         elif kind == "incompressible":
@@ -524,7 +550,7 @@ class Backed:
             t = store.table
             b = min(t.npages, a + SCAN_PAGES)
             st = t.state[a:b]
-            ok = ((st == STORED) | (st == HUGE)) & ((t.flags[a:b] & PENDING) == 0)
+            ok = ((st == STORED) | (st == HUGE)) & ((t.flags[a:b] & (PENDING | WB_PENDING)) == 0)
             idx = np.flatnonzero(ok)
             if not len(idx):
                 continue

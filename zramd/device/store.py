@@ -77,6 +77,7 @@ from zramd.device.table import (
     RECOMPRESSED,
     SAME,
     STORED,
+    WB_PENDING,
     PageTable,
 )
 from zramd.geometry import PAGE_SIZE
@@ -379,6 +380,7 @@ class PageStore:
         if st == BACKED:
             assert self.backed is not None
             self.backed.drop(t.handle_mv[idx])
+            t.flags_mv[idx] &= ~RAW  # a caller that keeps the marks (a group) must not keep it
             s.bd_count -= 1
             return
         self.pool.free(t.handle_mv[idx])
@@ -490,18 +492,18 @@ class PageStore:
             s.recompressed_pages += 1
 
     def back(self, idx: int, handle: int, loc: int) -> bool:
-        """Writeback's switch: STORED or HUGE page ``idx``, still PENDING with the pool object
+        """Writeback's switch: STORED or HUGE page ``idx``, still WB_PENDING with the pool object
         ``handle`` that was copied out, becomes BACKED at ``loc`` (its size, codec, atime and
         marks kept; RAW when it was HUGE) and its pool object is freed. False, nothing changed,
         when the page was rewritten, discarded or moved meanwhile (the caller frees ``loc``)."""
         t = self.table
         st = t.state_mv[idx]
         fl = t.flags_mv[idx]
-        if not fl & PENDING or (st != STORED and st != HUGE) or t.handle_mv[idx] != handle:
+        if not fl & WB_PENDING or (st != STORED and st != HUGE) or t.handle_mv[idx] != handle:
             return False
         t.state_mv[idx] = BACKED
         t.handle_mv[idx] = loc
-        t.flags_mv[idx] = (fl & ~PENDING) | (RAW if st == HUGE else 0)
+        t.flags_mv[idx] = (fl & ~WB_PENDING) | (RAW if st == HUGE else 0)
         self.pool.free(handle)
         s = self.stats
         s.compr_data_size -= t.size_mv[idx]

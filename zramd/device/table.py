@@ -20,7 +20,9 @@ Entry ``i`` describes device page ``i`` with six parallel arrays (15 bytes per p
   recompression algorithm), INCOMPRESSIBLE (no recompression algorithm shrank it: not tried
   again until it is rewritten), PENDING (picked by a background move that has not switched it
   yet: a write, which replaces the whole entry, clears it, and the move then leaves the page),
-  RAW (a BACKED page whose object is the raw page: it was HUGE);
+  RAW (a BACKED page whose object is the raw page: it was HUGE), WB_PENDING (copied out by the
+  writeback batch in flight, which switches it only if the mark is still there: a write clears
+  it; a mark of its own, so that recompression and writeback never take each other's marks);
 * ``atime`` (uint16): the coarse time of the last read or write, in :data:`ATIME_QUANTUM`
   second units of the device's clock. Before the clock passes :data:`ATIME_REBASE_AT` (about
   11 days) the store moves its epoch forward by :data:`ATIME_REBASE_BY` and every atime back
@@ -65,6 +67,7 @@ RECOMPRESSED = 2
 INCOMPRESSIBLE = 4
 PENDING = 8
 RAW = 16
+WB_PENDING = 32
 FLAG_NAMES = {IDLE: "idle", RECOMPRESSED: "recompressed", INCOMPRESSIBLE: "incompressible"}
 #: seconds per unit of ``atime``
 ATIME_QUANTUM = 16

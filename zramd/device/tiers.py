@@ -84,6 +84,7 @@ from zramd.device.table import (
     SAME,
     STATE_NAMES,
     STORED,
+    WB_PENDING,
 )
 from zramd.geometry import PAGE_SIZE
 
@@ -180,7 +181,7 @@ def candidates(
     st = t.state[first:stop]
     fl = t.flags[first:stop]
     ok = (st == HUGE) if kind in ("huge", "huge-idle") else (st == STORED) | (st == HUGE)
-    ok &= (fl & (RECOMPRESSED | INCOMPRESSIBLE | PENDING)) == 0
+    ok &= (fl & (RECOMPRESSED | INCOMPRESSIBLE | PENDING | WB_PENDING)) == 0
     if kind in ("idle", "huge-idle"):
         ok &= (fl & IDLE) != 0
     if threshold:
