@@ -3,7 +3,9 @@ restart (same sha256 copied out); ``zramd snapshot`` on a running daemon is the 
 moment, not later writes; SIGKILL while a snapshot is being written leaves the previous one
 whole; a snapshot of another size, or a damaged one, stops the start with one line naming the
 file, and ``--discard-snapshot`` starts it empty with the file renamed aside; a second daemon
-naming a file in use is refused with one line naming the file and the holder."""
+naming a file in use is refused with one line naming the file and the holder; pages written
+back to a backing file stay there across a restart (the snapshot references them), and another
+backing file is refused."""
 
 from __future__ import annotations
 
@@ -138,7 +140,9 @@ def _refused(tmp_path: Path, snap: Path, size: int) -> str:
     return proc.stderr
 
 
-def _serve_once(workdir: Path, snap: Path, size: int) -> subprocess.CompletedProcess[str]:
+def _serve_once(
+    workdir: Path, snap: Path, size: int, extra: str = ""
+) -> subprocess.CompletedProcess[str]:
     """A daemon that must exit at start (it is refused)."""
     workdir.mkdir(exist_ok=True)
     cmd = zramd_argv() + [
@@ -150,7 +154,7 @@ def _serve_once(workdir: Path, snap: Path, size: int) -> subprocess.CompletedPro
         "--control",
         str(workdir / "control.sock"),
         "--export",
-        f"{EXPORT}={size // 1024}K,persist={snap}",
+        f"{EXPORT}={size // 1024}K,persist={snap}" + (f",{extra}" if extra else ""),
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
@@ -247,3 +251,45 @@ def test_discard_snapshot_starts_empty_and_keeps_the_bad_file(tmp_path: Path) ->
         assert _copy_out(server, tmp_path / "out2.img", data.stat().st_size) == _sha(data)
     finally:
         server.stop()
+
+
+def test_pages_written_back_survive_a_restart(tmp_path: Path) -> None:
+    image = _real_files_image(tmp_path / "files.img", 24 * MiB)
+    with open(image, "ab") as f:
+        f.write(os.urandom(4 * MiB))  # incompressible pages: written back raw
+    size = image.stat().st_size
+    snap, backing = tmp_path / "zram0.snap", tmp_path / "zram0.backing"
+    extra = f"backing={backing}"
+    server = _start(tmp_path / "srv", snap, extra=extra)
+    run(["nbdcopy", "--flush", str(image), server.uri(EXPORT, unix=True)], timeout=120)
+    _cli(server, "idle", EXPORT, "--all")
+    _cli(server, "writeback", EXPORT, "--type", "idle", "--pages", "0-3999")
+    st = json.loads(_cli(server, "stat", EXPORT, "--json"))
+    written = st["backing"]["bd_count"]
+    assert written > 1000, st["backing"]
+    server.stop()
+    assert "snapshot" in server.stderr() and snap.exists()
+    server = _start(tmp_path / "srv2", snap, extra=extra)
+    try:
+        assert "restored" in server.stderr()
+        st = json.loads(_cli(server, "stat", EXPORT, "--json"))
+        assert st["backing"]["bd_count"] == written  # still in the backing file
+        assert _copy_out(server, tmp_path / "out.img", size) == _sha(image)
+    finally:
+        server.stop()
+    # restarted once more: what was promoted by the copy-out and what stayed out
+    server = _start(tmp_path / "srv3", snap, extra=extra)
+    try:
+        assert _copy_out(server, tmp_path / "out2.img", size) == _sha(image)
+    finally:
+        server.stop()
+    # another backing file: refused with one line, the snapshot kept
+    backing.unlink()
+    server = _start(tmp_path / "srv4", snap, extra=extra)
+    run(["nbdcopy", "--flush", str(image), server.uri(EXPORT, unix=True)], timeout=120)
+    _cli(server, "idle", EXPORT, "--all")
+    _cli(server, "writeback", EXPORT, "--type", "idle")
+    server.stop()
+    other = tmp_path / "other.backing"
+    proc = _serve_once(tmp_path / "bad", snap, SIZE, f"backing={other}")
+    assert proc.returncode == 1 and f"cannot be read from backing {other}" in proc.stderr

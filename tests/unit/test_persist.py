@@ -5,8 +5,7 @@ trims, groups and compaction go on between its slices; the restored counters and
 consistent; a truncated, torn, corrupt or foreign file is refused (a bad header, footer or meta
 before anything is restored, a damaged chunk when it is read: the device is then thrown away);
 an interrupted write leaves the previous snapshot in place; two saves of one export run one
-after the other; pages written back to a backing store are refused with a clear error (not in
-snapshots yet)."""
+after the other (pages written back to a backing store: tests/unit/test_persist_backed.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 
 from tests.unit.test_groups import _payload, check, mark_idle
-from zramd.backing import BackingStore
 from zramd.config import ExportConfig
 from zramd.device.blockdev import ZramDevice
 from zramd.device.image import Capture
@@ -271,17 +269,3 @@ async def test_server_saves_of_one_export_wait_for_each_other(tmp_path: Path) ->
         assert bytes(r.read_sync(0, SIZE)) == data
         r.close()
     registry.close()
-
-
-async def test_pages_written_back_are_refused_with_a_clear_error(tmp_path: Path) -> None:
-    bs = BackingStore.create(str(tmp_path / "backing"))
-    d = ZramDevice(SIZE, backing=bs)
-    await d.write(0, np.random.default_rng(3).bytes(16 * PAGE))
-    d.mark_idle()
-    res = await d.writeback(kind="idle")
-    assert res.written
-    with pytest.raises(DeviceError, match="written back to the backing store"):
-        d.snapshot_image()
-    assert d.pool.on_free is None
-    d.close()
-    bs.close()

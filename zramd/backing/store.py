@@ -1176,6 +1176,20 @@ class BackingStore:
         """Dead bytes in sealed segments (what cleaning could win at most)."""
         return self._dead_sealed
 
+    def generations(self, locs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The sequence number of the segment each of the live locators ``locs`` lies in (its
+        generation: a segment given back and written again has a new one), vectorised. Whoever
+        keeps locators outside the process (a snapshot) checks them against it when it opens the
+        store again: the same locator in a new generation is other data."""
+        if not len(locs):
+            return np.zeros(0, np.uint64)
+        off = (locs.astype(np.uint64) >> np.uint64(LEN_BITS)) * np.uint64(ALIGN)
+        segs = (off - np.uint64(self._data_offset)) // np.uint64(self.segment_size)
+        if len(segs) and int(segs.max()) >= len(self._state):
+            raise ValueError(f"a locator lies past the segments in use of {self.path}")
+        seq = np.frombuffer(self._seq, dtype=np.uint64, count=len(self._state))
+        return seq[segs.astype(np.int64)].copy()
+
     def stat(self) -> dict[str, int]:
         """Counters and gauges: zram's bd_stat in objects (``bd_count`` live, ``bd_reads``,
         ``bd_writes``; the device converts to pages), the payload bytes live, the segments in use

@@ -16,7 +16,9 @@ packs a range, the store reads, kills and re-packs them; to the request paths a 
 one more kind of stored page.
 
 Snapshots: :meth:`ZramDevice.snapshot_image` and :meth:`ZramDevice.restore_image` take the
-pages out as stored and put them back (:mod:`zramd.device.image`).
+pages out as stored and put them back (:mod:`zramd.device.image`); pages written back are
+referenced by locator, and the backing store is pinned (no locator freed) while the image is
+taken, or until the device closes for the last snapshot (``final``).
 
 With a backing store (:mod:`zramd.device.backed`), pages may be BACKED: their objects were
 written back to it, on demand (:meth:`ZramDevice.writeback`) or under memory pressure. A request
@@ -1017,19 +1019,29 @@ class ZramDevice:
 
     # --- snapshots (zramd.device.image) ---------------------------------------------------------
 
-    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+    def snapshot_image(self, final: bool = False) -> tuple[ImageMeta, ImageSource]:
         assert not self._closed, "device closed"
+        backed = self._backed
+        pinned = backed is not None and not final
 
         def done() -> None:
             self._capture = None
+            if pinned:
+                assert backed is not None
+                backed.unpin()
 
-        meta, cap = image.capture(self._store, self._size, done)
+        meta, cap = image.capture(
+            self._store, self._size, done, backed.backing if backed is not None else None
+        )
+        if backed is not None:
+            backed.pin()  # no await since the table was copied: its locators are all live
         self._capture = cap
         return meta, cap
 
     def restore_image(self, meta: ImageMeta) -> ImageSink:
         assert not self._closed, "device closed"
-        return image.Restore(self._store, self._size, meta)
+        backing = self._backed.backing if self._backed is not None else None
+        return image.Restore(self._store, self._size, meta, backing)
 
     def _cancel_capture(self) -> None:
         if self._capture is not None:

@@ -301,16 +301,22 @@ class BlockDevice(Protocol):
         Raises Unsupported or ValueError."""
         ...
 
-    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+    def snapshot_image(self, final: bool = False) -> tuple[ImageMeta, ImageSource]:
         """A point-in-time image of every page as stored: the meta now (the table copied in
         one step), the objects through the source, as they were at this call whatever is
-        written meanwhile. One at a time. Raises Unsupported or DeviceError."""
+        written meanwhile; pages written back to a backing store are referenced by locator,
+        none of which is freed until the source closes or, ``final`` (the device is closed
+        after it), until the device closes. One at a time. Raises Unsupported or
+        DeviceError."""
         ...
 
     def restore_image(self, meta: ImageMeta) -> ImageSink:
         """Begin restoring an image into this device, which must be empty and unused until
-        ``finish``; on any error the caller closes the device. Raises Unsupported or
-        ValueError (another geometry, an inconsistent image; the message says which)."""
+        ``finish``; on any error the caller closes the device. Pages written back are restored
+        as references into the device's backing store, which must have been opened with their
+        locators live. Raises Unsupported or ValueError (another geometry, an inconsistent
+        image, pages written back to another store or overwritten since; the message says
+        which)."""
         ...
 
     async def writeback(
@@ -466,7 +472,7 @@ class DeviceBase:
     def backing_stat(self) -> dict[str, Any]:
         return {}
 
-    def snapshot_image(self) -> tuple[ImageMeta, ImageSource]:
+    def snapshot_image(self, final: bool = False) -> tuple[ImageMeta, ImageSource]:
         raise Unsupported("the device cannot be snapshotted")
 
     def restore_image(self, meta: ImageMeta) -> ImageSink:

@@ -16,6 +16,7 @@ from zramd.persist.format import (
     SnapshotReader,
     SnapshotWriter,
     pack,
+    set_aside,
 )
 from zramd.persist.lock import SnapshotBusy, SnapshotLock
 
@@ -30,4 +31,5 @@ __all__ = [
     "SnapshotReader",
     "SnapshotWriter",
     "pack",
+    "set_aside",
 ]

@@ -13,7 +13,9 @@ Layout (all integers little-endian)::
     HEADER        magic ZRAMDSNP, version, export size, page size, pages, groups, objects,
                   object bytes, meta section length and CRC-32, creation time; CRC-32 of it all
     meta section  zstd of: the codec list (name, level, dictionary), then each TABLE_COLUMNS
-                  column over every page, then each GROUP_COLUMNS column over every group
+                  column over every page, then each GROUP_COLUMNS column over every group,
+                  then the backing store's UUID (16 bytes, zeros: none) and the generation
+                  (uint64) of each page left in the backing store, in page order
     chunk *       CHUNK (magic ZSCK, object count, data bytes, CRC-32 of lengths and data),
                   the objects' lengths (uint32 each), the objects end to end
     FOOTER        magic ZRAMDEND, the footer's own offset, chunk count, the header's CRC-32,
@@ -24,6 +26,12 @@ meta section of a 4 GiB export (15 MiB of columns) is a few KiB when little is w
 are stored as they are (compressed pages, huge pages raw, a group's blob once); same-fill pages
 are only their fill word in the handle column and holes are nothing.
 
+**Pages written back** (the device's BACKED state) are not copied: their table entry keeps its
+locator in the backing store, and the meta section names that store (its UUID) and, per such
+page, the generation of the segment its locator lies in, so that a restore can tell the
+locator still holds what it held (see :mod:`zramd.device.image`). Version 1 files (before
+that) have neither and are still read.
+
 **Refusal before restore.** :class:`SnapshotReader` checks, before it yields a single object,
 the header (magic, version, CRC), the footer at the end of the file (its magic, that it sits
 where it says, that it names this header's CRC: a truncated or torn file has no such footer)
@@ -33,7 +41,8 @@ read and the totals at the end; the caller restores into a fresh device it throw
 
 **Atomic replace.** :class:`SnapshotWriter` writes ``.NAME.tmp`` beside the target, fsyncs it,
 renames it over the target and fsyncs the directory: a crash at any point leaves the previous
-snapshot or the new one, whole.
+snapshot or the new one, whole. :func:`set_aside` renames a file that cannot be used out of the
+way, never deleting it.
 """
 
 from __future__ import annotations
@@ -53,7 +62,11 @@ import zstandard
 MAGIC = b"ZRAMDSNP"
 FOOTER_MAGIC = b"ZRAMDEND"
 CHUNK_MAGIC = b"ZSCK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the versions this zramd reads (1: no backing section)
+READ_VERSIONS = (1, 2)
+#: bytes of a backing store's UUID
+UUID_BYTES = 16
 #: the table's columns as stored, in order: (name, dtype)
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("state", "<u1"),
@@ -115,6 +128,10 @@ class ImageMeta:
     objects: int
     object_bytes: int
     created: float = field(default_factory=time.time)
+    #: the UUID of the backing store the BACKED pages are in (b"": none)
+    backing: bytes = b""
+    #: per BACKED page, in page order: the generation of its locator's segment
+    generations: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     @property
     def npages(self) -> int:
@@ -136,12 +153,21 @@ def _encode_meta(meta: ImageMeta) -> bytes:
     for (_name, dtype), col in zip(GROUP_COLUMNS, meta.groups, strict=True):
         assert len(col) == meta.ngroups
         parts.append(np.ascontiguousarray(col, dtype=dtype).tobytes())
+    assert len(meta.backing) in (0, UUID_BYTES)
+    parts.append(meta.backing or bytes(UUID_BYTES))
+    parts.append(np.ascontiguousarray(meta.generations, dtype="<u8").tobytes())
     return b"".join(parts)
 
 
 def _decode_meta(
-    raw: bytes, npages: int, ngroups: int
-) -> tuple[list[CodecSpec], list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
+    raw: bytes, npages: int, ngroups: int, version: int
+) -> tuple[
+    list[CodecSpec],
+    list[npt.NDArray[Any]],
+    list[npt.NDArray[Any]],
+    bytes,
+    npt.NDArray[np.uint64],
+]:
     mv = memoryview(raw)
     (n,) = struct.unpack_from("<H", mv, 0)
     pos = 2
@@ -167,9 +193,18 @@ def _decode_meta(
 
     table = columns(TABLE_COLUMNS, npages)
     groups = columns(GROUP_COLUMNS, ngroups)
+    backing = b""
+    generations = np.zeros(0, np.uint64)
+    if version >= 2:
+        if pos + UUID_BYTES > len(mv):
+            raise ValueError("meta section too short for its backing store's UUID")
+        uid = bytes(mv[pos : pos + UUID_BYTES])
+        backing = uid if uid.strip(b"\0") else b""
+        pos += UUID_BYTES
+        (generations,) = columns((("generation", "<u8"),), (len(mv) - pos) // 8)
     if pos != len(mv):
         raise ValueError(f"meta section has {len(mv) - pos} bytes past its columns")
-    return codecs, table, groups
+    return codecs, table, groups, backing, generations
 
 
 def pack(objects: Sequence[bytes]) -> tuple[bytes, bytes]:
@@ -330,8 +365,11 @@ class SnapshotReader:
         ) = HEADER.unpack(raw)
         if zlib.crc32(raw[: _HEADER_FIELDS.size]) != crc:
             raise self._bad("header checksum mismatch")
-        if version != FORMAT_VERSION:
-            raise self._bad(f"format version {version}, this zramd reads {FORMAT_VERSION}")
+        if version not in READ_VERSIONS:
+            raise self._bad(
+                f"format version {version}, this zramd reads "
+                + " and ".join(map(str, READ_VERSIONS))
+            )
         if self.file_size < HEADER.size + meta_len + FOOTER.size:
             raise self._bad(f"truncated ({self.file_size} bytes, no footer)")
         f.seek(self.file_size - FOOTER.size)
@@ -356,7 +394,9 @@ class SnapshotReader:
             raw_meta = zstandard.ZstdDecompressor().decompress(packed, max_output_size=meta_raw)
             if len(raw_meta) != meta_raw:
                 raise ValueError(f"meta section is {len(raw_meta)} bytes, header says {meta_raw}")
-            codecs, table, groups = _decode_meta(raw_meta, npages, ngroups)
+            codecs, table, groups, backing, generations = _decode_meta(
+                raw_meta, npages, ngroups, version
+            )
         except (zstandard.ZstdError, ValueError, struct.error, UnicodeDecodeError) as e:
             raise self._bad(f"meta section unreadable: {e}") from None
         return ImageMeta(
@@ -368,6 +408,8 @@ class SnapshotReader:
             objects=nobjects,
             object_bytes=nbytes,
             created=created / 1e9,
+            backing=backing,
+            generations=generations,
         )
 
     def chunks(self) -> Iterator[list[memoryview]]:
@@ -410,3 +452,19 @@ class SnapshotReader:
 
     def close(self) -> None:
         self._f.close()
+
+
+def set_aside(path: str) -> str:
+    """Rename the snapshot ``path`` to ``PATH.bad-<UTC time>`` (a free name), sync its
+    directory and return the new name: a file that cannot be used, kept for the operator."""
+    base = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    aside, n = base, 1
+    while os.path.lexists(aside):
+        aside, n = f"{base}.{n}", n + 1
+    os.rename(path, aside)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return aside

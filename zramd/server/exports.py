@@ -21,12 +21,18 @@ An export whose configuration asks for background recompression (``recompress-af
 :meth:`ExportRegistry.start` (the server's start), cancelled by ``remove`` and ``close``; it
 backs off while the export's clients are busy.
 
-An export with ``backing`` gets its :class:`~zramd.backing.BackingStore`, formatted afresh
-(what an earlier run wrote back is not kept), opened by ``add`` before the device is made and
-closed after it; the device writes pages back to it (:mod:`zramd.device.backed`). A path that
-cannot be used (busy: another export or process holds it, too
-small, holding something else) is refused by ``add`` with a ConfigError naming the export and
-the path, and the registry is unchanged.
+An export with ``backing`` gets its :class:`~zramd.backing.BackingStore`, opened by ``add``
+before the device is made and closed after it; the device writes pages back to it
+(:mod:`zramd.device.backed`). It is formatted afresh, unless the export's snapshot (``persist``)
+references pages written back to it: then it is opened with those pages' locators live
+(:meth:`~zramd.backing.BackingStore.open`, every other segment given back) for the restore to
+reference them, after a check that it is the store the snapshot names (its UUID). A snapshot
+that cannot be read, or that names another store or records the store cannot open, is refused
+by ``add`` with a ConfigError naming the export, the snapshot and the backing path; with
+``discard_snapshot`` (``serve --discard-snapshot``) the store is formatted instead and the
+restore then sets the snapshot aside. A path that cannot be used (busy: another export or
+process holds it, too small, holding something else) is refused by ``add`` with a ConfigError
+naming the export and the path, and the registry is unchanged.
 
 Mutations (``add`` / ``remove``) happen on the event-loop thread; the control socket uses them.
 ``remove`` refuses while clients are attached unless ``force``, which closes their sessions (after
@@ -51,14 +57,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from zramd.backing import BackingOpenError, BackingStore
+from zramd.backing import BackingOpenError, BackingStore, FormatError
+from zramd.backing.format import HEADER_BYTES, decode_header
 from zramd.config import ConfigError, ExportConfig, format_size
 from zramd.device.blockdev import SERVER_OFFLOAD_MIN_PAGES, ZramDevice
 from zramd.device.interface import BlockDevice
-from zramd.device.table import ENTRY_BYTES
+from zramd.device.table import BACKED, ENTRY_BYTES
 from zramd.device.tiers import TierPolicy
 from zramd.geometry import PAGE_SIZE
-from zramd.persist import SnapshotBusy, SnapshotLock
+from zramd.persist import SnapshotBusy, SnapshotError, SnapshotLock, SnapshotReader
 from zramd.protocol.events import ExportInfo
 from zramd.stats import IoStats
 
@@ -149,15 +156,75 @@ def make_device(
         ) from None
 
 
-def open_backing(cfg: ExportConfig) -> BackingStore | None:
-    """The backing store of ``cfg``, formatted empty, or None without one. Raises ConfigError
-    naming the export and the path."""
+def open_backing(cfg: ExportConfig, discard: bool = False) -> BackingStore | None:
+    """The backing store of ``cfg``, or None without one: opened with the locators its snapshot
+    references live, else formatted empty (see the module doc). Raises ConfigError naming the
+    export and the paths."""
     if cfg.backing is None:
         return None
     try:
+        refs = _snapshot_references(cfg, discard)
+        if refs is not None:
+            store = _reopen(cfg, *refs, discard)
+            if store is not None:
+                return store
         return BackingStore.create(cfg.backing)
     except BackingOpenError as e:
         raise ConfigError(f"export {cfg.name!r}: backing {e}") from None
+
+
+def _snapshot_references(cfg: ExportConfig, discard: bool) -> tuple[bytes, list[int]] | None:
+    """The backing store's UUID and the locators ``cfg``'s snapshot references, or None (no
+    snapshot, none written back, or a bad snapshot that ``discard`` will set aside)."""
+    if cfg.persist is None:
+        return None
+    try:
+        reader = SnapshotReader(cfg.persist)
+    except FileNotFoundError:
+        return None
+    except SnapshotError as e:
+        if discard:
+            return None
+        raise ConfigError(f"export {cfg.name!r}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"export {cfg.name!r}: snapshot {cfg.persist}: {e.strerror}") from None
+    try:
+        state, handle = reader.meta.table[0], reader.meta.table[1]
+        locs = handle[state == BACKED].tolist()
+        return (reader.meta.backing, locs) if locs else None
+    finally:
+        reader.close()
+
+
+def _reopen(cfg: ExportConfig, uuid: bytes, locs: list[int], discard: bool) -> BackingStore | None:
+    """``cfg``'s backing store opened with ``locs`` live, when it is the store ``uuid``; None
+    (format it) when it is not or cannot be opened so and ``discard``. Raises ConfigError,
+    BackingOpenError."""
+    assert cfg.backing is not None and cfg.persist is not None
+    why = ""
+    try:
+        with open(cfg.backing, "rb") as f:
+            header = decode_header(f.read(HEADER_BYTES))
+    except FileNotFoundError:
+        why = "it does not exist"
+    except FormatError as e:
+        why = str(e)
+    except OSError as e:
+        raise BackingOpenError(f"{cfg.backing}: {e.strerror}") from None
+    else:
+        if header.uuid != uuid:
+            why = f"it is the backing store {header.uuid_text}, not the snapshot's"
+    if not why:
+        try:
+            return BackingStore.open(cfg.backing, live=locs)
+        except BackingOpenError as e:
+            why = str(e)
+    if discard:
+        return None
+    raise ConfigError(
+        f"export {cfg.name!r}: snapshot {cfg.persist}: its {len(locs)} pages written back cannot "
+        f"be read from backing {cfg.backing}: {why}"
+    )
 
 
 def lock_snapshot(cfg: ExportConfig) -> SnapshotLock | None:
@@ -301,6 +368,7 @@ class ExportRegistry:
         *,
         default: str | None = None,
         budget: Any = None,
+        discard_snapshot: bool = False,
     ) -> None:
         self._exports: dict[str, Export] = {}
         self._executor = executor
@@ -308,6 +376,8 @@ class ExportRegistry:
         #: server-wide MemoryBudget shared by every export's pool (None: no global limit)
         self.budget = budget
         self.default = default
+        #: a snapshot its export cannot use is set aside at start (``serve --discard-snapshot``)
+        self.discard_snapshot = discard_snapshot
 
     # --- ExportCatalog --------------------------------------------------------------------------
     def lookup(self, name: str) -> ExportInfo | None:
@@ -342,7 +412,7 @@ class ExportRegistry:
         """The export of ``config`` holding ``lock`` (released when this fails)."""
         backing: BackingStore | None = None
         try:
-            backing = open_backing(config)
+            backing = open_backing(config, self.discard_snapshot)
             if device is None:
                 device = make_device(config, self._executor, self.budget, backing)
         except BaseException:

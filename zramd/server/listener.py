@@ -119,7 +119,10 @@ class Server:
         self.executor = ThreadPoolExecutor(CODEC_WORKERS, thread_name_prefix="zramd-codec")
         if registry is None:
             registry = ExportRegistry(
-                self.executor, default=config.default_export, budget=_budget(config)
+                self.executor,
+                default=config.default_export,
+                budget=_budget(config),
+                discard_snapshot=config.discard_snapshot,
             )
             for e in config.exports:
                 registry.add(e)

@@ -9,6 +9,16 @@ requests in flight finished and the connections closed, before the devices close
 NAME [PATH]`` writes one while clients go on (:func:`save`). Saves of one export run one after
 the other.
 
+**Pages written back** to a backing store are referenced by locator, not copied
+(:mod:`zramd.device.image`); the store is pinned while the image is taken (no locator freed),
+and at stop and destroy (``final``) until the export closes, so the records the file names are
+in the backing file when the next start opens it with them live (the registry does:
+:mod:`zramd.server.exports`). A ``zramd snapshot`` of a running export pins only while it is
+written: the daemon then goes on freeing and reusing locators, so after a crash that live
+snapshot restores only while the segments it references were not given back and written again
+meanwhile (each page's segment generation is checked): else the restore refuses it (one line;
+``--discard-snapshot`` starts empty), never serving other data. A normal stop writes a new one.
+
 **Saving** takes the device's image (:meth:`~zramd.device.interface.BlockDevice.snapshot_image`:
 the table is copied in one step, the pause clients see) and then the objects in slices of
 :data:`SLICE_BYTES` (a fraction of a millisecond of loop time each, copied out and joined, a
@@ -53,7 +63,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -68,6 +77,7 @@ from zramd.persist import (
     SnapshotReader,
     SnapshotWriter,
     pack,
+    set_aside,
 )
 from zramd.server.exports import Export, ExportRegistry
 from zramd.system import sd_notify
@@ -130,8 +140,9 @@ class SnapshotInfo:
         }
 
 
-async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
-    """Snapshot ``exp`` to ``path`` (default: its ``persist`` file) at this point in time.
+async def save(exp: Export, path: str | None = None, final: bool = False) -> SnapshotInfo:
+    """Snapshot ``exp`` to ``path`` (default: its ``persist`` file) at this point in time;
+    ``final``: the export is closed after it (its pages written back stay pinned until then).
     Raises ConfigError (no path), DeviceError (device reset or closed meanwhile) or OSError."""
     path = path or exp.config.persist
     if path is None:
@@ -147,7 +158,7 @@ async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
     t0 = time.perf_counter()
     try:
         async with lock:
-            info = await _save(exp, path)
+            info = await _save(exp, path, final)
     except BaseException as e:
         if own and exp.snapshot is not None and isinstance(e, Exception):
             st = exp.snapshot
@@ -166,10 +177,10 @@ async def save(exp: Export, path: str | None = None) -> SnapshotInfo:
     return info
 
 
-async def _save(exp: Export, path: str) -> SnapshotInfo:
+async def _save(exp: Export, path: str, final: bool) -> SnapshotInfo:
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
-    meta, src = exp.device.snapshot_image()
+    meta, src = exp.device.snapshot_image(final)
     longest = capture = time.perf_counter() - t0
     pages = int((meta.table[0] != 0).sum())
     try:
@@ -305,22 +316,6 @@ async def restore_all(registry: ExportRegistry, discard: bool = False) -> None:
             registry.renew(exp.name)
 
 
-def set_aside(path: str) -> str:
-    """Rename the snapshot ``path`` to ``PATH.bad-<UTC time>`` (a free name) and sync its
-    directory; the new name."""
-    base = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    aside, n = base, 1
-    while os.path.lexists(aside):
-        aside, n = f"{base}.{n}", n + 1
-    os.rename(path, aside)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return aside
-
-
 async def save_all(registry: ExportRegistry) -> None:
     """Snapshot every export that has a persist file (server stop): background policies are
     stopped first, systemd's stop timeout is extended by each save's worst case; a failure is
@@ -332,7 +327,7 @@ async def save_all(registry: ExportRegistry) -> None:
             await exp.policy.stop()
         sd_notify(f"EXTEND_TIMEOUT_USEC={int(save_seconds(exp.device.size) * 1e6)}")
         try:
-            await save(exp)
+            await save(exp, final=True)
         except (OSError, DeviceError, ConfigError) as e:
             log.error("export %s: snapshot %s failed: %s", exp.name, exp.config.persist, e)
 
@@ -351,6 +346,6 @@ async def destroy(registry: Detaching, name: str, force: bool) -> None:
     try:
         await asyncio.gather(*(s.wait_idle() for s in busy))
         if exp.config.persist is not None:
-            await save(exp)
+            await save(exp, final=True)
     finally:
         exp.close()
