@@ -21,6 +21,12 @@ Groups: ``storage`` (fs, multiconn, discard, reconnect, memlimit), ``swap`` (a 2
 swapping to an export) and ``negative`` (scenario fs against a server whose reads are corrupted:
 it must FAIL, and the harness reports PASS for the group only if it does).
 
+The exports of fs and swap run the background policy of issue 11 (:data:`POLICY`). At the
+scenarios' first sync point (``discard-before``, ``swap-mid``) the harness waits, bounded by
+:data:`POLICY_WAIT_S`, until the policy has grouped or recompressed pages, so the guest's later
+reads (the file checks, fsck, the hog's verify pass) go through what it did; the
+``*-policy-host-stats`` outcomes show its work (:class:`HostChecks`).
+
 md groups (issue 16) boot with two servers, A and B, each on its own port and guestfwd
 (10.0.2.100:10809 and :10810): ``raid`` (raid0 throughput against one server, ext2 on raid0,
 swap striped over both, raid1 with a write-intent bitmap whose servers are SIGKILLed and
@@ -73,6 +79,12 @@ SWAP_HOG_MIB_TCG = 384
 #: wall-clock limits per boot (TCG); a boot that overruns is killed and its scenarios FAIL
 BOOT_TIMEOUT_S = {"storage": 600.0, "swap": 600.0, "negative": 240.0, "raid": 600.0,
                   "raid-negative": 300.0}
+#: the background policy on the fs and swap exports, aggressive enough to act within a
+#: scenario: every 2 s, pages not accessed for 16 s (the access clock's step) are marked idle,
+#: packed into groups of up to 16 pages, and the idle pages left are recompressed with zstd
+POLICY = "algorithm=lz4 zstd(level=3),recompress-after=16s,recompress-interval=2s,group-pages=16"
+#: how long a sync point waits for the policy to have grouped or recompressed pages
+POLICY_WAIT_S = 90.0
 LOGS_KEPT = 60
 PAGE = 4096
 #: memhog makes 1/4 of its pages zero or same-filled; the server must see at least this share
@@ -101,10 +113,10 @@ GROUPS: dict[str, Group] = {
     "storage": Group(
         "storage",
         ["fs", "multiconn", "discard", "reconnect", "memlimit"],
-        ["fs=256M", "mc=256M", "dc=16M", "lim=64M,mem-limit=8M"],
+        ["fs=256M," + POLICY, "mc=256M", "dc=16M", "lim=64M,mem-limit=8M"],
         STORAGE_MEM_MIB,
     ),
-    "swap": Group("swap", ["swap"], ["swap=1G"], SWAP_MEM_MIB),
+    "swap": Group("swap", ["swap"], ["swap=1G," + POLICY], SWAP_MEM_MIB),
     "raid": Group("raid", ["raid0", "raid0swap", "raid1"], RAID_EXPORTS, RAID_MEM_MIB, servers=2),
     "raid-negative": Group(
         "raid-negative", ["raid1"], RAID_EXPORTS, RAID_MEM_MIB, expect_fail={"raid1"},
@@ -410,17 +422,64 @@ def run_boot(group: Group, kernel: Path, initrd: Path, accel: str, ports: list[i
 # host-side checks
 
 
+def policy_acted(st: dict[str, Any]) -> bool:
+    """The export's background policy has grouped or recompressed pages (``tiers.policy``)."""
+    return int(st.get("grouped") or 0) + int(st.get("recompressed") or 0) > 0
+
+
+def wait_for_policy(server: HostServer, export: str) -> tuple[dict[str, Any] | None, str, float]:
+    """Read ``export``'s stats every second until its policy acted or POLICY_WAIT_S passed:
+    (the last stats or None, why not, seconds waited)."""
+    t0 = time.monotonic()
+    while True:
+        st, why = host_stats(server, export)
+        waited = time.monotonic() - t0
+        if st is None or policy_acted(st) or waited >= POLICY_WAIT_S:
+            return st, why, waited
+        time.sleep(1.0)
+
+
 class HostChecks:
-    """Stats taken at the guest's @@SYNC points, and the host-side verdicts drawn from them."""
+    """Stats taken at the guest's @@SYNC points, and the host-side verdicts drawn from them.
+    At the first sync point of an export with the background policy it waits for the policy
+    (:func:`wait_for_policy`) before the guest goes on."""
+
+    POLICY_SYNCS = {"discard-before": "fs", "swap-mid": "swap"}
 
     def __init__(self, server: HostServer) -> None:
         self.server = server
         self.snaps: dict[str, tuple[dict[str, Any] | None, str]] = {}
+        self.policy_waits: dict[str, float] = {}
 
     def on_sync(self, tag: str) -> None:
-        export = {"discard-before": "fs", "discard-after": "fs", "swap-mid": "swap"}.get(tag)
+        if tag in self.POLICY_SYNCS:
+            st, why, self.policy_waits[tag] = wait_for_policy(self.server,
+                                                              self.POLICY_SYNCS[tag])
+            self.snaps[tag] = (st, why)
+            return
+        export = {"discard-after": "fs"}.get(tag)
         if export:
             self.snaps[tag] = host_stats(self.server, export)
+
+    def policy(self, scenario: str, tag: str) -> Outcome | None:
+        """``SCENARIO-policy-host-stats``: at ``tag`` the policy had made passes, marked pages
+        idle and grouped or recompressed some of them."""
+        if tag not in self.snaps:
+            return None
+        name = f"{scenario}-policy-host-stats"
+        st, why = self.snaps[tag]
+        if st is None:
+            return Outcome(name, "SKIP", reason=why)
+        if st.get("passes") is None:
+            return Outcome(name, "FAIL", reason="the export has no background policy")
+        keys = ("passes", "marked_idle", "grouped", "recompressed", "grouped_pages", "groups",
+                "group_saved_bytes", "recompressed_pages", "incompressible_pages",
+                "recompress_saved_bytes", "backoffs", "max_slice_us")
+        figs = f"policy_wait_s={self.policy_waits[tag]:.0f} " + " ".join(
+            f"{k}={st.get(k)}" for k in keys)
+        ok = int(st["passes"]) > 0 and int(st.get("marked_idle") or 0) > 0 and policy_acted(st)
+        return Outcome(name, "PASS" if ok else "FAIL", figures=figs, reason="" if ok else
+                       f"the policy grouped and recompressed nothing in {POLICY_WAIT_S:.0f}s")
 
     def discard(self) -> Outcome | None:
         if "discard-before" not in self.snaps:
@@ -635,7 +694,8 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
         if scen in group.expect_fail:  # the negative check: the scenario must detect corruption
             o = negative_outcome(scen, o, group.expect_figure)
         outcomes.append(o)
-    for host in (checks.discard(), checks.swap(), raid.raid0(), raid.raid0swap(), raid.raid1()):
+    for host in (checks.discard(), checks.policy("fs", "discard-before"), checks.swap(),
+                 checks.policy("swap", "swap-mid"), raid.raid0(), raid.raid0swap(), raid.raid1()):
         if host is not None:
             outcomes.append(host)
     for s, rc in rcs:
