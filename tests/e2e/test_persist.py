@@ -4,8 +4,8 @@ moment, not later writes; SIGKILL while a snapshot is being written leaves the p
 whole; a snapshot of another size, or a damaged one, stops the start with one line naming the
 file, and ``--discard-snapshot`` starts it empty with the file renamed aside; a second daemon
 naming a file in use is refused with one line naming the file and the holder; pages written
-back to a backing file stay there across a restart (the snapshot references them), and another
-backing file is refused."""
+back to a backing file stay there across a restart (the snapshot references them), also from a
+live snapshot followed by SIGKILL, and another backing file is refused."""
 
 from __future__ import annotations
 
@@ -293,3 +293,25 @@ def test_pages_written_back_survive_a_restart(tmp_path: Path) -> None:
     other = tmp_path / "other.backing"
     proc = _serve_once(tmp_path / "bad", snap, SIZE, f"backing={other}")
     assert proc.returncode == 1 and f"cannot be read from backing {other}" in proc.stderr
+
+
+def test_live_snapshot_of_pages_written_back_then_sigkill(tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(os.urandom(6 * MiB) + b"written back " * (MiB // 2))
+    snap, backing = tmp_path / "s.snap", tmp_path / "s.backing"
+    extra = f"backing={backing}"
+    server = _start(tmp_path / "srv", snap, extra=extra)
+    run(["nbdcopy", "--flush", str(image), server.uri(EXPORT, unix=True)], timeout=120)
+    _cli(server, "idle", EXPORT, "--all")
+    _cli(server, "writeback", EXPORT, "--type", "idle")
+    assert "longest pause" in _cli(server, "snapshot", EXPORT)
+    server.procs[0].send_signal(signal.SIGKILL)  # no snapshot at stop: the live one is left
+    _kill(server)
+    server = _start(tmp_path / "srv2", snap, extra=extra)
+    try:
+        st = json.loads(_cli(server, "stat", EXPORT, "--json"))
+        assert st["backing"]["bd_count"] > 0
+        n = image.stat().st_size
+        assert _copy_out(server, tmp_path / "out.img", n) == _sha(image)
+    finally:
+        server.stop()
