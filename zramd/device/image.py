@@ -21,37 +21,52 @@ after it; the extra memory is the objects overwritten during the snapshot.
 In the image's table, a STORED or HUGE entry's handle is 0 (its object is the next one in image
 order), a GROUPED entry's handle is its group's index in the image, PENDING is cleared.
 
+*Pages written back* (BACKED) are referenced, not copied: their entry keeps its locator in the
+backing store, and the image names the store (its UUID) and, per such page, the generation of
+the segment its locator lies in (:meth:`~zramd.backing.BackingStore.generations`). The device
+pins its backing store while the capture runs (:meth:`~zramd.device.backed.Backed.pin`: no
+locator is freed), and for the snapshot taken as the device closes, until it is closed, so the
+file refers to records that are still there when the store is next opened.
+
 **Restore** (:class:`Restore`, into an empty store, loop thread). The meta is checked against
 the device (geometry, states, codec ids, group references) before any object is stored; the
 objects are stored in the pool as they arrive (:meth:`Restore.put`, each length checked against
 the table), then :meth:`Restore.finish` writes the table's live entries, registers the groups
 and sets the counters from the table. The codec list is matched to the device's own by
 (name, level, dictionary): ids are remapped, codecs the device lacks are added. Access times
-restart at the restore (the clock's epoch is the device's); marks are kept.
-
-Pages written back (a state past GROUPED) are not in images yet: capture refuses them.
+restart at the restore (the clock's epoch is the device's); marks are kept. BACKED entries go
+back as they are, into a device whose backing store was opened with their locators live
+(:meth:`~zramd.backing.BackingStore.open`): the restore refuses an image whose pages are in
+another store (its UUID), or whose locators' segments have another generation now (given back
+and written again since the snapshot: the same locator would be other data), or a device
+without a backing store.
 
 Knows nothing of files: :mod:`zramd.persist` writes and reads the image.
 """
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from zramd.allocator import PoolFull
+from zramd.backing import BackingStore
+from zramd.backing.format import LEN_MASK
 from zramd.compress import Codec, get_codec
 from zramd.device.interface import Buffer, DeviceError, NoSpace
 from zramd.device.store import PageStore
 from zramd.device.table import (
+    BACKED,
     EMPTY,
     GROUPED,
     HUGE,
     IDLE,
     INCOMPRESSIBLE,
     PENDING,
+    RAW,
     RECOMPRESSED,
     SAME,
     STORED,
@@ -172,17 +187,19 @@ class Capture:
         self._on_close()
 
 
-def capture(store: PageStore, size: int, on_close: Callable[[], None]) -> tuple[ImageMeta, Capture]:
-    """The image of ``store`` (a device of ``size`` bytes) as of now: its meta, and the
-    :class:`Capture` that hands out its objects. ``on_close`` runs when the capture closes.
-    Raises DeviceError for pages an image cannot hold yet (written back)."""
+def capture(
+    store: PageStore,
+    size: int,
+    on_close: Callable[[], None],
+    backing: BackingStore | None = None,
+) -> tuple[ImageMeta, Capture]:
+    """The image of ``store`` (a device of ``size`` bytes, its pages written back to
+    ``backing``) as of now: its meta, and the :class:`Capture` that hands out its objects.
+    ``on_close`` runs when the capture closes; the caller pins ``backing`` meanwhile."""
     if store.pool.on_free is not None:
         raise DeviceError("a snapshot of this device is already running")
     t = store.table
     state = t.state.copy()
-    if len(state) and int(state.max()) > GROUPED:
-        n = int(np.count_nonzero(state > GROUPED))
-        raise DeviceError(f"{n} page(s) written back to the backing store: not in snapshots yet")
     handle = t.handle.copy()
     sizes_col = t.size.copy()
     codec = t.codec.copy()
@@ -204,6 +221,13 @@ def capture(store: PageStore, size: int, on_close: Callable[[], None]) -> tuple[
         g.chunks[gid, : (n + PAGE_SIZE - 1) >> PAGE_SHIFT].tolist()
         for gid, n in zip(gids.tolist(), group_sizes, strict=True)
     ]
+    backed = np.flatnonzero(state == BACKED)
+    uuid = b""
+    generations = np.zeros(0, np.uint64)
+    if len(backed):
+        assert backing is not None, "BACKED pages without a backing store"
+        uuid = backing.header.uuid
+        generations = backing.generations(handle[backed])
     meta = ImageMeta(
         size=size,
         page_size=PAGE_SIZE,
@@ -218,6 +242,8 @@ def capture(store: PageStore, size: int, on_close: Callable[[], None]) -> tuple[
         ],
         objects=len(pooled) + len(gids),
         object_bytes=int(obj_sizes.sum()) + int(csizes.sum()),
+        backing=uuid,
+        generations=generations,
     )
     cap = Capture(store, obj_handles, obj_sizes, group_chunks, group_sizes, on_close)
     return meta, cap
@@ -228,11 +254,46 @@ def _popcount16(a: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
     return bits.sum(axis=1, dtype=np.int64)
 
 
+def _check_backed(meta: ImageMeta, backing: BackingStore | None) -> int:
+    """The number of BACKED pages of ``meta``, once checked against ``backing`` (the device's
+    store, opened with their locators live). Raises ValueError."""
+    state, handle, sizes, _codec, _flags, _atime = meta.table
+    backed = np.flatnonzero(state == BACKED)
+    n = len(backed)
+    if not n:
+        return 0
+    if backing is None:
+        raise ValueError(f"{n} pages are in a backing store and the export has none")
+    if meta.backing != backing.header.uuid:
+        theirs = uuidlib.UUID(bytes=meta.backing) if meta.backing else "unnamed"
+        raise ValueError(
+            f"{n} pages are in the backing store {theirs}, {backing.path} is the backing store "
+            f"{backing.header.uuid_text}"
+        )
+    if len(meta.generations) != n:
+        raise ValueError(f"{len(meta.generations)} generations for {n} pages written back")
+    sz = sizes[backed].astype(np.uint64)
+    if (sz == 0).any() or (sz > PAGE_SIZE).any():
+        raise ValueError("a page written back has an object size out of 1..4096")
+    locs = handle[backed]
+    if ((locs & np.uint64(LEN_MASK)) != sz).any():
+        raise ValueError("a page written back has a locator of another length than its object")
+    stale = int(np.count_nonzero(backing.generations(locs) != meta.generations))
+    if stale:
+        raise ValueError(
+            f"{stale} of {n} pages written back are no longer in {backing.path} (their segments "
+            "were given back and written again since the snapshot)"
+        )
+    return n
+
+
 class Restore:
     """Puts an image back into an empty store (see the module doc). Raises ValueError for an
     image that does not fit the device or is inconsistent, NoSpace when the pool has no room."""
 
-    def __init__(self, store: PageStore, size: int, meta: ImageMeta) -> None:
+    def __init__(
+        self, store: PageStore, size: int, meta: ImageMeta, backing: BackingStore | None = None
+    ) -> None:
         assert store.stats.pages_stored == 0, "restore into an empty device only"
         if meta.size != size:
             raise ValueError(f"it holds an export of {meta.size} bytes, the export has {size}")
@@ -245,10 +306,12 @@ class Restore:
         self._meta = meta
         state, handle, sizes, codec, _flags, _atime = meta.table
         first, csize, members, live, gcodec = meta.groups
-        if len(state) and int(state.max()) > GROUPED:
+        if len(state) and int(state.max()) > BACKED:
             raise ValueError(f"unknown page state {int(state.max())}")
+        self._nbacked = _check_backed(meta, backing)
         ncodecs = len(meta.codecs)
         coded = (state == STORED) | (state == GROUPED)
+        coded |= (state == BACKED) & ((meta.table[4] & RAW) == 0)
         if coded.any() and int(codec[coded].max()) >= ncodecs:
             raise ValueError("a page names a codec the image does not list")
         if len(gcodec) and int(gcodec.max()) >= ncodecs:
@@ -356,7 +419,7 @@ class Restore:
         grouped = np.flatnonzero(state == GROUPED)
         handle[grouped] = gids[handle[grouped].astype(np.int64)]
         st = state[live]
-        coded = (st == STORED) | (st == GROUPED)
+        coded = (st == STORED) | (st == GROUPED) | ((st == BACKED) & ((flags[live] & RAW) == 0))
         codec_new = np.where(coded, lut[np.where(coded, codec[live], 0)], 0)
         fl = flags[live] & np.uint8(~(PENDING | WB_PENDING) & 0xFF)
         t.state[live] = st
@@ -372,6 +435,7 @@ class Restore:
         s.huge_pages += nhuge
         s.huge_pages_since += nhuge
         s.compr_data_size += int(self._sizes.sum())
+        s.bd_count += self._nbacked
         s.idle_pages += int(np.count_nonzero(fl & IDLE))
         s.recompressed_pages += int(np.count_nonzero(fl & RECOMPRESSED))
         s.incompressible_pages += int(np.count_nonzero(fl & INCOMPRESSIBLE))
