@@ -50,12 +50,13 @@ def test_density_roundtrip(tmp_path: Path) -> None:
 
 def test_density_cold_stages(tmp_path: Path) -> None:
     """The cold-page runs drive a real zramd through its control socket after the copy-in and
-    the copy-out still reads the image back."""
+    the copy-out still reads the image back. The image is large enough (20 MiB) that the
+    codecs' per-thread state (a few MiB of RSS) stays well inside the bound on RAM per byte."""
     img = tmp_path / "img"
     with open(img, "wb") as f:
-        for i in range(64):
+        for i in range(1024):
             f.write((f"line {i % 7} of a compressible text page ".encode() * 200)[:16384])
-        f.write(os.urandom(1 << 20))
+        f.write(os.urandom(4 << 20))
     sha = density.sha256_file(img)
     for spec in COLD:
         res = density.run_density(spec, img, sha)
