@@ -7,9 +7,10 @@ microbenchmarks and writes ``results.md``, ``results.json`` and ``chart.png`` to
 (default ``docs/benchmarks``); ``micro`` only prints the microbenchmarks; ``report`` re-renders
 the markdown and chart from a saved ``results.json``; ``density`` runs only the real-data
 density, with the cold-page run (recompression, multi-page groups) beside per-page lz4 and
-zstd and nbdkit-zstd, into ``docs/benchmarks/density``. Modes: full (default, < 15 min on the
-2-core dev machine) and ``--quick`` (~3 min: smaller device, shorter jobs, fewer workloads).
-Explicit options override the mode's defaults.
+zstd and nbdkit-zstd, into ``docs/benchmarks/density``; ``writeback`` runs zramd with a backing
+file against ``nbdkit file`` (:mod:`zramd.bench.writeback`) into ``docs/benchmarks/writeback.md``.
+Modes: full (default, < 15 min on the 2-core dev machine) and ``--quick`` (~3 min: smaller
+device, shorter jobs, fewer workloads). Explicit options override the mode's defaults.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from zramd.bench import report
+from zramd.bench import report, writeback
 from zramd.bench.fio import WORKLOADS, workload_by_name
 from zramd.bench.runner import MIB, RunConfig, log, run
 from zramd.bench.servers import (
@@ -57,6 +58,11 @@ MODES: dict[str, dict[str, object]] = {
         ],
     },
 }  # fmt: skip
+#: mode -> defaults of ``writeback`` (working set MiB, runtime s, repeat)
+WRITEBACK_MODES: dict[str, dict[str, float]] = {
+    "full": {"size": 256, "runtime": 3.0, "repeat": 3},
+    "quick": {"size": 64, "runtime": 1.0, "repeat": 3},
+}
 REQUIRED_TOOLS = ("fio", "nbdkit", "qemu-nbd", "nbdcopy", "mke2fs")
 
 
@@ -66,6 +72,29 @@ def _size(text: str) -> int:
     if t and t[-1] in mult:
         return int(float(t[:-1]) * mult[t[-1]])
     return int(t)
+
+
+def _writeback(args: argparse.Namespace, args_list: list[str]) -> int:
+    if shutil.which("fio") is None or shutil.which("nbdkit") is None:
+        print("missing tools: fio, nbdkit (run scripts/install-deps.sh)", file=sys.stderr)
+        return 2
+    d = WRITEBACK_MODES["quick" if args.quick else "full"]
+    size = args.size or int(d["size"]) * MIB
+    log(f"writeback run: {size // MIB} MiB working set -> {args.out}")
+    raw = writeback.run_writeback(
+        size,
+        args.repeat or int(d["repeat"]),
+        args.runtime or float(d["runtime"]),
+        "quick" if args.quick else "full",
+        " ".join(args_list),
+        args.note,
+    )
+    summ = writeback.write_report(raw, args.out)
+    log(f"wrote {args.out / 'writeback.md'}")
+    for phase, ratio in summ["ratios"].items():
+        print(f"{phase:16s} {writeback.ZRAMD}/{writeback.NBDKIT} "
+              + ("-" if ratio is None else f"{ratio:.2f}"))  # fmt: skip
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--repeat", type=int, default=1, help="samples per server and image")
     d.add_argument("--out", type=Path, default=DENSITY_OUT)
     d.add_argument("--note", default="", help="free text for the report header")
+    w = sub.add_parser("writeback", help="zramd with a backing file against nbdkit file")
+    w.add_argument("--quick", action="store_true", help="smaller working set, shorter phases")
+    w.add_argument("--size", type=_size, help="working set, 4x zramd's memory limit, e.g. 256M")
+    w.add_argument("--repeat", type=int, help="repetitions (>= 3 for the record)")
+    w.add_argument("--runtime", type=float, help="seconds per time-based read phase")
+    w.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    w.add_argument("--note", default="", help="free text for the report header")
     rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
     rep.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p
@@ -116,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         report.write_report(raw, args.out)
         print(args.out / "results.md")
         return 0
+    if args.cmd == "writeback":
+        return _writeback(args, args_list)
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)} (run scripts/install-deps.sh)", file=sys.stderr)
