@@ -25,6 +25,14 @@
  *     bytes (or one that does not fit below it) gives (huge, PAGE, page bytes), a smaller one
  *     (stored, size, compressed bytes).
  *
+ * decode_group(chunks, kind, size) -> bytes | None
+ *     The blob of a multi-page group, stored as the pieces ``chunks`` (a list of bytes, in
+ *     order), decoded as one lz4 block (kind 1) or one zstd frame (kind 2) straight from the
+ *     pieces (one piece: no copy; more: gathered into one scratch buffer) into a new bytes
+ *     object of ``size`` bytes. None when it does not decode to exactly ``size`` bytes. zstd
+ *     uses one decompression context per thread, kept for the thread's life (a context costs
+ *     ~100 KiB and microseconds to set up, more than decoding a small group).
+ *
  * new_buffer(n) -> bytearray
  *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
  *
@@ -250,6 +258,98 @@ out:
     return result;
 }
 
+static _Thread_local ZSTD_DCtx *group_dctx;
+
+static PyObject *
+decode_group(PyObject *self, PyObject *args)
+{
+    PyObject *chunks;
+    int kind;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "O!in:decode_group", &PyList_Type, &chunks, &kind, &size))
+        return NULL;
+    if (kind != K_LZ4 && kind != K_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "decode_group: unknown kind %d", kind);
+        return NULL;
+    }
+    if (size <= 0 || size > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
+        return NULL;
+    }
+    /* pin the pieces: another thread must not free one while the GIL is released */
+    PyObject *pinned = PySequence_Tuple(chunks);
+    if (pinned == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(pinned);
+    PyObject *out = NULL;
+    char *scratch = NULL;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = PyTuple_GET_ITEM(pinned, i);
+        if (!PyBytes_Check(c)) {
+            PyErr_Format(PyExc_TypeError, "decode_group: chunk %zd must be bytes", i);
+            goto fail;
+        }
+        total += PyBytes_GET_SIZE(c);
+        if (total > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "decode_group: blob too large");
+            goto fail;
+        }
+    }
+    if (total == 0) {
+        Py_DECREF(pinned);
+        Py_RETURN_NONE;
+    }
+    const char *src;
+    if (n == 1) {
+        src = PyBytes_AS_STRING(PyTuple_GET_ITEM(pinned, 0));
+    } else {
+        scratch = PyMem_Malloc((size_t)total);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        Py_ssize_t pos = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *c = PyTuple_GET_ITEM(pinned, i);
+            memcpy(scratch + pos, PyBytes_AS_STRING(c), (size_t)PyBytes_GET_SIZE(c));
+            pos += PyBytes_GET_SIZE(c);
+        }
+        src = scratch;
+    }
+    if (kind == K_ZSTD && group_dctx == NULL) {
+        group_dctx = ZSTD_createDCtx();
+        if (group_dctx == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        goto fail;
+    char *dst = PyBytes_AS_STRING(out);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == K_LZ4) {
+        ok = LZ4_decompress_safe(src, dst, (int)total, (int)size) == size;
+    } else {
+        size_t r = ZSTD_decompressDCtx(group_dctx, dst, (size_t)size, src, (size_t)total);
+        ok = !ZSTD_isError(r) && r == (size_t)size;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(scratch);
+    Py_DECREF(pinned);
+    if (!ok) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
+fail:
+    PyMem_Free(scratch);
+    Py_DECREF(pinned);
+    return NULL;
+}
+
 static PyObject *
 new_buffer(PyObject *self, PyObject *args)
 {
@@ -267,6 +367,8 @@ static PyMethodDef methods[] = {
     {"new_buffer", new_buffer, METH_VARARGS, "new_buffer(n) -> bytearray of n bytes, not zeroed"},
     {"decompress_pages", decompress_pages, METH_VARARGS,
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},
+    {"decode_group", decode_group, METH_VARARGS,
+     "decode_group(chunks, kind, size) -> the group's pages, or None when it does not decode"},
     {"prepare_pages", prepare_pages, METH_VARARGS,
      "prepare_pages(src, kind, level, threshold, same, stored, huge) -> list of prepared pages"},
     {NULL, NULL, 0, NULL},

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zramd.compress import native
-from zramd.device import DeviceIOError
+from zramd.compress import Codec, native
+from zramd.device import DeviceIOError, pipeline
 from zramd.device.blockdev import ZramDevice
 from zramd.device.groups import GROUP_BYTES, MAX_GROUP_PAGES
 from zramd.device.interface import DeviceBase, Unsupported
@@ -336,14 +336,13 @@ def test_sequential_read_decodes_each_group_once(monkeypatch: pytest.MonkeyPatch
     d.group_sync(0, 63)
     d._store.groups._cache.clear()
     calls = []
-    codec = d._store.codecs[int(d.table.codec[0])]
-    real = codec.decompress
+    real = pipeline.decode_group
 
-    def counting(blob: bytes, size: int) -> bytes:
+    def counting(codec: Codec, chunks: list[bytes], size: int) -> bytes:
         calls.append(size)
-        return real(blob, size)
+        return real(codec, chunks, size)
 
-    monkeypatch.setattr(codec, "decompress", counting)
+    monkeypatch.setattr(pipeline, "decode_group", counting)
     for p in range(64):
         assert d.read_sync(p * PAGE, PAGE) == data[p * PAGE : (p + 1) * PAGE]
     assert calls == [16 * PAGE] * 4
@@ -391,7 +390,7 @@ def test_group_image_decoded_by_two_threads_at_once() -> None:
     pages = b"".join(_payload(2, PAGE, i) for i in range(16))
     blob = codec.compress(pages)
     for _ in range(200):
-        img = GroupImage(codec, blob, len(pages))
+        img = GroupImage(codec, [blob[:PAGE], blob[PAGE:]], len(pages))
         start = threading.Barrier(2)
         got: list[bytes] = []
 
@@ -407,3 +406,59 @@ def test_group_image_decoded_by_two_threads_at_once() -> None:
         for th in threads:
             th.join()
         assert got == [pages, pages]
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_group_decode_in_c_matches_the_codec(use_native: bool) -> None:
+    was = native.enabled
+    native.enabled = use_native and native.BUILT
+    try:
+        d, data = _filled(64)
+        d.group_sync(0, 63)
+        g = d._store.groups
+        for gid in range(4):
+            g._cache.clear()
+            img = g.image(gid)
+            assert len(img.chunks) > 1 and img.data is None
+            codec = img.codec
+            joined = codec.decompress(b"".join(img.chunks), img.size)
+            assert img.pages() == joined == data[gid * 16 * PAGE : (gid + 1) * 16 * PAGE]
+            assert img.chunks == []
+        d.close()
+    finally:
+        native.enabled = was
+
+
+async def test_cold_group_read_is_decoded_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 KiB read of a grouped page whose group is not cached gives way at the ``*_now`` door
+    and is decoded in a worker; once the group is cached, the door serves its pages."""
+    import threading
+
+    threads: list[str] = []
+    real = pipeline.decode_group
+
+    def recording(codec: Codec, chunks: list[bytes], size: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(codec, chunks, size)
+
+    monkeypatch.setattr(pipeline, "decode_group", recording)
+    with ThreadPoolExecutor(2, thread_name_prefix="worker") as ex:
+        d, data = _filled(64, executor=ex)
+        d.group_sync(0, 63)
+        d._store.groups._cache.clear()
+        off = 21 * PAGE
+        assert d.read_with_zeros_now(off, PAGE) is None
+        assert d.read_now(off + 100, 10) is None
+        assert bytes(await d.read(off, PAGE)) == data[off : off + PAGE]
+        assert len(threads) == 1 and threads[0].startswith("worker")
+        got = d.read_with_zeros_now(off + PAGE, PAGE)  # same group: cached, decoded
+        assert got is not None and bytes(got[0]) == data[off + PAGE : off + 2 * PAGE]
+        assert len(threads) == 1
+        # a corrupt cold group is EIO through the worker path too
+        d._store.groups._cache.clear()
+        _corrupt_group(d, 0)
+        with pytest.raises(DeviceIOError):
+            await d.read(0, PAGE)
+        assert bytes(await d.read(off, PAGE)) == data[off : off + PAGE]
+        check(d)
+        d.close()

@@ -307,3 +307,39 @@ async def test_native_read_of_pages_from_two_codecs(use_native: bool, n: int) ->
         assert d.read_sync(0, n * PAGE) == data
         assert await d.read(0, n * PAGE) == data
         d.close()
+
+
+@pytest.mark.parametrize("algo", ["zstd", "lz4"])
+def test_decode_group_matches_the_codec(algo: str) -> None:
+    codec = get_codec(algo)
+    kind = native.decode_kind(codec)
+    assert kind is not None
+    for n in (1, 2, 7, 16):
+        data = b"".join(pages(n, n))
+        blob = codec.compress(data)
+        for step in (PAGE, 1000, len(blob)):
+            chunks = [blob[i : i + step] for i in range(0, len(blob), step)]
+            assert N.decode_group(chunks, kind, len(data)) == codec.decompress(blob, len(data))
+
+
+def test_decode_group_of_a_bad_blob_is_none() -> None:
+    codec = get_codec("zstd")
+    data = b"".join(pages(3, 16))
+    blob = codec.compress(data)
+    assert N.decode_group([blob[:-5]], N.ZSTD, len(data)) is None  # truncated
+    assert N.decode_group([blob[:100], bytes(len(blob) - 100)], N.ZSTD, len(data)) is None
+    assert N.decode_group([blob], N.ZSTD, len(data) - PAGE) is None  # decodes to more
+    assert N.decode_group([blob], N.ZSTD, len(data) + PAGE) is None  # decodes to less
+    assert N.decode_group([], N.ZSTD, len(data)) is None
+    assert N.decode_group([bytes(200)], N.LZ4, len(data)) is None
+
+
+def test_decode_group_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        N.decode_group([b"x"], 0, PAGE)
+    with pytest.raises(ValueError):
+        N.decode_group([b"x"], N.ZSTD, 0)
+    with pytest.raises(TypeError):
+        N.decode_group([b"x", "y"], N.ZSTD, PAGE)  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        N.decode_group((b"x",), N.ZSTD, PAGE)  # type: ignore[arg-type]

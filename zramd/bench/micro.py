@@ -432,6 +432,56 @@ def _bench_backing_cleaning(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_groups() -> list[dict[str, Any]]:
+    """Reads of grouped pages (zstd groups of 16 pages) beside per-page ones, on a 64 MiB
+    device: a 4 KiB read whose group is cached (decoded) and one whose group is not (a random
+    page: it decodes its whole 64 KiB group), and sequential 1 MiB reads."""
+    import numpy as np
+
+    from zramd.device.blockdev import ZramDevice
+    from zramd.device.table import IDLE
+
+    dev_pages = 1 << 14
+    pages = make_pages("comp")
+    rng = random.Random(7)
+    rand = [rng.randrange(dev_pages) * PAGE for _ in range(NPAGES)]
+    hit = [rng.randrange(16) * PAGE for _ in range(NPAGES)]  # the pages of one group
+    seq = list(range(0, dev_pages * PAGE, 1 << 20))
+    rows = []
+    for grouped in (False, True):
+        dev = ZramDevice(dev_pages * PAGE, algorithm="zstd")
+        try:
+            for off in range(0, dev_pages * PAGE, 64 * PAGE):
+                p0 = off // PAGE
+                dev.write_sync(off, b"".join(pages[(p0 + i) % NPAGES] for i in range(64)))
+            if grouped:
+                dev.table.flags[:] |= np.uint8(IDLE)
+                dev.group_sync(0, dev_pages - 1, group_pages=16)
+            rows.extend(_bench_group_reads(dev, grouped, hit, rand, seq))
+        finally:
+            dev.close()
+    return rows
+
+
+def _bench_group_reads(
+    dev: Any, grouped: bool, hit: list[int], rand: list[int], seq: list[int]
+) -> list[dict[str, Any]]:
+    def read4k(off: int) -> None:
+        dev.read_sync(off, PAGE)
+
+    def read1m(off: int) -> None:
+        dev.read_sync(off, 1 << 20)
+
+    label = "grouped" if grouped else "per page"
+    rows = []
+    if grouped:
+        rows.append(_row("groups read_sync 4K, group cached", time_loop(read4k, hit)))
+    rows.append(_row(f"groups read_sync 4K random, {label}", time_loop(read4k, rand),
+                     note="group not cached" if grouped else ""))
+    rows.append(_row(f"groups read_sync 1M sequential, {label}", time_loop(read1m, seq), 1 << 20))
+    return rows
+
+
 CASES: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
     ("samefill", bench_samefill),
     ("codec", bench_codecs),
@@ -441,6 +491,7 @@ CASES: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
     ("dispatch", bench_dispatch),
     ("protocol", bench_protocol),
     ("backing", bench_backing),
+    ("groups", bench_groups),
 ]
 
 

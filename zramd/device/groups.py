@@ -24,11 +24,14 @@ GROUPED with handle = group id, size = the page's index in the blob (its rank am
 members), codec = the group's codec. Flags and atime stay as they were.
 
 **Reads.** A read of a member decodes the whole blob: :class:`~zramd.device.pipeline.GroupImage`
-holds a copy of the blob (taken on the loop thread) and decodes it on first use, on the loop
-thread or in a worker. The last :data:`GROUP_CACHE` images are kept (at most 8 x 64 KiB decoded
-plus their blobs, outside the pool), so a sequential read decodes each group once; an image is
-dropped whenever its group changes or goes. A blob that does not decode is DeviceIOError for the
-pages of that group and nothing else.
+holds copies of the blob's chunks (taken on the loop thread) and decodes it on first use, on the
+loop thread or in a worker (in C straight from the chunks when the codec has a native form). A
+read that would decode a group not cached is not done inline on the loop thread
+(:meth:`decoded`; the device's ``*_now`` door gives way) but in a worker. The last
+:data:`GROUP_CACHE` images are kept (at most 8 x 64 KiB decoded plus their chunks, outside the
+pool), so a sequential read decodes each group once; an image is dropped whenever its group
+changes or goes. A blob that does not decode is DeviceIOError for the pages of that group and
+nothing else.
 
 **Dead pages.** A write, trim or write_zeroes of a member takes it out (``kill``: the live mask
 loses its bit, the entry gets its new state; the blob stays as it is). A group with no live page
@@ -68,7 +71,7 @@ import numpy.typing as npt
 from zramd.allocator import Pool, PoolFull
 from zramd.compress import Codec, CodecError
 from zramd.device.interface import DeviceIOError, NoSpace
-from zramd.device.pipeline import GroupImage, GroupPage, prepare_page
+from zramd.device.pipeline import GroupImage, prepare_page
 from zramd.device.table import GROUPED, HUGE, IDLE, STORED, PageTable
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.stats import DeviceStats
@@ -265,9 +268,11 @@ class Groups:
         n = int(self.csize[gid])
         load = store.pool.load
         hs = self.chunks[gid, : (n + PAGE_SIZE - 1) >> PAGE_SHIFT].tolist()
-        blob = b"".join(load(h, min(PAGE_SIZE, n - (k << PAGE_SHIFT))) for k, h in enumerate(hs))
+        tail = hs.pop()
+        chunks = [load(h, PAGE_SIZE) for h in hs]
+        chunks.append(load(tail, n - (len(hs) << PAGE_SHIFT)))
         size = int(self.members[gid]).bit_count() << PAGE_SHIFT
-        img = GroupImage(store.codecs[int(self.codec[gid])], blob, size)
+        img = GroupImage(store.codecs[int(self.codec[gid])], chunks, size)
         self._remember(gid, img)
         return img
 
@@ -278,22 +283,17 @@ class Groups:
         while len(cache) > GROUP_CACHE:
             cache.popitem(last=False)
 
+    def decoded(self, gid: int) -> bool:
+        """Whether group ``gid``'s image is cached and decoded (a read of it decodes nothing)."""
+        img = self._cache.get(gid)
+        return img is not None and img.data is not None
+
     def read(self, gid: int, k: int, idx: int) -> bytes:
         """Member ``k`` (page ``idx``) of group ``gid``, decoded here. Raises DeviceIOError."""
         try:
             data = self.image(gid).pages()
         except CodecError as exc:
             raise DeviceIOError(f"page {idx}: group {gid}: {exc}") from None
-        off = k << PAGE_SHIFT
-        return data[off : off + PAGE_SIZE]
-
-    def item(self, gid: int, k: int) -> bytes | GroupPage:
-        """A snapshot item for member ``k`` of group ``gid``: its bytes when the image is
-        decoded already, else a :class:`GroupPage` to decode where the read is decoded."""
-        img = self.image(gid)
-        data = img.data
-        if data is None:
-            return GroupPage(img, k)
         off = k << PAGE_SHIFT
         return data[off : off + PAGE_SIZE]
 
@@ -379,7 +379,7 @@ class Groups:
         self.count += 1
         self.live_pages += k
         if data is not None:
-            self._remember(gid, GroupImage(store.codecs[codec_id], b"", len(data), data))
+            self._remember(gid, GroupImage(store.codecs[codec_id], [], len(data), data))
         return gid
 
     # --- settling: re-pack or dissolve groups past the dead bound ----------------------------

@@ -12,7 +12,8 @@ GIL released) that gives the same triples. A read goes back from snapshot items 
 ``(codec or native kind, compressed blob)``, or a :class:`GroupPage` of a multi-page group) to
 page bytes. A group (:mod:`zramd.device.groups`) is packed here too: :func:`pack_groups` decodes
 the member pages of each window and compresses them as one blob; a :class:`GroupImage` holds a
-group's blob copied out of the pool and decodes it once, on first use, in whichever thread.
+group's blob copied out of the pool and decodes it once, on first use, in whichever thread
+(:func:`decode_group`: in C straight from the pool chunks when the codec has a native form).
 
 Invariants: every function here is pure and may run in a worker thread. It reads only bytes
 handed to it (copied out of the pool on the loop thread) and writes only buffers it created or
@@ -105,17 +106,33 @@ def prepare_part(
     return out
 
 
+def decode_group(codec: Codec, chunks: list[bytes], size: int) -> bytes:
+    """A group's blob (its pool chunks, in order) decoded into its ``size`` bytes of pages: in
+    C straight from the chunks (``zramd._native.decode_group``, GIL released) when the codec
+    has a native form, else joined and decoded by the codec. Raises CodecError."""
+    kind = native.decode_kind(codec)
+    if kind is None:
+        return codec.decompress(b"".join(chunks), size)
+    data = native.module().decode_group(chunks, kind, size)
+    if data is None:
+        raise CodecError(f"{codec.name}: the group's blob does not decode to {size} bytes")
+    return data
+
+
 class GroupImage:
-    """A group's compressed blob (copied out of the pool on the loop thread) and, once decoded,
-    its member pages back to back (the blob is dropped then). Two threads may decode at once:
-    both get the same bytes, and one that finds the blob dropped finds the pages set (they are
-    set before the blob is dropped). A blob that does not decode raises CodecError every time."""
+    """A group's compressed blob as its pool chunks (copied out of the pool on the loop thread)
+    and, once decoded, its member pages back to back (the chunks are dropped then). Two threads
+    may decode at once: both get the same bytes, and one that finds the chunks dropped finds
+    the pages set (they are set before the chunks are dropped). A blob that does not decode
+    raises CodecError every time."""
 
-    __slots__ = ("codec", "blob", "size", "data")
+    __slots__ = ("codec", "chunks", "size", "data")
 
-    def __init__(self, codec: Codec, blob: bytes, size: int, data: bytes | None = None) -> None:
+    def __init__(
+        self, codec: Codec, chunks: list[bytes], size: int, data: bytes | None = None
+    ) -> None:
         self.codec = codec
-        self.blob = blob
+        self.chunks = chunks
         #: bytes the blob decodes to (members x PAGE_SIZE)
         self.size = size
         self.data = data
@@ -124,12 +141,12 @@ class GroupImage:
         """The member pages, decoded on first use. Raises CodecError."""
         data = self.data
         if data is None:
-            blob = self.blob
+            chunks = self.chunks
             data = self.data
             if data is None:
-                data = self.codec.decompress(blob, self.size)
+                data = decode_group(self.codec, chunks, self.size)
                 self.data = data
-                self.blob = b""
+                self.chunks = []
         return data
 
 
@@ -145,6 +162,11 @@ class GroupPage:
     def page(self) -> bytes:
         off = self.index << PAGE_SHIFT
         return self.image.pages()[off : off + PAGE_SIZE]
+
+
+def has_group_pages(snap: list[Any]) -> bool:
+    """Whether a snapshot holds a :class:`GroupPage` (a group to decode)."""
+    return any(type(item) is GroupPage for item in snap)
 
 
 def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:

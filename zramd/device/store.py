@@ -59,7 +59,7 @@ from zramd.allocator import Pool, PoolFull
 from zramd.compress import Codec, CodecError, native
 from zramd.device.groups import Groups
 from zramd.device.interface import DeviceIOError, NoSpace
-from zramd.device.pipeline import Prepared
+from zramd.device.pipeline import GroupImage, GroupPage, Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
 from zramd.device.table import (
     ATIME_QUANTUM,
@@ -80,7 +80,7 @@ from zramd.device.table import (
     WB_PENDING,
     PageTable,
 )
-from zramd.geometry import PAGE_SIZE
+from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.stats import DeviceStats
 
 #: ATIME_QUANTUM as a shift: the clock's whole seconds >> ATIME_SHIFT is the quantum (cheaper
@@ -601,7 +601,9 @@ class PageStore:
         if tags is None:
             tags = self.codecs
         read_page = self.read_page
-        group_item = self.groups.item
+        group_image = self.groups.image
+        gid = -1
+        img: GroupImage | None = None
         out: list[Any] = []
         append = out.append
         zero: list[int] = []
@@ -613,7 +615,16 @@ class PageStore:
                 append(ZERO_PAGE)
                 zero.append(idx)
             elif st == GROUPED:
-                append(group_item(handle_mv[idx], size_mv[idx]))
+                if handle_mv[idx] != gid:  # a group's members are consecutive: one lookup
+                    gid = handle_mv[idx]
+                    img = group_image(gid)
+                assert img is not None
+                data = img.data
+                k = size_mv[idx]
+                if data is None:
+                    append(GroupPage(img, k))
+                else:
+                    append(data[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT])
             elif st == BACKED and backed is not None:
                 raw = t.flags_mv[idx] & RAW
                 backed.append((len(out), idx, handle_mv[idx], None if raw else tags[codec_mv[idx]]))
