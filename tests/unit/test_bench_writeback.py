@@ -67,6 +67,7 @@ def _sample(server: str, phase: str, rep: int, mbps: float, rss: int) -> dict[st
     if server == ZRAMD:
         s["backing"] = {k: 1 for k in writeback.BACKING_DELTAS}
         s["backing_end"] = {"bd_count": 5000 + rep}
+        s["pool_max_bytes"] = (50 + rep) * MIB
     return s
 
 
@@ -93,6 +94,7 @@ def test_summarize() -> None:
     assert s["zramd_rss"]["sampled_max_bytes"] == 62 * MIB
     assert s["zramd_rss"]["hwm_max_bytes"] == 63 * MIB
     assert s["zramd_rss"]["bd_count_max"] == 5002
+    assert s["zramd_rss"]["pool_max_bytes"] == 52 * MIB
     assert s["errors"] == [f"{NBDKIT} rep 3: RuntimeError: boom"]
 
 
@@ -103,6 +105,7 @@ def test_write_report(tmp_path: Path) -> None:
     assert "loaded machine" in md
     assert "peak RSS over the server's life (VmHWM) 63.0 MiB" in md
     assert "plus 23.0 MiB, against the limit of 64.0 MiB (0.36x)" in md
+    assert "(mm_stat `mem_used_max`, largest of the repetitions): 52.0 MiB" in md
     assert "boom" in md
     assert (tmp_path / "writeback.json").exists()
 

@@ -24,9 +24,10 @@ before left in the page cache. The phases, in order, on one server (:data:`PHASE
 5. ``seq-read``: sequential 1 MiB reads, QD4, over the whole working set.
 
 A thread samples the server's VmRSS every :data:`RSS_POLL_S` during each phase; the maximum per
-phase, the server's VmHWM (peak RSS over its life) and its RSS when empty are recorded; so are,
-per phase, the storage bytes each server read and wrote (/proc/PID/io) and zramd's writeback
-counters (``zramd stat``: pages read from the store, promoted back to RAM).
+phase, the server's VmHWM (peak RSS over its life), its RSS when empty and zramd's pool peak
+(``mem_used_max``) are recorded; so are, per phase, the storage bytes each server read and wrote
+(/proc/PID/io) and zramd's writeback counters (``zramd stat``: pages read from the store,
+promoted back to RAM).
 :func:`summarize` gives medians per (phase, server) and ratios zramd / nbdkit-file of the median
 throughput; :func:`write_report` renders ``writeback.md`` and saves ``writeback.json``.
 """
@@ -176,11 +177,19 @@ def proc_io_bytes(pid: int) -> dict[str, int]:
     return {k: int(fields[k]) for k in ("read_bytes", "write_bytes")}
 
 
-def backing_counters(srv: RunningServer) -> dict[str, int] | None:
-    """A zramd server's writeback counters (``zramd stat``); None for other servers."""
+def zramd_stat(srv: RunningServer) -> dict[str, Any] | None:
+    """``zramd stat --json`` of the export of a zramd server; None for other servers."""
     if srv.spec.kind != "zramd":
         return None
-    stat = json.loads(srv.zramd("stat", "--json", srv.spec.export_name))
+    stat: dict[str, Any] = json.loads(srv.zramd("stat", "--json", srv.spec.export_name))
+    return stat
+
+
+def backing_counters(srv: RunningServer) -> dict[str, int] | None:
+    """A zramd server's writeback counters (``zramd stat``); None for other servers."""
+    stat = zramd_stat(srv)
+    if stat is None:
+        return None
     return {k: v for k, v in stat["backing"].items() if k != "store"}
 
 
@@ -235,9 +244,12 @@ def run_writeback(
                     phases = run_phases(srv, size, hot, runtime)
                     extra: dict[str, Any] = {"rss_empty_bytes": empty,
                                              "rss_hwm_bytes": proc_hwm_bytes(srv.pid)}  # fmt: skip
-                    backing = backing_counters(srv)
-                    if backing is not None:
-                        extra["backing_end"] = backing
+                    stat = zramd_stat(srv)
+                    if stat is not None:
+                        extra["backing_end"] = {
+                            k: v for k, v in stat["backing"].items() if k != "store"
+                        }
+                        extra["pool_max_bytes"] = stat["mm_stat"]["mem_used_max"]
             except Exception as exc:  # a failed sample is data, not the end of the run
                 raw["samples"].append({**base, "error": f"{type(exc).__name__}: {exc}"})
                 log(f"writeback rep {rep} {spec.name}: FAILED {exc}")
@@ -292,6 +304,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "sampled_max_bytes": max((s["rss_max_bytes"] for s in z), default=None),
         "hwm_max_bytes": max((s["rss_hwm_bytes"] for s in z), default=None),
         "empty_max_bytes": max((s["rss_empty_bytes"] for s in z), default=None),
+        "pool_max_bytes": max((s["pool_max_bytes"] for s in z if "pool_max_bytes" in s),
+                              default=None),
         "bd_count_max": max((s["backing_end"]["bd_count"] for s in z if "backing_end" in s),
                             default=None),
     }  # fmt: skip
@@ -370,7 +384,9 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
         f"{RSS_POLL_S * 1000:.0f} ms during the phases {_mib(rss['sampled_max_bytes'])} MiB, "
         f"peak RSS over the server's life (VmHWM) {_mib(rss['hwm_max_bytes'])} MiB: the empty "
         f"server plus {_mib(peak - empty)} MiB, against the limit of {_mib(limit)} MiB "
-        f"({_num((peak - empty) / limit if limit else None, 2)}x). Pages in the backing store "
+        f"({_num((peak - empty) / limit if limit else None, 2)}x). The pool's own peak "
+        f"(mm_stat `mem_used_max`, largest of the repetitions): "
+        f"{_mib(rss['pool_max_bytes'])} MiB. Pages in the backing store "
         f"at the end (bd_count, largest of the repetitions): "
         f"{rss['bd_count_max'] if rss['bd_count_max'] is not None else '-'}.\n",
     ]
