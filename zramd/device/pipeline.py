@@ -183,39 +183,77 @@ def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:
     return out
 
 
+def _group_run(items: list[Any], i: int, stop: int) -> int:
+    """The end of the run of :class:`GroupPage` items from ``items[i]`` (a GroupPage) that are
+    consecutive members of one image: they are one slice of it."""
+    first = items[i]
+    img, k = first.image, first.index - i
+    j = i + 1
+    while j < stop:
+        item = items[j]
+        if type(item) is not GroupPage or item.image is not img or item.index != k + j:
+            break
+        j += 1
+    return j
+
+
 def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
     """Decompress items ``[start, stop)`` of a snapshot (page bytes, ``(codec, blob)`` or a
     :class:`GroupPage`) and join them into one buffer, so the pages of one read can be split
-    between workers."""
+    between workers. A run of consecutive members of one group is one slice of its pages."""
     parts: list[bytes] = []
-    for i in range(start, stop):
+    i = start
+    while i < stop:
         item = snap[i]
         if type(item) is tuple:
             parts.append(item[0].decompress(item[1], PAGE_SIZE))
         elif type(item) is GroupPage:
-            parts.append(item.page())
+            j = _group_run(snap, i, stop)
+            off = item.index << PAGE_SHIFT
+            parts.append(item.image.pages()[off : off + ((j - i) << PAGE_SHIFT)])
+            i = j
+            continue
         else:
             parts.append(item)
+        i += 1
     return b"".join(parts)
 
 
 def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
     """Decode items ``[start, stop)`` of a native snapshot into their pages of ``out``. Items are
     page bytes, a shorter blob of ``kind``, ``(kind, blob)`` for the C loop, or ``(codec, blob)``
-    for a codec without a native form and :class:`GroupPage` items (both decoded here). Raises
-    CodecError."""
+    for a codec without a native form and :class:`GroupPage` items (both decoded here: a run of
+    consecutive members of one group is copied into ``out`` as one slice of its pages, the
+    items around it go to the C loop). Raises CodecError."""
+    decompress_pages = native.module().decompress_pages
+    if kind:  # only blobs and pages: one C batch
+        view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
+        bad = decompress_pages(view, snap[start:stop], kind)
+        if bad >= 0:
+            raise CodecError(f"page {start + bad} of the request does not decode")
+        return
     items = snap[start:stop]
-    if not kind:  # the general snapshot (kind 0) may hold items the C loop cannot decode
-        for i, item in enumerate(items):
-            if type(item) is tuple:
-                if type(item[0]) is not int:
-                    items[i] = item[0].decompress(item[1], PAGE_SIZE)
-            elif type(item) is GroupPage:
-                items[i] = item.page()
+    n = stop - start
     view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
-    bad = native.module().decompress_pages(view, items, kind)
-    if bad >= 0:
-        raise CodecError(f"page {start + bad} of the request does not decode")
+    a = i = 0  # items [a, i) wait for the C loop
+    while i <= n:
+        item = items[i] if i < n else None
+        if i < n and type(item) is not GroupPage:
+            if type(item) is tuple and type(item[0]) is not int:
+                items[i] = item[0].decompress(item[1], PAGE_SIZE)
+            i += 1
+            continue
+        if i > a:
+            bad = decompress_pages(view[a << PAGE_SHIFT : i << PAGE_SHIFT], items[a:i], 0)
+            if bad >= 0:
+                raise CodecError(f"page {start + a + bad} of the request does not decode")
+        if item is None:
+            break
+        j = _group_run(items, i, n)
+        off = item.index << PAGE_SHIFT
+        pages = memoryview(item.image.pages())
+        view[i << PAGE_SHIFT : j << PAGE_SHIFT] = pages[off : off + ((j - i) << PAGE_SHIFT)]
+        a = i = j
 
 
 #: :func:`recompress_part` outcomes per page
