@@ -429,36 +429,26 @@ def test_group_decode_in_c_matches_the_codec(use_native: bool) -> None:
         native.enabled = was
 
 
-async def test_cold_group_read_is_decoded_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 4 KiB read of a grouped page whose group is not cached gives way at the ``*_now`` door
-    and is decoded in a worker; once the group is cached, the door serves its pages."""
-    import threading
-
-    threads: list[str] = []
-    real = pipeline.decode_group
-
-    def recording(codec: Codec, chunks: list[bytes], size: int) -> bytes:
-        threads.append(threading.current_thread().name)
-        return real(codec, chunks, size)
-
-    monkeypatch.setattr(pipeline, "decode_group", recording)
-    with ThreadPoolExecutor(2, thread_name_prefix="worker") as ex:
+async def test_cold_group_read_through_the_async_path() -> None:
+    """A 4 KiB read of a grouped page whose group is not cached, through the server's door and
+    the async path: decoded once, the group cached after; a corrupt one is EIO there too."""
+    with ThreadPoolExecutor(2) as ex:
         d, data = _filled(64, executor=ex)
         d.group_sync(0, 63)
-        d._store.groups._cache.clear()
+        g = d._store.groups
+        g._cache.clear()
         off = 21 * PAGE
-        assert d.read_with_zeros_now(off, PAGE) is None
-        assert d.read_now(off + 100, 10) is None
-        assert bytes(await d.read(off, PAGE)) == data[off : off + PAGE]
-        assert len(threads) == 1 and threads[0].startswith("worker")
-        got = d.read_with_zeros_now(off + PAGE, PAGE)  # same group: cached, decoded
-        assert got is not None and bytes(got[0]) == data[off + PAGE : off + 2 * PAGE]
-        assert len(threads) == 1
-        # a corrupt cold group is EIO through the worker path too
-        d._store.groups._cache.clear()
+        got = d.read_with_zeros_now(off, PAGE)
+        assert got is not None and bytes(got[0]) == data[off : off + PAGE]
+        assert list(g._cache) == [1] and g._cache[1].data is not None
+        g._cache.clear()
+        assert bytes(await d.read(off + 100, 10)) == data[off + 100 : off + 110]
+        g._cache.clear()
         _corrupt_group(d, 0)
         with pytest.raises(DeviceIOError):
             await d.read(0, PAGE)
-        assert bytes(await d.read(off, PAGE)) == data[off : off + PAGE]
+        with pytest.raises(DeviceIOError):
+            await d.read(0, 64 * PAGE)
+        assert bytes(await d.read(off, 2 * PAGE)) == data[off : off + 2 * PAGE]
         check(d)
         d.close()

@@ -13,8 +13,7 @@ ones by read-modify-write.
 
 Cold pages may live in multi-page groups (:mod:`zramd.device.groups`): :meth:`ZramDevice.group`
 packs a range, the store reads, kills and re-packs them; to the request paths a GROUPED page is
-one more kind of stored page, except that a read which would decode a group not in the cache is
-never done inline (``*_now`` give way): its decode (50-100 us for 64 KiB) runs in a worker.
+one more kind of stored page.
 
 Snapshots: :meth:`ZramDevice.snapshot_image` and :meth:`ZramDevice.restore_image` take the
 pages out as stored and put them back (:mod:`zramd.device.image`); pages written back are
@@ -93,7 +92,6 @@ from zramd.device.pipeline import (
     Prepared,
     PrepareMany,
     decompress_part,
-    has_group_pages,
     native_decode_part,
     native_preparer,
     pack_groups,
@@ -103,7 +101,7 @@ from zramd.device.pipeline import (
 )
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
 from zramd.device.store import SMALL_DISCARD_PAGES, BackedItem, InBacking, PageStore
-from zramd.device.table import BACKED, EMPTY, GROUPED, SAME, PageTable
+from zramd.device.table import BACKED, EMPTY, SAME, PageTable
 from zramd.device.tiers import codec_spec
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.persist import ImageMeta
@@ -679,20 +677,7 @@ class ZramDevice:
     def read_with_zeros_now(self, offset: int, length: int) -> ReadResult | None:
         if not self._read_inline((length + (offset & PAGE_MASK) + PAGE_MASK) >> PAGE_SHIFT):
             return None
-        if self._store.groups.count and length and self._cold(offset, length):
-            return None
         return self._read_here(offset, length)
-
-    def _cold(self, offset: int, length: int) -> bool:
-        """Whether bytes ``[offset, offset+length)`` touch a grouped page whose group is not
-        decoded in the cache (decoding it is left to a worker, off the loop thread)."""
-        t = self._store.table
-        state_mv, handle_mv = t.state_mv, t.handle_mv
-        decoded = self._store.groups.decoded
-        for idx in range(offset >> PAGE_SHIFT, ((offset + length - 1) >> PAGE_SHIFT) + 1):
-            if state_mv[idx] == GROUPED and not decoded(handle_mv[idx]):
-                return True
-        return False
 
     def read_now(self, offset: int, length: int) -> tuple[Buffer, bool] | None:
         """``read_with_zeros_now`` as ``(data, whether the whole range reads as zero)``."""
@@ -755,8 +740,8 @@ class ZramDevice:
             return zeros(length), [(0, length)]
         buf: Buffer
         try:
-            if kind < 0 and self._read_inline(n) and not has_group_pages(snap):
-                buf = decompress_part(0, n, snap)  # small: here for its pages in the backing store
+            if kind < 0 and self._read_inline(n):  # small: here for its pages in the backing store
+                buf = decompress_part(0, n, snap)
             elif kind >= 0:
                 buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
                 await self._in_parts(native_decode_part, n, snap, kind, memoryview(buf))

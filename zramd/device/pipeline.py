@@ -164,11 +164,6 @@ class GroupPage:
         return self.image.pages()[off : off + PAGE_SIZE]
 
 
-def has_group_pages(snap: list[Any]) -> bool:
-    """Whether a snapshot holds a :class:`GroupPage` (a group to decode)."""
-    return any(type(item) is GroupPage for item in snap)
-
-
 def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:
     """Per window, its member items (page bytes or ``(codec, blob)``) decoded and compressed
     together with ``codec`` as one blob; None for a window whose members do not all decode."""
