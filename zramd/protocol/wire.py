@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Every number the NBD protocol puts on the wire lives here, each with the section of the NBD
 specification (NetworkBlockDevice/nbd ``doc/proto.md``, cited as ``nbd.md`` with section numbers)
-it comes from, plus the precompiled :class:`struct.Struct` layouts the handshake and transmission code use.
-All wire integers are big-endian. This module holds data only: no state, no I/O, no policy.
+it comes from, plus the precompiled :class:`struct.Struct` layouts the handshake and
+transmission code use. All wire integers are big-endian. This module holds data only: no
+state, no I/O, no policy.
 """
 
 from __future__ import annotations
