@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+from array import array
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -37,7 +38,7 @@ from zramd.backing import BackingStore
 from zramd.backing import format as fmt
 from zramd.backing import store as store_mod
 from zramd.device import blockdev
-from zramd.device.backed import Backed
+from zramd.device.backed import BATCH_PAGES, BURST_BYTES, BURST_PAGES, Backed, _next_batch
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
 from zramd.device.table import BACKED, GROUPED, HUGE, RAW, STORED, WB_PENDING
@@ -334,6 +335,44 @@ async def test_pressure_writes_back_the_coldest_and_writes_wait(tmp_path: Path) 
     finally:
         d.close()
         await bs.aclose()
+
+
+async def test_pressure_batches_are_bursts_while_writes_wait(tmp_path: Path) -> None:
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    d = ZramDevice(32 << 20, backing=bs, mem_limit=4 << 20)
+    sizes: list[tuple[int, int]] = []
+    write_many = bs.write_many
+
+    async def recording(objs: list[bytes]) -> list[int]:
+        sizes.append((len(objs), sum(len(o) for o in objs)))
+        return await write_many(objs)
+
+    bs.write_many = recording  # type: ignore[method-assign]
+    try:
+        rnd = random.Random(7)  # 2:1 compressible pages, 16 MiB: 4x the limit
+        data = b"".join(rnd.randbytes(PAGE // 2) + bytes(PAGE // 2) for _ in range(4096))
+        for k in range(16):
+            await d.write(k << 20, data[k << 20 : (k + 1) << 20])
+        await settle(d)
+        assert d.stats.bd_waits > 0 and not d.stats.bd_wait_timeouts
+        assert max(n for n, _ in sizes) > BATCH_PAGES
+        assert all(n <= BURST_PAGES for n, _ in sizes)
+        assert all(n == 1 or b <= BURST_BYTES for n, b in sizes)
+        assert (await d.read_with_zeros(0, len(data)))[0] == data
+        await check_backed(d)
+    finally:
+        d.close()
+        await bs.aclose()
+
+
+def test_next_batch_bounds() -> None:
+    size_mv = memoryview(array("H", [1000, 3000, 500, 500, 4096, 100]))
+    pages = [0, 1, 2, 3, 4, 5]
+    assert _next_batch(pages, 0, size_mv, 64, 4000) == ([0, 1], 2)
+    assert _next_batch(pages, 2, size_mv, 64, 4000) == ([2, 3], 4)
+    assert _next_batch(pages, 4, size_mv, 64, 4000) == ([4], 5)  # at least one page
+    assert _next_batch(pages, 0, size_mv, 3, 1 << 20) == ([0, 1, 2], 3)
+    assert _next_batch(pages, 5, size_mv, 64, 4000) == ([5], 6)
 
 
 async def test_pressure_takes_the_oldest_first(tmp_path: Path) -> None:

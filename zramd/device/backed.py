@@ -41,11 +41,13 @@ locators too), so every locator its image references stays where it is until it 
 budget leaves it), when the pool passes :data:`HIGH_WATERMARK` of it, a background task writes
 back the coldest pages (the oldest atime first, then the largest objects) until the pool is
 under :data:`LOW_WATERMARK`, in batches of :data:`BATCH_PAGES` pages (at most
-:data:`BATCH_BYTES`), each followed by a bounded pool compaction (the freed objects are
-scattered: compaction turns them into free pages) and a yield. A write that finds no room
-(NoSpace) waits (:meth:`Backed.wait_room`) up to :data:`ROOM_WAIT` seconds for a batch to
-make room, then tries again; it gets ENOSPC only when the backing store is full, its budget is
-spent, it fails, there is nothing left to write back, or the wait times out.
+:data:`BATCH_BYTES`), or of :data:`BURST_PAGES` (at most :data:`BURST_BYTES`) while a write
+waits for room, so that the room comes in few store writes; each batch is followed by a pool
+compaction bounded by :data:`COMPACT_PAGES` or the pages it freed (the freed objects are
+scattered: compaction turns them into free pages), the waiters' wake-up, and a yield. A write
+that finds no room (NoSpace) waits (:meth:`Backed.wait_room`) up to :data:`ROOM_WAIT` seconds
+for a batch to make room, then tries again; it gets ENOSPC only when the backing store is full,
+its budget is spent, it fails, there is nothing left to write back, or the wait times out.
 
 **Cleaning.** Freed objects leave dead space in the store's segments. When a writeback finds
 the store full while it holds at least a segment of dead space, the store cleans up to
@@ -97,11 +99,15 @@ LOW_WATERMARK = 0.80
 #: pages, and object bytes, per writeback batch (one write of the store)
 BATCH_PAGES = 64
 BATCH_BYTES = 256 << 10
+#: pages, and object bytes, per pressure batch while writes wait for room
+BURST_PAGES = 1024
+BURST_BYTES = 4 << 20
 #: pages whose flags are scanned per vectorised step
 SCAN_PAGES = 1 << 16
 #: the coldest pages pressure writeback picks per round (then written in batches)
-PRESSURE_ROUND_PAGES = 1024
-#: pool pages one compaction after a pressure batch may free at most
+PRESSURE_ROUND_PAGES = 4096
+#: pool pages one compaction after a pressure batch may free at most (or the pages the batch
+#: freed, when more)
 COMPACT_PAGES = 256
 #: the longest a write without room waits for writeback, in seconds
 ROOM_WAIT = 2.0
@@ -144,6 +150,8 @@ class Backed:
         self._pressure: asyncio.Task[None] | None = None
         #: a write is waiting: run a pressure round even under the high watermark
         self._wanted = False
+        #: writes waiting for room now (pressure batches are bursts meanwhile)
+        self._waiters = 0
         #: why the last pressure round stopped without making room ("" when it did)
         self.stuck = ""
         self._progress = asyncio.Event()
@@ -491,11 +499,14 @@ class Backed:
         self._wanted = True
         self._start()
         ev = self._progress
+        self._waiters += 1
         try:
             await asyncio.wait_for(ev.wait(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             s.bd_wait_timeouts += 1
             return False
+        finally:
+            self._waiters -= 1
         if self.stuck:
             s.bd_wait_timeouts += 1
             return False
@@ -514,11 +525,20 @@ class Backed:
                     self.stuck = "nothing left to write back"
                     break
                 store = self.store
-                for batch in _batches(pages, store.table.size_mv):
+                pos = 0
+                while pos < len(pages):
+                    burst = self._wanted or self._waiters > 0
+                    batch, pos = _next_batch(
+                        pages,
+                        pos,
+                        store.table.size_mv,
+                        BURST_PAGES if burst else BATCH_PAGES,
+                        BURST_BYTES if burst else BATCH_BYTES,
+                    )
                     batch = [i for i in batch if self._eligible(i)]
                     if not batch:
                         continue
-                    done, _nbytes, err = await self.write_back(batch)
+                    done, nbytes, err = await self.write_back(batch)
                     if self.store is not store or self._closed:
                         return
                     if err:
@@ -526,7 +546,7 @@ class Backed:
                         return
                     self.stuck = ""
                     if done:
-                        store.pool.compact(max_pages=COMPACT_PAGES)
+                        store.pool.compact(max_pages=max(COMPACT_PAGES, nbytes // PAGE_SIZE))
                     self._signal()
                     if not self._wanted and not self._over(LOW_WATERMARK):
                         break
@@ -569,15 +589,24 @@ class Backed:
 def _batches(pages: list[int], size_mv: Any) -> list[list[int]]:
     """``pages`` cut into writeback batches of at most BATCH_PAGES pages and BATCH_BYTES."""
     out: list[list[int]] = []
-    cur: list[int] = []
-    nbytes = 0
-    for i in pages:
-        n = size_mv[i]
-        if cur and (len(cur) >= BATCH_PAGES or nbytes + n > BATCH_BYTES):
-            out.append(cur)
-            cur, nbytes = [], 0
-        cur.append(i)
-        nbytes += n
-    if cur:
-        out.append(cur)
+    pos = 0
+    while pos < len(pages):
+        batch, pos = _next_batch(pages, pos, size_mv, BATCH_PAGES, BATCH_BYTES)
+        out.append(batch)
     return out
+
+
+def _next_batch(
+    pages: list[int], pos: int, size_mv: Any, max_pages: int, max_bytes: int
+) -> tuple[list[int], int]:
+    """The batch of ``pages`` from ``pos`` (at least one page, at most ``max_pages`` and
+    ``max_bytes`` of objects), and the position after it."""
+    end = min(len(pages), pos + max_pages)
+    nbytes = 0
+    stop = pos
+    while stop < end:
+        nbytes += size_mv[pages[stop]]
+        if stop > pos and nbytes > max_bytes:
+            break
+        stop += 1
+    return pages[pos:stop], stop
