@@ -18,7 +18,7 @@
 # A scenario's figures are guest-side facts only; host-side checks belong to the harness.
 # Scenarios never stop the run: each cleans up (umount, disconnect) so the next one can start.
 # Export names are fixed: fs (scenarios fs, discard, reconnect), mc, dc (unaligned blkdiscard),
-# lim (memory limit), swap.
+# lim (memory limit), swap, wb and nobd (swap with and without a backing store).
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -364,6 +364,53 @@ scenario_swap() {
 	[ $_out -gt 0 ] || { fail "nothing was swapped out"; return 1; }
 	[ $_in -gt 0 ] || { fail "nothing was swapped in"; return 1; }
 }
+
+# ---- writeback (issue 12): swap on an export whose memory limit (64 MiB) is far below what the
+# hog (WB_HOG_MIB, twice the guest's memory) pushes into swap. swapwb: export wb has a backing
+# file, so the hog must complete with every page verified and no swap I/O error; swapnobd:
+# export nobd has none, so the server refuses writes and the guest shows swap I/O errors (the
+# harness expects that scenario to FAIL with swap_io_errors > 0). The first swap I/O errors end
+# the hog (SIGKILL): without a backing store the kernel would retry its failed writes for many
+# minutes; the console shows only emergencies meanwhile (thousands of error lines slow the guest).
+WB_HOG_MIB=512
+# the NBD client's line for an error reply comes first: the block layer's and swap's own lines
+# can lag it by minutes
+SWAP_ERR_RE="nbd0: Other side returned error|(Write|Read)-error on swap-device|I/O error, dev nbd0"
+swap_io_errors() { dmesg | grep -cE "$SWAP_ERR_RE"; }
+running() { grep -q '^State:[[:space:]]*[^Z]' "/proc/$1/status" 2>/dev/null; }
+# swap_hog EXPORT SEED: swapon EXPORT, hog WB_HOG_MIB MiB (sync CUR-mid), sync CUR-after, swapoff
+swap_hog() {
+	connect "$1" -b 4096 || return 1
+	mkswap "$DEV" >/dev/null 2>&1 || { fail "mkswap failed"; return 1; }
+	swapon --discard "$DEV" || { fail "swapon failed"; return 1; }
+	dmesg -c >/dev/null
+	dmesg -n 1
+	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
+	_t=$(now)
+	memhog hog "$WB_HOG_MIB" "$2" sync "$CUR-mid" </dev/console &
+	_hog=$!
+	while running $_hog; do
+		[ "$(swap_io_errors)" = 0 ] || { kill -9 $_hog; break; }
+		sleep 2
+	done
+	wait $_hog
+	_rc=$?
+	_hog_s=$(since "$_t")
+	dmesg -n 4
+	sync_host "$CUR-after"
+	_err=$(swap_io_errors)
+	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
+	FIG="$FIG hog_mib=$WB_HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$_hog_s pswpout=$_out pswpin=$_in oom_kills=$_oom swap_io_errors=$_err"
+	[ "$_err" = 0 ] || dmesg | grep -E "$SWAP_ERR_RE" | head -n 3 | while read -r l; do info "dmesg: $l"; done
+	swapoff "$DEV" || { fail "swapoff failed"; return 1; }
+	disconnect
+	[ "$_err" = 0 ] || { fail "$_err swap I/O errors"; return 1; }
+	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch)"; return 1; }
+	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
+	[ $_out -gt 0 ] && [ $_in -gt 0 ] || { fail "no swap traffic (out=$_out in=$_in)"; return 1; }
+}
+scenario_swapwb() { swap_hog wb 6789; }
+scenario_swapnobd() { swap_hog nobd 6790; }
 
 # ---- md across two servers (issue 16): the second server is the guestfwd on PORT_B.
 # Members: /dev/nbd1 /dev/nbd2 (raid0 on export r0), /dev/nbd3 (one server alone: export one),

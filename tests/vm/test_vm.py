@@ -38,6 +38,10 @@ CASES = [
     ("swap", "swap"),
     ("swap", "swap-host-stats"),
     ("swap", "swap-policy-host-stats"),
+    ("writeback", "swapwb"),
+    ("writeback", "swapwb-host-stats"),
+    ("writeback", "swapnobd-fails"),
+    ("writeback", "swapnobd-host-stats"),
     ("negative", "fs-detects-corruption"),
     ("raid", "raid0"),
     ("raid", "raid0-host-stats"),
@@ -67,7 +71,8 @@ def test_vm_scenario(group: str, outcome: str) -> None:
     assert o.status == "PASS", f"{o.line()}\nconsole log: {report.console_log}"
 
 
-@pytest.mark.parametrize("group", ["storage", "swap", "negative", "raid", "raid-negative"])
+@pytest.mark.parametrize("group", ["storage", "swap", "writeback", "negative", "raid",
+                                   "raid-negative"])
 def test_vm_server_exit(group: str) -> None:
     """Every zramd served the whole boot (or until the guest asked for its SIGKILL) and
     exited 0 on SIGTERM."""

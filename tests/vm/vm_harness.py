@@ -27,6 +27,12 @@ scenarios' first sync point (``discard-before``, ``swap-mid``) the harness waits
 reads (the file checks, fsck, the hog's verify pass) go through what it did; the
 ``*-policy-host-stats`` outcomes show its work (:class:`HostChecks`).
 
+``writeback`` (issue 12): a 256 MiB guest swaps a hog of twice its memory onto an export whose
+memory limit is 64 MiB with a 1 GiB backing file (a sparse file in a temporary directory):
+the hog must complete with its data verified and the server must have written pages back and
+read them again (:class:`WritebackChecks`); then the same hog on an export with the same limit
+and no backing store must FAIL with swap I/O errors in the guest.
+
 md groups (issue 16) boot with two servers, A and B, each on its own port and guestfwd
 (10.0.2.100:10809 and :10810): ``raid`` (raid0 throughput against one server, ext2 on raid0,
 swap striped over both, raid1 with a write-intent bitmap whose servers are SIGKILLed and
@@ -50,6 +56,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -78,13 +85,15 @@ SWAP_HOG_MIB_KVM = 512
 SWAP_HOG_MIB_TCG = 384
 #: wall-clock limits per boot (TCG); a boot that overruns is killed and its scenarios FAIL
 BOOT_TIMEOUT_S = {"storage": 600.0, "swap": 600.0, "negative": 240.0, "raid": 600.0,
-                  "raid-negative": 300.0}
+                  "raid-negative": 300.0, "writeback": 600.0}
 #: the background policy on the fs and swap exports, aggressive enough to act within a
 #: scenario: every 2 s, pages not accessed for 16 s (the access clock's step) are marked idle,
 #: packed into groups of up to 16 pages, and the idle pages left are recompressed with zstd
 POLICY = "algorithm=lz4 zstd(level=3),recompress-after=16s,recompress-interval=2s,group-pages=16"
 #: how long a sync point waits for the policy to have grouped or recompressed pages
 POLICY_WAIT_S = 90.0
+#: the writeback group's backing file (the memory limit is 64 MiB, the hog twice the guest)
+WB_BACKING_BYTES = 1 << 30
 LOGS_KEPT = 60
 PAGE = 4096
 #: memhog makes 1/4 of its pages zero or same-filled; the server must see at least this share
@@ -105,8 +114,13 @@ class Group:
     servers: int = 1  # server i (each with all exports) is the guest's 10.0.2.100:GUEST_PORT+i
     #: the md negative check: server A restarts (raid1) as a CorruptDataServer with this device
     restart_device: str = ""
-    #: a negative run must also show this figure (the check that must have bitten)
+    #: a negative run must also show a figure matching this pattern (the check that must
+    #: have bitten)
     expect_figure: str = ""
+    #: a negative run's outcome is SCENARIO-SUFFIX
+    negative_suffix: str = "detects-corruption"
+    #: export name -> size of its backing file (sparse, in a temporary directory of the run)
+    backing: dict[str, int] = field(default_factory=dict)
 
 
 GROUPS: dict[str, Group] = {
@@ -117,6 +131,12 @@ GROUPS: dict[str, Group] = {
         STORAGE_MEM_MIB,
     ),
     "swap": Group("swap", ["swap"], ["swap=1G," + POLICY], SWAP_MEM_MIB),
+    "writeback": Group(
+        "writeback", ["swapwb", "swapnobd"], ["wb=1G,mem-limit=64M", "nobd=1G,mem-limit=64M"],
+        SWAP_MEM_MIB, expect_fail={"swapnobd"}, expect_figure=r"swap_io_errors=[1-9]\d*",
+        negative_suffix="fails",
+        backing={"wb": WB_BACKING_BYTES},
+    ),
     "raid": Group("raid", ["raid0", "raid0swap", "raid1"], RAID_EXPORTS, RAID_MEM_MIB, servers=2),
     "raid-negative": Group(
         "raid-negative", ["raid1"], RAID_EXPORTS, RAID_MEM_MIB, expect_fail={"raid1"},
@@ -644,6 +664,66 @@ class RaidChecks:
                        reason="" if freed else "fstrim on the mirror did not free memory on both")
 
 
+class WritebackChecks:
+    """The host's part of the writeback group (init.sh: scenarios swapwb on export wb, with a
+    backing file, and swapnobd on export nobd, without). Export wb must have written pages
+    back while the hog's pages were in swap, never failed a write, kept its pool within the
+    memory limit and read written-back pages again for the hog's verify pass; export nobd must
+    have refused writes (ENOSPC), the cause of the guest's swap I/O errors."""
+
+    SNAPS = {"swapwb-mid": "wb", "swapwb-after": "wb", "swapnobd-after": "nobd"}
+
+    def __init__(self, server: HostServer) -> None:
+        self.server = server
+        self.snaps: dict[str, Snap] = {}
+
+    def on_sync(self, tag: str) -> None:
+        export = self.SNAPS.get(tag)
+        if export:
+            self.snaps[tag] = host_stats(self.server, export)
+
+    def swapwb(self) -> Outcome | None:
+        if "swapwb-after" not in self.snaps:
+            return None
+        name = "swapwb-host-stats"
+        (mid, why1), (after, why2) = self.snaps.get(
+            "swapwb-mid", (None, "guest never reached swapwb-mid")), self.snaps["swapwb-after"]
+        if mid is None or after is None:
+            return Outcome(name, "SKIP", reason=why1 or why2)
+        limit = int(after["mem_limit"])
+        figs = (f"mid_bd_count={mid['bd_count']} mid_mem_used_total_mib="
+                f"{_mib(mid, 'mem_used_total'):.1f} mem_used_max_mib="
+                f"{_mib(after, 'mem_used_max'):.1f} mem_limit_mib={limit / 2**20:.0f} "
+                f"bd_writes={after['bd_writes']} bd_write_mib={_mib(after, 'bd_write_bytes'):.1f} "
+                f"bd_reads={after['bd_reads']} bd_promoted={after['bd_promoted']} "
+                f"bd_waits={after['bd_waits']} bd_wait_timeouts={after['bd_wait_timeouts']} "
+                f"failed_writes={after['failed_writes']}")
+        checks = [
+            (int(mid["bd_count"]) > 0, "no page was in the backing store while the hog's "
+             "pages were in swap"),
+            (int(after["bd_reads"]) > 0, "no page was read back from the backing store"),
+            (int(after["failed_writes"]) == 0, "the server failed writes"),
+            (0 < limit and int(after["mem_used_max"]) <= limit,
+             "the pool went past the memory limit"),
+        ]
+        bad = [why for ok, why in checks if not ok]
+        return Outcome(name, "FAIL" if bad else "PASS", figures=figs, reason="; ".join(bad))
+
+    def swapnobd(self) -> Outcome | None:
+        if "swapnobd-after" not in self.snaps:
+            return None
+        name = "swapnobd-host-stats"
+        st, why = self.snaps["swapnobd-after"]
+        if st is None:
+            return Outcome(name, "SKIP", reason=why)
+        figs = (f"failed_writes={st['failed_writes']} mem_used_max_mib="
+                f"{_mib(st, 'mem_used_max'):.1f} orig_data_size_mib="
+                f"{_mib(st, 'orig_data_size'):.1f}")
+        ok = int(st["failed_writes"]) > 0
+        return Outcome(name, "PASS" if ok else "FAIL", figures=figs,
+                       reason="" if ok else "the server refused no write: the limit never bit")
+
+
 # ---------------------------------------------------------------------------------------------
 # groups
 
@@ -661,7 +741,18 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
     LOGS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     log_path = LOGS / f"{stamp}-{name}.console.log"
-    servers = [HostServer(server_kind, group.exports,
+    tmp = tempfile.TemporaryDirectory(prefix=f"zramd-vm-{name}-") if group.backing else None
+    exports = list(group.exports)
+    if tmp is not None:
+        for i, spec in enumerate(exports):
+            export = spec.split("=", 1)[0]
+            size = group.backing.get(export)
+            if size:
+                path = Path(tmp.name) / f"{export}.backing"
+                with open(path, "wb") as f:
+                    f.truncate(size)
+                exports[i] = f"{spec},backing={path}"
+    servers = [HostServer(server_kind, exports,
                           LOGS / f"{stamp}-{name}.server{'-' + 'abc'[i] if i else ''}.log",
                           group.env, group.device) for i in range(group.servers)]
     server = servers[0]
@@ -673,10 +764,12 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
         extra.append(f"zramd.files={files}")
     t0 = time.monotonic()
     checks, raid = HostChecks(server), RaidChecks(servers, group.restart_device)
+    wb = WritebackChecks(server)
 
     def on_sync(tag: str) -> None:
         checks.on_sync(tag)
         raid.on_sync(tag)
+        wb.on_sync(tag)
 
     try:
         for s in servers:
@@ -685,17 +778,20 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
                                        " ".join(extra), on_sync, log_path, BOOT_TIMEOUT_S[name])
     finally:
         rcs = [(s, s.stop()) for s in servers]
+        if tmp is not None:
+            tmp.cleanup()
     wall = time.monotonic() - t0
     outcomes: list[Outcome] = []
     for scen in group.scenarios:
         o = results.get(scen) or Outcome(
             scen, "FAIL", reason=f"no result from the guest ({'done' if done else 'no @@DONE'}); "
             f"console tail:\n{tail}")
-        if scen in group.expect_fail:  # the negative check: the scenario must detect corruption
-            o = negative_outcome(scen, o, group.expect_figure)
+        if scen in group.expect_fail:  # a negative check: the scenario must fail
+            o = negative_outcome(scen, o, group.expect_figure, group.negative_suffix)
         outcomes.append(o)
     for host in (checks.discard(), checks.policy("fs", "discard-before"), checks.swap(),
-                 checks.policy("swap", "swap-mid"), raid.raid0(), raid.raid0swap(), raid.raid1()):
+                 checks.policy("swap", "swap-mid"), raid.raid0(), raid.raid0swap(), raid.raid1(),
+                 wb.swapwb(), wb.swapnobd()):
         if host is not None:
             outcomes.append(host)
     for s, rc in rcs:
@@ -711,17 +807,18 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
 UNRELATED_FAILURES = ("nbd", "mdadm", "md1 ", "md did not", "no result from the guest")
 
 
-def negative_outcome(scen: str, o: Outcome, expect_figure: str = "") -> Outcome:
-    name = f"{scen}-detects-corruption"
-    if expect_figure and expect_figure not in o.figures.split():
+def negative_outcome(scen: str, o: Outcome, expect_figure: str = "",
+                     suffix: str = "detects-corruption") -> Outcome:
+    name = f"{scen}-{suffix}"
+    if expect_figure and not any(re.fullmatch(expect_figure, f) for f in o.figures.split()):
         return Outcome(name, "FAIL", o.secs, o.figures,
                        f"no {expect_figure} (that check did not bite); reason: {o.reason}")
     if o.status == "PASS":
         return Outcome(name, "FAIL", o.secs, o.figures,
-                       "scenario passed against a corrupting server")
+                       "scenario passed where it must fail")
     if o.reason.startswith(UNRELATED_FAILURES):
         return Outcome(name, "FAIL", o.secs, o.figures, f"failed for another reason: {o.reason}")
-    return Outcome(name, "PASS", o.secs, o.figures, f"guest detected it: {o.reason}")
+    return Outcome(name, "PASS", o.secs, o.figures, f"failed as it must: {o.reason}")
 
 
 def prune_logs(keep: int = LOGS_KEPT) -> None:
