@@ -21,11 +21,10 @@ Groups: ``storage`` (fs, multiconn, discard, reconnect, memlimit), ``swap`` (a 2
 swapping to an export) and ``negative`` (scenario fs against a server whose reads are corrupted:
 it must FAIL, and the harness reports PASS for the group only if it does).
 
-The exports of fs and swap run the background policy of issue 11 (:data:`POLICY`). At the
-scenarios' first sync point (``discard-before``, ``swap-mid``) the harness waits, bounded by
-:data:`POLICY_WAIT_S`, until the policy has grouped or recompressed pages, so the guest's later
-reads (the file checks, fsck, the hog's verify pass) go through what it did; the
-``*-policy-host-stats`` outcomes show its work (:class:`HostChecks`).
+The fs export runs the background policy of issue 11 (:data:`POLICY`). At the scenario's first
+sync point (``discard-before``) the harness waits, bounded by :data:`POLICY_WAIT_S`, until the
+policy has grouped or recompressed pages, so the guest's later reads (the file checks, fsck) go
+through what it did; the ``fs-policy-host-stats`` outcome shows its work (:class:`HostChecks`).
 
 ``writeback`` (issue 12): a 256 MiB guest swaps a hog of twice its memory onto an export whose
 memory limit is 64 MiB with a 1 GiB backing file (a sparse file in a temporary directory):
@@ -86,7 +85,7 @@ SWAP_HOG_MIB_TCG = 384
 #: wall-clock limits per boot (TCG); a boot that overruns is killed and its scenarios FAIL
 BOOT_TIMEOUT_S = {"storage": 600.0, "swap": 600.0, "negative": 240.0, "raid": 600.0,
                   "raid-negative": 300.0, "writeback": 600.0}
-#: the background policy on the fs and swap exports, aggressive enough to act within a
+#: the background policy on the fs export, aggressive enough to act within a
 #: scenario: every 2 s, pages not accessed for 16 s (the access clock's step) are marked idle,
 #: packed into groups of up to 16 pages, and the idle pages left are recompressed with zstd
 POLICY = "algorithm=lz4 zstd(level=3),recompress-after=16s,recompress-interval=2s,group-pages=16"
@@ -130,7 +129,7 @@ GROUPS: dict[str, Group] = {
         ["fs=256M," + POLICY, "mc=256M", "dc=16M", "lim=64M,mem-limit=8M"],
         STORAGE_MEM_MIB,
     ),
-    "swap": Group("swap", ["swap"], ["swap=1G," + POLICY], SWAP_MEM_MIB),
+    "swap": Group("swap", ["swap"], ["swap=1G"], SWAP_MEM_MIB),
     "writeback": Group(
         "writeback", ["swapwb", "swapnobd"], ["wb=1G,mem-limit=64M", "nobd=1G,mem-limit=64M"],
         SWAP_MEM_MIB, expect_fail={"swapnobd"}, expect_figure=r"swap_io_errors=[1-9]\d*",
@@ -464,7 +463,7 @@ class HostChecks:
     At the first sync point of an export with the background policy it waits for the policy
     (:func:`wait_for_policy`) before the guest goes on."""
 
-    POLICY_SYNCS = {"discard-before": "fs", "swap-mid": "swap"}
+    POLICY_SYNCS = {"discard-before": "fs"}
 
     def __init__(self, server: HostServer) -> None:
         self.server = server
@@ -790,7 +789,7 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
             o = negative_outcome(scen, o, group.expect_figure, group.negative_suffix)
         outcomes.append(o)
     for host in (checks.discard(), checks.policy("fs", "discard-before"), checks.swap(),
-                 checks.policy("swap", "swap-mid"), raid.raid0(), raid.raid0swap(), raid.raid1(),
+                 raid.raid0(), raid.raid0swap(), raid.raid1(),
                  wb.swapwb(), wb.swapnobd()):
         if host is not None:
             outcomes.append(host)
