@@ -476,7 +476,7 @@ class HostChecks:
                                                               self.POLICY_SYNCS[tag])
             self.snaps[tag] = (st, why)
             return
-        export = {"discard-after": "fs"}.get(tag)
+        export = {"discard-after": "fs", "swap-mid": "swap"}.get(tag)
         if export:
             self.snaps[tag] = host_stats(self.server, export)
 
