@@ -91,6 +91,9 @@ MIN_RECOMPRESS_INTERVAL = 1.0
 MAX_RECOMPRESSION_ALGORITHMS = 3
 #: what the policy recompresses (zram's recompress ``type=``, with ``-`` for ``_``)
 RECOMPRESS_TYPES = ("idle", "huge-idle")
+#: when an export with a persist file is made durable: ``stop`` (a snapshot at stop and
+#: ``zramd destroy``), ``flush`` (also a journal synced on every FLUSH and FUA)
+SYNC_MODES = ("stop", "flush")
 #: TLS modes (nbd.md 5): off = NOTLS, on = STARTTLS optional, require = FORCEDTLS.
 TLS_MODES = ("off", "on", "require")
 DEFAULT_TLS = "off"
@@ -403,6 +406,8 @@ class ExportConfig:
     #: the snapshot file (issue 13): written on stop and ``zramd destroy``, restored on start;
     #: an absolute path (None: the export is not kept across restarts)
     persist: str | None = None
+    #: when the persist file's data is on stable storage (SYNC_MODES): ``stop`` or ``flush``
+    sync: str = "stop"
     #: multi-page groups of cold pages (``recompress --group-pages``, and its default): pages
     #: per group (0: the device's, 16) and their algorithm with its level ("": the device's,
     #: zstd level 9)
@@ -467,6 +472,17 @@ class ExportConfig:
             check_backing_path(self.name, self.backing)
         if self.persist is not None:
             check_persist_path(self.name, self.persist)
+        if self.sync not in SYNC_MODES:
+            raise ConfigError(
+                f"export {self.name!r}: sync {self.sync!r} must be one of " + ", ".join(SYNC_MODES)
+            )
+        if self.sync == "flush" and self.persist is None:
+            raise ConfigError(f"export {self.name!r}: sync=flush needs a persist file")
+        if self.sync == "flush" and self.backing is not None:
+            raise ConfigError(
+                f"export {self.name!r}: sync=flush cannot be combined with a backing store yet "
+                "(a checkpoint does not keep the pages it references there)"
+            )
         self.attach.validate(self.name)
 
     def summary(self) -> str:
@@ -554,6 +570,7 @@ _SPEC_KEYS = (
     "group-algorithm",
     "backing",
     "persist",
+    "sync",
     "description",
 )
 
@@ -578,7 +595,7 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
     [,recompress-after=DURATION][,recompress-interval=DURATION][,group-pages=N]
-    [,group-algorithm=ALG][,backing=PATH][,persist=PATH][,description=T]``.
+    [,group-algorithm=ALG][,backing=PATH][,persist=PATH][,sync=stop|flush][,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
     inside their parentheses), rounded down to whole pages. ``algorithm`` is a
@@ -586,7 +603,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
     with zstd); ``level`` sets the first algorithm's. ``group-pages`` (2..16) and
     ``group-algorithm`` (one algorithm, e.g. ``zstd(level=19)``) are what multi-page groups of
     cold pages are packed with. ``backing`` is a file or block device, ``persist`` the snapshot
-    file (a relative path is taken from the current directory). ``description`` must come last: its
+    file (a relative path is taken from the current directory), ``sync=flush`` makes it durable
+    at every FLUSH (a journal beside it). ``description`` must come last: its
     text may contain commas."""
     (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
@@ -655,6 +673,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             cfg.backing = os.path.abspath(value)
         elif key == "persist":
             cfg.persist = os.path.abspath(value)
+        elif key == "sync":
+            cfg.sync = value.strip()
     cfg.validate()
     return cfg
 

@@ -33,6 +33,7 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     mem-limit = "1G"
     backing = "/var/lib/zramd/zram0.img"   # a file (sparse, created) or a block device below
     persist = "/var/lib/zramd/zram0.snap"  # snapshot on stop, restored on start
+    sync = "stop"                 # or "flush": a journal beside it, synced by every FLUSH
     read-only = false
     description = "swap"
     fs-type = "ext4"              # what `zramd attach zram0` does (zram-generator's words):
@@ -240,6 +241,7 @@ _EXPORT_KEYS = (
     "group-algorithm",
     "backing",
     "persist",
+    "sync",
 )
 #: zram-generator spellings accepted as aliases
 _EXPORT_ALIASES = {"zram-size": "size", "zram-resident-limit": "mem-limit"}
@@ -342,6 +344,9 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "persist" in values:
             key = "persist"
             exp.persist = _typed(values[key], str, "an absolute path")
+        if "sync" in values:
+            key = "sync"
+            exp.sync = _typed(values[key], str, '"stop" or "flush"')
         if "group-pages" in values:
             key = "group-pages"
             exp.group_pages = _typed(values[key], int, "an integer 2..16")
@@ -377,6 +382,7 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("mem-limit", "mem-limit"),
         ("recompress type", "compression-algorithm"),
         ("description", "description"),
+        ("sync", "sync"),
         ("backing", "backing"),
         ("persist", "persist"),
         ("swap-priority", "swap-priority"),

@@ -261,6 +261,20 @@ def stat(name: str, as_json: bool, control: str) -> None:
             f"{persist['failures']} failed"
             + (f"; last error: {persist['last_error']}" if persist["last_error"] else "")
         )
+    journal: dict[str, Any] | None = st.get("journal")
+    if journal is not None:
+        click.echo(
+            f"journal (sync=flush): generation {journal['generation']}, "
+            f"{format_size(journal['bytes'])} in {journal['generations']} file(s), checkpoint "
+            f"at {format_size(journal['checkpoint_bytes'])}, {journal['checkpoints']} "
+            f"checkpoints"
+        )
+        click.echo(
+            f"  {journal['records']} records in {journal['frames']} frames, {journal['syncs']} "
+            f"syncs (avg {journal['sync_avg_ms']:g} ms), backlog "
+            f"{format_size(journal['backlog_bytes'])}"
+            + (f"; FAILED: {journal['error']}" if journal["error"] else "")
+        )
 
 
 @click.command()

@@ -45,16 +45,21 @@ log = logging.getLogger("zramd.control")
 
 
 def stopping_report(registry: Any) -> list[str]:
-    """One line per export that has clients or data: what stopping the daemon loses."""
+    """One line per export that has clients or data: what stopping the daemon loses (or, for
+    an export with a persist file, keeps)."""
     lines = []
     for exp in registry:
         stored = int(exp.device.stats.as_dict()["orig_data_size"])
         if not exp.clients and not stored:
             continue
         clients = ", ".join(sorted(s.label for s in exp.sessions)) or "none"
+        fate = (
+            f"keeps {format_size(stored)} of data in its snapshot {exp.config.persist}"
+            if exp.config.persist is not None
+            else f"loses {format_size(stored)} of data"
+        )
         lines.append(
-            f"stopping: export {exp.name} loses {format_size(stored)} of data ({stored} bytes "
-            f"stored); clients: {clients}"
+            f"stopping: export {exp.name} {fate} ({stored} bytes stored); clients: {clients}"
         )
     return lines
 

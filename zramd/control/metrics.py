@@ -9,7 +9,8 @@ tiers (idle, recompressed and incompressible pages, bytes recompression saved); 
 (pages in the backing store, pages and bytes read and written, their time, promotions,
 failures, writes that waited for room); the snapshot of an export with a persist file (its
 age and bytes, the last save's seconds, saves and failures: no sample for an export without
-one); the memory
+one) and the journal of one in durable mode (its bytes, records, syncs and their time,
+checkpoints, whether it failed); the memory
 limit in force and the writes refused with ENOSPC by cause (``cause="limit|budget|system"``);
 the server-wide memory budget, its use and its refusals; and the block layer's request
 counters: bytes, time, in flight, busy time, and a latency histogram per NBD command
@@ -43,7 +44,7 @@ MAX_METRICS_CONNECTIONS = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: (metric name, type, source: "mm_stat"/"io_stat"/"memory"/"stat"/"tiers"/"backing"/"persist"/
-#: "top", field, help)
+#: "journal"/"top", field, help)
 FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
     ("zramd_disksize_bytes", "gauge", "top", "disksize", "Size of the export."),
     ("zramd_clients", "gauge", "top", "clients", "NBD connections attached to the export."),
@@ -124,6 +125,20 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Snapshots written to the export's persist file."),
     ("zramd_snapshot_failures_total", "counter", "persist", "failures",
      "Snapshots of the export's persist file that failed (the previous file stays)."),
+    ("zramd_journal_bytes", "gauge", "journal", "bytes",
+     "Bytes of the durable export's journal on disk (sync=flush)."),
+    ("zramd_journal_checkpoint_bytes", "gauge", "journal", "checkpoint_bytes",
+     "Journal size at which a checkpoint (a snapshot) is taken."),
+    ("zramd_journal_records_total", "counter", "journal", "records",
+     "Writes, zeroings and trims recorded in the journal."),
+    ("zramd_journal_syncs_total", "counter", "journal", "syncs",
+     "Journal syncs (FLUSH and FUA requests)."),
+    ("zramd_journal_sync_microseconds_total", "counter", "journal", "sync_us",
+     "Time FLUSH and FUA requests waited for the journal's sync."),
+    ("zramd_journal_checkpoints_total", "counter", "journal", "checkpoints",
+     "Checkpoints that cleaned the journal."),
+    ("zramd_journal_failed", "gauge", "journal", "failed",
+     "1 while the journal failed (FLUSH answers EIO until a checkpoint succeeds)."),
 )
 #: the histogram's bucket bounds as Prometheus ``le`` labels
 _LE = [str(bucket_bound_seconds(i)) for i in range(HIST_SHOWN)] + ["+Inf"]
@@ -157,7 +172,7 @@ def render(registry: Any) -> str:
         for st in stats:
             if source == "top":
                 value = st[field]
-            elif st[source] is None:  # an export without a persist file
+            elif st[source] is None:  # an export without a persist file, or journal
                 continue
             else:
                 value = st[source][field]

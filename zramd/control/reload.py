@@ -132,7 +132,7 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
         k
         for k in (
             "size", "read_only", "description", "group_pages", "group_algorithm", "persist",
-            "backing",
+            "sync", "backing",
         )
         if getattr(cfg, k) != getattr(old, k)
     ]

@@ -170,14 +170,24 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
         **{f: s[f] for f in TIER_FIELDS},
         **{f: s[f] for f in BACKING_FIELDS},
         "persist": _persist(exp),
+        "journal": _journal(exp),
     }
 
 
 def _persist(exp: ExportLike) -> dict[str, Any] | None:
-    """The export's snapshot status (:class:`~zramd.server.exports.SnapshotStatus`), or None
-    without a persist file."""
+    """The export's snapshot status (:class:`~zramd.server.exports.SnapshotStatus`) with its
+    ``sync`` mode, or None without a persist file."""
     status = getattr(exp, "snapshot", None)
-    return status.as_dict() if status is not None else None
+    if status is None:
+        return None
+    return {**status.as_dict(), "sync": exp.config.sync}
+
+
+def _journal(exp: ExportLike) -> dict[str, Any] | None:
+    """The journal's figures of an export in durable mode
+    (:meth:`~zramd.server.durable.Journal.as_dict`), else None."""
+    journal = getattr(exp, "journal", None)
+    return journal.as_dict() if journal is not None else None
 
 
 def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
@@ -205,6 +215,7 @@ def export_stat(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "tiers": _tiers(exp, s),
         "backing": _backing(exp, s),
         "persist": _persist(exp),
+        "journal": _journal(exp),
     }
 
 
@@ -523,6 +534,11 @@ class ControlServer:
             exp.device.reset()
         except Unsupported as e:
             raise ControlError(f"export {exp.name!r}: {e}") from None
+        else:
+            journal = getattr(exp, "journal", None)
+            if journal is not None:
+                journal.reset()
+                await journal.sync()
         finally:
             if policy is not None:
                 policy.start()

@@ -15,7 +15,8 @@ Layout (all integers little-endian)::
     meta section  zstd of: the codec list (name, level, dictionary), then each TABLE_COLUMNS
                   column over every page, then each GROUP_COLUMNS column over every group,
                   then the backing store's UUID (16 bytes, zeros: none) and the generation
-                  (uint64) of each page left in the backing store, in page order
+                  (uint64) of each page left in the backing store, in page order, then (version
+                  3) the journal generation that follows this snapshot (uint64)
     chunk *       CHUNK (magic ZSCK, object count, data bytes, CRC-32 of lengths and data),
                   the objects' lengths (uint32 each), the objects end to end
     FOOTER        magic ZRAMDEND, the footer's own offset, chunk count, the header's CRC-32,
@@ -62,9 +63,9 @@ import zstandard
 MAGIC = b"ZRAMDSNP"
 FOOTER_MAGIC = b"ZRAMDEND"
 CHUNK_MAGIC = b"ZSCK"
-FORMAT_VERSION = 2
-#: the versions this zramd reads (1: no backing section)
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: the versions this zramd reads (1: no backing section; 2: no journal generation)
+READ_VERSIONS = (1, 2, 3)
 #: bytes of a backing store's UUID
 UUID_BYTES = 16
 #: the table's columns as stored, in order: (name, dtype)
@@ -132,6 +133,9 @@ class ImageMeta:
     backing: bytes = b""
     #: per BACKED page, in page order: the generation of its locator's segment
     generations: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    #: the first journal generation whose records are not in this snapshot (0: every journal
+    #: found beside the file is newer, :mod:`zramd.persist.journal`)
+    journal_gen: int = 0
 
     @property
     def npages(self) -> int:
@@ -156,6 +160,7 @@ def _encode_meta(meta: ImageMeta) -> bytes:
     assert len(meta.backing) in (0, UUID_BYTES)
     parts.append(meta.backing or bytes(UUID_BYTES))
     parts.append(np.ascontiguousarray(meta.generations, dtype="<u8").tobytes())
+    parts.append(struct.pack("<Q", meta.journal_gen))
     return b"".join(parts)
 
 
@@ -167,6 +172,7 @@ def _decode_meta(
     list[npt.NDArray[Any]],
     bytes,
     npt.NDArray[np.uint64],
+    int,
 ]:
     mv = memoryview(raw)
     (n,) = struct.unpack_from("<H", mv, 0)
@@ -195,16 +201,23 @@ def _decode_meta(
     groups = columns(GROUP_COLUMNS, ngroups)
     backing = b""
     generations = np.zeros(0, np.uint64)
+    journal_gen = 0
     if version >= 2:
         if pos + UUID_BYTES > len(mv):
             raise ValueError("meta section too short for its backing store's UUID")
         uid = bytes(mv[pos : pos + UUID_BYTES])
         backing = uid if uid.strip(b"\0") else b""
         pos += UUID_BYTES
-        (generations,) = columns((("generation", "<u8"),), (len(mv) - pos) // 8)
+        tail = 8 if version >= 3 else 0
+        (generations,) = columns((("generation", "<u8"),), (len(mv) - pos - tail) // 8)
+        if tail:
+            if pos + tail > len(mv):
+                raise ValueError("meta section too short for its journal generation")
+            (journal_gen,) = struct.unpack_from("<Q", mv, pos)
+            pos += tail
     if pos != len(mv):
         raise ValueError(f"meta section has {len(mv) - pos} bytes past its columns")
-    return codecs, table, groups, backing, generations
+    return codecs, table, groups, backing, generations, journal_gen
 
 
 def pack(objects: Sequence[bytes]) -> tuple[bytes, bytes]:
@@ -394,7 +407,7 @@ class SnapshotReader:
             raw_meta = zstandard.ZstdDecompressor().decompress(packed, max_output_size=meta_raw)
             if len(raw_meta) != meta_raw:
                 raise ValueError(f"meta section is {len(raw_meta)} bytes, header says {meta_raw}")
-            codecs, table, groups, backing, generations = _decode_meta(
+            codecs, table, groups, backing, generations, journal_gen = _decode_meta(
                 raw_meta, npages, ngroups, version
             )
         except (zstandard.ZstdError, ValueError, struct.error, UnicodeDecodeError) as e:
@@ -410,6 +423,7 @@ class SnapshotReader:
             created=created / 1e9,
             backing=backing,
             generations=generations,
+            journal_gen=journal_gen,
         )
 
     def chunks(self) -> Iterator[list[memoryview]]:

@@ -43,8 +43,14 @@ Choices where the spec leaves room:
   so "too big" reads the same both ways. TRIM and WRITE_ZEROES have no payload and may be any
   length inside the export (1.9).
 * FAST_ZERO on WRITE_ZEROES succeeds: zeroing RAM pages is never slower than writing them.
-* FUA is accepted everywhere and needs no action: once a request's coroutine returns, its data is
-  in the store every connection reads (RAM has no volatile cache), so FLUSH is immediate too.
+* FUA is accepted everywhere. Once a request's coroutine returns, its data is in the store every
+  connection reads (RAM has no volatile cache), so without a journal FUA needs no action and
+  FLUSH is immediate. An export in durable mode (``sync=flush``) has a
+  :class:`~zramd.server.durable.Journal`: every WRITE, WRITE_ZEROES and TRIM the device
+  completed is recorded in it at once (before anything else runs on the loop, so overlapping
+  requests are recorded in the order the device applied them), and a FLUSH, or any request
+  with FUA, is answered only after :meth:`~zramd.server.durable.Journal.sync` (stable storage).
+  The fast path declines a write with FUA, or while the journal's backlog is full.
 
 Errors from the device map through :data:`EXCEPTION_ERRNO` (NoSpace -> ENOSPC, DeviceIOError ->
 EIO); anything else is a bug: logged with a traceback and answered EIO, the connection goes on.
@@ -79,6 +85,7 @@ from zramd.device.interface import (
 )
 from zramd.protocol import wire
 from zramd.protocol.events import Request
+from zramd.server.durable import Journal
 from zramd.server.exports import Export
 from zramd.stats import HIST_CMD_SHIFT, HIST_SHIFT, IoStats
 
@@ -272,6 +279,7 @@ class Dispatcher:
         "max_payload",
         "shutdown",
         "io",
+        "journal",
     )
 
     def __init__(
@@ -293,6 +301,7 @@ class Dispatcher:
         self.max_payload = max_payload
         self.shutdown = shutdown or ShutdownFlag()
         self.io: IoStats = export.io
+        self.journal: Journal | None = export.journal
 
     def check(self, req: Request) -> tuple[int, str] | None:
         # positional: this runs once per request, and keyword calls cost more
@@ -319,7 +328,15 @@ class Dispatcher:
         try:
             if cmd == WRITE:
                 assert req.data is not None
-                if not self.device.write_now(req.offset, req.data):
+                journal = self.journal
+                if journal is None:
+                    if not self.device.write_now(req.offset, req.data):
+                        return None
+                elif req.flags & FUA or journal.backlogged:
+                    return None
+                elif self.device.write_now(req.offset, req.data):
+                    journal.write(req.offset, req.data)
+                else:
                     return None
                 reply = OK
             else:
@@ -420,6 +437,9 @@ class Dispatcher:
         dev = self.device
         if cmd == READ:
             return self._read_reply(req, await dev.read_with_zeros(req.offset, req.length))
+        journal = self.journal
+        if journal is not None and cmd in _JOURNALED:
+            return await self._run_journaled(req, journal)
         if cmd == WRITE:
             assert req.data is not None
             await dev.write(req.offset, req.data)
@@ -442,6 +462,33 @@ class Dispatcher:
                 self.context_id, clip_extents(ext, req.length, bool(req.flags & REQ_ONE))
             )
         return ErrorReply(EINVAL, f"unexpected command {cmd}")  # DISC never reaches here
+
+
+    async def _run_journaled(self, req: Request, journal: Journal) -> Reply:
+        """A mutating request or FLUSH of an export in durable mode: each mutation is recorded
+        as soon as the device completed it (no await in between), a FLUSH or FUA waits for the
+        journal's sync."""
+        cmd = req.command
+        dev = self.device
+        if cmd == WRITE:
+            assert req.data is not None
+            if journal.backlogged:
+                await journal.drain()
+            await dev.write(req.offset, req.data)
+            journal.write(req.offset, req.data)
+        elif cmd == TRIM:
+            await dev.trim(req.offset, req.length)
+            journal.trim(req.offset, req.length)
+        elif cmd == WRITE_ZEROES:
+            await dev.write_zeroes(req.offset, req.length, punch_hole=not req.flags & NO_HOLE)
+            journal.zero(req.offset, req.length)
+        if cmd == FLUSH or req.flags & FUA:
+            await journal.sync()
+        return OK
+
+
+#: the commands an export's journal takes part in
+_JOURNALED = frozenset((WRITE, FLUSH, TRIM, WRITE_ZEROES))
 
 
 def _errno_for(e: BaseException) -> int:

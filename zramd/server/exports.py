@@ -67,6 +67,7 @@ from zramd.device.tiers import TierPolicy
 from zramd.geometry import PAGE_SIZE
 from zramd.persist import SnapshotBusy, SnapshotError, SnapshotLock, SnapshotReader
 from zramd.protocol.events import ExportInfo
+from zramd.server.durable import Journal
 from zramd.stats import IoStats
 
 log = logging.getLogger("zramd.server")
@@ -283,6 +284,7 @@ class Export:
         "backing",
         "lock",
         "snapshot",
+        "journal",
     )
 
     def __init__(
@@ -300,6 +302,9 @@ class Export:
         self.lock = lock
         #: what is known of the snapshot file (None without ``persist``)
         self.snapshot = SnapshotStatus(config.persist) if config.persist is not None else None
+        #: the journal of an export in durable mode (``sync=flush``), opened by its restore
+        #: (:mod:`zramd.server.persistence`) before any client, closed with the device
+        self.journal: Journal | None = None
         self.info = ExportInfo(
             name=config.name,
             size=device.size,
@@ -344,9 +349,12 @@ class Export:
         return len(self.sessions)
 
     def close(self) -> None:
-        """Close the device, then the backing store, then release the snapshot's lock."""
+        """Close the device, then the journal (synced), the backing store, then release the
+        snapshot's lock."""
         try:
             self.device.close()
+            if self.journal is not None:
+                self.journal.close()
         finally:
             try:
                 if self.backing is not None:

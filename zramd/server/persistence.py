@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ from typing import Any, Protocol
 
 from zramd.config import ConfigError, format_size
 from zramd.device.interface import DeviceError, NoSpace
+from zramd.geometry import PAGE_SIZE
 from zramd.persist import (
     SnapshotBusy,
     SnapshotError,
@@ -79,6 +81,11 @@ from zramd.persist import (
     pack,
     set_aside,
 )
+from zramd.persist import journal as jfile
+from zramd.persist.journal import JournalError, journal_files, read_journal
+from zramd.persist.journal import cut as cut_journal
+from zramd.persist.journal import remove as remove_journal
+from zramd.server.durable import Journal
 from zramd.server.exports import Export, ExportRegistry
 from zramd.system import sd_notify
 
@@ -140,10 +147,15 @@ class SnapshotInfo:
         }
 
 
-async def save(exp: Export, path: str | None = None, final: bool = False) -> SnapshotInfo:
+async def save(
+    exp: Export, path: str | None = None, final: bool = False, leftover_gen: int = 0
+) -> SnapshotInfo:
     """Snapshot ``exp`` to ``path`` (default: its ``persist`` file) at this point in time;
     ``final``: the export is closed after it (its pages written back stay pinned until then).
-    Raises ConfigError (no path), DeviceError (device reset or closed meanwhile) or OSError."""
+    A snapshot to the persist file is a checkpoint of the journal (durable mode), or, given
+    ``leftover_gen``, replaces journal generations older than that one (found at start in
+    ``stop`` mode). Raises ConfigError (no path), DeviceError (device reset or closed
+    meanwhile) or OSError."""
     path = path or exp.config.persist
     if path is None:
         raise ConfigError(f"export {exp.name!r} has no persist file: give a path")
@@ -158,7 +170,7 @@ async def save(exp: Export, path: str | None = None, final: bool = False) -> Sna
     t0 = time.perf_counter()
     try:
         async with lock:
-            info = await _save(exp, path, final)
+            info = await _save(exp, path, final, leftover_gen)
     except BaseException as e:
         if own and exp.snapshot is not None and isinstance(e, Exception):
             st = exp.snapshot
@@ -177,10 +189,13 @@ async def save(exp: Export, path: str | None = None, final: bool = False) -> Sna
     return info
 
 
-async def _save(exp: Export, path: str, final: bool) -> SnapshotInfo:
+async def _save(exp: Export, path: str, final: bool, leftover_gen: int = 0) -> SnapshotInfo:
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     meta, src = exp.device.snapshot_image(final)
+    if path == exp.config.persist:
+        # a checkpoint: the snapshot holds every record before this moment
+        meta.journal_gen = exp.journal.rotate(final) if exp.journal is not None else leftover_gen
     longest = capture = time.perf_counter() - t0
     pages = int((meta.table[0] != 0).sum())
     try:
@@ -233,7 +248,19 @@ async def _save(exp: Export, path: str, final: bool) -> SnapshotInfo:
         info.seconds,
         longest * 1e3,
     )
+    if path == exp.config.persist and meta.journal_gen:
+        if exp.journal is not None:
+            exp.journal.checkpointed(meta.journal_gen, writer.written)
+        else:
+            await loop.run_in_executor(None, _remove_journals, path, meta.journal_gen)
     return info
+
+
+def _remove_journals(path: str, before: int) -> None:
+    """Delete the journal generations beside ``path`` older than ``before``."""
+    for gen, jpath in journal_files(path):
+        if gen < before:
+            remove_journal(jpath)
 
 
 class SnapshotRefused(ConfigError):
@@ -241,19 +268,28 @@ class SnapshotRefused(ConfigError):
     geometry, or inconsistent (what ``--discard-snapshot`` sets aside)."""
 
 
-async def restore(exp: Export) -> bool:
-    """Restore ``exp`` from its persist file into its (empty) device; False when there is no
-    file. Raises SnapshotRefused (a bad or foreign file) or ConfigError (the file could not be
-    read, no room), naming the export and the file."""
+async def restore(exp: Export) -> tuple[int, list[tuple[int, int]]]:
+    """Restore ``exp`` from its persist file into its (empty) device, then replay its journal;
+    returns the generation the next journal starts with (0: no snapshot, no journal) and the
+    (generation, bytes) of the journal files kept. Raises
+    SnapshotRefused (a bad or foreign file) or ConfigError (a file could not be read, no
+    room), naming the export and the file."""
     path = exp.config.persist
     assert path is not None
+    first = await _restore_snapshot(exp, path)
+    return await _replay(exp, path, max(first, 0))
+
+
+async def _restore_snapshot(exp: Export, path: str) -> int:
+    """The snapshot part of :func:`restore`: the journal generation the snapshot names, or -1
+    without a snapshot."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     try:
         reader = await loop.run_in_executor(None, SnapshotReader, path)
     except FileNotFoundError:
-        log.info("export %s: no snapshot %s yet: starting empty", exp.name, path)
-        return False
+        log.info("export %s: no snapshot %s yet", exp.name, path)
+        return -1
     except SnapshotError as e:
         raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
     except OSError as e:
@@ -291,7 +327,78 @@ async def restore(exp: Export) -> bool:
         reader.meta.objects,
         time.perf_counter() - t0,
     )
-    return True
+    return reader.meta.journal_gen
+
+
+async def _replay(exp: Export, path: str, first: int) -> tuple[int, list[tuple[int, int]]]:
+    """Apply the journal generations from ``first`` on to the device, in order; delete older
+    ones. A generation's torn tail is cut off (the file truncated to its whole frames) and the
+    generations after it deleted: they hold nothing a FLUSH acknowledged (a FLUSH syncs every
+    generation still open). Returns the generation the next journal starts with (0: none
+    found and ``first`` 0) and the (generation, bytes) of the files kept."""
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(None, journal_files, path)
+    nxt = first
+    cut = False
+    t0 = time.perf_counter()
+    records = 0
+    kept: list[tuple[int, int]] = []
+    dev = exp.device
+    for gen, jpath in files:
+        nxt = max(nxt, gen + 1)
+        if gen < first or cut:
+            await loop.run_in_executor(None, remove_journal, jpath)
+            if cut:
+                log.warning("export %s: journal %s follows a torn one: deleted", exp.name, jpath)
+            continue
+        try:
+            got = await loop.run_in_executor(None, read_journal, jpath)
+        except JournalError as e:
+            raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"export {exp.name!r}: journal {jpath}: {e.strerror}") from None
+        head = got.header
+        if head is not None and (head.size, head.page_size) != (dev.size, PAGE_SIZE):
+            raise SnapshotRefused(
+                f"export {exp.name!r}: journal {jpath}: of an export of {head.size} bytes "
+                f"({head.page_size}-byte pages), this one is {dev.size}"
+            )
+        try:
+            for kind, offset, length, data in got.records:
+                if offset + length > dev.size:
+                    raise SnapshotRefused(
+                        f"export {exp.name!r}: journal {jpath}: a record past the export's end"
+                    )
+                if kind == jfile.WRITE:
+                    await dev.write(offset, data)
+                elif kind == jfile.ZERO:
+                    await dev.write_zeroes(offset, length)
+                elif kind == jfile.TRIM:
+                    await dev.trim(offset, length)
+                else:
+                    dev.reset()
+        except (NoSpace, DeviceError) as e:
+            raise ConfigError(f"export {exp.name!r}: journal {jpath}: {e}") from None
+        records += len(got.records)
+        kept.append((gen, got.good_bytes))
+        if got.torn:
+            cut = True
+            await loop.run_in_executor(None, cut_journal, jpath, got.good_bytes)
+            log.warning(
+                "export %s: journal %s: its tail after %d whole frames cut off (a write the "
+                "crash interrupted, never acknowledged by a FLUSH)",
+                exp.name,
+                jpath,
+                got.frames,
+            )
+    if files:
+        log.info(
+            "export %s: replayed %d journal records in %.2fs",
+            exp.name,
+            records,
+            time.perf_counter() - t0,
+        )
+    return nxt, kept
 
 
 async def restore_all(registry: ExportRegistry, discard: bool = False) -> None:
@@ -302,18 +409,59 @@ async def restore_all(registry: ExportRegistry, discard: bool = False) -> None:
         if path is None:
             continue
         try:
-            await restore(exp)
+            nxt, kept = await restore(exp)
         except SnapshotRefused as e:
             if not discard:
                 raise
-            aside = set_aside(path)
+            asides = [set_aside(p) for p in [path, *(j for _g, j in journal_files(path))]
+                      if os.path.exists(p)]
             log.warning(
                 "%s; discarded (--discard-snapshot): renamed to %s, export %s starts empty",
                 e,
-                aside,
+                ", ".join(asides),
                 exp.name,
             )
-            registry.renew(exp.name)
+            exp = registry.renew(exp.name)
+            nxt, kept = 0, []
+        await open_journal(exp, nxt, kept)
+
+
+async def open_journal(exp: Export, nxt: int, kept: list[tuple[int, int]]) -> None:
+    """After its restore: give an export in durable mode its journal, starting at generation
+    ``nxt``, the generations ``kept`` on disk deleted by its first checkpoint; an export in
+    ``stop`` mode that found journal generations (it ran durable before) is snapshotted at
+    once, so they can go."""
+    path = exp.config.persist
+    assert path is not None
+    if exp.config.sync == "flush":
+        journal = Journal(exp.name, path, exp.device.size, PAGE_SIZE, max(nxt, 1), tuple(kept))
+        if exp.snapshot is not None and exp.snapshot.file_bytes:
+            journal.checkpoint_bytes = max(journal.checkpoint_bytes, exp.snapshot.file_bytes)
+        journal.on_due = lambda: _checkpoint_soon(exp)
+        exp.journal = journal
+    elif nxt:
+        await save(exp, leftover_gen=nxt)
+
+
+#: the checkpoints running, by export (one at a time each)
+_checkpoints: dict[int, asyncio.Task[None]] = {}
+
+
+def _checkpoint_soon(exp: Export) -> None:
+    """Start a checkpoint of ``exp`` (its journal asked for one) unless one runs."""
+    task = _checkpoints.get(id(exp))
+    if task is not None and not task.done():
+        return
+    _checkpoints[id(exp)] = asyncio.get_running_loop().create_task(_checkpoint(exp))
+
+
+async def _checkpoint(exp: Export) -> None:
+    try:
+        await save(exp)
+    except (OSError, DeviceError, ConfigError) as e:
+        log.error("export %s: checkpoint to %s failed: %s", exp.name, exp.config.persist, e)
+    finally:
+        _checkpoints.pop(id(exp), None)
 
 
 async def save_all(registry: ExportRegistry) -> None:

@@ -1,0 +1,277 @@
+"""Durable mode (``persist=PATH,sync=flush``) with real clients: the crash test.
+
+A libnbd client writes random pages (single pages and runs of up to 16, in batches of requests
+in flight at once), trims and zeroes ranges, writes some pages with FUA and flushes at random
+points, while a model records, per page, the data as of the last completed FLUSH (or FUA write
+of that page) and every write issued since. The server is killed with SIGKILL at a random moment
+(sometimes while ``zramd snapshot`` takes a checkpoint), restarted on the same files, and every
+page must then equal the model's durable data or one of the later writes: never older data,
+never a torn or foreign page. :data:`CYCLES` cycles in CI (``ZRAMD_CRASH_CYCLES`` for a longer
+run; docs/operator.md).
+
+Also here: a clean stop leaves a snapshot and no journal; the journal's figures in ``stat``; a
+journal of another export size stops the start with one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+
+from .conftest import MiB, Server, run, zramd_argv
+from .zramd_with import start_zramd
+
+EXPORT = "zram0"
+SIZE = 8 * MiB
+PAGE = 4096
+NPAGES = SIZE // PAGE
+CYCLES = int(os.environ.get("ZRAMD_CRASH_CYCLES", "50"))
+
+
+class Model:
+    """Per page: the durable data (None: zeros) and the data written since (issued, maybe not
+    completed), oldest first."""
+
+    def __init__(self) -> None:
+        self.durable: dict[int, bytes | None] = {}
+        self.since: dict[int, list[bytes | None]] = {}
+        self.lock = threading.Lock()
+        #: FLUSH requests completed
+        self.flushes = 0
+
+    def issued(self, first: int, pages: list[bytes | None]) -> None:
+        with self.lock:
+            for i, data in enumerate(pages):
+                self.since.setdefault(first + i, []).append(data)
+
+    def flushed(self) -> None:
+        """A FLUSH completed: every write issued and completed before it is durable (the
+        client waits for its writes before it flushes)."""
+        with self.lock:
+            for page, writes in self.since.items():
+                self.durable[page] = writes[-1]
+            self.since.clear()
+
+    def fua(self, first: int, pages: list[bytes]) -> None:
+        """A write with FUA completed: its pages are durable."""
+        with self.lock:
+            for i, data in enumerate(pages):
+                self.durable[first + i] = data
+                self.since.pop(first + i, None)
+
+    def allowed(self, page: int) -> list[bytes | None]:
+        return [self.durable.get(page), *self.since.get(page, [])]
+
+    def settle(self, got: dict[int, bytes | None]) -> None:
+        """After a restart: what was read back is now the durable data."""
+        self.durable = dict(got)
+        self.since.clear()
+
+
+def _page(tag: int, rng: random.Random) -> bytes:
+    """A page unlike any other (its tag), half compressible."""
+    head = tag.to_bytes(8, "little") * 8
+    return head + rng.randbytes(PAGE // 2 - len(head)) + bytes([tag & 0xFF]) * (PAGE // 2)
+
+
+def _tag(page: bytes | None) -> str:
+    return "zeros" if page is None else f"tag {int.from_bytes(page[:8], 'little')}"
+
+
+def _connect(server: Server) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(server.uri(EXPORT, unix=True))
+    return h
+
+
+def _client(
+    server: Server,
+    model: Model,
+    rng: random.Random,
+    tags: list[int],
+    killed: threading.Event,
+    errors: list[str],
+) -> None:
+    """Write, trim, zero and flush until the server is killed; an error before that, or one
+    that is not the server's, goes to ``errors``."""
+    try:
+        h = _connect(server)
+        while True:
+            op = rng.random()
+            if op < 0.75:  # a batch of writes in flight at once, on distinct pages
+                starts = rng.sample(range(NPAGES), rng.randint(1, 8))
+                cmds = []
+                used: set[int] = set()
+                for first in starts:
+                    n = 1 if rng.random() < 0.7 else rng.randint(2, 16)
+                    n = min(n, NPAGES - first)
+                    span = set(range(first, first + n))
+                    if span & used:
+                        continue
+                    used |= span
+                    pages = []
+                    for _ in range(n):
+                        tags[0] += 1
+                        pages.append(_page(tags[0], rng))
+                    model.issued(first, list(pages))
+                    cmds.append(h.aio_pwrite(b"".join(pages), first * PAGE))
+                while cmds:
+                    cmds = [c for c in cmds if not h.aio_command_completed(c)]
+                    if cmds:
+                        h.poll(-1)
+            elif op < 0.83:
+                first = rng.randrange(NPAGES)
+                n = min(rng.randint(1, 32), NPAGES - first)
+                model.issued(first, [None] * n)
+                if rng.random() < 0.5:
+                    h.trim(n * PAGE, first * PAGE)
+                else:
+                    h.zero(n * PAGE, first * PAGE)
+            elif op < 0.9:
+                first = rng.randrange(NPAGES)
+                tags[0] += 1
+                data = _page(tags[0], rng)
+                model.issued(first, [data])
+                h.pwrite(data, first * PAGE, nbd.CMD_FLAG_FUA)
+                model.fua(first, [data])
+            else:
+                h.flush()
+                model.flushed()
+                model.flushes += 1
+    except nbd.Error as e:
+        if not killed.is_set():
+            errors.append(f"{e} (before the server was killed)")
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        errors.append(repr(e))
+
+
+def _read_all(server: Server) -> dict[int, bytes | None]:
+    h = _connect(server)
+    got: dict[int, bytes | None] = {}
+    try:
+        step = 256 * PAGE
+        for off in range(0, SIZE, step):
+            buf = h.pread(step, off)
+            for i in range(0, step, PAGE):
+                page = buf[i : i + PAGE]
+                got[(off + i) // PAGE] = None if page == bytes(PAGE) else page
+    finally:
+        h.shutdown()
+    return got
+
+
+def _start(workdir: Path, snap: Path, size: int = SIZE) -> Server:
+    return start_zramd(workdir, exports=[(EXPORT, size, f"persist={snap},sync=flush")])
+
+
+def _snapshot_cli(server: Server) -> None:
+    control = str(Path(server.workdir) / "control.sock")
+    subprocess.run(
+        zramd_argv() + ["snapshot", EXPORT, "--control", control],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    seed = int(os.environ.get("ZRAMD_CRASH_SEED", str(random.randrange(1 << 30))))
+    rng = random.Random(seed)
+    model = Model()
+    tags = [0]
+    checked = replays = 0
+    for cycle in range(CYCLES):
+        server = _start(tmp_path / f"srv{cycle % 2}", snap)
+        try:
+            got = _read_all(server)
+            for page in range(NPAGES):
+                allowed = model.allowed(page)
+                assert got[page] in allowed, (
+                    f"seed {seed}, cycle {cycle}: page {page} holds {_tag(got[page])}, the "
+                    f"model allows {[_tag(a) for a in allowed]}"
+                )
+                checked += 1
+            model.settle(got)
+            replays += "replayed" in server.stderr()
+            killed = threading.Event()
+            errors: list[str] = []
+            worker = threading.Thread(
+                target=_client, args=(server, model, rng, tags, killed, errors)
+            )
+            worker.start()
+            if rng.random() < 0.3:
+                time.sleep(rng.uniform(0.0, 0.3))
+                threading.Thread(target=_snapshot_cli, args=(server,), daemon=True).start()
+            time.sleep(rng.uniform(0.05, 0.6))
+            killed.set()
+            server.procs[0].send_signal(signal.SIGKILL)
+            server.procs[0].wait()
+            worker.join(timeout=30)
+            assert not worker.is_alive() and not errors, errors
+        finally:
+            server.stop_quietly()
+        for f in (tmp_path / f"srv{cycle % 2}").glob("*.sock"):
+            f.unlink()
+    assert replays >= CYCLES // 2, f"the journal was replayed in only {replays} of {CYCLES} starts"
+    assert model.flushes >= CYCLES, f"only {model.flushes} FLUSH requests in {CYCLES} cycles"
+    assert checked == CYCLES * NPAGES
+
+
+def test_stop_leaves_a_snapshot_and_no_journal(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    data = os.urandom(2 * MiB)
+    h = _connect(server)
+    h.pwrite(data, 0)
+    h.flush()
+    control = str(Path(server.workdir) / "control.sock")
+    st = json.loads(run(zramd_argv() + ["stat", EXPORT, "--json", "--control", control]).stdout)
+    journal = st["journal"]
+    assert journal["syncs"] == 1 and journal["records"] >= 1 and journal["bytes"] > len(data) // 2
+    assert st["persist"]["sync"] == "flush"
+    text = run(zramd_argv() + ["stat", EXPORT, "--control", control]).stdout
+    assert "journal (sync=flush)" in text and "1 syncs" in text, text
+    h.shutdown()
+    server.stop()
+    assert snap.exists() and not list(tmp_path.glob("s.snap.journal-*"))
+    server = _start(tmp_path / "srv2", snap)
+    try:
+        assert _connect(server).pread(len(data), 0) == data
+        assert "replayed" not in server.stderr()
+    finally:
+        server.stop()
+
+
+def test_a_journal_of_another_size_stops_the_start(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    h = _connect(server)
+    h.pwrite(b"j" * PAGE, 0)
+    h.flush()
+    server.stop_quietly()  # SIGKILL: the journal stays
+    journals = list(tmp_path.glob("s.snap.journal-*"))
+    assert journals
+    workdir = tmp_path / "bad"
+    workdir.mkdir()
+    proc = subprocess.run(
+        zramd_argv()
+        + ["serve", "--unix", str(workdir / "nbd.sock"), "--port", "0",
+           "--control", str(workdir / "control.sock"),
+           "--export", f"{EXPORT}={2 * SIZE // 1024}K,persist={snap},sync=flush"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert any(str(journals[0]) in line and str(SIZE) in line for line in lines), proc.stderr
+    assert "Traceback" not in proc.stderr
