@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything zramd's tests, benchmarks and VM test need on a fresh Debian 12 machine.
-# Debian packages (real NBD peers and clients, qemu, fio) via apt-get; Python packages into a venv
-# made from Debian's /usr/bin/python3 with --system-site-packages, so python3-libnbd is importable.
+# Debian packages (real NBD peers and clients, qemu, fio, strace) via apt-get; Python packages into
+# a venv made from Debian's /usr/bin/python3 with --system-site-packages, so python3-libnbd is
+# importable.
 # Idempotent: a second run is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nbd-client nbdkit nbd-server qemu-utils libnbd-bin python3-libnbd fio
   qemu-system-x86 busybox-static e2fsprogs util-linux cpio gzip gcc libc6-dev
-  python3-venv python3-dev openssl gnutls-bin systemd liblzo2-dev
+  python3-venv python3-dev openssl gnutls-bin systemd liblzo2-dev strace
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -275,3 +275,33 @@ def test_a_journal_of_another_size_stops_the_start(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert any(str(journals[0]) in line and str(SIZE) in line for line in lines), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_flush_reaches_fdatasync_of_the_journal(tmp_path: Path) -> None:
+    """What SIGKILL cannot show (the page cache survives it): a FLUSH after a write is not
+    answered before the journal file was ``fdatasync``-ed, seen by strace on the daemon."""
+    snap = tmp_path / "s.snap"
+    server = _start(tmp_path / "srv", snap)
+    trace = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-y", "-qq", "-e", "trace=fdatasync,fsync", "-o", str(trace),
+         "-p", str(server.procs[0].pid)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not trace.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # attached to every thread
+        h = _connect(server)
+        rounds = 5
+        for i in range(rounds):
+            h.pwrite(bytes([i + 1]) * PAGE, i * PAGE)
+            h.flush()
+            seen = trace.read_text().count(".journal-")
+            assert seen >= i + 1, f"FLUSH {i + 1} answered after {seen} journal syncs"
+        h.shutdown()
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+        server.stop()

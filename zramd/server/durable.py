@@ -73,6 +73,8 @@ class _Gen:
     file: JournalFile | None = None
     dirty: bool = False
     bytes: int = 0
+    #: bytes of the file on stable storage (its last sync)
+    synced: int = 0
 
 
 class JournalFailed(DeviceIOError):
@@ -103,7 +105,7 @@ class Journal:
         self._loop = asyncio.get_running_loop()
         self._gen = _Gen(generation)
         #: generations before the current one still on disk (deleted by a checkpoint)
-        self._old: list[_Gen] = [_Gen(g, bytes=n) for g, n in kept]
+        self._old: list[_Gen] = [_Gen(g, bytes=n, synced=n) for g, n in kept]
         self._pending: list[Record] = []
         self._pending_bytes = 0
         self._tail: asyncio.Future[Any] | None = None
@@ -252,6 +254,10 @@ class Journal:
         self._ex.submit(self._close_all, [*self._old, self._gen])
         self._ex.shutdown(wait=True)
 
+    def synced(self) -> dict[int, int]:
+        """Per generation on disk, its bytes on stable storage."""
+        return {g.generation: g.synced for g in (*self._old, self._gen)}
+
     def as_dict(self) -> dict[str, Any]:
         """The journal's figures for ``stat`` and ``list --json``."""
         return {
@@ -266,6 +272,7 @@ class Journal:
             "sync_avg_ms": round(self.sync_ns / self.syncs / 1e6, 3) if self.syncs else 0.0,
             "checkpoints": self.checkpoints,
             "backlog_bytes": self._backlog + self._pending_bytes,
+            "unsynced_bytes": self.bytes - sum(self.synced().values()),
             "failed": int(bool(self.error)),
             "error": self.error,
         }
@@ -282,7 +289,7 @@ class Journal:
     def _create(self, gen: _Gen) -> None:
         try:
             gen.file = JournalFile(self.snapshot, gen.generation, self.size, self.page_size)
-            gen.bytes = gen.file.written
+            gen.bytes = gen.synced = gen.file.written
         except OSError as e:
             self._fail(gen, "cannot create", e)
 
@@ -303,8 +310,10 @@ class Journal:
             if gen.file is None or not gen.dirty:
                 continue
             try:
+                size = gen.file.written
                 gen.file.sync()
                 gen.dirty = False
+                gen.synced = size
             except OSError as e:
                 self._fail(gen, "cannot sync", e)
 

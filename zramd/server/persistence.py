@@ -447,6 +447,11 @@ async def open_journal(exp: Export, nxt: int, kept: list[tuple[int, int]]) -> No
 _checkpoints: dict[int, asyncio.Task[None]] = {}
 
 
+async def checkpoints_done() -> None:
+    """Wait for the checkpoints running (their errors are logged by them)."""
+    await asyncio.gather(*_checkpoints.values(), return_exceptions=True)
+
+
 def _checkpoint_soon(exp: Export) -> None:
     """Start a checkpoint of ``exp`` (its journal asked for one) unless one runs."""
     task = _checkpoints.get(id(exp))
@@ -468,6 +473,7 @@ async def save_all(registry: ExportRegistry) -> None:
     """Snapshot every export that has a persist file (server stop): background policies are
     stopped first, systemd's stop timeout is extended by each save's worst case; a failure is
     logged and the others are still saved."""
+    await checkpoints_done()
     for exp in registry:
         if exp.config.persist is None:
             continue
