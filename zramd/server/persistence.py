@@ -53,6 +53,17 @@ asks systemd for :func:`save_seconds` of that export more (``EXTEND_TIMEOUT_USEC
 unit's own ``TimeoutStopSec`` only has to cover the drain before the first save (the rule is in
 systemd/zramd.service and docs/install.md).
 
+**Durable mode** (``sync=flush``): the export also has a journal
+(:class:`~zramd.server.durable.Journal`, opened by :func:`open_journal` after the restore). A
+save to the persist file is a checkpoint: at the capture the journal starts a new generation and
+the snapshot names it (:attr:`~zramd.persist.ImageMeta.journal_gen`); once the snapshot is in
+place the older generations are deleted. The journal asks for a checkpoint when it has grown
+enough (:func:`_checkpoint_soon`: one at a time per export, errors logged). :func:`restore`
+replays, after the snapshot, the generations from the one it names on (:func:`_replay`: a torn
+tail is cut off, the generations after it deleted, older ones deleted), through the device's
+own write, zeroing and trim. An export in ``stop`` mode that finds journal generations (it ran
+in durable mode before) replays them and is snapshotted at once, so they can go.
+
 **Status**: each save to the export's persist file and each restore updates its
 :class:`~zramd.server.exports.SnapshotStatus` (the snapshot's time and bytes, the last save's
 seconds and error), which ``stat``, ``list --json`` and the metrics show.
