@@ -151,6 +151,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     os.unlink(d / "live.snap")
     drop_cache(snap)
+    reg.close()  # its lock on the snapshot file goes with it
     reg2 = ExportRegistry(ex)
     exp2 = reg2.add(ExportConfig(name="bench", size=size, persist=snap))
     t = time.perf_counter()
@@ -165,7 +166,6 @@ async def main(args: argparse.Namespace) -> None:
         x = await exp2.device.read_with_zeros(a, MiB)
         assert hashlib.sha256(x[0]).digest() == digest, a
     print("64 sampled MiB equal the original at its snapshot")
-    reg.close()
     reg2.close()
     w, r = disk_probe(str(d / "probe"), parse_size(args.disk_probe))
     print(f"disk, O_DIRECT sequential: write {w:.0f} MB/s, read {r:.0f} MB/s")
