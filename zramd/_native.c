@@ -1,4 +1,4 @@
-/* zramd._native: batch page codec loops with the GIL released.
+/* zramd._native: batch page codec loops, and the allocator's batch copy, with the GIL released.
  *
  * Theory of operation
  * -------------------
@@ -35,6 +35,12 @@
  *
  * new_buffer(n) -> bytearray
  *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
+ *
+ * copy_objects(dst, dst_offsets, src, src_offsets, lengths) -> None
+ *     The allocator's batch store: object i, src[src_offsets[i] : + lengths[i]], is copied to
+ *     dst[dst_offsets[i] :]. The three index buffers are int64 arrays of one length; every
+ *     range is checked against its buffer before anything is copied (ValueError), the copies
+ *     run with the GIL released.
  *
  * The libraries are the system's liblz4 and libzstd (declared here, so no -dev package is
  * needed to build). The module is optional: zramd falls back to its Python loops without it.
@@ -363,7 +369,44 @@ new_buffer(PyObject *self, PyObject *args)
     return PyByteArray_FromStringAndSize(NULL, n);
 }
 
+static PyObject *
+copy_objects(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, doff, src, soff, lens;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*:copy_objects", &dst, &doff, &src, &soff, &lens))
+        return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = lens.len / (Py_ssize_t)sizeof(int64_t);
+    if (doff.len != lens.len || soff.len != lens.len || lens.len % (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "copy_objects: index arrays of different lengths");
+        goto done;
+    }
+    const int64_t *d = (const int64_t *)doff.buf, *s = (const int64_t *)soff.buf;
+    const int64_t *l = (const int64_t *)lens.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (l[i] < 0 || d[i] < 0 || s[i] < 0 || d[i] > dst.len - l[i] || s[i] > src.len - l[i]) {
+            PyErr_Format(PyExc_ValueError, "copy_objects: object %zd out of range", i);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy((char *)dst.buf + d[i], (const char *)src.buf + s[i], (size_t)l[i]);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&doff);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&soff);
+    PyBuffer_Release(&lens);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
+    {"copy_objects", copy_objects, METH_VARARGS,
+     "copy_objects(dst, dst_offsets, src, src_offsets, lengths): scatter objects into dst"},
     {"new_buffer", new_buffer, METH_VARARGS, "new_buffer(n) -> bytearray of n bytes, not zeroed"},
     {"decompress_pages", decompress_pages, METH_VARARGS,
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},

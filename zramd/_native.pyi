@@ -1,3 +1,5 @@
+from typing import Any
+
 Buffer = bytes | bytearray | memoryview
 
 PAGE: int
@@ -13,3 +15,6 @@ def new_buffer(n: int, /) -> bytearray: ...
 def prepare_pages(
     src: Buffer, kind: int, level: int, threshold: int, same: int, stored: int, huge: int, /
 ) -> list[tuple[int, int, bytes | None]]: ...
+def copy_objects(
+    dst: Any, dst_offsets: Any, src: Any, src_offsets: Any, lengths: Any, /
+) -> None: ...

@@ -684,3 +684,37 @@ def test_store_many_is_store_of_each(
     finally:
         one.close()
         many.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_store_packed_with_and_without_the_c_copy(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``store_packed`` gives the same pool with the C copy and with its Python loop (what runs
+    where the accelerator is not built); a size out of range or data too short is refused
+    before anything is stored."""
+    import numpy as np
+
+    from zramd.allocator import pool as pool_module
+
+    if not native:
+        monkeypatch.setattr(pool_module, "_native_copy", None)
+    elif pool_module._native_copy is None:
+        pytest.skip("the C accelerator is not built")
+    rnd = random.Random(5)
+    objs = [rnd.randbytes(rnd.choice(SIZES)) for _ in range(2000)]
+    pool = Pool(arena_size=64 * PAGE)
+    try:
+        lengths = np.array([len(o) for o in objs], dtype=np.int64)
+        hs = pool.store_packed(b"".join(objs), lengths)
+        for h, o in zip(hs, objs, strict=True):
+            assert pool.load(h, len(o)) == o
+        pool.check(dict(zip(hs, map(len, objs), strict=True)))
+        before = (pool.total_bytes, pool.obj_count)
+        with pytest.raises(ValueError, match="past the end"):
+            pool.store_packed(b"x" * 10, np.array([8, 8], dtype=np.int64))
+        with pytest.raises(ValueError, match="object size"):
+            pool.store_packed(b"x" * 5000, np.array([4097], dtype=np.int64))
+        assert (pool.total_bytes, pool.obj_count) == before
+    finally:
+        pool.close()

@@ -62,8 +62,8 @@ def load(path: Path, **kw: object) -> ZramDevice:
     d = ZramDevice(r.meta.size, **kw)  # type: ignore[arg-type]
     try:
         sink = d.restore_image(r.meta)
-        for objs in r.chunks():
-            sink.put(objs)
+        for lengths, data in r.chunks():
+            sink.put(lengths, data)
         sink.finish()
     except BaseException:
         d.close()

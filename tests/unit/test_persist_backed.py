@@ -49,8 +49,8 @@ def _load(path: Path, backing_path: Path) -> tuple[ZramDevice, BackingStore]:
     d = ZramDevice(r.meta.size, backing=bs)
     try:
         sink = d.restore_image(r.meta)
-        for objs in r.chunks():
-            sink.put(objs)
+        for lengths, data in r.chunks():
+            sink.put(lengths, data)
         sink.finish()
     except BaseException:
         d.close()

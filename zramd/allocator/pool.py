@@ -85,11 +85,12 @@ next zspage of the same class. They are still *held*, so they count in ``total_b
 (reported apart as ``cached_bytes``), against ``limit`` and the budget; a store that would
 pass a limit drops the cache first, and ``compact()``/``drop_cache()`` give it back to the OS.
 
-**Batches.** ``store_many`` stores a list of objects as ``store`` of each would (same classes,
-slots, accounting, limits), grouped by class and a zspage at a time: the handles, reverse-map
-entries and fullness-group change of the objects a zspage takes are done once for all of them,
-only the copy is per object. A restore fills an empty pool this way (2.6 times faster than
-object by object, in a profile of a restore). All or nothing, like ``store``.
+**Batches.** ``store_packed`` (and ``store_many``, a list joined) stores objects laid end to end
+in one buffer as ``store`` of each would (same classes, slots, accounting, limits), grouped by
+class and a zspage at a time: the handles, reverse-map entries and fullness-group change of the
+objects a zspage takes are done once for all of them, and their copies are one call to the C
+accelerator's ``copy_objects`` (a loop without it). A restore fills an empty pool this way. All
+or nothing, like ``store``.
 
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
 only when a store needs a new zspage (a free slot in an existing zspage is always usable,
@@ -103,8 +104,10 @@ import mmap
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from zramd.allocator.classes import (
     DEFAULT_CHAIN_SIZE,
@@ -116,6 +119,27 @@ from zramd.allocator.classes import (
     raw_class_index,
 )
 from zramd.system import release_pages
+
+_native_copy: Callable[..., None] | None
+try:
+    from zramd._native import copy_objects as _native_copy
+except ImportError:  # the optional C accelerator is not built
+    _native_copy = None
+
+
+def _copy_objects(
+    dst: mmap.mmap,
+    dst_offsets: npt.NDArray[np.int64],
+    src: memoryview,
+    src_offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+) -> None:
+    """Copy object i, ``src[src_offsets[i] : + lengths[i]]``, to ``dst[dst_offsets[i]:]``."""
+    if _native_copy is not None:
+        _native_copy(dst, dst_offsets, src, src_offsets, lengths)
+        return
+    for d, s, n in zip(dst_offsets.tolist(), src_offsets.tolist(), lengths.tolist(), strict=True):
+        dst[d : d + n] = src[s : s + n]
 
 #: Bits of a handle-table entry that hold the slot index (at most 16 * 4096 / 32 = 2048 objects
 #: per zspage, so 12 bits are enough).
@@ -459,49 +483,67 @@ class Pool:
         return h
 
     def store_many(self, objects: Sequence[bytes | bytearray | memoryview]) -> list[int]:
-        """Store ``objects`` and return their handles, in order: what ``store`` of each would
-        do (the same classes, limits and accounting), with the objects of one class that open
-        fresh zspages (when the class has no zspage with a free slot, as in a pool being filled
-        by a restore) placed a zspage at a time: handles, reverse map and group set per zspage,
-        only the copy per object. All or nothing: on PoolFull the objects stored so far are
-        freed and it is raised; ValueError for a size out of range, before anything is
-        stored."""
-        n = len(objects)
+        """Store ``objects`` and return their handles, in order (:meth:`store_packed` of them
+        joined)."""
+        if not objects:
+            return []
+        lengths = np.fromiter(map(len, objects), dtype=np.int64, count=len(objects))
+        return self.store_packed(b"".join(objects), lengths)
+
+    def store_packed(
+        self, data: bytes | bytearray | memoryview, lengths: npt.NDArray[Any]
+    ) -> list[int]:
+        """Store the objects laid end to end in ``data``, of ``lengths`` bytes each, and return
+        their handles, in order: what ``store`` of each would do (the same classes, slots,
+        limits and accounting), grouped by class and a zspage at a time (the one ``store``
+        would pick, as many objects as it has free slots): handles, reverse map and fullness
+        group once per zspage, the copies in one call (``zramd._native.copy_objects``, or a
+        loop without it). All or nothing: on PoolFull the objects stored so far are freed and
+        it is raised; ValueError for a size out of range, before anything is stored."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n = len(lengths)
         if not n:
             return []
-        sizes = np.fromiter(map(len, objects), dtype=np.int64, count=n)
-        if int(sizes.min()) < 1 or int(sizes.max()) > MAX_ALLOC_SIZE:
+        if int(lengths.min()) < 1 or int(lengths.max()) > MAX_ALLOC_SIZE:
             raise ValueError(f"object size not in 1..{MAX_ALLOC_SIZE}")
-        cids = self._class_ids[sizes]
+        if int(lengths.sum()) > len(data):
+            raise ValueError("objects past the end of their data")
+        mv = memoryview(data).cast("B")
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        cids = self._class_ids[lengths]
         order = np.argsort(cids, kind="stable")
         ordered = cids[order]
         cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), n]
-        handles = [0] * n
+        handles = np.zeros(n, dtype=np.int64)
         try:
             for a, b in zip(cuts, cuts[1:], strict=False):
-                idxs = order[a:b].tolist()
+                idxs = order[a:b]
                 cls = self._classes[int(ordered[a])]
                 if cls is self._huge:
-                    for i in idxs:
-                        handles[i] = self.store(objects[i])
+                    for i in idxs.tolist():
+                        s0 = int(starts[i])
+                        handles[i] = self.store(mv[s0 : s0 + int(lengths[i])])
                 else:
-                    self._fill(cls, objects, idxs, handles)
+                    self._fill(cls, mv, starts, lengths, idxs, handles)
         except PoolFull:
-            for h in handles:
+            for h in handles.tolist():
                 if h:
                     self.free(h)
             raise
-        return handles
+        out: list[int] = handles.tolist()
+        return out
 
     def _fill(
         self,
         cls: _Class,
-        objects: Sequence[bytes | bytearray | memoryview],
-        idxs: list[int],
-        handles: list[int],
+        mv: memoryview,
+        starts: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        idxs: npt.NDArray[Any],
+        handles: npt.NDArray[np.int64],
     ) -> None:
-        """``store_many``'s objects ``idxs`` of one shared class ``cls``: zspage after zspage
-        (the one ``store`` would pick), as many objects as it has free slots at once."""
+        """``store_packed``'s objects ``idxs`` of one shared class ``cls``."""
         groups = cls.groups
         size = cls.size
         pos, end = 0, len(idxs)
@@ -513,14 +555,16 @@ class Pool:
             k = min(cls.objs - zs.inuse, end - pos)
             h0 = len(tbl)
             if self._free_head or h0 + k - 1 > MAX_HANDLE:  # recycled handles: one by one
-                i = idxs[pos]
-                handles[i] = self.store(objects[i])
+                i = int(idxs[pos])
+                s0 = int(starts[i])
+                handles[i] = self.store(mv[s0 : s0 + int(lengths[i])])
                 pos += 1
                 continue
-            loc, mm, base, fh = zs.loc, zs.mm, zs.base, zs.fhead
+            loc, fh = zs.loc, zs.fhead
             if zs.inuse == 0:  # a fresh zspage: slots 0..k-1 in order
-                slots: Iterable[int] = range(k)
+                slots = np.arange(k, dtype=np.int64)
                 zs[0:k] = array("I", range(h0, h0 + k))
+                tbl.extend(range(loc, loc + k))
                 fh = k
             else:
                 taken = []
@@ -529,16 +573,12 @@ class Pool:
                     nxt = zs[fh] ^ SLOT_FREE
                     zs[fh] = h
                     fh = nxt
-                slots = taken
+                tbl.extend([loc | slot for slot in taken])
+                slots = np.array(taken, dtype=np.int64)
             zs.fhead = fh
-            h = h0
-            for slot, i in zip(slots, idxs[pos : pos + k], strict=True):
-                obj = objects[i]
-                a = base + slot * size
-                mm[a : a + len(obj)] = obj
-                tbl.append(loc | slot)
-                handles[i] = h
-                h += 1
+            sel = idxs[pos : pos + k]
+            _copy_objects(zs.mm, zs.base + slots * size, mv, starts[sel], lengths[sel])
+            handles[sel] = np.arange(h0, h0 + k, dtype=np.int64)
             inuse = zs.inuse + k
             zs.inuse = inuse
             cls.used += k

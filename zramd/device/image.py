@@ -47,7 +47,8 @@ Knows nothing of files: :mod:`zramd.persist` writes and reads the image.
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -360,34 +361,39 @@ class Restore:
         self._group_handles: list[list[int]] = []
         self._received = 0
 
-    def put(self, objects: Sequence[Buffer]) -> None:
-        """Store the next objects of the image in the pool. Raises ValueError (a length the
-        table does not give) or NoSpace."""
+    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> None:
+        """Store the next objects of the image in the pool (``data`` holds them end to end, of
+        ``lengths`` bytes each). Raises ValueError (a length the table does not give) or
+        NoSpace."""
         pool = self._store.pool
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(data):
+            raise ValueError("the objects' lengths do not add up to their data")
         i = self._received
-        k = min(len(objects), max(0, self._npooled - i))
-        handles = self._handle_list
+        k = min(len(lengths), max(0, self._npooled - i))
+        mv = memoryview(data).cast("B")
         try:
             if k:
-                got = np.fromiter(map(len, objects[:k]), dtype=np.int64, count=k)
-                bad = np.flatnonzero(got != self._sizes[i : i + k])
+                bad = np.flatnonzero(lengths[:k] != self._sizes[i : i + k])
                 if len(bad):
                     j = int(bad[0])
                     raise ValueError(
-                        f"object {i + j} has {int(got[j])} bytes, the table says "
+                        f"object {i + j} has {int(lengths[j])} bytes, the table says "
                         f"{int(self._sizes[i + j])}"
                     )
-                handles += pool.store_many(objects[:k])
+                self._handle_list += pool.store_packed(mv, lengths[:k])
                 self._received = i = i + k
             csize = self._meta.groups[1]
-            for obj in objects[k:]:
+            pos = int(lengths[:k].sum())
+            for n in lengths[k:].tolist():
                 g = i - self._npooled
-                n = len(obj)
                 if g >= len(csize) or n != int(csize[g]):
                     raise ValueError(f"object {i} has {n} bytes, not its group's size")
+                pieces = _chunk_sizes(n)
                 self._group_handles.append(
-                    pool.store_many([obj[off : off + PAGE_SIZE] for off in range(0, n, PAGE_SIZE)])
+                    pool.store_packed(mv[pos : pos + n], np.array(pieces, dtype=np.int64))
                 )
+                pos += n
                 self._received = i = i + 1
         except PoolFull:
             raise NoSpace("memory limit reached while restoring") from None

@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import numpy.typing as npt
+
 from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
 
@@ -123,8 +125,9 @@ class ImageSource(Protocol):
 class ImageSink(Protocol):
     """A restore in progress (``restore_image``): objects in image order, then ``finish``."""
 
-    def put(self, objects: Sequence[Buffer]) -> None:
-        """Store the next objects. Raises ValueError (inconsistent image) or NoSpace."""
+    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> None:
+        """Store the next objects: ``data`` holds them end to end, of ``lengths`` bytes each.
+        Raises ValueError (inconsistent image) or NoSpace."""
         ...
 
     def finish(self) -> None:

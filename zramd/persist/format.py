@@ -426,8 +426,9 @@ class SnapshotReader:
             journal_gen=journal_gen,
         )
 
-    def chunks(self) -> Iterator[list[memoryview]]:
-        """The objects, one checked chunk at a time; the totals are checked at the end."""
+    def chunks(self) -> Iterator[tuple[npt.NDArray[np.uint32], memoryview]]:
+        """The objects, one checked chunk at a time, as their lengths and their bytes end to
+        end; the totals are checked at the end."""
         f = self._f
         objects = nbytes = chunks = 0
         while f.tell() < self._data_end:
@@ -441,19 +442,12 @@ class SnapshotReader:
             sizes = np.frombuffer(lengths, dtype="<u4")
             if int(sizes.sum(dtype=np.int64)) != dlen or (count and int(sizes.max()) > MAX_OBJECT):
                 raise self._bad(f"chunk {chunks}: object lengths do not add up")
-            ends = np.cumsum(sizes, dtype=np.int64).tolist()
-            mv = memoryview(data)
-            start = 0
-            out = []
-            for end in ends:
-                out.append(mv[start:end])
-                start = end
             objects += count
             nbytes += dlen
             chunks += 1
             if objects > self.meta.objects:
                 raise self._bad("more objects than the header says")
-            yield out
+            yield sizes, memoryview(data)
         if (objects, nbytes, chunks) != (
             self.meta.objects,
             self.meta.object_bytes,

@@ -311,11 +311,11 @@ async def _restore_snapshot(exp: Export, path: str) -> int:
         chunks = reader.chunks()
         pending = loop.run_in_executor(None, next, chunks, None)
         while True:
-            objs = await pending
-            if objs is None:
+            chunk = await pending
+            if chunk is None:
                 break
             pending = loop.run_in_executor(None, next, chunks, None)
-            sink.put(objs)
+            sink.put(*chunk)
         sink.finish()
     except SnapshotError as e:
         raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
