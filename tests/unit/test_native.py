@@ -343,3 +343,24 @@ def test_decode_group_rejects_bad_arguments() -> None:
         N.decode_group([b"x", "y"], N.ZSTD, PAGE)  # type: ignore[list-item]
     with pytest.raises(TypeError):
         N.decode_group((b"x",), N.ZSTD, PAGE)  # type: ignore[arg-type]
+
+
+def test_copy_objects_scatters_and_checks_every_range_first() -> None:
+    import numpy as np
+
+    dst = bytearray(64)
+    src = bytes(range(32))
+
+    def arr(*v: int) -> np.ndarray:
+        return np.array(v, dtype=np.int64)
+
+    N.copy_objects(dst, arr(0, 40), src, arr(4, 20), arr(3, 5))
+    assert dst[:3] == src[4:7] and dst[40:45] == src[20:25]
+    assert dst[3:40] == bytes(37)
+    for bad in ((arr(62), arr(0), arr(3)), (arr(0), arr(30), arr(3)), (arr(-1), arr(0), arr(1))):
+        before = bytes(dst)
+        with pytest.raises(ValueError, match="out of range"):
+            N.copy_objects(dst, bad[0], src, bad[1], bad[2])
+        assert bytes(dst) == before
+    with pytest.raises(ValueError, match="different lengths"):
+        N.copy_objects(dst, arr(0, 1), src, arr(0), arr(1))
