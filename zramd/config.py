@@ -478,11 +478,6 @@ class ExportConfig:
             )
         if self.sync == "flush" and self.persist is None:
             raise ConfigError(f"export {self.name!r}: sync=flush needs a persist file")
-        if self.sync == "flush" and self.backing is not None:
-            raise ConfigError(
-                f"export {self.name!r}: sync=flush cannot be combined with a backing store yet "
-                "(a checkpoint does not keep the pages it references there)"
-            )
         self.attach.validate(self.name)
 
     def summary(self) -> str:

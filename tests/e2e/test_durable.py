@@ -169,8 +169,8 @@ def _read_all(server: Server) -> dict[int, bytes | None]:
     return got
 
 
-def _start(workdir: Path, snap: Path, size: int = SIZE) -> Server:
-    return start_zramd(workdir, exports=[(EXPORT, size, f"persist={snap},sync=flush")])
+def _start(workdir: Path, snap: Path, size: int = SIZE, extra: str = "") -> Server:
+    return start_zramd(workdir, exports=[(EXPORT, size, f"persist={snap},sync=flush{extra}")])
 
 
 def _snapshot_cli(server: Server) -> None:
@@ -183,17 +183,30 @@ def _snapshot_cli(server: Server) -> None:
     )
 
 
+def _backed_pages(server: Server) -> int:
+    control = str(Path(server.workdir) / "control.sock")
+    st = json.loads(run(zramd_argv() + ["stat", EXPORT, "--json", "--control", control]).stdout)
+    return int(st["backing"]["bd_count"])
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backed", [False, True], ids=["ram", "backing"])
+def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path: Path, backed: bool) -> None:
+    """``backing``: a memory limit of a quarter of the data and a backing file, so that pages
+    are written back under pressure, checkpoints reference them and restarts read them."""
     snap = tmp_path / "s.snap"
     seed = int(os.environ.get("ZRAMD_CRASH_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
     model = Model()
     tags = [0]
-    checked = replays = 0
-    for cycle in range(CYCLES):
-        server = _start(tmp_path / f"srv{cycle % 2}", snap)
+    checked = replays = with_backed = 0
+    cycles = CYCLES // 2 if backed else CYCLES
+    extra = f",mem-limit=2M,backing={tmp_path / 'b.img'}" if backed else ""
+    for cycle in range(cycles):
+        server = _start(tmp_path / f"srv{cycle % 2}", snap, extra=extra)
         try:
+            if backed:
+                with_backed += _backed_pages(server) > 0
             got = _read_all(server)
             for page in range(NPAGES):
                 allowed = model.allowed(page)
@@ -223,9 +236,11 @@ def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path: Path) -> None
             server.stop_quietly()
         for f in (tmp_path / f"srv{cycle % 2}").glob("*.sock"):
             f.unlink()
-    assert replays >= CYCLES // 2, f"the journal was replayed in only {replays} of {CYCLES} starts"
-    assert model.flushes >= CYCLES, f"only {model.flushes} FLUSH requests in {CYCLES} cycles"
-    assert checked == CYCLES * NPAGES
+    assert replays >= cycles // 2, f"the journal was replayed in only {replays} of {cycles} starts"
+    assert model.flushes >= cycles, f"only {model.flushes} FLUSH requests in {cycles} cycles"
+    assert checked == cycles * NPAGES
+    if backed:
+        assert with_backed >= cycles // 4, f"pages written back at only {with_backed} starts"
 
 
 def test_stop_leaves_a_snapshot_and_no_journal(tmp_path: Path) -> None:

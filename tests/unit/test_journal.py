@@ -110,19 +110,11 @@ def test_not_a_journal_or_another_version_is_refused(tmp_path: Path) -> None:
         read_journal(path)
 
 
-def test_sync_flush_needs_a_persist_file_and_no_backing(tmp_path: Path) -> None:
+def test_sync_flush_needs_a_persist_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sync=flush needs a persist file"):
         ExportConfig(name="a", size=SIZE, sync="flush").validate()
     with pytest.raises(ConfigError, match="sync 'often' must be one of stop, flush"):
         ExportConfig(name="a", size=SIZE, persist=str(tmp_path / "s"), sync="often").validate()
-    with pytest.raises(ConfigError, match="cannot be combined with a backing store"):
-        ExportConfig(
-            name="a",
-            size=SIZE,
-            persist=str(tmp_path / "s"),
-            sync="flush",
-            backing=str(tmp_path / "b"),
-        ).validate()
 
 
 # -- the model test ----------------------------------------------------------------------------

@@ -147,6 +147,61 @@ async def test_a_live_snapshot_pins_the_store_while_it_is_written(tmp_path: Path
     bs2.close()
 
 
+async def test_a_checkpoint_holds_what_it_references_until_the_next(tmp_path: Path) -> None:
+    """Durable mode: the pages written back that a committed checkpoint references stay in the
+    store until the next checkpoint, also those rewritten while it was written, and cleaning
+    or stale-segment reuse cannot take them; then they are freed."""
+    bpath = tmp_path / "backing"
+    bs = BackingStore.create(str(bpath), segment_size=64 << 10)
+    d, model = await _filled(bs, 5)
+    backed = np.flatnonzero(d.table.state == BACKED).tolist()
+    live = bs.stat()["bd_count"]
+    meta, src = d.snapshot_image()
+    w = SnapshotWriter(str(tmp_path / "snap"))
+    w.write_meta(meta)
+    half = backed[: len(backed) // 2]
+    for p in half:  # rewritten while the checkpoint is written
+        await d.write(p * PAGE, bytes([7]) * PAGE)
+    while objs := src.take(1 << 16):
+        w.write_chunk(objs)
+    w.commit()
+    d.hold_image(meta)  # committed: before the capture ends, as the server does
+    src.close()
+    for p in backed[len(backed) // 2 :]:  # rewritten after it
+        await d.write(p * PAGE, bytes([8]) * PAGE)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert bs.stat()["bd_count"] == live  # none freed: the checkpoint references them all
+    # more data written back reuses nothing the checkpoint needs
+    rnd = random.Random(6)
+    for p in range(NPAGES // 2, NPAGES - 8):
+        await d.write(p * PAGE, _payload(rnd.choice([2, 3]), PAGE, rnd.randrange(1 << 30)))
+    d.mark_idle()
+    await d.writeback(kind="idle")
+    d.close()
+    bs.close()
+    # a crash now restarts from that checkpoint: everything it references is there
+    d2, bs2 = _load(tmp_path / "snap", bpath)
+    assert bytes(await d2.read(0, SIZE)) == bytes(model)
+    r = SnapshotReader(str(tmp_path / "snap"))
+    d2.hold_image(r.meta)  # as the server's restore does in durable mode
+    r.close()
+    back = np.flatnonzero(d2.table.state == BACKED).tolist()
+    count = bs2.stat()["bd_count"]
+    for p in back:
+        await d2.write(p * PAGE, bytes([9]) * PAGE)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert bs2.stat()["bd_count"] == count  # held
+    # the next checkpoint references none of them: they go
+    meta2, src2 = d2.snapshot_image()
+    d2.hold_image(meta2)
+    src2.close()
+    await _freed(bs2)
+    d2.close()
+    bs2.close()
+
+
 async def test_a_stale_live_snapshot_is_refused(tmp_path: Path) -> None:
     bpath = tmp_path / "backing"
     bs = BackingStore.create(str(bpath), segment_size=64 << 10)  # sealed and given back

@@ -35,7 +35,11 @@ anything may still read it. Reads are numbered as they start, so a steady stream
 not hold frees back: only the reads older than the drop do. Reads (:meth:`Backed.read`) run in
 the store's threads, concurrently with everything else. While a snapshot of the device is taken
 it *pins* the store (:meth:`Backed.pin`): no locator is freed (dropped ones wait, cleaning's old
-locators too), so every locator its image references stays where it is until it is done.
+locators too), so every locator its image references stays where it is until it is done. In
+durable mode a committed checkpoint *holds* the locators it references (:meth:`Backed.hold`)
+until the next one is committed: dropped ones among them wait for that (the store then holds at
+most the pages written back at the last checkpoint twice), so that a restart from it after a
+crash finds them where it says.
 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
 budget leaves it), when the pool passes :data:`HIGH_WATERMARK` of it, a background task writes
@@ -138,6 +142,10 @@ class Backed:
         self._limit = limit
         #: locators to free, with the number of reads started when each was dropped
         self._garbage: list[tuple[int, int]] = []
+        #: the locators the last committed checkpoint references (durable mode: :meth:`hold`),
+        #: and those of them the device dropped since (freed by the next hold)
+        self._held: set[int] = set()
+        self._deferred: list[int] = []
         #: reads started so far, and the start numbers of those in flight
         self._reads_started = 0
         self._reading: dict[int, None] = {}
@@ -195,8 +203,28 @@ class Backed:
     # --- freeing ------------------------------------------------------------------------------
 
     def drop(self, loc: int) -> None:
-        """``loc`` is no longer referenced: free it once the reads started before have ended."""
+        """``loc`` is no longer referenced: free it once the reads started before have ended
+        (and, if the last checkpoint references it, once a newer one is committed)."""
+        if loc in self._held:
+            self._deferred.append(loc)
+            return
         self._garbage.append((self._reads_started, loc))
+        self._flush()
+
+    def hold(self, locs: list[int]) -> None:
+        """A checkpoint that references ``locs`` is committed (durable mode): keep them where
+        they are until the next one, so that a restart from it finds them (their segments keep
+        their generation); the locators the previous checkpoint held and the device dropped
+        since are freed now."""
+        held = set(locs)
+        free = [loc for loc in self._deferred if loc not in held]
+        self._deferred = [loc for loc in self._deferred if loc in held]
+        # dropped while the checkpoint was written (the capture pins, so they wait here)
+        self._deferred += [loc for _, loc in self._garbage if loc in held]
+        self._garbage = [(seq, loc) for seq, loc in self._garbage if loc not in held]
+        self._held = held
+        for loc in free:
+            self._garbage.append((self._reads_started, loc))
         self._flush()
 
     def pin(self) -> None:
@@ -393,7 +421,8 @@ class Backed:
                 continue
             t.handle_mv[i] = new
             freed.append(old)
-        if self._reading or self._pins:  # a read in flight or a snapshot may hold an old one
+        if self._reading or self._pins or self._held:
+            # a read in flight, a snapshot or the last checkpoint may hold an old one
             for loc in freed:
                 self.drop(loc)
             return False

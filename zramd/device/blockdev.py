@@ -1038,6 +1038,11 @@ class ZramDevice:
         self._capture = cap
         return meta, cap
 
+    def hold_image(self, meta: ImageMeta) -> None:
+        if self._backed is not None:
+            state, handle = meta.table[0], meta.table[1]
+            self._backed.hold(handle[state == BACKED].tolist())
+
     def restore_image(self, meta: ImageMeta) -> ImageSink:
         assert not self._closed, "device closed"
         backing = self._backed.backing if self._backed is not None else None

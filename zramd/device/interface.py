@@ -353,6 +353,12 @@ class BlockDevice(Protocol):
         """The backing store's path and counters ({} without one)."""
         ...
 
+    def hold_image(self, meta: ImageMeta) -> None:
+        """A checkpoint of this device's image ``meta`` is committed (durable mode): the pages
+        it references in the backing store stay there until the next one (nothing without a
+        backing store)."""
+        ...
+
     async def group(
         self,
         first: int,
@@ -474,6 +480,9 @@ class DeviceBase:
 
     def backing_stat(self) -> dict[str, Any]:
         return {}
+
+    def hold_image(self, meta: ImageMeta) -> None:
+        return None
 
     def snapshot_image(self, final: bool = False) -> tuple[ImageMeta, ImageSource]:
         raise Unsupported("the device cannot be snapshotted")

@@ -231,6 +231,9 @@ async def _save(exp: Export, path: str, final: bool, leftover_gen: int = 0) -> S
                     break
                 pending = loop.run_in_executor(None, writer.write_pieces, pieces)
             await loop.run_in_executor(None, writer.commit)
+            if path == exp.config.persist and exp.journal is not None:
+                # before the capture ends (it pins): what the checkpoint references stays
+                exp.device.hold_image(meta)
         except BaseException:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(pending)
@@ -317,6 +320,8 @@ async def _restore_snapshot(exp: Export, path: str) -> int:
             pending = loop.run_in_executor(None, next, chunks, None)
             sink.put(*chunk)
         sink.finish()
+        if exp.config.sync == "flush":
+            exp.device.hold_image(reader.meta)  # the checkpoint a crash would restart from
     except SnapshotError as e:
         raise SnapshotRefused(f"export {exp.name!r}: {e}") from None
     except ValueError as e:
