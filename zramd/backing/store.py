@@ -1031,6 +1031,12 @@ class BackingStore:
         there is no room to copy into."""
         return self._run(self._op_clean(max_segments, threshold))
 
+    def datasync(self) -> None:
+        """Every object written so far on stable storage (``fdatasync``; blocking, any thread:
+        a snapshot that references objects calls it before it is committed, and fails with
+        the OSError as a snapshot file's own write would)."""
+        os.fdatasync(self._fd)
+
     def close(self) -> None:
         """Close the file (async work must have been awaited: see :meth:`aclose`)."""
         if self._closed:

@@ -230,6 +230,9 @@ async def _save(exp: Export, path: str, final: bool, leftover_gen: int = 0) -> S
                 if not pieces:
                     break
                 pending = loop.run_in_executor(None, writer.write_pieces, pieces)
+            if meta.backing and exp.backing is not None:
+                # the pages it references in the backing store must outlive a power loss too
+                await loop.run_in_executor(None, exp.backing.datasync)
             await loop.run_in_executor(None, writer.commit)
             if path == exp.config.persist and exp.journal is not None:
                 # before the capture ends (it pins): what the checkpoint references stays
