@@ -219,3 +219,41 @@ def test_a_power_loss_keeps_every_flushed_page(ops: list[tuple], cuts: list[floa
         asyncio.run(_run(workdir, ops, cuts))
     finally:
         shutil.rmtree(workdir)
+
+
+async def test_the_journal_asks_for_a_checkpoint_when_it_has_grown(tmp_path: Path) -> None:
+    snap = tmp_path / "s.snap"
+    reg = ExportRegistry()
+    reg.add(ExportConfig(name="a", size=SIZE, persist=str(snap), sync="flush"))
+    await persistence.restore_all(reg)
+    exp = reg.get("a")
+    assert exp is not None and exp.journal is not None
+    journal = exp.journal
+    journal.checkpoint_bytes = 64 << 10
+    d = Dispatcher(exp, structured=False, max_payload=1 << 20)
+    for i in range(NPAGES):  # incompressible: the journal's frames are as large
+        page = bytes([i + 1]) + os.urandom(PAGE - 1)
+        await d.execute(Request(wire.CMD_WRITE, 0, 1, i * PAGE, PAGE, page))
+    reply = await d.execute(Request(wire.CMD_FLUSH, 0, 1, 0, 0))
+    assert not hasattr(reply, "errno")
+    for _ in range(200):
+        if journal.checkpoints:
+            break
+        await asyncio.sleep(0.01)
+    await persistence.checkpoints_done()
+    st = journal.as_dict()
+    assert st["checkpoints"] == 1 and st["last_checkpoint_seconds"] > 0
+    assert st["checkpoint_running_seconds"] == 0.0
+    assert snap.exists() and st["generation"] == 2
+    await asyncio.sleep(0.05)  # the older generation is deleted by the journal's thread
+    assert [g for g, _ in journal_files(str(snap))] == [2]
+    assert exp.snapshot is not None and exp.snapshot.saves == 1
+    reg.close()
+    reg2 = ExportRegistry()
+    reg2.add(ExportConfig(name="a", size=SIZE, persist=str(snap), sync="flush"))
+    await persistence.restore_all(reg2)
+    exp2 = reg2.get("a")
+    assert exp2 is not None
+    got = await exp2.device.read(0, SIZE)
+    assert all(got[i * PAGE] == i + 1 for i in range(NPAGES))
+    reg2.close()

@@ -267,7 +267,12 @@ def stat(name: str, as_json: bool, control: str) -> None:
             f"journal (sync=flush): generation {journal['generation']}, "
             f"{format_size(journal['bytes'])} in {journal['generations']} file(s), checkpoint "
             f"at {format_size(journal['checkpoint_bytes'])}, {journal['checkpoints']} "
-            f"checkpoints"
+            f"checkpoints (last {journal['last_checkpoint_seconds']:g}s"
+            + (
+                f"; one running for {journal['checkpoint_running_seconds']:g}s)"
+                if journal["checkpoint_running_seconds"]
+                else ")"
+            )
         )
         click.echo(
             f"  {journal['records']} records in {journal['frames']} frames, {journal['syncs']} "

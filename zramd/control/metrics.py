@@ -137,6 +137,8 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Time FLUSH and FUA requests waited for the journal's sync."),
     ("zramd_journal_checkpoints_total", "counter", "journal", "checkpoints",
      "Checkpoints that cleaned the journal."),
+    ("zramd_journal_checkpoint_running_seconds", "gauge", "journal",
+     "checkpoint_running_seconds", "How long the checkpoint running has run (0: none)."),
     ("zramd_journal_failed", "gauge", "journal", "failed",
      "1 while the journal failed (FLUSH answers EIO until a checkpoint succeeds)."),
 )

@@ -127,6 +127,10 @@ class Journal:
         self.syncs = 0
         self.sync_ns = 0
         self.checkpoints = 0
+        #: when the running checkpoint's capture was (perf_counter; 0: none runs), and how long
+        #: the last committed one took
+        self._checkpoint_since = 0.0
+        self.last_checkpoint_seconds = 0.0
         self._closed = False
         self._submit(self._create, self._gen)
 
@@ -222,6 +226,7 @@ class Journal:
         """At a checkpoint's capture: close this generation and start the next (unless
         ``final``: the export closes after the snapshot); returns the next generation."""
         self._hand_over()
+        self._checkpoint_since = time.perf_counter()
         old = self._gen
         self._old.append(old)
         self._gen = _Gen(old.generation + 1)
@@ -237,6 +242,9 @@ class Journal:
         if gone:
             self._submit(self._delete, gone)
         self.checkpoints += 1
+        if self._checkpoint_since:
+            self.last_checkpoint_seconds = time.perf_counter() - self._checkpoint_since
+            self._checkpoint_since = 0.0
         self.checkpoint_bytes = max(MIN_CHECKPOINT_BYTES, snapshot_bytes)
         self._due_asked = False
         if self.error and self._error_gen < generation:
@@ -271,6 +279,12 @@ class Journal:
             "sync_us": self.sync_ns // 1000,
             "sync_avg_ms": round(self.sync_ns / self.syncs / 1e6, 3) if self.syncs else 0.0,
             "checkpoints": self.checkpoints,
+            "checkpoint_running_seconds": round(
+                time.perf_counter() - self._checkpoint_since, 3
+            )
+            if self._checkpoint_since
+            else 0.0,
+            "last_checkpoint_seconds": round(self.last_checkpoint_seconds, 3),
             "backlog_bytes": self._backlog + self._pending_bytes,
             "unsynced_bytes": self.bytes - sum(self.synced().values()),
             "failed": int(bool(self.error)),
