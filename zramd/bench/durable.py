@@ -355,7 +355,7 @@ def run_durable(
     t0 = time.monotonic()
     parent.mkdir(parents=True, exist_ok=True)
     disk = disk_of(parent)
-    base = Path(tempfile.mkdtemp(prefix="zbench-durable-", dir=parent))
+    base = Path(tempfile.mkdtemp(prefix="zbd-", dir=parent))
     specs = servers(str(base))
     raw: dict[str, Any] = {"sysinfo": sysinfo.collect(), "disk": disk, "samples": []}
     try:
