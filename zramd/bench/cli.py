@@ -118,8 +118,8 @@ def _durable(args: argparse.Namespace, args_list: list[str]) -> int:
         return 2
     d = DURABLE_MODES["quick" if args.quick else "full"]
     size = args.size or int(d["size"]) * MIB
-    log(f"durable run: {size // MIB} MiB working set in {args.dir} ({disk['fstype']} on "
-        f"{disk['source']}) -> {args.out}")  # fmt: skip
+    log(f"durable run: {size // MIB} MiB working set in {args.dir} ({disk['fstype']}, block "
+        f"device {disk['block']}) -> {args.out}")  # fmt: skip
     raw = durable.run_durable(
         size,
         args.repeat or int(d["repeat"]),

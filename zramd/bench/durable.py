@@ -213,8 +213,8 @@ def _mounts() -> list[tuple[str, str, str]]:
 
 
 def disk_of(path: Path) -> dict[str, Any]:
-    """The file system ``path`` is on (type, mount point, source, block device ``MAJ:MIN``);
-    raises ValueError for a file system that keeps its data in RAM."""
+    """The file system ``path`` is on (its type and block device ``MAJ:MIN``); raises
+    ValueError for a file system that keeps its data in RAM."""
     real = os.path.realpath(path)
     best = ("", "", "")
     for dev, mnt, fstype in _mounts():
@@ -225,7 +225,7 @@ def disk_of(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is on {best[2]} ({best[1]}): the benchmark needs a real disk")
     st = os.stat(real)
     block = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    return {"fstype": best[2], "mount": best[1], "source": best[0], "block": block}
+    return {"fstype": best[2], "block": block}
 
 
 def disk_sectors_written(block: str) -> int | None:
@@ -489,8 +489,8 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
         f"{mach.get('ram_gib', '?')} GiB RAM, load average at start "
         f"{mach.get('loadavg_at_start', '?')}: a shared, loaded machine, so absolute figures "
         "are noisy; the ratios of the same run are what to read. Every server's files are on "
-        f"the same file system ({disk.get('fstype', '?')} on {disk.get('source', '?')}, block "
-        f"device {disk.get('block', '?')}): zramd's snapshot and journal, nbdkit's and "
+        f"the same file system ({disk.get('fstype', '?')}, block device "
+        f"{disk.get('block', '?')}): zramd's snapshot and journal, nbdkit's and "
         "qemu-nbd's raw file. zramd runs `persist=FILE,sync=flush` (lz4); `nbdkit file` and "
         "`qemu-nbd -f raw --cache=writeback` keep the page cache on (their defaults) and answer "
         "a FLUSH with an `fdatasync` of the file.\n",
