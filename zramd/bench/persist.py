@@ -190,6 +190,8 @@ async def main(args: argparse.Namespace) -> None:
         fw, fr = fio_probe(d / "probe", parse_size(args.disk_probe))
         print(f"disk, fio 1 MiB O_DIRECT QD4 sequential: write {fw:.0f} MB/s, read {fr:.0f} MB/s")
     os.unlink(snap)
+    for lock in (snap + ".lock", str(d / "live.snap.lock")):  # the snapshots' lock files stay
+        Path(lock).unlink(missing_ok=True)
     ex.shutdown()
 
 
