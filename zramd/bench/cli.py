@@ -8,7 +8,9 @@ microbenchmarks and writes ``results.md``, ``results.json`` and ``chart.png`` to
 the markdown and chart from a saved ``results.json``; ``density`` runs only the real-data
 density, with the cold-page run (recompression, multi-page groups) beside per-page lz4 and
 zstd and nbdkit-zstd, into ``docs/benchmarks/density``; ``writeback`` runs zramd with a backing
-file against ``nbdkit file`` (:mod:`zramd.bench.writeback`) into ``docs/benchmarks/writeback.md``.
+file against ``nbdkit file`` (:mod:`zramd.bench.writeback`) into ``docs/benchmarks/writeback.md``;
+``durable`` runs zramd's durable mode (``sync=flush``) against ``nbdkit file`` and qemu-nbd on
+files of one disk (:mod:`zramd.bench.durable`) into ``docs/benchmarks/durable.md``.
 Modes: full (default, < 15 min on the 2-core dev machine) and ``--quick`` (~3 min: smaller
 device, shorter jobs, fewer workloads). Explicit options override the mode's defaults.
 """
@@ -21,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from zramd.bench import report, writeback
+from zramd.bench import durable, report, writeback
 from zramd.bench.fio import WORKLOADS, workload_by_name
 from zramd.bench.runner import MIB, RunConfig, log, run
 from zramd.bench.servers import (
@@ -63,6 +65,13 @@ WRITEBACK_MODES: dict[str, dict[str, float]] = {
     "full": {"size": 256, "runtime": 3.0, "repeat": 3},
     "quick": {"size": 64, "runtime": 1.0, "repeat": 3},
 }
+#: mode -> defaults of ``durable`` (working set MiB, runtime s, repeat)
+DURABLE_MODES: dict[str, dict[str, float]] = {
+    "full": {"size": 1024, "runtime": 5.0, "repeat": 3},
+    "quick": {"size": 128, "runtime": 1.0, "repeat": 1},
+}
+#: where ``durable`` puts its files unless told: a directory on a disk (not tmpfs)
+DURABLE_DIR = Path("/var/tmp")
 REQUIRED_TOOLS = ("fio", "nbdkit", "qemu-nbd", "nbdcopy", "mke2fs")
 
 
@@ -95,6 +104,38 @@ def _writeback(args: argparse.Namespace, args_list: list[str]) -> int:
         print(f"{phase:16s} {writeback.ZRAMD}/{writeback.NBDKIT} "
               + ("-" if ratio is None else f"{ratio:.2f}"))  # fmt: skip
     return 0
+
+
+def _durable(args: argparse.Namespace, args_list: list[str]) -> int:
+    missing = [t for t in ("fio", "nbdkit", "qemu-nbd") if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (run scripts/install-deps.sh)", file=sys.stderr)
+        return 2
+    try:
+        disk = durable.disk_of(args.dir)
+    except (OSError, ValueError) as exc:
+        print(f"--dir: {exc}", file=sys.stderr)
+        return 2
+    d = DURABLE_MODES["quick" if args.quick else "full"]
+    size = args.size or int(d["size"]) * MIB
+    log(f"durable run: {size // MIB} MiB working set in {args.dir} ({disk['fstype']}, block "
+        f"device {disk['block']}) -> {args.out}")  # fmt: skip
+    raw = durable.run_durable(
+        size,
+        args.repeat or int(d["repeat"]),
+        args.runtime or float(d["runtime"]),
+        args.dir,
+        "quick" if args.quick else "full",
+        " ".join(args_list),
+        args.note,
+    )
+    summ = durable.write_report(raw, args.out)
+    log(f"wrote {args.out / 'durable.md'}")
+    for phase, per in summ["ratios"].items():
+        print(f"{phase:18s} " + "  ".join(
+            f"{durable.ZRAMD}/{ref} " + ("-" if r is None else f"{r:.2f}") for ref, r in per.items()
+        ))  # fmt: skip
+    return 0 if not summ["errors"] else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,6 +171,19 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--runtime", type=float, help="seconds per time-based read phase")
     w.add_argument("--out", type=Path, default=DEFAULT_OUT)
     w.add_argument("--note", default="", help="free text for the report header")
+    du = sub.add_parser("durable", help="zramd's durable mode against nbdkit file and qemu-nbd")
+    du.add_argument("--quick", action="store_true", help="small working set, short phases")
+    du.add_argument("--size", type=_size, help="working set, e.g. 1G")
+    du.add_argument("--repeat", type=int, help="repetitions (>= 3 for the record)")
+    du.add_argument("--runtime", type=float, help="seconds per time-based phase")
+    du.add_argument(
+        "--dir",
+        type=Path,
+        default=DURABLE_DIR,
+        help="directory on a disk (not tmpfs) for every server's files",
+    )
+    du.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    du.add_argument("--note", default="", help="free text for the report header")
     rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
     rep.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p
@@ -154,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "writeback":
         return _writeback(args, args_list)
+    if args.cmd == "durable":
+        return _durable(args, args_list)
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)} (run scripts/install-deps.sh)", file=sys.stderr)

@@ -169,6 +169,8 @@ class ServerSpec:
     #: zramd commands the density benchmark runs after the copy-in: per stage, its name and
     #: its commands (the export name and the control socket are added)
     stages: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = ()
+    #: the directory the server's private temp dir is made in (None: the system's temp dir)
+    parent_dir: str | None = None
 
     def command(self, sock: Path, size: int, backing: Path | None) -> list[str]:
         if self.kind == "zramd":
@@ -190,7 +192,7 @@ class ServerSpec:
         raise ValueError(f"unknown server kind {self.kind!r}")
 
     def start(self, size: int) -> RunningServer:
-        workdir = Path(tempfile.mkdtemp(prefix=f"zbench-{self.name}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"zbench-{self.name}-", dir=self.parent_dir))
         sock = workdir / "nbd.sock"
         backing: Path | None = None
         if self.kind == "qemu-nbd":
