@@ -169,7 +169,6 @@ async def main(args: argparse.Namespace) -> None:
     os.unlink(d / "live.snap")
     reg.close()  # releases the snapshot's lock for the restoring export
     drop_cache(snap)
-    reg.close()  # its lock on the snapshot file goes with it
     reg2 = ExportRegistry(ex)
     exp2 = reg2.add(ExportConfig(name="bench", size=size, persist=snap))
     t = time.perf_counter()
