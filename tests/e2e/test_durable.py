@@ -320,3 +320,38 @@ def test_every_flush_reaches_fdatasync_of_the_journal(tmp_path: Path) -> None:
         tracer.terminate()
         tracer.wait(timeout=10)
         server.stop()
+
+
+def test_create_on_a_running_daemon_restores_and_journals(tmp_path: Path) -> None:
+    """``zramd create --persist --sync flush``: the export is restored (snapshot, journal)
+    before clients can see it, and is durable from then on; a bad snapshot is refused with one
+    line and the export is not created."""
+    snap = tmp_path / "c.snap"
+    server = start_zramd(tmp_path / "srv", exports=[("other", 4 * MiB, "")])
+    control = str(Path(server.workdir) / "control.sock")
+    create = zramd_argv() + ["create", EXPORT, "-s", "8M", "--persist", str(snap),
+                             "--sync", "flush", "--control", control]  # fmt: skip
+    try:
+        run(create)
+        h = _connect(server)
+        data = os.urandom(PAGE * 3)
+        h.pwrite(data, 5 * PAGE)
+        h.flush()
+        h.shutdown()
+    finally:
+        server.stop_quietly()  # SIGKILL: only the journal has it
+    server = start_zramd(tmp_path / "srv2", exports=[("other", 4 * MiB, "")])
+    control = str(Path(server.workdir) / "control.sock")
+    try:
+        run(create[:-1] + [control])
+        assert "replayed" in server.stderr()
+        assert _connect(server).pread(len(data), 5 * PAGE) == data
+        run(zramd_argv() + ["destroy", EXPORT, "--force", "--control", control])
+        snap.write_bytes(b"garbage" * 100)
+        proc = subprocess.run(create[:-1] + [control], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and str(snap) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        listed = run(zramd_argv() + ["list", "--control", control]).stdout
+        assert EXPORT not in listed.split()
+    finally:
+        server.stop()

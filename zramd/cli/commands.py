@@ -52,6 +52,16 @@ def _size(text: str | None, what: str) -> int | None:
 )
 @click.option("--read-only", is_flag=True, help="Export read-only.")
 @click.option("--description", default=None, help="Text shown to NBD clients.")
+@click.option("--backing", default=None, metavar="PATH", help="Backing file or block device.")
+@click.option(
+    "--persist", default=None, metavar="PATH", help="Snapshot file: restored now if it exists."
+)
+@click.option(
+    "--sync",
+    type=click.Choice(["stop", "flush"]),
+    default=None,
+    help="With --persist: flush keeps a journal synced by every FLUSH [stop].",
+)
 @control_option
 @errors_one_line
 def create(
@@ -62,10 +72,19 @@ def create(
     mem_limit: str | None,
     read_only: bool,
     description: str | None,
+    backing: str | None,
+    persist: str | None,
+    sync: str | None,
     control: str,
 ) -> None:
-    """Create export NAME on the running daemon."""
+    """Create export NAME on the running daemon (with --persist, restored from its snapshot
+    and journal before it is served)."""
     args: dict[str, Any] = {"name": name, "size": _size(size, "size")}
+    for key, path in (("backing", backing), ("persist", persist)):
+        if path is not None:
+            args[key] = os.path.abspath(path)
+    if sync is not None:
+        args["sync"] = sync
     if algorithm is not None:
         args["algorithm"] = algorithm
     if level is not None:

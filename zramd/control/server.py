@@ -103,6 +103,10 @@ class RegistryLike(Protocol):
 
     def remove(self, name: str, force: bool = False) -> Any: ...
 
+    def hide(self, name: str) -> None: ...
+
+    def show(self, name: str) -> None: ...
+
     def detach(self, name: str, force: bool = False) -> tuple[Any, list[Any]]: ...
 
     def __iter__(self) -> Any: ...
@@ -472,7 +476,7 @@ class ControlServer:
     def _ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    def _create(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = _arg_str(req, "name")
         assert name is not None
         size = _arg_size(req, "size")
@@ -486,7 +490,24 @@ class ControlServer:
         cfg.mem_limit = _arg_size(req, "mem_limit") or 0
         cfg.read_only = bool(req.get("read_only", False))
         cfg.description = _arg_str(req, "description", required=False) or ""
+        cfg.backing = _arg_str(req, "backing", required=False)
+        cfg.persist = _arg_str(req, "persist", required=False)
+        cfg.sync = _arg_str(req, "sync", required=False) or "stop"
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ControlError(str(e)) from None
         exp = self.registry.add(cfg)
+        if cfg.persist is not None:
+            # restored (snapshot, then journal) while clients cannot see it
+            self.registry.hide(cfg.name)
+            try:
+                await persistence.restore_one(exp)
+            except ConfigError as e:
+                self.registry.remove(cfg.name, force=True)
+                raise ControlError(str(e)) from None
+            finally:
+                self.registry.show(cfg.name)
         log.info("created export %s", cfg.summary())
         return self._row(exp)
 

@@ -379,6 +379,8 @@ class ExportRegistry:
         discard_snapshot: bool = False,
     ) -> None:
         self._exports: dict[str, Export] = {}
+        #: exports clients cannot see yet (:meth:`hide`)
+        self._hidden: set[str] = set()
         self._executor = executor
         self._pending: set[asyncio.Task[None]] = set()
         #: server-wide MemoryBudget shared by every export's pool (None: no global limit)
@@ -390,10 +392,18 @@ class ExportRegistry:
     # --- ExportCatalog --------------------------------------------------------------------------
     def lookup(self, name: str) -> ExportInfo | None:
         exp = self.get(name)
-        return exp.info if exp is not None else None
+        return exp.info if exp is not None and exp.name not in self._hidden else None
 
     def list_exports(self) -> list[ExportInfo]:
-        return [e.info for e in self._exports.values()]
+        return [e.info for e in self._exports.values() if e.name not in self._hidden]
+
+    def hide(self, name: str) -> None:
+        """Keep export ``name`` from clients (lookup, list) until :meth:`show`: an export being
+        restored on a running daemon."""
+        self._hidden.add(name)
+
+    def show(self, name: str) -> None:
+        self._hidden.discard(name)
 
     # --- management -----------------------------------------------------------------------------
     def get(self, name: str) -> Export | None:

@@ -445,6 +445,14 @@ async def restore_all(registry: ExportRegistry, discard: bool = False) -> None:
         await open_journal(exp, nxt, kept)
 
 
+async def restore_one(exp: Export) -> None:
+    """An export with a persist file created on a running daemon (``zramd create
+    --persist``): restored (snapshot, journal), then its journal opened. Raises what
+    :func:`restore` raises; the caller removes the export."""
+    nxt, kept = await restore(exp)
+    await open_journal(exp, nxt, kept)
+
+
 async def open_journal(exp: Export, nxt: int, kept: list[tuple[int, int]]) -> None:
     """After its restore: give an export in durable mode its journal, starting at generation
     ``nxt``, the generations ``kept`` on disk deleted by its first checkpoint; an export in
