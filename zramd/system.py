@@ -141,6 +141,25 @@ def release_pages(mm: mmap.mmap, offset: int, length: int) -> None:
         mm.madvise(MADV_DONTNEED_LOCKED, offset, length)
 
 
+#: sync_file_range(2) flags
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    """sync_file_range(2): start (SYNC_FILE_RANGE_WRITE) and/or wait for writeback of a range
+    of a file's dirty pages, without its metadata. Raises OSError (also where the C library
+    has no such call)."""
+    fn = getattr(_get_libc(), "sync_file_range", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "sync_file_range is not available")
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if fn(fd, offset, nbytes, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def trim_heap() -> None:
     """Give the free memory of the C heap, every malloc arena, back to the OS (glibc's
     ``malloc_trim(0)``); nothing where the C library has no such call."""

@@ -228,3 +228,16 @@ print(json.dumps({"locked": locked, "plain": plain, "freed_kib": before - rss(),
     assert res["freed_kib"] > 48 * 1024
     if res["locked"]:
         assert res["plain"] == errno.EINVAL  # why release_pages exists
+
+
+def test_sync_file_range_starts_writeback_and_reports_errors(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        system.sync_file_range(
+            f.fileno(), 0, 1 << 20, system.SYNC_FILE_RANGE_WRITE | system.SYNC_FILE_RANGE_WAIT_AFTER
+        )
+    with pytest.raises(OSError) as exc:
+        system.sync_file_range(-1, 0, 4096, system.SYNC_FILE_RANGE_WRITE)
+    assert exc.value.errno == errno.EBADF

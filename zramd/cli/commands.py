@@ -295,7 +295,8 @@ def stat(name: str, as_json: bool, control: str) -> None:
         )
         click.echo(
             f"  {journal['records']} records in {journal['frames']} frames, {journal['syncs']} "
-            f"syncs (avg {journal['sync_avg_ms']:g} ms), backlog "
+            f"syncs (avg {journal['sync_avg_ms']:g} ms) in {journal['datasyncs']} fdatasyncs, "
+            "backlog "
             f"{format_size(journal['backlog_bytes'])}"
             + (f"; FAILED: {journal['error']}" if journal["error"] else "")
         )

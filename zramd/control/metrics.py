@@ -133,6 +133,8 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Writes, zeroings and trims recorded in the journal."),
     ("zramd_journal_syncs_total", "counter", "journal", "syncs",
      "Journal syncs (FLUSH and FUA requests)."),
+    ("zramd_journal_datasyncs_total", "counter", "journal", "datasyncs",
+     "fdatasync calls of the journal (concurrent syncs share one)."),
     ("zramd_journal_sync_microseconds_total", "counter", "journal", "sync_us",
      "Time FLUSH and FUA requests waited for the journal's sync."),
     ("zramd_journal_checkpoints_total", "counter", "journal", "checkpoints",

@@ -356,7 +356,8 @@ class ControlServer:
                 raise ControlSocketBusy(
                     f"another zramd is already running on control socket {self.path}"
                 ) from None
-            raise ControlError(f"cannot bind control socket {self.path}: {e.strerror}") from None
+            why = e.strerror or str(e)  # "AF_UNIX path too long" has no errno
+            raise ControlError(f"cannot bind control socket {self.path}: {why}") from None
         finally:
             os.umask(old)
         os.chmod(self.path, self.mode)

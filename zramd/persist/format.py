@@ -40,6 +40,11 @@ and the meta section (length, CRC, decompressed size). Each chunk's CRC is check
 read and the totals at the end; the caller restores into a fresh device it throws away on any
 :class:`SnapshotError`, so a bad file never becomes a half-restored export.
 
+**Dirty pages bounded.** The writer starts writeback of every :data:`WRITEBACK_BYTES` it wrote
+and waits for the range before (``sync_file_range``): a snapshot of gigabytes does not fill the
+page cache with dirty pages that another file's fsync (a durable export's journal, on the same
+file system) would wait behind.
+
 **Atomic replace.** :class:`SnapshotWriter` writes ``.NAME.tmp`` beside the target, fsyncs it,
 renames it over the target and fsyncs the directory: a crash at any point leaves the previous
 snapshot or the new one, whole. :func:`set_aside` renames a file that cannot be used out of the
@@ -59,6 +64,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import zstandard
+
+from zramd.system import (
+    SYNC_FILE_RANGE_WAIT_AFTER,
+    SYNC_FILE_RANGE_WAIT_BEFORE,
+    SYNC_FILE_RANGE_WRITE,
+    sync_file_range,
+)
 
 MAGIC = b"ZRAMDSNP"
 FOOTER_MAGIC = b"ZRAMDEND"
@@ -100,6 +112,8 @@ META_LEVEL = 3
 MAX_OBJECT = 1 << 20
 #: largest chunk a reader accepts
 MAX_CHUNK_BYTES = 256 << 20
+#: a snapshot being written starts writeback of every this many bytes (SnapshotWriter)
+WRITEBACK_BYTES = 8 << 20
 _CODEC = struct.Struct("<BiI")  # name length, level, dictionary length
 
 
@@ -243,6 +257,9 @@ class SnapshotWriter:
         #: bytes written, and the meta section's share of them
         self.written = 0
         self.meta_bytes = 0
+        #: the ranges handed to writeback: [_started, _flushed) started last, before it done
+        self._started = 0
+        self._flushed = 0
 
     def write_meta(self, meta: ImageMeta) -> None:
         """The header and the meta section (first, once)."""
@@ -329,6 +346,25 @@ class SnapshotWriter:
             assert n is not None
             mv = mv[n:]
         self.written += len(data)
+        if self.written - self._flushed >= WRITEBACK_BYTES:
+            self._writeback()
+
+    def _writeback(self) -> None:
+        """Start writing out what was written since the last call, and wait for what the call
+        before started: the file never has more than about 2 x WRITEBACK_BYTES dirty in the
+        page cache, so its final fsync is short and an fsync of another file (a durable
+        export's journal) does not wait behind a whole snapshot of dirty pages."""
+        fd = self._f.fileno()
+        start, end = self._flushed, self.written
+        try:
+            if self._started < start:
+                wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                wait |= SYNC_FILE_RANGE_WAIT_AFTER
+                sync_file_range(fd, self._started, start - self._started, wait)
+            sync_file_range(fd, start, end - start, SYNC_FILE_RANGE_WRITE)
+        except OSError:
+            pass  # a file system without it: the final fsync does it all
+        self._started, self._flushed = start, end
 
 
 class SnapshotReader:

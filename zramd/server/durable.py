@@ -126,6 +126,8 @@ class Journal:
         self.frames = 0
         self.syncs = 0
         self.sync_ns = 0
+        #: fdatasync calls made (concurrent syncs share one)
+        self.datasyncs = 0
         self.checkpoints = 0
         #: when the running checkpoint's capture was (perf_counter; 0: none runs), and how long
         #: the last committed one took
@@ -276,6 +278,7 @@ class Journal:
             "records": self.records,
             "frames": self.frames,
             "syncs": self.syncs,
+            "datasyncs": self.datasyncs,
             "sync_us": self.sync_ns // 1000,
             "sync_avg_ms": round(self.sync_ns / self.syncs / 1e6, 3) if self.syncs else 0.0,
             "checkpoints": self.checkpoints,
@@ -326,6 +329,7 @@ class Journal:
             try:
                 size = gen.file.written
                 gen.file.sync()
+                self.datasyncs += 1
                 gen.dirty = False
                 gen.synced = size
             except OSError as e:
