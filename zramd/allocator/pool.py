@@ -521,9 +521,7 @@ class Pool:
                 idxs = order[a:b]
                 cls = self._classes[int(ordered[a])]
                 if cls is self._huge:
-                    for i in idxs.tolist():
-                        s0 = int(starts[i])
-                        handles[i] = self.store(mv[s0 : s0 + int(lengths[i])])
+                    self._fill_huge(mv, starts, lengths, idxs, handles)
                 else:
                     self._fill(cls, mv, starts, lengths, idxs, handles)
         except PoolFull:
@@ -533,6 +531,56 @@ class Pool:
             raise
         out: list[int] = handles.tolist()
         return out
+
+    def _fill_huge(
+        self,
+        mv: memoryview,
+        starts: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        idxs: npt.NDArray[Any],
+        handles: npt.NDArray[np.int64],
+    ) -> None:
+        """``store_packed``'s huge objects ``idxs``: their pages charged at once, taken from
+        the arenas in a row, their handles in a row, copied an arena at a time (one by one
+        through ``store`` when handles or warm pages are to be recycled)."""
+        k = len(idxs)
+        tbl = self._tbl
+        h0 = len(tbl)
+        if self._free_head or self._huge_warm or h0 + k - 1 > MAX_HANDLE:
+            for i in idxs.tolist():
+                s0 = int(starts[i])
+                handles[i] = self.store(mv[s0 : s0 + int(lengths[i])])
+            return
+        if self._closed:
+            raise ValueError("pool is closed")
+        self._charge(k)
+        taken: list[tuple[_Arena, int]] = []
+        try:
+            arena = self._arena_with_room(1)
+            for _ in range(k):
+                if not arena.has_room():
+                    arena = self._arena_with_room(1)
+                taken.append((arena, arena.take()))
+        except OSError as exc:
+            for ar, off in taken:
+                self._give_back(ar, off)
+            self._uncharge(k)
+            raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
+        tbl.extend([HUGE_TAG | ar.aid << AID_SHIFT | off // PAGE_SIZE for ar, off in taken])
+        handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
+        offs = np.fromiter((off for _, off in taken), dtype=np.int64, count=k)
+        a = 0
+        while a < k:  # the runs taken from one arena
+            ar = taken[a][0]
+            b = a + 1
+            while b < k and taken[b][0] is ar:
+                b += 1
+            sel = idxs[a:b]
+            _copy_objects(ar.mm, offs[a:b], mv, starts[sel], lengths[sel])
+            a = b
+        cls = self._huge
+        cls.used += k
+        cls.nzspages += k
 
     def _fill(
         self,
