@@ -21,7 +21,9 @@
  * prepare_pages(src, kind, level, threshold, same, stored, huge) -> list
  *     src is a whole number of pages. Per page, as zram's write path: a page that is one 8-byte
  *     word repeated gives (same, word, None); else it is compressed (kind 1 = lz4 fast with
- *     acceleration ``level``, 3 = lz4hc at ``level``), and a result of at least ``threshold``
+ *     acceleration ``level``, 3 = lz4hc at ``level``, 2 = a zstd frame at ``level`` without
+ *     content size, checksum or dictionary id, with a context kept per thread), and a result
+ *     of at least ``threshold``
  *     bytes (or one that does not fit below it) gives (huge, PAGE, page bytes), a smaller one
  *     (stored, size, compressed bytes).
  *
@@ -62,6 +64,18 @@ size_t ZSTD_freeDCtx(ZSTD_DCtx *dctx);
 size_t ZSTD_decompressDCtx(ZSTD_DCtx *dctx, void *dst, size_t dstCapacity, const void *src,
                            size_t srcSize);
 unsigned ZSTD_isError(size_t code);
+typedef struct ZSTD_CCtx_s ZSTD_CCtx;
+ZSTD_CCtx *ZSTD_createCCtx(void);
+size_t ZSTD_CCtx_setParameter(ZSTD_CCtx *cctx, int param, int value);
+size_t ZSTD_compress2(ZSTD_CCtx *cctx, void *dst, size_t dstCapacity, const void *src,
+                      size_t srcSize);
+/* zstd.h's values (stable API) */
+#define ZSTD_c_compressionLevel 100
+#define ZSTD_c_contentSizeFlag 200
+#define ZSTD_c_checksumFlag 201
+#define ZSTD_c_dictIDFlag 202
+/* ZSTD_COMPRESSBOUND(PAGE): no zstd frame of one page is larger */
+#define ZSTD_PAGE_BOUND (PAGE + (PAGE >> 8) + ((128 << 10) - PAGE) / (1 << 11))
 
 enum { K_COPY = 0, K_LZ4 = 1, K_ZSTD = 2, K_LZ4HC = 3 };
 
@@ -179,6 +193,33 @@ out:
     return result;
 }
 
+/* The zstd compression context of this thread for prepare_pages, kept for the thread's life
+ * (setting one up costs more than compressing a page), with the level it is set to. */
+static _Thread_local ZSTD_CCtx *page_cctx;
+static _Thread_local int page_cctx_level;
+
+static ZSTD_CCtx *
+page_cctx_for(int level)
+{
+    if (page_cctx == NULL) {
+        page_cctx = ZSTD_createCCtx();
+        if (page_cctx == NULL)
+            return NULL;
+        /* frames as zramd's zstd codec writes them: no content size, checksum or dict id */
+        if (ZSTD_isError(ZSTD_CCtx_setParameter(page_cctx, ZSTD_c_contentSizeFlag, 0)) ||
+            ZSTD_isError(ZSTD_CCtx_setParameter(page_cctx, ZSTD_c_checksumFlag, 0)) ||
+            ZSTD_isError(ZSTD_CCtx_setParameter(page_cctx, ZSTD_c_dictIDFlag, 0)))
+            return NULL;
+        page_cctx_level = level + 1; /* not set yet */
+    }
+    if (page_cctx_level != level) {
+        if (ZSTD_isError(ZSTD_CCtx_setParameter(page_cctx, ZSTD_c_compressionLevel, level)))
+            return NULL;
+        page_cctx_level = level;
+    }
+    return page_cctx;
+}
+
 static PyObject *
 prepare_pages(PyObject *self, PyObject *args)
 {
@@ -197,18 +238,25 @@ prepare_pages(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "prepare_pages: src is not a whole number of pages");
         goto out;
     }
-    if (kind != K_LZ4 && kind != K_LZ4HC) {
+    if (kind != K_LZ4 && kind != K_LZ4HC && kind != K_ZSTD) {
         PyErr_Format(PyExc_ValueError, "prepare_pages: unknown kind %d", kind);
+        goto out;
+    }
+    if (kind == K_ZSTD && page_cctx_for(level) == NULL) {
+        PyErr_SetString(PyExc_MemoryError, "prepare_pages: no zstd compression context");
         goto out;
     }
     if (threshold < 1 || threshold > PAGE + 1) {
         PyErr_SetString(PyExc_ValueError, "prepare_pages: threshold out of range");
         goto out;
     }
-    /* a compressed page is kept only below threshold: compress into threshold - 1 bytes */
+    /* a compressed page is kept only below threshold: lz4 compresses into threshold - 1 bytes
+     * (it fails when it does not fit); zstd may fail at a capacity its result would fit, so it
+     * gets room for any result (ZSTD_COMPRESSBOUND of a page) and the size is checked after */
     int cap = threshold - 1;
+    int slot = kind == K_ZSTD ? ZSTD_PAGE_BOUND : cap;
     size_t slots = (size_t)(n ? n : 1);
-    scratch = PyMem_Malloc(slots * (size_t)(cap ? cap : 1));
+    scratch = PyMem_Malloc(slots * (size_t)(slot ? slot : 1));
     sizes = PyMem_Malloc(slots * sizeof(int));
     words = PyMem_Malloc(slots * sizeof(uint64_t));
     if (scratch == NULL || sizes == NULL || words == NULL) {
@@ -224,11 +272,18 @@ prepare_pages(PyObject *self, PyObject *args)
             sizes[i] = -1; /* same-filled */
             continue;
         }
-        char *out = scratch + (size_t)i * (size_t)cap;
+        char *out = scratch + (size_t)i * (size_t)slot;
         int r = 0;
-        if (cap > 0)
-            r = kind == K_LZ4 ? LZ4_compress_fast(page, out, PAGE, cap, level)
-                              : LZ4_compress_HC(page, out, PAGE, cap, level);
+        if (cap > 0) {
+            if (kind == K_LZ4)
+                r = LZ4_compress_fast(page, out, PAGE, cap, level);
+            else if (kind == K_LZ4HC)
+                r = LZ4_compress_HC(page, out, PAGE, cap, level);
+            else {
+                size_t z = ZSTD_compress2(page_cctx, out, (size_t)slot, page, PAGE);
+                r = ZSTD_isError(z) || z > (size_t)cap ? 0 : (int)z;
+            }
+        }
         sizes[i] = r; /* 0: did not fit below threshold: huge */
     }
     Py_END_ALLOW_THREADS
@@ -247,7 +302,7 @@ prepare_pages(PyObject *self, PyObject *args)
         } else if (sizes[i] == 0) {
             t = Py_BuildValue("(Oiy#)", c_huge, PAGE, in + i * PAGE, (Py_ssize_t)PAGE);
         } else {
-            t = Py_BuildValue("(Oiy#)", c_stored, sizes[i], scratch + (size_t)i * (size_t)cap,
+            t = Py_BuildValue("(Oiy#)", c_stored, sizes[i], scratch + (size_t)i * (size_t)slot,
                               (Py_ssize_t)sizes[i]);
         }
         if (t == NULL) {

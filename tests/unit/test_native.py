@@ -107,7 +107,9 @@ def test_decompress_pages_rejects_bad_arguments() -> None:
         N.new_buffer(-1)
 
 
-@pytest.mark.parametrize(("algo", "level"), [("lz4", None), ("lz4", 9), ("lz4hc", 4)])
+@pytest.mark.parametrize(
+    ("algo", "level"), [("lz4", None), ("lz4", 9), ("lz4hc", 4), ("zstd", 1), ("zstd", 3)]
+)
 @pytest.mark.parametrize("threshold", [1, 1000, 3633, PAGE])
 def test_prepare_pages_matches_prepare_page(algo: str, level: int | None, threshold: int) -> None:
     codec = get_codec(algo, level=level)
@@ -178,7 +180,7 @@ def test_prepare_pages_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="whole number"):
         N.prepare_pages(bytes(PAGE + 1), 1, 1, 3633, SAME, STORED, HUGE)
     with pytest.raises(ValueError, match="kind"):
-        N.prepare_pages(bytes(PAGE), 2, 1, 3633, SAME, STORED, HUGE)
+        N.prepare_pages(bytes(PAGE), 9, 1, 3633, SAME, STORED, HUGE)
     with pytest.raises(ValueError, match="threshold"):
         N.prepare_pages(bytes(PAGE), 1, 1, 0, SAME, STORED, HUGE)
     assert N.prepare_pages(b"", 1, 1, 3633, SAME, STORED, HUGE) == []
@@ -263,7 +265,7 @@ def test_native_paths_are_what_the_server_uses(monkeypatch: pytest.MonkeyPatch) 
     d.close()
 
 
-@pytest.mark.parametrize(("algo", "level"), [("lz4", None), ("lz4hc", 4)])
+@pytest.mark.parametrize(("algo", "level"), [("lz4", None), ("lz4hc", 4), ("zstd", 3)])
 def test_prepare_pages_at_a_pages_own_compressed_size(algo: str, level: int | None) -> None:
     """The threshold is the first compressed size stored raw: a page whose compressed length L
     equals it is HUGE, with the threshold at L + 1 it is STORED, in C as in Python (each with its

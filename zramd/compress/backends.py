@@ -119,9 +119,9 @@ class ZstdCodec:
             ZSTD_LEVEL_MAX,
         )
         self.dictionary = dictionary
-        #: zstd frames decode natively (kind 2) unless they need the dictionary
+        #: zstd frames decode and encode natively (kind 2) unless they need the dictionary
         self.native_decode: int | None = 2 if dictionary is None else None
-        self.native_encode: int | None = None
+        self.native_encode: int | None = 2 if dictionary is None else None
         self._dict: zstandard.ZstdCompressionDict | None = None
         if dictionary is not None:
             if not dictionary:
