@@ -77,6 +77,24 @@ def test_nbdcopy_twice_the_limit_in_and_out(tmp_path: Path) -> None:
         text = d.cli("stat", "w").stdout
         assert f"backing: {tmp_path / 'backing'}, writeback-limit none" in text
         assert "bd_stat: " in text
+        assert "pressure writeback from 90% down to 80% of the limit in force; a write waits " \
+            "up to 2s for room" in text
+    finally:
+        d.stop()
+
+
+def test_writeback_settings_in_stat_and_list(tmp_path: Path) -> None:
+    d = _daemon(tmp_path, False, "--export", f"s=64M,mem-limit=8M,backing={tmp_path / 'b'},"
+                "writeback-high=70%,writeback-low=0.5,writeback-wait=500")
+    try:
+        want = {"writeback_high": 0.7, "writeback_low": 0.5, "writeback_wait": 500.0}
+        b = stat(d, "s")["backing"]
+        assert {k: b[k] for k in want} == want
+        assert {k: stat(d)["backing"][k] for k in want} == dict.fromkeys(want)
+        rows = {r["name"]: r for r in json.loads(d.cli("list", "--json").stdout)["exports"]}
+        assert {k: rows["s"]["backing"][k] for k in want} == want
+        assert "pressure writeback from 70% down to 50% of the limit in force; a write waits " \
+            "up to 500s for room" in d.cli("stat", "s").stdout
     finally:
         d.stop()
 

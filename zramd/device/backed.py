@@ -38,16 +38,19 @@ it *pins* the store (:meth:`Backed.pin`): no locator is freed (dropped ones wait
 locators too), so every locator its image references stays where it is until it is done.
 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
-budget leaves it), when the pool passes :data:`HIGH_WATERMARK` of it, a background task writes
-back the coldest pages (the oldest atime first, then the largest objects) until the pool is
-under :data:`LOW_WATERMARK`, in batches of :data:`BATCH_PAGES` pages (at most
+budget leaves it), when the pool passes the high watermark of it (:attr:`Backed.high`, a
+fraction, per export: ``writeback-high``, default :data:`HIGH_WATERMARK`), a background task
+writes back the coldest pages (the oldest atime first, then the largest objects) until the pool
+is under the low watermark (:attr:`Backed.low`, ``writeback-low``, default
+:data:`LOW_WATERMARK`), in batches of :data:`BATCH_PAGES` pages (at most
 :data:`BATCH_BYTES`), or of :data:`BURST_PAGES` (at most :data:`BURST_BYTES`) while a write
 waits for room, so that the room comes in few store writes; each batch is followed by a pool
 compaction bounded by :data:`COMPACT_PAGES` or the pages it freed (the freed objects are
 scattered: compaction turns them into free pages), the waiters' wake-up, and a yield. A write
-that finds no room (NoSpace) waits (:meth:`Backed.wait_room`) up to :data:`ROOM_WAIT` seconds
-for a batch to make room, then tries again; it gets ENOSPC only when the backing store is full,
-its budget is spent, it fails, there is nothing left to write back, or the wait times out.
+that finds no room (NoSpace) waits (:meth:`Backed.wait_room`) up to :attr:`Backed.wait`
+seconds (``writeback-wait``, default :data:`ROOM_WAIT`; 0: it fails at once) for a batch to
+make room, then tries again; it gets ENOSPC only when the backing store is full, its budget is
+spent, it fails, there is nothing left to write back, or the wait times out.
 
 **Cleaning.** Freed objects leave dead space in the store's segments. When a writeback finds
 the store full while it holds at least a segment of dead space, the store cleans up to
@@ -94,6 +97,7 @@ log = logging.getLogger("zramd.device")
 #: writeback ``type`` values (zram's idle / huge / huge_idle / incompressible)
 WRITEBACK_TYPES = ("idle", "huge", "huge-idle", "incompressible")
 #: fractions of the memory limit in force: pressure writeback starts above HIGH, stops under LOW
+#: (the defaults of an export's ``writeback-high`` and ``writeback-low``)
 HIGH_WATERMARK = 0.90
 LOW_WATERMARK = 0.80
 #: pages, and object bytes, per writeback batch (one write of the store)
@@ -109,12 +113,26 @@ PRESSURE_ROUND_PAGES = 4096
 #: pool pages one compaction after a pressure batch may free at most (or the pages the batch
 #: freed, when more)
 COMPACT_PAGES = 256
-#: the longest a write without room waits for writeback, in seconds
+#: the longest a write without room waits for writeback, in seconds (the default of an export's
+#: ``writeback-wait``)
 ROOM_WAIT = 2.0
 #: segments one cleaning of a full store empties at most
 CLEAN_SEGMENTS = 8
 #: a repeated fault of the same kind is logged at most this often, in seconds
 FAULT_LOG_INTERVAL = 60.0
+
+
+def check_writeback(high: float, low: float, wait: float) -> None:
+    """Refuse watermarks outside ``0 < low < high <= 1`` or a negative wait: ValueError naming
+    the setting (``writeback-high``, ``writeback-low``, ``writeback-wait``)."""
+    if not 0 < high <= 1:
+        raise ValueError(f"writeback-high {high:g} must be in (0, 1]")
+    if not 0 < low <= 1:
+        raise ValueError(f"writeback-low {low:g} must be in (0, 1]")
+    if low >= high:
+        raise ValueError(f"writeback-low {low:g} must be below writeback-high {high:g}")
+    if not wait >= 0:  # NaN too
+        raise ValueError(f"writeback-wait {wait:g}s must not be negative")
 
 
 def _fault_kind(exc: BaseException) -> str:
@@ -127,11 +145,21 @@ def _fault_kind(exc: BaseException) -> str:
 
 class Backed:
     """The backing store of one device (see the module doc). ``limit()`` is the memory limit in
-    force for the device's pool (0: none)."""
+    force for the device's pool (0: none); ``high``, ``low`` and ``wait`` as in
+    :meth:`configure`."""
 
     def __init__(
-        self, store: PageStore, backing: BackingStore, limit: Callable[[], int]
+        self,
+        store: PageStore,
+        backing: BackingStore,
+        limit: Callable[[], int],
+        *,
+        high: float = HIGH_WATERMARK,
+        low: float = LOW_WATERMARK,
+        wait: float = ROOM_WAIT,
     ) -> None:
+        self.high = self.low = self.wait = 0.0
+        self.configure(high, low, wait)
         self.backing = backing
         self.store = store
         store.backed = self
@@ -157,6 +185,13 @@ class Backed:
         self._progress = asyncio.Event()
         self._faults: dict[str, tuple[float, int]] = {}
         self._closed = False
+
+    def configure(self, high: float, low: float, wait: float) -> None:
+        """Set the watermarks (fractions of the limit in force, ``0 < low < high <= 1``) and the
+        longest wait of a write for room, in seconds (>= 0). Raises ValueError. A pool already
+        over the new high watermark is written back at the next write."""
+        check_writeback(high, low, wait)
+        self.high, self.low, self.wait = float(high), float(low), float(wait)
 
     def drop_all(self) -> None:
         """The device is being reset: free every locator its store holds."""
@@ -284,7 +319,7 @@ class Backed:
         if store is not self.store or self._closed:
             return
         limit = self._limit()
-        low = int(limit * LOW_WATERMARK)
+        low = int(limit * self.low)
         pool = store.pool
         for idx, loc, obj in pages:
             if limit and pool.total_bytes + len(obj) > low:
@@ -476,7 +511,7 @@ class Backed:
     def check(self) -> None:
         """Start pressure writeback when the pool is over the high watermark (cheap enough for
         every write: one comparison when it is not)."""
-        if self._pressure is None and self._over(HIGH_WATERMARK):
+        if self._pressure is None and self._over(self.high):
             self._start()
 
     def _start(self) -> None:
@@ -518,7 +553,7 @@ class Backed:
 
     async def _pressure_loop(self) -> None:
         try:
-            while not self._closed and (self._wanted or self._over(LOW_WATERMARK)):
+            while not self._closed and (self._wanted or self._over(self.low)):
                 self._wanted = False
                 pages = await self._coldest(PRESSURE_ROUND_PAGES)
                 if not pages:
@@ -548,7 +583,7 @@ class Backed:
                     if done:
                         store.pool.compact(max_pages=max(COMPACT_PAGES, nbytes // PAGE_SIZE))
                     self._signal()
-                    if not self._wanted and not self._over(LOW_WATERMARK):
+                    if not self._wanted and not self._over(self.low):
                         break
                     await asyncio.sleep(0)
         finally:
