@@ -91,6 +91,9 @@ def test_summarize() -> None:
     assert s["medians"]["rand-write"][ZRAMD]["mbps"] == 101.0
     assert s["medians"]["rand-write"][ZRAMD]["n"] == 3
     assert s["ratios"]["seq-read"] == 101.0 / 50.0
+    assert s["medians"]["seq-read"][ZRAMD]["mbps_min"] == 100.0
+    assert s["medians"]["seq-read"][ZRAMD]["mbps_max"] == 102.0
+    assert s["ratio_ranges"]["seq-read"] == (100.0 / 50.0, 102.0 / 50.0)
     assert s["zramd_rss"]["sampled_max_bytes"] == 62 * MIB
     assert s["zramd_rss"]["hwm_max_bytes"] == 63 * MIB
     assert s["zramd_rss"]["bd_count_max"] == 5002
@@ -101,7 +104,10 @@ def test_summarize() -> None:
 def test_write_report(tmp_path: Path) -> None:
     writeback.write_report(_raw(), tmp_path)
     md = (tmp_path / "writeback.md").read_text()
-    assert "| rand 4K write QD16, whole set once | 101.0 | 50.0 | 2.02 |" in md
+    assert (
+        "| rand 4K write QD16, whole set once | 101.0 (100.0-102.0) | 50.0 (50.0-50.0) | 2.02 "
+        "| 2.00-2.04 |"
+    ) in md
     assert "loaded machine" in md
     assert "peak RSS over the server's life (VmHWM) 63.0 MiB" in md
     assert "plus 23.0 MiB, against the limit of 64.0 MiB (0.36x)" in md

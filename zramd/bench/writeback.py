@@ -285,6 +285,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     for (phase, srv), ss in groups.items():
         med.setdefault(phase, {})[srv] = {
             "mbps": _median([x["mbps"] for x in ss]),
+            "mbps_min": min(x["mbps"] for x in ss),
+            "mbps_max": max(x["mbps"] for x in ss),
             "iops": _median([x["iops"] for x in ss]),
             "p99_us": _median([x["p99_us"] for x in ss if x.get("p99_us") is not None]),
             "rss_max_bytes": max(x["rss_max_bytes"] for x in ss),
@@ -299,6 +301,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         a = per.get(ZRAMD, {}).get("mbps")
         b = per.get(NBDKIT, {}).get("mbps")
         ratios[phase] = a / b if a and b else None
+    by_rep: dict[tuple[str, int], dict[str, float]] = {}
+    for (phase, srv), ss in groups.items():
+        for x in ss:
+            by_rep.setdefault((phase, x["rep"]), {})[srv] = x["mbps"]
+    spread: dict[str, list[float]] = {}
+    for (phase, _), pair in by_rep.items():
+        if pair.get(ZRAMD) and pair.get(NBDKIT):
+            spread.setdefault(phase, []).append(pair[ZRAMD] / pair[NBDKIT])
+    ratio_ranges = {phase: (min(r), max(r)) for phase, r in spread.items()}
     z = [s for ss in groups.values() for s in ss if s["server"] == ZRAMD]
     rss = {
         "sampled_max_bytes": max((s["rss_max_bytes"] for s in z), default=None),
@@ -309,7 +320,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "bd_count_max": max((s["backing_end"]["bd_count"] for s in z if "backing_end" in s),
                             default=None),
     }  # fmt: skip
-    return {"medians": med, "ratios": ratios, "zramd_rss": rss, "errors": errors}
+    return {
+        "medians": med,
+        "ratios": ratios,
+        "ratio_ranges": ratio_ranges,
+        "zramd_rss": rss,
+        "errors": errors,
+    }
 
 
 def _mib(v: float | None) -> str:
@@ -318,6 +335,13 @@ def _mib(v: float | None) -> str:
 
 def _num(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _spread(per: dict[str, Any]) -> str:
+    """``median (min-max)`` of a server's MB/s."""
+    if per.get("mbps") is None:
+        return "-"
+    return f"{per['mbps']:.1f} ({per['mbps_min']:.1f}-{per['mbps_max']:.1f})"
 
 
 def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
@@ -343,22 +367,27 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
     if cfg.get("note"):
         out.append(f"Note: {cfg['note']}\n")
     out += [
-        f"| phase | {ZRAMD} MB/s | {NBDKIT} MB/s | ratio | {ZRAMD} p99 µs | {NBDKIT} p99 µs "
-        f"| {ZRAMD} RSS max MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| phase | {ZRAMD} MB/s | {NBDKIT} MB/s | ratio | ratio range | {ZRAMD} p99 µs "
+        f"| {NBDKIT} p99 µs | {ZRAMD} RSS max MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for phase in PHASES:
         per = summ["medians"].get(phase.name, {})
         z, n = per.get(ZRAMD, {}), per.get(NBDKIT, {})
+        lo_hi = summ.get("ratio_ranges", {}).get(phase.name)
         out.append(
-            f"| {phase.label} | {_num(z.get('mbps'))} | {_num(n.get('mbps'))} "
-            f"| {_num(summ['ratios'].get(phase.name), 2)} | {_num(z.get('p99_us'), 0)} "
-            f"| {_num(n.get('p99_us'), 0)} | {_mib(z.get('rss_max_bytes'))} |"
+            f"| {phase.label} | {_spread(z)} | {_spread(n)} "
+            f"| {_num(summ['ratios'].get(phase.name), 2)} "
+            f"| {'-' if lo_hi is None else f'{lo_hi[0]:.2f}-{lo_hi[1]:.2f}'} "
+            f"| {_num(z.get('p99_us'), 0)} | {_num(n.get('p99_us'), 0)} "
+            f"| {_mib(z.get('rss_max_bytes'))} |"
         )
     out += [
         "",
-        "Ratio: zramd / nbdkit-file, median throughput. Phases run in the order of the table on "
-        "one server; the hot subset is rewritten sequentially (not measured) before its reads.\n",
+        "MB/s: the median (the lowest-highest) of the repetitions. Ratio: zramd / nbdkit-file, "
+        "median throughput; ratio range: the lowest and highest ratio of one repetition's two "
+        "runs (back to back). Phases run in the order of the table on one server; the hot subset "
+        "is rewritten sequentially (not measured) before its reads.\n",
         "Storage I/O per phase (MiB, medians; `read_bytes` and `write_bytes` of /proc/PID/io, "
         "the server's file I/O as the page cache accounts it) and zramd's pages read from its "
         "backing store (`bd_reads`) and taken back into RAM (`bd_promoted`):\n",
