@@ -112,6 +112,8 @@ def test_write_report(tmp_path: Path) -> None:
     assert "peak RSS over the server's life (VmHWM) 63.0 MiB" in md
     assert "plus 23.0 MiB, against the limit of 64.0 MiB (0.36x)" in md
     assert "(mm_stat `mem_used_max`, largest of the repetitions): 52.0 MiB" in md
+    # 40 + 64 + 5002 * 40 B + 6 + 4 + 4 MiB
+    assert "= 118.2 MiB; the peak 63.0 MiB is within it." in md
     assert "boom" in md
     assert (tmp_path / "writeback.json").exists()
 

@@ -28,8 +28,12 @@ phase, the server's VmHWM (peak RSS over its life), its RSS when empty and zramd
 (``mem_used_max``) are recorded; so are, per phase, the storage bytes each server read and wrote
 (/proc/PID/io) and zramd's writeback counters (``zramd stat``: pages read from the store,
 promoted back to RAM).
-:func:`summarize` gives medians per (phase, server) and ratios zramd / nbdkit-file of the median
-throughput; :func:`write_report` renders ``writeback.md`` and saves ``writeback.json``.
+:func:`summarize` gives medians per (phase, server) with the lowest and highest, ratios zramd /
+nbdkit-file of the median throughput and the range of each repetition's ratio;
+:func:`write_report` renders ``writeback.md`` and saves ``writeback.json``. The report sets
+zramd's peak RSS against the stated bound: the empty server, the limit,
+:data:`RSS_PER_BACKED_PAGE` per page in the store plus :data:`RSS_BACKED_FIXED`, one pressure
+burst and the clients' requests in flight.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from zramd.bench import sysinfo
 from zramd.bench.fio import DATA_ARGS, parse_fio, run_fio
 from zramd.bench.runner import MIB, log
 from zramd.bench.servers import RunningServer, ServerSpec, proc_rss_bytes, zramd_command
+from zramd.device.backed import BURST_BYTES
 
 ZRAMD = "zramd-lz4-backed"
 NBDKIT = "nbdkit-file"
@@ -60,6 +65,12 @@ DATA_FILE = "data.img"
 BACKING_DELTAS = ("bd_reads", "bd_writes", "bd_read_bytes", "bd_write_bytes", "bd_promoted")
 RAND_ARGS = ["--bs=4k", "--iodepth=16", *DATA_ARGS["comp"]]
 SEQ_ARGS = ["--bs=1M", "--iodepth=4", *DATA_ARGS["comp"]]
+#: the stated RSS overhead of a backed export (docs/operator.md, Writeback, Memory): bytes per
+#: page in the backing store, and once the store is in use
+RSS_PER_BACKED_PAGE = 40
+RSS_BACKED_FIXED = 6 * MIB
+#: the most request payload the benchmark's clients have in flight (the 1 MiB phases, QD4)
+CLIENT_IN_FLIGHT = 4 * MIB
 
 
 @dataclass(frozen=True)
@@ -419,6 +430,19 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
         f"at the end (bd_count, largest of the repetitions): "
         f"{rss['bd_count_max'] if rss['bd_count_max'] is not None else '-'}.\n",
     ]
+    if limit and empty and rss["bd_count_max"] is not None:
+        bound = (
+            empty + limit + RSS_PER_BACKED_PAGE * rss["bd_count_max"] + RSS_BACKED_FIXED
+            + BURST_BYTES + CLIENT_IN_FLIGHT
+        )  # fmt: skip
+        verdict = "within it" if peak <= bound else f"over it by {_mib(peak - bound)} MiB"
+        out.append(
+            f"Against the stated overhead (docs/operator.md, Writeback, Memory): the empty "
+            f"server + the limit + {RSS_PER_BACKED_PAGE} B per page in the store + "
+            f"{_mib(RSS_BACKED_FIXED)} MiB + one pressure burst ({_mib(BURST_BYTES)} MiB) + the "
+            f"requests in flight ({_mib(CLIENT_IN_FLIGHT)} MiB) = {_mib(bound)} MiB; the peak "
+            f"{_mib(peak)} MiB is {verdict}.\n"
+        )
     if summ["errors"]:
         out += ["Failed samples:", *(f"- {e}" for e in summ["errors"]), ""]
     return "\n".join(out)
