@@ -7,20 +7,38 @@ Theory of operation
 source of truth: a BACKED entry's handle is the object's locator, its size the object's size,
 its codec the codec it was compressed with, and RAW says the object is the raw page (it was
 HUGE). Objects go out as they are in the pool (no recompression); the backing store packs them.
-Only per-page objects (STORED and HUGE pages) are written back: a multi-page group stays in RAM
-as a whole (it is the densest form a cold page has; its members are skipped).
+
+**Groups** go out whole and dissolved: a multi-page group is written back as one object per live
+member (its page compressed again with the group's codec, decoded from the blob in a worker),
+never as one record for the group, and the group is freed when its members switch. Why: a
+BACKED page is read, promoted, freed on trim or overwrite, relocated by cleaning and saved in a
+snapshot by its own locator; a record shared by a group's pages would need a reference count
+per record, a group read path in every read door (inline, the Python loop, the native batch)
+and another kind of snapshot entry, where one record per page keeps every one of those as it is,
+so reads stay right by construction. The cost is the decode and per-page compression on the way
+out, in a worker, off the loop, needing no room in the pool (zstd level 9, the default group
+codec: about 230 us per page on a loaded 2-core machine, so a 1024-page burst of group members
+takes about a quarter of a second), and more bytes in the store than the blob held (measured with
+zstd level 9: 1.17x for binaries, 1.31x for Python sources). A group goes only whole (its live
+members all in the range asked and within ``max_pages``), so writeback frees its whole blob and
+never leaves it partly dead. A group whose blob does not decode stays (its pages are EIO where
+they are) and is no candidate again (:attr:`~zramd.device.groups.Groups.undecodable`).
 
 **Moves**, each "make the new copy, switch the entry, free the old", on the loop thread:
 
-* *writeback* (:meth:`Backed.write_back`): the objects are copied out of the pool and their
+* *writeback* (:meth:`Backed.write_back`): the objects are copied out of the pool (a group's
+  blob is copied, then decoded and its members compressed one by one in a worker) and their
   pages marked WB_PENDING; the store writes them in its threads (awaited); back on the loop,
   each page still WB_PENDING with the same pool handle becomes BACKED and its pool object is
-  freed (:meth:`~zramd.device.store.PageStore.back`). A page written, trimmed or moved
-  meanwhile lost its mark (a write replaces the whole entry) or its handle (recompression, a
-  group): its new copy in the store is freed. Batches run one at a time (a lock), so a mark
-  found at switch time is the batch's own; recompression has a mark of its own (PENDING) and
-  skips marked pages. A failed write (I/O error, store full, budget spent) leaves every page
-  as it was.
+  freed (:meth:`~zramd.device.store.PageStore.back`), and each group member still GROUPED and
+  WB_PENDING becomes BACKED and leaves its group
+  (:meth:`~zramd.device.store.PageStore.back_grouped`; a member keeps its mark only while its
+  data is unchanged, even if a re-pack moved it to another group meanwhile). A page written,
+  trimmed or moved meanwhile lost its mark (a write replaces the whole entry) or its handle
+  (recompression, a group): its new copy in the store is freed. Batches run one at a time (a
+  lock), so a mark found at switch time is the batch's own; recompression has a mark of its
+  own (PENDING) and skips marked pages. A failed write (I/O error, store full, budget spent)
+  leaves every page as it was.
 * *promotion* (:meth:`Backed.promote`): a page read back returns to RAM when the pool, with its
   object, stays under the low watermark of the limit in force (always, with no limit), so that
   a page read again is served from RAM, while promotion never pushes the pool toward writeback
@@ -40,17 +58,18 @@ locators too), so every locator its image references stays where it is until it 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
 budget leaves it), when the pool passes the high watermark of it (:attr:`Backed.high`, a
 fraction, per export: ``writeback-high``, default :data:`HIGH_WATERMARK`), a background task
-writes back the coldest pages (the oldest atime first, then the largest objects) until the pool
-is under the low watermark (:attr:`Backed.low`, ``writeback-low``, default
-:data:`LOW_WATERMARK`), in batches of :data:`BATCH_PAGES` pages (at most
-:data:`BATCH_BYTES`), or of :data:`BURST_PAGES` (at most :data:`BURST_BYTES`) while a write
+writes back the coldest pages (the oldest atime first, then the largest objects; a group member
+brings its whole group) until the pool is under the low watermark (:attr:`Backed.low`,
+``writeback-low``, default :data:`LOW_WATERMARK`), in batches of :data:`BATCH_PAGES` pages (at
+most :data:`BATCH_BYTES`), or of :data:`BURST_PAGES` (at most :data:`BURST_BYTES`) while a write
 waits for room, so that the room comes in few store writes; each batch is followed by a pool
 compaction bounded by :data:`COMPACT_PAGES` or the pages it freed (the freed objects are
 scattered: compaction turns them into free pages), the waiters' wake-up, and a yield. A write
 that finds no room (NoSpace) waits (:meth:`Backed.wait_room`) up to :attr:`Backed.wait`
 seconds (``writeback-wait``, default :data:`ROOM_WAIT`; 0: it fails at once) for a batch to
 make room, then tries again; it gets ENOSPC only when the backing store is full, its budget is
-spent, it fails, there is nothing left to write back, or the wait times out.
+spent, it fails, there is nothing left to write back (a group whose blob does not decode is not
+a candidate once found), or the wait times out.
 
 **Cleaning.** Freed objects leave dead space in the store's segments. When a writeback finds
 the store full while it holds at least a segment of dead space, the store cleans up to
@@ -80,17 +99,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from zramd.allocator import PoolFull
 from zramd.backing import BackingError, BackingFull, BackingStore, BudgetSpent
+from zramd.compress import Codec, CodecError
 from zramd.device.interface import DeviceIOError, WritebackResult
+from zramd.device.pipeline import GroupImage
 from zramd.device.store import PageStore
 from zramd.device.table import (
     BACKED,
+    GROUPED,
     HUGE,
     IDLE,
     INCOMPRESSIBLE,
@@ -98,7 +120,7 @@ from zramd.device.table import (
     STORED,
     WB_PENDING,
 )
-from zramd.geometry import PAGE_SIZE
+from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger("zramd.device")
 
@@ -153,14 +175,15 @@ def _fault_kind(exc: BaseException) -> str:
 
 class Backed:
     """The backing store of one device (see the module doc). ``limit()`` is the memory limit in
-    force for the device's pool (0: none); ``high``, ``low`` and ``wait`` as in
-    :meth:`configure`."""
+    force for the device's pool (0: none); ``run(fn, *args)`` runs ``fn`` in a worker (the
+    device's executor); ``high``, ``low`` and ``wait`` as in :meth:`configure`."""
 
     def __init__(
         self,
         store: PageStore,
         backing: BackingStore,
         limit: Callable[[], int],
+        run: Callable[..., Awaitable[Any]],
         *,
         high: float = HIGH_WATERMARK,
         low: float = LOW_WATERMARK,
@@ -172,6 +195,7 @@ class Backed:
         self.store = store
         store.backed = self
         self._limit = limit
+        self._run = run
         #: locators to free, with the number of reads started when each was dropped
         self._garbage: list[tuple[int, int]] = []
         #: reads started so far, and the start numbers of those in flight
@@ -342,39 +366,77 @@ class Backed:
 
     # --- writeback ----------------------------------------------------------------------------
 
-    async def write_back(self, pages: list[int]) -> tuple[int, int, str]:
-        """Write the objects of the pages of ``pages`` still eligible (STORED or HUGE, not
-        marked) back as one batch: ``(pages switched to BACKED, their object bytes, error)``,
-        error "" or the kind of the fault that left them all in RAM."""
+    async def write_back(self, pages: list[int]) -> tuple[int, int, int, str]:
+        """Write the pages of ``pages`` still eligible (STORED, HUGE or GROUPED, not marked)
+        back as one batch, each group with all its live members: ``(pages tried, pages switched
+        to BACKED, their object bytes, error)``, error "" or the kind of the fault that left
+        them all in RAM."""
         async with self._batch:
             if self._closed:
-                return 0, 0, ""
+                return 0, 0, 0, ""
             return await self._write_back([i for i in pages if self._eligible(i)])
 
-    async def _write_back(self, pages: list[int]) -> tuple[int, int, str]:
+    async def _write_back(self, pages: list[int]) -> tuple[int, int, int, str]:
         if not pages:
-            return 0, 0, ""
+            return 0, 0, 0, ""
         store = self.store
         t = store.table
         state_mv, handle_mv, size_mv, flags_mv = t.state_mv, t.handle_mv, t.size_mv, t.flags_mv
         load = store.pool.load
         objs: list[bytes] = []
         handles: list[int] = []
+        singles: list[int] = []
+        gids: dict[int, None] = {}
         for i in pages:
             h = handle_mv[i]
+            if state_mv[i] == GROUPED:
+                gids[h] = None
+                continue
             objs.append(load(h, PAGE_SIZE if state_mv[i] == HUGE else size_mv[i]))
             handles.append(h)
+            singles.append(i)
             flags_mv[i] |= WB_PENDING
+        marked = list(singles)
+        members: list[tuple[int, int, bool]] = []  # group members: (page, object size, raw)
+        if gids:
+            groups = store.groups
+            jobs: list[tuple[GroupImage, list[int], Codec]] = []
+            pages_of: list[list[int]] = []
+            for gid in gids:
+                idx = groups.live_members(gid)
+                for i in idx:
+                    flags_mv[i] |= WB_PENDING
+                jobs.append(
+                    (groups.image(gid), [size_mv[i] for i in idx], store.codecs[groups.codec[gid]])
+                )
+                pages_of.append(idx)
+                marked += idx
+            try:
+                encoded = await self._run(_encode_members, jobs, store.pool.huge_class_size)
+            except BaseException:
+                self._unmark(store, marked)
+                raise
+            if self.store is not store or self._closed:
+                return 0, 0, 0, ""
+            for gid, idx, enc in zip(gids, pages_of, encoded, strict=True):
+                if enc is None:  # the blob does not decode: its pages are EIO where they are
+                    groups.undecodable.add(gid)
+                    for i in idx:
+                        flags_mv[i] &= ~WB_PENDING
+                    continue
+                for i, (obj, raw) in zip(idx, enc, strict=True):
+                    objs.append(obj)
+                    members.append((i, len(obj), raw))
+        if not objs:
+            return len(marked), 0, 0, ""
         t0 = time.perf_counter()
         try:
             locs = await self._write(objs)
         except BaseException as e:
-            if self.store is store and not self._closed:  # closed: the table is gone
-                for i in pages:  # a mark still there is this batch's own
-                    flags_mv[i] &= ~WB_PENDING
+            self._unmark(store, marked)
             if isinstance(e, BackingError):
                 self.fault("writeback", e)
-                return 0, 0, _fault_kind(e)
+                return len(marked), 0, 0, _fault_kind(e)
             raise
         s = store.stats
         s.bd_write_us += int((time.perf_counter() - t0) * 1e6)
@@ -383,17 +445,63 @@ class Backed:
         if self.store is not store or self._closed:  # reset or closed meanwhile
             for loc in locs:
                 self.drop(loc)
-            return 0, 0, ""
+            return len(marked), 0, 0, ""
         done = nbytes = 0
         back = store.back
-        for i, h, loc, obj in zip(pages, handles, locs, objs, strict=True):
+        n = len(singles)
+        for i, h, loc, obj in zip(singles, handles, locs[:n], objs[:n], strict=True):
             if back(i, h, loc):
                 done += 1
                 nbytes += len(obj)
                 continue
             self.drop(loc)  # written, trimmed or moved (recompressed, grouped) meanwhile
             flags_mv[i] &= ~WB_PENDING
-        return done, nbytes, ""
+        back_grouped = store.back_grouped
+        for (i, size, raw), loc in zip(members, locs[n:], strict=True):
+            if back_grouped(i, loc, size, raw):
+                done += 1
+                nbytes += size
+                continue
+            self.drop(loc)  # written or trimmed meanwhile
+            flags_mv[i] &= ~WB_PENDING
+        if store.groups.pending:
+            store.groups.settle()
+        return len(marked), done, nbytes, ""
+
+    def _unmark(self, store: PageStore, pages: list[int]) -> None:
+        """A batch failed: the marks still there are its own (none once the table is gone)."""
+        if self.store is store and not self._closed:
+            flags_mv = store.table.flags_mv
+            for i in pages:
+                flags_mv[i] &= ~WB_PENDING
+
+    def _whole_groups(self, pages: list[int], first: int, stop: int, limit: int) -> list[int]:
+        """``pages`` with each GROUPED page replaced by all the live members of its group, in
+        order, at most ``limit`` pages; a group goes only whole: one with a member outside
+        ``[first, stop)``, not eligible, or past ``limit`` is left out, and so is one whose blob
+        was found not to decode."""
+        t = self.store.table
+        groups = self.store.groups
+        out: list[int] = []
+        seen: set[int] = set()
+        for i in pages:
+            if len(out) >= limit:
+                break
+            if t.state_mv[i] != GROUPED:
+                out.append(i)
+                continue
+            gid = t.handle_mv[i]
+            if gid in seen:
+                continue
+            seen.add(gid)
+            if gid in groups.undecodable:
+                continue
+            idx = groups.live_members(gid)
+            if idx[0] < first or idx[-1] >= stop or len(out) + len(idx) > limit:
+                continue
+            if all(self._eligible(m) for m in idx):
+                out += idx
+        return out
 
     async def _write(self, objs: list[bytes]) -> list[int]:
         """Write ``objs`` to the store; a full store with dead space is cleaned and the write
@@ -473,14 +581,15 @@ class Backed:
             t = store.table
             sizes = t.size[idx]
             order = np.argsort(-sizes.astype(np.int32), kind="stable")
-            for batch in _batches(idx[order].tolist(), t.size_mv):
+            pages = self._whole_groups(idx[order].tolist(), first, stop, take)
+            for batch in _batches(pages, t.size_mv):
                 if self.store is not store or self._closed:
                     return res
                 batch = [i for i in batch if self._eligible(i)]
                 if not batch:
                     continue
-                res.tried += len(batch)
-                done, nbytes, err = await self.write_back(batch)
+                tried, done, nbytes, err = await self.write_back(batch)
+                res.tried += tried
                 res.written += done
                 res.bytes += nbytes
                 if err:
@@ -493,7 +602,9 @@ class Backed:
     def _eligible(self, i: int) -> bool:
         t = self.store.table
         st = t.state_mv[i]
-        return (st == STORED or st == HUGE) and not t.flags_mv[i] & (PENDING | WB_PENDING)
+        return (st == STORED or st == HUGE or st == GROUPED) and not t.flags_mv[i] & (
+            PENDING | WB_PENDING
+        )
 
     def _candidates(self, first: int, stop: int, kind: str) -> Any:
         t = self.store.table
@@ -501,6 +612,8 @@ class Backed:
         fl = t.flags[first:stop]
         if kind in ("huge", "huge-idle"):
             ok = st == HUGE
+        elif kind == "idle":
+            ok = (st == STORED) | (st == HUGE) | (st == GROUPED)
         else:
             ok = (st == STORED) | (st == HUGE)
         ok &= (fl & (PENDING | WB_PENDING)) == 0
@@ -563,11 +676,13 @@ class Backed:
         try:
             while not self._closed and (self._wanted or self._over(self.low)):
                 self._wanted = False
-                pages = await self._coldest(PRESSURE_ROUND_PAGES)
-                if not pages:
+                store = self.store
+                pages = self._whole_groups(
+                    await self._coldest(PRESSURE_ROUND_PAGES), 0, store.table.npages, 2**62
+                )
+                if not pages or self.store is not store:
                     self.stuck = "nothing left to write back"
                     break
-                store = self.store
                 pos = 0
                 while pos < len(pages):
                     burst = self._wanted or self._waiters > 0
@@ -581,7 +696,7 @@ class Backed:
                     batch = [i for i in batch if self._eligible(i)]
                     if not batch:
                         continue
-                    done, nbytes, err = await self.write_back(batch)
+                    _, done, nbytes, err = await self.write_back(batch)
                     if self.store is not store or self._closed:
                         return
                     if err:
@@ -599,7 +714,8 @@ class Backed:
             self._signal()
 
     async def _coldest(self, n: int) -> list[int]:
-        """Up to ``n`` writeback candidates, the oldest atime first, then the largest object:
+        """Up to ``n`` writeback candidates, the oldest atime first, then the largest object (a
+        group member's size is its rank: members come after single pages of the same age):
         one vectorised step per SCAN_PAGES pages (about a millisecond), a yield between them
         (the batches check each page again before they take it)."""
         store = self.store
@@ -613,7 +729,9 @@ class Backed:
             t = store.table
             b = min(t.npages, a + SCAN_PAGES)
             st = t.state[a:b]
-            ok = ((st == STORED) | (st == HUGE)) & ((t.flags[a:b] & (PENDING | WB_PENDING)) == 0)
+            ok = ((st == STORED) | (st == HUGE) | (st == GROUPED)) & (
+                (t.flags[a:b] & (PENDING | WB_PENDING)) == 0
+            )
             idx = np.flatnonzero(ok)
             if not len(idx):
                 continue
@@ -627,6 +745,29 @@ class Backed:
                 best_idx, best_key = best_idx[keep], best_key[keep]
         order = np.argsort(best_key, kind="stable")
         return [int(i) for i in best_idx[order]]
+
+
+def _encode_members(
+    jobs: list[tuple[GroupImage, list[int], Codec]], threshold: int
+) -> list[list[tuple[bytes, bool]] | None]:
+    """Per group (its image, the ranks of its live members, its codec): each member page
+    compressed on its own with the group's codec, ``(object, raw)``, raw (the page itself) when
+    the object would be ``threshold`` bytes or more; None for a blob that does not decode. Runs in
+    a worker."""
+    out: list[list[tuple[bytes, bool]] | None] = []
+    for img, ranks, codec in jobs:
+        try:
+            data = img.pages()
+        except CodecError:
+            out.append(None)
+            continue
+        objs: list[tuple[bytes, bool]] = []
+        for k in ranks:
+            page = data[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
+            comp = codec.compress(page)
+            objs.append((page, True) if len(comp) >= threshold else (comp, False))
+        out.append(objs)
+    return out
 
 
 def _batches(pages: list[int], size_mv: Any) -> list[list[int]]:

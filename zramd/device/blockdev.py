@@ -264,6 +264,7 @@ class ZramDevice:
                 self._store,
                 backing,
                 self._limit_in_force,
+                self._run_in_executor,
                 high=writeback_high,
                 low=writeback_low,
                 wait=writeback_wait,

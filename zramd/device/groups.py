@@ -147,6 +147,8 @@ class Groups:
         self.pending: set[int] = set()
         #: groups whose settling found no room, retried by :meth:`settle` with ``retry``
         self.stalled: set[int] = set()
+        #: groups whose blob was found not to decode (writeback leaves them; forgotten when freed)
+        self.undecodable: set[int] = set()
         self._settling = False
 
     # --- registry --------------------------------------------------------------------------
@@ -203,7 +205,13 @@ class Groups:
         self._cache.pop(gid, None)
         self.pending.discard(gid)
         self.stalled.discard(gid)
+        self.undecodable.discard(gid)
         self._free.append(gid)
+
+    def live_members(self, gid: int) -> list[int]:
+        """The pages of group ``gid``'s live members, ascending."""
+        first = int(self.first[gid])
+        return [first + p for p in _bits(int(self.live[gid]))]
 
     def kill(self, gid: int, idx: int) -> None:
         """Page ``idx`` leaves group ``gid`` (the caller switches its entry): the group is freed
