@@ -1,9 +1,10 @@
 """Writeback of multi-page groups (zramd.device.backed): a group goes to the backing store whole,
-one object per live member compressed with the group's codec, and is freed. The device against a
-bytearray model (hypothesis state machine) with writes, trims, idle marking, grouping, on-demand
-writeback over ranges and page budgets, pressure writeback and read-back interleaved; directed
-tests of the moves racing writes and re-packs, ranges and budgets that would split a group, an
-undecodable group, and pressure writeback of a device whose cold pages are all grouped."""
+one object per live member (the group's codec, zstd at most at MEMBER_ZSTD_LEVEL), and is freed.
+The device against a bytearray model (hypothesis state machine) with writes, trims, idle marking,
+grouping, on-demand writeback over ranges and page budgets, pressure writeback and read-back
+interleaved; directed tests of the moves racing writes and re-packs, ranges and budgets that
+would split a group, an undecodable group, and pressure writeback of a device whose cold pages
+are all grouped."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tests.unit.test_groups import _corrupt_group
 from tests.unit.test_tiers import PAGE, InlineExecutor, _payload
 from tests.unit.test_writeback import HeldExecutor, check_backed
 from zramd.backing import BackingStore
+from zramd.device.backed import MEMBER_ZSTD_LEVEL
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.table import BACKED, GROUPED, RAW, STORED
@@ -89,7 +91,11 @@ async def test_a_group_goes_whole_one_object_per_member(dev: ZramDevice) -> None
     assert res.written == res.tried == 18 and not res.error
     t = dev.table
     assert (t.state[:18] == BACKED).all() and _groups(dev) == 0
-    assert (t.codec[:16] == codec).all()  # each member compressed with the group's codec
+    group_codec = dev._store.codecs[codec]
+    assert (group_codec.name, group_codec.level) == ("zstd", 9)  # the default group codec
+    member = dev._store.codecs[int(t.codec[0])]
+    assert (member.name, member.level) == ("zstd", MEMBER_ZSTD_LEVEL)  # each member on its own
+    assert (t.codec[:16] == t.codec[0]).all()
     assert (t.flags[16:18] & RAW).all() and not (t.flags[:16] & RAW).any()
     per_page = int(t.size[:16].sum())
     assert blob < per_page < 16 * PAGE  # a little more than the blob, far less than raw
@@ -104,6 +110,37 @@ async def test_a_group_goes_whole_one_object_per_member(dev: ZramDevice) -> None
     assert (await dev.read_with_zeros(0, len(data)))[0] == data
     assert (t.state[:16] == STORED).all() and dev.read_sync(0, 16 * PAGE) == data[: 16 * PAGE]
     await check_backed(dev)
+
+
+async def test_members_on_the_primary_codec_lose_their_recompressed_mark(tmp_path: Path) -> None:
+    """A device whose primary codec is zstd level 3, the members' codec on the way out: pages
+    recompressed (zstd 19) then grouped are no longer RECOMPRESSED once written back."""
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    d = ZramDevice(
+        SIZE,
+        algorithm="zstd",
+        level=3,
+        recompression=[("zstd", 19)],
+        backing=bs,
+        executor=InlineExecutor(),
+    )
+    try:
+        data = _text(16)
+        await d.write(0, data)
+        d.mark_idle()
+        assert (await d.recompress(kind="idle")).recompressed > 0
+        assert d.stats.recompressed_pages > 0
+        assert (await d.group(0, 15, group_pages=16)).pages == 16
+        res = await d.writeback(kind="idle")
+        assert res.written == 16
+        t = d.table
+        assert (t.state[:16] == BACKED).all() and (t.codec[:16] == 0).all()
+        assert d.stats.recompressed_pages == 0
+        await check_backed(d)  # the tier counters equal the marks
+        assert (await d.read_with_zeros(0, len(data)))[0] == data
+    finally:
+        d.close()
+        await bs.aclose()
 
 
 async def test_a_range_or_a_budget_never_splits_a_group(dev: ZramDevice) -> None:

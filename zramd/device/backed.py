@@ -6,20 +6,23 @@ Theory of operation
 :class:`~zramd.backing.BackingStore` (a file or block device below RAM). The table stays the one
 source of truth: a BACKED entry's handle is the object's locator, its size the object's size,
 its codec the codec it was compressed with, and RAW says the object is the raw page (it was
-HUGE). Objects go out as they are in the pool (no recompression); the backing store packs them.
+HUGE). A single page's object goes out as it is in the pool (no recompression); the backing
+store packs them.
 
 **Groups** go out whole and dissolved: a multi-page group is written back as one object per live
-member (its page compressed again with the group's codec, decoded from the blob in a worker),
-never as one record for the group, and the group is freed when its members switch. Why: a
-BACKED page is read, promoted, freed on trim or overwrite, relocated by cleaning and saved in a
-snapshot by its own locator; a record shared by a group's pages would need a reference count
-per record, a group read path in every read door (inline, the Python loop, the native batch)
-and another kind of snapshot entry, where one record per page keeps every one of those as it is,
-so reads stay right by construction. The cost is the decode and per-page compression on the way
-out, in a worker, off the loop, needing no room in the pool (zstd level 9, the default group
-codec: about 230 us per page on a loaded 2-core machine, so a 1024-page burst of group members
-takes about a quarter of a second), and more bytes in the store than the blob held (measured with
-zstd level 9: 1.17x for binaries, 1.31x for Python sources). A group goes only whole (its live
+member (its page decoded from the blob and compressed on its own, in a worker, with the group's
+codec, zstd at no more than :data:`MEMBER_ZSTD_LEVEL`), never as one record for the group, and
+the group is freed when its members switch. Why: a BACKED page is read, promoted, freed on trim
+or overwrite, relocated by cleaning and saved in a snapshot by its own locator; a record shared
+by a group's pages would need a reference count per record, a group read path in every read
+door (inline, the Python loop, the native batch) and another kind of snapshot entry, where one
+record per page keeps every one of those as it is, so reads stay right by construction. The
+cost is the decode and per-page compression on the way out, off the loop and needing no room in
+the pool (zstd level 3: about 30 us per page on a loaded 2-core machine; level 9, the default
+group codec, took 150-230 us), and more bytes in the store than the blob held (against zstd
+level 9 blobs: 1.20x for binaries, 1.37x for Python sources). In-process, 16 MiB of 1 MiB writes
+over a full pool of grouped pages ran at 31-36 MB/s (10-11 MB/s with level 9 members; 96-108
+MB/s over a pool of single pages), no write timing out. A group goes only whole (its live
 members all in the range asked and within ``max_pages``), so writeback frees its whole blob and
 never leaves it partly dead. A group whose blob does not decode stays (its pages are EIO where
 they are) and is no candidate again (:attr:`~zramd.device.groups.Groups.undecodable`).
@@ -106,7 +109,7 @@ import numpy as np
 
 from zramd.allocator import PoolFull
 from zramd.backing import BackingError, BackingFull, BackingStore, BudgetSpent
-from zramd.compress import Codec, CodecError
+from zramd.compress import Codec, CodecError, get_codec
 from zramd.device.interface import DeviceIOError, WritebackResult
 from zramd.device.pipeline import GroupImage
 from zramd.device.store import PageStore
@@ -146,6 +149,9 @@ COMPACT_PAGES = 256
 #: the longest a write without room waits for writeback, in seconds (the default of an export's
 #: ``writeback-wait``)
 ROOM_WAIT = 2.0
+#: a zstd group's members go to the backing store compressed at most at this level (per 4 KiB
+#: page, level 3 is about 5x faster than level 9 for about 5% more bytes)
+MEMBER_ZSTD_LEVEL = 3
 #: segments one cleaning of a full store empties at most
 CLEAN_SEGMENTS = 8
 #: a repeated fault of the same kind is logged at most this often, in seconds
@@ -397,18 +403,20 @@ class Backed:
             singles.append(i)
             flags_mv[i] |= WB_PENDING
         marked = list(singles)
-        members: list[tuple[int, int, bool]] = []  # group members: (page, object size, raw)
+        #: group members: (page, object size, raw, codec id)
+        members: list[tuple[int, int, bool, int]] = []
         if gids:
             groups = store.groups
             jobs: list[tuple[GroupImage, list[int], Codec]] = []
             pages_of: list[list[int]] = []
+            codec_ids: list[int] = []
             for gid in gids:
                 idx = groups.live_members(gid)
                 for i in idx:
                     flags_mv[i] |= WB_PENDING
-                jobs.append(
-                    (groups.image(gid), [size_mv[i] for i in idx], store.codecs[groups.codec[gid]])
-                )
+                cid = _member_codec(store, int(groups.codec[gid]))
+                jobs.append((groups.image(gid), [size_mv[i] for i in idx], store.codecs[cid]))
+                codec_ids.append(cid)
                 pages_of.append(idx)
                 marked += idx
             try:
@@ -418,7 +426,7 @@ class Backed:
                 raise
             if self.store is not store or self._closed:
                 return 0, 0, 0, ""
-            for gid, idx, enc in zip(gids, pages_of, encoded, strict=True):
+            for gid, idx, cid, enc in zip(gids, pages_of, codec_ids, encoded, strict=True):
                 if enc is None:  # the blob does not decode: its pages are EIO where they are
                     groups.undecodable.add(gid)
                     for i in idx:
@@ -426,7 +434,7 @@ class Backed:
                     continue
                 for i, (obj, raw) in zip(idx, enc, strict=True):
                     objs.append(obj)
-                    members.append((i, len(obj), raw))
+                    members.append((i, len(obj), raw, cid))
         if not objs:
             return len(marked), 0, 0, ""
         t0 = time.perf_counter()
@@ -457,8 +465,8 @@ class Backed:
             self.drop(loc)  # written, trimmed or moved (recompressed, grouped) meanwhile
             flags_mv[i] &= ~WB_PENDING
         back_grouped = store.back_grouped
-        for (i, size, raw), loc in zip(members, locs[n:], strict=True):
-            if back_grouped(i, loc, size, raw):
+        for (i, size, raw, cid), loc in zip(members, locs[n:], strict=True):
+            if back_grouped(i, loc, size, raw, cid):
                 done += 1
                 nbytes += size
                 continue
@@ -747,11 +755,24 @@ class Backed:
         return [int(i) for i in best_idx[order]]
 
 
+def _member_codec(store: PageStore, codec_id: int) -> int:
+    """The codec a group's members are compressed with on the way out: the group's, but zstd
+    at no more than :data:`MEMBER_ZSTD_LEVEL` (listed in the store's codecs if need be; the
+    group's when the list is full)."""
+    codec = store.codecs[codec_id]
+    if codec.name != "zstd" or codec.level <= MEMBER_ZSTD_LEVEL or set(codec.params) != {"level"}:
+        return codec_id
+    try:
+        return store.codec_id(get_codec("zstd", level=MEMBER_ZSTD_LEVEL))
+    except ValueError:
+        return codec_id
+
+
 def _encode_members(
     jobs: list[tuple[GroupImage, list[int], Codec]], threshold: int
 ) -> list[list[tuple[bytes, bool]] | None]:
-    """Per group (its image, the ranks of its live members, its codec): each member page
-    compressed on its own with the group's codec, ``(object, raw)``, raw (the page itself) when
+    """Per group (its image, the ranks of its live members, the codec for them): each member
+    page compressed on its own, ``(object, raw)``, raw (the page itself) when
     the object would be ``threshold`` bytes or more; None for a blob that does not decode. Runs in
     a worker."""
     out: list[list[tuple[bytes, bool]] | None] = []

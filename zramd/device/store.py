@@ -513,21 +513,26 @@ class PageStore:
         s.bd_count += 1
         return True
 
-    def back_grouped(self, idx: int, loc: int, size: int, raw: bool) -> bool:
+    def back_grouped(self, idx: int, loc: int, size: int, raw: bool, codec_id: int) -> bool:
         """Writeback's switch for a group member: GROUPED page ``idx``, still WB_PENDING (so its
         data is what the batch encoded, whichever group holds it now), becomes BACKED at
-        ``loc``, an object of ``size`` bytes compressed with the codec of its entry (the group's),
-        or the raw page when ``raw``; it leaves its group (:meth:`Groups.kill`: the group is
-        freed with its last live page; the caller settles the groups). Its atime and marks are
-        kept. False, nothing changed, when the page was rewritten or discarded meanwhile."""
+        ``loc``, an object of ``size`` bytes compressed with codec ``codec_id``, or the raw page
+        when ``raw``; it leaves its group (:meth:`Groups.kill`: the group is freed with its last
+        live page; the caller settles the groups). Its atime and marks are kept, but for
+        RECOMPRESSED when the codec is the primary one. False, nothing changed, when the page
+        was rewritten or discarded meanwhile."""
         t = self.table
         fl = t.flags_mv[idx]
         if t.state_mv[idx] != GROUPED or not fl & WB_PENDING:
             return False
         self.groups.kill(t.handle_mv[idx], idx)
+        if codec_id == 0 and fl & RECOMPRESSED:
+            fl &= ~RECOMPRESSED
+            self.stats.recompressed_pages -= 1
         t.state_mv[idx] = BACKED
         t.handle_mv[idx] = loc
         t.size_mv[idx] = size
+        t.codec_mv[idx] = codec_id
         t.flags_mv[idx] = (fl & ~WB_PENDING) | (RAW if raw else 0)
         self.stats.bd_count += 1
         return True
