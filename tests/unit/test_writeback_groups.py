@@ -28,6 +28,7 @@ from tests.unit.test_writeback import HeldExecutor, check_backed
 from zramd.backing import BackingStore
 from zramd.device.backed import MEMBER_ZSTD_LEVEL
 from zramd.device.blockdev import ZramDevice
+from zramd.device.groups import GROUP_CACHE
 from zramd.device.interface import DeviceIOError, NoSpace
 from zramd.device.table import BACKED, GROUPED, RAW, STORED
 
@@ -161,6 +162,23 @@ async def test_a_range_or_a_budget_never_splits_a_group(dev: ZramDevice) -> None
     await check_backed(dev)
     dev._store.groups.check()
     assert (await dev.read_with_zeros(0, len(data)))[0] == data
+
+
+async def test_writeback_leaves_the_read_cache_alone(dev: ZramDevice) -> None:
+    """The read cache of decoded groups (GROUP_CACHE of them) keeps what reads put there: a group
+    written back is decoded outside it."""
+    data = _text(NPAGES)
+    await _grouped(dev, data, group_pages=4)
+    g = dev._store.groups
+    dev.set_mem_limit(PAGE)  # reads do not promote
+    for p in range(0, GROUP_CACHE * 4, 4):
+        assert dev.read_sync(p * PAGE, PAGE) == data[p * PAGE : (p + 1) * PAGE]
+    cached = list(g._cache)
+    assert len(cached) == GROUP_CACHE
+    res = await dev.writeback(kind="idle", first=GROUP_CACHE * 4, stop=NPAGES)
+    assert res.written == NPAGES - GROUP_CACHE * 4
+    assert list(g._cache) == cached
+    await check_backed(dev)
 
 
 async def test_members_rewritten_or_trimmed_during_the_move_win(tmp_path: Path) -> None:

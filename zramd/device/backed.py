@@ -415,7 +415,8 @@ class Backed:
                 for i in idx:
                     flags_mv[i] |= WB_PENDING
                 cid = _member_codec(store, int(groups.codec[gid]))
-                jobs.append((groups.image(gid), [size_mv[i] for i in idx], store.codecs[cid]))
+                img = groups.image(gid, remember=False)  # the read cache keeps its groups
+                jobs.append((img, [size_mv[i] for i in idx], store.codecs[cid]))
                 codec_ids.append(cid)
                 pages_of.append(idx)
                 marked += idx

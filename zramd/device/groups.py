@@ -264,12 +264,14 @@ class Groups:
 
     # --- reads -----------------------------------------------------------------------------
 
-    def image(self, gid: int) -> GroupImage:
-        """Group ``gid``'s image: cached, else its blob copied out of the pool (not decoded)."""
+    def image(self, gid: int, *, remember: bool = True) -> GroupImage:
+        """Group ``gid``'s image: cached, else its blob copied out of the pool (not decoded) and
+        cached unless ``remember`` is false (a group about to go: writeback)."""
         cache = self._cache
         img = cache.get(gid)
         if img is not None:
-            cache.move_to_end(gid)
+            if remember:
+                cache.move_to_end(gid)
             return img
         store = self._store
         n = int(self.csize[gid])
@@ -280,7 +282,8 @@ class Groups:
         chunks.append(load(tail, n - (len(hs) << PAGE_SHIFT)))
         size = int(self.members[gid]).bit_count() << PAGE_SHIFT
         img = GroupImage(store.codecs[int(self.codec[gid])], chunks, size)
-        self._remember(gid, img)
+        if remember:
+            self._remember(gid, img)
         return img
 
     def _remember(self, gid: int, img: GroupImage) -> None:
