@@ -79,6 +79,14 @@ def _writeback(args: argparse.Namespace, args_list: list[str]) -> int:
         print("missing tools: fio, nbdkit (run scripts/install-deps.sh)", file=sys.stderr)
         return 2
     d = WRITEBACK_MODES["quick" if args.quick else "full"]
+    if args.rss:
+        samples = writeback.measure_backed_rss(writeback.RSS_POINTS, args.repeat or 3)
+        summ = writeback.rss_per_page(samples)
+        for n, rss in summ["median_rss_bytes"].items():
+            print(f"{n:7d} pages written back: RSS {rss / 1e6:.1f} MB (median)")
+        print(f"per page written back: {summ['per_page']:.1f} B; fixed: "
+              f"{summ['fixed_bytes'] / 1e6:.1f} MB")  # fmt: skip
+        return 0
     size = args.size or int(d["size"]) * MIB
     log(f"writeback run: {size // MIB} MiB working set -> {args.out}")
     raw = writeback.run_writeback(
@@ -130,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--runtime", type=float, help="seconds per time-based read phase")
     w.add_argument("--out", type=Path, default=DEFAULT_OUT)
     w.add_argument("--note", default="", help="free text for the report header")
+    w.add_argument(
+        "--rss", action="store_true", help="only the RSS per page written back (no report)"
+    )
     rep = sub.add_parser("report", help="re-render results.md and chart.png from results.json")
     rep.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p

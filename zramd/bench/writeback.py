@@ -34,6 +34,13 @@ nbdkit-file of the median throughput and the range of each repetition's ratio;
 zramd's peak RSS against the stated bound: the empty server, the limit,
 :data:`RSS_PER_BACKED_PAGE` per page in the store plus :data:`RSS_BACKED_FIXED`, one pressure
 burst and the clients' requests in flight.
+
+``writeback --rss`` measures the overhead that bound is made of (:func:`measure_backed_rss`): a
+fresh zramd with a 1 GiB export (``mem-limit=32M``, a backing file) per point, ``n`` pages of
+fio's compressible data written (pressure writeback moves most of them) and then every page
+written back (``zramd idle --all``, ``zramd writeback --type idle``: the pool empty), its VmRSS
+read; the points alternate their order between repetitions. :func:`rss_per_page` gives the
+medians, the RSS per page between the two largest points and the fixed part.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,7 @@ from zramd.bench.fio import DATA_ARGS, parse_fio, run_fio
 from zramd.bench.runner import MIB, log
 from zramd.bench.servers import RunningServer, ServerSpec, proc_rss_bytes, zramd_command
 from zramd.device.backed import BURST_BYTES
+from zramd.geometry import PAGE_SIZE
 
 ZRAMD = "zramd-lz4-backed"
 NBDKIT = "nbdkit-file"
@@ -67,10 +76,16 @@ RAND_ARGS = ["--bs=4k", "--iodepth=16", *DATA_ARGS["comp"]]
 SEQ_ARGS = ["--bs=1M", "--iodepth=4", *DATA_ARGS["comp"]]
 #: the stated RSS overhead of a backed export (docs/operator.md, Writeback, Memory): bytes per
 #: page in the backing store, and once the store is in use
-RSS_PER_BACKED_PAGE = 40
-RSS_BACKED_FIXED = 6 * MIB
+RSS_PER_BACKED_PAGE = 48
+RSS_BACKED_FIXED = 8 * MIB
 #: the most request payload the benchmark's clients have in flight (the 1 MiB phases, QD4)
 CLIENT_IN_FLIGHT = 4 * MIB
+#: ``writeback --rss``: pages written back per point (the empty server first), the export, its
+#: memory limit, and the pause before RSS is read (deferred frees, compaction)
+RSS_POINTS = (0, 131072, 262144)
+RSS_EXPORT_SIZE = 1 << 30
+RSS_MEM_LIMIT = 32 * MIB
+RSS_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -277,6 +292,49 @@ def run_writeback(
         "elapsed_s": time.monotonic() - t0, "note": note,
     }  # fmt: skip
     return raw
+
+
+def measure_backed_rss(points: Sequence[int], repeat: int) -> list[dict[str, int]]:
+    """VmRSS of zramd with ``n`` pages written back, per point and repetition (see the module
+    doc): ``pages``, ``rss_bytes``, ``bd_count`` and the pool's ``pool_bytes``."""
+    spec = FileServerSpec(ZRAMD, "zramd", "lz4", mem_limit=RSS_MEM_LIMIT)
+    out: list[dict[str, int]] = []
+    for rep in range(repeat):
+        for n in points if rep % 2 == 0 else list(reversed(points)):
+            with spec.start(RSS_EXPORT_SIZE) as srv:
+                name = spec.export_name
+                if n:
+                    run_fio(srv.uri, n * PAGE_SIZE, ["--rw=write", *SEQ_ARGS], None)
+                    srv.zramd("idle", name, "--all")
+                    srv.zramd("writeback", name, "--type", "idle")
+                time.sleep(RSS_SETTLE_S)
+                stat = zramd_stat(srv)
+                assert stat is not None
+                out.append({
+                    "rep": rep, "pages": n, "rss_bytes": srv.rss_bytes(),
+                    "bd_count": stat["backing"]["bd_count"],
+                    "pool_bytes": stat["mm_stat"]["mem_used_total"],
+                })  # fmt: skip
+            log(f"writeback rss rep {rep} {n:7d} pages: RSS {out[-1]['rss_bytes'] / MIB:.1f} MiB")
+    return out
+
+
+def rss_per_page(samples: list[dict[str, int]]) -> dict[str, Any]:
+    """The median RSS per point, the bytes per page written back between the two largest
+    points, and the fixed part (the smallest point with pages over the empty server, less its
+    pages at that rate)."""
+    by: dict[int, list[int]] = {}
+    for s in samples:
+        by.setdefault(s["pages"], []).append(s["rss_bytes"])
+    med = {n: statistics.median(v) for n, v in sorted(by.items())}
+    points = sorted(med)
+    out: dict[str, Any] = {"median_rss_bytes": med, "per_page": None, "fixed_bytes": None}
+    if len(points) >= 3:
+        a, b = points[-2], points[-1]
+        per_page = (med[b] - med[a]) / (b - a)
+        out["per_page"] = per_page
+        out["fixed_bytes"] = med[a] - med[points[0]] - per_page * a
+    return out
 
 
 def _median(values: list[float]) -> float | None:

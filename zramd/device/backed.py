@@ -83,11 +83,11 @@ which gives the victims back.
 
 **Memory.** A BACKED page costs its table entry (15 B, as every page holding data) and the
 store's record (an 8 B locator and a dead flag in its segment's arrays, about 330 B per
-segment): 24-30 B per page by the structures; measured, 31 B per page on the margin (VmRSS of a
-server with 131,072 and 262,144 pages of 2:1 data all written back, against the same server
-empty: +8.0 and +12.1 MB) plus about 4 MB once the store is in use (its threads). The stated
-bound is 40 B per page in the store plus 6 MiB; a batch in flight adds its copy of the objects
-(at most :data:`BURST_BYTES`).
+segment): 24-30 B per page by the structures. Measured (``python -m zramd.bench writeback
+--rss``: VmRSS of a server with 131,072 and 262,144 pages all written back, against the same
+server empty; medians): +8.8 to +10.5 MB and +12.5 to +14.3 MB, the rest being the store's
+threads and malloc's heap. The stated bound is 48 B per page in the store plus 8 MiB; a batch in
+flight adds its copy of the objects (at most :data:`BURST_BYTES`).
 
 **Faults** cost the request or batch that met them: a failed read is DeviceIOError (EIO) for
 that read, a failed writeback leaves its pages in RAM. The log names the store, the error and
