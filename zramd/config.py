@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from zramd.compress import get_codec
+from zramd.device.backed import HIGH_WATERMARK, LOW_WATERMARK, ROOM_WAIT, check_writeback
 from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS
 from zramd.geometry import PAGE_SIZE
 from zramd.protocol import wire
@@ -207,6 +208,26 @@ def parse_duration(value: str | int | float, *, what: str = "duration") -> float
     if seconds < 0:
         raise ConfigError(f"bad {what} {value!r}: must not be negative")
     return seconds
+
+
+def parse_fraction(value: str | int | float, *, what: str = "fraction") -> float:
+    """A fraction from ``0.9``, ``"0.9"`` or ``"90%"`` (the range is checked by the caller).
+    Raises ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"bad {what} {value!r}: expected a fraction like 0.9 or \"90%\"")
+    if not isinstance(value, str):
+        return float(value)
+    text = value.strip()
+    percent = text.endswith("%")
+    try:
+        fraction = float(text[:-1]) / 100 if percent else float(text)
+    except ValueError:
+        raise ConfigError(
+            f"bad {what} {value!r}: expected a fraction like 0.9 or \"90%\""
+        ) from None
+    if fraction != fraction:  # NaN
+        raise ConfigError(f"bad {what} {value!r}: expected a fraction like 0.9 or \"90%\"")
+    return fraction
 
 
 _ALGO_RE = re.compile(r"^([A-Za-z0-9_-]*)(?:\((.*)\))?$")
@@ -403,6 +424,12 @@ class ExportConfig:
     #: the backing store below RAM (issue 12): an absolute path of a regular file (created and
     #: grown as needed, sparse) or a block device; None: none
     backing: str | None = None
+    #: pressure writeback (with a backing store): it starts when the pool passes ``high`` of the
+    #: memory limit in force and stops under ``low`` (fractions); a write without room waits
+    #: up to ``wait`` seconds for it
+    writeback_high: float = HIGH_WATERMARK
+    writeback_low: float = LOW_WATERMARK
+    writeback_wait: float = ROOM_WAIT
     #: the snapshot file (issue 13): written on stop and ``zramd destroy``, restored on start;
     #: an absolute path (None: the export is not kept across restarts)
     persist: str | None = None
@@ -470,6 +497,20 @@ class ExportConfig:
             )
         if self.backing is not None:
             check_backing_path(self.name, self.backing)
+        else:
+            for key, value, default in (
+                ("writeback-high", self.writeback_high, HIGH_WATERMARK),
+                ("writeback-low", self.writeback_low, LOW_WATERMARK),
+                ("writeback-wait", self.writeback_wait, ROOM_WAIT),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"export {self.name!r}: {key} needs a backing store (backing=PATH)"
+                    )
+        try:
+            check_writeback(self.writeback_high, self.writeback_low, self.writeback_wait)
+        except ValueError as e:
+            raise ConfigError(f"export {self.name!r}: {e}") from None
         if self.persist is not None:
             check_persist_path(self.name, self.persist)
         if self.sync not in SYNC_MODES:
@@ -564,6 +605,9 @@ _SPEC_KEYS = (
     "group-pages",
     "group-algorithm",
     "backing",
+    "writeback-high",
+    "writeback-low",
+    "writeback-wait",
     "persist",
     "sync",
     "description",
@@ -590,7 +634,8 @@ def _spec_items(spec: str) -> list[tuple[int, str]]:
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=SIZE[,algorithm=ALG][,level=N][,mem-limit=SIZE][,read-only]
     [,recompress-after=DURATION][,recompress-interval=DURATION][,group-pages=N]
-    [,group-algorithm=ALG][,backing=PATH][,persist=PATH][,sync=stop|flush][,description=T]``.
+    [,group-algorithm=ALG][,backing=PATH][,writeback-high=F][,writeback-low=F]
+    [,writeback-wait=DURATION][,persist=PATH][,sync=stop|flush][,description=T]``.
 
     Sizes as everywhere (:func:`size_bytes`: a bare number is MiB; expressions keep the commas
     inside their parentheses), rounded down to whole pages. ``algorithm`` is a
@@ -599,8 +644,10 @@ def parse_export_spec(spec: str) -> ExportConfig:
     ``group-algorithm`` (one algorithm, e.g. ``zstd(level=19)``) are what multi-page groups of
     cold pages are packed with. ``backing`` is a file or block device, ``persist`` the snapshot
     file (a relative path is taken from the current directory), ``sync=flush`` makes it durable
-    at every FLUSH (a journal beside it). ``description`` must come last: its
-    text may contain commas."""
+    at every FLUSH (a journal beside it). ``writeback-high`` and ``writeback-low`` are
+    fractions of the memory limit (``0.9`` or ``90%``) where pressure writeback starts and
+    stops, ``writeback-wait`` the longest a write waits for room. ``description`` must come
+    last: its text may contain commas."""
     (_, head), *rest = _spec_items(spec)
     name, eq, size_text = head.partition("=")
     name = name.strip()
@@ -666,6 +713,11 @@ def parse_export_spec(spec: str) -> ExportConfig:
             cfg.mem_limit = round_pages(parse_size(value, what=f"mem-limit of export {name!r}"))
         elif key == "backing":
             cfg.backing = os.path.abspath(value)
+        elif key in ("writeback-high", "writeback-low"):
+            fraction = parse_fraction(value, what=f"{key} of export {name!r}")
+            setattr(cfg, key.replace("-", "_"), fraction)
+        elif key == "writeback-wait":
+            cfg.writeback_wait = parse_duration(value, what=f"{key} of export {name!r}")
         elif key == "persist":
             cfg.persist = os.path.abspath(value)
         elif key == "sync":

@@ -32,6 +32,9 @@ Layout (documented in ``systemd/zramd.toml.example``)::
     group-algorithm = "zstd(level=9)"   #   with this algorithm (default zstd level 9)
     mem-limit = "1G"
     backing = "/var/lib/zramd/zram0.img"   # a file (sparse, created) or a block device below
+    writeback-high = 0.9          # pressure writeback starts at 90% of mem-limit (default),
+    writeback-low = 0.8           #   stops under 80% (default); "90%" works too
+    writeback-wait = "2s"         # a write without room waits this long for it (default)
     persist = "/var/lib/zramd/zram0.snap"  # snapshot on stop, restored on start
     sync = "stop"                 # or "flush": a journal beside it, synced by every FLUSH
     read-only = false
@@ -66,6 +69,7 @@ from zramd.config import (
     format_size,
     parse_compression,
     parse_duration,
+    parse_fraction,
     parse_network,
     parse_one_algorithm,
     round_pages,
@@ -240,6 +244,9 @@ _EXPORT_KEYS = (
     "group-pages",
     "group-algorithm",
     "backing",
+    "writeback-high",
+    "writeback-low",
+    "writeback-wait",
     "persist",
     "sync",
 )
@@ -341,6 +348,12 @@ def _parse_export(path: str, name: str, table: dict[str, Any], ram: float | None
         if "backing" in values:
             key = "backing"
             exp.backing = _typed(values[key], str, "an absolute path")
+        for key in ("writeback-high", "writeback-low"):
+            if key in values:
+                setattr(exp, key.replace("-", "_"), parse_fraction(values[key], what=key))
+        if "writeback-wait" in values:
+            key = "writeback-wait"
+            exp.writeback_wait = parse_duration(values[key], what=key)
         if "persist" in values:
             key = "persist"
             exp.persist = _typed(values[key], str, "an absolute path")
@@ -376,6 +389,9 @@ def _blame(message: str, seen: dict[str, str]) -> str:
         ("recompress-interval", "recompress-interval"),
         ("group-pages", "group-pages"),
         ("group-algorithm", "group-algorithm"),
+        ("writeback-low", "writeback-low"),
+        ("writeback-high", "writeback-high"),
+        ("writeback-wait", "writeback-wait"),
         ("algorithm", "compression-algorithm"),
         ("level", "compression-algorithm"),
         ("codec", "compression-algorithm"),

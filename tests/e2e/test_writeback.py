@@ -1,8 +1,10 @@
 """Writeback end to end: a real `zramd serve` with a backing file under a memory limit, real
 clients (nbdcopy, fio, python3-libnbd) and the real CLI (writeback, set --writeback-limit,
 stat, list --json) and metrics. An image twice the memory limit goes in and comes back with the
-same sha256 when the export has a backing file, and fails with ENOSPC without one; fio's crc32c
-verification holds across writeback. Every process started here is stopped here."""
+same sha256 when the export has a backing file, and fails with ENOSPC without one; grouped pages
+go to the store whole and come back the same; fio's crc32c verification holds across writeback;
+the pressure writeback's settings show in stat and list --json. Every process started here is
+stopped here."""
 
 from __future__ import annotations
 
@@ -77,6 +79,50 @@ def test_nbdcopy_twice_the_limit_in_and_out(tmp_path: Path) -> None:
         text = d.cli("stat", "w").stdout
         assert f"backing: {tmp_path / 'backing'}, writeback-limit none" in text
         assert "bd_stat: " in text
+        assert "pressure writeback from 90% down to 80% of the limit in force; a write waits " \
+            "up to 2s for room" in text
+    finally:
+        d.stop()
+
+
+def test_writeback_settings_in_stat_and_list(tmp_path: Path) -> None:
+    d = _daemon(tmp_path, False, "--export", f"s=64M,mem-limit=8M,backing={tmp_path / 'b'},"
+                "writeback-high=70%,writeback-low=0.5,writeback-wait=500")
+    try:
+        want = {"writeback_high": 0.7, "writeback_low": 0.5, "writeback_wait": 500.0}
+        b = stat(d, "s")["backing"]
+        assert {k: b[k] for k in want} == want
+        assert {k: stat(d)["backing"][k] for k in want} == dict.fromkeys(want)
+        rows = {r["name"]: r for r in json.loads(d.cli("list", "--json").stdout)["exports"]}
+        assert {k: rows["s"]["backing"][k] for k in want} == want
+        assert "pressure writeback from 70% down to 50% of the limit in force; a write waits " \
+            "up to 500s for room" in d.cli("stat", "s").stdout
+    finally:
+        d.stop()
+
+
+@pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy")
+def test_grouped_pages_go_to_the_store_and_come_back(tmp_path: Path) -> None:
+    """nbdcopy in, every page idle and packed into groups, `zramd writeback --type idle`: the
+    groups go whole (none left, every grouped page in the store), nbdcopy out is the same."""
+    d = _daemon(tmp_path, True)
+    try:
+        image = tmp_path / "image"
+        data = half_random_image(image, 8 * MiB)
+        url = f"nbd+unix:///w?socket={d.sock}"
+        subprocess.run(["nbdcopy", str(image), url], check=True, timeout=180)
+        d.cli("idle", "w", "--all")
+        d.cli("recompress", "w", "--group-pages", "16")
+        grouped = stat(d)["tiers"]["grouped_pages"]
+        assert grouped > 1000
+        out = d.cli("writeback", "w", "--type", "idle").stdout
+        assert out.startswith("w: 2048 pages tried, 2048 written back"), out
+        st = stat(d)
+        assert st["tiers"]["groups"] == 0 and st["tiers"]["grouped_pages"] == 0
+        assert st["backing"]["bd_count"] == 2048 and st["backing"]["bd_errors"] == 0
+        back = tmp_path / "back"
+        subprocess.run(["nbdcopy", url, str(back)], check=True, timeout=180)
+        assert _sha(back.read_bytes()[: len(data)]) == _sha(data)
     finally:
         d.stop()
 

@@ -1,10 +1,14 @@
-"""The writeback benchmark's pure parts: command lines, phases, /proc readers, summary, report."""
+"""The writeback benchmark's pure parts (command lines, phases, /proc readers, summary, report)
+and its RSS measurement on a real zramd with fio."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from zramd.bench import cli, writeback
 from zramd.bench.writeback import NBDKIT, PHASES, ZRAMD
@@ -91,6 +95,9 @@ def test_summarize() -> None:
     assert s["medians"]["rand-write"][ZRAMD]["mbps"] == 101.0
     assert s["medians"]["rand-write"][ZRAMD]["n"] == 3
     assert s["ratios"]["seq-read"] == 101.0 / 50.0
+    assert s["medians"]["seq-read"][ZRAMD]["mbps_min"] == 100.0
+    assert s["medians"]["seq-read"][ZRAMD]["mbps_max"] == 102.0
+    assert s["ratio_ranges"]["seq-read"] == (100.0 / 50.0, 102.0 / 50.0)
     assert s["zramd_rss"]["sampled_max_bytes"] == 62 * MIB
     assert s["zramd_rss"]["hwm_max_bytes"] == 63 * MIB
     assert s["zramd_rss"]["bd_count_max"] == 5002
@@ -101,11 +108,16 @@ def test_summarize() -> None:
 def test_write_report(tmp_path: Path) -> None:
     writeback.write_report(_raw(), tmp_path)
     md = (tmp_path / "writeback.md").read_text()
-    assert "| rand 4K write QD16, whole set once | 101.0 | 50.0 | 2.02 |" in md
+    assert (
+        "| rand 4K write QD16, whole set once | 101.0 (100.0-102.0) | 50.0 (50.0-50.0) | 2.02 "
+        "| 2.00-2.04 |"
+    ) in md
     assert "loaded machine" in md
     assert "peak RSS over the server's life (VmHWM) 63.0 MiB" in md
     assert "plus 23.0 MiB, against the limit of 64.0 MiB (0.36x)" in md
     assert "(mm_stat `mem_used_max`, largest of the repetitions): 52.0 MiB" in md
+    # 40 + 64 + 5002 * 48 B + 8 + 4 + 4 MiB
+    assert "= 120.2 MiB; the peak 63.0 MiB is within it." in md
     assert "boom" in md
     assert (tmp_path / "writeback.json").exists()
 
@@ -113,3 +125,26 @@ def test_write_report(tmp_path: Path) -> None:
 def test_cli_parses_writeback() -> None:
     args = cli._parser().parse_args(["writeback", "--quick", "--size", "128M"])
     assert (args.cmd, args.quick, args.size) == ("writeback", True, 128 * MIB)
+    assert cli._parser().parse_args(["writeback", "--rss", "--repeat", "5"]).rss
+
+
+def test_rss_per_page() -> None:
+    samples = [
+        {"rep": r, "pages": n, "rss_bytes": 40 * MIB + (3 * MIB if n else 0) + 30 * n + r}
+        for r in range(3)
+        for n in (0, 1000, 3000)
+    ]
+    summ = writeback.rss_per_page(samples)
+    assert summ["median_rss_bytes"][0] == 40 * MIB + 1
+    assert summ["per_page"] == 30.0
+    assert summ["fixed_bytes"] == 3 * MIB
+    assert writeback.rss_per_page(samples[:2])["per_page"] is None
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+def test_measure_backed_rss_on_a_real_server() -> None:
+    samples = writeback.measure_backed_rss([0, 512], 1)
+    assert [s["pages"] for s in samples] == [0, 512]
+    empty, full = samples
+    assert empty["bd_count"] == 0 and full["bd_count"] == 512 and full["pool_bytes"] == 0
+    assert full["rss_bytes"] > 10 * MIB and empty["rss_bytes"] > 10 * MIB

@@ -37,7 +37,6 @@ from tests.unit.test_tiers import (
 from zramd.backing import BackingStore
 from zramd.backing import format as fmt
 from zramd.backing import store as store_mod
-from zramd.device import blockdev
 from zramd.device.backed import BATCH_PAGES, BURST_BYTES, BURST_PAGES, Backed, _next_batch
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
@@ -106,7 +105,7 @@ def test_ops_with_writeback_match_model(ops: list[tuple[Any, ...]]) -> None:
     async def run(tmp: str) -> None:
         clock = Clock()
         bs = BackingStore.create(os.path.join(tmp, "backing"))
-        d = _device(clock, bs)
+        d = _device(clock, bs, writeback_wait=0.05)  # a write without room fails sooner
         model = bytearray(PREFILL)
         d.write_sync(0, PREFILL)
         d.mark_idle()
@@ -157,12 +156,8 @@ def test_ops_with_writeback_match_model(ops: list[tuple[Any, ...]]) -> None:
             d.close()
             await bs.aclose()
 
-    wait, blockdev.ROOM_WAIT = blockdev.ROOM_WAIT, 0.05  # a write without room fails sooner
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(run(tmp))
-    finally:
-        blockdev.ROOM_WAIT = wait
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(tmp))
 
 
 # --- the fixtures of the directed tests --------------------------------------------------------
@@ -691,7 +686,11 @@ async def test_clients_and_every_mover_at_once(tmp_path: Path, seed: int) -> Non
     region = 64 * PAGE
     nclients = 4
     d = ZramDevice(
-        nclients * region, backing=bs, recompression=[("zstd", 3)], offload_min_pages=8
+        nclients * region,
+        backing=bs,
+        recompression=[("zstd", 3)],
+        offload_min_pages=8,
+        writeback_wait=0.05,
     )
     done = False
 
@@ -748,7 +747,6 @@ async def test_clients_and_every_mover_at_once(tmp_path: Path, seed: int) -> Non
         got = await d.read_with_zeros(base, region)
         assert got[0] == model
 
-    wait, blockdev.ROOM_WAIT = blockdev.ROOM_WAIT, 0.05
     mover = asyncio.create_task(movers())
     try:
         await asyncio.gather(*(client(k) for k in range(nclients)))
@@ -757,7 +755,6 @@ async def test_clients_and_every_mover_at_once(tmp_path: Path, seed: int) -> Non
         await check_backed(d)
         d._store.groups.check()
     finally:
-        blockdev.ROOM_WAIT = wait
         done = True
         d.close()
         await bs.aclose()
@@ -806,3 +803,86 @@ async def test_a_page_written_back_during_a_group_step_joins_the_group(
     finally:
         d.close()
         await bs.aclose()
+
+
+async def _fill_to(d: ZramDevice, fraction: float, limit: int) -> bytes:
+    """Pages written from offset 0 until the pool holds ``fraction`` of ``limit``."""
+    rnd = random.Random(11)
+    out = bytearray()
+    off = 0
+    while d.pool.total_bytes <= fraction * limit:
+        page = (rnd.randbytes(1000) * 5)[:PAGE]
+        if not d.write_now(off, page):
+            await d.write(off, page)
+        out += page
+        off += PAGE
+    return bytes(out)
+
+
+async def test_the_watermarks_are_the_exports(tmp_path: Path) -> None:
+    """A pool at 60% of the limit: under the default high watermark (90%) nothing is written
+    back; with writeback-high 0.5 / writeback-low 0.3 pressure writeback starts and stops under
+    30%; lowering the default device's watermarks live starts it there too."""
+    limit = 4 << 20
+    devs: list[ZramDevice] = []
+    stores: list[BackingStore] = []
+    try:
+        for k, (high, low_) in enumerate([(0.9, 0.8), (0.5, 0.3)]):  # the default, and low
+            bs = BackingStore.create(str(tmp_path / f"backing{k}"))
+            stores.append(bs)
+            d = ZramDevice(
+                16 << 20, backing=bs, mem_limit=limit, writeback_high=high, writeback_low=low_
+            )
+            devs.append(d)
+        default, low = devs
+        assert default.writeback_settings == {"high": 0.9, "low": 0.8, "wait": 2.0}
+        assert low.writeback_settings == {"high": 0.5, "low": 0.3, "wait": 2.0}
+        data = await _fill_to(default, 0.6, limit)
+        await settle(default)
+        assert default.stats.bd_count == 0 and default.pool.total_bytes > 0.5 * limit
+        for off in range(0, len(data), PAGE):
+            await low.write(off, data[off : off + PAGE])
+        await settle(low)
+        assert low.stats.bd_count > 0 and not low.stats.bd_waits
+        assert low.pool.total_bytes <= 0.3 * limit
+        assert (await low.read_with_zeros(0, len(data)))[0] == data
+        # live: the default device's watermarks lowered, the pool is written back at once
+        default.set_writeback_settings(0.5, 0.4, 1.0)
+        await settle(default)
+        assert default.stats.bd_count > 0 and default.pool.total_bytes <= 0.4 * limit
+        with pytest.raises(ValueError, match="writeback-low 0.6 must be below writeback-high"):
+            default.set_writeback_settings(0.5, 0.6, 1.0)
+        assert default.writeback_settings == {"high": 0.5, "low": 0.4, "wait": 1.0}
+        with pytest.raises(Unsupported):
+            ZramDevice(1 << 20).set_writeback_settings(0.9, 0.8, 2.0)
+    finally:
+        for d in devs:
+            d.close()
+        for bs in stores:
+            await bs.aclose()
+
+
+async def test_writeback_wait_zero_fails_at_once(tmp_path: Path) -> None:
+    """A write that finds no room waits for pressure writeback by default; with writeback-wait
+    0 it gets ENOSPC at once (pressure writeback still starts)."""
+    for wait in (2.0, 0.0):
+        bs = BackingStore.create(str(tmp_path / f"backing{wait}"))
+        d = ZramDevice(16 << 20, backing=bs, writeback_wait=wait)
+        try:
+            data = await _fill_over_limit(d, 1 << 20)
+            d.set_mem_limit(d.pool.total_bytes)  # full, and no pressure round yet
+            page = random.Random(3).randbytes(PAGE)
+            if wait:
+                await d.write(2 << 20, page)
+                assert d.stats.bd_waits == 1 and not d.stats.bd_wait_timeouts
+                assert (await d.read_with_zeros(2 << 20, PAGE))[0] == page
+            else:
+                with pytest.raises(NoSpace):
+                    await d.write(2 << 20, page)
+                assert d.stats.bd_wait_timeouts == 1
+            await settle(d)
+            assert d.stats.bd_count > 0
+            assert (await d.read_with_zeros(0, len(data)))[0] == data
+        finally:
+            d.close()
+            await bs.aclose()

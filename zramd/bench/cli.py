@@ -88,6 +88,14 @@ def _writeback(args: argparse.Namespace, args_list: list[str]) -> int:
         print("missing tools: fio, nbdkit (run scripts/install-deps.sh)", file=sys.stderr)
         return 2
     d = WRITEBACK_MODES["quick" if args.quick else "full"]
+    if args.rss:
+        samples = writeback.measure_backed_rss(writeback.RSS_POINTS, args.repeat or 3)
+        summ = writeback.rss_per_page(samples)
+        for n, rss in summ["median_rss_bytes"].items():
+            print(f"{n:7d} pages written back: RSS {rss / 1e6:.1f} MB (median)")
+        print(f"per page written back: {summ['per_page']:.1f} B; fixed: "
+              f"{summ['fixed_bytes'] / 1e6:.1f} MB")  # fmt: skip
+        return 0
     size = args.size or int(d["size"]) * MIB
     log(f"writeback run: {size // MIB} MiB working set -> {args.out}")
     raw = writeback.run_writeback(
@@ -171,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--runtime", type=float, help="seconds per time-based read phase")
     w.add_argument("--out", type=Path, default=DEFAULT_OUT)
     w.add_argument("--note", default="", help="free text for the report header")
+    w.add_argument(
+        "--rss", action="store_true", help="only the RSS per page written back (no report)"
+    )
     du = sub.add_parser("durable", help="zramd's durable mode against nbdkit file and qemu-nbd")
     du.add_argument("--quick", action="store_true", help="small working set, short phases")
     du.add_argument("--size", type=_size, help="working set, e.g. 1G")

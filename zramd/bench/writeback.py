@@ -28,8 +28,19 @@ phase, the server's VmHWM (peak RSS over its life), its RSS when empty and zramd
 (``mem_used_max``) are recorded; so are, per phase, the storage bytes each server read and wrote
 (/proc/PID/io) and zramd's writeback counters (``zramd stat``: pages read from the store,
 promoted back to RAM).
-:func:`summarize` gives medians per (phase, server) and ratios zramd / nbdkit-file of the median
-throughput; :func:`write_report` renders ``writeback.md`` and saves ``writeback.json``.
+:func:`summarize` gives medians per (phase, server) with the lowest and highest, ratios zramd /
+nbdkit-file of the median throughput and the range of each repetition's ratio;
+:func:`write_report` renders ``writeback.md`` and saves ``writeback.json``. The report sets
+zramd's peak RSS against the stated bound: the empty server, the limit,
+:data:`RSS_PER_BACKED_PAGE` per page in the store plus :data:`RSS_BACKED_FIXED`, one pressure
+burst and the clients' requests in flight.
+
+``writeback --rss`` measures the overhead that bound is made of (:func:`measure_backed_rss`): a
+fresh zramd with a 1 GiB export (``mem-limit=32M``, a backing file) per point, ``n`` pages of
+fio's compressible data written (pressure writeback moves most of them) and then every page
+written back (``zramd idle --all``, ``zramd writeback --type idle``: the pool empty), its VmRSS
+read; the points alternate their order between repetitions. :func:`rss_per_page` gives the
+medians, the RSS per page between the two largest points and the fixed part.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +59,8 @@ from zramd.bench import sysinfo
 from zramd.bench.fio import DATA_ARGS, parse_fio, run_fio
 from zramd.bench.runner import MIB, log
 from zramd.bench.servers import RunningServer, ServerSpec, proc_rss_bytes, zramd_command
+from zramd.device.backed import BURST_BYTES
+from zramd.geometry import PAGE_SIZE
 
 ZRAMD = "zramd-lz4-backed"
 NBDKIT = "nbdkit-file"
@@ -60,6 +74,18 @@ DATA_FILE = "data.img"
 BACKING_DELTAS = ("bd_reads", "bd_writes", "bd_read_bytes", "bd_write_bytes", "bd_promoted")
 RAND_ARGS = ["--bs=4k", "--iodepth=16", *DATA_ARGS["comp"]]
 SEQ_ARGS = ["--bs=1M", "--iodepth=4", *DATA_ARGS["comp"]]
+#: the stated RSS overhead of a backed export (docs/operator.md, Writeback, Memory): bytes per
+#: page in the backing store, and once the store is in use
+RSS_PER_BACKED_PAGE = 48
+RSS_BACKED_FIXED = 8 * MIB
+#: the most request payload the benchmark's clients have in flight (the 1 MiB phases, QD4)
+CLIENT_IN_FLIGHT = 4 * MIB
+#: ``writeback --rss``: pages written back per point (the empty server first), the export, its
+#: memory limit, and the pause before RSS is read (deferred frees, compaction)
+RSS_POINTS = (0, 131072, 262144)
+RSS_EXPORT_SIZE = 1 << 30
+RSS_MEM_LIMIT = 32 * MIB
+RSS_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +294,49 @@ def run_writeback(
     return raw
 
 
+def measure_backed_rss(points: Sequence[int], repeat: int) -> list[dict[str, int]]:
+    """VmRSS of zramd with ``n`` pages written back, per point and repetition (see the module
+    doc): ``pages``, ``rss_bytes``, ``bd_count`` and the pool's ``pool_bytes``."""
+    spec = FileServerSpec(ZRAMD, "zramd", "lz4", mem_limit=RSS_MEM_LIMIT)
+    out: list[dict[str, int]] = []
+    for rep in range(repeat):
+        for n in points if rep % 2 == 0 else list(reversed(points)):
+            with spec.start(RSS_EXPORT_SIZE) as srv:
+                name = spec.export_name
+                if n:
+                    run_fio(srv.uri, n * PAGE_SIZE, ["--rw=write", *SEQ_ARGS], None)
+                    srv.zramd("idle", name, "--all")
+                    srv.zramd("writeback", name, "--type", "idle")
+                time.sleep(RSS_SETTLE_S)
+                stat = zramd_stat(srv)
+                assert stat is not None
+                out.append({
+                    "rep": rep, "pages": n, "rss_bytes": srv.rss_bytes(),
+                    "bd_count": stat["backing"]["bd_count"],
+                    "pool_bytes": stat["mm_stat"]["mem_used_total"],
+                })  # fmt: skip
+            log(f"writeback rss rep {rep} {n:7d} pages: RSS {out[-1]['rss_bytes'] / MIB:.1f} MiB")
+    return out
+
+
+def rss_per_page(samples: list[dict[str, int]]) -> dict[str, Any]:
+    """The median RSS per point, the bytes per page written back between the two largest
+    points, and the fixed part (the smallest point with pages over the empty server, less its
+    pages at that rate)."""
+    by: dict[int, list[int]] = {}
+    for s in samples:
+        by.setdefault(s["pages"], []).append(s["rss_bytes"])
+    med = {n: statistics.median(v) for n, v in sorted(by.items())}
+    points = sorted(med)
+    out: dict[str, Any] = {"median_rss_bytes": med, "per_page": None, "fixed_bytes": None}
+    if len(points) >= 3:
+        a, b = points[-2], points[-1]
+        per_page = (med[b] - med[a]) / (b - a)
+        out["per_page"] = per_page
+        out["fixed_bytes"] = med[a] - med[points[0]] - per_page * a
+    return out
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -285,6 +354,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     for (phase, srv), ss in groups.items():
         med.setdefault(phase, {})[srv] = {
             "mbps": _median([x["mbps"] for x in ss]),
+            "mbps_min": min(x["mbps"] for x in ss),
+            "mbps_max": max(x["mbps"] for x in ss),
             "iops": _median([x["iops"] for x in ss]),
             "p99_us": _median([x["p99_us"] for x in ss if x.get("p99_us") is not None]),
             "rss_max_bytes": max(x["rss_max_bytes"] for x in ss),
@@ -299,6 +370,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         a = per.get(ZRAMD, {}).get("mbps")
         b = per.get(NBDKIT, {}).get("mbps")
         ratios[phase] = a / b if a and b else None
+    by_rep: dict[tuple[str, int], dict[str, float]] = {}
+    for (phase, srv), ss in groups.items():
+        for x in ss:
+            by_rep.setdefault((phase, x["rep"]), {})[srv] = x["mbps"]
+    spread: dict[str, list[float]] = {}
+    for (phase, _), pair in by_rep.items():
+        if pair.get(ZRAMD) and pair.get(NBDKIT):
+            spread.setdefault(phase, []).append(pair[ZRAMD] / pair[NBDKIT])
+    ratio_ranges = {phase: (min(r), max(r)) for phase, r in spread.items()}
     z = [s for ss in groups.values() for s in ss if s["server"] == ZRAMD]
     rss = {
         "sampled_max_bytes": max((s["rss_max_bytes"] for s in z), default=None),
@@ -309,7 +389,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "bd_count_max": max((s["backing_end"]["bd_count"] for s in z if "backing_end" in s),
                             default=None),
     }  # fmt: skip
-    return {"medians": med, "ratios": ratios, "zramd_rss": rss, "errors": errors}
+    return {
+        "medians": med,
+        "ratios": ratios,
+        "ratio_ranges": ratio_ranges,
+        "zramd_rss": rss,
+        "errors": errors,
+    }
 
 
 def _mib(v: float | None) -> str:
@@ -318,6 +404,13 @@ def _mib(v: float | None) -> str:
 
 def _num(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _spread(per: dict[str, Any]) -> str:
+    """``median (min-max)`` of a server's MB/s."""
+    if per.get("mbps") is None:
+        return "-"
+    return f"{per['mbps']:.1f} ({per['mbps_min']:.1f}-{per['mbps_max']:.1f})"
 
 
 def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
@@ -343,22 +436,27 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
     if cfg.get("note"):
         out.append(f"Note: {cfg['note']}\n")
     out += [
-        f"| phase | {ZRAMD} MB/s | {NBDKIT} MB/s | ratio | {ZRAMD} p99 µs | {NBDKIT} p99 µs "
-        f"| {ZRAMD} RSS max MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| phase | {ZRAMD} MB/s | {NBDKIT} MB/s | ratio | ratio range | {ZRAMD} p99 µs "
+        f"| {NBDKIT} p99 µs | {ZRAMD} RSS max MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for phase in PHASES:
         per = summ["medians"].get(phase.name, {})
         z, n = per.get(ZRAMD, {}), per.get(NBDKIT, {})
+        lo_hi = summ.get("ratio_ranges", {}).get(phase.name)
         out.append(
-            f"| {phase.label} | {_num(z.get('mbps'))} | {_num(n.get('mbps'))} "
-            f"| {_num(summ['ratios'].get(phase.name), 2)} | {_num(z.get('p99_us'), 0)} "
-            f"| {_num(n.get('p99_us'), 0)} | {_mib(z.get('rss_max_bytes'))} |"
+            f"| {phase.label} | {_spread(z)} | {_spread(n)} "
+            f"| {_num(summ['ratios'].get(phase.name), 2)} "
+            f"| {'-' if lo_hi is None else f'{lo_hi[0]:.2f}-{lo_hi[1]:.2f}'} "
+            f"| {_num(z.get('p99_us'), 0)} | {_num(n.get('p99_us'), 0)} "
+            f"| {_mib(z.get('rss_max_bytes'))} |"
         )
     out += [
         "",
-        "Ratio: zramd / nbdkit-file, median throughput. Phases run in the order of the table on "
-        "one server; the hot subset is rewritten sequentially (not measured) before its reads.\n",
+        "MB/s: the median (the lowest-highest) of the repetitions. Ratio: zramd / nbdkit-file, "
+        "median throughput; ratio range: the lowest and highest ratio of one repetition's two "
+        "runs (back to back). Phases run in the order of the table on one server; the hot subset "
+        "is rewritten sequentially (not measured) before its reads.\n",
         "Storage I/O per phase (MiB, medians; `read_bytes` and `write_bytes` of /proc/PID/io, "
         "the server's file I/O as the page cache accounts it) and zramd's pages read from its "
         "backing store (`bd_reads`) and taken back into RAM (`bd_promoted`):\n",
@@ -390,6 +488,19 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
         f"at the end (bd_count, largest of the repetitions): "
         f"{rss['bd_count_max'] if rss['bd_count_max'] is not None else '-'}.\n",
     ]
+    if limit and empty and rss["bd_count_max"] is not None:
+        bound = (
+            empty + limit + RSS_PER_BACKED_PAGE * rss["bd_count_max"] + RSS_BACKED_FIXED
+            + BURST_BYTES + CLIENT_IN_FLIGHT
+        )  # fmt: skip
+        verdict = "within it" if peak <= bound else f"over it by {_mib(peak - bound)} MiB"
+        out.append(
+            f"Against the stated overhead (docs/operator.md, Writeback, Memory): the empty "
+            f"server + the limit + {RSS_PER_BACKED_PAGE} B per page in the store + "
+            f"{_mib(RSS_BACKED_FIXED)} MiB + one pressure burst ({_mib(BURST_BYTES)} MiB) + the "
+            f"requests in flight ({_mib(CLIENT_IN_FLIGHT)} MiB) = {_mib(bound)} MiB; the peak "
+            f"{_mib(peak)} MiB is {verdict}.\n"
+        )
     if summ["errors"]:
         out += ["Failed samples:", *(f"- {e}" for e in summ["errors"]), ""]
     return "\n".join(out)

@@ -259,6 +259,11 @@ def stat(name: str, as_json: bool, control: str) -> None:
             f"{'none' if left < 0 else format_size(left) + ' left'}"
         )
         click.echo(
+            f"  pressure writeback from {backing['writeback_high'] * 100:g}% down to "
+            f"{backing['writeback_low'] * 100:g}% of the limit in force; a write waits up to "
+            f"{backing['writeback_wait']:g}s for room"
+        )
+        click.echo(
             f"bd_stat: {backing['bd_count']} {backing['bd_reads']} {backing['bd_writes']}"
         )
         counters = {k: v for k, v in backing.items() if isinstance(v, int)}

@@ -12,7 +12,8 @@ server-wide budget leaves the export less than its own limit). IDLE, RECOMPRESSE
 INCOMPRESSIBLE and GROUPED count pages, RECOMP-SAVED the pool bytes recompression released,
 GROUPS the multi-page groups and GROUP-SAVED the compressed bytes packing them saved; ``--json``
 carries these tier counters (:data:`zramd.stats.TIER_FIELDS`) and the writeback counters
-(:data:`zramd.stats.BACKING_FIELDS`: bd_count, bd_reads, bd_writes and more) for every export.
+(:data:`zramd.stats.BACKING_FIELDS`: bd_count, bd_reads, bd_writes and more) with the pressure
+writeback's watermarks and wait (:data:`WRITEBACK_SETTINGS`) for every export.
 ``--raw`` is util-linux's raw format: cells separated by one space, no alignment, and blanks,
 backslashes and control characters in a cell written as ``\\xHH`` (an empty cell stays
 empty).
@@ -25,6 +26,9 @@ from typing import Any
 
 from zramd.config import ConfigError, format_size
 from zramd.stats import BACKING_FIELDS, TIER_FIELDS
+
+#: the pressure writeback's settings in a row (None without a backing store)
+WRITEBACK_SETTINGS = ("writeback_high", "writeback_low", "writeback_wait")
 
 #: column name -> (row key, kind) ; kind: "str", "size", "int", "ratio"
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -117,8 +121,8 @@ def format_table(
 
 def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
     """The columns' keys of each row, its block-layer ``stat`` (the request counters), its
-    tier counters, its writeback counters and its snapshot's status (``persist``, None without
-    a persist file)."""
+    tier counters, its writeback counters and settings and its snapshot's status (``persist``,
+    None without a persist file)."""
     keys = [COLUMNS[c][0] for c in columns]
     return {
         "exports": [
@@ -126,7 +130,7 @@ def json_rows(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
                 **{k: r.get(k) for k in keys},
                 "stat": r.get("stat"),
                 "tiers": {f: r.get(f) for f in TIER_FIELDS},
-                "backing": {f: r.get(f) for f in BACKING_FIELDS},
+                "backing": {f: r.get(f) for f in (*BACKING_FIELDS, *WRITEBACK_SETTINGS)},
                 "persist": r.get("persist"),
             }
             for r in rows

@@ -12,7 +12,8 @@ wanted list, :func:`apply_exports`:
   with a persist file (``zramd destroy`` writes their snapshot);
 - for exports that exist in both, applies what can change live (mem-limit,
   compression algorithm for new pages, recompression algorithms, the background policy's
-  recompress-after / -interval / type, which restarts the policy) and logs, without touching
+  recompress-after / -interval / type, which restarts the policy, the pressure writeback's
+  watermarks and wait) and logs, without touching
   data, changes that cannot (size, read-only, description, groups, persist, backing): they need
   ``destroy`` + reload.
 
@@ -128,6 +129,19 @@ def _update_live(exp: Any, cfg: ExportConfig, say: Any) -> None:
             )
         else:
             say(f"export {cfg.name}: background recompression off")
+    writeback = ("writeback_high", "writeback_low", "writeback_wait")
+    if any(getattr(cfg, k) != getattr(old, k) for k in writeback):
+        try:
+            dev.set_writeback_settings(cfg.writeback_high, cfg.writeback_low, cfg.writeback_wait)
+        except (Unsupported, ValueError) as e:
+            say(f"export {cfg.name}: writeback settings not changed: {e}", logging.ERROR)
+        else:
+            for k in writeback:
+                setattr(old, k, getattr(cfg, k))
+            say(
+                f"export {cfg.name}: pressure writeback from {cfg.writeback_high:g} to "
+                f"{cfg.writeback_low:g} of the limit, writes wait up to {cfg.writeback_wait:g}s"
+            )
     fixed = [
         k
         for k in (

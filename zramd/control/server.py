@@ -173,6 +173,7 @@ def export_row(exp: ExportLike, budget: Any) -> dict[str, Any]:
         "stat": io.block_stat(),
         **{f: s[f] for f in TIER_FIELDS},
         **{f: s[f] for f in BACKING_FIELDS},
+        **_writeback_settings(exp),
         "persist": _persist(exp),
         "journal": _journal(exp),
     }
@@ -234,14 +235,24 @@ def _tiers(exp: ExportLike, s: dict[str, int]) -> dict[str, Any]:
 
 
 def _backing(exp: ExportLike, s: dict[str, int]) -> dict[str, Any]:
-    """The writeback counters (pages), the writeback limit left (-1: none) and the backing
-    store's own counters (``store``: {} without a backing store)."""
+    """The writeback counters (pages), the writeback limit left (-1: none), the pressure
+    writeback's settings (:func:`_writeback_settings`) and the backing store's own counters
+    (``store``: {} without a backing store)."""
     limit = exp.device.writeback_limit
     return {
         **{f: s[f] for f in BACKING_FIELDS},
         "writeback_limit": -1 if limit is None else limit,
+        **_writeback_settings(exp),
         "store": exp.device.backing_stat(),
     }
+
+
+def _writeback_settings(exp: ExportLike) -> dict[str, float | None]:
+    """``writeback_high`` and ``writeback_low`` (fractions of the memory limit in force) and
+    ``writeback_wait`` (seconds) of the export's pressure writeback; None without a backing
+    store."""
+    settings = exp.device.writeback_settings
+    return {f"writeback_{k}": settings.get(k) for k in ("high", "low", "wait")}
 
 
 # --- argument helpers -----------------------------------------------------------------------

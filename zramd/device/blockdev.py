@@ -71,7 +71,7 @@ from zramd.allocator import MemoryBudget, Pool
 from zramd.backing import BackingStore
 from zramd.compress import Codec, CodecError, get_codec, native
 from zramd.device import image, tiers
-from zramd.device.backed import ROOM_WAIT, Backed, WritebackResult
+from zramd.device.backed import HIGH_WATERMARK, LOW_WATERMARK, ROOM_WAIT, Backed, WritebackResult
 from zramd.device.groups import MAX_GROUP_PAGES, MIN_MEMBERS, Window
 from zramd.device.interface import (
     MAX_EXTENTS,
@@ -219,6 +219,9 @@ class ZramDevice:
         clock: Callable[[], float] = time.monotonic,
         clock_refresh: float = CLOCK_REFRESH,
         backing: BackingStore | None = None,
+        writeback_high: float = HIGH_WATERMARK,
+        writeback_low: float = LOW_WATERMARK,
+        writeback_wait: float = ROOM_WAIT,
     ) -> None:
         if size < 0:
             raise ValueError("device size must be >= 0")
@@ -257,7 +260,17 @@ class ZramDevice:
         self._group_pages = self._check_group_pages(group_pages)
         self._group_codec = get_codec(group_algorithm, level=group_level)
         self._backed = (
-            Backed(self._store, backing, self._limit_in_force) if backing is not None else None
+            Backed(
+                self._store,
+                backing,
+                self._limit_in_force,
+                self._run_in_executor,
+                high=writeback_high,
+                low=writeback_low,
+                wait=writeback_wait,
+            )
+            if backing is not None
+            else None
         )
         #: the image being taken (snapshot_image), cancelled by reset and close
         self._capture: image.Capture | None = None
@@ -780,7 +793,7 @@ class ZramDevice:
     ) -> None:
         """Run a write's ``attempt`` (given the partly covered pages of ``[offset,
         offset+length)`` that are in the backing store, read first); on NoSpace with a backing
-        store, wait for writeback to make room and try again, for up to ROOM_WAIT seconds."""
+        store, wait for writeback to make room and try again, for up to the backing's wait."""
         deadline: float | None = None
         while True:
             fetched = await self._fetch_edges(offset, length)
@@ -792,7 +805,7 @@ class ZramDevice:
                     raise
                 loop = asyncio.get_running_loop()
                 if deadline is None:
-                    deadline = loop.time() + ROOM_WAIT
+                    deadline = loop.time() + backed.wait
                 if not await backed.wait_room(deadline):
                     raise
                 self._store.stats.failed_writes -= 1  # not failed: tried again
@@ -1192,6 +1205,15 @@ class ZramDevice:
 
     def set_writeback_limit(self, nbytes: int | None) -> None:
         self._backing().backing.set_write_limit(nbytes)
+
+    @property
+    def writeback_settings(self) -> dict[str, float]:
+        b = self._backed
+        return {} if b is None else {"high": b.high, "low": b.low, "wait": b.wait}
+
+    def set_writeback_settings(self, high: float, low: float, wait: float) -> None:
+        self._backing().configure(high, low, wait)
+        self._backing().check()
 
     def backing_stat(self) -> dict[str, Any]:
         if self._backed is None:

@@ -147,6 +147,8 @@ class Groups:
         self.pending: set[int] = set()
         #: groups whose settling found no room, retried by :meth:`settle` with ``retry``
         self.stalled: set[int] = set()
+        #: groups whose blob was found not to decode (writeback leaves them; forgotten when freed)
+        self.undecodable: set[int] = set()
         self._settling = False
 
     # --- registry --------------------------------------------------------------------------
@@ -203,7 +205,13 @@ class Groups:
         self._cache.pop(gid, None)
         self.pending.discard(gid)
         self.stalled.discard(gid)
+        self.undecodable.discard(gid)
         self._free.append(gid)
+
+    def live_members(self, gid: int) -> list[int]:
+        """The pages of group ``gid``'s live members, ascending."""
+        first = int(self.first[gid])
+        return [first + p for p in _bits(int(self.live[gid]))]
 
     def kill(self, gid: int, idx: int) -> None:
         """Page ``idx`` leaves group ``gid`` (the caller switches its entry): the group is freed
@@ -256,12 +264,14 @@ class Groups:
 
     # --- reads -----------------------------------------------------------------------------
 
-    def image(self, gid: int) -> GroupImage:
-        """Group ``gid``'s image: cached, else its blob copied out of the pool (not decoded)."""
+    def image(self, gid: int, *, remember: bool = True) -> GroupImage:
+        """Group ``gid``'s image: cached, else its blob copied out of the pool (not decoded) and
+        cached unless ``remember`` is false (a group about to go: writeback)."""
         cache = self._cache
         img = cache.get(gid)
         if img is not None:
-            cache.move_to_end(gid)
+            if remember:
+                cache.move_to_end(gid)
             return img
         store = self._store
         n = int(self.csize[gid])
@@ -272,7 +282,8 @@ class Groups:
         chunks.append(load(tail, n - (len(hs) << PAGE_SHIFT)))
         size = int(self.members[gid]).bit_count() << PAGE_SHIFT
         img = GroupImage(store.codecs[int(self.codec[gid])], chunks, size)
-        self._remember(gid, img)
+        if remember:
+            self._remember(gid, img)
         return img
 
     def _remember(self, gid: int, img: GroupImage) -> None:

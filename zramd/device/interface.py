@@ -349,6 +349,19 @@ class BlockDevice(Protocol):
         Raises Unsupported (no backing store) or ValueError."""
         ...
 
+    @property
+    def writeback_settings(self) -> dict[str, float]:
+        """The pressure writeback's ``high`` and ``low`` watermarks (fractions of the memory
+        limit in force) and the longest ``wait`` of a write for room (seconds); {} without a
+        backing store."""
+        ...
+
+    def set_writeback_settings(self, high: float, low: float, wait: float) -> None:
+        """Set what :attr:`writeback_settings` shows. Raises Unsupported (no backing store) or
+        ValueError (``0 < low < high <= 1`` and ``wait >= 0`` do not hold; the message names
+        the setting)."""
+        ...
+
     def backing_stat(self) -> dict[str, Any]:
         """The backing store's path and counters ({} without one)."""
         ...
@@ -476,6 +489,13 @@ class DeviceBase:
         return None
 
     def set_writeback_limit(self, nbytes: int | None) -> None:
+        raise Unsupported("the device has no backing store")
+
+    @property
+    def writeback_settings(self) -> dict[str, float]:
+        return {}
+
+    def set_writeback_settings(self, high: float, low: float, wait: float) -> None:
         raise Unsupported("the device has no backing store")
 
     def backing_stat(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ items are decoded later, maybe in a worker. Multi-page groups of cold pages
 GROUPED page kills it in its group, and groups past their dead bound are settled (re-packed or
 dissolved) at the end of the commit, discard or fill that killed their pages. With a backing
 store (``backed``, :mod:`zramd.device.backed`), a page may be BACKED: its object was moved, as it
-was, to the backing store (:meth:`PageStore.back`) and may come back (:meth:`PageStore.unback`);
+was, to the backing store (:meth:`PageStore.back`; a GROUPED page with an object of its own made
+from its group, :meth:`PageStore.back_grouped`) and may come back (:meth:`PageStore.unback`);
 freeing a BACKED page hands its locator to ``backed`` to free. The store does no backing I/O:
 reads that meet a BACKED page raise :class:`InBacking` (the inline paths then give way to the
 awaited ones) or, given a list, leave a place for the caller to fill from the backing store.
@@ -510,6 +511,30 @@ class PageStore:
         if st == HUGE:
             s.huge_pages -= 1
         s.bd_count += 1
+        return True
+
+    def back_grouped(self, idx: int, loc: int, size: int, raw: bool, codec_id: int) -> bool:
+        """Writeback's switch for a group member: GROUPED page ``idx``, still WB_PENDING (so its
+        data is what the batch encoded, whichever group holds it now), becomes BACKED at
+        ``loc``, an object of ``size`` bytes compressed with codec ``codec_id``, or the raw page
+        when ``raw``; it leaves its group (:meth:`Groups.kill`: the group is freed with its last
+        live page; the caller settles the groups). Its atime and marks are kept, but for
+        RECOMPRESSED when the codec is the primary one. False, nothing changed, when the page
+        was rewritten or discarded meanwhile."""
+        t = self.table
+        fl = t.flags_mv[idx]
+        if t.state_mv[idx] != GROUPED or not fl & WB_PENDING:
+            return False
+        self.groups.kill(t.handle_mv[idx], idx)
+        if codec_id == 0 and fl & RECOMPRESSED:
+            fl &= ~RECOMPRESSED
+            self.stats.recompressed_pages -= 1
+        t.state_mv[idx] = BACKED
+        t.handle_mv[idx] = loc
+        t.size_mv[idx] = size
+        t.codec_mv[idx] = codec_id
+        t.flags_mv[idx] = (fl & ~WB_PENDING) | (RAW if raw else 0)
+        self.stats.bd_count += 1
         return True
 
     def unback(self, idx: int, loc: int, obj: bytes) -> bool:

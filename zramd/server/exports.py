@@ -146,6 +146,9 @@ def make_device(
             offload_min_pages=SERVER_OFFLOAD_MIN_PAGES,  # see docs/performance.md
             recompression=cfg.recompression,
             backing=backing,
+            writeback_high=cfg.writeback_high,
+            writeback_low=cfg.writeback_low,
+            writeback_wait=cfg.writeback_wait,
             **_group_settings(cfg),
         )
     except (OSError, MemoryError) as e:
