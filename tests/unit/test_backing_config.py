@@ -5,6 +5,7 @@ and a reload showing and changing the settings."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -188,4 +189,44 @@ def test_writeback_settings_reach_the_device_stat_list_and_reload(tmp_path: Path
         assert exp.device.writeback_settings == {"high": 0.95, "low": 0.9, "wait": 2.0}
         assert exp.config.writeback_high == 0.95
     finally:
+        reg.close()
+
+
+async def test_set_changes_the_pressure_writeback_settings(tmp_path: Path) -> None:
+    """``zramd set --writeback-high/--writeback-low/--writeback-wait`` through the control
+    socket: applied to the device and the configuration, checked with one line, refused for an
+    export without a backing store."""
+    from zramd.control.client import ControlClient
+    from zramd.control.protocol import ControlError
+    from zramd.control.server import ControlServer
+
+    reg = ExportRegistry()
+    reg.add(ExportConfig(name="b", size=4 << 20, mem_limit=2 << 20, backing=str(tmp_path / "f")))
+    reg.add(ExportConfig(name="plain", size=4 << 20))
+    path = str(tmp_path / "c.sock")
+    srv = ControlServer(reg, path)
+    await srv.start()
+
+    async def call(**args: object) -> object:
+        def _do() -> object:
+            with ControlClient(path, timeout=10) as c:
+                return c.call("set", **args)
+
+        return await asyncio.to_thread(_do)
+
+    try:
+        await call(name="b", writeback_high="70%", writeback_low="0.5", writeback_wait="0")
+        exp = reg.get("b")
+        assert exp is not None
+        assert exp.device.writeback_settings == {"high": 0.7, "low": 0.5, "wait": 0.0}
+        assert (exp.config.writeback_high, exp.config.writeback_low) == (0.7, 0.5)
+        with pytest.raises(ControlError, match="writeback-low .* must be below"):
+            await call(name="b", writeback_low="0.8")
+        assert exp.device.writeback_settings["low"] == 0.5  # unchanged
+        with pytest.raises(ControlError, match="bad writeback-wait"):
+            await call(name="b", writeback_wait="soon")
+        with pytest.raises(ControlError, match="'plain': it has no backing store"):
+            await call(name="plain", writeback_high="0.8")
+    finally:
+        await srv.close()
         reg.close()

@@ -352,6 +352,18 @@ def compact(name: str | None, control: str) -> None:
     "--writeback-limit", default=None, metavar="SIZE|none", help="Bytes the backing store may "
     "still be written from now (zram's writeback_limit; set again to reset; none: no limit)."
 )
+@click.option(
+    "--writeback-high", default=None, metavar="F", help="Pressure writeback starts past this "
+    "fraction of the memory limit (0.9 or 90%)."
+)
+@click.option(
+    "--writeback-low", default=None, metavar="F", help="Pressure writeback stops at this "
+    "fraction (below --writeback-high)."
+)
+@click.option(
+    "--writeback-wait", default=None, metavar="DURATION", help="Longest a write waits for room "
+    "(e.g. 2s; 0: ENOSPC at once)."
+)
 @control_option
 @errors_one_line
 def set_(
@@ -360,11 +372,22 @@ def set_(
     algorithm: str | None,
     level: int | None,
     writeback_limit: str | None,
+    writeback_high: str | None,
+    writeback_low: str | None,
+    writeback_wait: str | None,
     control: str,
 ) -> None:
-    """Change the memory limit, the algorithm for new pages or the writeback limit of export
-    NAME."""
+    """Change the memory limit, the algorithm for new pages, the writeback limit or the
+    pressure writeback settings of export NAME (the latter until a reload or restart applies
+    the configuration's)."""
     args: dict[str, Any] = {"name": name}
+    for key, value in (
+        ("writeback_high", writeback_high),
+        ("writeback_low", writeback_low),
+        ("writeback_wait", writeback_wait),
+    ):
+        if value is not None:
+            args[key] = value
     if writeback_limit is not None:
         args["writeback_limit"] = (
             "none" if writeback_limit.lower() == "none"
@@ -378,7 +401,8 @@ def set_(
         args["level"] = level
     if len(args) == 1:
         raise ControlError(
-            "nothing to set: give --mem-limit, --algorithm, --level or --writeback-limit"
+            "nothing to set: give --mem-limit, --algorithm, --level, --writeback-limit, "
+            "--writeback-high, --writeback-low or --writeback-wait"
         )
     with ControlClient(control) as c:
         row = c.call("set", **args)

@@ -56,6 +56,7 @@ from zramd.config import (
     check_mem_limit,
     parse_compression,
     parse_duration,
+    parse_fraction,
     parse_size,
 )
 from zramd.control.client import socket_is_live
@@ -67,6 +68,7 @@ from zramd.control.protocol import (
     decode,
     encode,
 )
+from zramd.device.backed import check_writeback
 from zramd.device.interface import BlockDevice, DeviceError, Unsupported
 from zramd.geometry import PAGE_SIZE
 from zramd.server import persistence
@@ -593,11 +595,36 @@ class ControlServer:
         alg = _arg_str(req, "algorithm", required=False)
         level = _arg_int(req, "level")
         wb_limit = req.get("writeback_limit")
-        if mem_limit is None and alg is None and level is None and wb_limit is None:
+        pressure = {k: req[k] for k in ("writeback_high", "writeback_low", "writeback_wait")
+                    if req.get(k) is not None}  # fmt: skip
+        if mem_limit is None and alg is None and level is None and wb_limit is None and not (
+            pressure
+        ):
             raise ControlError(
-                "nothing to set (give mem-limit, algorithm, level or writeback-limit)"
+                "nothing to set (give mem-limit, algorithm, level, writeback-limit, "
+                "writeback-high, writeback-low or writeback-wait)"
             )
         dev = exp.device
+        if pressure:
+            cfg = exp.config
+            try:
+                high = parse_fraction(pressure.get("writeback_high", cfg.writeback_high),
+                                      what="writeback-high")  # fmt: skip
+                low = parse_fraction(pressure.get("writeback_low", cfg.writeback_low),
+                                     what="writeback-low")  # fmt: skip
+                wait = parse_duration(pressure.get("writeback_wait", cfg.writeback_wait),
+                                      what="writeback-wait")  # fmt: skip
+                if cfg.backing is None:
+                    raise ConfigError("it has no backing store")
+                check_writeback(high, low, wait)
+                dev.set_writeback_settings(high, low, wait)
+            except (ConfigError, Unsupported, ValueError) as e:
+                raise ControlError(f"export {exp.name!r}: {e}") from None
+            cfg.writeback_high, cfg.writeback_low, cfg.writeback_wait = high, low, wait
+            log.info(
+                "set export %s: pressure writeback from %g to %g, writes wait %gs",
+                exp.name, high, low, wait,
+            )  # fmt: skip
         if wb_limit is not None:
             nbytes = None if wb_limit == "none" else _arg_size(req, "writeback_limit")
             try:
