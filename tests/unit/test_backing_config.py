@@ -16,6 +16,7 @@ from zramd.backing import format as fmt
 from zramd.cli.table import COLUMNS, json_rows
 from zramd.config import ConfigError, ExportConfig, ServerConfig, parse_export_spec
 from zramd.configfile import ConfigFileError, parse_config_text
+from zramd.control.metrics import render
 from zramd.control.reload import apply_exports
 from zramd.control.server import export_row, export_stat
 from zramd.server.exports import ExportRegistry
@@ -180,6 +181,10 @@ def test_writeback_settings_reach_the_device_stat_list_and_reload(tmp_path: Path
         assert {k: export_stat(plain, None)["backing"][k] for k in want} == none
         rows = json_rows([export_row(exp, reg.budget), export_row(plain, None)], list(COLUMNS))
         assert [{k: r["backing"][k] for k in want} for r in rows["exports"]] == [want, none]
+        text = render(reg)
+        assert 'zramd_writeback_high_ratio{export="swap"} 0.7' in text
+        assert 'zramd_writeback_wait_seconds{export="swap"} 0.25' in text
+        assert 'zramd_writeback_low_ratio{export="plain"}' not in text
         new = ExportConfig(
             name="swap", size=4 << 20, backing=cfg.backing, writeback_high=0.95, writeback_low=0.9
         )

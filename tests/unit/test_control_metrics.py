@@ -73,8 +73,14 @@ async def test_render(registry: Any) -> None:
     assert sample(samples, "zramd_memory_budget_bytes") == 0
     assert sample(samples, "zramd_enospc_total", "a", cause="budget") == 0
     per_export = [k for k in samples if k[1] == "a"]
-    # + busy seconds; no snapshot or journal families without a persist file
-    plain = [f for f in FAMILIES if f[2] not in ("persist", "journal")]
+    # + busy seconds; no snapshot or journal families without a persist file, no pressure
+    # writeback settings without a backing store
+    plain = [
+        f
+        for f in FAMILIES
+        if f[2] not in ("persist", "journal") and not f[3].startswith("writeback_")
+        or f[3] == "writeback_limit"
+    ]
     assert len([k for k in per_export if not k[2]]) == len(plain) + 1
 
 

@@ -115,6 +115,12 @@ FAMILIES: tuple[tuple[str, str, str, str, str], ...] = (
      "Waits for room that failed (the write got ENOSPC)."),
     ("zramd_writeback_limit_bytes", "gauge", "backing", "writeback_limit",
      "Bytes the backing store may still be written (-1 = no limit)."),
+    ("zramd_writeback_high_ratio", "gauge", "backing", "writeback_high",
+     "Fraction of the memory limit past which pressure writeback starts (with a backing store)."),
+    ("zramd_writeback_low_ratio", "gauge", "backing", "writeback_low",
+     "Fraction of the memory limit pressure writeback writes the pool down to."),
+    ("zramd_writeback_wait_seconds", "gauge", "backing", "writeback_wait",
+     "Longest a write waits for writeback to make room before ENOSPC."),
     ("zramd_snapshot_age_seconds", "gauge", "persist", "age_seconds",
      "Age of the export's snapshot file (-1 = none yet)."),
     ("zramd_snapshot_bytes", "gauge", "persist", "file_bytes",
@@ -180,6 +186,8 @@ def render(registry: Any) -> str:
                 continue
             else:
                 value = st[source][field]
+            if value is None:  # a setting the export does not have (no backing store)
+                continue
             shown = value if isinstance(value, float) else int(value)
             out.append(f'{name}{{export="{_label(st["name"])}"}} {shown}')
     _head(out, "zramd_enospc_total", "counter",
