@@ -28,7 +28,7 @@ import nbd
 import pytest
 
 from .conftest import MiB, Server, run, zramd_argv
-from .zramd_with import start_zramd
+from .zramd_with import start_zramd, wait_for_log
 
 EXPORT = "zram0"
 SIZE = 8 * MiB
@@ -355,3 +355,54 @@ def test_create_on_a_running_daemon_restores_and_journals(tmp_path: Path) -> Non
         assert EXPORT not in listed.split()
     finally:
         server.stop()
+
+
+def test_a_full_disk_fails_flush_until_a_checkpoint_fits(tmp_path: Path) -> None:
+    """The journal's file system fills up (a tmpfs of 2 MiB): FLUSH answers EIO (the data stays
+    served from RAM), the checkpoint asked for fails too and is retried; once there is room
+    (the tmpfs grown), the retried checkpoint succeeds, FLUSH works again, and after SIGKILL a
+    restart has every write, those of the failed period included."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    server: Server | None = None
+    try:
+        snap = mnt / "s.snap"
+        server = _start(tmp_path / "srv", snap)
+        h = _connect(server)
+        first = os.urandom(MiB)
+        h.pwrite(first, 0)
+        h.flush()
+        more = os.urandom(3 * MiB)  # does not fit beside it
+        h.pwrite(more, MiB)
+        with pytest.raises(nbd.Error) as exc:
+            h.flush()
+        assert "Input/output error" in str(exc.value)
+        assert h.pread(len(more), MiB) == more  # still served
+        log = wait_for_log(server, "checkpoint to")
+        assert "failed" in log and "FLUSH fails until a checkpoint" in log
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        deadline = time.monotonic() + 60
+        while True:  # the retried checkpoint (every 10 s) fits now
+            try:
+                h.flush()
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, server.stderr()
+                time.sleep(1)
+        assert "journal usable again" in server.stderr()
+        last = os.urandom(PAGE)
+        h.pwrite(last, 8 * MiB - PAGE)
+        h.flush()
+        server.stop_quietly()  # SIGKILL
+        server = _start(tmp_path / "srv2", snap)
+        h = _connect(server)
+        assert h.pread(MiB, 0) == first and h.pread(len(more), MiB) == more
+        assert h.pread(PAGE, 8 * MiB - PAGE) == last
+    finally:
+        if server is not None:
+            server.stop_quietly()
+        subprocess.run(["umount", str(mnt)], capture_output=True)

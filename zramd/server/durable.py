@@ -35,7 +35,8 @@ generations from the one it names on, all whole but the tail of the last.
 **Faults.** A journal write or sync that fails (EIO, a full disk) fails the FLUSH or FUA
 request that waits for it with EIO, and every later one, until a checkpoint succeeds (then
 what the failed generation missed is in the snapshot); the journal logs the error once and
-asks for that checkpoint. Clients' data stays in RAM and is served meanwhile.
+asks for that checkpoint, and again every :data:`CHECKPOINT_RETRY` seconds while checkpoints
+fail (:meth:`Journal.checkpoint_done`). Clients' data stays in RAM and is served meanwhile.
 
 Knows nothing of the device, of requests or of the protocol: offsets, lengths and bytes.
 """
@@ -62,6 +63,8 @@ FRAME_BYTES = 1 << 20
 MAX_BACKLOG = 64 << 20
 #: the journal may grow to at least this much before a checkpoint is asked for
 MIN_CHECKPOINT_BYTES = 256 << 20
+#: seconds before a checkpoint still needed (the last one failed) is asked for again
+CHECKPOINT_RETRY = 10.0
 
 
 @dataclass
@@ -108,7 +111,6 @@ class Journal:
         self._old: list[_Gen] = [_Gen(g, bytes=n, synced=n) for g, n in kept]
         self._pending: list[Record] = []
         self._pending_bytes = 0
-        self._tail: asyncio.Future[Any] | None = None
         #: a sync asked for after the last frame was handed over (syncs share it)
         self._queued_sync: asyncio.Future[Any] | None = None
         self._backlog = 0
@@ -153,9 +155,7 @@ class Journal:
         return self._backlog >= MAX_BACKLOG
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        fut = self._loop.run_in_executor(self._ex, fn, *args)
-        self._tail = fut
-        return fut
+        return self._loop.run_in_executor(self._ex, fn, *args)
 
     def _add(self, record: Record, nbytes: int) -> None:
         self._pending.append(record)
@@ -200,9 +200,23 @@ class Journal:
             self._ask_checkpoint()
 
     def _ask_checkpoint(self) -> None:
+        if self._closed:
+            return
         self._due_asked = True
         if self.on_due is not None:
             self.on_due()
+
+    def checkpoint_done(self) -> None:
+        """The checkpoint asked for has ended (committed or failed): when the journal still
+        needs one (it failed, or is still past its size), ask again in
+        :data:`CHECKPOINT_RETRY` seconds."""
+        self._due_asked = False
+        if self.error or self.bytes >= self.checkpoint_bytes:
+            self._loop.call_later(CHECKPOINT_RETRY, self._recheck)
+
+    def _recheck(self) -> None:
+        if not self._due_asked and (self.error or self.bytes >= self.checkpoint_bytes):
+            self._ask_checkpoint()
 
     async def drain(self) -> None:
         """Wait until the thread's backlog is below :data:`MAX_BACKLOG`."""

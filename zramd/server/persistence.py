@@ -494,6 +494,8 @@ async def _checkpoint(exp: Export) -> None:
         log.error("export %s: checkpoint to %s failed: %s", exp.name, exp.config.persist, e)
     finally:
         _checkpoints.pop(id(exp), None)
+        if exp.journal is not None:
+            exp.journal.checkpoint_done()
 
 
 async def save_all(registry: ExportRegistry) -> None:
