@@ -463,7 +463,6 @@ class Dispatcher:
             )
         return ErrorReply(EINVAL, f"unexpected command {cmd}")  # DISC never reaches here
 
-
     async def _run_journaled(self, req: Request, journal: Journal) -> Reply:
         """A mutating request or FLUSH of an export in durable mode: each mutation is recorded
         as soon as the device completed it (no await in between), a FLUSH or FUA waits for the
