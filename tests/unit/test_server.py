@@ -456,3 +456,25 @@ async def test_shutdown_during_negotiation_answers_err_shutdown() -> None:
     assert await asyncio.wait_for(c.r.read(), 5) == b""  # closed after the grace period
     await asyncio.wait_for(down, 5)
     await c.close()
+
+
+async def test_a_request_that_runs_long_is_reported_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request still running after SLOW_REQUEST_S is logged once, with what it is and what
+    the device says requests may wait for; a quick one is not."""
+    from zramd.server import session
+
+    monkeypatch.setattr(session, "SLOW_REQUEST_S", 0.1)
+    env.device.slow[8192] = 0.4
+    c = await Client.connect(env.path)
+    with caplog.at_level("WARNING", logger="zramd.server"):
+        c.send(READ, 1, 0, 4096)
+        await c.reply({1: 4096})
+        c.send(READ, 2, 8192, 4096)
+        await c.reply({2: 4096})
+    slow = [r.getMessage() for r in caplog.records if "has run for" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert "read of 4096 bytes at offset 8192" in slow[0] and "export t" in slow[0]
+    assert "the device reports nothing" in slow[0]  # a test device without waits()
+    await c.close()

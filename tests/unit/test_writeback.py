@@ -886,3 +886,24 @@ async def test_writeback_wait_zero_fails_at_once(tmp_path: Path) -> None:
         finally:
             d.close()
             await bs.aclose()
+
+
+async def test_waits_names_the_ranges_in_flight_and_the_pressure_state(dev: ZramDevice) -> None:
+    """``waits()``, the line a report of a long request carries: the mutating ranges the device
+    has registered, the writes waiting for room, pressure writeback, backing reads."""
+    assert dev.waits() == (
+        "page ranges in flight: none; writes waiting for room: 0, pressure writeback idle, "
+        "reads in flight from the backing store: 0"
+    )
+    gate = asyncio.Event()
+    r = await dev._inflight.acquire(3, 9)  # as a group step or an offloaded write holds it
+
+    async def held() -> None:
+        await gate.wait()
+        dev._inflight.release(r)
+
+    task = asyncio.create_task(held())
+    assert dev.waits().startswith("page ranges in flight: 3-9;")
+    gate.set()
+    await task
+    assert dev.waits().startswith("page ranges in flight: none;")

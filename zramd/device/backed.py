@@ -275,6 +275,16 @@ class Backed:
 
     # --- freeing ------------------------------------------------------------------------------
 
+    def waits(self) -> str:
+        """What writes may be waiting for here (``Device.waits``)."""
+        running = self._pressure is not None and not self._pressure.done()
+        return (
+            f"writes waiting for room: {self._waiters}, pressure writeback "
+            f"{'running' if running else 'idle'}"
+            + (f" (stuck: {self.stuck})" if self.stuck else "")
+            + f", reads in flight from the backing store: {len(self._reading)}"
+        )
+
     def drop(self, loc: int) -> None:
         """``loc`` is no longer referenced: free it once the reads started before have ended
         (and, if the last checkpoint references it, once a newer one is committed)."""

@@ -1051,6 +1051,12 @@ class ZramDevice:
         self._capture = cap
         return meta, cap
 
+    def waits(self) -> str:
+        out = f"page ranges in flight: {self._inflight.describe()}"
+        if self._backed is not None:
+            out += f"; {self._backed.waits()}"
+        return out
+
     def hold_image(self, meta: ImageMeta) -> None:
         if self._backed is not None:
             state, handle = meta.table[0], meta.table[1]

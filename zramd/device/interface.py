@@ -372,6 +372,12 @@ class BlockDevice(Protocol):
         backing store)."""
         ...
 
+    def waits(self) -> str:
+        """One line on what requests may be waiting for inside the device now (the page ranges
+        of the mutating requests in flight, background work), for the report of a request that
+        takes long."""
+        ...
+
     async def group(
         self,
         first: int,
@@ -503,6 +509,9 @@ class DeviceBase:
 
     def hold_image(self, meta: ImageMeta) -> None:
         return None
+
+    def waits(self) -> str:
+        return ""
 
     def snapshot_image(self, final: bool = False) -> tuple[ImageMeta, ImageSource]:
         raise Unsupported("the device cannot be snapshotted")

@@ -64,6 +64,10 @@ class InflightRanges:
             raise
         return r
 
+    def describe(self) -> str:
+        """The registered ranges, oldest first (for a report of a request that takes long)."""
+        return ", ".join(f"{r.first}-{r.last}" for r in self._ranges) or "none"
+
     def release(self, r: _Range) -> None:
         """Unregister ``r`` and wake the requests waiting for it."""
         self._ranges.remove(r)

@@ -26,6 +26,10 @@ Lifecycle: the handshake must finish within ``handshake_timeout`` or the connect
 once its in-flight requests have finished and their replies are queued. If the peer vanishes,
 running requests still complete (so nothing is half applied) and their replies are dropped; a
 request whose payload never fully arrived was never yielded by the core, so it is never applied.
+A request that runs in a task for :data:`SLOW_REQUEST_S` is logged once at warning: what it is
+and what the device says requests may wait for (``BlockDevice.waits``: the page ranges of the
+mutating requests in flight, writes waiting for room, pressure writeback), so that a client's
+timeout can be told apart from a request stuck in the server.
 Server shutdown: :class:`~zramd.server.dispatch.ShutdownFlag` makes new requests fail with
 ESHUTDOWN; sessions still in the handshake answer options with ERR_SHUTDOWN (``begin_shutdown``)
 until the listener closes them with the others after the grace period.
@@ -93,6 +97,7 @@ from zramd.server.dispatch import (
 from zramd.server.exports import Export, ExportRegistry
 from zramd.server.flow import Flow, InFlight
 from zramd.server.inline import start_inline
+from zramd.stats import IO_COMMANDS
 
 log = logging.getLogger("zramd.server")
 
@@ -105,6 +110,9 @@ POLL_MAX_ROUNDS = 64
 POLL_READ_SIZE = 256 << 10
 #: Replies completed inline during one pump are sent together; flushed early past this size.
 BATCH_FLUSH_BYTES = 1 << 20
+#: a request running this long is logged once, with what the device says it may wait for (a
+#: kernel client gives up after its timeout, 30 s by default for nbd-client)
+SLOW_REQUEST_S = 10.0
 
 
 class ServerContext:
@@ -508,7 +516,10 @@ class Session(asyncio.Protocol):
         start_inline(self._handle(req, nbytes), self._tasks)
 
     async def _handle(self, req: Request, nbytes: int) -> None:
-        """Execute ``req``, queue its reply, and always give back the ``nbytes`` it held."""
+        """Execute ``req``, queue its reply, and always give back the ``nbytes`` it held. A
+        request still running after :data:`SLOW_REQUEST_S` is reported (:meth:`_slow`)."""
+        loop = asyncio.get_running_loop()
+        slow = loop.call_later(SLOW_REQUEST_S, self._slow, req, loop.time())
         try:
             assert self.dispatcher is not None
             reply = await self.dispatcher.execute(req)
@@ -517,8 +528,30 @@ class Session(asyncio.Protocol):
             log.exception("connection %s: request failed", self.label)
             self.abort()
         finally:
+            slow.cancel()
             self.flow.finish(nbytes)
             self._request_done()
+
+    def _slow(self, req: Request, started: float) -> None:
+        """Log a request that has run for :data:`SLOW_REQUEST_S` (once): what it is, and what
+        the device says requests may be waiting for, so that a client's timeout can be told
+        apart from a request stuck in the server."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            return
+        name = IO_COMMANDS.get(req.command, str(req.command))
+        log.warning(
+            "connection %s: %s of %d bytes at offset %d has run for %.0f s on export %s (%d "
+            "requests in flight); %s",
+            self.label,
+            name,
+            req.length,
+            req.offset,
+            asyncio.get_running_loop().time() - started,
+            dispatcher.export.name,
+            dispatcher.io.in_flight,
+            dispatcher.device.waits() or "the device reports nothing",
+        )
 
     def _reply(self, req: Request, reply: Reply) -> None:
         if self._lost:
