@@ -257,3 +257,31 @@ async def test_the_journal_asks_for_a_checkpoint_when_it_has_grown(tmp_path: Pat
     got = await exp2.device.read(0, SIZE)
     assert all(got[i * PAGE] == i + 1 for i in range(NPAGES))
     reg2.close()
+
+
+async def test_a_stop_mode_start_takes_over_the_journal_once(tmp_path: Path) -> None:
+    """An export that ran durable and now runs with sync=stop replays the journal it finds,
+    snapshots at once and deletes it; the next start finds no journal and writes nothing."""
+    snap = tmp_path / "s.snap"
+    reg = ExportRegistry()
+    reg.add(ExportConfig(name="a", size=SIZE, persist=str(snap), sync="flush"))
+    await persistence.restore_all(reg)
+    exp = reg.get("a")
+    assert exp is not None
+    d = Dispatcher(exp, structured=False, max_payload=1 << 20)
+    await d.execute(Request(wire.CMD_WRITE, 0, 1, 0, PAGE, _data(7, 1)))
+    await d.execute(Request(wire.CMD_FLUSH, 0, 1, 0, 0))
+    assert exp.journal is not None
+    exp.journal.close()  # a crash: no snapshot at stop
+    exp.journal = None
+    reg.close()
+    for round_ in range(2):
+        reg2 = ExportRegistry()
+        reg2.add(ExportConfig(name="a", size=SIZE, persist=str(snap)))
+        await persistence.restore_all(reg2)
+        exp2 = reg2.get("a")
+        assert exp2 is not None and exp2.journal is None
+        assert (await exp2.device.read(0, PAGE)) == _data(7, 1)
+        assert journal_files(str(snap)) == []
+        assert exp2.snapshot is not None and exp2.snapshot.saves == (1 if round_ == 0 else 0)
+        reg2.close()

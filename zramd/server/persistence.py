@@ -466,7 +466,7 @@ async def open_journal(exp: Export, nxt: int, kept: list[tuple[int, int]]) -> No
             journal.checkpoint_bytes = max(journal.checkpoint_bytes, exp.snapshot.file_bytes)
         journal.on_due = lambda: _checkpoint_soon(exp)
         exp.journal = journal
-    elif nxt:
+    elif kept:
         await save(exp, leftover_gen=nxt)
 
 
