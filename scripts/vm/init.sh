@@ -377,7 +377,6 @@ WB_HOG_MIB=512
 # can lag it by minutes
 SWAP_ERR_RE="nbd0: Other side returned error|(Write|Read)-error on swap-device|I/O error, dev nbd0"
 swap_io_errors() { dmesg | grep -cE "$SWAP_ERR_RE"; }
-running() { grep -q '^State:[[:space:]]*[^Z]' "/proc/$1/status" 2>/dev/null; }
 # swap_hog EXPORT SEED: swapon EXPORT, hog WB_HOG_MIB MiB (sync CUR-mid), sync CUR-after, swapoff
 swap_hog() {
 	connect "$1" -b 4096 || return 1
@@ -389,12 +388,20 @@ swap_hog() {
 	_t=$(now)
 	memhog hog "$WB_HOG_MIB" "$2" sync "$CUR-mid" </dev/console &
 	_hog=$!
-	while running $_hog; do
-		[ "$(swap_io_errors)" = 0 ] || { kill -9 $_hog; break; }
-		sleep 2
-	done
+	# the first swap I/O error ends the hog: a watcher forked now and blocked on /dev/kmsg, since
+	# a guest whose swap-outs fail runs out of memory and may fork nothing more (a loop that
+	# polled dmesg every 2 s could stall there, and the hog with it); a line of our own, unique
+	# to this run, ends the watcher when the hog ends first
+	_done="zramd-vm: hog of $CUR ended at $_t"
+	(
+		_l=$(grep -m 1 -E "$SWAP_ERR_RE|$_done" /dev/kmsg)
+		case "$_l" in *"$_done"*) ;; *) kill -9 $_hog ;; esac
+	) 2>/dev/null &
+	_watch=$!
 	wait $_hog
 	_rc=$?
+	echo "$_done" >/dev/kmsg
+	wait $_watch
 	_hog_s=$(since "$_t")
 	dmesg -n 4
 	sync_host "$CUR-after"
