@@ -245,7 +245,10 @@ async def test_the_journal_asks_for_a_checkpoint_when_it_has_grown(tmp_path: Pat
     assert st["checkpoints"] == 1 and st["last_checkpoint_seconds"] > 0
     assert st["checkpoint_running_seconds"] == 0.0
     assert snap.exists() and st["generation"] == 2
-    await asyncio.sleep(0.05)  # the older generation is deleted by the journal's thread
+    for _ in range(500):  # the older generation is deleted by the journal's thread
+        if [g for g, _ in journal_files(str(snap))] == [2]:
+            break
+        await asyncio.sleep(0.01)
     assert [g for g, _ in journal_files(str(snap))] == [2]
     assert exp.snapshot is not None and exp.snapshot.saves == 1
     reg.close()
