@@ -343,59 +343,54 @@ scenario_memlimit() {
 	[ $_garbage = 0 ] || { fail "$_garbage pages of the failed write read back as garbage"; return 1; }
 }
 
-# ---- scenario 5: swap under pressure on export swap
-scenario_swap() {
-	connect swap -b 4096 || return 1
-	mkswap "$DEV" >/dev/null 2>&1 || { fail "mkswap failed"; return 1; }
-	swapon --discard "$DEV" || { fail "swapon failed"; return 1; }
-	info "zswap enabled=$(cat /sys/module/zswap/parameters/enabled 2>/dev/null) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
-	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
-	_t=$(now)
-	memhog hog "$HOG_MIB" 12345 sync
-	_rc=$?
-	grep -E '^(SwapTotal|SwapFree|Zswap|Zswapped|AnonHugePages)' /proc/meminfo | tr -s ' ' | while read -r l; do info "$l"; done
-	info "vmstat: $(grep -E '^(thp_swpout|thp_swpout_fallback|swap_ra|zswpout|zswpin) ' /proc/vmstat | tr '\n' ' ')"
-	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
-	FIG="$FIG hog_mib=$HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$(since "$_t") pswpout=$_out pswpin=$_in oom_kills=$_oom"
-	swapoff "$DEV" || { fail "swapoff failed"; return 1; }
-	disconnect
-	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch)"; return 1; }
-	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
-	[ $_out -gt 0 ] || { fail "nothing was swapped out"; return 1; }
-	[ $_in -gt 0 ] || { fail "nothing was swapped in"; return 1; }
-}
-
-# ---- writeback (issue 12): swap on an export whose memory limit (64 MiB) is far below what the
-# hog (WB_HOG_MIB, twice the guest's memory) pushes into swap. swapwb: export wb has a backing
-# file, so the hog must complete with every page verified and no swap I/O error; swapnobd:
-# export nobd has none, so the server refuses writes and the guest shows swap I/O errors (the
-# harness expects that scenario to FAIL with swap_io_errors > 0). The first swap I/O errors end
-# the hog (SIGKILL): without a backing store the kernel would retry its failed writes for many
-# minutes; the console shows only emergencies meanwhile (thousands of error lines slow the guest).
-WB_HOG_MIB=512
-# the NBD client's line for an error reply comes first: the block layer's and swap's own lines
-# can lag it by minutes
-SWAP_ERR_RE="nbd0: Other side returned error|(Write|Read)-error on swap-device|I/O error, dev nbd0"
+# ---- the memory hog on swap, shared by swap, swapwb, swapnobd and raid0swap
+# the first line a swap I/O error writes to the kernel log (the NBD client's line for an error
+# reply comes first: the block layer's and swap's own lines can lag it by minutes)
+SWAP_ERR_RE="nbd[0-9]+: (Other side returned error|Connection timed out|Dead connection)|(Write|Read)-error on swap-device|I/O error, dev (nbd|md)[0-9]+"
 swap_io_errors() { dmesg | grep -cE "$SWAP_ERR_RE"; }
-# swap_hog EXPORT SEED: swapon EXPORT, hog WB_HOG_MIB MiB (sync CUR-mid), sync CUR-after, swapoff
-swap_hog() {
-	connect "$1" -b 4096 || return 1
-	mkswap "$DEV" >/dev/null 2>&1 || { fail "mkswap failed"; return 1; }
-	swapon --discard "$DEV" || { fail "swapon failed"; return 1; }
-	dmesg -c >/dev/null
+HOG_CG=/sys/fs/cgroup/hog
+# hog_cgroup MIB: a memory cgroup of MIB MiB for the hog (cgroup v2, made once per boot)
+hog_cgroup() {
+	if [ ! -d $HOG_CG ]; then
+		mkdir -p /sys/fs/cgroup
+		mount -t cgroup2 none /sys/fs/cgroup || { fail "mounting cgroup2 failed"; return 1; }
+		echo +memory >/sys/fs/cgroup/cgroup.subtree_control || { fail "no memory controller"; return 1; }
+		mkdir $HOG_CG
+	fi
+	echo "$(($1 * 1048576))" >$HOG_CG/memory.max || { fail "setting memory.max failed"; return 1; }
+}
+# hog_on_swap SWAPDEV MIB SEED CGROUP_MIB: mkswap + swapon SWAPDEV, run the memory hog of MIB
+# MiB (sync CUR-mid after its write pass, CUR-after when it ended), swapoff, and check: the hog
+# verified every page, no swap I/O error, no OOM kill, pages went out to swap and came back.
+# CGROUP_MIB 0 puts the whole guest under pressure; otherwise the hog runs in a memory cgroup of
+# that size, so that a swap device that fails its writes stalls only the hog, not the guest.
+# The first new swap I/O error ends the hog: a watcher forked with the hog blocks on /dev/kmsg
+# (a guest whose swap-outs fail may fork nothing more, and the kernel would retry its failed
+# writes for many minutes); a line of our own, unique to this run, ends the watcher when the
+# hog ends first. The console shows only emergencies meanwhile (thousands of error lines slow
+# the guest).
+hog_on_swap() {
+	_sdev=$1 _mib=$2 _seed=$3 _cg=$4
+	mkswap "$_sdev" >/dev/null 2>&1 || { fail "mkswap $_sdev failed"; return 1; }
+	swapon --discard "$_sdev" || { fail "swapon $_sdev failed"; return 1; }
+	if [ "$_cg" -gt 0 ]; then hog_cgroup "$_cg" || { swapoff "$_sdev"; return 1; }; fi
 	dmesg -n 1
 	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
 	_t=$(now)
-	memhog hog "$WB_HOG_MIB" "$2" sync "$CUR-mid" </dev/console &
-	_hog=$!
-	# the first swap I/O error ends the hog: a watcher forked now and blocked on /dev/kmsg, since
-	# a guest whose swap-outs fail runs out of memory and may fork nothing more (a loop that
-	# polled dmesg every 2 s could stall there, and the hog with it); a line of our own, unique
-	# to this run, ends the watcher when the hog ends first
 	_done="zramd-vm: hog of $CUR ended at $_t"
+	# /dev/kmsg is read from the oldest record on, as dmesg is (never cleared in this boot): the
+	# watcher and the count skip the errors already there
+	_err0=$(swap_io_errors)
+	rm -f /tmp/hog.err
+	if [ "$_cg" -gt 0 ]; then
+		sh -c "echo \$\$ >$HOG_CG/cgroup.procs && exec memhog hog $_mib $_seed sync $CUR-mid" </dev/console &
+	else
+		memhog hog "$_mib" "$_seed" sync "$CUR-mid" </dev/console &
+	fi
+	_hog=$!
 	(
-		_l=$(grep -m 1 -E "$SWAP_ERR_RE|$_done" /dev/kmsg)
-		case "$_l" in *"$_done"*) ;; *) kill -9 $_hog ;; esac
+		_l=$(grep -m $((_err0 + 1)) -E "$SWAP_ERR_RE|$_done" /dev/kmsg | tail -n 1)
+		case "$_l" in *"$_done"*) ;; *) kill -9 $_hog; since "$_t" >/tmp/hog.err; info "hog killed on: ${_l#*;}" ;; esac
 	) 2>/dev/null &
 	_watch=$!
 	wait $_hog
@@ -403,18 +398,44 @@ swap_hog() {
 	echo "$_done" >/dev/kmsg
 	wait $_watch
 	_hog_s=$(since "$_t")
+	_first_err=$(cat /tmp/hog.err 2>/dev/null || echo none)
 	dmesg -n 4
 	sync_host "$CUR-after"
-	_err=$(swap_io_errors)
+	_err=$(($(swap_io_errors) - _err0))
 	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
-	FIG="$FIG hog_mib=$WB_HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$_hog_s pswpout=$_out pswpin=$_in oom_kills=$_oom swap_io_errors=$_err"
-	[ "$_err" = 0 ] || dmesg | grep -E "$SWAP_ERR_RE" | head -n 3 | while read -r l; do info "dmesg: $l"; done
-	swapoff "$DEV" || { fail "swapoff failed"; return 1; }
-	disconnect
+	FIG="$FIG hog_mib=$_mib ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) cgroup_mib=$_cg hog_s=$_hog_s pswpout=$_out pswpin=$_in oom_kills=$_oom swap_io_errors=$_err first_error_s=$_first_err"
+	[ "$_err" = 0 ] || dmesg | grep -E "$SWAP_ERR_RE" | tail -n +$((_err0 + 1)) | head -n 3 | while read -r l; do info "dmesg: $l"; done
+	swapoff "$_sdev" || { fail "swapoff $_sdev failed"; return 1; }
 	[ "$_err" = 0 ] || { fail "$_err swap I/O errors"; return 1; }
-	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch)"; return 1; }
+	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch, 137 = killed)"; return 1; }
 	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
 	[ $_out -gt 0 ] && [ $_in -gt 0 ] || { fail "no swap traffic (out=$_out in=$_in)"; return 1; }
+}
+
+# ---- scenario 5: swap under pressure on export swap (the whole guest under pressure)
+scenario_swap() {
+	connect swap -b 4096 || return 1
+	hog_on_swap "$DEV" "$HOG_MIB" 12345 0
+	_hrc=$?
+	disconnect
+	return $_hrc
+}
+
+# ---- writeback (issue 12): swap on an export whose memory limit (64 MiB) is far below what the
+# hog (WB_HOG_MIB, twice the guest's memory) pushes into swap. swapwb: export wb has a backing
+# file, so the hog must complete with every page verified and no swap I/O error; swapnobd:
+# export nobd has none, so the server refuses writes and the guest shows swap I/O errors (the
+# harness expects that scenario to FAIL with swap_io_errors > 0). Both run the hog in a memory
+# cgroup of WB_CG_MIB, so that swapnobd's failing swap-outs stall the hog and not the guest.
+WB_HOG_MIB=512
+WB_CG_MIB=96
+# swap_hog EXPORT SEED: the hog on swap on EXPORT
+swap_hog() {
+	connect "$1" -b 4096 || return 1
+	hog_on_swap "$DEV" "$WB_HOG_MIB" "$2" "$WB_CG_MIB"
+	_hrc=$?
+	disconnect
+	return $_hrc
 }
 scenario_swapwb() { swap_hog wb 6789; }
 scenario_swapnobd() { swap_hog nobd 6790; }
@@ -431,10 +452,11 @@ RAID_HOG_MIB=256
 BENCH_MIB=64
 mdadm() { /sbin/mdadm "$@" </dev/null; }
 
-# member N PORT EXPORT: attach /dev/nbdN with two connections, wait until it has a size
+# member N PORT EXPORT [TIMEOUT]: attach /dev/nbdN with two connections and -t TIMEOUT (default
+# RAID_TIMEOUT), wait until it has a size
 member() {
-	_hn=$1 _hport=$2 _hexp=$3
-	if ! nbd_client "$SERVER" "$_hport" "/dev/nbd$_hn" -N "$_hexp" -b 4096 -t "$RAID_TIMEOUT" -C 2 >/tmp/nbd.out 2>&1; then
+	_hn=$1 _hport=$2 _hexp=$3 _hto=${4:-$RAID_TIMEOUT}
+	if ! nbd_client "$SERVER" "$_hport" "/dev/nbd$_hn" -N "$_hexp" -b 4096 -t "$_hto" -C 2 >/tmp/nbd.out 2>&1; then
 		cat /tmp/nbd.out
 		fail "nbd-client $_hexp on port $_hport failed: $(tail -n 1 /tmp/nbd.out)"
 		return 1
@@ -551,24 +573,17 @@ scenario_raid0() {
 	unmember 1 2
 }
 
-# ---- swap striped over both servers under memory pressure
+# ---- swap striped over both servers under memory pressure (the whole guest); the members
+# get the long TIMEOUT: a stall under memory pressure must not fail a member, as -t RAID_TIMEOUT
+# would (only raid1 needs to detect a dead server quickly)
 scenario_raid0swap() {
-	member 4 "$PORT" sw && member 5 "$PORT_B" sw || return 1
+	member 4 "$PORT" sw "$TIMEOUT" && member 5 "$PORT_B" sw "$TIMEOUT" || return 1
 	md_create md2 0 2 /dev/nbd4 /dev/nbd5 || return 1
-	mkswap /dev/md2 >/dev/null 2>&1 || { fail "mkswap md2 failed"; return 1; }
-	swapon --discard /dev/md2 || { fail "swapon md2 failed"; return 1; }
-	_in0=$(vmstat pswpin) _out0=$(vmstat pswpout) _oom0=$(vmstat oom_kill)
-	_t=$(now)
-	memhog hog "$RAID_HOG_MIB" 4321 sync raid0swap-mid
-	_rc=$?
-	_in=$(($(vmstat pswpin) - _in0)) _out=$(($(vmstat pswpout) - _out0)) _oom=$(($(vmstat oom_kill) - _oom0))
-	FIG="$FIG hog_mib=$RAID_HOG_MIB ram_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024)) hog_s=$(since "$_t") pswpout=$_out pswpin=$_in oom_kills=$_oom"
-	swapoff /dev/md2 || { fail "swapoff md2 failed"; return 1; }
+	hog_on_swap /dev/md2 "$RAID_HOG_MIB" 4321 0
+	_hrc=$?
 	md_stop md2 || { fail "mdadm --stop md2 failed"; return 1; }
 	unmember 4 5
-	[ $_rc = 0 ] || { fail "memhog exited $_rc (2 = pattern mismatch)"; return 1; }
-	[ $_oom = 0 ] || { fail "OOM killer ran $_oom times"; return 1; }
-	[ $_out -gt 0 ] && [ $_in -gt 0 ] || { fail "no swap traffic (out=$_out in=$_in)"; return 1; }
+	return $_hrc
 }
 
 # bg_writer DIR SUMS: 256 KiB files (fsync'd) into DIR until /tmp/bg.stop exists; sha256 in SUMS

@@ -37,6 +37,7 @@ CASES = [
     ("storage", "fs-policy-host-stats"),
     ("swap", "swap"),
     ("swap", "swap-host-stats"),
+    ("swap", "swap-policy-host-stats"),
     ("writeback", "swapwb"),
     ("writeback", "swapwb-host-stats"),
     ("writeback", "swapnobd-fails"),

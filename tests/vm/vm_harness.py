@@ -21,10 +21,12 @@ Groups: ``storage`` (fs, multiconn, discard, reconnect, memlimit), ``swap`` (a 2
 swapping to an export) and ``negative`` (scenario fs against a server whose reads are corrupted:
 it must FAIL, and the harness reports PASS for the group only if it does).
 
-The fs export runs the background policy of issue 11 (:data:`POLICY`). At the scenario's first
-sync point (``discard-before``) the harness waits, bounded by :data:`POLICY_WAIT_S`, until the
-policy has grouped or recompressed pages, so the guest's later reads (the file checks, fsck) go
-through what it did; the ``fs-policy-host-stats`` outcome shows its work (:class:`HostChecks`).
+The fs and swap exports run the background policy of issue 11 (:data:`POLICY`). At the
+scenario's first sync point after its writes (``discard-before``, ``swap-mid``) the harness
+waits, bounded by :data:`POLICY_WAIT_S`, until the policy has grouped or recompressed pages, so
+the guest's later reads (the file checks, fsck; the hog's verify pass) go through what it did;
+the ``fs-policy-host-stats`` and ``swap-policy-host-stats`` outcomes show its work
+(:class:`HostChecks`).
 
 ``writeback`` (issue 12): a 256 MiB guest swaps a hog of twice its memory onto an export whose
 memory limit is 64 MiB with a 1 GiB backing file (a sparse file in a temporary directory):
@@ -129,7 +131,7 @@ GROUPS: dict[str, Group] = {
         ["fs=256M," + POLICY, "mc=256M", "dc=16M", "lim=64M,mem-limit=8M"],
         STORAGE_MEM_MIB,
     ),
-    "swap": Group("swap", ["swap"], ["swap=1G"], SWAP_MEM_MIB),
+    "swap": Group("swap", ["swap"], ["swap=1G," + POLICY], SWAP_MEM_MIB),
     "writeback": Group(
         "writeback", ["swapwb", "swapnobd"], ["wb=1G,mem-limit=64M", "nobd=1G,mem-limit=64M"],
         SWAP_MEM_MIB, expect_fail={"swapnobd"}, expect_figure=r"swap_io_errors=[1-9]\d*",
@@ -463,7 +465,7 @@ class HostChecks:
     At the first sync point of an export with the background policy it waits for the policy
     (:func:`wait_for_policy`) before the guest goes on."""
 
-    POLICY_SYNCS = {"discard-before": "fs"}
+    POLICY_SYNCS = {"discard-before": "fs", "swap-mid": "swap"}
 
     def __init__(self, server: HostServer) -> None:
         self.server = server
@@ -476,7 +478,7 @@ class HostChecks:
                                                               self.POLICY_SYNCS[tag])
             self.snaps[tag] = (st, why)
             return
-        export = {"discard-after": "fs", "swap-mid": "swap"}.get(tag)
+        export = {"discard-after": "fs"}.get(tag)
         if export:
             self.snaps[tag] = host_stats(self.server, export)
 
@@ -789,6 +791,7 @@ def run_group(name: str, server_kind: str = "zramd", hog_mib: int | None = None,
             o = negative_outcome(scen, o, group.expect_figure, group.negative_suffix)
         outcomes.append(o)
     for host in (checks.discard(), checks.policy("fs", "discard-before"), checks.swap(),
+                 checks.policy("swap", "swap-mid"),
                  raid.raid0(), raid.raid0swap(), raid.raid1(),
                  wb.swapwb(), wb.swapnobd()):
         if host is not None:
