@@ -35,6 +35,11 @@
  *     uses one decompression context per thread, kept for the thread's life (a context costs
  *     ~100 KiB and microseconds to set up, more than decoding a small group).
  *
+ * decode_group_into(chunks, kind, dst) -> bool
+ *     The same decode straight into the writable buffer ``dst`` (its whole length is the size):
+ *     True when the blob decoded to exactly that many bytes (a read that covers a whole group
+ *     skips the new bytes object and the copy out of it).
+ *
  * new_buffer(n) -> bytearray
  *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
  *
@@ -321,46 +326,37 @@ out:
 
 static _Thread_local ZSTD_DCtx *group_dctx;
 
-static PyObject *
-decode_group(PyObject *self, PyObject *args)
+/* Decode the group blob held as the bytes pieces of ``pinned`` (a tuple) into dst[0:size] with
+ * the GIL released. Returns 1 when it decoded to exactly ``size`` bytes, 0 when it does not
+ * decode, -1 with a Python error set. */
+static int
+group_decode(PyObject *pinned, int kind, char *dst, Py_ssize_t size, const char *fn)
 {
-    PyObject *chunks;
-    int kind;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "O!in:decode_group", &PyList_Type, &chunks, &kind, &size))
-        return NULL;
     if (kind != K_LZ4 && kind != K_ZSTD) {
-        PyErr_Format(PyExc_ValueError, "decode_group: unknown kind %d", kind);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: unknown kind %d", fn, kind);
+        return -1;
     }
     if (size <= 0 || size > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: size out of range", fn);
+        return -1;
     }
-    /* pin the pieces: another thread must not free one while the GIL is released */
-    PyObject *pinned = PySequence_Tuple(chunks);
-    if (pinned == NULL)
-        return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(pinned);
-    PyObject *out = NULL;
-    char *scratch = NULL;
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *c = PyTuple_GET_ITEM(pinned, i);
         if (!PyBytes_Check(c)) {
-            PyErr_Format(PyExc_TypeError, "decode_group: chunk %zd must be bytes", i);
-            goto fail;
+            PyErr_Format(PyExc_TypeError, "%s: chunk %zd must be bytes", fn, i);
+            return -1;
         }
         total += PyBytes_GET_SIZE(c);
         if (total > INT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "decode_group: blob too large");
-            goto fail;
+            PyErr_Format(PyExc_ValueError, "%s: blob too large", fn);
+            return -1;
         }
     }
-    if (total == 0) {
-        Py_DECREF(pinned);
-        Py_RETURN_NONE;
-    }
+    if (total == 0)
+        return 0;
+    char *scratch = NULL;
     const char *src;
     if (n == 1) {
         src = PyBytes_AS_STRING(PyTuple_GET_ITEM(pinned, 0));
@@ -368,7 +364,7 @@ decode_group(PyObject *self, PyObject *args)
         scratch = PyMem_Malloc((size_t)total);
         if (scratch == NULL) {
             PyErr_NoMemory();
-            goto fail;
+            return -1;
         }
         Py_ssize_t pos = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -381,14 +377,11 @@ decode_group(PyObject *self, PyObject *args)
     if (kind == K_ZSTD && group_dctx == NULL) {
         group_dctx = ZSTD_createDCtx();
         if (group_dctx == NULL) {
+            PyMem_Free(scratch);
             PyErr_NoMemory();
-            goto fail;
+            return -1;
         }
     }
-    out = PyBytes_FromStringAndSize(NULL, size);
-    if (out == NULL)
-        goto fail;
-    char *dst = PyBytes_AS_STRING(out);
     int ok;
     Py_BEGIN_ALLOW_THREADS
     if (kind == K_LZ4) {
@@ -399,16 +392,60 @@ decode_group(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
     PyMem_Free(scratch);
+    return ok;
+}
+
+static PyObject *
+decode_group(PyObject *self, PyObject *args)
+{
+    PyObject *chunks;
+    int kind;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "O!in:decode_group", &PyList_Type, &chunks, &kind, &size))
+        return NULL;
+    if (size <= 0 || size > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
+        return NULL;
+    }
+    /* pin the pieces: another thread must not free one while the GIL is released */
+    PyObject *pinned = PySequence_Tuple(chunks);
+    if (pinned == NULL)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) {
+        Py_DECREF(pinned);
+        return NULL;
+    }
+    int r = group_decode(pinned, kind, PyBytes_AS_STRING(out), size, "decode_group");
     Py_DECREF(pinned);
-    if (!ok) {
+    if (r <= 0) {
         Py_DECREF(out);
+        if (r < 0)
+            return NULL;
         Py_RETURN_NONE;
     }
     return out;
-fail:
-    PyMem_Free(scratch);
+}
+
+static PyObject *
+decode_group_into(PyObject *self, PyObject *args)
+{
+    PyObject *chunks;
+    int kind;
+    Py_buffer dst;
+    if (!PyArg_ParseTuple(args, "O!iw*:decode_group_into", &PyList_Type, &chunks, &kind, &dst))
+        return NULL;
+    PyObject *pinned = PySequence_Tuple(chunks);
+    if (pinned == NULL) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    int r = group_decode(pinned, kind, dst.buf, dst.len, "decode_group_into");
     Py_DECREF(pinned);
-    return NULL;
+    PyBuffer_Release(&dst);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
 }
 
 static PyObject *
@@ -467,6 +504,8 @@ static PyMethodDef methods[] = {
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},
     {"decode_group", decode_group, METH_VARARGS,
      "decode_group(chunks, kind, size) -> the group's pages, or None when it does not decode"},
+    {"decode_group_into", decode_group_into, METH_VARARGS,
+     "decode_group_into(chunks, kind, dst) -> whether the group decoded into all of dst"},
     {"prepare_pages", prepare_pages, METH_VARARGS,
      "prepare_pages(src, kind, level, threshold, same, stored, huge) -> list of prepared pages"},
     {NULL, NULL, 0, NULL},

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zramd.compress import Codec, native
+from zramd.compress import Codec, CodecError, native
 from zramd.device import DeviceIOError, pipeline
 from zramd.device.blockdev import ZramDevice
 from zramd.device.groups import GROUP_BYTES, MAX_GROUP_PAGES
@@ -422,8 +422,20 @@ def test_group_decode_in_c_matches_the_codec(use_native: bool) -> None:
             assert len(img.chunks) > 1 and img.data is None
             codec = img.codec
             joined = codec.decompress(b"".join(img.chunks), img.size)
+            out = bytearray(img.size)
+            img.decode_into(memoryview(out))  # straight from the chunks, nothing kept
+            assert out == joined and img.data is None and img.chunks
+            with pytest.raises(CodecError):  # a destination of another size does not decode
+                pipeline.decode_group_into(codec, img.chunks, memoryview(bytearray(img.size - 1)))
             assert img.pages() == joined == data[gid * 16 * PAGE : (gid + 1) * 16 * PAGE]
             assert img.chunks == []
+            out[:] = bytes(img.size)
+            img.decode_into(memoryview(out))  # decoded already: copied
+            assert out == joined
+        _corrupt_group(d, 0)
+        g._cache.clear()
+        with pytest.raises(CodecError):
+            g.image(0).decode_into(memoryview(bytearray(16 * PAGE)))
         d.close()
     finally:
         native.enabled = was
@@ -452,3 +464,36 @@ async def test_cold_group_read_through_the_async_path() -> None:
         assert bytes(await d.read(off, 2 * PAGE)) == data[off : off + 2 * PAGE]
         check(d)
         d.close()
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+async def test_split_read_over_group_runs(use_native: bool) -> None:
+    """A read large enough to be split between two workers (SPLIT_MIN_PAGES) whose cut falls
+    inside a run of group members, over groups with dead pages (runs broken), a group cached
+    (decoded) and not: the same bytes as the model, on the C path and the Python one."""
+    from zramd.device.blockdev import SPLIT_MIN_PAGES, SPLIT_PARTS
+
+    was = native.enabled
+    native.enabled = use_native and was
+    npages = 2 * SPLIT_MIN_PAGES + 40  # cut at 552: inside group 34 (pages 544-559)
+    assert (npages // SPLIT_PARTS) % 16 not in (0, 15)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            d, data = _filled(npages, executor=ex)
+            model = bytearray(data)
+            d.group_sync(0, npages - 1)
+            for p in (5, 550, 553, 1000):  # dead members: runs end and start again
+                page = _payload(3, PAGE, p)
+                await d.write(p * PAGE, page)
+                model[p * PAGE : (p + 1) * PAGE] = page
+            d._store.groups._cache.clear()
+            assert d.read_sync(540 * PAGE, PAGE) == model[540 * PAGE : 541 * PAGE]  # cached
+            assert bytes(await d.read(0, npages * PAGE)) == model
+            assert bytes(await d.read(3 * PAGE + 7, (npages - 5) * PAGE)) == bytes(
+                model[3 * PAGE + 7 : (npages - 2) * PAGE + 7]
+            )
+            assert d.read_sync(0, npages * PAGE) == model
+            check(d)
+            d.close()
+    finally:
+        native.enabled = was

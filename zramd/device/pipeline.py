@@ -9,7 +9,7 @@ becomes ``(HUGE, PAGE_SIZE, page)`` (stored raw, as zram), a smaller one ``(STOR
 compressed bytes)``. A preparer (:data:`PrepareMany`) does that for every page of a buffer, as a
 Python loop over :func:`prepare_page` or as one C batch (``zramd._native.prepare_pages``, the
 GIL released) that gives the same triples. A read goes back from snapshot items (page bytes, or
-``(codec or native kind, compressed blob)``, or a :class:`GroupPage` of a multi-page group) to
+``(codec or native kind, compressed blob)``, or a :class:`GroupRun` of a multi-page group) to
 page bytes. A group (:mod:`zramd.device.groups`) is packed here too: :func:`pack_groups` decodes
 the member pages of each window and compresses them as one blob; a :class:`GroupImage` holds a
 group's blob copied out of the pool and decodes it once, on first use, in whichever thread
@@ -119,6 +119,21 @@ def decode_group(codec: Codec, chunks: list[bytes], size: int) -> bytes:
     return data
 
 
+def decode_group_into(codec: Codec, chunks: list[bytes], out: memoryview) -> None:
+    """:func:`decode_group` straight into ``out`` (all of it: the group's size). Raises
+    CodecError."""
+    kind = native.decode_kind(codec)
+    if kind is None:
+        data = codec.decompress(b"".join(chunks), len(out))
+        ok = len(data) == len(out)
+        if ok:
+            out[:] = data
+    else:
+        ok = native.module().decode_group_into(chunks, kind, out)
+    if not ok:
+        raise CodecError(f"{codec.name}: the group's blob does not decode to {len(out)} bytes")
+
+
 class GroupImage:
     """A group's compressed blob as its pool chunks (copied out of the pool on the loop thread)
     and, once decoded, its member pages back to back (the chunks are dropped then). Two threads
@@ -137,6 +152,15 @@ class GroupImage:
         self.size = size
         self.data = data
 
+    def decode_into(self, out: memoryview) -> None:
+        """All the member pages into ``out`` (``size`` bytes), not kept: decoded straight into
+        it while the image is not decoded, else copied. Raises CodecError."""
+        chunks = self.chunks  # before data: chunks are dropped only after data is set
+        if self.data is None and chunks:
+            decode_group_into(self.codec, chunks, out)
+        else:
+            out[:] = self.pages()
+
     def pages(self) -> bytes:
         """The member pages, decoded on first use. Raises CodecError."""
         data = self.data
@@ -150,18 +174,29 @@ class GroupImage:
         return data
 
 
-class GroupPage:
-    """Snapshot item: member ``index`` of a group image, decoded where the read is decoded."""
+class GroupRun:
+    """Snapshot item for a run of consecutive members of one group image: every page of the run
+    holds this one object (a list repeat, no object per page), and the page at snapshot
+    position ``p`` is member ``index + p - pos`` of ``image``, so a part of the snapshot that
+    starts inside the run still finds its pages."""
 
-    __slots__ = ("image", "index")
+    __slots__ = ("image", "index", "pos", "count")
 
-    def __init__(self, image: GroupImage, index: int) -> None:
+    def __init__(self, image: GroupImage, index: int, pos: int, count: int) -> None:
         self.image = image
+        #: the member index of the run's first page
         self.index = index
+        #: the snapshot position of the run's first page
+        self.pos = pos
+        self.count = count
 
-    def page(self) -> bytes:
-        off = self.index << PAGE_SHIFT
-        return self.image.pages()[off : off + PAGE_SIZE]
+    def slice(self, i: int, stop: int) -> tuple[int, memoryview]:
+        """``(j, pages)``: the run's pages from snapshot position ``i`` (inside the run) to
+        ``j = min(its end, stop)``, as one slice of the decoded image. Raises CodecError."""
+        j = min(self.pos + self.count, stop)
+        off = (self.index + i - self.pos) << PAGE_SHIFT
+        pages = memoryview(self.image.pages())
+        return j, pages[off : off + ((j - i) << PAGE_SHIFT)]
 
 
 def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:
@@ -178,35 +213,19 @@ def pack_groups(windows: list[list[Any]], codec: Codec) -> list[bytes | None]:
     return out
 
 
-def _group_run(items: list[Any], i: int, stop: int) -> int:
-    """The end of the run of :class:`GroupPage` items from ``items[i]`` (a GroupPage) that are
-    consecutive members of one image: they are one slice of it."""
-    first = items[i]
-    img, k = first.image, first.index - i
-    j = i + 1
-    while j < stop:
-        item = items[j]
-        if type(item) is not GroupPage or item.image is not img or item.index != k + j:
-            break
-        j += 1
-    return j
-
-
 def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
     """Decompress items ``[start, stop)`` of a snapshot (page bytes, ``(codec, blob)`` or a
-    :class:`GroupPage`) and join them into one buffer, so the pages of one read can be split
+    :class:`GroupRun`) and join them into one buffer, so the pages of one read can be split
     between workers. A run of consecutive members of one group is one slice of its pages."""
-    parts: list[bytes] = []
+    parts: list[Any] = []
     i = start
     while i < stop:
         item = snap[i]
         if type(item) is tuple:
             parts.append(item[0].decompress(item[1], PAGE_SIZE))
-        elif type(item) is GroupPage:
-            j = _group_run(snap, i, stop)
-            off = item.index << PAGE_SHIFT
-            parts.append(item.image.pages()[off : off + ((j - i) << PAGE_SHIFT)])
-            i = j
+        elif type(item) is GroupRun:
+            i, pages = item.slice(i, stop)
+            parts.append(pages)
             continue
         else:
             parts.append(item)
@@ -217,7 +236,7 @@ def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
 def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
     """Decode items ``[start, stop)`` of a native snapshot into their pages of ``out``. Items are
     page bytes, a shorter blob of ``kind``, ``(kind, blob)`` for the C loop, or ``(codec, blob)``
-    for a codec without a native form and :class:`GroupPage` items (both decoded here: a run of
+    for a codec without a native form and :class:`GroupRun` items (both decoded here: a run of
     consecutive members of one group is copied into ``out`` as one slice of its pages, the
     items around it go to the C loop). Raises CodecError."""
     decompress_pages = native.module().decompress_pages
@@ -227,13 +246,13 @@ def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: m
         if bad >= 0:
             raise CodecError(f"page {start + bad} of the request does not decode")
         return
-    items = snap[start:stop]
+    items = snap[start:stop]  # this part's own copy: the C loop gets slices of it
     n = stop - start
     view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
     a = i = 0  # items [a, i) wait for the C loop
     while i <= n:
         item = items[i] if i < n else None
-        if i < n and type(item) is not GroupPage:
+        if i < n and type(item) is not GroupRun:
             if type(item) is tuple and type(item[0]) is not int:
                 items[i] = item[0].decompress(item[1], PAGE_SIZE)
             i += 1
@@ -244,10 +263,17 @@ def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: m
                 raise CodecError(f"page {start + a + bad} of the request does not decode")
         if item is None:
             break
-        j = _group_run(items, i, n)
-        off = item.index << PAGE_SHIFT
-        pages = memoryview(item.image.pages())
-        view[i << PAGE_SHIFT : j << PAGE_SHIFT] = pages[off : off + ((j - i) << PAGE_SHIFT)]
+        img = item.image
+        if item.pos == start + i and item.count << PAGE_SHIFT == img.size and not item.index:
+            # the whole group in this part (a sequential read): decoded straight into place
+            j = i + item.count
+            if j <= n:
+                img.decode_into(view[i << PAGE_SHIFT : j << PAGE_SHIFT])
+                a = i = j
+                continue
+        j, pages = item.slice(start + i, stop)
+        j -= start
+        view[i << PAGE_SHIFT : j << PAGE_SHIFT] = pages
         a = i = j
 
 

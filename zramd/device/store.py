@@ -60,7 +60,7 @@ from zramd.allocator import Pool, PoolFull
 from zramd.compress import Codec, CodecError, native
 from zramd.device.groups import Groups
 from zramd.device.interface import DeviceIOError, NoSpace
-from zramd.device.pipeline import GroupImage, GroupPage, Prepared
+from zramd.device.pipeline import GroupRun, Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
 from zramd.device.table import (
     ATIME_QUANTUM,
@@ -81,7 +81,7 @@ from zramd.device.table import (
     WB_PENDING,
     PageTable,
 )
-from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
+from zramd.geometry import PAGE_SIZE
 from zramd.stats import DeviceStats
 
 #: ATIME_QUANTUM as a shift: the clock's whole seconds >> ATIME_SHIFT is the quantum (cheaper
@@ -626,36 +626,31 @@ class PageStore:
         if tags is None:
             tags = self.codecs
         read_page = self.read_page
-        group_image = self.groups.image
-        gid = -1
-        img: GroupImage | None = None
+        groups = self.groups
         out: list[Any] = []
         append = out.append
         zero: list[int] = []
-        for idx in range(first, last + 1):
+        idx = first
+        while idx <= last:
             st = state_mv[idx]
             if st == STORED:
                 append((tags[codec_mv[idx]], load(handle_mv[idx], size_mv[idx])))
             elif st == EMPTY or (st == SAME and not handle_mv[idx]):
                 append(ZERO_PAGE)
                 zero.append(idx)
-            elif st == GROUPED:
-                if handle_mv[idx] != gid:  # a group's members are consecutive: one lookup
-                    gid = handle_mv[idx]
-                    img = group_image(gid)
-                assert img is not None
-                data = img.data
-                k = size_mv[idx]
-                if data is None:
-                    append(GroupPage(img, k))
-                else:
-                    append(data[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT])
+            elif st == GROUPED:  # the whole run of consecutive members: one item, repeated
+                gid = handle_mv[idx]
+                run = groups.run_length(gid, idx, last - idx + 1)
+                out += [GroupRun(groups.image(gid), size_mv[idx], len(out), run)] * run
+                idx += run
+                continue
             elif st == BACKED and backed is not None:
                 raw = t.flags_mv[idx] & RAW
                 backed.append((len(out), idx, handle_mv[idx], None if raw else tags[codec_mv[idx]]))
                 append(None)
             else:
                 append(read_page(idx))
+            idx += 1
         return out, zero
 
     def snapshot_native(
