@@ -1,0 +1,192 @@
+"""Reads of cold pages: the same data read through fio, once stored page by page and once
+packed into multi-page groups.
+
+Theory of operation
+-------------------
+One zramd export is started fresh for every sample and filled whole with real data (files from
+/usr/share, as the persistence benchmark does) by ``nbdcopy``. Modes (:data:`MODES`): ``per-page
+lz4`` and ``per-page zstd`` keep the pages as written, each compressed alone with that codec;
+``grouped zstd`` (``lz4 zstd(level=3),group-pages=16``) then marks every page idle (``zramd
+idle --all``) and packs runs of up to 16 idle pages into groups (``zramd recompress --type
+idle --group-pages 16``). fio then reads the device: sequential 1 MiB at QD4,
+random 4 KiB at QD1 and at QD32, each for RUNTIME seconds. Reads do not take pages out of
+their groups, so every read of the grouped device decodes groups (a 4 KiB read whose group is
+not among the last few decoded decodes its whole 64 KiB group). The modes alternate between
+repetitions; the figures are medians, and the ratios of ``grouped zstd`` to each per-page mode
+are what issue 11 asks about (sequential 1 MiB reads over grouped pages at least as fast as
+per-page ones).
+Usage: ``.venv/bin/python -m zramd.bench.cold --size 512M --repeat 3 --out docs/benchmarks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from zramd.bench import sysinfo
+from zramd.bench.fio import parse_fio, run_fio
+from zramd.bench.persist import real_files
+from zramd.bench.runner import MIB, log
+from zramd.bench.servers import RunningServer, ServerSpec
+from zramd.config import parse_size
+
+#: mode -> (export algorithms, whether the pages are grouped after the fill)
+MODES = {
+    "per-page lz4": ("lz4", False),
+    "per-page zstd": ("zstd(level=3)", False),
+    "grouped zstd": ("lz4 zstd(level=3),group-pages=16", True),
+}
+#: (name, fio arguments)
+WORKLOADS = [
+    ("seq 1M read QD4", ["--rw=read", "--bs=1M", "--iodepth=4"]),
+    ("rand 4K read QD1", ["--rw=randread", "--bs=4k", "--iodepth=1"]),
+    ("rand 4K read QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+]
+
+
+def _stat(srv: RunningServer) -> dict[str, Any]:
+    st: dict[str, Any] = json.loads(srv.zramd("stat", srv.spec.export_name, "--json"))
+    return st
+
+
+def run_one(mode: str, size: int, image: Path, runtime: float) -> dict[str, Any]:
+    """One sample: a fresh server, filled, grouped or not, then every workload."""
+    algorithms, grouped = MODES[mode]
+    with ServerSpec(mode.replace(" ", "-"), "zramd", algorithms).start(size) as srv:
+        subprocess.run(["nbdcopy", str(image), srv.uri], check=True, timeout=600)
+        group_s = 0.0
+        if grouped:
+            t0 = time.monotonic()
+            srv.zramd("idle", srv.spec.export_name, "--all")
+            srv.zramd("recompress", srv.spec.export_name, "--type", "idle", "--group-pages", "16")
+            group_s = time.monotonic() - t0
+        st = _stat(srv)
+        figures = {}
+        for name, args in WORKLOADS:
+            res = parse_fio(run_fio(srv.uri, size, args, runtime))
+            figures[name] = {"mbps": res["mbps"], "iops": res["iops"], "p99_us": res["p99_us"]}
+    tiers = st.get("tiers") or {}
+    return {
+        "mode": mode,
+        "group_s": group_s,
+        "grouped_pages": int(tiers.get("grouped_pages") or 0),
+        "pages_stored": int(st["mm_stat"]["orig_data_size"]) // 4096,
+        "mem_used_total": int(st["mm_stat"]["mem_used_total"]),
+        "orig_data_size": int(st["mm_stat"]["orig_data_size"]),
+        "workloads": figures,
+    }
+
+
+def run(size: int, repeat: int, runtime: float) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="zbench-cold-") as tmp:
+        image = Path(tmp) / "data.img"
+        image.write_bytes(real_files(size))
+        modes = list(MODES)
+        for r in range(repeat):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                log(f"cold: repetition {r + 1}/{repeat}: {mode}")
+                samples.append({"repetition": r, **run_one(mode, size, image, runtime)})
+    med: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        mine = [s for s in samples if s["mode"] == mode]
+        med[mode] = {
+            name: statistics.median(s["workloads"][name]["mbps"] for s in mine)
+            for name, _ in WORKLOADS
+        }
+    return {
+        "size": size,
+        "runtime_s": runtime,
+        "modes": {m: {"algorithm": a, "grouped": g} for m, (a, g) in MODES.items()},
+        "system": sysinfo.collect(),
+        "samples": samples,
+        "median_mbps": med,
+        "ratio": {
+            base: {
+                name: med["grouped zstd"][name] / med[base][name] if med[base][name] else None
+                for name, _ in WORKLOADS
+            }
+            for base in ("per-page lz4", "per-page zstd")
+        },
+    }
+
+
+def render(raw: dict[str, Any]) -> str:
+    def cell(mbps: float, iops: float, name: str) -> str:
+        return f"{mbps:,.0f}" if name.startswith("seq") else f"{mbps:,.0f} ({iops / 1000:.1f}k)"
+
+    names = [name for name, _ in WORKLOADS]
+    modes = list(raw["modes"])
+    lines = [
+        "# Reads of cold pages: grouped against per page",
+        "",
+        f"Device {raw['size'] // MIB} MiB of real data (files from /usr/share), filled by "
+        "nbdcopy into a fresh zramd per sample. Modes: "
+        + "; ".join(f"`{m}`: `algorithm={v['algorithm']}`" for m, v in raw["modes"].items())
+        + ", then `zramd idle --all` and `zramd recompress --type idle --group-pages 16` (groups "
+        "of up to 16 pages, zstd level 3). fio over the whole device, "
+        f"{raw['runtime_s']:g} s per workload, modes alternating between repetitions. MB/s = "
+        "10^6 B/s; IOPS in parentheses. Produced by `python -m zramd.bench.cold`.",
+        "",
+        "| repetition | mode | grouped pages / held | RAM per byte | "
+        + " | ".join(names)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(names),
+    ]
+    for s in raw["samples"]:
+        w = s["workloads"]
+        lines.append(
+            f"| {s['repetition'] + 1} | {s['mode']} | {s['grouped_pages']} / {s['pages_stored']} "
+            f"| {s['mem_used_total'] / max(s['orig_data_size'], 1):.3f} | "
+            + " | ".join(cell(w[n]["mbps"], w[n]["iops"], n) for n in names)
+            + " |"
+        )
+    lines += [
+        "",
+        "Medians (MB/s) and ratios:",
+        "",
+        "| workload | " + " | ".join(modes)
+        + " | grouped / per-page lz4 | grouped / per-page zstd |",
+        "|---|" + "---:|" * (len(modes) + 2),
+    ]
+    for n in names:
+        ratios = [raw["ratio"][b][n] for b in ("per-page lz4", "per-page zstd")]
+        lines.append(
+            f"| {n} | "
+            + " | ".join(f"{raw['median_mbps'][m][n]:,.0f}" for m in modes)
+            + " | "
+            + " | ".join("-" if r is None else f"{r:.2f}" for r in ratios)
+            + " |"
+        )
+    m = raw["system"]["machine"]
+    lines += ["", f"Run {raw['system']['date']}, zramd {raw['system']['versions']['zramd']}; "
+              f"machine: {m['nproc']} CPUs ({m['cpu']}), load average at start "
+              f"{m['loadavg_at_start']}.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m zramd.bench.cold", description=__doc__)
+    ap.add_argument("--size", default="512M", help="device size (filled whole)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--runtime", type=float, default=5.0, help="fio seconds per workload")
+    ap.add_argument("--out", type=Path, default=None, help="directory for cold.md/.json")
+    args = ap.parse_args()
+    raw = run(parse_size(args.size), args.repeat, args.runtime)
+    text = render(raw)
+    print(text)
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        (args.out / "cold.md").write_text(text)
+        (args.out / "cold.json").write_text(json.dumps(raw, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
