@@ -289,9 +289,9 @@ class Groups:
     def run_length(self, gid: int, idx: int, limit: int) -> int:
         """How many pages from ``idx`` (a live member of group ``gid``) on are live members of
         it, at most ``limit``: consecutive pages that are consecutive members (one slice of
-        the group's image)."""
+        the group's image). At least 1 (``idx`` itself), so a walk always moves on."""
         rest = int(self.live[gid]) >> (idx - int(self.first[gid]))
-        return min(((rest ^ (rest + 1)).bit_length() - 1), limit)
+        return max(1, min(((rest ^ (rest + 1)).bit_length() - 1), limit))
 
     def _remember(self, gid: int, img: GroupImage) -> None:
         cache = self._cache
