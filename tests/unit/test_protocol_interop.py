@@ -65,7 +65,9 @@ class MiniServer:
         self.accept_thread.start()
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
         self.sock.close()
+        self.accept_thread.join(5)
         for t in self.threads:
             t.join(5)
 
