@@ -102,6 +102,18 @@ def run(size: int, repeat: int, runtime: float) -> dict[str, Any]:
             for mode in modes if r % 2 == 0 else modes[::-1]:
                 log(f"cold: repetition {r + 1}/{repeat}: {mode}")
                 samples.append({"repetition": r, **run_one(mode, size, image, runtime)})
+    return {
+        "size": size,
+        "runtime_s": runtime,
+        "modes": {m: {"algorithm": a, "grouped": g} for m, (a, g) in MODES.items()},
+        "system": sysinfo.collect(),
+        "samples": samples,
+        **summarize(samples),
+    }
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median MB/s per mode and workload, and the :data:`RATIOS` of those medians."""
     med: dict[str, dict[str, float]] = {}
     for mode in MODES:
         mine = [s for s in samples if s["mode"] == mode]
@@ -110,11 +122,6 @@ def run(size: int, repeat: int, runtime: float) -> dict[str, Any]:
             for name, _ in WORKLOADS
         }
     return {
-        "size": size,
-        "runtime_s": runtime,
-        "modes": {m: {"algorithm": a, "grouped": g} for m, (a, g) in MODES.items()},
-        "system": sysinfo.collect(),
-        "samples": samples,
         "median_mbps": med,
         "ratio": {
             f"{g} / {p}": {
