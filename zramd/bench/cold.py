@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
-from zramd.bench.runner import MIB, log
+from zramd.bench.runner import MIB, log, save_report
 from zramd.bench.servers import RunningServer, ServerSpec
 from zramd.config import parse_size
 
@@ -198,9 +197,7 @@ def main() -> None:
     text = render(raw)
     print(text)
     if args.out is not None:
-        os.makedirs(args.out, exist_ok=True)
-        (args.out / "cold.md").write_text(text)
-        (args.out / "cold.json").write_text(json.dumps(raw, indent=1) + "\n")
+        save_report(args.out, "cold", raw, text)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from typing import Any
 
 from zramd.bench import sysinfo
 from zramd.bench.fio import DATA_ARGS, FIO_TIMEOUT_SLACK_S, parse_fio, run_fio
-from zramd.bench.runner import MIB, log
+from zramd.bench.runner import MIB, log, save_report
 from zramd.bench.servers import (
     RunningServer,
     ServerSpec,
@@ -605,8 +605,6 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
 
 def write_report(raw: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Save ``durable.json`` and render ``durable.md`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     summ = summarize(raw)
-    (out_dir / "durable.json").write_text(json.dumps({**raw, "summary": summ}, indent=1) + "\n")
-    (out_dir / "durable.md").write_text(render_markdown(raw, summ))
+    save_report(out_dir, "durable", {**raw, "summary": summ}, render_markdown(raw, summ))
     return summ

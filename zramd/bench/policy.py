@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -39,8 +38,9 @@ from typing import Any
 from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
-from zramd.bench.runner import MIB, log
+from zramd.bench.runner import MIB, log, save_report
 from zramd.bench.servers import RunningServer, ServerSpec
+from zramd.config import parse_size
 
 #: the share of the device the client works on (at its start)
 HOT_FRACTION = 1 / 16
@@ -166,16 +166,11 @@ def main() -> None:
     ap.add_argument("--runtime", type=float, default=20.0, help="fio seconds")
     ap.add_argument("--out", type=Path, default=None, help="directory for policy.md/.json")
     args = ap.parse_args()
-    t = args.size.strip().upper().removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    size = int(float(t[:-1]) * mult[t[-1]]) if t[-1] in mult else int(t)
-    raw = run(size, args.repeat, args.after, args.runtime)
+    raw = run(parse_size(args.size), args.repeat, args.after, args.runtime)
     text = render(raw)
     print(text)
     if args.out is not None:
-        os.makedirs(args.out, exist_ok=True)
-        (args.out / "policy.md").write_text(text)
-        (args.out / "policy.json").write_text(json.dumps(raw, indent=1) + "\n")
+        save_report(args.out, "policy", raw, text)
 
 
 if __name__ == "__main__":

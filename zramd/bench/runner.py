@@ -12,6 +12,7 @@ what :mod:`zramd.bench.report` renders.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -50,6 +51,14 @@ class RunConfig:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def save_report(out_dir: Path, name: str, raw: dict[str, Any], text: str) -> None:
+    """Write a benchmark's ``NAME.json`` (``raw``, indented) and ``NAME.md`` (``text``) into
+    ``out_dir``, made if need be."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(text)
 
 
 def _log_warnings(text: str) -> str:

@@ -57,7 +57,7 @@ from typing import Any
 
 from zramd.bench import sysinfo
 from zramd.bench.fio import DATA_ARGS, parse_fio, run_fio
-from zramd.bench.runner import MIB, log
+from zramd.bench.runner import MIB, log, save_report
 from zramd.bench.servers import RunningServer, ServerSpec, proc_rss_bytes, zramd_command
 from zramd.device.backed import BURST_BYTES
 from zramd.geometry import PAGE_SIZE
@@ -508,8 +508,6 @@ def render_markdown(raw: dict[str, Any], summ: dict[str, Any]) -> str:
 
 def write_report(raw: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Save ``writeback.json`` and render ``writeback.md`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     summ = summarize(raw)
-    (out_dir / "writeback.json").write_text(json.dumps({**raw, "summary": summ}, indent=1) + "\n")
-    (out_dir / "writeback.md").write_text(render_markdown(raw, summ))
+    save_report(out_dir, "writeback", {**raw, "summary": summ}, render_markdown(raw, summ))
     return summ
