@@ -22,7 +22,6 @@ Usage: ``.venv/bin/python -m zramd.bench.cold --size 512M --repeat 3 --out docs/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
 from zramd.bench.runner import MIB, log, save_report
-from zramd.bench.servers import RunningServer, ServerSpec
+from zramd.bench.servers import ServerSpec
 from zramd.config import parse_size
 
 #: mode -> (export algorithms, whether the pages are grouped after the fill)
@@ -58,11 +57,6 @@ WORKLOADS = [
 ]
 
 
-def _stat(srv: RunningServer) -> dict[str, Any]:
-    st: dict[str, Any] = json.loads(srv.zramd("stat", srv.spec.export_name, "--json"))
-    return st
-
-
 def run_one(mode: str, size: int, image: Path, runtime: float) -> dict[str, Any]:
     """One sample: a fresh server, filled, grouped or not, then every workload."""
     algorithms, grouped = MODES[mode]
@@ -74,7 +68,7 @@ def run_one(mode: str, size: int, image: Path, runtime: float) -> dict[str, Any]
             srv.zramd("idle", srv.spec.export_name, "--all")
             srv.zramd("recompress", srv.spec.export_name, "--type", "idle", "--group-pages", "16")
             group_s = time.monotonic() - t0
-        st = _stat(srv)
+        st = srv.stat()
         figures = {}
         for name, args in WORKLOADS:
             res = parse_fio(run_fio(srv.uri, size, args, runtime))

@@ -247,7 +247,7 @@ def zramd_counters(srv: RunningServer) -> dict[str, int] | None:
     """A zramd server's FLUSH and WRITE requests and journal counters; None for other servers."""
     if srv.spec.kind != "zramd":
         return None
-    stat = json.loads(srv.zramd("stat", "--json", srv.spec.export_name))
+    stat = srv.stat()
     out = {f"journal_{k}": int(stat["journal"][k]) for k in JOURNAL_DELTAS}
     out["flush_requests"] = int(stat["requests"]["flush"]["requests"])
     out["write_requests"] = int(stat["requests"]["write"]["requests"])

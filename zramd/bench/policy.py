@@ -27,7 +27,6 @@ The ratio ``policy-on / policy-off`` of the median IOPS is the policy's cost to 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import tempfile
@@ -39,7 +38,7 @@ from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
 from zramd.bench.runner import MIB, log, save_report
-from zramd.bench.servers import RunningServer, ServerSpec
+from zramd.bench.servers import ServerSpec
 from zramd.config import parse_size
 
 #: the share of the device the client works on (at its start)
@@ -58,11 +57,6 @@ def servers(after: int) -> list[ServerSpec]:
     ]
 
 
-def _stat(srv: RunningServer) -> dict[str, Any]:
-    st: dict[str, Any] = json.loads(srv.zramd("stat", srv.spec.export_name, "--json"))
-    return st
-
-
 def run_one(
     spec: ServerSpec, size: int, image: Path, after: int, runtime: float
 ) -> dict[str, Any]:
@@ -71,13 +65,13 @@ def run_one(
         t0 = time.monotonic()
         subprocess.run(["nbdcopy", str(image), srv.uri], check=True, timeout=600)
         fill_s = time.monotonic() - t0
-        before = _stat(srv)
+        before = srv.stat()
         hot = int(size * HOT_FRACTION)
         args = ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=8",
                 "--buffer_compress_percentage=60", "--buffer_compress_chunk=4k",
                 "--refill_buffers", f"--ramp_time={after + 1}s"]  # fmt: skip
         res = parse_fio(run_fio(srv.uri, hot, args, after + 1 + runtime))
-        after_st = _stat(srv)
+        after_st = srv.stat()
     pol0 = before["tiers"].get("policy") or {}
     pol = after_st["tiers"].get("policy") or {}
     return {

@@ -20,6 +20,7 @@ Nothing here knows about workloads or reports.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: how long a server may take to accept its first connection
 START_TIMEOUT_S = 20.0
@@ -107,6 +109,11 @@ class RunningServer:
         if proc.returncode != 0:
             raise RuntimeError(f"zramd {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
         return proc.stdout
+
+    def stat(self) -> dict[str, Any]:
+        """``zramd stat --json`` of this zramd server's export."""
+        st: dict[str, Any] = json.loads(self.zramd("stat", "--json", self.spec.export_name))
+        return st
 
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.pid)

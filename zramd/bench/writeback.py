@@ -45,7 +45,6 @@ medians, the RSS per page between the two largest points and the fixed part.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import threading
@@ -207,8 +206,7 @@ def zramd_stat(srv: RunningServer) -> dict[str, Any] | None:
     """``zramd stat --json`` of the export of a zramd server; None for other servers."""
     if srv.spec.kind != "zramd":
         return None
-    stat: dict[str, Any] = json.loads(srv.zramd("stat", "--json", srv.spec.export_name))
-    return stat
+    return srv.stat()
 
 
 def backing_counters(srv: RunningServer) -> dict[str, int] | None:
