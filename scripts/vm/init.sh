@@ -413,13 +413,15 @@ hog_on_swap() {
 }
 
 # ---- scenario 5: swap under pressure on export swap (the whole guest under pressure)
-scenario_swap() {
-	connect swap -b 4096 || return 1
-	hog_on_swap "$DEV" "$HOG_MIB" 12345 0
+# swap_hog EXPORT MIB SEED CGROUP_MIB: hog_on_swap on /dev/nbd0 attached to EXPORT
+swap_hog() {
+	connect "$1" -b 4096 || return 1
+	hog_on_swap "$DEV" "$2" "$3" "$4"
 	_hrc=$?
 	disconnect
 	return $_hrc
 }
+scenario_swap() { swap_hog swap "$HOG_MIB" 12345 0; }
 
 # ---- writeback (issue 12): swap on an export whose memory limit (64 MiB) is far below what the
 # hog (WB_HOG_MIB, twice the guest's memory) pushes into swap. swapwb: export wb has a backing
@@ -429,16 +431,8 @@ scenario_swap() {
 # cgroup of WB_CG_MIB, so that swapnobd's failing swap-outs stall the hog and not the guest.
 WB_HOG_MIB=512
 WB_CG_MIB=96
-# swap_hog EXPORT SEED: the hog on swap on EXPORT
-swap_hog() {
-	connect "$1" -b 4096 || return 1
-	hog_on_swap "$DEV" "$WB_HOG_MIB" "$2" "$WB_CG_MIB"
-	_hrc=$?
-	disconnect
-	return $_hrc
-}
-scenario_swapwb() { swap_hog wb 6789; }
-scenario_swapnobd() { swap_hog nobd 6790; }
+scenario_swapwb() { swap_hog wb "$WB_HOG_MIB" 6789 "$WB_CG_MIB"; }
+scenario_swapnobd() { swap_hog nobd "$WB_HOG_MIB" 6790 "$WB_CG_MIB"; }
 
 # ---- md across two servers (issue 16): the second server is the guestfwd on PORT_B.
 # Members: /dev/nbd1 /dev/nbd2 (raid0 on export r0), /dev/nbd3 (one server alone: export one),
