@@ -32,9 +32,8 @@ from typing import Any
 from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
-from zramd.bench.runner import MIB, log, save_report
+from zramd.bench.runner import MIB, log, save_report, size_arg
 from zramd.bench.servers import ServerSpec
-from zramd.config import parse_size
 
 #: mode -> (export algorithms, whether the pages are grouped after the fill)
 MODES = {
@@ -182,12 +181,14 @@ def render(raw: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m zramd.bench.cold", description=__doc__)
-    ap.add_argument("--size", default="512M", help="device size (filled whole)")
+    ap.add_argument("--size", type=size_arg, default="512M", help="device size (filled whole)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--runtime", type=float, default=5.0, help="fio seconds per workload")
     ap.add_argument("--out", type=Path, default=None, help="directory for cold.md/.json")
     args = ap.parse_args()
-    raw = run(parse_size(args.size), args.repeat, args.runtime)
+    if args.repeat < 1 or args.runtime <= 0:
+        ap.error("--repeat must be at least 1 and --runtime more than 0")
+    raw = run(args.size, args.repeat, args.runtime)
     text = render(raw)
     print(text)
     if args.out is not None:

@@ -37,9 +37,8 @@ from typing import Any
 from zramd.bench import sysinfo
 from zramd.bench.fio import parse_fio, run_fio
 from zramd.bench.persist import real_files
-from zramd.bench.runner import MIB, log, save_report
+from zramd.bench.runner import MIB, log, save_report, size_arg
 from zramd.bench.servers import ServerSpec
-from zramd.config import parse_size
 
 #: the share of the device the client works on (at its start)
 HOT_FRACTION = 1 / 16
@@ -154,13 +153,15 @@ def render(raw: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m zramd.bench.policy", description=__doc__)
-    ap.add_argument("--size", default="1G", help="device size (filled whole)")
+    ap.add_argument("--size", type=size_arg, default="1G", help="device size (filled whole)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--after", type=int, default=5, help="recompress-after, seconds")
     ap.add_argument("--runtime", type=float, default=20.0, help="fio seconds")
     ap.add_argument("--out", type=Path, default=None, help="directory for policy.md/.json")
     args = ap.parse_args()
-    raw = run(parse_size(args.size), args.repeat, args.after, args.runtime)
+    if args.repeat < 1 or args.runtime <= 0 or args.after < 1:
+        ap.error("--repeat and --after must be at least 1 and --runtime more than 0")
+    raw = run(args.size, args.repeat, args.after, args.runtime)
     text = render(raw)
     print(text)
     if args.out is not None:

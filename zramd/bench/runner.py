@@ -12,6 +12,7 @@ what :mod:`zramd.bench.report` renders.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 from zramd.bench import density, sysinfo
 from zramd.bench.fio import FILL, Workload, run_sample
 from zramd.bench.servers import ServerSpec, ServerStartError
+from zramd.config import ConfigError, parse_size
 
 MIB = 1 << 20
 MAX_START_FAILURES = 2
@@ -51,6 +53,15 @@ class RunConfig:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: a size as zramd's configuration reads it (``config.parse_size``: "4G",
+    a bare number is MiB), a bad one refused in one line."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def save_report(out_dir: Path, name: str, raw: dict[str, Any], text: str) -> None:
