@@ -649,9 +649,10 @@ SIZES = [1, 31, 32, 200, 208, 1000, 3000, 3632, 3700, 4096]
 def test_store_many_is_store_of_each(
     batches: list[list[int]], frees: list[int], chain: int, limit_pages: int
 ) -> None:
-    """Batches (some between frees, so recycled handles and partial zspages meet fresh ones)
-    against the same objects stored one by one: same memory, same counts, every object loads,
-    the invariants hold; a batch past the limit raises PoolFull and changes nothing."""
+    """Batches (some between frees, so recycled handles and partial zspages meet fresh ones,
+    and batches into new zspages only, which are placed all at once) against the same objects
+    stored one by one: same memory, same zspages per class, every object loads, the
+    invariants hold; a batch past the limit raises PoolFull and changes nothing."""
     one = Pool(chain_size=chain, arena_size=64 * PAGE, limit=limit_pages * PAGE)
     many = Pool(chain_size=chain, arena_size=64 * PAGE, limit=limit_pages * PAGE)
     model: dict[int, tuple[int, bytes]] = {}  # handle in many -> handle in one, data
@@ -673,6 +674,7 @@ def test_store_many_is_store_of_each(
                 assert h not in model
                 model[h] = (h1, o)
             assert many.total_bytes == one.total_bytes and many.obj_count == one.obj_count
+            assert many.class_stats() == one.class_stats()  # the same zspages, class by class
             for f in frees[b::3]:
                 if model:
                     h = sorted(model)[f % len(model)]

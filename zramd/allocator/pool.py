@@ -89,8 +89,12 @@ pass a limit drops the cache first, and ``compact()``/``drop_cache()`` give it b
 in one buffer as ``store`` of each would (same classes, slots, accounting, limits), grouped by
 class and a zspage at a time: the handles, reverse-map entries and fullness-group change of the
 objects a zspage takes are done once for all of them, and their copies are one call to the C
-accelerator's ``copy_objects`` (a loop without it). A restore fills an empty pool this way. All
-or nothing, like ``store``.
+accelerator's ``copy_objects`` (a loop without it). Objects of a class with no non-full zspage
+(and no handle to recycle) go to new zspages all at once (``_fill_fresh``): one charge, the
+reverse maps, handle entries and offsets as arrays, one copy per arena. A restore fills an
+empty pool this way (541 MiB of objects of real files: 1.11-1.41 s before, 0.92-1.08 s with
+it; what is left is mostly the first touch of the pool's fresh pages, and the copies). All or
+nothing, like ``store``.
 
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
 only when a store needs a new zspage (a free slot in an existing zspage is always usable,
@@ -599,6 +603,9 @@ class Pool:
         while pos < end:
             zs = cls.cur
             if zs is None:
+                if self._fresh_only(cls):
+                    self._fill_fresh(cls, mv, starts, lengths, idxs[pos:], handles)
+                    return
                 zs = self._select(cls)  # may raise PoolFull; nothing changed for this zspage
             k = min(cls.objs - zs.inuse, end - pos)
             h0 = len(tbl)
@@ -639,6 +646,100 @@ class Pool:
                     _add(groups, g, zs)
                 zs.grp = g
             pos += k
+
+    def _fresh_only(self, cls: _Class) -> bool:
+        """Whether the next objects of ``cls`` go to new zspages only (no non-full zspage, no
+        warm one) with new handles in a row (none to recycle)."""
+        if cls.warm or self._free_head or self._closed:
+            return False
+        groups = cls.groups
+        return not any(groups[g] for g in range(GROUP_EMPTY, GROUP_FULL))
+
+    def _fill_fresh(
+        self,
+        cls: _Class,
+        mv: memoryview,
+        starts: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        idxs: npt.NDArray[Any],
+        handles: npt.NDArray[np.int64],
+    ) -> None:
+        """``_fill`` of the objects ``idxs`` into new zspages of ``cls`` all at once (what
+        ``_new_zspage`` and ``_fill`` would do zspage after zspage: the same runs, ids, slots,
+        handles and groups), with one charge for all of them and their reverse maps, handle
+        entries and copy offsets computed as arrays. Raises PoolFull, with nothing changed
+        for this class, where those zspages or handles are not there (where ``_fill`` would
+        have failed part way)."""
+        k = len(idxs)
+        objs, npg, size = cls.objs, cls.pages, cls.size
+        m = -(-k // objs)  # zspages, the last one possibly part full
+        h0 = len(self._tbl)
+        if h0 + k - 1 > MAX_HANDLE:
+            raise PoolFull("handle space exhausted", cause=CAUSE_SYSTEM)
+        self._charge(m * npg)
+        taken: list[tuple[_Arena, int]] = []
+        try:
+            arena = self._arena_with_room(npg)
+            for _ in range(m):
+                if not arena.has_room():
+                    arena = self._arena_with_room(npg)
+                taken.append((arena, arena.take()))
+        except OSError as exc:
+            for ar, off in taken:
+                self._give_back(ar, off)
+            self._uncharge(m * npg)
+            raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
+        zids = array("Q")
+        free_zids = self._free_zids
+        while free_zids and len(zids) < m:
+            zids.append(free_zids.pop())
+        zlist = self._zspages
+        n0, fresh = len(zlist), m - len(zids)
+        zids.extend(range(n0, n0 + fresh))
+        zlist.extend([None] * fresh)
+        # reverse maps: zspage j holds handles h0 + j * objs .., the last one's free tail chained
+        revmap = np.arange(h0, h0 + m * objs, dtype=np.uint32)
+        last = k - (m - 1) * objs
+        if last < objs:
+            revmap[k:] = np.arange(last + 1, objs + 1, dtype=np.uint32) | SLOT_FREE
+        rows = revmap.reshape(m, objs)
+        zid_arr = np.frombuffer(zids, dtype=np.uint64)
+        slots = np.tile(np.arange(objs, dtype=np.uint64), m)[:k]
+        entries = np.repeat(zid_arr << np.uint64(OBJ_BITS), objs)[:k] | slots
+        self._tbl.frombytes(entries.tobytes())
+        bases = np.fromiter((off for _, off in taken), dtype=np.int64, count=m)
+        dst = np.repeat(bases, objs)[:k] + slots.astype(np.int64) * size
+        handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
+        a = 0
+        while a < m:  # the zspages in one arena: one copy
+            ar = taken[a][0]
+            b = a + 1
+            while b < m and taken[b][0] is ar:
+                b += 1
+            lo, hi = a * objs, min(b * objs, k)
+            sel = idxs[lo:hi]
+            _copy_objects(ar.mm, dst[lo:hi], mv, starts[sel], lengths[sel])
+            a = b
+        for j, (ar, base) in enumerate(taken):
+            zs = _Zspage("I", rows[j].tobytes())
+            zid = int(zids[j])
+            zs.loc = zid << OBJ_BITS
+            zs.cls = cls
+            zs.arena = ar
+            zs.mm = ar.mm
+            zs.base = base
+            zs.inuse = objs
+            zs.fhead = objs
+            zs.grp = GROUP_FULL
+            zlist[zid] = zs
+        cls.nzspages += m
+        cls.used += k
+        if last < objs:  # the last zspage is part full: the allocation target, as _fill leaves it
+            zs.inuse = last
+            zs.fhead = last
+            zs.grp = cls.grp_of[last]
+            _add(cls.groups, zs.grp, zs)
+            cls.cur = zs
 
     def load(self, handle: int, size: int) -> bytes:
         e = self._tbl[handle]
