@@ -58,7 +58,7 @@ from zramd.server.admission import Admission
 from zramd.server.exports import ExportRegistry
 from zramd.server.session import ServerContext
 from zramd.server.tls import server_context
-from zramd.system import sd_notify
+from zramd.system import sd_notify, tune_malloc
 
 log = logging.getLogger("zramd.server")
 
@@ -435,4 +435,5 @@ async def serve(config: ServerConfig, *, hooks: ServeHooks | None = None) -> int
 def run(config: ServerConfig, *, hooks: ServeHooks | None = None) -> int:
     """Blocking entry point for ``zramd serve``."""
     log.debug("event loop: %s", install_uvloop())
+    log.debug("malloc: %s", tune_malloc())
     return asyncio.run(serve(config, hooks=hooks))
