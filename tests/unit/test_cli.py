@@ -359,6 +359,8 @@ def test_serve_verbose_after_the_command_and_timestamps_outside_systemd(tmp_path
         assert p.stderr is not None
         loop_line = p.stderr.readline()
         assert re.fullmatch(rf"{stamp}zramd: event loop: uvloop \S+\n", loop_line), loop_line
+        malloc_line = p.stderr.readline()
+        assert re.fullmatch(rf"{stamp}zramd: malloc: mmap threshold 4 MiB, .*\n", malloc_line)
         first = p.stderr.readline()
         assert re.fullmatch(rf"{stamp}zramd: listening on unix:\S+ \(exports: a 1M lz4\)\n", first)
         time.sleep(0.2)  # the SIGTERM handler is installed just after that line
