@@ -45,3 +45,13 @@ def decode_kind(codec: Codec) -> int | None:
 
 def encode_kind(codec: Codec) -> int | None:
     return codec.native_encode if enabled else None
+
+
+#: native encode kinds that cost several times lz4 fast per page (zstd, lz4hc)
+SLOW_ENCODE_KINDS = (2, 3)
+
+
+def slow_encode(codec: Codec) -> bool:
+    """Whether ``codec`` compresses in a C batch at a cost worth a thread hop for large writes
+    (zstd, lz4hc: 5-10 us per 4 KiB page here, against about 2 for lz4)."""
+    return encode_kind(codec) in SLOW_ENCODE_KINDS

@@ -37,7 +37,8 @@ Each request is done either inline, on the calling thread without yielding, or a
 codec loop in the executor's workers; the choice is made here only (``read_with_zeros_now``,
 ``write_now``): inline below ``offload_min_pages`` pages when no overlapping request is in
 flight, and, with the native extension, reads of ``native_offload_min_pages`` or more always in
-the workers (their C batch runs with the GIL released). Requests of ``native_min_pages`` or more
+the workers (their C batch runs with the GIL released), writes of that size too when their
+codec compresses slowly (zstd, lz4hc: ``_write_offload``). Requests of ``native_min_pages`` or more
 whose codec has a native form run their codec loop as one C call instead of a Python loop.
 
 Invariants
@@ -132,10 +133,11 @@ POOL_CACHE_PAGES = 256
 NATIVE_MIN_PAGES = 8
 #: reads of at least this many pages run their C batch in the workers, split in two, whatever
 #: ``offload_min_pages`` says. Measured with fio 1 MiB reads QD4 (docs/performance.md): inline C
-#: 1040 MiB/s, in the workers 1500 MiB/s (the loop thread serves the socket meanwhile). Writes
-#: stay inline below ``offload_min_pages``: their commit (pool stores) needs the loop thread
-#: anyway, they gained nothing in the workers, and inline their short-lived buffers stay out of
-#: the workers' malloc arenas (in the workers: +25% RSS in an nbdcopy copy-in).
+#: 1040 MiB/s, in the workers 1500 MiB/s (the loop thread serves the socket meanwhile). lz4
+#: writes stay inline below ``offload_min_pages``: their commit (pool stores) needs the loop
+#: thread anyway, they gained nothing in the workers, and inline their short-lived buffers stay
+#: out of the workers' malloc arenas (in the workers: +25% RSS in an nbdcopy copy-in). zstd and
+#: lz4hc writes of this size compress in the workers (``ZramDevice._write_offload``).
 NATIVE_OFFLOAD_MIN_PAGES = 256
 #: offloaded requests of at least this many pages are split into this many parts, one per codec
 #: worker, so one large request keeps both cores busy (the device's executor has 2 workers).
@@ -382,10 +384,20 @@ class ZramDevice:
         """Whether a read of ``npages`` pages is done on the calling thread."""
         return npages < self._offload_pages and not self._native_read_offload(npages)
 
+    def _write_offload(self, npages: int) -> bool:
+        """Whether a write of ``npages`` pages compresses in the workers: from
+        ``offload_min_pages`` pages, or from ``native_offload_min_pages`` with a codec whose
+        C batch is slow (zstd, lz4hc: there the compression, not the commit, bounds the loop
+        thread; fio 1 MiB sequential writes to a zstd export 171-238 MB/s inline, 259-290 in
+        a worker; lz4's stay inline, where they were no faster in a worker)."""
+        return npages >= self._offload_pages or (
+            npages >= self._native_offload_pages and native.slow_encode(self.codec)
+        )
+
     def _write_inline(self, first: int, last: int) -> bool:
-        """Whether a write of pages ``[first, last]`` is done at once: fewer than
-        ``offload_min_pages`` pages, and no overlapping request in flight to wait for."""
-        return last - first + 1 < self._offload_pages and (
+        """Whether a write of pages ``[first, last]`` is done at once: not one for the workers
+        (``_write_offload``), and no overlapping request in flight to wait for."""
+        return not self._write_offload(last - first + 1) and (
             not self._inflight or not self._inflight.overlaps(first, last)
         )
 
@@ -837,7 +849,7 @@ class ZramDevice:
         n = len(data) if type(data) is bytes else self._as_bytes_view(data).nbytes
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if last - first + 1 < self._offload_pages:  # small: behind an overlapping request, or
+        if not self._write_offload(last - first + 1):  # behind an overlapping request, or
             r = await self._inflight.acquire(first, last)  # waiting for room or backed pages
             try:
                 await self._with_room(lambda f: self.write_sync(offset, data, f), offset, n)
