@@ -6,6 +6,7 @@ failure, not a skip: the fast path must not silently fall back.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from collections.abc import Iterator
@@ -193,7 +194,8 @@ def use_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_device_large_requests_match_a_model(use_native: bool) -> None:
-    """Large unaligned writes and reads (the batched path), mixed codecs, against a bytearray."""
+    """Large unaligned writes and reads (the batched path), mixed codecs, against a bytearray
+    (zstd and lz4hc writes of 256 pages or more go to the workers in two parts)."""
     rnd = random.Random(5)
     npages = 512
     with ThreadPoolExecutor(2) as ex:
@@ -206,7 +208,7 @@ async def test_device_large_requests_match_a_model(use_native: bool) -> None:
                 algo, level = algos[(step // 15) % len(algos)]
                 d.set_algorithm(algo, level=level)
             off = rnd.randrange(0, npages - 1) * PAGE + rnd.choice([0, 0, 512, 3584])
-            n = min(rnd.randrange(32, 200) * PAGE + rnd.choice([0, 512, 1536]), len(model) - off)
+            n = min(rnd.randrange(32, 320) * PAGE + rnd.choice([0, 512, 1536]), len(model) - off)
             data = src[(step * 7) % 60 * PAGE :][:n]
             n = len(data)
             await d.write(off, data)
@@ -241,7 +243,8 @@ async def test_device_corrupt_page_in_a_large_read_is_eio(use_native: bool) -> N
 
 def test_native_paths_are_what_the_server_uses(monkeypatch: pytest.MonkeyPatch) -> None:
     """As the server's devices are configured: reads of 1 MiB go to the workers, smaller
-    multi-page reads and writes run their C batch inline."""
+    multi-page reads and writes run their C batch inline; so do lz4 writes of 1 MiB, while
+    zstd's go to the workers, in two parts."""
     calls = {"prepare": 0, "decompress": 0}
     mod = native.module()
     for name in calls:
@@ -262,6 +265,21 @@ def test_native_paths_are_what_the_server_uses(monkeypatch: pytest.MonkeyPatch) 
     assert calls["decompress"] == 1
     assert d.read_now(0, 256 * PAGE) is None  # must be awaited: it goes to the workers
     assert d.read_now(0, 4 * PAGE) is not None and calls["decompress"] == 1  # few pages: Python
+    d.set_algorithm("zstd")
+    assert not d.write_now(0, data)  # must be awaited: zstd compresses in the workers
+    assert calls["prepare"] == 1
+    small = data[: 255 * PAGE]
+    assert d.write_now(PAGE, small) and calls["prepare"] == 2  # below 1 MiB: inline
+
+    async def offloaded() -> None:
+        with ThreadPoolExecutor(2) as ex:
+            z = ZramDevice(512 * PAGE, executor=ex, offload_min_pages=1024, algorithm="zstd")
+            await z.write(0, data)
+            assert calls["prepare"] == 4  # two parts
+            assert await z.read(0, len(data)) == data
+            z.close()
+
+    asyncio.run(offloaded())
     d.close()
 
 

@@ -145,6 +145,10 @@ NATIVE_OFFLOAD_MIN_PAGES = 256
 #: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s)
 SPLIT_PARTS = 2
 SPLIT_MIN_PAGES = 512
+#: ... but writes whose codec compresses slowly (zstd, lz4hc) split from 1 MiB: there the
+#: compression is most of a request's time (fio seq 1M writes to zstd QD4: 364-420 MB/s in one
+#: part, 415-454 in two)
+SLOW_WRITE_SPLIT_MIN_PAGES = 256
 #: seconds between two readings of the clock while a loop serves the device (start_clock): the
 #: access times are 16 s quanta, so requests stamp the last reading instead of each reading the
 #: clock (about 0.12 us less per 4 KiB request)
@@ -826,12 +830,14 @@ class ZramDevice:
                 self._backed.check()
             return
 
-    async def _in_parts(self, fn: Callable[..., Any], npages: int, *args: Any) -> list[Any]:
+    async def _in_parts(
+        self, fn: Callable[..., Any], npages: int, *args: Any, split: int = SPLIT_MIN_PAGES
+    ) -> list[Any]:
         """Run ``fn(start, stop, *args)`` over the pages ``[0, npages)`` in the executor: one call
-        below SPLIT_MIN_PAGES, else SPLIT_PARTS calls at once (both cores busy on one large
+        below ``split`` pages, else SPLIT_PARTS calls at once (both cores busy on one large
         request). Waits for every part even if one fails, then raises the first failure. Returns
         the parts' results in page order."""
-        if npages < SPLIT_MIN_PAGES:
+        if npages < split:
             return [await self._run_in_executor(fn, 0, npages, *args)]
         cuts = [npages * k // SPLIT_PARTS for k in range(SPLIT_PARTS + 1)]
         results = await asyncio.gather(
@@ -878,6 +884,11 @@ class ZramDevice:
                 tail,
                 npages,
                 self._preparer(cid, native_ok=True),
+                split=(
+                    SLOW_WRITE_SPLIT_MIN_PAGES
+                    if native.slow_encode(self._store.codecs[cid])
+                    else SPLIT_MIN_PAGES
+                ),
             )
             prepared: list[Prepared] = parts[0] if len(parts) == 1 else sum(parts, [])
             self._store.tick()
