@@ -49,6 +49,21 @@
  *     range is checked against its buffer before anything is copied (ValueError), the copies
  *     run with the GIL released.
  *
+ * load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytearray
+ *     The allocator's batch load (zramd/allocator/pool.py, ``Pool.load_packed``): the objects of
+ *     ``handles`` (uint64) of ``sizes`` (uint16 bytes each) copied out of their mappings end to
+ *     end into one new bytearray, each as ``Pool.load`` finds it: from the pool's handle table
+ *     ``tbl`` (uint64 entries), its zspage list (``base``, ``cls.size``, ``mm``) and arena list
+ *     (``mm``), with the entry layout's ``obj_bits`` and ``aid_shift`` given by the pool.
+ *     KeyError for a handle that is not live, ValueError for an object outside its mapping.
+ *
+ * decompress_packed(dst, src, ends, begin, kind) -> int
+ *     decompress_pages for blobs laid end to end in ``src``: blob i is src[ends[i-1]:ends[i]]
+ *     (int64 offsets; blob 0 starts at ``begin``), a blob of exactly PAGE bytes is copied as
+ *     is, the others are blobs of ``kind`` (1 lz4, 2 zstd). Every offset is checked before
+ *     anything is decoded; the loop runs without the GIL. Returns -1, or the index of the
+ *     first page that did not decode.
+ *
  * The libraries are the system's liblz4 and libzstd (declared here, so no -dev package is
  * needed to build). The module is optional: zramd falls back to its Python loops without it.
  */
@@ -461,6 +476,196 @@ new_buffer(PyObject *self, PyObject *args)
     return PyByteArray_FromStringAndSize(NULL, n);
 }
 
+/* The bytes of ``mm`` (its buffer kept in ``view`` while the next objects come from the same
+ * mapping, ``*held`` naming it) at [off, off + size), for load_packed; NULL with an error set. */
+static const char *
+object_at(PyObject *mm, Py_buffer *view, PyObject **held, long long off, Py_ssize_t size,
+          Py_ssize_t i)
+{
+    if (mm != *held) {
+        if (*held != NULL) {
+            PyBuffer_Release(view);
+            *held = NULL;
+        }
+        if (PyObject_GetBuffer(mm, view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        *held = mm;
+    }
+    if (off < 0 || size < 0 || off > (long long)view->len - size) {
+        PyErr_Format(PyExc_ValueError, "load_packed: object %zd out of its mapping", i);
+        return NULL;
+    }
+    return (const char *)view->buf + off;
+}
+
+static PyObject *
+load_packed(PyObject *self, PyObject *args)
+{
+    Py_buffer tbl, hb, sb;
+    PyObject *zspages, *arenas;
+    int obj_bits, aid_shift;
+    if (!PyArg_ParseTuple(args, "y*O!O!y*y*ii:load_packed", &tbl, &PyList_Type, &zspages,
+                          &PyList_Type, &arenas, &hb, &sb, &obj_bits, &aid_shift))
+        return NULL;
+    const uint64_t FREE = 1ULL << 63, HUGE = 1ULL << 62;
+    const uint64_t obj_mask = (1ULL << obj_bits) - 1, page_mask = (1ULL << aid_shift) - 1;
+    const uint64_t aid_mask = (1ULL << (62 - aid_shift)) - 1;
+    const uint64_t *t = (const uint64_t *)tbl.buf;
+    const uint64_t *handles = (const uint64_t *)hb.buf;
+    const uint16_t *sizes = (const uint16_t *)sb.buf;
+    Py_ssize_t ntbl = tbl.len / (Py_ssize_t)sizeof(uint64_t);
+    Py_ssize_t n = hb.len / (Py_ssize_t)sizeof(uint64_t);
+    PyObject *out = NULL, *held = NULL, *zs_last = NULL, *zs_mm = NULL;
+    long long zs_base = 0, zs_size = 0, total = 0;
+    Py_buffer view;
+    if (hb.len % (Py_ssize_t)sizeof(uint64_t) || sb.len != n * (Py_ssize_t)sizeof(uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "load_packed: handles (uint64) and sizes (uint16) "
+                                          "differ in length");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        total += sizes[i];
+    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL)
+        goto fail;
+    char *dst = PyByteArray_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = handles[i];
+        Py_ssize_t size = sizes[i];
+        if (h == 0 || h >= (uint64_t)ntbl || (t[h] & FREE)) {
+            PyErr_Format(PyExc_KeyError, "handle %llu is not live", (unsigned long long)h);
+            goto fail;
+        }
+        uint64_t e = t[h];
+        const char *src;
+        if (e & HUGE) {
+            Py_ssize_t aid = (Py_ssize_t)((e >> aid_shift) & aid_mask);
+            PyObject *ar = aid < PyList_GET_SIZE(arenas) ? PyList_GET_ITEM(arenas, aid) : Py_None;
+            if (ar == Py_None) {
+                PyErr_Format(PyExc_KeyError, "handle %llu: no arena %zd", (unsigned long long)h,
+                             aid);
+                goto fail;
+            }
+            PyObject *mm = PyObject_GetAttrString(ar, "mm");
+            if (mm == NULL)
+                goto fail;
+            src = object_at(mm, &view, &held, (long long)((e & page_mask) * PAGE), size, i);
+            Py_DECREF(mm); /* the arena keeps it alive; ``held`` is only compared */
+        } else {
+            Py_ssize_t zid = (Py_ssize_t)(e >> obj_bits);
+            PyObject *zs = zid < PyList_GET_SIZE(zspages) ? PyList_GET_ITEM(zspages, zid) : Py_None;
+            if (zs == Py_None) {
+                PyErr_Format(PyExc_KeyError, "handle %llu: no zspage %zd", (unsigned long long)h,
+                             zid);
+                goto fail;
+            }
+            if (zs != zs_last) { /* consecutive objects often share a zspage */
+                PyObject *base = PyObject_GetAttrString(zs, "base");
+                PyObject *cls = PyObject_GetAttrString(zs, "cls");
+                PyObject *csize = cls ? PyObject_GetAttrString(cls, "size") : NULL;
+                PyObject *mm = PyObject_GetAttrString(zs, "mm");
+                zs_base = base ? PyLong_AsLongLong(base) : -1;
+                zs_size = csize ? PyLong_AsLongLong(csize) : -1;
+                Py_XDECREF(base);
+                Py_XDECREF(cls);
+                Py_XDECREF(csize);
+                Py_XDECREF(mm); /* the zspage keeps it alive */
+                if (mm == NULL || PyErr_Occurred())
+                    goto fail;
+                zs_mm = mm;
+                zs_last = zs;
+            }
+            src = object_at(zs_mm, &view, &held, zs_base + (long long)(e & obj_mask) * zs_size,
+                            size, i);
+        }
+        if (src == NULL)
+            goto fail;
+        memcpy(dst, src, (size_t)size);
+        dst += size;
+    }
+    if (held != NULL)
+        PyBuffer_Release(&view);
+    PyBuffer_Release(&tbl);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&sb);
+    return out;
+fail:
+    if (held != NULL)
+        PyBuffer_Release(&view);
+    Py_XDECREF(out);
+    PyBuffer_Release(&tbl);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&sb);
+    return NULL;
+}
+
+static PyObject *
+decompress_packed(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src, eb;
+    Py_ssize_t begin;
+    int kind;
+    if (!PyArg_ParseTuple(args, "w*y*y*ni:decompress_packed", &dst, &src, &eb, &begin, &kind))
+        return NULL;
+    PyObject *result = NULL;
+    ZSTD_DCtx *dctx = NULL;
+    const int64_t *ends = (const int64_t *)eb.buf;
+    Py_ssize_t n = eb.len / (Py_ssize_t)sizeof(int64_t);
+    if (kind != K_LZ4 && kind != K_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "decompress_packed: unknown kind %d", kind);
+        goto out;
+    }
+    if (eb.len % (Py_ssize_t)sizeof(int64_t) || dst.len < n * (Py_ssize_t)PAGE) {
+        PyErr_SetString(PyExc_ValueError, "decompress_packed: ends or dst of the wrong length");
+        goto out;
+    }
+    for (Py_ssize_t i = 0, prev = begin; i < n; prev = (Py_ssize_t)ends[i++]) {
+        if (prev < 0 || ends[i] < prev || ends[i] > src.len || ends[i] - prev > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "decompress_packed: blob %zd out of range", i);
+            goto out;
+        }
+    }
+    if (kind == K_ZSTD && n) {
+        dctx = ZSTD_createDCtx();
+        if (dctx == NULL) {
+            PyErr_NoMemory();
+            goto out;
+        }
+    }
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    const char *s = src.buf;
+    Py_ssize_t prev = begin;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *o = (char *)dst.buf + i * PAGE;
+        Py_ssize_t len = (Py_ssize_t)ends[i] - prev;
+        int ok;
+        if (len == PAGE) {
+            memcpy(o, s + prev, PAGE);
+            ok = 1;
+        } else if (kind == K_LZ4) {
+            ok = LZ4_decompress_safe(s + prev, o, (int)len, PAGE) == PAGE;
+        } else {
+            size_t r = ZSTD_decompressDCtx(dctx, o, PAGE, s + prev, (size_t)len);
+            ok = !ZSTD_isError(r) && r == PAGE;
+        }
+        if (!ok) {
+            bad = i;
+            break;
+        }
+        prev = (Py_ssize_t)ends[i];
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+out:
+    if (dctx != NULL)
+        ZSTD_freeDCtx(dctx);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&eb);
+    return result;
+}
+
 static PyObject *
 copy_objects(PyObject *self, PyObject *args)
 {
@@ -497,6 +702,10 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"load_packed", load_packed, METH_VARARGS,
+     "load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytearray"},
+    {"decompress_packed", decompress_packed, METH_VARARGS,
+     "decompress_packed(dst, src, ends, begin, kind) -> -1, or the first page that did not decode"},
     {"copy_objects", copy_objects, METH_VARARGS,
      "copy_objects(dst, dst_offsets, src, src_offsets, lengths): scatter objects into dst"},
     {"new_buffer", new_buffer, METH_VARARGS, "new_buffer(n) -> bytearray of n bytes, not zeroed"},

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zramd.allocator import FULLNESS_LABELS, MemoryBudget, Pool, PoolFull, build_classes
+from zramd.allocator import pool as pool_module
 from zramd.allocator.classes import NUM_SIZE_CLASSES, chain_size_for, huge_watermark
 
 PAGE = 4096
@@ -720,3 +722,41 @@ def test_store_packed_with_and_without_the_c_copy(
         assert (pool.total_bytes, pool.obj_count) == before
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["native", "python"])
+def test_load_packed_is_load_of_each(accelerated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch load (C, or the Python join without it) gives what load gives, end to end,
+    for objects of every class and huge ones, after frees and a compaction moved some; a
+    handle that is not live is KeyError."""
+    if not accelerated:
+        monkeypatch.setattr(pool_module, "_native_load", None)
+    elif pool_module._native_load is None:
+        pytest.skip("zramd._native is not built")
+    rnd = random.Random(11)
+    p = Pool()
+    live: dict[int, bytes] = {}
+    for i in range(3000):
+        size = rnd.choice([4096, rnd.randint(1, 4096), rnd.randint(20, 400)])
+        data = rnd.randbytes(size)
+        live[p.store(data)] = data
+        if i % 3 == 0:
+            h = rnd.choice(list(live))
+            p.free(h)
+            del live[h]
+    p.compact()
+    handles = list(live)
+    rnd.shuffle(handles)
+
+    def packed(hs: list[int]) -> bytes:
+        sizes = np.array([len(live[h]) for h in hs], dtype=np.uint16)
+        return bytes(p.load_packed(np.array(hs, dtype=np.uint64), sizes))
+
+    want = b"".join(live[h] for h in handles)
+    assert packed(handles) == want == b"".join(p.load(h, len(live[h])) for h in handles)
+    assert packed([]) == b""
+    gone = handles[0]
+    p.free(gone)
+    live[gone] = b"x"
+    with pytest.raises(KeyError):
+        packed([handles[1], gone])

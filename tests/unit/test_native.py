@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from zramd.compress import get_codec, native
@@ -106,6 +107,42 @@ def test_decompress_pages_rejects_bad_arguments() -> None:
         N.decompress_pages(bytes(PAGE), [blob], 1)  # read-only destination
     with pytest.raises(ValueError):
         N.new_buffer(-1)
+
+
+@pytest.mark.parametrize("algo", ["lz4", "lz4hc", "zstd"])
+def test_decompress_packed_matches_the_codec(algo: str) -> None:
+    """Blobs end to end (a raw page among them is copied), in one call or in two parts cut
+    anywhere, as the read path splits them; a bad blob gives its index; bad offsets or
+    arguments are refused before anything is decoded."""
+    codec = get_codec(algo)
+    kind = native.decode_kind(codec)
+    assert kind is not None
+    src = pages(4, 30)
+    blobs = [b if len(b := codec.compress(p)) < PAGE else p for p in src]
+    data = b"".join(blobs)
+    ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+    dst = bytearray(len(src) * PAGE)
+    assert N.decompress_packed(dst, data, ends, 0, kind) == -1
+    assert bytes(dst) == b"".join(src)
+    for cut in (1, 13, 29):
+        dst = bytearray(len(src) * PAGE)
+        view = memoryview(dst)
+        assert N.decompress_packed(view[: cut * PAGE], data, ends[:cut], 0, kind) == -1
+        begin = int(ends[cut - 1])
+        assert N.decompress_packed(view[cut * PAGE :], data, ends[cut:], begin, kind) == -1
+        assert bytes(dst) == b"".join(src)
+    bad = bytearray(data)
+    bad[int(ends[6]) : int(ends[7])] = b"\xff" * (int(ends[7]) - int(ends[6]))
+    if len(blobs[7]) < PAGE:
+        assert N.decompress_packed(bytearray(len(src) * PAGE), bytes(bad), ends, 0, kind) == 7
+    with pytest.raises(ValueError, match="out of range"):
+        N.decompress_packed(bytearray(len(src) * PAGE), data[:-1], ends, 0, kind)
+    with pytest.raises(ValueError, match="out of range"):
+        N.decompress_packed(bytearray(len(src) * PAGE), data, ends[::-1].copy(), 0, kind)
+    with pytest.raises(ValueError, match="length"):
+        N.decompress_packed(bytearray(PAGE), data, ends, 0, kind)
+    with pytest.raises(ValueError, match="kind"):
+        N.decompress_packed(bytearray(len(src) * PAGE), data, ends, 0, 0)
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,18 @@ class GroupImage:
         return data
 
 
+class PackedSnap:
+    """A native snapshot of pages that are all blobs of one kind: the blobs end to end in
+    ``data``, blob i ending at ``ends[i]`` (int64), so that a part ``[start, stop)`` of the
+    read is one C call over a slice of ``ends``."""
+
+    __slots__ = ("data", "ends")
+
+    def __init__(self, data: Any, ends: Any) -> None:
+        self.data = data
+        self.ends = ends
+
+
 class GroupRun:
     """Snapshot item for a run of consecutive members of one group image: every page of the run
     holds this one object (a list repeat, no object per page), and the page at snapshot
@@ -233,13 +245,21 @@ def decompress_part(start: int, stop: int, snap: list[Any]) -> bytes:
     return b"".join(parts)
 
 
-def native_decode_part(start: int, stop: int, snap: list[Any], kind: int, out: memoryview) -> None:
-    """Decode items ``[start, stop)`` of a native snapshot into their pages of ``out``. Items are
+def native_decode_part(start: int, stop: int, snap: Any, kind: int, out: memoryview) -> None:
+    """Decode items ``[start, stop)`` of a native snapshot into their pages of ``out``: a
+    :class:`PackedSnap` (blobs of ``kind``), or a list whose items are
     page bytes, a shorter blob of ``kind``, ``(kind, blob)`` for the C loop, or ``(codec, blob)``
     for a codec without a native form and :class:`GroupRun` items (both decoded here: a run of
     consecutive members of one group is copied into ``out`` as one slice of its pages, the
     items around it go to the C loop). Raises CodecError."""
     decompress_pages = native.module().decompress_pages
+    if type(snap) is PackedSnap:  # blobs end to end: one C batch over its offsets
+        view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
+        begin = int(snap.ends[start - 1]) if start else 0
+        bad = native.module().decompress_packed(view, snap.data, snap.ends[start:stop], begin, kind)
+        if bad >= 0:
+            raise CodecError(f"page {start + bad} of the request does not decode")
+        return
     if kind:  # only blobs and pages: one C batch
         view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
         bad = decompress_pages(view, snap[start:stop], kind)

@@ -60,7 +60,7 @@ from zramd.allocator import Pool, PoolFull
 from zramd.compress import Codec, CodecError, native
 from zramd.device.groups import Groups
 from zramd.device.interface import DeviceIOError, NoSpace
-from zramd.device.pipeline import GroupRun, Prepared
+from zramd.device.pipeline import GroupRun, PackedSnap, Prepared
 from zramd.device.samefill import ZERO_PAGE, fill_page
 from zramd.device.table import (
     ATIME_QUANTUM,
@@ -655,12 +655,13 @@ class PageStore:
 
     def snapshot_native(
         self, first: int, last: int, backed: list[BackedItem] | None = None
-    ) -> tuple[list[Any], int, list[int]]:
-        """``(items, kind, zero pages)`` for :func:`zramd.device.pipeline.native_decode_part`;
-        per page: finished bytes, a blob of ``kind``, ``(kind, blob)`` or ``(codec, blob)``
-        (BACKED pages as :meth:`snapshot` does them)."""
+    ) -> tuple[Any, int, list[int]]:
+        """``(items, kind, zero pages)`` for :func:`zramd.device.pipeline.native_decode_part`:
+        a :class:`~zramd.device.pipeline.PackedSnap` of blobs of ``kind`` when every page is
+        compressed with one native codec, else per page finished bytes, ``(kind, blob)`` or
+        ``(codec, blob)`` (BACKED pages as :meth:`snapshot` does them) with kind 0."""
         t = self.table
-        state_mv, handle_mv, size_mv, codec_mv = t.state_mv, t.handle_mv, t.size_mv, t.codec_mv
+        state_mv, codec_mv = t.state_mv, t.codec_mv
         tags: list[Any] = []
         for c in self.codecs:
             k = native.decode_kind(c)
@@ -673,9 +674,11 @@ class PageStore:
             and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
             and cids == bytes((cids[0],)) * n
         ):
-            # the common case, every page compressed with one native codec: bare blobs of ``tag``
-            load, stop = self.pool.load, last + 1
-            handles, sizes = handle_mv[first:stop].tolist(), size_mv[first:stop].tolist()
-            return [load(h, size) for h, size in zip(handles, sizes, strict=True)], tag, []
+            # the common case, every page compressed with one native codec: their blobs of
+            # ``tag`` end to end in one buffer (one copy, no object per page)
+            stop = last + 1
+            sizes = t.size[first:stop]
+            data = self.pool.load_packed(t.handle[first:stop], sizes)
+            return PackedSnap(data, np.cumsum(sizes, dtype=np.int64)), tag, []
         snap, zero = self.snapshot(first, last, tags, backed)
         return snap, 0, zero
