@@ -356,18 +356,25 @@ def test_serve_verbose_after_the_command_and_timestamps_outside_systemd(tmp_path
         p = subprocess.Popen(
             [*cmd, "--control", ""], stderr=subprocess.PIPE, text=True, env={**env, **extra}
         )
-        assert p.stderr is not None
-        loop_line = p.stderr.readline()
-        assert re.fullmatch(rf"{stamp}zramd: event loop: uvloop \S+\n", loop_line), loop_line
-        malloc_line = p.stderr.readline()
-        assert re.fullmatch(rf"{stamp}zramd: malloc: mmap threshold 4 MiB, .*\n", malloc_line)
-        first = p.stderr.readline()
-        assert re.fullmatch(rf"{stamp}zramd: listening on unix:\S+ \(exports: a 1M lz4\)\n", first)
-        time.sleep(0.2)  # the SIGTERM handler is installed just after that line
-        p.send_signal(signal.SIGTERM)
-        rest = p.communicate(timeout=10)[1]
-        assert p.returncode == 0
-        assert re.fullmatch(rf"{stamp}zramd: stopped\n", rest), rest
+        try:
+            assert p.stderr is not None
+            loop_line = p.stderr.readline()
+            assert re.fullmatch(rf"{stamp}zramd: event loop: uvloop \S+\n", loop_line), loop_line
+            malloc_line = p.stderr.readline()
+            assert re.fullmatch(rf"{stamp}zramd: malloc: mmap threshold 4 MiB, .*\n", malloc_line)
+            first = p.stderr.readline()
+            assert re.fullmatch(
+                rf"{stamp}zramd: listening on unix:\S+ \(exports: a 1M lz4\)\n", first
+            )
+            time.sleep(0.2)  # the SIGTERM handler is installed just after that line
+            p.send_signal(signal.SIGTERM)
+            rest = p.communicate(timeout=10)[1]
+            assert p.returncode == 0
+            assert re.fullmatch(rf"{stamp}zramd: stopped\n", rest), rest
+        finally:
+            if p.poll() is None:  # a failed check must not leave the server running
+                p.kill()
+                p.wait()
 
 
 def test_under_systemd() -> None:
