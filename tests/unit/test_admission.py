@@ -178,3 +178,27 @@ async def test_tcp_sessions_detect_dead_peers() -> None:
         for s in list(admission.ctx.sessions):
             s.abort()
         await server.wait_closed()
+
+
+async def test_the_last_session_to_close_gives_the_heap_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """malloc keeps some free heap for the next requests (system.tune_malloc); when the last
+    client disconnects it all goes back to the OS, once."""
+    from zramd.server import session as session_module
+
+    trims: list[int] = []
+    monkeypatch.setattr(session_module, "trim_heap", lambda: trims.append(1))
+    adm = admission()
+    a, b = FakeTransport(("127.0.0.1", 40001)), FakeTransport(("127.0.0.1", 40002))
+    adm.gate().connection_made(a)
+    adm.gate().connection_made(b)
+    sa, sb = a.get_protocol(), b.get_protocol()
+    assert isinstance(sa, Session) and isinstance(sb, Session)
+    sa.abort()
+    sa.connection_lost(None)
+    assert trims == []  # another client is still connected
+    sb.abort()
+    sb.connection_lost(None)
+    sb.connection_lost(None)  # a second detach of the same session trims nothing more
+    assert trims == [1] and not adm.ctx.sessions

@@ -98,6 +98,7 @@ from zramd.server.exports import Export, ExportRegistry
 from zramd.server.flow import Flow, InFlight
 from zramd.server.inline import start_inline
 from zramd.stats import IO_COMMANDS
+from zramd.system import trim_heap
 
 log = logging.getLogger("zramd.server")
 
@@ -608,7 +609,11 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
     def _detach(self) -> None:
-        self.ctx.sessions.discard(self)
+        sessions = self.ctx.sessions
+        if self in sessions:
+            sessions.discard(self)
+            if not sessions:  # the last client is gone: its buffers' free heap pages go back
+                trim_heap()
         self.flow.leave()
         self.ctx.transmitting.discard(self)
         self._poll_fd = -1
