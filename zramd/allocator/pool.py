@@ -560,33 +560,32 @@ class Pool:
         if self._closed:
             raise ValueError("pool is closed")
         self._charge(k)
+        taken = self._take_runs(1, k)
+        tbl.extend([HUGE_TAG | ar.aid << AID_SHIFT | off // PAGE_SIZE for ar, off in taken])
+        handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
+        offs = np.fromiter((off for _, off in taken), dtype=np.int64, count=k)
+        _copy_into_runs(taken, 1, offs, mv, starts, lengths, idxs)
+        cls = self._huge
+        cls.used += k
+        cls.nzspages += k
+
+    def _take_runs(self, pages: int, count: int) -> list[tuple[_Arena, int]]:
+        """``count`` runs of ``pages`` pages (already charged), taken from the arenas as one
+        ``_new_zspage`` after another would take them. Raises PoolFull, with the runs given
+        back and the charge undone, when no new arena can be mapped."""
         taken: list[tuple[_Arena, int]] = []
         try:
-            arena = self._arena_with_room(1)
-            for _ in range(k):
+            arena = self._arena_with_room(pages)
+            for _ in range(count):
                 if not arena.has_room():
-                    arena = self._arena_with_room(1)
+                    arena = self._arena_with_room(pages)
                 taken.append((arena, arena.take()))
         except OSError as exc:
             for ar, off in taken:
                 self._give_back(ar, off)
-            self._uncharge(k)
+            self._uncharge(count * pages)
             raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
-        tbl.extend([HUGE_TAG | ar.aid << AID_SHIFT | off // PAGE_SIZE for ar, off in taken])
-        handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
-        offs = np.fromiter((off for _, off in taken), dtype=np.int64, count=k)
-        a = 0
-        while a < k:  # the runs taken from one arena
-            ar = taken[a][0]
-            b = a + 1
-            while b < k and taken[b][0] is ar:
-                b += 1
-            sel = idxs[a:b]
-            _copy_objects(ar.mm, offs[a:b], mv, starts[sel], lengths[sel])
-            a = b
-        cls = self._huge
-        cls.used += k
-        cls.nzspages += k
+        return taken
 
     def _fill(
         self,
@@ -679,18 +678,7 @@ class Pool:
         if h0 + k - 1 > MAX_HANDLE:
             raise PoolFull("handle space exhausted", cause=CAUSE_SYSTEM)
         self._charge(m * npg)
-        taken: list[tuple[_Arena, int]] = []
-        try:
-            arena = self._arena_with_room(npg)
-            for _ in range(m):
-                if not arena.has_room():
-                    arena = self._arena_with_room(npg)
-                taken.append((arena, arena.take()))
-        except OSError as exc:
-            for ar, off in taken:
-                self._give_back(ar, off)
-            self._uncharge(m * npg)
-            raise PoolFull(f"cannot map a new arena: {exc}", cause=CAUSE_SYSTEM) from exc
+        taken = self._take_runs(npg, m)
         zids = array("Q")
         free_zids = self._free_zids
         while free_zids and len(zids) < m:
@@ -712,16 +700,7 @@ class Pool:
         bases = np.fromiter((off for _, off in taken), dtype=np.int64, count=m)
         dst = np.repeat(bases, objs)[:k] + slots.astype(np.int64) * size
         handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
-        a = 0
-        while a < m:  # the zspages in one arena: one copy
-            ar = taken[a][0]
-            b = a + 1
-            while b < m and taken[b][0] is ar:
-                b += 1
-            lo, hi = a * objs, min(b * objs, k)
-            sel = idxs[lo:hi]
-            _copy_objects(ar.mm, dst[lo:hi], mv, starts[sel], lengths[sel])
-            a = b
+        _copy_into_runs(taken, objs, dst, mv, starts, lengths, idxs)
         for j, (ar, base) in enumerate(taken):
             zs = _Zspage("I", rows[j].tobytes())
             zid = int(zids[j])
@@ -1321,6 +1300,29 @@ class Pool:
             self._huge_warm
         )
         assert self._cached_pages <= self._cache_max
+
+
+def _copy_into_runs(
+    taken: list[tuple[_Arena, int]],
+    per_run: int,
+    dst: npt.NDArray[np.int64],
+    mv: memoryview,
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    idxs: npt.NDArray[Any],
+) -> None:
+    """Copy objects ``idxs`` (``per_run`` to each run of ``taken``, the last run maybe fewer)
+    to their offsets ``dst``: one copy per arena the runs came from."""
+    a, m, k = 0, len(taken), len(idxs)
+    while a < m:
+        ar = taken[a][0]
+        b = a + 1
+        while b < m and taken[b][0] is ar:
+            b += 1
+        lo, hi = a * per_run, min(b * per_run, k)
+        sel = idxs[lo:hi]
+        _copy_objects(ar.mm, dst[lo:hi], mv, starts[sel], lengths[sel])
+        a = b
 
 
 def _add(groups: list[set[_Zspage]], g: int, zs: _Zspage) -> None:
