@@ -53,7 +53,9 @@ EOF and socket errors end the poll; the loop then sees them itself (they are sti
 
 Admission (the connection cap, shutdown, the allow list) happened before a session exists
 (``server/admission.py``): every session was admitted and counts in ``ServerContext.sessions``
-from ``connection_made`` until it is detached.
+from ``connection_made`` until it is detached. When the last one detaches, the heap's free
+pages go back to the OS (``trim_heap``: malloc keeps some for the next requests, see
+``zramd/system.py``).
 
 This module knows no byte layouts (the core encodes), no device semantics (dispatch does), no
 listening sockets or admission rules (listener, admission) and no flow arithmetic (flow).
