@@ -443,6 +443,7 @@ PORT_B=10810
 RAID_TIMEOUT=15
 RAID_FILES=100
 RAID_HOG_MIB=256
+RAID_CG_MIB=96
 BENCH_MIB=64
 mdadm() { /sbin/mdadm "$@" </dev/null; }
 
@@ -567,13 +568,15 @@ scenario_raid0() {
 	unmember 1 2
 }
 
-# ---- swap striped over both servers under memory pressure (the whole guest); the members
-# get the long TIMEOUT: a stall under memory pressure must not fail a member, as -t RAID_TIMEOUT
-# would (only raid1 needs to detect a dead server quickly)
+# ---- swap striped over both servers, the hog in a memory cgroup of RAID_CG_MIB (with the whole
+# guest under pressure, one CI run's guest stopped answering its NBD sockets for 60 s: a member
+# timed out, and the watcher, starved too, never ended the hog); the members get the long
+# TIMEOUT: a stall under memory pressure must not fail a member, as -t RAID_TIMEOUT would (only
+# raid1 needs to detect a dead server quickly)
 scenario_raid0swap() {
 	member 4 "$PORT" sw "$TIMEOUT" && member 5 "$PORT_B" sw "$TIMEOUT" || return 1
 	md_create md2 0 2 /dev/nbd4 /dev/nbd5 || return 1
-	hog_on_swap /dev/md2 "$RAID_HOG_MIB" 4321 0
+	hog_on_swap /dev/md2 "$RAID_HOG_MIB" 4321 "$RAID_CG_MIB"
 	_hrc=$?
 	md_stop md2 || { fail "mdadm --stop md2 failed"; return 1; }
 	unmember 4 5
