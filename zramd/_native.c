@@ -99,6 +99,23 @@ size_t ZSTD_compress2(ZSTD_CCtx *cctx, void *dst, size_t dstCapacity, const void
 
 enum { K_COPY = 0, K_LZ4 = 1, K_ZSTD = 2, K_LZ4HC = 3 };
 
+/* Decode ``len`` bytes at ``src`` of ``kind`` into exactly ``size`` bytes at ``dst`` (K_COPY: a
+ * copy of a source of exactly that size; K_ZSTD needs ``dctx``). Whether it did. No GIL needed. */
+static int
+decode_into(int kind, ZSTD_DCtx *dctx, const char *src, size_t len, char *dst, size_t size)
+{
+    if (kind == K_COPY) {
+        if (len != size)
+            return 0;
+        memcpy(dst, src, size);
+        return 1;
+    }
+    if (kind == K_LZ4)
+        return LZ4_decompress_safe(src, dst, (int)len, (int)size) == (int)size;
+    size_t r = ZSTD_decompressDCtx(dctx, dst, size, src, len);
+    return !ZSTD_isError(r) && r == size;
+}
+
 typedef struct {
     int kind;
     const char *src;
@@ -186,18 +203,7 @@ decompress_pages(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         char *out = base + i * PAGE;
         const job_t *j = &jobs[i];
-        int ok;
-        if (j->kind == K_COPY) {
-            ok = j->len == PAGE;
-            if (ok)
-                memcpy(out, j->src, PAGE);
-        } else if (j->kind == K_LZ4) {
-            ok = LZ4_decompress_safe(j->src, out, (int)j->len, PAGE) == PAGE;
-        } else {
-            size_t r = ZSTD_decompressDCtx(dctx, out, PAGE, j->src, (size_t)j->len);
-            ok = !ZSTD_isError(r) && r == PAGE;
-        }
-        if (!ok) {
+        if (!decode_into(j->kind, dctx, j->src, (size_t)j->len, out, PAGE)) {
             bad = i;
             break;
         }
@@ -399,12 +405,7 @@ group_decode(PyObject *pinned, int kind, char *dst, Py_ssize_t size, const char 
     }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    if (kind == K_LZ4) {
-        ok = LZ4_decompress_safe(src, dst, (int)total, (int)size) == size;
-    } else {
-        size_t r = ZSTD_decompressDCtx(group_dctx, dst, (size_t)size, src, (size_t)total);
-        ok = !ZSTD_isError(r) && r == (size_t)size;
-    }
+    ok = decode_into(kind, group_dctx, src, (size_t)total, dst, (size_t)size);
     Py_END_ALLOW_THREADS
     PyMem_Free(scratch);
     return ok;
@@ -639,17 +640,7 @@ decompress_packed(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         char *o = (char *)dst.buf + i * PAGE;
         Py_ssize_t len = (Py_ssize_t)ends[i] - prev;
-        int ok;
-        if (len == PAGE) {
-            memcpy(o, s + prev, PAGE);
-            ok = 1;
-        } else if (kind == K_LZ4) {
-            ok = LZ4_decompress_safe(s + prev, o, (int)len, PAGE) == PAGE;
-        } else {
-            size_t r = ZSTD_decompressDCtx(dctx, o, PAGE, s + prev, (size_t)len);
-            ok = !ZSTD_isError(r) && r == PAGE;
-        }
-        if (!ok) {
+        if (!decode_into(len == PAGE ? K_COPY : kind, dctx, s + prev, (size_t)len, o, PAGE)) {
             bad = i;
             break;
         }
