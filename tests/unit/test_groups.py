@@ -466,6 +466,32 @@ async def test_cold_group_read_through_the_async_path() -> None:
         d.close()
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+async def test_a_1m_read_of_groups_runs_in_two_parts(grouped: bool) -> None:
+    """A 1 MiB read that decodes groups goes to both workers (GROUP_SPLIT_MIN_PAGES); the same
+    read of pages compressed one by one stays in one part (SPLIT_MIN_PAGES)."""
+    from zramd.device.blockdev import GROUP_SPLIT_MIN_PAGES, SPLIT_MIN_PAGES
+
+    npages = GROUP_SPLIT_MIN_PAGES
+    assert npages < SPLIT_MIN_PAGES
+    with ThreadPoolExecutor(2) as ex:
+        d, data = _filled(npages, executor=ex)
+        if grouped:
+            d.group_sync(0, npages - 1)
+            d._store.groups._cache.clear()
+        calls: list[tuple[int, int]] = []
+        real = d._run_in_executor
+
+        def counted(fn: object, *args: object) -> asyncio.Future[object]:
+            calls.append((args[0], args[1]))  # type: ignore[arg-type]
+            return real(fn, *args)  # type: ignore[arg-type]
+
+        d._run_in_executor = counted  # type: ignore[method-assign]
+        assert bytes(await d.read(0, npages * PAGE)) == data
+        assert calls == ([(0, npages // 2), (npages // 2, npages)] if grouped else [(0, npages)])
+        d.close()
+
+
 @pytest.mark.parametrize("use_native", [True, False])
 async def test_split_read_over_group_runs(use_native: bool) -> None:
     """A read large enough to be split between two workers (SPLIT_MIN_PAGES) whose cut falls

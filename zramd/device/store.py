@@ -183,6 +183,10 @@ class PageStore:
             flags_mv[idx] = fl & ~IDLE
             self.stats.idle_pages -= 1
 
+    def any_grouped(self, first: int, last: int) -> bool:
+        """Whether a page of ``[first, last]`` is a member of a multi-page group."""
+        return bytes((GROUPED,)) in bytes(self.table.state_mv[first : last + 1])
+
     def touch_range(self, first: int, last: int) -> None:
         """A read of pages ``[first, last]``: tick, then refresh the live ones as :meth:`touch`
         does (vectorised over BATCH_COMMIT_PAGES or more; holes stay untouched, so their part of
