@@ -453,6 +453,43 @@ def test_auto_compaction_triggers_from_free_path() -> None:
     assert auto_total < 0.75 * man_total and auto_frag < man_frag - 0.2
 
 
+def test_auto_compaction_runs_are_short_and_continue_sooner() -> None:
+    """An automatic run frees at most about AUTO_COMPACT_MAX_PAGES (a pause of about a
+    millisecond); after a run that stopped there the next check comes
+    AUTO_COMPACT_CONTINUE_EVERY frees later, else AUTO_COMPACT_CHECK_EVERY frees later."""
+    from zramd.allocator.pool import (
+        AUTO_COMPACT_CHECK_EVERY,
+        AUTO_COMPACT_CONTINUE_EVERY,
+        AUTO_COMPACT_MAX_PAGES,
+    )
+
+    rnd = random.Random(22)
+    with Pool() as p:
+        hs = [p.store(_payload(rnd, 1200)) for _ in range(60_000)]
+        rnd.shuffle(hs)
+        runs: list[tuple[int, int]] = []  # per check: (frees so far, pages freed)
+        frees = 0
+        real = p.maybe_compact
+
+        def recorded() -> int:
+            n = real()
+            runs.append((frees, n))
+            return n
+
+        p.maybe_compact = recorded  # type: ignore[method-assign]
+        for h in hs[:45_000]:
+            frees += 1
+            p.free(h)
+        p.check()
+    assert runs and max(n for _, n in runs) <= AUTO_COMPACT_MAX_PAGES + 16
+    assert any(n >= AUTO_COMPACT_MAX_PAGES for _, n in runs)
+    for (at, n), (nxt, _) in zip(runs, runs[1:], strict=False):
+        if n >= AUTO_COMPACT_MAX_PAGES:
+            assert nxt - at == AUTO_COMPACT_CONTINUE_EVERY
+        else:
+            assert nxt - at == AUTO_COMPACT_CHECK_EVERY
+
+
 def test_class_stats_fields() -> None:
     with Pool() as p:
         hs = [p.store(b"k" * 1568) for _ in range(20)]
