@@ -466,6 +466,53 @@ async def test_cold_group_read_through_the_async_path() -> None:
         d.close()
 
 
+async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
+    """The compaction after packing runs COMPACT_SLICE_PAGES at a time with other tasks running
+    between the slices, to the end (nothing left to win); ``on_hold`` hears every stretch: the
+    members copied out and the groups installed per step, and each compaction slice."""
+    from zramd.device.blockdev import COMPACT_SLICE_PAGES, GROUP_STEP_PAGES
+
+    npages = 8192
+    d = ZramDevice(npages * PAGE)
+    data = b"".join(_payload(2, PAGE, i % 97) for i in range(npages))
+    d.write_sync(0, data)
+    for w in range(0, npages, 32):  # every other window: the zspages are left half full
+        mark_idle(d, w, w + 15)
+    pool = d._store.pool
+    pool.auto_compact = False
+    calls: list[int] = []
+    real = pool.compact
+
+    def sliced(*, max_pages: int = 0) -> int:
+        assert max_pages == COMPACT_SLICE_PAGES
+        n = real(max_pages=max_pages)
+        calls.append(n)
+        return n
+
+    pool.compact = sliced  # type: ignore[method-assign]
+    seen: list[int] = []
+    stop = False
+
+    async def other() -> None:
+        while not stop:
+            seen.append(len(calls))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    holds: list[float] = []
+    res = await d.group(0, npages - 1, on_hold=holds.append)
+    stop = True
+    await task
+    assert res.groups == npages // 32
+    assert len(calls) > 2 and calls[-1] < COMPACT_SLICE_PAGES <= min(calls[:-1])
+    assert set(range(1, len(calls))) <= set(seen)  # the loop ran between the slices
+    assert pool.compactable_pages() == 0
+    assert len(holds) == 1 + 2 * (npages // GROUP_STEP_PAGES) + len(calls)
+    assert d.read_sync(0, npages * PAGE) == data
+    check(d)
+    d.close()
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 async def test_a_1m_read_of_groups_runs_in_two_parts(grouped: bool) -> None:
     """A 1 MiB read that decodes groups goes to both workers (GROUP_SPLIT_MIN_PAGES); the same

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from zramd.allocator import MemoryBudget, Pool
+from zramd.allocator import AUTO_COMPACT_MAX_PAGES, MemoryBudget, Pool
 from zramd.backing import BackingStore
 from zramd.compress import Codec, CodecError, get_codec, native
 from zramd.device import image, tiers
@@ -168,6 +168,9 @@ GROUP_LEVEL = 9
 #: group() packs this many pages per step: their range waits for writes for one step (a few ms
 #: of compression in a worker), the loop thread only copies blobs out and switches entries
 GROUP_STEP_PAGES = 256
+#: after packing, group() compacts the pool this many pages at a time, with a yield between
+#: (the pool's automatic runs are as long: about a millisecond)
+COMPACT_SLICE_PAGES = AUTO_COMPACT_MAX_PAGES
 
 
 def _zero_extents(zero: list[int], offset: int, length: int) -> ZeroExtents:
@@ -1023,20 +1026,28 @@ class ZramDevice:
         group_pages: int = 0,
         algorithm: str = "",
         level: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
     ) -> GroupResult:
         """Pack the IDLE STORED/HUGE pages of ``[first, last]`` into groups (see the contract
         and :mod:`zramd.device.groups`), GROUP_STEP_PAGES at a time: each step registers its
         range as a mutating request (writes to it wait, reads do not), copies the members out,
         compresses in the executor and installs on the loop thread. The members' old objects
         were scattered over many zspages: a call that made groups ends with a pool compaction,
-        so that the memory they held goes back. The workers compress with a codec object of
-        this call only: its compression contexts (megabytes for zstd at the higher levels) go
-        when it returns, and the heap is trimmed, so a pass leaves no memory behind in the
-        worker threads. Not with a reset or close to come before it returns (cancel it first:
-        a cancelled step changes nothing)."""
+        so that the memory they held goes back, COMPACT_SLICE_PAGES at a time with a yield
+        between (a slice holds the loop about a millisecond; the whole compaction of a large
+        device takes a hundred milliseconds and more). The workers compress with a codec
+        object of this call only: its compression contexts (megabytes for zstd at the higher
+        levels) go when it returns, and the heap is trimmed (in a worker: giving back tens of
+        megabytes takes milliseconds), so a pass leaves no memory behind in the worker threads.
+        ``on_hold`` hears how long each stretch on the loop thread took. Not with a reset or
+        close to come before it returns (cancel it first: a cancelled step changes nothing)."""
         gp, codec = self._group_settings(first, last, group_pages, algorithm, level)
         packer = get_codec(codec.name, level=codec.level)
-        self._store.groups.settle(retry=True)
+        store = self._store
+        t0 = time.perf_counter()
+        store.groups.settle(retry=True)
+        if on_hold is not None:
+            on_hold(time.perf_counter() - t0)
         done = GroupResult()
         step = max(gp, GROUP_STEP_PAGES - GROUP_STEP_PAGES % gp)
         a = first
@@ -1044,12 +1055,18 @@ class ZramDevice:
             b = min(last, a - a % gp + step - 1)
             r = await self._inflight.acquire(a, b)
             try:
-                windows = self._store.groups.plan(a, b, gp)
+                t0 = time.perf_counter()
+                windows = store.groups.plan(a, b, gp)
+                if on_hold is not None:
+                    on_hold(time.perf_counter() - t0)
                 if windows:
                     blobs = await self._run_in_executor(
                         pack_groups, [w.items for w in windows], packer
                     )
+                    t0 = time.perf_counter()
                     done = self._install_groups(windows, blobs, codec, done)
+                    if on_hold is not None:
+                        on_hold(time.perf_counter() - t0)
             finally:
                 self._inflight.release(r)
             if done.no_space:
@@ -1057,8 +1074,15 @@ class ZramDevice:
             a = b + 1
         del packer
         if done.groups:
-            self._store.pool.compact()
-            trim_heap()
+            while True:
+                t0 = time.perf_counter()
+                freed = store.pool.compact(max_pages=COMPACT_SLICE_PAGES)
+                if on_hold is not None:
+                    on_hold(time.perf_counter() - t0)
+                if freed < COMPACT_SLICE_PAGES:
+                    break
+                await asyncio.sleep(0)
+            await self._run_in_executor(trim_heap)
         return done
 
     # --- snapshots (zramd.device.image) ---------------------------------------------------------

@@ -386,12 +386,14 @@ class BlockDevice(Protocol):
         group_pages: int = 0,
         algorithm: str = "",
         level: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
     ) -> GroupResult:
         """Pack the idle compressed pages of pages ``[first, last]`` into multi-page groups of
         up to ``group_pages`` logically contiguous pages, compressed together with
         ``algorithm``/``level`` (0 / "" / None: the device's settings). Each group is a complete
         move (new copy, switch, free old); a group that finds no room stops the call with
-        ``no_space`` set, that group unchanged. Raises Unsupported or ValueError."""
+        ``no_space`` set, that group unchanged. ``on_hold`` hears how long each stretch held the
+        event loop. Raises Unsupported or ValueError."""
         ...
 
 
@@ -473,6 +475,7 @@ class DeviceBase:
         group_pages: int = 0,
         algorithm: str = "",
         level: int | None = None,
+        on_hold: Callable[[float], None] | None = None,
     ) -> GroupResult:
         raise Unsupported("the device has no multi-page groups")
 

@@ -425,7 +425,9 @@ class TierPolicy:
         if self.group_pages:
             for pos in range(0, npages, POLICY_GROUP_PAGES):
                 last = min(npages, pos + POLICY_GROUP_PAGES) - 1
-                packed = await dev.group(pos, last, group_pages=self.group_pages)
+                packed = await dev.group(
+                    pos, last, group_pages=self.group_pages, on_hold=self._hold
+                )
                 self.grouped += packed.pages
                 if packed.no_space:
                     break
