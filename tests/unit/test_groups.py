@@ -469,7 +469,8 @@ async def test_cold_group_read_through_the_async_path() -> None:
 async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
     """The compaction after packing runs COMPACT_SLICE_PAGES at a time with other tasks running
     between the slices, to the end (nothing left to win); ``on_hold`` hears every stretch: the
-    members copied out and the groups installed per step, and each compaction slice."""
+    members copied out and the groups installed per step, and each compaction slice; ``pace``
+    is awaited between the steps and between the slices."""
     from zramd.device.blockdev import COMPACT_SLICE_PAGES, GROUP_STEP_PAGES
 
     npages = 8192
@@ -500,7 +501,14 @@ async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
 
     task = asyncio.create_task(other())
     holds: list[float] = []
-    res = await d.group(0, npages - 1, on_hold=holds.append)
+    paced = 0
+
+    async def pace() -> None:
+        nonlocal paced
+        paced += 1
+        await asyncio.sleep(0)
+
+    res = await d.group(0, npages - 1, on_hold=holds.append, pace=pace)
     stop = True
     await task
     assert res.groups == npages // 32
@@ -508,6 +516,7 @@ async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
     assert set(range(1, len(calls))) <= set(seen)  # the loop ran between the slices
     assert pool.compactable_pages() == 0
     assert len(holds) == 1 + 2 * (npages // GROUP_STEP_PAGES) + len(calls)
+    assert paced == npages // GROUP_STEP_PAGES - 1 + len(calls) - 1  # between steps and slices
     assert d.read_sync(0, npages * PAGE) == data
     check(d)
     d.close()

@@ -10,7 +10,6 @@ device; the device layer only uses the names re-exported here.
 
 from zramd.allocator.classes import PAGE_SIZE, SizeClass, build_classes, huge_watermark
 from zramd.allocator.pool import (
-    AUTO_COMPACT_MAX_PAGES,
     CAUSE_BUDGET,
     CAUSE_LIMIT,
     CAUSE_SYSTEM,
@@ -22,7 +21,6 @@ from zramd.allocator.pool import (
 )
 
 __all__ = [
-    "AUTO_COMPACT_MAX_PAGES",
     "CAUSE_BUDGET",
     "CAUSE_LIMIT",
     "CAUSE_SYSTEM",

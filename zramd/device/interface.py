@@ -35,7 +35,7 @@ Knows nothing of NBD framing, sockets, pools or codecs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -387,13 +387,15 @@ class BlockDevice(Protocol):
         algorithm: str = "",
         level: int | None = None,
         on_hold: Callable[[float], None] | None = None,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> GroupResult:
         """Pack the idle compressed pages of pages ``[first, last]`` into multi-page groups of
         up to ``group_pages`` logically contiguous pages, compressed together with
         ``algorithm``/``level`` (0 / "" / None: the device's settings). Each group is a complete
         move (new copy, switch, free old); a group that finds no room stops the call with
         ``no_space`` set, that group unchanged. ``on_hold`` hears how long each stretch held the
-        event loop. Raises Unsupported or ValueError."""
+        event loop; ``pace``, when given, is awaited between the steps of the work. Raises
+        Unsupported or ValueError."""
         ...
 
 
@@ -476,6 +478,7 @@ class DeviceBase:
         algorithm: str = "",
         level: int | None = None,
         on_hold: Callable[[float], None] | None = None,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> GroupResult:
         raise Unsupported("the device has no multi-page groups")
 
