@@ -24,7 +24,11 @@ the fast case every time: buffers up to ``MALLOC_MMAP_THRESHOLD`` come from the 
 ``MALLOC_TRIM_THRESHOLD`` of free heap top is kept for the next request (the same speed as 16
 MiB kept, measured; what is kept costs RSS: about 0.3-1.5% of the density benchmark's memory
 per byte with 16 MiB before the trim at the last disconnect). An operator's own
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` win.
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` win. A worker
+thread's malloc arena gives its free top back only at a free that finds it past the trim
+threshold (``malloc_trim`` leaves thread arenas' tops alone), so memory a worker used once (a
+zstd context of a grouping pass: megabytes) would stay with it; :func:`frees_trimmed` lowers
+the threshold around such frees.
 
 Why swap safety matters: when an export is used as swap on the same machine, the
 server is on the page-out path. If its own pages are swapped out, or it blocks in
@@ -35,6 +39,7 @@ and oom_score_adj -1000 keeps the OOM killer away.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -42,6 +47,7 @@ import logging
 import mmap
 import os
 import socket
+from collections.abc import Iterator
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -193,6 +199,27 @@ def trim_heap() -> None:
         trim(0)
 
 
+#: the trim threshold tune_malloc set (None: it did not, malloc's own thresholds are in force)
+_tuned_trim: int | None = None
+
+
+@contextlib.contextmanager
+def frees_trimmed() -> Iterator[None]:
+    """Frees made in the block give the free top of their malloc arena back to the OS, a
+    worker thread's arena too (module docstring); only where :func:`tune_malloc` fixed the
+    thresholds (elsewhere malloc's own, or the operator's, stay untouched)."""
+    trim = _tuned_trim
+    fn = getattr(_get_libc(), "mallopt", None) if trim is not None else None
+    if fn is None:
+        yield
+        return
+    fn(M_TRIM_THRESHOLD, 0)
+    try:
+        yield
+    finally:
+        fn(M_TRIM_THRESHOLD, trim)
+
+
 def tune_malloc() -> str:
     """Fix glibc malloc's mmap and trim thresholds (module docstring); what was done, for the
     log. Nothing where the operator set them (:data:`MALLOC_ENV`) or the C library has no
@@ -206,6 +233,8 @@ def tune_malloc() -> str:
         return "mallopt refused the mmap threshold"
     if fn(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) != 1:
         return "mallopt refused the trim threshold"
+    global _tuned_trim
+    _tuned_trim = MALLOC_TRIM_THRESHOLD
     return (
         f"mmap threshold {MALLOC_MMAP_THRESHOLD >> 20} MiB, "
         f"trim threshold {MALLOC_TRIM_THRESHOLD >> 20} MiB"

@@ -257,10 +257,48 @@ print(json.dumps({"said": said, "first": first, "second": round_faults()}))
 """
 
 
-def _malloc_probe(mode: str, env: dict[str, str] | None = None) -> dict[str, object]:
+_ARENA_PROBE = """
+import json, sys, threading
+from zramd import system
+said = system.tune_malloc()
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+out = {"said": said}
+for mode in ("plain", "trimmed"):
+    box = []
+    t = threading.Thread(target=lambda: box.append(bytearray(3 << 20)))  # a thread's arena
+    t.start()
+    t.join()
+    before = rss_kib()
+    if mode == "plain":
+        box.clear()
+    else:
+        with system.frees_trimmed():
+            box.clear()
+    out[mode] = before - rss_kib()
+print(json.dumps(out))
+"""
+
+
+def test_frees_trimmed_gives_a_thread_arenas_top_back() -> None:
+    """3 MiB a thread allocated, freed: glibc keeps it at its arena's top (under the 4 MiB trim
+    threshold, and malloc_trim does not shrink thread arenas); freed inside frees_trimmed, it
+    goes back to the OS, and the threshold is the tuned one again after."""
+    res = _malloc_probe("arena", script=_ARENA_PROBE)
+    if res["said"] != "mmap threshold 4 MiB, trim threshold 4 MiB":
+        pytest.skip(f"malloc not tuned here: {res['said']}")
+    assert res["plain"] < 1024, res  # type: ignore[operator]
+    assert res["trimmed"] > 2048, res  # type: ignore[operator]
+
+
+def _malloc_probe(
+    mode: str, env: dict[str, str] | None = None, script: str = _MALLOC_PROBE
+) -> dict[str, object]:
     clean = {k: v for k, v in os.environ.items() if k not in system.MALLOC_ENV}
     out = subprocess.run(
-        [sys.executable, "-c", _MALLOC_PROBE, mode],
+        [sys.executable, "-c", script, mode],
         capture_output=True,
         text=True,
         timeout=30,

@@ -107,7 +107,7 @@ from zramd.device.tiers import codec_spec
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
-from zramd.system import trim_heap
+from zramd.system import frees_trimmed, trim_heap
 
 PAGE_MASK = PAGE_SIZE - 1
 #: requests of at least this many pages do their compression / decompression in a worker thread
@@ -1080,7 +1080,8 @@ class ZramDevice:
             a = b + 1
             if pace is not None and a <= last:
                 await pace()
-        del packer
+        with frees_trimmed():  # its contexts were allocated in the workers' malloc arenas
+            del packer
         if done.groups:
             while True:
                 t0 = time.perf_counter()
