@@ -145,10 +145,10 @@ NATIVE_OFFLOAD_MIN_PAGES = 256
 #: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s)
 SPLIT_PARTS = 2
 SPLIT_MIN_PAGES = 512
-#: ... but reads that decode multi-page groups split from 1 MiB: decoding a zstd group is most of
-#: such a read's time (fio seq 1M reads QD4 of a device of real files in zstd groups, fresh
-#: servers alternating: 707-846 MB/s in one part, 815-850 in two; per-page lz4 reads of the same
-#: data were 1-5% slower split, so they stay in one part)
+#: ... but reads that decode multi-page groups of a slow codec (zstd) split from 1 MiB: decoding
+#: is most of such a read's time (fio seq 1M reads QD4 of a device of real files in zstd groups,
+#: fresh servers alternating: 707-846 MB/s in one part, 815-850 in two). Not groups of lz4hc
+#: (753-944 split, 891-1203 not) nor pages compressed one by one (lz4 1-5% slower split).
 GROUP_SPLIT_MIN_PAGES = 256
 #: ... but writes whose codec compresses slowly (zstd, lz4hc) split from 1 MiB: there the
 #: compression is most of a request's time (fio seq 1M writes to zstd QD4: 364-420 MB/s in one
@@ -779,7 +779,7 @@ class ZramDevice:
         if len(zero) == n:
             return zeros(length), [(0, length)]
         buf: Buffer
-        split = GROUP_SPLIT_MIN_PAGES if store.any_grouped(first, last) else SPLIT_MIN_PAGES
+        split = GROUP_SPLIT_MIN_PAGES if store.slow_groups(first, last) else SPLIT_MIN_PAGES
         try:
             if kind < 0 and self._read_inline(n):  # small: here for its pages in the backing store
                 buf = decompress_part(0, n, snap)
