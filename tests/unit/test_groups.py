@@ -522,6 +522,46 @@ async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
     d.close()
 
 
+async def test_group_stops_its_compaction_when_the_device_is_reset_meanwhile() -> None:
+    """A reset between two compaction slices (the caller's ``pace`` ran it): the call returns
+    what it packed and touches neither the old store nor the new one."""
+    from zramd.device.blockdev import GROUP_STEP_PAGES
+
+    npages = 8192
+    d = ZramDevice(npages * PAGE)
+    d.write_sync(0, b"".join(_payload(2, PAGE, i % 97) for i in range(npages)))
+    for w in range(0, npages, 32):
+        mark_idle(d, w, w + 15)
+    old = d._store.pool
+    old.auto_compact = False
+    steps = npages // GROUP_STEP_PAGES
+    paced = 0
+    after_reset: list[int] = []
+    real = old.compact
+
+    def compact(*, max_pages: int = 0) -> int:
+        if d._store.pool is not old:
+            after_reset.append(max_pages)
+        return real(max_pages=max_pages)
+
+    old.compact = compact  # type: ignore[method-assign]
+
+    async def pace() -> None:
+        nonlocal paced
+        paced += 1
+        if paced == steps:  # the first pause between compaction slices
+            d.reset()
+
+    res = await d.group(0, npages - 1, pace=pace)
+    assert res.groups == npages // 32 and paced == steps
+    assert after_reset == []  # the old store's pool was not compacted after the reset
+    assert d.read_sync(0, npages * PAGE) == bytes(npages * PAGE)
+    d.write_sync(0, b"x" * PAGE)
+    assert d.read_sync(0, PAGE) == b"x" * PAGE
+    check(d)
+    d.close()
+
+
 @pytest.mark.parametrize("algorithm", ["zstd", "lz4hc", ""])
 async def test_a_1m_read_of_zstd_groups_runs_in_two_parts(algorithm: str) -> None:
     """A 1 MiB read that decodes zstd groups goes to both workers (GROUP_SPLIT_MIN_PAGES); the

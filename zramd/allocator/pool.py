@@ -75,8 +75,8 @@ object of its new class like any other (compacted, freed and counted there). ``c
 both on demand; with ``auto_compact`` a counter on the free path checks every
 ``AUTO_COMPACT_CHECK_EVERY`` frees whether at least ``AUTO_COMPACT_MIN_FRACTION`` of the pool
 (and ``AUTO_COMPACT_MIN_PAGES``) could be won, which keeps it amortised O(1) per free; one
-automatic run frees at most ``AUTO_COMPACT_MAX_PAGES`` (a pause of about a millisecond), and a
-run that stopped there is continued after ``AUTO_COMPACT_CONTINUE_EVERY`` frees.
+automatic run frees at most ``AUTO_COMPACT_MAX_PAGES`` (a pause of one or two milliseconds), and
+a run that stopped there is continued after ``AUTO_COMPACT_CONTINUE_EVERY`` frees.
 
 **Warm cache** (``cache_pages``, default 0 = off, kernel-like). On this machine a page fault
 on a page given back with MADV_DONTNEED costs ~10 µs (zeroing + trap, in a VM), which dominates
@@ -181,7 +181,7 @@ AUTO_COMPACT_MIN_FRACTION = 0.125
 #: ... and at least this many pages.
 AUTO_COMPACT_MIN_PAGES = 64
 #: One automatic compaction frees at most about this many pages, so a free() holds the event
-#: loop about a millisecond: runs of 128 pages took 1.0-2.4 ms on a pool of 256 MiB of real
+#: loop one or two milliseconds: runs of 128 pages took 1.0-2.4 ms on a pool of 256 MiB of real
 #: files packed into groups (5-9 µs per page freed; the scan of the classes that decides whether
 #: to run costs about 0.2 ms by itself) ...
 AUTO_COMPACT_MAX_PAGES = 128

@@ -1091,6 +1091,8 @@ class ZramDevice:
                 if freed < COMPACT_SLICE_PAGES:
                     break
                 await (asyncio.sleep(0) if pace is None else pace())
+                if self._closed or self._store is not store:  # closed or reset meanwhile
+                    return done
             await self._run_in_executor(trim_heap)
         return done
 
