@@ -454,8 +454,8 @@ def test_auto_compaction_triggers_from_free_path() -> None:
 
 
 def test_auto_compaction_runs_are_short_and_continue_sooner() -> None:
-    """An automatic run frees at most about AUTO_COMPACT_MAX_PAGES (a pause of about a
-    millisecond); after a run that stopped there the next check comes
+    """An automatic run frees at most about AUTO_COMPACT_MAX_PAGES (a pause of one or two
+    milliseconds); after a run that stopped there the next check comes
     AUTO_COMPACT_CONTINUE_EVERY frees later, else AUTO_COMPACT_CHECK_EVERY frees later."""
     from zramd.allocator.pool import (
         AUTO_COMPACT_CHECK_EVERY,

@@ -524,7 +524,7 @@ async def test_group_compacts_in_slices_and_reports_its_holds() -> None:
 
 async def test_group_stops_its_compaction_when_the_device_is_reset_meanwhile() -> None:
     """A reset between two compaction slices (the caller's ``pace`` ran it): the call returns
-    what it packed and touches neither the old store nor the new one."""
+    what it packed, compacts the old store no more, and the device works on."""
     from zramd.device.blockdev import GROUP_STEP_PAGES
 
     npages = 8192

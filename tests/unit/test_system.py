@@ -266,17 +266,17 @@ def rss_kib():
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
 out = {"said": said}
-for mode in ("plain", "trimmed"):
+for mode in ("plain", "trimmed", "again"):
     box = []
     t = threading.Thread(target=lambda: box.append(bytearray(3 << 20)))  # a thread's arena
     t.start()
     t.join()
     before = rss_kib()
-    if mode == "plain":
-        box.clear()
-    else:
+    if mode == "trimmed":
         with system.frees_trimmed():
             box.clear()
+    else:
+        box.clear()
     out[mode] = before - rss_kib()
 print(json.dumps(out))
 """
@@ -285,12 +285,13 @@ print(json.dumps(out))
 def test_frees_trimmed_gives_a_thread_arenas_top_back() -> None:
     """3 MiB a thread allocated, freed: glibc keeps it at its arena's top (under the 4 MiB trim
     threshold, and malloc_trim does not shrink thread arenas); freed inside frees_trimmed, it
-    goes back to the OS, and the threshold is the tuned one again after."""
+    goes back to the OS; after the block the tuned threshold holds again."""
     res = _malloc_probe("arena", script=_ARENA_PROBE)
     if res["said"] != "mmap threshold 4 MiB, trim threshold 4 MiB":
         pytest.skip(f"malloc not tuned here: {res['said']}")
     assert res["plain"] < 1024, res  # type: ignore[operator]
     assert res["trimmed"] > 2048, res  # type: ignore[operator]
+    assert res["again"] < 1024, res  # type: ignore[operator]
 
 
 def _malloc_probe(
