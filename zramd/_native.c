@@ -60,9 +60,9 @@
  * decompress_packed(dst, src, ends, begin, kind) -> int
  *     decompress_pages for blobs laid end to end in ``src``: blob i is src[ends[i-1]:ends[i]]
  *     (int64 offsets; blob 0 starts at ``begin``), a blob of exactly PAGE bytes is copied as
- *     is, the others are blobs of ``kind`` (1 lz4, 2 zstd). Every offset is checked before
- *     anything is decoded; the loop runs without the GIL. Returns -1, or the index of the
- *     first page that did not decode.
+ *     is, an empty blob is a page of zeros, the others are blobs of ``kind`` (1 lz4, 2 zstd).
+ *     Every offset is checked before anything is decoded; the loop runs without the GIL.
+ *     Returns -1, or the index of the first page that did not decode.
  *
  * The libraries are the system's liblz4 and libzstd (declared here, so no -dev package is
  * needed to build). The module is optional: zramd falls back to its Python loops without it.
@@ -640,7 +640,9 @@ decompress_packed(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         char *o = (char *)dst.buf + i * PAGE;
         Py_ssize_t len = (Py_ssize_t)ends[i] - prev;
-        if (!decode_into(len == PAGE ? K_COPY : kind, dctx, s + prev, (size_t)len, o, PAGE)) {
+        if (len == 0)
+            memset(o, 0, PAGE);
+        else if (!decode_into(len == PAGE ? K_COPY : kind, dctx, s + prev, (size_t)len, o, PAGE)) {
             bad = i;
             break;
         }

@@ -131,6 +131,11 @@ def test_decompress_packed_matches_the_codec(algo: str) -> None:
         begin = int(ends[cut - 1])
         assert N.decompress_packed(view[cut * PAGE :], data, ends[cut:], begin, kind) == -1
         assert bytes(dst) == b"".join(src)
+    holes = np.insert(ends, [0, 5, 5, 30], [0, int(ends[4]), int(ends[4]), int(ends[-1])])
+    dst = bytearray((len(src) + 4) * PAGE)  # an empty blob is a page of zeros
+    assert N.decompress_packed(dst, data, holes, 0, kind) == -1
+    zero = bytes(PAGE)
+    assert bytes(dst) == b"".join([zero, *src[:5], zero, zero, *src[5:], zero])
     bad = bytearray(data)
     bad[int(ends[6]) : int(ends[7])] = b"\xff" * (int(ends[7]) - int(ends[6]))
     if len(blobs[7]) < PAGE:
@@ -363,6 +368,68 @@ async def test_native_read_of_pages_from_two_codecs(use_native: bool, n: int) ->
         assert (t.codec_mv[0], t.codec_mv[n - 1]) == (0, 1)
         assert d.read_sync(0, n * PAGE) == data
         assert await d.read(0, n * PAGE) == data
+        d.close()
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+async def test_packed_read_of_pages_mixed_with_huge_and_zero_pages(
+    algo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MiB read whose compressed pages (one native codec) sit among huge pages and pages
+    that read as zero (never written, trimmed, same-filled with zeros) is one packed batch:
+    the same bytes and the same zero pages as the Python walk, with the native path off. A
+    same-filled page of another word, or a second codec, sends it back to the walk."""
+    calls: list[str] = []
+    for name in ("decompress_packed", "decompress_pages"):
+        real = getattr(N, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+            calls.append(_name)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(N, name, counted)
+    kinds = [p for p in pages(11, 24) if p[8:] != p[:-8]]  # compressible, half-zero, random
+    with ThreadPoolExecutor(2) as ex:
+        d = ZramDevice(1024 * PAGE, executor=ex, offload_min_pages=1024, algorithm=algo)
+        data = bytearray(b"".join((kinds * 32)[:256]))
+        assert len(data) == 256 * PAGE
+        data[40 * PAGE : 48 * PAGE] = bytes(8 * PAGE)  # written as zeros: SAME with word 0
+        data[200 * PAGE : 256 * PAGE] = bytes(56 * PAGE)
+        await d.write(0, bytes(data[: 200 * PAGE]))  # pages 200..255 never written: EMPTY
+        await d.write(40 * PAGE, bytes(8 * PAGE))
+        await d.trim(100 * PAGE, 3 * PAGE)
+        data[100 * PAGE : 103 * PAGE] = bytes(3 * PAGE)
+        t = d.table
+        states = bytes(t.state_mv[0:256])
+        assert {STORED, HUGE, SAME}.issubset(states) and 0 in states
+
+        async def both(off: int, length: int) -> tuple[object, object]:
+            calls.clear()
+            native_got = await d.read_with_zeros(off, length)
+            monkeypatch.setattr(native, "enabled", False)
+            try:
+                python_got = await d.read_with_zeros(off, length)
+            finally:
+                monkeypatch.setattr(native, "enabled", True)
+            return native_got, python_got
+
+        got, want = await both(0, 256 * PAGE)
+        assert got == want and bytes(got[0]) == bytes(data)
+        assert calls == ["decompress_packed"] * len(calls) and calls
+        got, want = await both(3 * PAGE + 512, 250 * PAGE)  # unaligned, zero runs cut
+        assert got == want and bytes(got[0]) == bytes(data[3 * PAGE + 512 :][: 250 * PAGE])
+        assert calls and set(calls) == {"decompress_packed"}
+        raw = [p for p in kinds if len(get_codec(algo).compress(p)) >= PAGE][:1] * 6
+        await d.write(300 * PAGE, b"".join(raw))  # huge pages among zeros: nothing decodes
+        got, want = await both(290 * PAGE, 256 * PAGE)
+        expect = bytes(10 * PAGE) + b"".join(raw) + bytes(240 * PAGE)
+        assert got == want and bytes(got[0]) == expect
+        assert calls and set(calls) == {"decompress_packed"}
+        await d.write(50 * PAGE, b"\x07" * PAGE)  # same-filled, not zero: the walk
+        data[50 * PAGE : 51 * PAGE] = b"\x07" * PAGE
+        got, want = await both(0, 256 * PAGE)
+        assert got == want and bytes(got[0]) == bytes(data)
+        assert "decompress_packed" not in calls
         d.close()
 
 

@@ -668,7 +668,8 @@ class PageStore:
     ) -> tuple[Any, int, list[int]]:
         """``(items, kind, zero pages)`` for :func:`zramd.device.pipeline.native_decode_part`:
         a :class:`~zramd.device.pipeline.PackedSnap` of blobs of ``kind`` when every page is
-        compressed with one native codec, else per page finished bytes, ``(kind, blob)`` or
+        compressed with one native codec, huge (its raw page a blob of PAGE_SIZE bytes) or
+        reads as zero (an empty blob), else per page finished bytes, ``(kind, blob)`` or
         ``(codec, blob)`` (BACKED pages as :meth:`snapshot` does them) with kind 0."""
         t = self.table
         state_mv, codec_mv = t.state_mv, t.codec_mv
@@ -690,5 +691,38 @@ class PageStore:
             sizes = t.size[first:stop]
             data = self.pool.load_packed(t.handle[first:stop], sizes)
             return PackedSnap(data, np.cumsum(sizes, dtype=np.int64)), tag, []
+        packed = self._packed_mixed(first, last + 1, tags)
+        if packed is not None:
+            return packed
         snap, zero = self.snapshot(first, last, tags, backed)
         return snap, 0, zero
+
+    def _packed_mixed(
+        self, first: int, stop: int, tags: list[Any]
+    ) -> tuple[PackedSnap, int, list[int]] | None:
+        """:meth:`snapshot_native`'s packed form of pages ``[first, stop)`` that mix compressed
+        pages of one native codec with huge pages and pages that read as zero (a file
+        system's holes, a process's untouched memory): huge objects load as their raw page,
+        zero pages as empty blobs. None when another kind of page is among them, or when
+        every page reads as zero."""
+        t = self.table
+        states = t.state[first:stop]
+        stored = states == STORED
+        huge = states == HUGE
+        zero = (states == EMPTY) | ((states == SAME) & (t.handle[first:stop] == 0))
+        live = stored | huge
+        if not bool((live | zero).all()) or not bool(live.any()):
+            return None
+        cids = t.codec[first:stop][stored]
+        if len(cids):
+            tag = tags[int(cids[0])]
+            if type(tag) is not int or not bool((cids == cids[0]).all()):
+                return None
+        else:  # raw pages and zeros only: nothing decodes, any native kind will do
+            tag = next((k for k in tags if type(k) is int), None)
+            if tag is None:
+                return None
+        sizes = np.where(stored, t.size[first:stop], np.where(huge, PAGE_SIZE, 0))
+        data = self.pool.load_packed(t.handle[first:stop][live], sizes[live])
+        ends = np.cumsum(sizes, dtype=np.int64)
+        return PackedSnap(data, ends), tag, (np.flatnonzero(zero) + first).tolist()
