@@ -103,7 +103,7 @@ from zramd.device.pipeline import (
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
 from zramd.device.store import SMALL_DISCARD_PAGES, BackedItem, InBacking, PageStore
 from zramd.device.table import BACKED, EMPTY, SAME, PageTable
-from zramd.device.tiers import codec_spec
+from zramd.device.tiers import codec_spec, held
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.persist import ImageMeta
 from zramd.stats import DeviceStats
@@ -779,19 +779,19 @@ class ZramDevice:
         if len(zero) == n:
             return zeros(length), [(0, length)]
         buf: Buffer
-        split = GROUP_SPLIT_MIN_PAGES if store.slow_groups(first, last) else SPLIT_MIN_PAGES
         try:
             if kind < 0 and self._read_inline(n):  # small: here for its pages in the backing store
                 buf = decompress_part(0, n, snap)
-            elif kind >= 0:
-                buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
-                await self._in_parts(
-                    native_decode_part, n, snap, kind, memoryview(buf), split=split
-                )
             else:
-                parts: list[bytes] = await self._in_parts(decompress_part, n, snap, split=split)
-                # joining >= 1 MiB releases the GIL for the copy
-                buf = parts[0] if len(parts) == 1 else b"".join(parts)
+                split = GROUP_SPLIT_MIN_PAGES if store.slow_groups(first, last) else SPLIT_MIN_PAGES
+                if kind >= 0:
+                    buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: overwritten
+                    view = memoryview(buf)
+                    await self._in_parts(native_decode_part, n, snap, kind, view, split=split)
+                else:
+                    parts: list[bytes] = await self._in_parts(decompress_part, n, snap, split=split)
+                    # joining >= 1 MiB releases the GIL for the copy
+                    buf = parts[0] if len(parts) == 1 else b"".join(parts)
         except CodecError as exc:
             self._store.stats.failed_reads += 1
             raise DeviceIOError(str(exc)) from None
@@ -1050,10 +1050,8 @@ class ZramDevice:
         gp, codec = self._group_settings(first, last, group_pages, algorithm, level)
         packer = get_codec(codec.name, level=codec.level)
         store = self._store
-        t0 = time.perf_counter()
-        store.groups.settle(retry=True)
-        if on_hold is not None:
-            on_hold(time.perf_counter() - t0)
+        with held(on_hold):
+            store.groups.settle(retry=True)
         done = GroupResult()
         step = max(gp, GROUP_STEP_PAGES - GROUP_STEP_PAGES % gp)
         a = first
@@ -1061,18 +1059,14 @@ class ZramDevice:
             b = min(last, a - a % gp + step - 1)
             r = await self._inflight.acquire(a, b)
             try:
-                t0 = time.perf_counter()
-                windows = store.groups.plan(a, b, gp)
-                if on_hold is not None:
-                    on_hold(time.perf_counter() - t0)
+                with held(on_hold):
+                    windows = store.groups.plan(a, b, gp)
                 if windows:
                     blobs = await self._run_in_executor(
                         pack_groups, [w.items for w in windows], packer
                     )
-                    t0 = time.perf_counter()
-                    done = self._install_groups(windows, blobs, codec, done)
-                    if on_hold is not None:
-                        on_hold(time.perf_counter() - t0)
+                    with held(on_hold):
+                        done = self._install_groups(windows, blobs, codec, done)
             finally:
                 self._inflight.release(r)
             if done.no_space:
@@ -1084,10 +1078,8 @@ class ZramDevice:
             del packer
         if done.groups:
             while True:
-                t0 = time.perf_counter()
-                freed = store.pool.compact(max_pages=COMPACT_SLICE_PAGES)
-                if on_hold is not None:
-                    on_hold(time.perf_counter() - t0)
+                with held(on_hold):
+                    freed = store.pool.compact(max_pages=COMPACT_SLICE_PAGES)
                 if freed < COMPACT_SLICE_PAGES:
                     break
                 await (asyncio.sleep(0) if pace is None else pace())

@@ -63,7 +63,7 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -199,6 +199,20 @@ Runner = Callable[..., Awaitable[Any]]
 HoldHook = Callable[[float], None]
 
 
+@contextlib.contextmanager
+def held(on_hold: HoldHook | None) -> Iterator[None]:
+    """Time the ``with`` block, a stretch on the loop thread, and tell ``on_hold`` how long it
+    took (nothing to time without one)."""
+    if on_hold is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        on_hold(time.perf_counter() - t0)
+
+
 async def recompress(
     device_store: Callable[[], PageStore | None],
     run: Runner,
@@ -232,25 +246,22 @@ async def recompress(
     pos = first
     limit = min(stop, first + max_scan)
     while pos < limit and res.tried < max_pages:
-        t0 = time.perf_counter()
-        window = min(limit, pos + SCAN_PAGES)
-        idx = candidates(store, pos, window, kind, threshold)
-        take = min(batch_pages, max_pages - res.tried)
-        if len(idx) > take:
-            idx = idx[:take]
-            pos = int(idx[-1]) + 1
-        else:
-            pos = window
-        res.next = res.scanned_to = pos
-        if not len(idx):
-            if on_hold is not None:
-                on_hold(time.perf_counter() - t0)
+        with held(on_hold):
+            window = min(limit, pos + SCAN_PAGES)
+            idx = candidates(store, pos, window, kind, threshold)
+            take = min(batch_pages, max_pages - res.tried)
+            if len(idx) > take:
+                idx = idx[:take]
+                pos = int(idx[-1]) + 1
+            else:
+                pos = window
+            res.next = res.scanned_to = pos
+            pages = idx.tolist()
+            if pages:
+                items = _take(store, pages)
+                res.tried += len(pages)
+        if not pages:
             continue
-        pages = idx.tolist()
-        items = _take(store, pages)
-        res.tried += len(pages)
-        if on_hold is not None:
-            on_hold(time.perf_counter() - t0)
         try:
             results = await run(recompress_part, items, codecs, sizes, huge_threshold)
         except BaseException:
@@ -260,10 +271,8 @@ async def recompress(
         if device_store() is not store:
             res.aborted = True
             break
-        t0 = time.perf_counter()
-        ok = _switch(store, pages, results, algorithms, complete, sizes, res)
-        if on_hold is not None:
-            on_hold(time.perf_counter() - t0)
+        with held(on_hold):
+            ok = _switch(store, pages, results, algorithms, complete, sizes, res)
         if not ok:
             break
     return res
