@@ -658,6 +658,78 @@ async def test_async_api_runs_io_in_the_store_threads(
     assert threading.current_thread().name not in seen
 
 
+async def test_async_reads_of_cached_objects_take_no_thread(
+    path: str, store: BackingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async read of a few objects the page cache holds is copied on the loop (RWF_NOWAIT),
+    checked and counted as a thread's read; one the cache does not hold, a large one, or one
+    on a file system that refuses RWF_NOWAIT goes to the threads; a corrupt object is corrupt
+    either way, and a truncated file is met by the thread's read."""
+    data = objs(40, lo=500, hi=3000)
+    locs = store.write_many_sync(data)  # just written: in the page cache
+    threads: list[str] = []
+    nowait: list[str] = []
+    real_pread, real_preadv = os.pread, os.preadv
+
+    def pread(fd: int, n: int, off: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_pread(fd, n, off)
+
+    def preadv(fd: int, bufs: list[bytearray], off: int, flags: int) -> int:
+        nowait.append(threading.current_thread().name)
+        assert flags == os.RWF_NOWAIT
+        return real_preadv(fd, bufs, off, flags)
+
+    monkeypatch.setattr(store_mod.os, "pread", pread)
+    monkeypatch.setattr(store_mod.os, "preadv", preadv)
+    before = store.stat()
+    assert await store.read_many(locs[:5]) == data[:5]
+    assert await store.read(locs[7]) == data[7]
+    assert threads == [] and set(nowait) == {threading.current_thread().name}
+    after = store.stat()
+    assert after["bd_reads"] - before["bd_reads"] == 6
+    assert after["read_bytes"] - before["read_bytes"] >= sum(map(len, data[:5])) + len(data[7])
+    nowait.clear()
+    assert await store.read_many(locs) == data  # more than CACHED_READ_MAX_OBJECTS: threads
+    assert nowait == [] and threads and all(t.startswith("zramd-backing") for t in threads)
+
+    def not_cached(fd: int, bufs: list[bytearray], off: int, flags: int) -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    threads.clear()
+    monkeypatch.setattr(store_mod.os, "preadv", not_cached)
+    assert await store.read(locs[3]) == data[3]
+    assert threads and threads[0].startswith("zramd-backing")
+
+    def unsupported(fd: int, bufs: list[bytearray], off: int, flags: int) -> int:
+        nowait.append("refused")
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(store_mod.os, "preadv", unsupported)
+    assert await store.read(locs[4]) == data[4]
+    assert await store.read(locs[5]) == data[5]
+    assert nowait == ["refused"]  # asked once, then never again for this store
+    monkeypatch.setattr(store_mod.os, "preadv", real_preadv)
+    assert await store.read(locs[6]) == data[6]
+
+    other = BackingStore.create(path + "2", size=16 << 20, segment_size=SEG)
+    try:
+        olocs = other.write_many_sync(objs(10, lo=2000, hi=3000))
+        off = fmt.locator_offset(olocs[2]) + fmt.RECORD_HEADER_BYTES + 10
+        with open(path + "2", "r+b") as f:  # through the page cache: the cached copy is bad
+            f.seek(off)
+            f.write(b"\xff" * 8)
+        with pytest.raises(BackingCorrupt):
+            await other.read(olocs[2])
+        assert other.stat()["corrupt"] == 1
+        os.truncate(path + "2", fmt.locator_offset(olocs[8]))
+        with pytest.raises(BackingIOError, match="short read"):
+            await other.read(olocs[9])
+        assert await other.read_many(olocs[:2]) == objs(10, lo=2000, hi=3000)[:2]
+    finally:
+        other.close()
+
+
 async def test_async_faults_cost_only_their_request(
     store: BackingStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -453,14 +453,19 @@ async def test_read_eio_fails_that_read_only(
     def fail(fd: int, n: int, off: int) -> bytes:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(store_mod.os, "pread", fail)
+    def not_cached(fd: int, bufs: list[bytearray], off: int, flags: int) -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(store_mod.os, "pread", fail)  # the device fails the reads that reach it
+    monkeypatch.setattr(store_mod.os, "preadv", not_cached)
     with pytest.raises(DeviceIOError):
         await dev.read_with_zeros(0, 2 * PAGE)
     with pytest.raises(DeviceIOError):
         await dev.write(100, b"z")  # its old page cannot be read
     assert dev.stats.failed_reads == 1 and dev.stats.failed_writes == 1
     assert (await dev.read_with_zeros(4 * PAGE, 2 * PAGE))[0] == _text(2, 8)  # RAM: fine
-    monkeypatch.setattr(store_mod.os, "pread", real)
+    monkeypatch.undo()
+    assert os.pread is real
     assert (await dev.read_with_zeros(0, 4 * PAGE))[0] == data
 
 
