@@ -199,7 +199,12 @@ class BackingCorrupt(BackingIOError):
 
 
 class _NotCached(Exception):
-    """A page-cache read (:meth:`BackingStore._read_cached`) would have to wait for the device."""
+    """A page-cache read (:meth:`BackingStore._read_cached`) would have to wait for the device;
+    ``unsupported``: the file system cannot tell (RWF_NOWAIT refused)."""
+
+    def __init__(self, unsupported: bool = False) -> None:
+        super().__init__()
+        self.unsupported = unsupported
 
 
 class BackingFull(BackingError):
@@ -771,16 +776,13 @@ class BackingStore:
 
     def _pread(self, offset: int, n: int, nowait: bool = False) -> bytes:
         """``n`` bytes at ``offset``. ``nowait``: only if the page cache holds all of them,
-        else _NotCached (and on a file system that cannot tell, never again for this store);
-        an error is left for the threads' read to meet and report."""
+        else _NotCached; an error is left for the threads' read to meet and report."""
         if nowait:
             buf = bytearray(n)
             try:
                 got = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
             except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self._nowait = False
-                raise _NotCached from None
+                raise _NotCached(e.errno in (errno.EOPNOTSUPP, errno.EINVAL)) from None
             if got < n:
                 raise _NotCached
             return bytes(buf)
@@ -1111,7 +1113,9 @@ class BackingStore:
             return None
         try:
             return self._run(self._op_read(locs, nowait=True))
-        except _NotCached:
+        except _NotCached as e:
+            if e.unsupported:  # not asked again for this store
+                self._nowait = False
             return None
 
     async def free(self, locs: Iterable[int]) -> None:
