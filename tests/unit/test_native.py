@@ -425,6 +425,17 @@ async def test_packed_read_of_pages_mixed_with_huge_and_zero_pages(
         expect = bytes(10 * PAGE) + b"".join(raw) + bytes(240 * PAGE)
         assert got == want and bytes(got[0]) == expect
         assert calls and set(calls) == {"decompress_packed"}
+        d.set_algorithm("zstd" if algo == "lz4" else "lz4")
+        text = next(p for p in kinds if len(get_codec("lz4").compress(p)) < PAGE // 2)
+        await d.write(60 * PAGE, text)  # a page of a second codec: the walk
+        data[60 * PAGE : 61 * PAGE] = text
+        got, want = await both(0, 256 * PAGE)
+        assert got == want and bytes(got[0]) == bytes(data)
+        assert calls and "decompress_packed" not in calls
+        await d.write(60 * PAGE, bytes(PAGE))
+        data[60 * PAGE : 61 * PAGE] = bytes(PAGE)
+        got, want = await both(0, 256 * PAGE)
+        assert got == want and set(calls) == {"decompress_packed"}
         await d.write(50 * PAGE, b"\x07" * PAGE)  # same-filled, not zero: the walk
         data[50 * PAGE : 51 * PAGE] = b"\x07" * PAGE
         got, want = await both(0, 256 * PAGE)
