@@ -12,8 +12,11 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import lz4.block
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from zramd.compress import get_codec, native
 from zramd.device import DeviceIOError
@@ -217,6 +220,95 @@ def test_same_fill_detectors_agree() -> None:
         else:
             assert g == w == (SAME, word, None), i
     assert sum(g[0] == SAME for g in got) == 6
+
+
+def lz4_matches(block: bytes) -> list[tuple[int, int, int]]:
+    """The matches of an lz4 block as (output position, offset, length)."""
+    out, ip, op = [], 0, 0
+    while ip < len(block):
+        tok = block[ip]
+        ip += 1
+        lit, ml = tok >> 4, tok & 15
+        if lit == 15:
+            while True:
+                lit += block[ip]
+                ip += 1
+                if block[ip - 1] != 255:
+                    break
+        ip += lit
+        op += lit
+        if ip >= len(block):
+            break
+        off = block[ip] | block[ip + 1] << 8
+        ip += 2
+        if ml == 15:
+            while True:
+                ml += block[ip]
+                ip += 1
+                if block[ip - 1] != 255:
+                    break
+        out.append((op, off, ml + 4))
+        op += ml + 4
+    return out
+
+
+def slow_run_matches(block: bytes, page: bytes) -> list[tuple[int, int, int]]:
+    """Matches of offset 2..15 over a run of one byte: liblz4 decodes most of them with
+    overlapping 8-byte copies where offset 1 would do the same in its memset path."""
+    return [
+        (op, off, n)
+        for op, off, n in lz4_matches(block)
+        if 2 <= off <= 15 and len(set(page[op - off : op])) == 1
+    ]
+
+
+@pytest.mark.parametrize(("kind", "level"), [(N.LZ4, 1), (N.LZ4, 9), (N.LZ4HC, 4)])
+def test_lz4_runs_at_a_pages_end_decode_through_offset_one(kind: int, level: int) -> None:
+    rnd = random.Random(11)
+    for head, fill in [(1638, 0), (900, 0xFF), (3000, 0x20), (3500, 0)]:
+        page = rnd.randbytes(head) + bytes([fill]) * (PAGE - head)
+        plain = lz4.block.compress(page, store_size=False)
+        assert slow_run_matches(plain, page), "liblz4 writes this run at a slow offset"
+        [(state, size, block)] = N.prepare_pages(page, kind, level, 3633, SAME, STORED, HUGE)
+        assert state == STORED and block is not None and size == len(block)
+        assert lz4.block.decompress(block, uncompressed_size=PAGE) == page
+        assert not slow_run_matches(block, page)
+        assert any(off == 1 for _, off, _ in lz4_matches(block))
+    # a run inside the page, not at its end, is left as the compressor wrote it
+    page = rnd.randbytes(1600) + bytes(2000) + rnd.randbytes(PAGE - 3600)
+    [(_, _, block)] = N.prepare_pages(page, N.LZ4, 1, 3633, SAME, STORED, HUGE)
+    assert block == lz4.block.compress(page, store_size=False)
+
+
+SEGMENT = hs.one_of(
+    hs.binary(min_size=1, max_size=600),
+    hs.tuples(hs.binary(min_size=1, max_size=8), hs.integers(1, 900)).map(
+        lambda t: (t[0] * (t[1] // len(t[0]) + 1))[: t[1]]
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    segments=hs.lists(SEGMENT, min_size=1, max_size=12),
+    tail=hs.tuples(hs.integers(0, 255), hs.integers(0, 3000)),
+    kind_level=hs.sampled_from([(N.LZ4, 1), (N.LZ4, 3), (N.LZ4HC, 4), (N.LZ4HC, 12)]),
+)
+def test_lz4_offsets_rewritten_decode_to_the_page(
+    segments: list[bytes], tail: tuple[int, int], kind_level: tuple[int, int]
+) -> None:
+    """Pages of random bytes, runs and short periods (1..8 bytes), ending in a run or not: every
+    stored block decodes to its page, whatever matches were given offset 1."""
+    fill, n = tail
+    body = b"".join(segments)[: PAGE - n]
+    page = (body + bytes([fill]) * PAGE)[:PAGE]
+    kind, level = kind_level
+    [(state, size, block)] = N.prepare_pages(page, kind, level, PAGE + 1, SAME, STORED, HUGE)
+    if state == STORED:
+        assert block is not None and size == len(block)
+        assert lz4.block.decompress(block, uncompressed_size=PAGE) == page
+        if page[-64:] == page[-1:] * 64:
+            assert not slow_run_matches(block, page)
 
 
 def test_prepare_pages_rejects_bad_arguments() -> None:

@@ -8,7 +8,10 @@ Every codec declares the native *kind* of its format (:class:`~zramd.compress.ba
 :func:`decode_kind` / :func:`encode_kind` return that kind, or None when the extension is
 missing, disabled (``ZRAMD_NATIVE=0``) or the codec has no native form; callers then use the
 codec's own per-page methods, which produce the same pages. The C loops run with the
-GIL released, so two worker threads decode or encode one large request on both cores.
+GIL released, so two worker threads decode or encode one large request on both cores. The C
+lz4 encoder gives the matches over a run of one byte offset 1 in pages that end in such a run
+(liblz4 decodes them several times faster), so its blocks may differ from ``lz4.block``'s byte
+for byte, never in what they decode to.
 
 Invariants: a native batch decodes a page only into exactly ``PAGE_SIZE`` bytes (else the index
 of the failing page is reported and the caller raises CodecError); an encoded page is stored
