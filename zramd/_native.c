@@ -249,6 +249,21 @@ ends_in_run(const char *page)
     return 1;
 }
 
+/* Add to ``*n`` the bytes that extend an lz4 length field (one whose nibble is 15) at
+ * ``blk[*ip]``, moving ``*ip`` past them; 0 when the block of ``len`` bytes ends among them. */
+static int
+lz4_more_len(const unsigned char *blk, int len, int *ip, int *n)
+{
+    unsigned b;
+    do {
+        if (*ip >= len)
+            return 0;
+        b = blk[(*ip)++];
+        *n += (int)b;
+    } while (b == 255);
+    return 1;
+}
+
 /* Rewrite, in the lz4 block ``blk`` of ``len`` bytes that decodes to ``page``, every match of
  * offset 2..15 whose source is one byte repeated to offset 1. It decodes to the same bytes (the
  * copy repeats that byte either way), and liblz4 then takes its memset path instead of the
@@ -262,28 +277,18 @@ lz4_flatten_runs(unsigned char *blk, int len, const unsigned char *page)
 {
     int ip = 0, op = 0;
     while (ip < len) {
-        unsigned tok = blk[ip++], b;
+        unsigned tok = blk[ip++];
         int lit = (int)(tok >> 4), ml = (int)(tok & 15);
-        if (lit == 15)
-            do {
-                if (ip >= len)
-                    return;
-                b = blk[ip++];
-                lit += (int)b;
-            } while (b == 255);
+        if (lit == 15 && !lz4_more_len(blk, len, &ip, &lit))
+            return;
         ip += lit;
         op += lit;
         if (ip + 2 > len)
             return; /* the last sequence: literals only */
         int at = ip, off = blk[ip] | blk[ip + 1] << 8;
         ip += 2;
-        if (ml == 15)
-            do {
-                if (ip >= len)
-                    return;
-                b = blk[ip++];
-                ml += (int)b;
-            } while (b == 255);
+        if (ml == 15 && !lz4_more_len(blk, len, &ip, &ml))
+            return;
         if (off >= 2 && off <= 15 && off <= op && op <= PAGE) {
             const unsigned char *src = page + op - off;
             int k = 1;

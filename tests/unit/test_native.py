@@ -222,31 +222,30 @@ def test_same_fill_detectors_agree() -> None:
     assert sum(g[0] == SAME for g in got) == 6
 
 
+def lz4_length(block: bytes, ip: int, n: int) -> tuple[int, int]:
+    """An lz4 length field of nibble ``n`` whose extension bytes start at ``ip``: (length,
+    position after it)."""
+    if n == 15:
+        while True:
+            n += block[ip]
+            ip += 1
+            if block[ip - 1] != 255:
+                break
+    return n, ip
+
+
 def lz4_matches(block: bytes) -> list[tuple[int, int, int]]:
     """The matches of an lz4 block as (output position, offset, length)."""
     out, ip, op = [], 0, 0
     while ip < len(block):
         tok = block[ip]
-        ip += 1
-        lit, ml = tok >> 4, tok & 15
-        if lit == 15:
-            while True:
-                lit += block[ip]
-                ip += 1
-                if block[ip - 1] != 255:
-                    break
+        lit, ip = lz4_length(block, ip + 1, tok >> 4)
         ip += lit
         op += lit
         if ip >= len(block):
             break
         off = block[ip] | block[ip + 1] << 8
-        ip += 2
-        if ml == 15:
-            while True:
-                ml += block[ip]
-                ip += 1
-                if block[ip - 1] != 255:
-                    break
+        ml, ip = lz4_length(block, ip + 2, tok & 15)
         out.append((op, off, ml + 4))
         op += ml + 4
     return out
