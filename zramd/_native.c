@@ -44,11 +44,13 @@
  * new_buffer(n) -> bytearray
  *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
  *
- * copy_objects(dst, dst_offsets, src, src_offsets, lengths) -> None
- *     The allocator's batch store: object i, src[src_offsets[i] : + lengths[i]], is copied to
- *     dst[dst_offsets[i] :]. The three index buffers are int64 arrays of one length; every
- *     range is checked against its buffer before anything is copied (ValueError), the copies
- *     run with the GIL released.
+ * copy_objects(copies) -> None
+ *     The allocator's batch store: for each (dst, dst_offsets, src, src_offsets, lengths) of
+ *     the sequence ``copies``, object i, src[src_offsets[i] : + lengths[i]], is copied to
+ *     dst[dst_offsets[i] :]. The three index buffers of a copy are int64 arrays of one length;
+ *     every range is checked against its buffer before anything is copied (ValueError), and
+ *     all the copies run in one stretch with the GIL released (a thread that copies while
+ *     another runs Python waits for the GIL once, not once per copy).
  *
  * load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytearray
  *     The allocator's batch load (zramd/allocator/pool.py, ``Pool.load_packed``): the objects of
@@ -735,35 +737,56 @@ out:
 static PyObject *
 copy_objects(PyObject *self, PyObject *args)
 {
-    Py_buffer dst, doff, src, soff, lens;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*y*:copy_objects", &dst, &doff, &src, &soff, &lens))
+    PyObject *seq_in;
+    if (!PyArg_ParseTuple(args, "O:copy_objects", &seq_in))
         return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "copy_objects: a sequence of copies");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq), held = 0;
+    Py_buffer *bufs = PyMem_Calloc(nb ? (size_t)nb * 5 : 1, sizeof(Py_buffer));
     PyObject *ret = NULL;
-    Py_ssize_t n = lens.len / (Py_ssize_t)sizeof(int64_t);
-    if (doff.len != lens.len || soff.len != lens.len || lens.len % (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "copy_objects: index arrays of different lengths");
+    if (bufs == NULL) {
+        PyErr_NoMemory();
         goto done;
     }
-    const int64_t *d = (const int64_t *)doff.buf, *s = (const int64_t *)soff.buf;
-    const int64_t *l = (const int64_t *)lens.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (l[i] < 0 || d[i] < 0 || s[i] < 0 || d[i] > dst.len - l[i] || s[i] > src.len - l[i]) {
-            PyErr_Format(PyExc_ValueError, "copy_objects: object %zd out of range", i);
+    for (; held < nb; held++) {
+        Py_buffer *b = bufs + 5 * held;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, held), "w*y*y*y*y*:copy_objects",
+                              &b[0], &b[1], &b[2], &b[3], &b[4]))
+            goto done; /* it released what it had taken */
+        Py_ssize_t len = b[4].len;
+        if (b[1].len != len || b[3].len != len || len % (Py_ssize_t)sizeof(int64_t)) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "copy_objects: index arrays of different lengths");
             goto done;
+        }
+        const int64_t *d = b[1].buf, *s = b[3].buf, *l = b[4].buf;
+        for (Py_ssize_t i = 0; i < len / (Py_ssize_t)sizeof(int64_t); i++) {
+            if (l[i] < 0 || d[i] < 0 || s[i] < 0 || d[i] > b[0].len - l[i] ||
+                s[i] > b[2].len - l[i]) {
+                held++;
+                PyErr_Format(PyExc_ValueError, "copy_objects: object %zd out of range", i);
+                goto done;
+            }
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        memcpy((char *)dst.buf + d[i], (const char *)src.buf + s[i], (size_t)l[i]);
+    for (Py_ssize_t j = 0; j < nb; j++) {
+        Py_buffer *b = bufs + 5 * j;
+        const int64_t *d = b[1].buf, *s = b[3].buf, *l = b[4].buf;
+        for (Py_ssize_t i = 0; i < b[4].len / (Py_ssize_t)sizeof(int64_t); i++)
+            memcpy((char *)b[0].buf + d[i], (const char *)b[2].buf + s[i], (size_t)l[i]);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    PyBuffer_Release(&dst);
-    PyBuffer_Release(&doff);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&soff);
-    PyBuffer_Release(&lens);
+    for (Py_ssize_t j = 0; bufs != NULL && j < held; j++)
+        for (int k = 0; k < 5; k++)
+            PyBuffer_Release(&bufs[5 * j + k]);
+    PyMem_Free(bufs);
+    Py_DECREF(seq);
     return ret;
 }
 
@@ -773,7 +796,7 @@ static PyMethodDef methods[] = {
     {"decompress_packed", decompress_packed, METH_VARARGS,
      "decompress_packed(dst, src, ends, begin, kind) -> -1, or the first page that did not decode"},
     {"copy_objects", copy_objects, METH_VARARGS,
-     "copy_objects(dst, dst_offsets, src, src_offsets, lengths): scatter objects into dst"},
+     "copy_objects(copies): each (dst, dst_offsets, src, src_offsets, lengths) scattered into dst"},
     {"new_buffer", new_buffer, METH_VARARGS, "new_buffer(n) -> bytearray of n bytes, not zeroed"},
     {"decompress_pages", decompress_pages, METH_VARARGS,
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},

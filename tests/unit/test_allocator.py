@@ -761,6 +761,56 @@ def test_store_packed_with_and_without_the_c_copy(
         pool.close()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_store_packed_copies_taken_by_the_caller(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``copies``, ``store_packed`` books the objects and leaves their bytes to
+    ``run_copies``, which another thread may run while the next batch is booked; a batch that
+    fails on the limit frees only its own objects, without compacting (which would move
+    objects whose copies are still to come), and the pending copies then land where they
+    should."""
+    import threading
+
+    import numpy as np
+
+    from zramd.allocator import pool as pool_module
+
+    if not native:
+        monkeypatch.setattr(pool_module, "_native_copy", None)
+    elif pool_module._native_copy is None:
+        pytest.skip("the C accelerator is not built")
+    rnd = random.Random(9)
+    pool = Pool(arena_size=64 * PAGE, limit=400 * PAGE)
+    try:
+        batches = [[rnd.randbytes(rnd.choice(SIZES)) for _ in range(300)] for _ in range(2)]
+        copies: list[pool_module.Copy] = []
+        handles: list[int] = []
+        for objs in batches:
+            lengths = np.array([len(o) for o in objs], dtype=np.int64)
+            handles += pool.store_packed(b"".join(objs), lengths, copies)
+        objs = batches[0] + batches[1]
+        assert copies and all(pool.load(h, len(o)) != o for h, o in zip(handles, objs, strict=True))
+        # a batch past the limit: PoolFull, its own objects freed, nothing compacted
+        before = (pool.total_bytes, pool.obj_count, pool.pages_compacted)
+        too_many = [rnd.randbytes(3000) for _ in range(400)]
+        compactions: list[int] = []
+        monkeypatch.setattr(pool, "maybe_compact", lambda: compactions.append(1) or 0)
+        pool._frees_to_check = 1  # the first free would look for compaction to do
+        with pytest.raises(PoolFull):
+            pool.store_packed(b"".join(too_many), np.array([3000] * 400, dtype=np.int64), copies)
+        assert (pool.total_bytes, pool.obj_count, pool.pages_compacted) == before
+        assert compactions == [] and pool.auto_compact
+        t = threading.Thread(target=pool_module.run_copies, args=(copies,))
+        t.start()
+        t.join()
+        for h, o in zip(handles, objs, strict=True):
+            assert pool.load(h, len(o)) == o
+        pool.check(dict(zip(handles, map(len, objs), strict=True)))
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("accelerated", [True, False], ids=["native", "python"])
 def test_load_packed_is_load_of_each(accelerated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch load (C, or the Python join without it) gives what load gives, end to end,

@@ -580,13 +580,21 @@ def test_copy_objects_scatters_and_checks_every_range_first() -> None:
     def arr(*v: int) -> np.ndarray:
         return np.array(v, dtype=np.int64)
 
-    N.copy_objects(dst, arr(0, 40), src, arr(4, 20), arr(3, 5))
-    assert dst[:3] == src[4:7] and dst[40:45] == src[20:25]
+    other = bytearray(8)
+    N.copy_objects(
+        [(dst, arr(0, 40), src, arr(4, 20), arr(3, 5)), (other, arr(6), src, arr(0), arr(2))]
+    )
+    assert dst[:3] == src[4:7] and dst[40:45] == src[20:25] and other[6:] == src[:2]
     assert dst[3:40] == bytes(37)
+    N.copy_objects([])
+    good = (dst, arr(50), src, arr(0), arr(4))
     for bad in ((arr(62), arr(0), arr(3)), (arr(0), arr(30), arr(3)), (arr(-1), arr(0), arr(1))):
         before = bytes(dst)
-        with pytest.raises(ValueError, match="out of range"):
-            N.copy_objects(dst, bad[0], src, bad[1], bad[2])
+        with pytest.raises(ValueError, match="out of range"):  # a later copy: none is done
+            N.copy_objects([good, (dst, bad[0], src, bad[1], bad[2])])
         assert bytes(dst) == before
     with pytest.raises(ValueError, match="different lengths"):
-        N.copy_objects(dst, arr(0, 1), src, arr(0), arr(1))
+        N.copy_objects([good, (dst, arr(0, 1), src, arr(0), arr(1))])
+    with pytest.raises(TypeError):
+        N.copy_objects([good, (src, arr(0), src, arr(0), arr(1))])  # bytes are not writable
+    assert bytes(dst[50:54]) == bytes(4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,13 @@ def save(d: ZramDevice, path: Path, during: list | None = None) -> int:  # type:
     return src.saved_bytes
 
 
-def load(path: Path, **kw: object) -> ZramDevice:
+def load(path: Path, batch: int = 0, **kw: object) -> ZramDevice:
     r = SnapshotReader(str(path))
     d = ZramDevice(r.meta.size, **kw)  # type: ignore[arg-type]
     try:
         sink = d.restore_image(r.meta)
-        for lengths, data in r.chunks():
-            sink.put(lengths, data)
+        for lengths, data in r.chunks(batch):
+            sink.put(lengths, data)()
         sink.finish()
     except BaseException:
         d.close()
@@ -110,14 +111,14 @@ async def build(seed: int) -> tuple[ZramDevice, bytearray]:
     return d, model
 
 
-@pytest.mark.parametrize("seed", range(4))
-async def test_snapshot_restore_matches_the_model(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "batch"), [(0, 0), (1, 0), (2, 20000), (3, 100)])
+async def test_snapshot_restore_matches_the_model(tmp_path: Path, seed: int, batch: int) -> None:
     d, model = await build(seed)
     before = d.stats
     path = tmp_path / "snap"
     save(d, path)
     d.close()
-    r = load(path)
+    r = load(path, batch)
     assert bytes(r.read_sync(0, SIZE)) == bytes(model)
     check(r)
     s = r.stats
@@ -166,6 +167,39 @@ async def test_live_snapshot_is_its_point_in_time(tmp_path: Path) -> None:
     d.close()
 
 
+async def test_chunks_joined_in_two_buffers(tmp_path: Path) -> None:
+    """Read in batches, a snapshot gives the objects of its chunks in order, consecutive chunks
+    joined up to the batch (a larger chunk alone), and an item's bytes are still there while
+    the next one is taken: how a restore reads one item ahead."""
+    d, _model = await build(4)
+    path = tmp_path / "snap"
+    save(d, path)
+    d.close()
+    with closing(SnapshotReader(str(path))) as r:
+        single = [(lengths.copy(), bytes(data)) for lengths, data in r.chunks()]
+    sizes = [len(data) for _, data in single]
+    assert len(single) > 4 and max(sizes) > 30000 > 2 * min(sizes)
+    joining, alone = 30000, min(sizes) - 1
+    for batch in (joining, alone):
+        with closing(SnapshotReader(str(path))) as r:
+            items = r.chunks(batch)
+            got: list[tuple[np.ndarray, bytes]] = []
+            held = next(items)
+            for item in items:  # the one before is read only now
+                got.append((held[0].copy(), bytes(held[1])))
+                held = item
+            got.append((held[0].copy(), bytes(held[1])))
+        assert np.array_equal(
+            np.concatenate([g[0] for g in got]), np.concatenate([s[0] for s in single])
+        )
+        assert b"".join(g[1] for g in got) == b"".join(s[1] for s in single)
+        if batch == alone:  # every chunk is larger than the batch: one per item
+            assert len(got) == len(single)
+        else:  # chunks joined up to the batch, a larger one alone
+            assert 1 < len(got) < len(single)
+            assert all(len(data) <= batch or len(data) in sizes for _, data in got)
+
+
 def test_empty_device_and_geometry(tmp_path: Path) -> None:
     d = ZramDevice(SIZE)
     save(d, tmp_path / "s")
@@ -191,9 +225,10 @@ async def test_bad_files_are_refused(tmp_path: Path) -> None:
     def refused(data: bytes, match: str) -> None:
         bad = tmp_path / "bad"
         bad.write_bytes(data)
-        with pytest.raises(SnapshotError, match=match) as e:
-            load(bad)
-        assert str(bad) in str(e.value)
+        for batch in (0, 20000):
+            with pytest.raises(SnapshotError, match=match) as e:
+                load(bad, batch)
+            assert str(bad) in str(e.value)
 
     refused(raw[: len(raw) // 2], "truncated or torn")
     refused(raw[:-1], "truncated or torn")

@@ -50,7 +50,7 @@ def _load(path: Path, backing_path: Path) -> tuple[ZramDevice, BackingStore]:
     try:
         sink = d.restore_image(r.meta)
         for lengths, data in r.chunks():
-            sink.put(lengths, data)
+            sink.put(lengths, data)()
         sink.finish()
     except BaseException:
         d.close()

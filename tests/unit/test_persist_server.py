@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import pytest
 from zramd.config import ConfigError, ExportConfig
 from zramd.control.metrics import render
 from zramd.control.server import export_row, export_stat
-from zramd.persist import SnapshotBusy, SnapshotLock
+from zramd.device import image
+from zramd.persist import SnapshotBusy, SnapshotLock, SnapshotReader
 from zramd.server import persistence
 from zramd.server.exports import ExportRegistry
 
@@ -124,6 +126,41 @@ async def test_a_file_that_does_not_fit_the_memory_limit_is_not_discarded(
     with pytest.raises(ConfigError, match="memory limit") as e:
         await persistence.restore_all(reg, discard=True)
     assert not isinstance(e.value, persistence.SnapshotRefused) and snap.exists()
+    reg.close()
+
+
+async def test_restore_reads_stores_and_copies_batches_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore of many chunks in many batches (one read, one stored, one copied at a time,
+    in three buffers) gives back every byte; one that meets the memory limit half way fails
+    with nothing left running, and the export does not start."""
+    monkeypatch.setattr(image, "TAKE_BATCH", 2)  # chunks of a few objects
+    monkeypatch.setattr(persistence, "SLICE_BYTES", PAGE)
+    monkeypatch.setattr(persistence, "CHUNK_BYTES", 2 * PAGE)
+    monkeypatch.setattr(persistence, "RESTORE_BATCH_BYTES", 6 * PAGE)
+    rng = np.random.default_rng(4)
+    pages = [
+        rng.bytes(PAGE) if i % 3 == 0 else (rng.bytes(700) * 6)[:PAGE] for i in range(SIZE // PAGE)
+    ]
+    data = b"".join(pages)
+    snap = await _saved(tmp_path, data)
+    with closing(SnapshotReader(str(snap))) as r:
+        chunks = sum(1 for _ in r.chunks())
+    with closing(SnapshotReader(str(snap))) as r:
+        batches = sum(1 for _ in r.chunks(persistence.RESTORE_BATCH_BYTES))
+    assert chunks > batches > 3
+    reg = ExportRegistry()
+    exp = reg.add(_config(snap))
+    await persistence.restore_all(reg)
+    assert bytes(await exp.device.read(0, SIZE)) == data
+    reg.close()
+    cfg = _config(snap)
+    cfg.mem_limit = 24 * PAGE
+    reg = ExportRegistry()
+    reg.add(cfg)
+    with pytest.raises(ConfigError, match="memory limit"):
+        await persistence.restore_all(reg)
     reg.close()
 
 

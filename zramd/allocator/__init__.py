@@ -15,15 +15,18 @@ from zramd.allocator.pool import (
     CAUSE_SYSTEM,
     FULLNESS_LABELS,
     POOL_FULL_CAUSES,
+    Copy,
     MemoryBudget,
     Pool,
     PoolFull,
+    run_copies,
 )
 
 __all__ = [
     "CAUSE_BUDGET",
     "CAUSE_LIMIT",
     "CAUSE_SYSTEM",
+    "Copy",
     "FULLNESS_LABELS",
     "POOL_FULL_CAUSES",
     "PAGE_SIZE",
@@ -33,4 +36,5 @@ __all__ = [
     "SizeClass",
     "build_classes",
     "huge_watermark",
+    "run_copies",
 ]

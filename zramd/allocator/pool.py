@@ -95,7 +95,11 @@ accelerator's ``copy_objects`` (a loop without it). Objects of a class with no n
 reverse maps, handle entries and offsets as arrays, one copy per arena. A restore fills an
 empty pool this way (541 MiB of objects of real files: 1.11-1.41 s before, 0.92-1.08 s with
 it; what is left is mostly the first touch of the pool's fresh pages, and the copies). All or
-nothing, like ``store``.
+nothing, like ``store``. A caller may take the copies instead (``copies``) and run them in
+another thread (:func:`run_copies`: the C copy of all of them without the GIL) while this
+thread books the next batch: a restore does, since first touching fresh pages is its largest
+cost. Until they are done, those objects hold garbage: the caller loads, frees and compacts
+nothing meanwhile, and a batch that fails frees its own objects without compacting.
 
 **Limits.** ``limit`` (this pool) and an optional shared :class:`MemoryBudget` are checked
 only when a store needs a new zspage (a free slot in an existing zspage is always usable,
@@ -134,19 +138,24 @@ except ImportError:  # the optional C accelerator is not built
     _native_copy = _native_load = None
 
 
-def _copy_objects(
-    dst: mmap.mmap,
-    dst_offsets: npt.NDArray[np.int64],
-    src: memoryview,
-    src_offsets: npt.NDArray[np.int64],
-    lengths: npt.NDArray[np.int64],
-) -> None:
-    """Copy object i, ``src[src_offsets[i] : + lengths[i]]``, to ``dst[dst_offsets[i]:]``."""
+#: One batch of object copies: (dst, dst_offsets, src, src_offsets, lengths), see run_copies.
+Copy = tuple[
+    mmap.mmap, npt.NDArray[np.int64], memoryview, npt.NDArray[np.int64], npt.NDArray[np.int64]
+]
+
+
+def run_copies(copies: Sequence[Copy]) -> None:
+    """Do the copies :meth:`Pool.store_packed` handed out: of each (dst, dst_offsets, src,
+    src_offsets, lengths), object i, ``src[src_offsets[i] : + lengths[i]]``, to
+    ``dst[dst_offsets[i]:]``. Any thread may: the C copy runs without the GIL (all of them in
+    one stretch) and writes only the slots those objects were given."""
     if _native_copy is not None:
-        _native_copy(dst, dst_offsets, src, src_offsets, lengths)
+        _native_copy(copies)
         return
-    for d, s, n in zip(dst_offsets.tolist(), src_offsets.tolist(), lengths.tolist(), strict=True):
-        dst[d : d + n] = src[s : s + n]
+    for dst, doffs, src, soffs, lengths in copies:
+        for d, s, n in zip(doffs.tolist(), soffs.tolist(), lengths.tolist(), strict=True):
+            dst[d : d + n] = src[s : s + n]
+
 
 #: Bits of a handle-table entry that hold the slot index (at most 16 * 4096 / 32 = 2048 objects
 #: per zspage, so 12 bits are enough).
@@ -505,7 +514,10 @@ class Pool:
         return self.store_packed(b"".join(objects), lengths)
 
     def store_packed(
-        self, data: bytes | bytearray | memoryview, lengths: npt.NDArray[Any]
+        self,
+        data: bytes | bytearray | memoryview,
+        lengths: npt.NDArray[Any],
+        copies: list[Copy] | None = None,
     ) -> list[int]:
         """Store the objects laid end to end in ``data``, of ``lengths`` bytes each, and return
         their handles, in order: what ``store`` of each would do (the same classes, slots,
@@ -513,7 +525,12 @@ class Pool:
         would pick, as many objects as it has free slots): handles, reverse map and fullness
         group once per zspage, the copies in one call (``zramd._native.copy_objects``, or a
         loop without it). All or nothing: on PoolFull the objects stored so far are freed and
-        it is raised; ValueError for a size out of range, before anything is stored."""
+        it is raised; ValueError for a size out of range, before anything is stored.
+
+        With ``copies``, the copies of this call's objects into the slots they were given
+        (those not stored one by one) are appended there instead of done, for
+        :func:`run_copies` in any thread: ``data`` must stay unchanged, none of these objects
+        be loaded or freed and the pool not be closed until they are done."""
         lengths = np.asarray(lengths, dtype=np.int64)
         n = len(lengths)
         if not n:
@@ -530,19 +547,29 @@ class Pool:
         ordered = cids[order]
         cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), n]
         handles = np.zeros(n, dtype=np.int64)
+        todo: list[Copy] = []
         try:
             for a, b in zip(cuts, cuts[1:], strict=False):
                 idxs = order[a:b]
                 cls = self._classes[int(ordered[a])]
                 if cls is self._huge:
-                    self._fill_huge(mv, starts, lengths, idxs, handles)
+                    self._fill_huge(mv, starts, lengths, idxs, handles, todo)
                 else:
-                    self._fill(cls, mv, starts, lengths, idxs, handles)
+                    self._fill(cls, mv, starts, lengths, idxs, handles, todo)
         except PoolFull:
-            for h in handles.tolist():
-                if h:
-                    self.free(h)
+            # no compaction meanwhile: it would move objects whose copies may still be pending
+            auto, self.auto_compact = self.auto_compact, False
+            try:
+                for h in handles.tolist():
+                    if h:
+                        self.free(h)
+            finally:
+                self.auto_compact = auto
             raise
+        if copies is None:
+            run_copies(todo)
+        else:
+            copies += todo
         out: list[int] = handles.tolist()
         return out
 
@@ -553,6 +580,7 @@ class Pool:
         lengths: npt.NDArray[np.int64],
         idxs: npt.NDArray[Any],
         handles: npt.NDArray[np.int64],
+        todo: list[Copy],
     ) -> None:
         """``store_packed``'s huge objects ``idxs``: their pages charged at once, taken from
         the arenas in a row, their handles in a row, copied an arena at a time (one by one
@@ -572,7 +600,7 @@ class Pool:
         tbl.extend([HUGE_TAG | ar.aid << AID_SHIFT | off // PAGE_SIZE for ar, off in taken])
         handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
         offs = np.fromiter((off for _, off in taken), dtype=np.int64, count=k)
-        _copy_into_runs(taken, 1, offs, mv, starts, lengths, idxs)
+        _copy_into_runs(taken, 1, offs, mv, starts, lengths, idxs, todo)
         cls = self._huge
         cls.used += k
         cls.nzspages += k
@@ -603,6 +631,7 @@ class Pool:
         lengths: npt.NDArray[np.int64],
         idxs: npt.NDArray[Any],
         handles: npt.NDArray[np.int64],
+        todo: list[Copy],
     ) -> None:
         """``store_packed``'s objects ``idxs`` of one shared class ``cls``."""
         groups = cls.groups
@@ -613,7 +642,7 @@ class Pool:
             zs = cls.cur
             if zs is None:
                 if self._fresh_only(cls):
-                    self._fill_fresh(cls, mv, starts, lengths, idxs[pos:], handles)
+                    self._fill_fresh(cls, mv, starts, lengths, idxs[pos:], handles, todo)
                     return
                 zs = self._select(cls)  # may raise PoolFull; nothing changed for this zspage
             k = min(cls.objs - zs.inuse, end - pos)
@@ -641,7 +670,7 @@ class Pool:
                 slots = np.array(taken, dtype=np.int64)
             zs.fhead = fh
             sel = idxs[pos : pos + k]
-            _copy_objects(zs.mm, zs.base + slots * size, mv, starts[sel], lengths[sel])
+            todo.append((zs.mm, zs.base + slots * size, mv, starts[sel], lengths[sel]))
             handles[sel] = np.arange(h0, h0 + k, dtype=np.int64)
             inuse = zs.inuse + k
             zs.inuse = inuse
@@ -672,6 +701,7 @@ class Pool:
         lengths: npt.NDArray[np.int64],
         idxs: npt.NDArray[Any],
         handles: npt.NDArray[np.int64],
+        todo: list[Copy],
     ) -> None:
         """``_fill`` of the objects ``idxs`` into new zspages of ``cls`` all at once (what
         ``_new_zspage`` and ``_fill`` would do zspage after zspage: the same runs, ids, slots,
@@ -708,7 +738,7 @@ class Pool:
         bases = np.fromiter((off for _, off in taken), dtype=np.int64, count=m)
         dst = np.repeat(bases, objs)[:k] + slots.astype(np.int64) * size
         handles[idxs] = np.arange(h0, h0 + k, dtype=np.int64)
-        _copy_into_runs(taken, objs, dst, mv, starts, lengths, idxs)
+        _copy_into_runs(taken, objs, dst, mv, starts, lengths, idxs, todo)
         for j, (ar, base) in enumerate(taken):
             zs = _Zspage("I", rows[j].tobytes())
             zid = int(zids[j])
@@ -1318,9 +1348,10 @@ def _copy_into_runs(
     starts: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     idxs: npt.NDArray[Any],
+    todo: list[Copy],
 ) -> None:
-    """Copy objects ``idxs`` (``per_run`` to each run of ``taken``, the last run maybe fewer)
-    to their offsets ``dst``: one copy per arena the runs came from."""
+    """The copies of objects ``idxs`` (``per_run`` to each run of ``taken``, the last run maybe
+    fewer) to their offsets ``dst``, appended to ``todo``: one per arena the runs came from."""
     a, m, k = 0, len(taken), len(idxs)
     while a < m:
         ar = taken[a][0]
@@ -1329,7 +1360,7 @@ def _copy_into_runs(
             b += 1
         lo, hi = a * per_run, min(b * per_run, k)
         sel = idxs[lo:hi]
-        _copy_objects(ar.mm, dst[lo:hi], mv, starts[sel], lengths[sel])
+        todo.append((ar.mm, dst[lo:hi], mv, starts[sel], lengths[sel]))
         a = b
 
 

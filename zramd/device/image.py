@@ -30,16 +30,17 @@ file refers to records that are still there when the store is next opened.
 
 **Restore** (:class:`Restore`, into an empty store, loop thread). The meta is checked against
 the device (geometry, states, codec ids, group references) before any object is stored; the
-objects are stored in the pool as they arrive (:meth:`Restore.put`, each length checked against
-the table), then :meth:`Restore.finish` writes the table's live entries, registers the groups
-and sets the counters from the table. The codec list is matched to the device's own by
-(name, level, dictionary): ids are remapped, codecs the device lacks are added. Access times
-restart at the restore (the clock's epoch is the device's); marks are kept. BACKED entries go
-back as they are, into a device whose backing store was opened with their locators live
-(:meth:`~zramd.backing.BackingStore.open`): the restore refuses an image whose pages are in
-another store (its UUID), or whose locators' segments have another generation now (given back
-and written again since the snapshot: the same locator would be other data), or a device
-without a backing store.
+objects are booked in the pool as they arrive (:meth:`Restore.put`, each length checked against
+the table), which returns the copy of their bytes into their slots for the caller to run in a
+thread while the next ones are booked; then :meth:`Restore.finish` writes the table's live
+entries, registers the groups and sets the counters from the table. The codec list is matched
+to the device's own by (name, level, dictionary): ids are remapped, codecs the device lacks are
+added. Access times restart at the restore (the clock's epoch is the device's); marks are kept.
+BACKED entries go back as they are, into a device whose backing store was opened with their
+locators live (:meth:`~zramd.backing.BackingStore.open`): the restore refuses an image whose
+pages are in another store (its UUID), or whose locators' segments have another generation now
+(given back and written again since the snapshot: the same locator would be other data), or a
+device without a backing store.
 
 Knows nothing of files: :mod:`zramd.persist` writes and reads the image.
 """
@@ -48,12 +49,13 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from zramd.allocator import PoolFull
+from zramd.allocator import Copy, PoolFull, run_copies
 from zramd.backing import BackingStore
 from zramd.backing.format import LEN_MASK
 from zramd.compress import Codec, get_codec
@@ -361,11 +363,14 @@ class Restore:
         self._group_handles: list[list[int]] = []
         self._received = 0
 
-    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> None:
+    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> Callable[[], None]:
         """Store the next objects of the image in the pool (``data`` holds them end to end, of
-        ``lengths`` bytes each). Raises ValueError (a length the table does not give) or
-        NoSpace."""
+        ``lengths`` bytes each) and return the copy of their bytes into it, which the caller
+        runs once, in any thread (it runs without the GIL), before :meth:`finish` and before
+        anything else uses the pool; the next ``put`` may run meanwhile. Raises ValueError (a
+        length the table does not give) or NoSpace."""
         pool = self._store.pool
+        copies: list[Copy] = []
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != len(data):
             raise ValueError("the objects' lengths do not add up to their data")
@@ -381,7 +386,7 @@ class Restore:
                         f"object {i + j} has {int(lengths[j])} bytes, the table says "
                         f"{int(self._sizes[i + j])}"
                     )
-                self._handle_list += pool.store_packed(mv, lengths[:k])
+                self._handle_list += pool.store_packed(mv, lengths[:k], copies)
                 self._received = i = i + k
             csize = self._meta.groups[1]
             pos = int(lengths[:k].sum())
@@ -391,12 +396,13 @@ class Restore:
                     raise ValueError(f"object {i} has {n} bytes, not its group's size")
                 pieces = _chunk_sizes(n)
                 self._group_handles.append(
-                    pool.store_packed(mv[pos : pos + n], np.array(pieces, dtype=np.int64))
+                    pool.store_packed(mv[pos : pos + n], np.array(pieces, dtype=np.int64), copies)
                 )
                 pos += n
                 self._received = i = i + 1
         except PoolFull:
             raise NoSpace("memory limit reached while restoring") from None
+        return partial(run_copies, copies)
 
     def finish(self) -> None:
         """Install the table and the groups once every object is stored."""

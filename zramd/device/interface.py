@@ -125,9 +125,12 @@ class ImageSource(Protocol):
 class ImageSink(Protocol):
     """A restore in progress (``restore_image``): objects in image order, then ``finish``."""
 
-    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> None:
+    def put(self, lengths: npt.NDArray[Any], data: Buffer) -> Callable[[], None]:
         """Store the next objects: ``data`` holds them end to end, of ``lengths`` bytes each.
-        Raises ValueError (inconsistent image) or NoSpace."""
+        Returns the copy of their bytes into the device's memory, to be called once (in any
+        thread) before ``finish`` and before anything else uses the device; the next ``put``
+        may run meanwhile, and ``data`` must stay unchanged until the copy is done. Raises
+        ValueError (inconsistent image) or NoSpace."""
         ...
 
     def finish(self) -> None:

@@ -462,17 +462,37 @@ class SnapshotReader:
             journal_gen=journal_gen,
         )
 
-    def chunks(self) -> Iterator[tuple[npt.NDArray[np.uint32], memoryview]]:
-        """The objects, one checked chunk at a time, as their lengths and their bytes end to
-        end; the totals are checked at the end."""
+    def chunks(
+        self, batch: int = 0, buffers: int = 2
+    ) -> Iterator[tuple[npt.NDArray[np.uint32], memoryview]]:
+        """The objects, checked chunk by chunk, as their lengths and their bytes end to end; the
+        totals are checked at the end. One chunk per item, in new bytes; or, with ``batch``,
+        consecutive chunks joined up to ``batch`` bytes (a larger chunk alone) in ``buffers``
+        buffers used in turn, whose pages are faulted in once rather than for every chunk: an
+        item's bytes stay valid until ``buffers - 1`` more items have been taken and the next
+        one is read."""
         f = self._f
         objects = nbytes = chunks = 0
+        ring = [bytearray() for _ in range(buffers if batch else 0)]
+        turn = used = 0
+        joined: list[npt.NDArray[np.uint32]] = []
         while f.tell() < self._data_end:
             magic, count, dlen, crc = CHUNK.unpack(self._read(CHUNK.size))
             if magic != CHUNK_MAGIC or dlen > MAX_CHUNK_BYTES or count > dlen:
                 raise self._bad(f"chunk {chunks}: bad chunk header")
             lengths = self._read(4 * count)
-            data = self._read(dlen)
+            data: bytes | memoryview
+            if batch:
+                if joined and used + dlen > batch:
+                    yield np.concatenate(joined), memoryview(ring[turn])[:used]
+                    turn, used, joined = (turn + 1) % buffers, 0, []
+                if len(ring[turn]) < used + dlen:  # used == 0 here: no more than the file has
+                    ring[turn] = bytearray(max(dlen, min(batch, self._data_end - f.tell())))
+                data = memoryview(ring[turn])[used : used + dlen]
+                if f.readinto(data) != dlen:
+                    raise self._bad("truncated (ends inside a chunk)")
+            else:
+                data = self._read(dlen)
             if zlib.crc32(data, zlib.crc32(lengths)) != crc:
                 raise self._bad(f"chunk {chunks}: checksum mismatch")
             sizes = np.frombuffer(lengths, dtype="<u4")
@@ -483,7 +503,13 @@ class SnapshotReader:
             chunks += 1
             if objects > self.meta.objects:
                 raise self._bad("more objects than the header says")
-            yield sizes, memoryview(data)
+            if batch:
+                joined.append(sizes)
+                used += dlen
+            else:
+                yield sizes, memoryview(data)
+        if joined:
+            yield np.concatenate(joined), memoryview(ring[turn])[:used]
         if (objects, nbytes, chunks) != (
             self.meta.objects,
             self.meta.object_bytes,

@@ -29,11 +29,18 @@ directory). The device keeps the image at its point in time whatever clients wri
 (copy on free, :mod:`zramd.device.image`). Each save logs one line: pages, objects, bytes,
 seconds, and the longest hold of the loop (the capture or a slice).
 
-**Restoring** reads and checks the file in a thread (:class:`~zramd.persist.SnapshotReader`:
-header, footer and meta first, then each chunk) while the loop stores the previous chunk's
-objects in the device; no client can connect yet. A missing file is a fresh export (logged); a
-file that is not a whole snapshot, or of another geometry, is a ConfigError naming the export
-and the file, and the server does not start (the device is thrown away, never half restored).
+**Restoring** is a pipeline of three stages, each on a batch of chunks
+(:data:`RESTORE_BATCH_BYTES`, in three reused buffers): a thread reads and checks the file
+(:class:`~zramd.persist.SnapshotReader`: header, footer and meta first, then each chunk), the
+loop books the previous batch's objects in the device (slots, handles, the table at the end),
+and another thread copies the batch before that into the slots it was given (the C copy, without
+the GIL). A 542 MiB snapshot restored at medians of 620-680 MB/s this way, against 480-590
+with the reads one chunk ahead and the copies on the loop (first touching the pool's pages
+bounds it: a copy into fresh memory runs at 1.46 GB/s on one thread here). No client can
+connect yet; a failure waits for both threads before the device is thrown away. A missing file
+is a fresh export (logged); a file that is not a whole snapshot, or of another geometry, is a
+ConfigError naming the export and the file, and the server does not start (the device is
+thrown away, never half restored).
 
 **Discarding** (``zramd serve --discard-snapshot``, for this start only): a file that is not a
 whole snapshot of this format, or of another geometry, or inconsistent, is renamed aside to
@@ -109,6 +116,11 @@ SLICE_BYTES = 1 << 20
 #: so the writer thread only checksums and writes, which release the GIL: a thread that joined
 #: them would hold the GIL and the loop would wait for it
 CHUNK_BYTES = 8 << 20
+#: object bytes a restore stores in the device per call: consecutive chunks joined into one of
+#: three reused buffers (one read, one stored, one copied into the pool). The pool books each size
+#: class once per call, tens of microseconds per class: 8 MiB calls spent 0.42 s of a 542 MiB
+#: restore booking, 32 MiB calls 0.26 s
+RESTORE_BATCH_BYTES = 32 << 20
 
 
 #: the slowest a save runs, in bytes of export size per second (the worst case measured:
@@ -312,16 +324,23 @@ async def _restore_snapshot(exp: Export, path: str) -> int:
     except OSError as e:
         raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e.strerror}") from None
     pending: asyncio.Future[Any] | None = None
+    copying: asyncio.Future[None] | None = None
     try:
         sink = exp.device.restore_image(reader.meta)
-        chunks = reader.chunks()
+        # three batches in hand: one copied into the device, one stored, one read
+        chunks = reader.chunks(batch=RESTORE_BATCH_BYTES, buffers=3)
         pending = loop.run_in_executor(None, next, chunks, None)
         while True:
             chunk = await pending
             if chunk is None:
                 break
             pending = loop.run_in_executor(None, next, chunks, None)
-            sink.put(*chunk)
+            copy = sink.put(*chunk)
+            if copying is not None:
+                await copying
+            copying = loop.run_in_executor(None, copy)
+        if copying is not None:
+            await copying
         sink.finish()
         if exp.config.sync == "flush":
             exp.device.hold_image(reader.meta)  # the checkpoint a crash would restart from
@@ -332,9 +351,11 @@ async def _restore_snapshot(exp: Export, path: str) -> int:
     except (NoSpace, DeviceError) as e:
         raise ConfigError(f"export {exp.name!r}: snapshot {path}: {e}") from None
     finally:
-        if pending is not None:  # the thread may still be reading the next chunk
-            with contextlib.suppress(BaseException):
-                await pending
+        # threads may still be reading the next batch, or copying into the device
+        for fut in (pending, copying):
+            if fut is not None:
+                with contextlib.suppress(BaseException):
+                    await fut
         reader.close()
     if exp.snapshot is not None:
         exp.snapshot.created, exp.snapshot.file_bytes = reader.meta.created, reader.file_size
