@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -734,10 +735,6 @@ def test_store_packed_with_and_without_the_c_copy(
     """``store_packed`` gives the same pool with the C copy and with its Python loop (what runs
     where the accelerator is not built); a size out of range or data too short is refused
     before anything is stored."""
-    import numpy as np
-
-    from zramd.allocator import pool as pool_module
-
     if not native:
         monkeypatch.setattr(pool_module, "_native_copy", None)
     elif pool_module._native_copy is None:
@@ -770,12 +767,6 @@ def test_store_packed_copies_taken_by_the_caller(
     fails on the limit frees only its own objects, without compacting (which would move
     objects whose copies are still to come), and the pending copies then land where they
     should."""
-    import threading
-
-    import numpy as np
-
-    from zramd.allocator import pool as pool_module
-
     if not native:
         monkeypatch.setattr(pool_module, "_native_copy", None)
     elif pool_module._native_copy is None:

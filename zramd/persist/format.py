@@ -390,6 +390,11 @@ class SnapshotReader:
             raise self._bad("truncated (ends inside a chunk)")
         return data
 
+    def _read_into(self, view: memoryview) -> None:
+        """:meth:`_read` of ``len(view)`` bytes into ``view``."""
+        if self._f.readinto(view) != len(view):
+            raise self._bad("truncated (ends inside a chunk)")
+
     def _open(self) -> ImageMeta:
         f = self._f
         st = os.fstat(f.fileno())
@@ -489,8 +494,7 @@ class SnapshotReader:
                 if len(ring[turn]) < used + dlen:  # used == 0 here: no more than the file has
                     ring[turn] = bytearray(max(dlen, min(batch, self._data_end - f.tell())))
                 data = memoryview(ring[turn])[used : used + dlen]
-                if f.readinto(data) != dlen:
-                    raise self._bad("truncated (ends inside a chunk)")
+                self._read_into(data)
             else:
                 data = self._read(dlen)
             if zlib.crc32(data, zlib.crc32(lengths)) != crc:
