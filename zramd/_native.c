@@ -28,15 +28,14 @@
  *     bytes (or one that does not fit below it) gives (huge, PAGE, page bytes), a smaller one
  *     (stored, size, compressed bytes).
  *
- * decode_group(chunks, kind, size) -> bytes | None
- *     The blob of a multi-page group, stored as the pieces ``chunks`` (a list of bytes, in
- *     order), decoded as one lz4 block (kind 1) or one zstd frame (kind 2) straight from the
- *     pieces (one piece: no copy; more: gathered into one scratch buffer) into a new bytes
- *     object of ``size`` bytes. None when it does not decode to exactly ``size`` bytes. zstd
- *     uses one decompression context per thread, kept for the thread's life (a context costs
- *     ~100 KiB and microseconds to set up, more than decoding a small group).
+ * decode_group(blob, kind, size) -> bytes | None
+ *     The blob of a multi-page group (any contiguous buffer) decoded as one lz4 block (kind 1)
+ *     or one zstd frame (kind 2) into a new bytes object of ``size`` bytes, the GIL released.
+ *     None when it does not decode to exactly ``size`` bytes. zstd uses one decompression
+ *     context per thread, kept for the thread's life (a context costs ~100 KiB and
+ *     microseconds to set up, more than decoding a small group).
  *
- * decode_group_into(chunks, kind, dst) -> bool
+ * decode_group_into(blob, kind, dst) -> bool
  *     The same decode straight into the writable buffer ``dst`` (its whole length is the size):
  *     True when the blob decoded to exactly that many bytes (a read that covers a whole group
  *     skips the new bytes object and the copy out of it).
@@ -52,10 +51,10 @@
  *     all the copies run in one stretch with the GIL released (a thread that copies while
  *     another runs Python waits for the GIL once, not once per copy).
  *
- * load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytearray
+ * load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytes
  *     The allocator's batch load (zramd/allocator/pool.py, ``Pool.load_packed``): the objects of
  *     ``handles`` (uint64) of ``sizes`` (uint16 bytes each) copied out of their mappings end to
- *     end into one new bytearray, each as ``Pool.load`` finds it: from the pool's handle table
+ *     end into one new bytes object, each as ``Pool.load`` finds it: from the pool's handle table
  *     ``tbl`` (uint64 entries), its zspage list (``base``, ``cls.size``, ``mm``) and arena list
  *     (``mm``), with the entry layout's ``obj_bits`` and ``aid_shift`` given by the pool.
  *     KeyError for a handle that is not live, ValueError for an object outside its mapping.
@@ -432,90 +431,53 @@ out:
     return result;
 }
 
-/* Decode the group blob held as the bytes pieces of ``pinned`` (a tuple) into dst[0:size] with
- * the GIL released. Returns 1 when it decoded to exactly ``size`` bytes, 0 when it does not
- * decode, -1 with a Python error set. */
+/* Decode the group blob src[0:len] into dst[0:size] with the GIL released (the caller holds
+ * both buffers). Returns 1 when it decoded to exactly ``size`` bytes, 0 when it does not decode,
+ * -1 with a Python error set. */
 static int
-group_decode(PyObject *pinned, int kind, char *dst, Py_ssize_t size, const char *fn)
+group_decode(const char *src, Py_ssize_t len, int kind, char *dst, Py_ssize_t size,
+             const char *fn)
 {
     if (kind != K_LZ4 && kind != K_ZSTD) {
         PyErr_Format(PyExc_ValueError, "%s: unknown kind %d", fn, kind);
         return -1;
     }
-    if (size <= 0 || size > INT32_MAX) {
+    if (size <= 0 || size > INT32_MAX || len > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s: size out of range", fn);
         return -1;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(pinned);
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *c = PyTuple_GET_ITEM(pinned, i);
-        if (!PyBytes_Check(c)) {
-            PyErr_Format(PyExc_TypeError, "%s: chunk %zd must be bytes", fn, i);
-            return -1;
-        }
-        total += PyBytes_GET_SIZE(c);
-        if (total > INT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: blob too large", fn);
-            return -1;
-        }
-    }
-    if (total == 0)
+    if (len == 0)
         return 0;
-    char *scratch = NULL;
-    const char *src;
-    if (n == 1) {
-        src = PyBytes_AS_STRING(PyTuple_GET_ITEM(pinned, 0));
-    } else {
-        scratch = PyMem_Malloc((size_t)total);
-        if (scratch == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        Py_ssize_t pos = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *c = PyTuple_GET_ITEM(pinned, i);
-            memcpy(scratch + pos, PyBytes_AS_STRING(c), (size_t)PyBytes_GET_SIZE(c));
-            pos += PyBytes_GET_SIZE(c);
-        }
-        src = scratch;
-    }
     ZSTD_DCtx *dctx = NULL;
-    if (kind == K_ZSTD && (dctx = dctx_of_thread()) == NULL) {
-        PyMem_Free(scratch);
+    if (kind == K_ZSTD && (dctx = dctx_of_thread()) == NULL)
         return -1;
-    }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = decode_into(kind, dctx, src, (size_t)total, dst, (size_t)size);
+    ok = decode_into(kind, dctx, src, (size_t)len, dst, (size_t)size);
     Py_END_ALLOW_THREADS
-    PyMem_Free(scratch);
     return ok;
 }
 
 static PyObject *
 decode_group(PyObject *self, PyObject *args)
 {
-    PyObject *chunks;
+    Py_buffer blob;
     int kind;
     Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "O!in:decode_group", &PyList_Type, &chunks, &kind, &size))
+    if (!PyArg_ParseTuple(args, "y*in:decode_group", &blob, &kind, &size))
         return NULL;
     if (size <= 0 || size > INT32_MAX) {
+        PyBuffer_Release(&blob);
         PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
         return NULL;
     }
-    /* pin the pieces: another thread must not free one while the GIL is released */
-    PyObject *pinned = PySequence_Tuple(chunks);
-    if (pinned == NULL)
-        return NULL;
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (out == NULL) {
-        Py_DECREF(pinned);
+        PyBuffer_Release(&blob);
         return NULL;
     }
-    int r = group_decode(pinned, kind, PyBytes_AS_STRING(out), size, "decode_group");
-    Py_DECREF(pinned);
+    int r = group_decode(blob.buf, blob.len, kind, PyBytes_AS_STRING(out), size, "decode_group");
+    PyBuffer_Release(&blob);
     if (r <= 0) {
         Py_DECREF(out);
         if (r < 0)
@@ -528,18 +490,12 @@ decode_group(PyObject *self, PyObject *args)
 static PyObject *
 decode_group_into(PyObject *self, PyObject *args)
 {
-    PyObject *chunks;
+    Py_buffer blob, dst;
     int kind;
-    Py_buffer dst;
-    if (!PyArg_ParseTuple(args, "O!iw*:decode_group_into", &PyList_Type, &chunks, &kind, &dst))
+    if (!PyArg_ParseTuple(args, "y*iw*:decode_group_into", &blob, &kind, &dst))
         return NULL;
-    PyObject *pinned = PySequence_Tuple(chunks);
-    if (pinned == NULL) {
-        PyBuffer_Release(&dst);
-        return NULL;
-    }
-    int r = group_decode(pinned, kind, dst.buf, dst.len, "decode_group_into");
-    Py_DECREF(pinned);
+    int r = group_decode(blob.buf, blob.len, kind, dst.buf, dst.len, "decode_group_into");
+    PyBuffer_Release(&blob);
     PyBuffer_Release(&dst);
     if (r < 0)
         return NULL;
@@ -608,10 +564,10 @@ load_packed(PyObject *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < n; i++)
         total += sizes[i];
-    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (out == NULL)
         goto fail;
-    char *dst = PyByteArray_AS_STRING(out);
+    char *dst = PyBytes_AS_STRING(out);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t h = handles[i];
         Py_ssize_t size = sizes[i];
@@ -801,9 +757,9 @@ static PyMethodDef methods[] = {
     {"decompress_pages", decompress_pages, METH_VARARGS,
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},
     {"decode_group", decode_group, METH_VARARGS,
-     "decode_group(chunks, kind, size) -> the group's pages, or None when it does not decode"},
+     "decode_group(blob, kind, size) -> the group's pages, or None when it does not decode"},
     {"decode_group_into", decode_group_into, METH_VARARGS,
-     "decode_group_into(chunks, kind, dst) -> whether the group decoded into all of dst"},
+     "decode_group_into(blob, kind, dst) -> whether the group decoded into all of dst"},
     {"prepare_pages", prepare_pages, METH_VARARGS,
      "prepare_pages(src, kind, level, threshold, same, stored, huge) -> list of prepared pages"},
     {NULL, NULL, 0, NULL},

@@ -338,9 +338,9 @@ def test_sequential_read_decodes_each_group_once(monkeypatch: pytest.MonkeyPatch
     calls = []
     real = pipeline.decode_group
 
-    def counting(codec: Codec, chunks: list[bytes], size: int) -> bytes:
+    def counting(codec: Codec, blob: bytes, size: int) -> bytes:
         calls.append(size)
-        return real(codec, chunks, size)
+        return real(codec, blob, size)
 
     monkeypatch.setattr(pipeline, "decode_group", counting)
     for p in range(64):
@@ -390,7 +390,7 @@ def test_group_image_decoded_by_two_threads_at_once() -> None:
     pages = b"".join(_payload(2, PAGE, i) for i in range(16))
     blob = codec.compress(pages)
     for _ in range(200):
-        img = GroupImage(codec, [blob[:PAGE], blob[PAGE:]], len(pages))
+        img = GroupImage(codec, blob, len(pages))
         start = threading.Barrier(2)
         got: list[bytes] = []
 
@@ -419,16 +419,18 @@ def test_group_decode_in_c_matches_the_codec(use_native: bool) -> None:
         for gid in range(4):
             g._cache.clear()
             img = g.image(gid)
-            assert len(img.chunks) > 1 and img.data is None
+            blob = img.blob
+            assert blob is not None and img.data is None
+            assert len(blob) == g.csize[gid] > PAGE  # the blob's chunks, joined
             codec = img.codec
-            joined = codec.decompress(b"".join(img.chunks), img.size)
+            joined = codec.decompress(blob, img.size)
             out = bytearray(img.size)
-            img.decode_into(memoryview(out))  # straight from the chunks, nothing kept
-            assert out == joined and img.data is None and img.chunks
+            img.decode_into(memoryview(out))  # straight from the blob, nothing kept
+            assert out == joined and img.data is None and img.blob is blob
             with pytest.raises(CodecError):  # a destination of another size does not decode
-                pipeline.decode_group_into(codec, img.chunks, memoryview(bytearray(img.size - 1)))
+                pipeline.decode_group_into(codec, blob, memoryview(bytearray(img.size - 1)))
             assert img.pages() == joined == data[gid * 16 * PAGE : (gid + 1) * 16 * PAGE]
-            assert img.chunks == []
+            assert img.blob is None
             out[:] = bytes(img.size)
             img.decode_into(memoryview(out))  # decoded already: copied
             assert out == joined

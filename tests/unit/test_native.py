@@ -543,32 +543,36 @@ def test_decode_group_matches_the_codec(algo: str) -> None:
     for n in (1, 2, 7, 16):
         data = b"".join(pages(n, n))
         blob = codec.compress(data)
-        for step in (PAGE, 1000, len(blob)):
-            chunks = [blob[i : i + step] for i in range(0, len(blob), step)]
-            assert N.decode_group(chunks, kind, len(data)) == codec.decompress(blob, len(data))
+        assert N.decode_group(blob, kind, len(data)) == codec.decompress(blob, len(data))
+        assert N.decode_group(bytearray(blob), kind, len(data)) == data
+        out = bytearray(len(data))
+        assert N.decode_group_into(memoryview(blob), kind, out) and out == data
 
 
 def test_decode_group_of_a_bad_blob_is_none() -> None:
     codec = get_codec("zstd")
     data = b"".join(pages(3, 16))
     blob = codec.compress(data)
-    assert N.decode_group([blob[:-5]], N.ZSTD, len(data)) is None  # truncated
-    assert N.decode_group([blob[:100], bytes(len(blob) - 100)], N.ZSTD, len(data)) is None
-    assert N.decode_group([blob], N.ZSTD, len(data) - PAGE) is None  # decodes to more
-    assert N.decode_group([blob], N.ZSTD, len(data) + PAGE) is None  # decodes to less
-    assert N.decode_group([], N.ZSTD, len(data)) is None
-    assert N.decode_group([bytes(200)], N.LZ4, len(data)) is None
+    assert N.decode_group(blob[:-5], N.ZSTD, len(data)) is None  # truncated
+    assert N.decode_group(blob[:100] + bytes(len(blob) - 100), N.ZSTD, len(data)) is None
+    assert N.decode_group(blob, N.ZSTD, len(data) - PAGE) is None  # decodes to more
+    assert N.decode_group(blob, N.ZSTD, len(data) + PAGE) is None  # decodes to less
+    assert N.decode_group(b"", N.ZSTD, len(data)) is None
+    assert N.decode_group(bytes(200), N.LZ4, len(data)) is None
+    assert not N.decode_group_into(b"", N.LZ4, bytearray(PAGE))
 
 
 def test_decode_group_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        N.decode_group([b"x"], 0, PAGE)
+        N.decode_group(b"x", 0, PAGE)
     with pytest.raises(ValueError):
-        N.decode_group([b"x"], N.ZSTD, 0)
+        N.decode_group(b"x", N.ZSTD, 0)
     with pytest.raises(TypeError):
-        N.decode_group([b"x", "y"], N.ZSTD, PAGE)  # type: ignore[list-item]
+        N.decode_group("x", N.ZSTD, PAGE)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        N.decode_group((b"x",), N.ZSTD, PAGE)  # type: ignore[arg-type]
+        N.decode_group([b"x"], N.ZSTD, PAGE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # the destination must be writable
+        N.decode_group_into(b"x", N.ZSTD, b"y" * PAGE)  # type: ignore[arg-type]
 
 
 def test_copy_objects_scatters_and_checks_every_range_first() -> None:

@@ -130,7 +130,7 @@ from zramd.allocator.classes import (
 from zramd.system import release_pages
 
 _native_copy: Callable[..., None] | None
-_native_load: Callable[..., bytearray] | None
+_native_load: Callable[..., bytes] | None
 try:
     from zramd._native import copy_objects as _native_copy
     from zramd._native import load_packed as _native_load
@@ -775,10 +775,10 @@ class Pool:
         return zs.mm[a : a + size]
 
     def load_packed(
-        self, handles: npt.NDArray[np.uint64], sizes: npt.NDArray[np.uint16]
-    ) -> bytes | bytearray:
+        self, handles: npt.NDArray[np.uint64 | np.uint32], sizes: npt.NDArray[np.uint16]
+    ) -> bytes:
         """The objects of ``handles`` (of ``sizes`` bytes each) copied out end to end into one
-        buffer, each as :meth:`load` gives it: in one C call when the accelerator is built
+        bytes object, each as :meth:`load` gives it: in one C call when the accelerator is built
         (``zramd._native.load_packed``: no bytes object per object), else joined. Raises
         KeyError for a handle that is not live."""
         if _native_load is not None:

@@ -24,13 +24,13 @@ GROUPED with handle = group id, size = the page's index in the blob (its rank am
 members), codec = the group's codec. Flags and atime stay as they were.
 
 **Reads.** A read of a member decodes the whole blob: :class:`~zramd.device.pipeline.GroupImage`
-holds copies of the blob's chunks (taken on the loop thread) and decodes it on first use, on the
-loop thread or in a worker (in C straight from the chunks when the codec has a native form:
-about 10 us for a 64 KiB group, so a 4 KiB read of a group not cached is done inline). The last
-:data:`GROUP_CACHE` images are kept (at most 8 x 64 KiB decoded plus their chunks, outside the
-pool), so a sequential read decodes each group once; an image is dropped whenever its group
-changes or goes. A blob that does not decode is DeviceIOError for the pages of that group and
-nothing else.
+holds a copy of the blob (its chunks joined by one batch load of the pool on the loop thread)
+and decodes it on first use, on the loop thread or in a worker (in C straight from that copy
+when the codec has a native form: about 10 us for a 64 KiB group, so a 4 KiB read of a group
+not cached is done inline). The last :data:`GROUP_CACHE` images are kept (at most 8 x 64 KiB
+decoded plus their blobs, outside the pool), so a sequential read decodes each group once; an
+image is dropped whenever its group changes or goes. A blob that does not decode is
+DeviceIOError for the pages of that group and nothing else.
 
 **Dead pages.** A write, trim or write_zeroes of a member takes it out (``kill``: the live mask
 loses its bit, the entry gets its new state; the blob stays as it is). A group with no live page
@@ -84,6 +84,8 @@ GROUP_CACHE = 8
 #: registry bytes per group: first (8), blob size (4), member and live masks (2 + 2), codec (1),
 #: chunk handles (16 x 4)
 GROUP_BYTES = 8 + 4 + 2 + 2 + 1 + 4 * MAX_GROUP_PAGES
+#: the size of every chunk of a blob but its tail, for the pool's batch load
+_CHUNK_SIZES = np.full(MAX_GROUP_PAGES, PAGE_SIZE, np.uint16)
 INITIAL_GROUPS = 64
 
 
@@ -275,13 +277,12 @@ class Groups:
             return img
         store = self._store
         n = int(self.csize[gid])
-        load = store.pool.load
-        hs = self.chunks[gid, : (n + PAGE_SIZE - 1) >> PAGE_SHIFT].tolist()
-        tail = hs.pop()
-        chunks = [load(h, PAGE_SIZE) for h in hs]
-        chunks.append(load(tail, n - (len(hs) << PAGE_SHIFT)))
+        k = (n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        sizes = _CHUNK_SIZES[:k].copy()
+        sizes[-1] = n - ((k - 1) << PAGE_SHIFT)
+        blob = store.pool.load_packed(self.chunks[gid, :k], sizes)
         size = int(self.members[gid]).bit_count() << PAGE_SHIFT
-        img = GroupImage(store.codecs[int(self.codec[gid])], chunks, size)
+        img = GroupImage(store.codecs[int(self.codec[gid])], blob, size)
         if remember:
             self._remember(gid, img)
         return img
@@ -391,7 +392,7 @@ class Groups:
         self.count += 1
         self.live_pages += k
         if data is not None:
-            self._remember(gid, GroupImage(store.codecs[codec_id], [], len(data), data))
+            self._remember(gid, GroupImage(store.codecs[codec_id], None, len(data), data))
         return gid
 
     # --- settling: re-pack or dissolve groups past the dead bound ----------------------------

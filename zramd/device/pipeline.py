@@ -13,7 +13,7 @@ GIL released) that gives the same triples. A read goes back from snapshot items 
 page bytes. A group (:mod:`zramd.device.groups`) is packed here too: :func:`pack_groups` decodes
 the member pages of each window and compresses them as one blob; a :class:`GroupImage` holds a
 group's blob copied out of the pool and decodes it once, on first use, in whichever thread
-(:func:`decode_group`: in C straight from the pool chunks when the codec has a native form).
+(:func:`decode_group`: in C, the GIL released, when the codec has a native form).
 
 Invariants: every function here is pure and may run in a worker thread. It reads only bytes
 handed to it (copied out of the pool on the loop thread) and writes only buffers it created or
@@ -106,48 +106,48 @@ def prepare_part(
     return out
 
 
-def decode_group(codec: Codec, chunks: list[bytes], size: int) -> bytes:
-    """A group's blob (its pool chunks, in order) decoded into its ``size`` bytes of pages: in
-    C straight from the chunks (``zramd._native.decode_group``, GIL released) when the codec
-    has a native form, else joined and decoded by the codec. Raises CodecError."""
+def decode_group(codec: Codec, blob: bytes, size: int) -> bytes:
+    """A group's blob decoded into its ``size`` bytes of pages: in C
+    (``zramd._native.decode_group``, GIL released) when the codec has a native form, else by
+    the codec. Raises CodecError."""
     kind = native.decode_kind(codec)
     if kind is None:
-        return codec.decompress(b"".join(chunks), size)
-    data = native.module().decode_group(chunks, kind, size)
+        return codec.decompress(blob, size)
+    data = native.module().decode_group(blob, kind, size)
     if data is None:
         raise CodecError(f"{codec.name}: the group's blob does not decode to {size} bytes")
     return data
 
 
-def decode_group_into(codec: Codec, chunks: list[bytes], out: memoryview) -> None:
+def decode_group_into(codec: Codec, blob: bytes, out: memoryview) -> None:
     """:func:`decode_group` straight into ``out`` (all of it: the group's size). Raises
     CodecError."""
     kind = native.decode_kind(codec)
     if kind is None:
-        data = codec.decompress(b"".join(chunks), len(out))
+        data = codec.decompress(blob, len(out))
         ok = len(data) == len(out)
         if ok:
             out[:] = data
     else:
-        ok = native.module().decode_group_into(chunks, kind, out)
+        ok = native.module().decode_group_into(blob, kind, out)
     if not ok:
         raise CodecError(f"{codec.name}: the group's blob does not decode to {len(out)} bytes")
 
 
 class GroupImage:
-    """A group's compressed blob as its pool chunks (copied out of the pool on the loop thread)
-    and, once decoded, its member pages back to back (the chunks are dropped then). Two threads
-    may decode at once: both get the same bytes, and one that finds the chunks dropped finds
-    the pages set (they are set before the chunks are dropped). A blob that does not decode
-    raises CodecError every time."""
+    """A group's compressed blob (copied out of the pool on the loop thread) and, once decoded,
+    its member pages back to back (the blob is dropped then). Two threads may decode at once:
+    both get the same bytes, and one that finds the blob dropped finds the pages set (they are
+    set before the blob is dropped). A blob that does not decode raises CodecError every
+    time."""
 
-    __slots__ = ("codec", "chunks", "size", "data")
+    __slots__ = ("codec", "blob", "size", "data")
 
     def __init__(
-        self, codec: Codec, chunks: list[bytes], size: int, data: bytes | None = None
+        self, codec: Codec, blob: bytes | None, size: int, data: bytes | None = None
     ) -> None:
         self.codec = codec
-        self.chunks = chunks
+        self.blob = blob
         #: bytes the blob decodes to (members x PAGE_SIZE)
         self.size = size
         self.data = data
@@ -155,9 +155,9 @@ class GroupImage:
     def decode_into(self, out: memoryview) -> None:
         """All the member pages into ``out`` (``size`` bytes), not kept: decoded straight into
         it while the image is not decoded, else copied. Raises CodecError."""
-        chunks = self.chunks  # before data: chunks are dropped only after data is set
-        if self.data is None and chunks:
-            decode_group_into(self.codec, chunks, out)
+        blob = self.blob  # before data: the blob is dropped only after data is set
+        if self.data is None and blob is not None:
+            decode_group_into(self.codec, blob, out)
         else:
             out[:] = self.pages()
 
@@ -165,12 +165,13 @@ class GroupImage:
         """The member pages, decoded on first use. Raises CodecError."""
         data = self.data
         if data is None:
-            chunks = self.chunks
+            blob = self.blob
             data = self.data
             if data is None:
-                data = decode_group(self.codec, chunks, self.size)
+                assert blob is not None
+                data = decode_group(self.codec, blob, self.size)
                 self.data = data
-                self.chunks = []
+                self.blob = None
         return data
 
 
