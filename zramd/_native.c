@@ -748,7 +748,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"load_packed", load_packed, METH_VARARGS,
-     "load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytearray"},
+     "load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytes"},
     {"decompress_packed", decompress_packed, METH_VARARGS,
      "decompress_packed(dst, src, ends, begin, kind) -> -1, or the first page that did not decode"},
     {"copy_objects", copy_objects, METH_VARARGS,
