@@ -36,11 +36,12 @@ store starts at the old limit without scanning the segments.
 absolute offset, its length and the payload, so a record read from the wrong place, an older
 generation of the segment (a block device whose discard does not zero), another store formatted
 on the same device, a torn write (a zero or partly written record) or a flipped bit fails the
-check. CRC-32 (``zlib.crc32``, the IEEE polynomial) rather than CRC-32C or xxhash: it is in the
-standard library (no dependency), runs at about 1.7 GB/s per core here (2.7 us per 4 KiB
-object), which is above the disk, and releases the GIL on large buffers; it detects every burst
-error up to 32 bits and misses random corruption with probability 2**-32, which is what a
-per-object check needs (this is not a cryptographic integrity check).
+check. CRC-32 (zlib's, the IEEE polynomial, through :func:`zramd.checksum.crc32`: by carry-less
+multiplication where the CPU has it, else ``zlib.crc32``, the same value either way) rather than
+CRC-32C or xxhash: it needs no dependency, runs far above the disk, and releases the GIL on
+large buffers; it detects every burst error up to 32 bits and misses random corruption with
+probability 2**-32, which is what a per-object check needs (this is not a cryptographic
+integrity check).
 
 **Locator**: what a write returns and a read or free takes, one unsigned 64-bit integer
 ``(record offset / ALIGN) << LEN_BITS | payload length``: the record's absolute byte offset
@@ -53,8 +54,9 @@ from __future__ import annotations
 
 import struct
 import uuid as uuidlib
-import zlib
 from dataclasses import dataclass
+
+from zramd.checksum import crc32
 
 MAGIC = b"ZRAMDBAK"
 FORMAT_VERSION = 1
@@ -154,7 +156,7 @@ def encode_header(h: Header) -> bytes:
         MAGIC, h.version, HEADER_BYTES, h.flags, h.segment_size, h.align, h.uuid, h.created,
         h.meta_offset, h.meta_length, h.data_offset, h.capacity, h.seq_limit,
     )
-    return (body + struct.pack("<I", zlib.crc32(body))).ljust(HEADER_BYTES, b"\0")
+    return (body + struct.pack("<I", crc32(body))).ljust(HEADER_BYTES, b"\0")
 
 
 def decode_header(block: bytes) -> Header:
@@ -168,7 +170,7 @@ def decode_header(block: bytes) -> Header:
         raise FormatError("not a zramd backing store (bad magic)")
     if version != FORMAT_VERSION:
         raise FormatError(f"format version {version}, this zramd reads {FORMAT_VERSION}")
-    if zlib.crc32(block[: _HEADER_FIELDS.size]) != crc:
+    if crc32(block[: _HEADER_FIELDS.size]) != crc:
         raise FormatError("header checksum mismatch")
     if hbytes != HEADER_BYTES or align != ALIGN:
         raise FormatError(f"unsupported geometry (header {hbytes} B, alignment {align} B)")
@@ -186,7 +188,7 @@ def decode_header(block: bytes) -> Header:
 
 def encode_segment_header(index: int, seq: int, uid: bytes) -> bytes:
     body = _SEGMENT_FIELDS.pack(SEGMENT_MAGIC, index, seq, uid[:8])
-    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, index, seq, uid[:8], zlib.crc32(body))
+    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, index, seq, uid[:8], crc32(body))
 
 
 def decode_segment_header(raw: bytes, index: int, uid: bytes) -> int | None:
@@ -197,19 +199,19 @@ def decode_segment_header(raw: bytes, index: int, uid: bytes) -> int | None:
     magic, idx, seq, prefix, crc = SEGMENT_HEADER.unpack_from(raw)
     if magic != SEGMENT_MAGIC or idx != index or prefix != uid[:8]:
         return None
-    if zlib.crc32(raw[: _SEGMENT_FIELDS.size]) != crc:
+    if crc32(raw[: _SEGMENT_FIELDS.size]) != crc:
         return None
     return int(seq)
 
 
 def segment_seed(uid: bytes, seq: int) -> int:
     """The CRC-32 state every record of one generation of a segment starts from."""
-    return zlib.crc32(struct.pack("<Q", seq), zlib.crc32(uid))
+    return crc32(struct.pack("<Q", seq), crc32(uid))
 
 
 def record_crc(seed: int, offset: int, payload: bytes | bytearray | memoryview) -> int:
     """The CRC-32 of the record of ``payload`` at absolute ``offset`` (see the module doc)."""
-    return zlib.crc32(payload, zlib.crc32(_RECORD_SEED.pack(offset, len(payload)), seed))
+    return crc32(payload, crc32(_RECORD_SEED.pack(offset, len(payload)), seed))
 
 
 def record_bytes(length: int) -> int:

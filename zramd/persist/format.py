@@ -56,7 +56,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +64,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from zramd.checksum import crc32
 from zramd.system import (
     SYNC_FILE_RANGE_WAIT_AFTER,
     SYNC_FILE_RANGE_WAIT_BEFORE,
@@ -277,11 +277,11 @@ class SnapshotWriter:
             meta.objects,
             meta.object_bytes,
             len(packed),
-            zlib.crc32(packed),
+            crc32(packed),
             len(raw),
             int(meta.created * 1e9),
         )
-        self._header_crc = zlib.crc32(fields)
+        self._header_crc = crc32(fields)
         self._write(fields + struct.pack("<I", self._header_crc))
         self._write(packed)
         self.meta_bytes = len(packed)
@@ -296,10 +296,10 @@ class SnapshotWriter:
         whoever packed them: here only checksums and writes run, which release the GIL."""
         assert self._meta is not None
         lengths = b"".join(p[0] for p in pieces)
-        crc = zlib.crc32(lengths)
+        crc = crc32(lengths)
         nbytes = 0
         for _lengths, data in pieces:
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
             nbytes += len(data)
         count = len(lengths) // 4
         self._write(CHUNK.pack(CHUNK_MAGIC, count, nbytes, crc) + lengths)
@@ -320,7 +320,7 @@ class SnapshotWriter:
             meta.object_bytes,
         )
         fields = _FOOTER_FIELDS.pack(FOOTER_MAGIC, self.written, self._chunks, self._header_crc)
-        self._write(fields + struct.pack("<I", zlib.crc32(fields)))
+        self._write(fields + struct.pack("<I", crc32(fields)))
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
@@ -417,7 +417,7 @@ class SnapshotReader:
             created,
             crc,
         ) = HEADER.unpack(raw)
-        if zlib.crc32(raw[: _HEADER_FIELDS.size]) != crc:
+        if crc32(raw[: _HEADER_FIELDS.size]) != crc:
             raise self._bad("header checksum mismatch")
         if version not in READ_VERSIONS:
             raise self._bad(
@@ -431,7 +431,7 @@ class SnapshotReader:
         fmagic, where, chunks, hcrc, fcrc = FOOTER.unpack(foot)
         if (
             fmagic != FOOTER_MAGIC
-            or zlib.crc32(foot[: _FOOTER_FIELDS.size]) != fcrc
+            or crc32(foot[: _FOOTER_FIELDS.size]) != fcrc
             or where != self.file_size - FOOTER.size
             or hcrc != crc
         ):
@@ -442,7 +442,7 @@ class SnapshotReader:
         self._data_end = where
         f.seek(HEADER.size)
         packed = self._read(meta_len)
-        if zlib.crc32(packed) != meta_crc:
+        if crc32(packed) != meta_crc:
             raise self._bad("meta section checksum mismatch")
         try:
             raw_meta = zstandard.ZstdDecompressor().decompress(packed, max_output_size=meta_raw)
@@ -497,7 +497,7 @@ class SnapshotReader:
                 self._read_into(data)
             else:
                 data = self._read(dlen)
-            if zlib.crc32(data, zlib.crc32(lengths)) != crc:
+            if crc32(data, crc32(lengths)) != crc:
                 raise self._bad(f"chunk {chunks}: checksum mismatch")
             sizes = np.frombuffer(lengths, dtype="<u4")
             if int(sizes.sum(dtype=np.int64)) != dlen or (count and int(sizes.max()) > MAX_OBJECT):

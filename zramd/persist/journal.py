@@ -39,11 +39,12 @@ import os
 import re
 import struct
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lz4.block
+
+from zramd.checksum import crc32
 
 MAGIC = b"ZRAMDJNL"
 FRAME_MAGIC = b"ZJFR"
@@ -113,8 +114,8 @@ def encode_frame(seq: int, records: Sequence[Record]) -> bytes:
     raw = b"".join(parts)
     packed = lz4.block.compress(raw, store_size=False)
     stored = packed if len(packed) < len(raw) else raw
-    fields = _FRAME_FIELDS.pack(FRAME_MAGIC, seq, len(raw), len(stored), zlib.crc32(stored))
-    return fields + struct.pack("<I", zlib.crc32(fields)) + stored
+    fields = _FRAME_FIELDS.pack(FRAME_MAGIC, seq, len(raw), len(stored), crc32(stored))
+    return fields + struct.pack("<I", crc32(fields)) + stored
 
 
 def _sync_dir(path: str) -> None:
@@ -139,7 +140,7 @@ class JournalFile:
             )
             self._fd = fd
             self.written = 0
-            self._write(fields + struct.pack("<I", zlib.crc32(fields)))
+            self._write(fields + struct.pack("<I", crc32(fields)))
             os.fdatasync(fd)
             _sync_dir(self.path)
         except BaseException:
@@ -178,7 +179,7 @@ def read_header(path: str, data: bytes) -> JournalHeader | None:
         return None
     *fields, crc = HEADER.unpack_from(data, 0)
     magic, version, page_size, size, generation, created = fields
-    if zlib.crc32(data[: _HEADER_FIELDS.size]) != crc:
+    if crc32(data[: _HEADER_FIELDS.size]) != crc:
         if magic == MAGIC:
             return None
         raise JournalError(f"journal {path}: not a zramd journal (bad magic)")
@@ -217,7 +218,7 @@ def read_journal(path: str) -> JournalRead:
         magic, seq, raw_len, stored_len, crc = fields
         if (
             magic != FRAME_MAGIC
-            or zlib.crc32(mv[pos : pos + _FRAME_FIELDS.size]) != fcrc
+            or crc32(mv[pos : pos + _FRAME_FIELDS.size]) != fcrc
             or seq != frames
             or raw_len > MAX_FRAME_RAW
             or stored_len > raw_len
@@ -225,7 +226,7 @@ def read_journal(path: str) -> JournalRead:
             break
         start = pos + FRAME.size
         stored = mv[start : start + stored_len]
-        if len(stored) != stored_len or zlib.crc32(stored) != crc:
+        if len(stored) != stored_len or crc32(stored) != crc:
             break
         try:
             raw = (
