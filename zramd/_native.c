@@ -66,6 +66,12 @@
  *     Every offset is checked before anything is decoded; the loop runs without the GIL.
  *     Returns -1, or the index of the first page that did not decode.
  *
+ * crc32(data, value=0) -> int
+ *     zlib.crc32(data, value), the same value for every input (zramd/checksum.py): where the
+ *     CPU has PCLMULQDQ (``CRC32_CLMUL``, checked at import) the bulk is folded 64 bytes per
+ *     step by carry-less multiplication, the GIL released from 16 KiB on; a table does the
+ *     tail, and everything on other CPUs (zramd.checksum then uses zlib's own).
+ *
  * The libraries are the system's liblz4 and libzstd (declared here, so no -dev package is
  * needed to build). The module is optional: zramd falls back to its Python loops without it.
  */
