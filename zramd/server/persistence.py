@@ -35,8 +35,10 @@ seconds, and the longest hold of the loop (the capture or a slice).
 loop books the previous batch's objects in the device (slots, handles, the table at the end),
 and another thread copies the batch before that into the slots it was given (the C copy, without
 the GIL). A 542 MiB snapshot restored at medians of 620-680 MB/s this way, against 480-590
-with the reads one chunk ahead and the copies on the loop (first touching the pool's pages
-bounds it: a copy into fresh memory runs at 1.46 GB/s on one thread here). No client can
+with the reads one chunk ahead and the copies on the loop; checking the chunks at memory speed
+(:mod:`zramd.checksum`, where zlib's CRC had taken half of the reader's time) then took a cold
+file from 865-921 to 1,040-1,086 MB/s on another host. What bounds it now is the first touch of
+the pool's fresh pages and the loop's booking, about a third of a second each. No client can
 connect yet; a failure waits for both threads before the device is thrown away. A missing file
 is a fresh export (logged); a file that is not a whole snapshot, or of another geometry, is a
 ConfigError naming the export and the file, and the server does not start (the device is
