@@ -802,24 +802,39 @@ def test_store_packed_copies_taken_by_the_caller(
         pool.close()
 
 
+@pytest.mark.parametrize("cache_pages", [0, 64], ids=["cold", "warm"])
 @pytest.mark.parametrize("accelerated", [True, False], ids=["native", "python"])
-def test_load_packed_is_load_of_each(accelerated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_packed_is_load_of_each(
+    accelerated: bool, cache_pages: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The batch load (C, or the Python join without it) gives what load gives, end to end,
-    for objects of every class and huge ones, after frees and a compaction moved some; a
-    handle that is not live is KeyError."""
+    for objects of every class and huge ones, stored one by one and in batches that fill new
+    zspages at once, over small arenas, after frees emptied zspages (their ids and runs reused,
+    or kept warm) and a compaction moved some; a handle that is not live is KeyError."""
     if not accelerated:
         monkeypatch.setattr(pool_module, "_native_load", None)
     elif pool_module._native_load is None:
         pytest.skip("zramd._native is not built")
     rnd = random.Random(11)
-    p = Pool()
+    p = Pool(arena_size=64 * Pool.PAGE_SIZE, cache_pages=cache_pages)
     live: dict[int, bytes] = {}
-    for i in range(3000):
-        size = rnd.choice([4096, rnd.randint(1, 4096), rnd.randint(20, 400)])
-        data = rnd.randbytes(size)
-        live[p.store(data)] = data
-        if i % 3 == 0:
-            h = rnd.choice(list(live))
+
+    def some(n: int) -> list[bytes]:
+        return [
+            rnd.randbytes(rnd.choice([4096, rnd.randint(1, 4096), rnd.randint(20, 400)]))
+            for _ in range(n)
+        ]
+
+    for round_ in range(3):
+        for i, data in enumerate(some(1000)):
+            live[p.store(data)] = data
+            if i % 3 == 0:
+                h = rnd.choice(list(live))
+                p.free(h)
+                del live[h]
+        batch = some(500)
+        live.update(zip(p.store_many(batch), batch, strict=True))
+        for h in rnd.sample(list(live), len(live) * 2 // 3):  # empties many zspages
             p.free(h)
             del live[h]
     p.compact()
