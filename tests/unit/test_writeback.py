@@ -34,7 +34,7 @@ from tests.unit.test_tiers import (
     _range,
     check_tiers,
 )
-from zramd.backing import BackingStore
+from zramd.backing import CACHED_READ_MAX_OBJECTS, BackingStore
 from zramd.backing import format as fmt
 from zramd.backing import store as store_mod
 from zramd.device.backed import BATCH_PAGES, BURST_BYTES, BURST_PAGES, Backed, _next_batch
@@ -96,6 +96,7 @@ _op = st.one_of(
     ),
     st.tuples(st.just("writeback"), st.just("idle"), st.none()),
     st.tuples(st.just("promote"), st.booleans()),
+    st.tuples(st.just("evict")),
 )
 
 
@@ -145,6 +146,8 @@ def test_ops_with_writeback_match_model(ops: list[tuple[Any, ...]]) -> None:
                 elif kind == "promote":
                     # a limit whose low watermark the pool is above: reads back stay backed
                     d.set_mem_limit(0 if op[1] else max(PAGE, d.pool.total_bytes))
+                elif kind == "evict":  # the next reads of backed pages wait for the device
+                    _evict(d)
                 else:
                     d.compact()
                 _apply_model(model, op)
@@ -170,6 +173,29 @@ async def dev(tmp_path: Path) -> AsyncIterator[ZramDevice]:
     yield d
     d.close()
     await bs.aclose()
+
+
+def _evict(d: ZramDevice) -> bool:
+    """Drop the backing file from the page cache (written out first), as the kernel drops a
+    file not read for a while; whether it is out (a file system that keeps files in memory,
+    tmpfs, keeps it)."""
+    fd = os.open(_backed(d).backing.path, os.O_RDWR)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _uncached(d: ZramDevice) -> None:
+    """From now on no record of the backing file is in the page cache, as far as the device
+    can tell: every read of a backed page takes the awaited path, in the store's threads."""
+    _backed(d).backing.read_cached = lambda locs: None  # type: ignore[method-assign]
 
 
 def _text(n: int, seed: int = 3) -> bytes:
@@ -212,11 +238,56 @@ async def test_writeback_moves_objects_as_they_are(dev: ZramDevice) -> None:
     await check_backed(dev)
 
 
+async def test_inline_reads_take_backed_pages_from_the_page_cache(dev: ZramDevice) -> None:
+    """A read of a few pages whose records the page cache holds is done inline: decoded,
+    counted and promoted as the awaited path does; a read of more backed pages than a cached
+    read takes gives way, and so does one whose record is not in the page cache (``_evict``);
+    a record that does not check is EIO for that read, inline too."""
+    data = _text(CACHED_READ_MAX_OBJECTS + 4)
+    await _written_back(dev, data)
+    s = dev.stats
+    t = dev.table
+    dev.set_mem_limit(max(PAGE, dev.pool.total_bytes))  # above the low watermark: no promotion
+    assert dev.read_with_zeros_now(0, PAGE) == (data[:PAGE], [])
+    assert (s.bd_reads, s.bd_promoted, t.state[0]) == (1, 0, BACKED)
+    assert dev.read_with_zeros_now(PAGE + 100, 3 * PAGE) == (data[PAGE + 100 : 4 * PAGE + 100], [])
+    assert (s.bd_reads, t.state[1]) == (5, BACKED)
+    assert dev.read_with_zeros_now(0, (CACHED_READ_MAX_OBJECTS + 1) * PAGE) is None
+    assert s.bd_reads == 5
+    dev.set_mem_limit(0)  # no limit: pages read back return to RAM
+    assert dev.read_sync(2 * PAGE, 2 * PAGE) == data[2 * PAGE : 4 * PAGE]
+    assert (s.bd_reads, s.bd_promoted) == (7, 2)
+    assert t.state[2] == t.state[3] == STORED
+    assert dev.read_with_zeros_now(8 * PAGE, PAGE) == (data[8 * PAGE : 9 * PAGE], [])
+    assert (s.bd_reads, s.bd_promoted, t.state[8]) == (8, 3, STORED)
+    await check_backed(dev)
+    loc = int(t.handle[5])
+    off = fmt.locator_offset(loc) + fmt.RECORD_HEADER_BYTES
+    with open(_backed(dev).backing.path, "r+b") as f:  # one payload byte flipped
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+    failed = s.failed_reads
+    with pytest.raises(DeviceIOError):
+        dev.read_with_zeros_now(5 * PAGE, PAGE)
+    assert s.failed_reads == failed + 1
+    assert dev.read_with_zeros_now(6 * PAGE, PAGE) == (data[6 * PAGE : 7 * PAGE], [])
+    if not _evict(dev):
+        pytest.skip("the backing file's file system keeps it in memory")
+    assert dev.read_with_zeros_now(7 * PAGE, PAGE) is None
+    assert (await dev.read_with_zeros(7 * PAGE, PAGE))[0] == data[7 * PAGE : 8 * PAGE]
+
+
 async def test_inline_doors_give_way_to_backed_pages(dev: ZramDevice) -> None:
     data = _text(4)
     await _written_back(dev, data)
+    if not _evict(dev):
+        pytest.skip("the backing file's file system keeps it in memory")
     assert dev.read_with_zeros_now(0, PAGE) is None
+    _evict(dev)  # a read that missed may have started the kernel's read-ahead
     assert dev.read_with_zeros_now(PAGE, 3 * PAGE) is None
+    _evict(dev)
     with pytest.raises(DeviceIOError):
         dev.read_sync(0, PAGE)
     assert dev.write_now(10, b"x") is False  # partial: the old page is in the backing store
@@ -255,6 +326,7 @@ async def test_a_read_in_flight_keeps_its_locator_until_done(dev: ZramDevice) ->
     data = _text(2)
     await _written_back(dev, data)
     dev.set_mem_limit(PAGE)  # no promotion
+    _uncached(dev)
     read = asyncio.create_task(dev.read_with_zeros(0, PAGE))
     await asyncio.sleep(0)
     await dev.trim(0, PAGE)  # frees the locator the read is reading
@@ -613,6 +685,7 @@ async def test_frees_wait_only_for_older_reads(dev: ZramDevice) -> None:
     data = _text(3)
     await _written_back(dev, data)
     dev.set_mem_limit(PAGE)  # no promotion
+    _uncached(dev)
     b = _backed(dev)
     real = b.backing.read_many
     gates: list[asyncio.Event] = []

@@ -6,6 +6,7 @@ allocator it knows nothing of pages, codecs or the device, and imports nothing a
 
 from zramd.backing.format import FormatError
 from zramd.backing.store import (
+    CACHED_READ_MAX_OBJECTS,
     BackingCorrupt,
     BackingError,
     BackingFull,
@@ -17,6 +18,7 @@ from zramd.backing.store import (
 )
 
 __all__ = [
+    "CACHED_READ_MAX_OBJECTS",
     "BackingCorrupt",
     "BackingError",
     "BackingFull",

@@ -151,7 +151,7 @@ Buffer = bytes | bytearray | memoryview
 #: I/O threads of one store (reads of several requests and a writeback slice overlap)
 DEFAULT_IO_THREADS = 4
 #: an async read of at most this many objects is first tried from the page cache, on the
-#: caller's thread (``BackingStore._read_cached``); larger ones go to the threads at once
+#: caller's thread (``BackingStore.read_cached``); larger ones go to the threads at once
 CACHED_READ_MAX_OBJECTS = 16
 #: the kernel reads without waiting for the device, or refuses (os.preadv flag, Linux 4.14+)
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -200,7 +200,7 @@ class BackingCorrupt(BackingIOError):
 
 
 class _NotCached(Exception):
-    """A page-cache read (:meth:`BackingStore._read_cached`) would have to wait for the device;
+    """A page-cache read (:meth:`BackingStore.read_cached`) would have to wait for the device;
     ``unsupported``: the file system cannot tell (RWF_NOWAIT refused)."""
 
     def __init__(self, unsupported: bool = False) -> None:
@@ -1100,12 +1100,12 @@ class BackingStore:
         if not locs:
             return []
         locs = list(locs)
-        got = self._read_cached(locs)
+        got = self.read_cached(locs)
         if got is not None:
             return got
         return await self._arun(self._op_read(locs))
 
-    def _read_cached(self, locs: list[int]) -> list[bytes] | None:
+    def read_cached(self, locs: list[int]) -> list[bytes] | None:
         """The objects of ``locs`` (a few) when the page cache holds all their bytes: read here
         with RWF_NOWAIT, a copy from memory the kernel refuses rather than wait for the device,
         then checked and counted as every read is. None, with nothing done, as soon as one

@@ -389,6 +389,25 @@ class Backed:
         s.bd_read_bytes += sum(len(o) for o in objs)
         return objs
 
+    def read_now(self, locs: list[int]) -> list[bytes] | None:
+        """The objects at ``locs`` (at most :data:`~zramd.backing.CACHED_READ_MAX_OBJECTS`)
+        when the page cache holds all of them, read on this thread (no wait for the device, no
+        thread hop) and counted as :meth:`read` counts; None when only the store's threads can
+        read them (nothing read, nothing counted). Raises DeviceIOError."""
+        t0 = time.perf_counter()
+        try:
+            objs = self.backing.read_cached(locs)
+        except BackingError as e:
+            self.fault("read", e)
+            raise DeviceIOError(f"backing store {self.backing.path}: {e}") from None
+        if objs is None:
+            return None
+        s = self.store.stats
+        s.bd_read_us += int((time.perf_counter() - t0) * 1e6)
+        s.bd_reads += len(locs)
+        s.bd_read_bytes += sum(len(o) for o in objs)
+        return objs
+
     def promote(self, store: PageStore, pages: list[tuple[int, int, bytes]]) -> None:
         """Pages ``(index, locator, object)`` just read back return to RAM while the pool
         stays under the low watermark (see the module doc)."""

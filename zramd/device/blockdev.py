@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from zramd.allocator import MemoryBudget, Pool
-from zramd.backing import BackingStore
+from zramd.backing import CACHED_READ_MAX_OBJECTS, BackingStore
 from zramd.compress import Codec, CodecError, get_codec, native
 from zramd.device import image, tiers
 from zramd.device.backed import HIGH_WATERMARK, LOW_WATERMARK, ROOM_WAIT, Backed, WritebackResult
@@ -102,7 +102,7 @@ from zramd.device.pipeline import (
 )
 from zramd.device.samefill import ZERO_PAGE, all_zero, zeros
 from zramd.device.store import SMALL_DISCARD_PAGES, BackedItem, InBacking, PageStore
-from zramd.device.table import BACKED, EMPTY, SAME, PageTable
+from zramd.device.table import BACKED, EMPTY, RAW, SAME, PageTable
 from zramd.device.tiers import codec_spec, held
 from zramd.geometry import PAGE_SHIFT, PAGE_SIZE
 from zramd.persist import ImageMeta
@@ -423,8 +423,8 @@ class ZramDevice:
         assert 0 <= offset and 0 <= length and offset + length <= self._size, (offset, length)
 
     def read_sync(self, offset: int, length: int) -> Buffer:
-        """Return ``length`` bytes at ``offset``. Raises DeviceIOError (InBacking for a page in
-        the backing store: only the async read fetches those)."""
+        """Return ``length`` bytes at ``offset``. Raises DeviceIOError (InBacking where
+        :meth:`_read_here` gives way: only the async read waits for the backing store)."""
         if length == 0:
             self._check(offset, length)
             return b""
@@ -435,7 +435,8 @@ class ZramDevice:
 
     def _read_here(self, offset: int, length: int) -> ReadResult | None:
         """A READ (``length`` > 0) in one walk of the table, decoded on this thread; None when
-        it touches a page in the backing store."""
+        it needs a page of the backing store that the page cache does not hold, or touches one
+        in a read of more than CACHED_READ_MAX_OBJECTS pages (the awaited path reads those)."""
         self._check(offset, length)
         skip = offset & PAGE_MASK
         first = offset >> PAGE_SHIFT
@@ -449,19 +450,31 @@ class ZramDevice:
                 store.touch(first)
                 if st == SAME and t.handle_mv[first] == 0:
                     return ZERO_PAGE, [(0, PAGE_SIZE)]
+                if st == BACKED:
+                    return self._read_backed_now(store, first)
                 return store.read_page(first), []
             last = (offset + length - 1) >> PAGE_SHIFT
             n = last - first + 1
             buf: Buffer
-            self._store.touch_range(first, last)
+            store = self._store
+            store.touch_range(first, last)
+            # pages in the backing store: read here if the page cache holds them all, for a
+            # read of few pages (a larger one gives way to the awaited path at the first)
+            backed: list[BackedItem] | None = (
+                [] if self._backed is not None and n <= CACHED_READ_MAX_OBJECTS else None
+            )
             if n >= self._native_pages and native.enabled:
-                snap, kind, zero = self._store.snapshot_native(first, last)
+                snap, kind, zero = store.snapshot_native(first, last, backed)
+                if backed and not self._fill_backed_now(store, snap, backed):
+                    return None
                 if len(zero) == n:
                     return zeros(length), [(0, length)]
                 buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: all overwritten
                 native_decode_part(0, n, snap, kind, memoryview(buf))
             else:
-                snap, zero = self._store.snapshot(first, last)
+                snap, zero = store.snapshot(first, last, None, backed)
+                if backed and not self._fill_backed_now(store, snap, backed):
+                    return None
                 if len(zero) == n:
                     return zeros(length), [(0, length)]
                 buf = decompress_part(0, n, snap)
@@ -476,6 +489,39 @@ class ZramDevice:
         if skip or len(buf) != length:
             buf = buf[skip : skip + length]
         return buf, _zero_extents(zero, offset, length)
+
+    def _read_backed_now(self, store: PageStore, idx: int) -> ReadResult | None:
+        """A READ of BACKED page ``idx`` alone, on this thread when the page cache holds its
+        record (:meth:`Backed.read_now`), decoded and promoted as the awaited path does; None
+        when it must wait for the device (the awaited path then reads it in the store's
+        threads). A 4 KiB read from the page cache this way skips the awaited path's
+        coroutines, snapshot and exception. Raises DeviceIOError."""
+        backed = self._backed
+        if backed is None:
+            return None
+        t = store.table
+        loc = t.handle_mv[idx]
+        objs = backed.read_now([loc])
+        if objs is None:
+            return None
+        tag = None if t.flags_mv[idx] & RAW else store.codecs[t.codec_mv[idx]]
+        page = store.decode_backed(tag, objs[0], idx)
+        backed.promote(store, [(idx, loc, objs[0])])
+        return page, []
+
+    def _fill_backed_now(self, store: PageStore, snap: list[Any], backed: list[BackedItem]) -> bool:
+        """:meth:`_fill_backed` on this thread when the page cache holds every record; False
+        (nothing changed) when one must wait for the device. Raises DeviceIOError."""
+        assert self._backed is not None
+        objs = self._backed.read_now([loc for _, _, loc, _ in backed])
+        if objs is None:
+            return False
+        promote: list[tuple[int, int, bytes]] = []
+        for (pos, idx, loc, tag), obj in zip(backed, objs, strict=True):
+            snap[pos] = store.decode_backed(None, obj, idx) if tag is None else (tag, obj)
+            promote.append((idx, loc, obj))
+        self._backed.promote(store, promote)
+        return True
 
     def _edges(
         self, offset: int, mv: memoryview, fetched: dict[int, bytes] | None = None
