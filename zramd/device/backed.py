@@ -54,7 +54,10 @@ dropped has ended: such a read may hold the locator (taken from the table before
 moved), and its bytes must stay there until it has been read, so a locator is never reused while
 anything may still read it. Reads are numbered as they start, so a steady stream of reads does
 not hold frees back: only the reads older than the drop do. Reads (:meth:`Backed.read`) run in
-the store's threads, concurrently with everything else. While a snapshot of the device is taken
+the store's threads, concurrently with everything else; a read of a few objects whose records
+the page cache holds is done at once on the loop thread instead (:meth:`Backed.read_now`, the
+device's inline door), which holds no locator across an await and so needs no number. While a
+snapshot of the device is taken
 it *pins* the store (:meth:`Backed.pin`): no locator is freed (dropped ones wait, cleaning's old
 locators too), so every locator its image references stays where it is until it is done. In
 durable mode a committed checkpoint *holds* the locators it references (:meth:`Backed.hold`)
