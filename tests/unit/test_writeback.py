@@ -37,6 +37,7 @@ from tests.unit.test_tiers import (
 from zramd.backing import CACHED_READ_MAX_OBJECTS, BackingStore
 from zramd.backing import format as fmt
 from zramd.backing import store as store_mod
+from zramd.device import blockdev as blockdev_mod
 from zramd.device.backed import BATCH_PAGES, BURST_BYTES, BURST_PAGES, Backed, _next_batch
 from zramd.device.blockdev import ZramDevice
 from zramd.device.interface import DeviceIOError, NoSpace, Unsupported
@@ -425,6 +426,47 @@ async def test_pressure_batches_are_bursts_while_writes_wait(tmp_path: Path) -> 
         assert max(n for n, _ in sizes) > BATCH_PAGES
         assert all(n <= BURST_PAGES for n, _ in sizes)
         assert all(n == 1 or b <= BURST_BYTES for n, b in sizes)
+        assert (await d.read_with_zeros(0, len(data)))[0] == data
+        await check_backed(d)
+    finally:
+        d.close()
+        await bs.aclose()
+
+
+async def test_writes_waiting_for_room_are_compressed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes under pressure, four at a time (1 MiB each, done on the loop as the server
+    does): one that finds no room waits and then commits the pages it compressed before
+    the wait, and one that comes while others wait does not try first (and fail) inline;
+    so the pages compressed are close to the pages written, not a multiple of them."""
+    prepared = [0]
+    real = blockdev_mod.prepare_part
+
+    def counting(start: int, stop: int, *args: Any) -> Any:
+        prepared[0] += stop - start
+        return real(start, stop, *args)
+
+    monkeypatch.setattr(blockdev_mod, "prepare_part", counting)
+    bs = BackingStore.create(str(tmp_path / "backing"))
+    d = ZramDevice(
+        32 << 20, backing=bs, mem_limit=4 << 20,
+        offload_min_pages=blockdev_mod.SERVER_OFFLOAD_MIN_PAGES,
+    )  # fmt: skip
+    try:
+        rnd = random.Random(8)  # 2:1 compressible pages, 24 MiB: 6x the limit
+        data = b"".join(rnd.randbytes(PAGE // 2) + bytes(PAGE // 2) for _ in range(6144))
+        gate = asyncio.Semaphore(4)
+
+        async def one(k: int) -> None:
+            async with gate:
+                await d.write(k << 20, data[k << 20 : (k + 1) << 20])
+
+        await asyncio.gather(*[one(k) for k in range(24)])
+        await settle(d)
+        s = d.stats
+        assert s.bd_waits > 0 and not s.bd_wait_timeouts and s.bd_count > 0
+        assert prepared[0] < 1.4 * (len(data) // PAGE), prepared[0]
         assert (await d.read_with_zeros(0, len(data)))[0] == data
         await check_backed(d)
     finally:

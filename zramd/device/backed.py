@@ -714,6 +714,11 @@ class Backed:
             return  # the sync API: no background work
         self._pressure = loop.create_task(self._pressure_loop())
 
+    @property
+    def waiting(self) -> bool:
+        """Whether writes are waiting for room."""
+        return self._waiters > 0
+
     async def wait_room(self, deadline: float) -> bool:
         """A write found no room: wait (until ``deadline``, loop time) for a pressure batch to
         make some. False when none can be made in time (the write fails with ENOSPC)."""

@@ -630,23 +630,36 @@ class ZramDevice:
                 store.tick()
                 store.commit((offset >> PAGE_SHIFT,), (prep,), cid)
                 return
+        job = self._prepare_write(offset, data, fetched)
+        if job is not None:
+            self._store.commit(*job)
+
+    def _prepare_write(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        fetched: dict[int, bytes] | None = None,
+    ) -> tuple[range, list[Prepared], int] | None:
+        """:meth:`write_sync` up to its commit, on this thread: the pages compressed, as
+        ``(pages, prepared, codec id)`` for :meth:`PageStore.commit`; None when nothing is left
+        to commit (no bytes, or whole zero pages, same-filled here). Raises DeviceIOError."""
         mv = self._as_bytes_view(data)
         n = len(mv)
         self._check(offset, n)
         if not n:
-            return
+            return None
         self._store.tick()
         if n > PAGE_SIZE and not (offset | n) & PAGE_MASK and all_zero(mv):
             # all-zero whole pages: same-fill them in one vectorised step, nothing compressed
             self._store.fill_zero(offset >> PAGE_SHIFT, (offset + n) >> PAGE_SHIFT)
-            return
+            return None
         cid = self._codec_id
         head, mid_start, _mid_end, tail = self._edges_for_write(offset, mv, fetched)
         npages = ((offset + n - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
         prepare_many = self._preparer(cid, native_ok=npages >= self._native_pages)
         prepared = prepare_part(0, npages, head, mv, mid_start, tail, npages, prepare_many)
         first = offset >> PAGE_SHIFT
-        self._store.commit(range(first, first + len(prepared)), prepared, cid)
+        return range(first, first + len(prepared)), prepared, cid
 
     def trim_sync(self, offset: int, length: int) -> None:
         """Free the whole pages inside the range; partial pages are left as they are (zram)."""
@@ -780,8 +793,8 @@ class ZramDevice:
         if backed is None:
             self.write_sync(offset, data)
             return True
-        if n and (offset | n) & PAGE_MASK and self._backed_edges(offset, n):
-            return False
+        if backed.waiting or (n and (offset | n) & PAGE_MASK and self._backed_edges(offset, n)):
+            return False  # writes wait for room (so would this one, compressed for nothing)
         try:
             self.write_sync(offset, data)
         except NoSpace:
@@ -890,6 +903,17 @@ class ZramDevice:
                 self._backed.check()
             return
 
+    async def _write_here(self, offset: int, data: Buffer, n: int) -> None:
+        """A write on this thread (the caller holds its range) that may wait for room: its pages
+        are compressed once, and only their commit is tried again after each wait (a write
+        under pressure writeback used to compress its pages again for every try)."""
+        if self._backed is None:
+            self.write_sync(offset, data)
+            return
+        job = self._prepare_write(offset, data, await self._fetch_edges(offset, n))
+        if job is not None:
+            await self._with_room(lambda _f: self._store.commit(*job), 0, 0)
+
     async def _in_parts(
         self, fn: Callable[..., Any], npages: int, *args: Any, split: int = SPLIT_MIN_PAGES
     ) -> list[Any]:
@@ -918,7 +942,7 @@ class ZramDevice:
         if not self._write_offload(last - first + 1):  # behind an overlapping request, or
             r = await self._inflight.acquire(first, last)  # waiting for room or backed pages
             try:
-                await self._with_room(lambda f: self.write_sync(offset, data, f), offset, n)
+                await self._write_here(offset, data, n)
             finally:
                 self._inflight.release(r)
             return
