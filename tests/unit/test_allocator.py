@@ -825,7 +825,7 @@ def test_load_packed_is_load_of_each(
             for _ in range(n)
         ]
 
-    for round_ in range(3):
+    for _ in range(3):
         for i, data in enumerate(some(1000)):
             live[p.store(data)] = data
             if i % 3 == 0:
