@@ -792,3 +792,29 @@ async def test_a_cancelled_write_finishes_and_frees_its_objects(
     assert store.stat()["bd_count"] == 10
     assert not store._pending.tolist() or max(store._pending) == 0
     assert await store.read_many(keep) == objs(10)
+
+
+async def test_closed_under_a_cancelled_write_the_rest_of_it_fails_cleanly(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device closing closes its store at once, while a cancelled write of its background
+    work may still be in a thread: the write finishes, then its undo (the free, which gives a
+    whole segment back) finds the store closed and fails with BackingIOError, not with the
+    executor's RuntimeError."""
+    store = BackingStore.create(path, size=16 << 20, segment_size=SEG)
+    entered, go = threading.Event(), threading.Event()
+    real = os.pwritev
+
+    def slow(fd: int, bufs: list[bytes], off: int) -> int:
+        entered.set()
+        go.wait(10)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(store_mod.os, "pwritev", slow)
+    task = asyncio.ensure_future(store.write_many(objs(60, seed=3, lo=3000, hi=4000)))  # > SEG
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    task.cancel()
+    go.set()
+    store.close()  # waits for the write in its thread
+    with pytest.raises(BackingIOError, match="closed"):
+        await task

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 from array import array
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
@@ -472,6 +473,41 @@ async def test_writes_waiting_for_room_are_compressed_once(
     finally:
         d.close()
         await bs.aclose()
+
+
+async def test_closing_under_pressure_writeback_is_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The export closes its device and then its store at once (``zramd destroy`` of a busy
+    export): the pressure task, cancelled while its store write is in a thread, ends without
+    an exception (the rest of its operation, the undo that gives a whole segment back, meets
+    the closed store) and nothing is logged as a fault."""
+    bs = BackingStore.create(str(tmp_path / "backing"), segment_size=64 << 10)  # < one batch
+    entered, release = threading.Event(), threading.Event()
+    real = bs._write_io
+
+    def gated(*args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    bs._write_io = gated  # type: ignore[method-assign]
+    d = ZramDevice(32 << 20, backing=bs, mem_limit=1 << 20)
+    b = _backed(d)
+    k = 0
+    while b._pressure is None:  # up to the high watermark, one page at a time
+        d.write_now(k * PAGE, _payload(2, PAGE, k))
+        k += 1
+    task = b._pressure
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, entered.wait, 10)
+    with caplog.at_level(logging.WARNING, logger="zramd"):
+        d.close()
+        release.set()
+        bs.close()  # the write in its thread ends first
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+    assert task.done() and (task.cancelled() or task.exception() is None)
+    assert not caplog.records
 
 
 def test_next_batch_bounds() -> None:

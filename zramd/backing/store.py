@@ -1018,6 +1018,11 @@ class BackingStore:
         try:
             job = next(op)
             while True:
+                if self._closed:  # closed under it (its caller was cancelled): no more I/O
+                    job = op.throw(
+                        BackingIOError(f"{self.path}: the backing store is closed", err=errno.EBADF)
+                    )
+                    continue
                 fut = loop.run_in_executor(self._executor, job)
                 self._inflight.add(fut)
                 fut.add_done_callback(self._inflight.discard)

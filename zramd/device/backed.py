@@ -264,7 +264,11 @@ class Backed:
     # --- faults -----------------------------------------------------------------------------
 
     def fault(self, what: str, exc: BaseException) -> None:
-        """Count a failed backing operation and log it (once per kind, then rarely)."""
+        """Count a failed backing operation and log it (once per kind, then rarely); not once
+        the device is closed (what its background work meets then, a closed store, is no
+        fault)."""
+        if self._closed:
+            return
         self.store.stats.bd_errors += 1
         kind = f"{what}:{_fault_kind(exc)}"
         now = time.monotonic()
