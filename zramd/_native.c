@@ -51,13 +51,16 @@
  *     all the copies run in one stretch with the GIL released (a thread that copies while
  *     another runs Python waits for the GIL once, not once per copy).
  *
- * load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytes
+ * load_packed(tbl, where, zsizes, arenas, handles, sizes, obj_bits, aid_shift) -> bytes
  *     The allocator's batch load (zramd/allocator/pool.py, ``Pool.load_packed``): the objects of
  *     ``handles`` (uint64) of ``sizes`` (uint16 bytes each) copied out of their mappings end to
  *     end into one new bytes object, each as ``Pool.load`` finds it: from the pool's handle table
- *     ``tbl`` (uint64 entries), its zspage list (``base``, ``cls.size``, ``mm``) and arena list
- *     (``mm``), with the entry layout's ``obj_bits`` and ``aid_shift`` given by the pool.
- *     KeyError for a handle that is not live, ValueError for an object outside its mapping.
+ *     ``tbl`` (uint64 entries), the place of each zspage id (``where``, uint64: arena id and
+ *     first page, laid out as a huge object's entry) and its class's object size (``zsizes``,
+ *     uint16), and the arena list (``mm``), with the entry layout's ``obj_bits`` and
+ *     ``aid_shift`` given by the pool. No Python object is looked at per object: each arena's
+ *     buffer is taken once per call. KeyError for a handle that is not live, ValueError for an
+ *     object outside its mapping.
  *
  * decompress_packed(dst, src, ends, begin, kind) -> int
  *     decompress_pages for blobs laid end to end in ``src``: blob i is src[ends[i-1]:ends[i]]
@@ -521,23 +524,47 @@ new_buffer(PyObject *self, PyObject *args)
     return PyByteArray_FromStringAndSize(NULL, n);
 }
 
-/* The bytes of ``mm`` (its buffer kept in ``view`` while the next objects come from the same
- * mapping, ``*held`` naming it) at [off, off + size), for load_packed; NULL with an error set. */
-static const char *
-object_at(PyObject *mm, Py_buffer *view, PyObject **held, long long off, Py_ssize_t size,
-          Py_ssize_t i)
+/* The arenas' mappings for load_packed, each one's buffer taken on first use. */
+typedef struct {
+    PyObject *arenas; /* the pool's list: an arena (with ``mm``) or None per arena id */
+    Py_buffer *views;
+    char *held;
+    Py_ssize_t n;
+} ArenaViews;
+
+static void
+arena_views_release(ArenaViews *av)
 {
-    if (mm != *held) {
-        if (*held != NULL) {
-            PyBuffer_Release(view);
-            *held = NULL;
-        }
-        if (PyObject_GetBuffer(mm, view, PyBUF_SIMPLE) < 0)
+    for (Py_ssize_t i = 0; av->held != NULL && i < av->n; i++)
+        if (av->held[i])
+            PyBuffer_Release(&av->views[i]);
+    PyMem_Free(av->views);
+    PyMem_Free(av->held);
+}
+
+/* The bytes of arena ``aid`` at [off, off + size) for handle ``h``; NULL with an error set. */
+static const char *
+arena_bytes(ArenaViews *av, uint64_t aid, long long off, Py_ssize_t size, uint64_t h)
+{
+    if (aid >= (uint64_t)av->n || PyList_GET_ITEM(av->arenas, (Py_ssize_t)aid) == Py_None) {
+        PyErr_Format(PyExc_KeyError, "handle %llu: no arena %llu", (unsigned long long)h,
+                     (unsigned long long)aid);
+        return NULL;
+    }
+    Py_buffer *view = &av->views[aid];
+    if (!av->held[aid]) {
+        PyObject *mm = PyObject_GetAttrString(PyList_GET_ITEM(av->arenas, (Py_ssize_t)aid), "mm");
+        if (mm == NULL)
             return NULL;
-        *held = mm;
+        int rc = PyObject_GetBuffer(mm, view, PyBUF_SIMPLE);
+        Py_DECREF(mm); /* the arena keeps it alive, and the view holds its buffer */
+        if (rc < 0)
+            return NULL;
+        av->held[aid] = 1;
     }
     if (off < 0 || size < 0 || off > (long long)view->len - size) {
-        PyErr_Format(PyExc_ValueError, "load_packed: object %zd out of its mapping", i);
+        PyErr_Format(PyExc_ValueError, "load_packed: handle %llu out of its mapping",
+                     (unsigned long long)h);
         return NULL;
     }
     return (const char *)view->buf + off;
@@ -546,26 +573,36 @@ object_at(PyObject *mm, Py_buffer *view, PyObject **held, long long off, Py_ssiz
 static PyObject *
 load_packed(PyObject *self, PyObject *args)
 {
-    Py_buffer tbl, hb, sb;
-    PyObject *zspages, *arenas;
+    Py_buffer tbl, wb, zb, hb, sb;
+    PyObject *arenas;
     int obj_bits, aid_shift;
-    if (!PyArg_ParseTuple(args, "y*O!O!y*y*ii:load_packed", &tbl, &PyList_Type, &zspages,
-                          &PyList_Type, &arenas, &hb, &sb, &obj_bits, &aid_shift))
+    if (!PyArg_ParseTuple(args, "y*y*y*O!y*y*ii:load_packed", &tbl, &wb, &zb, &PyList_Type,
+                          &arenas, &hb, &sb, &obj_bits, &aid_shift))
         return NULL;
     const uint64_t FREE = 1ULL << 63, HUGE = 1ULL << 62;
     const uint64_t obj_mask = (1ULL << obj_bits) - 1, page_mask = (1ULL << aid_shift) - 1;
     const uint64_t aid_mask = (1ULL << (62 - aid_shift)) - 1;
     const uint64_t *t = (const uint64_t *)tbl.buf;
+    const uint64_t *where = (const uint64_t *)wb.buf;
+    const uint16_t *zsize = (const uint16_t *)zb.buf;
     const uint64_t *handles = (const uint64_t *)hb.buf;
     const uint16_t *sizes = (const uint16_t *)sb.buf;
     Py_ssize_t ntbl = tbl.len / (Py_ssize_t)sizeof(uint64_t);
+    Py_ssize_t nzs = wb.len / (Py_ssize_t)sizeof(uint64_t);
     Py_ssize_t n = hb.len / (Py_ssize_t)sizeof(uint64_t);
-    PyObject *out = NULL, *held = NULL, *zs_last = NULL, *zs_mm = NULL;
-    long long zs_base = 0, zs_size = 0, total = 0;
-    Py_buffer view;
-    if (hb.len % (Py_ssize_t)sizeof(uint64_t) || sb.len != n * (Py_ssize_t)sizeof(uint16_t)) {
-        PyErr_SetString(PyExc_ValueError, "load_packed: handles (uint64) and sizes (uint16) "
-                                          "differ in length");
+    PyObject *out = NULL;
+    long long total = 0;
+    ArenaViews av = {arenas, NULL, NULL, PyList_GET_SIZE(arenas)};
+    if (hb.len % (Py_ssize_t)sizeof(uint64_t) || sb.len != n * (Py_ssize_t)sizeof(uint16_t) ||
+        zb.len != nzs * (Py_ssize_t)sizeof(uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "load_packed: handles (uint64) and sizes (uint16), "
+                                          "or the zspages' places and sizes, differ in length");
+        goto fail;
+    }
+    av.views = PyMem_Calloc((size_t)av.n + 1, sizeof(Py_buffer));
+    av.held = PyMem_Calloc((size_t)av.n + 1, 1);
+    if (av.views == NULL || av.held == NULL) {
+        PyErr_NoMemory();
         goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++)
@@ -581,64 +618,40 @@ load_packed(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_KeyError, "handle %llu is not live", (unsigned long long)h);
             goto fail;
         }
-        uint64_t e = t[h];
-        const char *src;
+        uint64_t e = t[h], w;
+        long long off = 0;
         if (e & HUGE) {
-            Py_ssize_t aid = (Py_ssize_t)((e >> aid_shift) & aid_mask);
-            PyObject *ar = aid < PyList_GET_SIZE(arenas) ? PyList_GET_ITEM(arenas, aid) : Py_None;
-            if (ar == Py_None) {
-                PyErr_Format(PyExc_KeyError, "handle %llu: no arena %zd", (unsigned long long)h,
-                             aid);
-                goto fail;
-            }
-            PyObject *mm = PyObject_GetAttrString(ar, "mm");
-            if (mm == NULL)
-                goto fail;
-            src = object_at(mm, &view, &held, (long long)((e & page_mask) * PAGE), size, i);
-            Py_DECREF(mm); /* the arena keeps it alive; ``held`` is only compared */
+            w = e;
         } else {
-            Py_ssize_t zid = (Py_ssize_t)(e >> obj_bits);
-            PyObject *zs = zid < PyList_GET_SIZE(zspages) ? PyList_GET_ITEM(zspages, zid) : Py_None;
-            if (zs == Py_None) {
-                PyErr_Format(PyExc_KeyError, "handle %llu: no zspage %zd", (unsigned long long)h,
-                             zid);
+            uint64_t zid = e >> obj_bits;
+            if (zid == 0 || zid >= (uint64_t)nzs) {
+                PyErr_Format(PyExc_KeyError, "handle %llu: no zspage %llu",
+                             (unsigned long long)h, (unsigned long long)zid);
                 goto fail;
             }
-            if (zs != zs_last) { /* consecutive objects often share a zspage */
-                PyObject *base = PyObject_GetAttrString(zs, "base");
-                PyObject *cls = PyObject_GetAttrString(zs, "cls");
-                PyObject *csize = cls ? PyObject_GetAttrString(cls, "size") : NULL;
-                PyObject *mm = PyObject_GetAttrString(zs, "mm");
-                zs_base = base ? PyLong_AsLongLong(base) : -1;
-                zs_size = csize ? PyLong_AsLongLong(csize) : -1;
-                Py_XDECREF(base);
-                Py_XDECREF(cls);
-                Py_XDECREF(csize);
-                Py_XDECREF(mm); /* the zspage keeps it alive */
-                if (mm == NULL || PyErr_Occurred())
-                    goto fail;
-                zs_mm = mm;
-                zs_last = zs;
-            }
-            src = object_at(zs_mm, &view, &held, zs_base + (long long)(e & obj_mask) * zs_size,
-                            size, i);
+            w = where[zid];
+            off = (long long)(e & obj_mask) * zsize[zid];
         }
+        const char *src = arena_bytes(&av, (w >> aid_shift) & aid_mask,
+                                      (long long)((w & page_mask) * PAGE) + off, size, h);
         if (src == NULL)
             goto fail;
         memcpy(dst, src, (size_t)size);
         dst += size;
     }
-    if (held != NULL)
-        PyBuffer_Release(&view);
+    arena_views_release(&av);
     PyBuffer_Release(&tbl);
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&zb);
     PyBuffer_Release(&hb);
     PyBuffer_Release(&sb);
     return out;
 fail:
-    if (held != NULL)
-        PyBuffer_Release(&view);
+    arena_views_release(&av);
     Py_XDECREF(out);
     PyBuffer_Release(&tbl);
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&zb);
     PyBuffer_Release(&hb);
     PyBuffer_Release(&sb);
     return NULL;
@@ -883,7 +896,7 @@ static PyMethodDef methods[] = {
     {"crc32", crc32_fast, METH_VARARGS,
      "crc32(data, value=0) -> zlib.crc32(data, value), by carry-less multiplication"},
     {"load_packed", load_packed, METH_VARARGS,
-     "load_packed(tbl, zspages, arenas, handles, sizes, obj_bits, aid_shift) -> bytes"},
+     "load_packed(tbl, where, zsizes, arenas, handles, sizes, obj_bits, aid_shift) -> bytes"},
     {"decompress_packed", decompress_packed, METH_VARARGS,
      "decompress_packed(dst, src, ends, begin, kind) -> -1, or the first page that did not decode"},
     {"copy_objects", copy_objects, METH_VARARGS,
