@@ -190,8 +190,11 @@ class PageStore:
         if bytes((GROUPED,)) not in bytes(t.state_mv[first : last + 1]):
             return False
         stop = last + 1
-        cids = np.unique(t.codec[first:stop][t.state[first:stop] == GROUPED])
-        return any(native.slow_decode(self.codecs[c]) for c in cids.tolist())
+        cids = t.codec[first:stop][t.state[first:stop] == GROUPED]
+        c0 = int(cids[0])
+        if (cids == c0).all():  # one group codec (the common case): no sort
+            return native.slow_decode(self.codecs[c0])
+        return any(native.slow_decode(self.codecs[c]) for c in np.unique(cids).tolist())
 
     def touch_range(self, first: int, last: int) -> None:
         """A read of pages ``[first, last]``: tick, then refresh the live ones as :meth:`touch`
@@ -679,21 +682,19 @@ class PageStore:
             tags.append(c if k is None else k)
         n = last - first + 1
         cids = bytes(codec_mv[first : last + 1])  # bytes: == is a memcmp (memoryview: per item)
+        states = bytes(state_mv[first : last + 1])
         tag = tags[cids[0]]
-        if (
-            type(tag) is int
-            and bytes(state_mv[first : last + 1]) == bytes((STORED,)) * n
-            and cids == bytes((cids[0],)) * n
-        ):
+        if type(tag) is int and states == bytes((STORED,)) * n and cids == bytes((cids[0],)) * n:
             # the common case, every page compressed with one native codec: their blobs of
             # ``tag`` end to end in one buffer (one copy, no object per page)
             stop = last + 1
             sizes = t.size[first:stop]
             data = self.pool.load_packed(t.handle[first:stop], sizes)
             return PackedSnap(data, np.cumsum(sizes, dtype=np.int64)), tag, []
-        packed = self._packed_mixed(first, last + 1, tags)
-        if packed is not None:
-            return packed
+        if bytes((GROUPED,)) not in states and bytes((BACKED,)) not in states:
+            packed = self._packed_mixed(first, last + 1, tags)
+            if packed is not None:
+                return packed
         snap, zero = self.snapshot(first, last, tags, backed)
         return snap, 0, zero
 
