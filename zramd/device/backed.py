@@ -57,13 +57,12 @@ not hold frees back: only the reads older than the drop do. Reads (:meth:`Backed
 the store's threads, concurrently with everything else; a read of a few objects whose records
 the page cache holds is done at once on the loop thread instead (:meth:`Backed.read_now`, the
 device's inline door), which holds no locator across an await and so needs no number. While a
-snapshot of the device is taken
-it *pins* the store (:meth:`Backed.pin`): no locator is freed (dropped ones wait, cleaning's old
-locators too), so every locator its image references stays where it is until it is done. In
-durable mode a committed checkpoint *holds* the locators it references (:meth:`Backed.hold`)
-until the next one is committed: dropped ones among them wait for that (the store then holds at
-most the pages written back at the last checkpoint twice), so that a restart from it after a
-crash finds them where it says.
+snapshot of the device is taken it *pins* the store (:meth:`Backed.pin`): no locator is freed
+(dropped ones wait, cleaning's old locators too), so every locator its image references stays
+where it is until it is done. In durable mode a committed checkpoint *holds* the locators it
+references (:meth:`Backed.hold`) until the next one is committed: dropped ones among them wait
+for that (the store then holds at most the pages written back at the last checkpoint twice),
+so that a restart from it after a crash finds them where it says.
 
 **Memory pressure.** With a memory limit in force (the export's own, or what the server's
 budget leaves it), when the pool passes the high watermark of it (:attr:`Backed.high`, a
