@@ -768,10 +768,9 @@ async def test_async_free_reuses_a_segment_only_after_its_punch(store: BackingSt
         await store.read(locs[0])
 
 
-async def test_a_cancelled_write_finishes_and_frees_its_objects(
-    store: BackingStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    keep = await store.write_many(objs(10))
+def _gated_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The store's writes wait in their thread: ``entered`` is set when one is there, and it
+    goes on once ``go`` is set."""
     entered, go = threading.Event(), threading.Event()
     real = os.pwritev
 
@@ -781,6 +780,14 @@ async def test_a_cancelled_write_finishes_and_frees_its_objects(
         return real(fd, bufs, off)
 
     monkeypatch.setattr(store_mod.os, "pwritev", slow)
+    return entered, go
+
+
+async def test_a_cancelled_write_finishes_and_frees_its_objects(
+    store: BackingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = await store.write_many(objs(10))
+    entered, go = _gated_writes(monkeypatch)
     task = asyncio.ensure_future(store.write_many(objs(100, seed=2)))
     await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
     task.cancel()
@@ -802,15 +809,7 @@ async def test_closed_under_a_cancelled_write_the_rest_of_it_fails_cleanly(
     whole segment back) finds the store closed and fails with BackingIOError, not with the
     executor's RuntimeError."""
     store = BackingStore.create(path, size=16 << 20, segment_size=SEG)
-    entered, go = threading.Event(), threading.Event()
-    real = os.pwritev
-
-    def slow(fd: int, bufs: list[bytes], off: int) -> int:
-        entered.set()
-        go.wait(10)
-        return real(fd, bufs, off)
-
-    monkeypatch.setattr(store_mod.os, "pwritev", slow)
+    entered, go = _gated_writes(monkeypatch)
     task = asyncio.ensure_future(store.write_many(objs(60, seed=3, lo=3000, hi=4000)))  # > SEG
     await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
     task.cancel()
