@@ -497,8 +497,7 @@ class ZramDevice:
         threads). A 4 KiB read from the page cache this way skips the awaited path's
         coroutines, snapshot and exception. Raises DeviceIOError."""
         backed = self._backed
-        if backed is None:
-            return None
+        assert backed is not None  # a BACKED page
         t = store.table
         loc = t.handle_mv[idx]
         objs = backed.read_now([loc])
@@ -516,12 +515,21 @@ class ZramDevice:
         objs = self._backed.read_now([loc for _, _, loc, _ in backed])
         if objs is None:
             return False
+        self._place_backed(store, snap, backed, objs)
+        return True
+
+    def _place_backed(
+        self, store: PageStore, snap: list[Any], backed: list[BackedItem], objs: list[bytes]
+    ) -> None:
+        """Put the objects read back for a snapshot's BACKED pages in their places (the
+        compressed object with its tag, or the raw page), then promote them (see
+        :mod:`zramd.device.backed`). Raises DeviceIOError."""
+        assert self._backed is not None
         promote: list[tuple[int, int, bytes]] = []
         for (pos, idx, loc, tag), obj in zip(backed, objs, strict=True):
             snap[pos] = store.decode_backed(None, obj, idx) if tag is None else (tag, obj)
             promote.append((idx, loc, obj))
         self._backed.promote(store, promote)
-        return True
 
     def _edges(
         self, offset: int, mv: memoryview, fetched: dict[int, bytes] | None = None
@@ -868,14 +876,10 @@ class ZramDevice:
         assert self._backed is not None
         try:
             objs = await self._backed.read([loc for _, _, loc, _ in backed])
-            promote: list[tuple[int, int, bytes]] = []
-            for (pos, idx, loc, tag), obj in zip(backed, objs, strict=True):
-                snap[pos] = store.decode_backed(None, obj, idx) if tag is None else (tag, obj)
-                promote.append((idx, loc, obj))
+            self._place_backed(store, snap, backed, objs)
         except DeviceIOError:
             store.stats.failed_reads += 1
             raise
-        self._backed.promote(store, promote)
 
     async def _with_room(
         self, attempt: Callable[[dict[int, bytes] | None], None], offset: int, length: int
