@@ -35,10 +35,15 @@
  *     context per thread, kept for the thread's life (a context costs ~100 KiB and
  *     microseconds to set up, more than decoding a small group).
  *
- * decode_group_into(blob, kind, dst) -> bool
- *     The same decode straight into the writable buffer ``dst`` (its whole length is the size):
- *     True when the blob decoded to exactly that many bytes (a read that covers a whole group
- *     skips the new bytes object and the copy out of it).
+ * decode_groups_into(dst, jobs) -> int
+ *     Several such decodes straight into the writable buffer ``dst``, all with the GIL released
+ *     once: job i is (offset, size, kind, blob), the blob decoded into dst[offset:offset+size]
+ *     (a read that covers whole groups skips the new bytes objects and the copies out of them;
+ *     one hand-off of the GIL for all the groups of a read, not one per group: a worker that
+ *     retakes the GIL waits for the loop thread). Every job is checked and every blob pinned
+ *     first (ValueError for a kind, or a range outside dst). Returns -1 when every blob decoded
+ *     to exactly its size, else the index of the first that did not (the jobs after it are not
+ *     run).
  *
  * new_buffer(n) -> bytearray
  *     A bytearray of n bytes that is not zeroed (for a destination that is overwritten whole).
@@ -444,15 +449,14 @@ out:
  * both buffers). Returns 1 when it decoded to exactly ``size`` bytes, 0 when it does not decode,
  * -1 with a Python error set. */
 static int
-group_decode(const char *src, Py_ssize_t len, int kind, char *dst, Py_ssize_t size,
-             const char *fn)
+group_decode(const char *src, Py_ssize_t len, int kind, char *dst, Py_ssize_t size)
 {
     if (kind != K_LZ4 && kind != K_ZSTD) {
-        PyErr_Format(PyExc_ValueError, "%s: unknown kind %d", fn, kind);
+        PyErr_Format(PyExc_ValueError, "decode_group: unknown kind %d", kind);
         return -1;
     }
     if (size <= 0 || size > INT32_MAX || len > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s: size out of range", fn);
+        PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
         return -1;
     }
     if (len == 0)
@@ -485,7 +489,7 @@ decode_group(PyObject *self, PyObject *args)
         PyBuffer_Release(&blob);
         return NULL;
     }
-    int r = group_decode(blob.buf, blob.len, kind, PyBytes_AS_STRING(out), size, "decode_group");
+    int r = group_decode(blob.buf, blob.len, kind, PyBytes_AS_STRING(out), size);
     PyBuffer_Release(&blob);
     if (r <= 0) {
         Py_DECREF(out);
@@ -497,18 +501,73 @@ decode_group(PyObject *self, PyObject *args)
 }
 
 static PyObject *
-decode_group_into(PyObject *self, PyObject *args)
+decode_groups_into(PyObject *self, PyObject *args)
 {
-    Py_buffer blob, dst;
-    int kind;
-    if (!PyArg_ParseTuple(args, "y*iw*:decode_group_into", &blob, &kind, &dst))
+    Py_buffer dst;
+    PyObject *jobs;
+    if (!PyArg_ParseTuple(args, "w*O!:decode_groups_into", &dst, &PyList_Type, &jobs))
         return NULL;
-    int r = group_decode(blob.buf, blob.len, kind, dst.buf, dst.len, "decode_group_into");
-    PyBuffer_Release(&blob);
+    Py_ssize_t n = PyList_GET_SIZE(jobs), pinned = 0, bad = -1;
+    PyObject *result = NULL;
+    Py_buffer *blobs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    Py_ssize_t *offs = PyMem_Malloc((size_t)(n ? n : 1) * 2 * sizeof(Py_ssize_t));
+    int *kinds = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int));
+    ZSTD_DCtx *dctx = NULL;
+    if (blobs == NULL || offs == NULL || kinds == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t off, size;
+        int kind;
+        PyObject *blob, *job = PyList_GET_ITEM(jobs, i);
+        if (!PyTuple_Check(job)) {
+            PyErr_SetString(PyExc_TypeError, "decode_groups_into: a job is not a tuple");
+            goto out;
+        }
+        if (!PyArg_ParseTuple(job, "nniO:decode_groups_into job", &off, &size, &kind, &blob))
+            goto out;
+        if (kind != K_LZ4 && kind != K_ZSTD) {
+            PyErr_Format(PyExc_ValueError, "decode_groups_into: unknown kind %d", kind);
+            goto out;
+        }
+        if (off < 0 || size <= 0 || size > INT32_MAX || off > dst.len - size) {
+            PyErr_SetString(PyExc_ValueError, "decode_groups_into: a job's range is outside dst");
+            goto out;
+        }
+        if (PyObject_GetBuffer(blob, &blobs[i], PyBUF_SIMPLE) < 0)
+            goto out;
+        pinned = i + 1;
+        if (blobs[i].len > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "decode_groups_into: a blob is too large");
+            goto out;
+        }
+        if (kind == K_ZSTD && dctx == NULL && (dctx = dctx_of_thread()) == NULL)
+            goto out;
+        offs[2 * i] = off;
+        offs[2 * i + 1] = size;
+        kinds[i] = kind;
+    }
+    char *base = dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_buffer *b = &blobs[i];
+        if (b->len == 0 || !decode_into(kinds[i], dctx, b->buf, (size_t)b->len,
+                                        base + offs[2 * i], (size_t)offs[2 * i + 1])) {
+            bad = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+out:
+    for (Py_ssize_t i = 0; i < pinned; i++)
+        PyBuffer_Release(&blobs[i]);
+    PyMem_Free(blobs);
+    PyMem_Free(offs);
+    PyMem_Free(kinds);
     PyBuffer_Release(&dst);
-    if (r < 0)
-        return NULL;
-    return PyBool_FromLong(r);
+    return result;
 }
 
 static PyObject *
@@ -906,8 +965,8 @@ static PyMethodDef methods[] = {
      "decompress_pages(dst, items) -> -1, or the index of the first page that did not decode"},
     {"decode_group", decode_group, METH_VARARGS,
      "decode_group(blob, kind, size) -> the group's pages, or None when it does not decode"},
-    {"decode_group_into", decode_group_into, METH_VARARGS,
-     "decode_group_into(blob, kind, dst) -> whether the group decoded into all of dst"},
+    {"decode_groups_into", decode_groups_into, METH_VARARGS,
+     "decode_groups_into(dst, [(offset, size, kind, blob), ...]) -> -1, or the first bad job"},
     {"prepare_pages", prepare_pages, METH_VARARGS,
      "prepare_pages(src, kind, level, threshold, same, stored, huge) -> list of prepared pages"},
     {NULL, NULL, 0, NULL},

@@ -546,7 +546,37 @@ def test_decode_group_matches_the_codec(algo: str) -> None:
         assert N.decode_group(blob, kind, len(data)) == codec.decompress(blob, len(data))
         assert N.decode_group(bytearray(blob), kind, len(data)) == data
         out = bytearray(len(data))
-        assert N.decode_group_into(memoryview(blob), kind, out) and out == data
+        assert N.decode_groups_into(out, [(0, len(data), kind, memoryview(blob))]) == -1
+        assert out == data
+
+
+def test_decode_groups_into_places_each_group_and_names_the_first_bad_one() -> None:
+    lz4, zstd = get_codec("lz4"), get_codec("zstd")
+    groups = [b"".join(pages(n, n + 1)) for n in (3, 16, 1, 5)]
+    blobs = [(zstd if k % 2 else lz4).compress(g) for k, g in enumerate(groups)]
+    kinds = [N.ZSTD if k % 2 else N.LZ4 for k in range(4)]
+    offs = [PAGE, 5 * PAGE + 64, 23 * PAGE, 26 * PAGE]  # any offsets, the gaps left alone
+    size = 40 * PAGE
+    out = bytearray(b"\xee" * size)
+    jobs = [(o, len(g), k, b) for o, g, k, b in zip(offs, groups, kinds, blobs, strict=True)]
+    assert N.decode_groups_into(out, jobs) == -1
+    want = bytearray(b"\xee" * size)
+    for o, g in zip(offs, groups, strict=True):
+        want[o : o + len(g)] = g
+    assert out == want
+    assert N.decode_groups_into(bytearray(size), []) == -1
+    bad = list(jobs)
+    bad[2] = (offs[2], len(groups[2]), N.LZ4, blobs[2][:-3])  # truncated
+    out = bytearray(size)
+    assert N.decode_groups_into(out, bad) == 2
+    assert out[offs[1] : offs[1] + len(groups[1])] == groups[1]  # the jobs before it are done
+    assert not any(out[offs[3] :])  # the jobs after it are not run
+    for k, b in ((N.ZSTD, b""), (N.LZ4, bytes(200))):  # empty, garbage
+        assert N.decode_groups_into(bytearray(PAGE), [(0, PAGE, k, b)]) == 0
+    short = (0, len(groups[1]) - PAGE, N.ZSTD, blobs[1])  # decodes to more than its size
+    assert N.decode_groups_into(bytearray(size), [short]) == 0
+    long = (0, len(groups[1]) + PAGE, N.ZSTD, blobs[1])  # decodes to less
+    assert N.decode_groups_into(bytearray(size), [long]) == 0
 
 
 def test_decode_group_of_a_bad_blob_is_none() -> None:
@@ -559,7 +589,6 @@ def test_decode_group_of_a_bad_blob_is_none() -> None:
     assert N.decode_group(blob, N.ZSTD, len(data) + PAGE) is None  # decodes to less
     assert N.decode_group(b"", N.ZSTD, len(data)) is None
     assert N.decode_group(bytes(200), N.LZ4, len(data)) is None
-    assert not N.decode_group_into(b"", N.LZ4, bytearray(PAGE))
 
 
 def test_decode_group_rejects_bad_arguments() -> None:
@@ -572,7 +601,22 @@ def test_decode_group_rejects_bad_arguments() -> None:
     with pytest.raises(TypeError):
         N.decode_group([b"x"], N.ZSTD, PAGE)  # type: ignore[arg-type]
     with pytest.raises(TypeError):  # the destination must be writable
-        N.decode_group_into(b"x", N.ZSTD, b"y" * PAGE)  # type: ignore[arg-type]
+        N.decode_groups_into(b"y" * PAGE, [(0, PAGE, N.ZSTD, b"x")])  # type: ignore[arg-type]
+    dst = bytearray(2 * PAGE)
+    for job in (
+        (0, PAGE, 0, b"x"),  # unknown kind
+        (0, PAGE, N.LZ4HC, b"x"),  # an encoder's kind: its blobs decode as lz4
+        (-1, PAGE, N.LZ4, b"x"),
+        (PAGE + 1, PAGE, N.LZ4, b"x"),  # past the end
+        (0, 0, N.LZ4, b"x"),
+    ):
+        with pytest.raises(ValueError):
+            N.decode_groups_into(dst, [(0, PAGE, N.LZ4, b"ok"), job])
+    for jobs in ([(0, PAGE, N.LZ4)], [(0, PAGE, N.LZ4, "x")], [b"x"]):
+        with pytest.raises(TypeError):
+            N.decode_groups_into(dst, jobs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        N.decode_groups_into(dst, ((0, PAGE, N.LZ4, b"x"),))  # type: ignore[arg-type]
 
 
 def test_copy_objects_scatters_and_checks_every_range_first() -> None:

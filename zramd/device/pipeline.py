@@ -129,7 +129,7 @@ def decode_group_into(codec: Codec, blob: bytes, out: memoryview) -> None:
         if ok:
             out[:] = data
     else:
-        ok = native.module().decode_group_into(blob, kind, out)
+        ok = native.module().decode_groups_into(out, [(0, len(out), kind, blob)]) < 0
     if not ok:
         raise CodecError(f"{codec.name}: the group's blob does not decode to {len(out)} bytes")
 
@@ -270,6 +270,8 @@ def native_decode_part(start: int, stop: int, snap: Any, kind: int, out: memoryv
     items = snap[start:stop]  # this part's own copy: the C loop gets slices of it
     n = stop - start
     view = out[start << PAGE_SHIFT : stop << PAGE_SHIFT]
+    jobs: list[tuple[int, int, int, bytes]] = []  # whole groups still encoded, and their images
+    whole: list[GroupImage] = []
     a = i = 0  # items [a, i) wait for the C loop
     while i <= n:
         item = items[i] if i < n else None
@@ -286,16 +288,31 @@ def native_decode_part(start: int, stop: int, snap: Any, kind: int, out: memoryv
             break
         img = item.image
         if item.pos == start + i and item.count << PAGE_SHIFT == img.size and not item.index:
-            # the whole group in this part (a sequential read): decoded straight into place
+            # the whole group in this part (a sequential read): decoded straight into place, in
+            # one C call with the part's other whole groups (one hand-off of the GIL, not one
+            # per group)
             j = i + item.count
             if j <= n:
-                img.decode_into(view[i << PAGE_SHIFT : j << PAGE_SHIFT])
+                blob = img.blob  # before data: the blob is dropped only after data is set
+                gkind = native.decode_kind(img.codec)
+                if img.data is None and blob is not None and gkind is not None:
+                    jobs.append((i << PAGE_SHIFT, img.size, gkind, blob))
+                    whole.append(img)
+                else:
+                    img.decode_into(view[i << PAGE_SHIFT : j << PAGE_SHIFT])
                 a = i = j
                 continue
         j, pages = item.slice(start + i, stop)
         j -= start
         view[i << PAGE_SHIFT : j << PAGE_SHIFT] = pages
         a = i = j
+    if jobs:
+        bad = native.module().decode_groups_into(view, jobs)
+        if bad >= 0:
+            img = whole[bad]
+            raise CodecError(
+                f"{img.codec.name}: the group's blob does not decode to {img.size} bytes"
+            )
 
 
 #: :func:`recompress_part` outcomes per page
