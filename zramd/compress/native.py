@@ -58,15 +58,3 @@ def slow_encode(codec: Codec) -> bool:
     """Whether ``codec`` compresses in a C batch at a cost worth a thread hop for large writes
     (zstd, lz4hc: 5-10 us per 4 KiB page here, against about 2 for lz4)."""
     return encode_kind(codec) in SLOW_ENCODE_KINDS
-
-
-#: native decode kinds that cost several times lz4 per byte (zstd)
-SLOW_DECODE_KINDS = (2,)
-
-
-def slow_decode(codec: Codec) -> bool:
-    """Whether ``codec`` decodes slowly enough that one large read is worth both workers: zstd
-    (about 1.4 GB/s per core on real files here), or a codec decoded in Python; not lz4 and
-    lz4hc (one decoder, several times faster)."""
-    kind = decode_kind(codec)
-    return kind is None or kind in SLOW_DECODE_KINDS

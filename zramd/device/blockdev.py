@@ -142,14 +142,11 @@ NATIVE_OFFLOAD_MIN_PAGES = 256
 #: offloaded requests of at least this many pages are split into this many parts, one per codec
 #: worker, so one large request keeps both cores busy (the device's executor has 2 workers).
 #: Not 1 MiB requests: with several in flight the workers are busy anyway, and the second hop
-#: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s)
+#: cost 6% of seq 1M read QD4 (1,550 vs 1,650 MiB/s). Nor 1 MiB reads of zstd groups, since a
+#: part's whole groups decode in one C call (fio seq 1M reads QD4 of real files in zstd groups,
+#: fresh servers alternating: 899-1,094 MB/s in one part, 879-1,022 in two)
 SPLIT_PARTS = 2
 SPLIT_MIN_PAGES = 512
-#: ... but reads that decode multi-page groups of a slow codec (zstd) split from 1 MiB: decoding
-#: is most of such a read's time (fio seq 1M reads QD4 of a device of real files in zstd groups,
-#: fresh servers alternating: 707-846 MB/s in one part, 815-850 in two). Not groups of lz4hc
-#: (753-944 split, 891-1203 not) nor pages compressed one by one (lz4 1-5% slower split).
-GROUP_SPLIT_MIN_PAGES = 256
 #: ... but writes whose codec compresses slowly (zstd, lz4hc) split from 1 MiB: there the
 #: compression is most of a request's time (fio seq 1M writes to zstd QD4: 364-420 MB/s in one
 #: part, 415-454 in two)
@@ -850,13 +847,12 @@ class ZramDevice:
             if kind < 0 and self._read_inline(n):  # small: here for its pages in the backing store
                 buf = decompress_part(0, n, snap)
             else:
-                split = GROUP_SPLIT_MIN_PAGES if store.slow_groups(first, last) else SPLIT_MIN_PAGES
                 if kind >= 0:
                     buf = native.module().new_buffer(n << PAGE_SHIFT)  # not zeroed: overwritten
                     view = memoryview(buf)
-                    await self._in_parts(native_decode_part, n, snap, kind, view, split=split)
+                    await self._in_parts(native_decode_part, n, snap, kind, view)
                 else:
-                    parts: list[bytes] = await self._in_parts(decompress_part, n, snap, split=split)
+                    parts: list[bytes] = await self._in_parts(decompress_part, n, snap)
                     # joining >= 1 MiB releases the GIL for the copy
                     buf = parts[0] if len(parts) == 1 else b"".join(parts)
         except CodecError as exc:

@@ -183,19 +183,6 @@ class PageStore:
             flags_mv[idx] = fl & ~IDLE
             self.stats.idle_pages -= 1
 
-    def slow_groups(self, first: int, last: int) -> bool:
-        """Whether a page of ``[first, last]`` is a member of a multi-page group whose codec
-        decodes slowly (:func:`zramd.compress.native.slow_decode`)."""
-        t = self.table
-        if bytes((GROUPED,)) not in bytes(t.state_mv[first : last + 1]):
-            return False
-        stop = last + 1
-        cids = t.codec[first:stop][t.state[first:stop] == GROUPED]
-        c0 = int(cids[0])
-        if (cids == c0).all():  # one group codec (the common case): no sort
-            return native.slow_decode(self.codecs[c0])
-        return any(native.slow_decode(self.codecs[c]) for c in np.unique(cids).tolist())
-
     def touch_range(self, first: int, last: int) -> None:
         """A read of pages ``[first, last]``: tick, then refresh the live ones as :meth:`touch`
         does (vectorised over BATCH_COMMIT_PAGES or more; holes stay untouched, so their part of
