@@ -445,32 +445,6 @@ out:
     return result;
 }
 
-/* Decode the group blob src[0:len] into dst[0:size] with the GIL released (the caller holds
- * both buffers). Returns 1 when it decoded to exactly ``size`` bytes, 0 when it does not decode,
- * -1 with a Python error set. */
-static int
-group_decode(const char *src, Py_ssize_t len, int kind, char *dst, Py_ssize_t size)
-{
-    if (kind != K_LZ4 && kind != K_ZSTD) {
-        PyErr_Format(PyExc_ValueError, "decode_group: unknown kind %d", kind);
-        return -1;
-    }
-    if (size <= 0 || size > INT32_MAX || len > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
-        return -1;
-    }
-    if (len == 0)
-        return 0;
-    ZSTD_DCtx *dctx = NULL;
-    if (kind == K_ZSTD && (dctx = dctx_of_thread()) == NULL)
-        return -1;
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = decode_into(kind, dctx, src, (size_t)len, dst, (size_t)size);
-    Py_END_ALLOW_THREADS
-    return ok;
-}
-
 static PyObject *
 decode_group(PyObject *self, PyObject *args)
 {
@@ -479,24 +453,34 @@ decode_group(PyObject *self, PyObject *args)
     Py_ssize_t size;
     if (!PyArg_ParseTuple(args, "y*in:decode_group", &blob, &kind, &size))
         return NULL;
-    if (size <= 0 || size > INT32_MAX) {
-        PyBuffer_Release(&blob);
+    PyObject *out = NULL;
+    ZSTD_DCtx *dctx = NULL;
+    if (kind != K_LZ4 && kind != K_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "decode_group: unknown kind %d", kind);
+        goto out;
+    }
+    if (size <= 0 || size > INT32_MAX || blob.len > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "decode_group: size out of range");
-        return NULL;
+        goto out;
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
-    if (out == NULL) {
-        PyBuffer_Release(&blob);
-        return NULL;
+    if (blob.len == 0) {
+        out = Py_NewRef(Py_None);
+        goto out;
     }
-    int r = group_decode(blob.buf, blob.len, kind, PyBytes_AS_STRING(out), size);
+    if (kind == K_ZSTD && (dctx = dctx_of_thread()) == NULL)
+        goto out;
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        goto out;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = decode_into(kind, dctx, blob.buf, (size_t)blob.len, PyBytes_AS_STRING(out),
+                     (size_t)size);
+    Py_END_ALLOW_THREADS
+    if (!ok)
+        Py_SETREF(out, Py_NewRef(Py_None));
+out:
     PyBuffer_Release(&blob);
-    if (r <= 0) {
-        Py_DECREF(out);
-        if (r < 0)
-            return NULL;
-        Py_RETURN_NONE;
-    }
     return out;
 }
 
